@@ -1,0 +1,22 @@
+"""kaggle_i2p: predict all-MiniLM-L6-v2 prompt embeddings from Stable Diffusion images, offline, with an ensemble.
+
+    import kaggle_i2p
+    kaggle_i2p.predict_dir("/kaggle/input/stable-diffusion-image-to-prompts/images",
+                           manifest="weights_manifest.yaml", out_csv="/kaggle/working/submission.csv")
+"""
+
+from ._version import __version__
+from .manifest import Manifest, ManifestError, load_manifest
+from .predict import PredictionRun, RunSummary, predict_dir, predict_embeddings, run_prediction
+
+__all__ = [
+    "Manifest",
+    "ManifestError",
+    "PredictionRun",
+    "RunSummary",
+    "__version__",
+    "load_manifest",
+    "predict_dir",
+    "predict_embeddings",
+    "run_prediction",
+]

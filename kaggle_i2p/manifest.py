@@ -1,0 +1,379 @@
+"""The weights manifest: which towers to run, how to preprocess for each, and how to weight them.
+
+The manifest is data. `load_manifest` parses and validates it completely (schema, paths, weights, the fallback vector)
+before any model code runs, and reports every problem at once, each naming the tower, the field and the fix.
+Architecture-level checks (does the arch exist, do the resolutions fit it) live in `towers.check_architectures`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+LIBRARIES = ("timm", "open_clip")
+HEAD_TYPES = ("linear", "mlp")
+HEAD_NORMS = ("batchnorm", "layernorm", "none")
+HEAD_ACTIVATIONS = ("relu", "gelu")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+RESIZE_MODES = ("squash", "shorter_side_center_crop")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+TOP_KEYS = {"embedding_dim", "fallback", "towers"}
+TOWER_KEYS = {"name", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image", "weight",
+              "precision"}
+HEAD_KEYS = {"type", "hidden", "norm", "activation"}
+IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip"}
+
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message lists every problem found, one per line."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(f"{self.path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The regression head on top of the backbone's pooled features: `linear`, or `mlp` (Linear-norm-act-Linear)."""
+
+    type: str = "linear"
+    hidden: int | None = None
+    norm: str = "batchnorm"
+    activation: str = "relu"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a decoded uint8 image becomes this tower's input: resize, normalise, TTA resolutions and flip."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    resize: str
+    resolutions: tuple[int, ...]
+    hflip: bool = False
+
+    @property
+    def n_views(self) -> int:
+        return len(self.resolutions) * (2 if self.hflip else 1)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """One tower of the ensemble, as the manifest declares it (paths already resolved)."""
+
+    name: str
+    library: str
+    arch: str
+    checkpoint: Path
+    head: HeadSpec
+    image: ImageSpec
+    weight: float
+    sha256: str | None = None
+    native_resolution: int | None = None
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: towers in declaration order, the fallback unit vector, the output dimension."""
+
+    path: Path
+    embedding_dim: int
+    fallback_path: Path
+    fallback: np.ndarray = field(repr=False)
+    towers: tuple[TowerSpec, ...]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.towers}
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_path(raw: str, base_dir: Path) -> Path:
+    """Expand `${VAR}` / `${VAR:-default}` from the environment and resolve relative paths against `base_dir`."""
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise KeyError(name)
+            return default
+        return value
+
+    path = Path(_VAR.sub(substitute, raw)).expanduser()
+    return path if path.is_absolute() else (base_dir / path)
+
+
+class _Problems:
+    """Collects problems so that one validation pass reports all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _resolve_file(raw: Any, base_dir: Path, where: str, problems: _Problems, what: str) -> Path | None:
+    if not isinstance(raw, str) or not raw.strip():
+        problems.add(where, f"must be a path string to the {what}")
+        return None
+    try:
+        path = expand_path(raw, base_dir)
+    except KeyError as err:
+        problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
+                            f"or write ${{{err.args[0]}:-default}}")
+        return None
+    if not path.is_file():
+        origin = f"expanded from {raw!r}; " if "${" in raw else ""
+        problems.add(where, f"file not found: {path} ({origin}relative paths resolve against the manifest's folder "
+                            f"{base_dir}); attach the dataset that holds it or fix the path")
+        return None
+    return path
+
+
+def _parse_head(raw: Any, where: str, problems: _Problems) -> HeadSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping like {type: linear} or {type: mlp, hidden: 1024}")
+        return HeadSpec()
+    for key in sorted(set(raw) - HEAD_KEYS):
+        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(HEAD_KEYS))}")
+    head_type = raw.get("type", "linear")
+    if head_type not in HEAD_TYPES:
+        problems.add(f"{where}.type", f"{head_type!r} is not one of {', '.join(HEAD_TYPES)}")
+    hidden = raw.get("hidden")
+    if head_type == "mlp" and not (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0):
+        problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024")
+    if head_type == "linear" and hidden is not None:
+        problems.add(f"{where}.hidden", "a linear head has no hidden size; remove it or use type: mlp")
+    norm = raw.get("norm", "batchnorm")
+    if norm not in HEAD_NORMS:
+        problems.add(f"{where}.norm", f"{norm!r} is not one of {', '.join(HEAD_NORMS)}")
+    activation = raw.get("activation", "relu")
+    if activation not in HEAD_ACTIVATIONS:
+        problems.add(f"{where}.activation", f"{activation!r} is not one of {', '.join(HEAD_ACTIVATIONS)}")
+    return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation)
+
+
+def _parse_triplet(raw: Any, where: str, problems: _Problems, positive: bool) -> tuple[float, float, float]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 3 and all(_is_number(v) for v in raw):
+        if positive and any(v <= 0 for v in raw):
+            problems.add(where, f"{list(raw)} must be three positive numbers")
+        return tuple(float(v) for v in raw)  # type: ignore[return-value]
+    problems.add(where, "must be a list of three numbers (per RGB channel, on the 0-1 scale), "
+                        "e.g. [0.48145466, 0.4578275, 0.40821073] for OpenAI CLIP")
+    return (0.0, 0.0, 0.0) if not positive else (1.0, 1.0, 1.0)
+
+
+def _parse_image(raw: Any, where: str, problems: _Problems) -> ImageSpec:
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
+        raw = {}
+    for key in sorted(set(raw) - IMAGE_KEYS):
+        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(IMAGE_KEYS))}")
+    for key in ("mean", "std", "interpolation", "resize", "resolutions"):
+        if key not in raw:
+            problems.add(f"{where}.{key}", "is required: preprocessing is never guessed; copy it from the "
+                                           "training config of this checkpoint")
+    mean = _parse_triplet(raw.get("mean"), f"{where}.mean", problems, positive=False) if "mean" in raw else (0, 0, 0)
+    std = _parse_triplet(raw.get("std"), f"{where}.std", problems, positive=True) if "std" in raw else (1, 1, 1)
+    interpolation = raw.get("interpolation", "bicubic")
+    if "interpolation" in raw and interpolation not in INTERPOLATIONS:
+        problems.add(f"{where}.interpolation", f"{interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    resize = raw.get("resize", "squash")
+    if "resize" in raw and resize not in RESIZE_MODES:
+        problems.add(f"{where}.resize", f"{resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    resolutions = raw.get("resolutions", [])
+    if isinstance(resolutions, int) and not isinstance(resolutions, bool):
+        resolutions = [resolutions]
+    good: list[int] = []
+    if "resolutions" in raw:
+        if not isinstance(resolutions, (list, tuple)) or not resolutions:
+            problems.add(f"{where}.resolutions", "must be a non-empty list of image sizes in pixels, e.g. [336, 448]")
+        else:
+            for r in resolutions:
+                if not isinstance(r, int) or isinstance(r, bool) or not MIN_RESOLUTION <= r <= MAX_RESOLUTION:
+                    problems.add(f"{where}.resolutions", f"{r!r} must be an integer between {MIN_RESOLUTION} and "
+                                                         f"{MAX_RESOLUTION}")
+                elif r in good:
+                    problems.add(f"{where}.resolutions", f"{r} is listed twice; each TTA view once")
+                else:
+                    good.append(r)
+    hflip = raw.get("hflip", False)
+    if not isinstance(hflip, bool):
+        problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
+        hflip = False
+    return ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
+                     hflip=hflip)
+
+
+def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, check_files: bool) -> TowerSpec | None:
+    if not isinstance(raw, Mapping):
+        problems.add(f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, image, weight)")
+        return None
+    name = raw.get("name")
+    label = f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
+        problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
+                                      "and caches)")
+    for key in sorted(set(raw) - TOWER_KEYS):
+        problems.add(f"{label}.{key}", f"unknown key; allowed: {', '.join(sorted(TOWER_KEYS))}")
+    for key in ("library", "arch", "checkpoint", "image", "weight"):
+        if key not in raw:
+            problems.add(f"{label}.{key}", "is required")
+
+    library = raw.get("library")
+    if "library" in raw and library not in LIBRARIES:
+        problems.add(f"{label}.library", f"{library!r} is not one of {', '.join(LIBRARIES)}")
+    arch = raw.get("arch")
+    if "arch" in raw and (not isinstance(arch, str) or not arch):
+        problems.add(f"{label}.arch", "must be a model name (timm or open_clip), e.g. eva02_large_patch14_clip_336")
+    elif isinstance(arch, str) and arch.endswith(".json"):
+        if library != "open_clip":
+            problems.add(f"{label}.arch", "a .json model config is only supported for library: open_clip")
+        else:
+            resolved = _resolve_file(arch, base_dir, f"{label}.arch", problems, "open_clip model config")
+            arch = str(resolved) if resolved else arch
+
+    checkpoint: Path | None = None
+    if "checkpoint" in raw:
+        raw_ckpt = raw["checkpoint"]
+        if isinstance(raw_ckpt, str) and not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
+            problems.add(f"{label}.checkpoint", f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
+        elif check_files:
+            checkpoint = _resolve_file(raw_ckpt, base_dir, f"{label}.checkpoint", problems, "tower weights")
+        elif isinstance(raw_ckpt, str):
+            try:
+                checkpoint = expand_path(raw_ckpt, base_dir)
+            except KeyError:
+                checkpoint = Path(raw_ckpt)
+
+    sha256 = raw.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
+        sha256 = None
+    native = raw.get("native_resolution")
+    if native is not None and not (isinstance(native, int) and not isinstance(native, bool)
+                                   and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
+        problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
+                                                   "position embeddings were trained at, or left out")
+        native = None
+
+    weight = raw.get("weight")
+    if "weight" in raw and not _is_number(weight):
+        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
+        weight = 0.0
+    elif _is_number(weight) and weight < 0:
+        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
+                                        "(use 0 to switch a tower off)")
+    precision = raw.get("precision", "auto")
+    if precision not in PRECISIONS:
+        problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    head = _parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", problems)
+    image = _parse_image(raw.get("image"), f"{label}.image", problems)
+    return TowerSpec(name=str(name), library=str(library), arch=str(arch), checkpoint=checkpoint or Path(),
+                     head=head, image=image, weight=float(weight) if _is_number(weight) else 0.0, sha256=sha256,
+                     native_resolution=native, precision=str(precision))
+
+
+def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
+    """Load the fallback vector (.npy), check it, and return it L2-normalised as float32."""
+    vec = np.load(path, allow_pickle=False)
+    vec = np.asarray(vec, dtype=np.float64).reshape(-1)
+    if vec.shape != (embedding_dim,):
+        raise ValueError(f"has shape {vec.shape}, expected ({embedding_dim},)")
+    if not np.isfinite(vec).all():
+        raise ValueError("contains NaN or inf")
+    norm = np.linalg.norm(vec)
+    if norm < 1e-6:
+        raise ValueError("is (almost) all zeros; use a mean prompt embedding, never zeros")
+    return (vec / norm).astype(np.float32)
+
+
+def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Manifest:
+    """Validate an already-parsed manifest mapping; `path` anchors relative paths and names the file in errors."""
+    path = Path(path)
+    base_dir = path.resolve().parent
+    problems = _Problems()
+    if not isinstance(data, Mapping):
+        raise ManifestError(path, ["the file must hold a mapping with embedding_dim, fallback and towers"])
+    for key in sorted(set(data) - TOP_KEYS):
+        problems.add(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+
+    embedding_dim = data.get("embedding_dim", 384)
+    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim <= 0:
+        problems.add("embedding_dim", f"{embedding_dim!r} must be a positive integer (384 for all-MiniLM-L6-v2)")
+        embedding_dim = 384
+
+    fallback = np.zeros(embedding_dim, dtype=np.float32)
+    fallback_path = Path()
+    if "fallback" not in data:
+        problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
+                                 "images that cannot be read")
+    else:
+        resolved = _resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
+        if resolved is not None:
+            fallback_path = resolved
+            try:
+                fallback = load_fallback(resolved, embedding_dim)
+            except (ValueError, OSError) as err:
+                problems.add("fallback", f"{resolved} {err}")
+
+    towers_raw = data.get("towers")
+    towers: list[TowerSpec] = []
+    if not isinstance(towers_raw, list) or not towers_raw:
+        problems.add("towers", "must be a non-empty list of towers")
+        towers_raw = []
+    for index, raw in enumerate(towers_raw):
+        spec = _parse_tower(raw, index, base_dir, problems, check_files)
+        if spec is not None:
+            towers.append(spec)
+
+    seen: dict[str, int] = {}
+    for index, spec in enumerate(towers):
+        if spec.name in seen:
+            problems.add(f"tower {spec.name!r} (towers[{index}]).name",
+                         f"duplicates towers[{seen[spec.name]}]; every tower needs its own name")
+        seen.setdefault(spec.name, index)
+    if towers and all(_is_number(t.weight) for t in towers) and sum(max(t.weight, 0.0) for t in towers) <= 0:
+        problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")
+
+    if problems.items:
+        raise ManifestError(path, problems.items)
+    return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
+                    towers=tuple(towers))
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest YAML file; raises ManifestError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, [f"manifest file not found: {path.resolve()}; pass --manifest PATH"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ManifestError(path, [f"is not valid YAML: {err}"]) from err
+    return parse_manifest(data, path, check_files=check_files)

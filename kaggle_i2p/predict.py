@@ -1,0 +1,227 @@
+"""The prediction path, top to bottom: files -> uint8 batch -> per-tower views -> forward -> ensemble -> CSV.
+
+Each image is decoded once (in DataLoader workers) and every tower x resolution x flip view is made from that one
+decoded batch on the device. Per batch and tower: fp16 autocast on CUDA (fp32 on CPU unless asked), a recompute in
+fp32 when an output is non-finite, and batch halving on CUDA out-of-memory. Unreadable images get the manifest's
+fallback vector, so the submission is always complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .ensemble import combine_towers, combine_views, l2_normalize
+from .images import DecodedBatch, image_loader, list_images, make_view
+from .manifest import Manifest, TowerSpec, load_manifest
+from .submission import submission_frame, write_submission
+from .towers import Tower, check_architectures, load_tower
+
+log = logging.getLogger("kaggle_i2p")
+
+DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+@dataclass
+class RunSummary:
+    """What a prediction run did, for the closing line and for tests."""
+
+    n_images: int
+    towers: list[str]
+    n_views: int  # forward passes per image, over all towers
+    device: str
+    precision: dict[str, str] = field(default_factory=dict)
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (image id, reason)
+    skipped_files: list[str] = field(default_factory=list)
+    nonfinite_recomputes: int = 0
+    oom_halvings: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (f"kaggle_i2p: {self.n_images} images, {len(self.towers)} towers, {self.n_views} views/image, "
+                f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} fp32 recomputes, "
+                f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} non-image files skipped, "
+                f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}")
+
+
+@dataclass
+class PredictionRun:
+    """The result of a run: ids in submission order, final (N, D) unit vectors, per-tower outputs, summary."""
+
+    ids: list[str]
+    embeddings: np.ndarray
+    tower_embeddings: dict[str, np.ndarray]
+    summary: RunSummary
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` is fp16 on CUDA (T4/P100 have no bf16) and fp32 on CPU; fp16 on CPU falls back to fp32."""
+    if requested == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if requested == "fp16" and device.type == "cpu":
+        log.info("fp16 autocast on CPU is slow and imprecise; using fp32 (use bf16 for reduced precision on CPU)")
+        return "fp32"
+    return requested
+
+
+class TowerRunner:
+    """Runs one loaded tower over a decoded batch: all its TTA views, precision, fp32 recompute, OOM halving."""
+
+    def __init__(self, spec: TowerSpec, tower: Tower, device: torch.device, precision: str):
+        self.spec = spec
+        self.tower = tower
+        self.device = device
+        self.precision = precision
+        self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
+        self.nonfinite_recomputes = 0
+        self.oom_halvings = 0
+
+    def _forward(self, views: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.tower(views).float()
+
+    def _forward_chunked(self, views: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        while True:
+            chunk = self.max_chunk or len(views)
+            try:
+                return torch.cat([self._forward(views[i:i + chunk], dtype) for i in range(0, len(views), chunk)])
+            except torch.OutOfMemoryError:
+                if chunk <= 1:
+                    raise
+                self.max_chunk = max(1, chunk // 2)
+                self.oom_halvings += 1
+                log.warning("tower %r: out of memory at batch %d; retrying with %d", self.spec.name, chunk,
+                            self.max_chunk)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def forward_view(self, views: torch.Tensor) -> torch.Tensor:
+        """(B, 3, r, r) -> (B, D) float32; recomputed in fp32 when reduced precision gives NaN/inf."""
+        dtype = AUTOCAST_DTYPES[self.precision]
+        out = self._forward_chunked(views, dtype)
+        if dtype is not None and not torch.isfinite(out).all():
+            self.nonfinite_recomputes += 1
+            log.warning("tower %r: non-finite %s output; recomputing the batch in fp32", self.spec.name,
+                        self.precision)
+            out = self._forward_chunked(views, None)
+        return out
+
+    def embed(self, pixels: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
+        """The tower's TTA embedding of a decoded batch: normalised mean of its normalised views, (B, D)."""
+        image = self.spec.image
+        views = []
+        for resolution in image.resolutions:
+            view = make_view(pixels, image, resolution)
+            for flip in (False, True) if image.hflip else (False,):
+                views.append(self.forward_view(view.flip(-1) if flip else view).cpu().numpy())
+        return combine_views(views)
+
+
+def _as_manifest(manifest: str | Path | Manifest) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+
+
+def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml", *,
+                   device: str | torch.device = "auto", batch_size: int | None = None,
+                   num_workers: int | None = None, precision: str | None = None,
+                   progress: bool = True) -> PredictionRun:
+    """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs."""
+    started = time.perf_counter()
+    manifest = _as_manifest(manifest)
+    check_architectures(manifest)  # every manifest problem surfaces before a byte of weights is read
+    listing = list_images(image_dir)
+    device = resolve_device(device)
+    batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
+    num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
+    active = [t for t in manifest.towers if t.weight > 0]
+    for spec in manifest.towers:
+        if spec.weight <= 0:
+            log.info("tower %r has weight 0: not run", spec.name)
+
+    runners = [TowerRunner(spec, load_tower(spec, manifest.embedding_dim, device),
+                           device, resolve_precision(precision or spec.precision, device)) for spec in active]
+    n = len(listing.ids)
+    outputs = {r.spec.name: np.full((n, manifest.embedding_dim), np.nan, dtype=np.float32) for r in runners}
+    failed: dict[int, str] = {}
+    bars = [tqdm(total=n, desc=r.spec.name, unit="img", position=i, disable=not progress, leave=True)
+            for i, r in enumerate(runners)]
+    loader = image_loader(listing.paths, batch_size, num_workers, pin_memory=device.type == "cuda")
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                batch: DecodedBatch
+                for index, reason in batch.errors:
+                    failed[index] = f"unreadable image ({reason})"
+                    log.warning("cannot read %s: %s; writing the fallback vector", listing.paths[index], reason)
+                pixels = batch.pixels_on(device) if batch.indices else None
+                for runner, bar in zip(runners, bars, strict=True):
+                    if pixels is not None:
+                        outputs[runner.spec.name][batch.indices] = runner.embed(pixels)
+                    bar.update(len(batch.indices) + len(batch.errors))
+    finally:
+        for bar in bars:
+            bar.close()
+
+    for name, out in outputs.items():
+        bad = ~np.isfinite(out).all(axis=1) | (np.linalg.norm(np.nan_to_num(out), axis=1) < 1e-6)
+        for index in np.flatnonzero(bad):
+            if int(index) not in failed:
+                failed[int(index)] = f"tower {name!r} gave a non-finite output even in fp32"
+                log.warning("%s: %s; writing the fallback vector", listing.paths[index], failed[int(index)])
+        out[bad] = manifest.fallback
+    embeddings = combine_towers(outputs, manifest.weights)
+    for index in failed:
+        embeddings[index] = manifest.fallback
+
+    summary = RunSummary(
+        n_images=n, towers=[r.spec.name for r in runners], n_views=sum(r.spec.image.n_views for r in runners),
+        device=str(device), precision={r.spec.name: r.precision for r in runners},
+        fallbacks=[(listing.ids[i], failed[i]) for i in sorted(failed)],
+        skipped_files=[p.name for p in listing.skipped],
+        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners),
+        oom_halvings=sum(r.oom_halvings for r in runners), seconds=time.perf_counter() - started,
+    )
+    return PredictionRun(list(listing.ids), l2_normalize(embeddings), outputs, summary)
+
+
+def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
+                       **options) -> tuple[list[str], np.ndarray]:
+    """`(ids, float32 array [N, 384])` for the images in `image_dir`; options as for `run_prediction`."""
+    run = run_prediction(image_dir, manifest, **options)
+    return run.ids, run.embeddings
+
+
+def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
+                out_csv: str | Path | None = "submission.csv", device: str | torch.device = "auto",
+                batch_size: int | None = None, num_workers: int | None = None, *,
+                precision: str | None = None, progress: bool = True) -> pd.DataFrame:
+    """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame."""
+    run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
+                         precision=precision, progress=progress)
+    if out_csv is not None:
+        write_submission(run.ids, run.embeddings, out_csv)
+    if progress:
+        print(run.summary, flush=True)
+        if out_csv is not None:
+            print(f"kaggle_i2p: wrote {out_csv} ({len(run.ids) * run.embeddings.shape[1]} rows)", flush=True)
+    return submission_frame(run.ids, run.embeddings)

@@ -1,0 +1,103 @@
+"""The submission file: `imgId_eId,val`, 384 rows per image, image-major, written atomically.
+
+Values are written as the shortest decimal that round-trips to the same float32 (as Kaggle's own
+sample_submission.csv is), so reading the file back gives exactly the predicted vectors.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HEADER = "imgId_eId,val"
+ROWS_PER_CHUNK = 512  # images formatted per write; bounds memory for 16k-image submissions
+
+
+def submission_row_ids(ids: Sequence[str], embedding_dim: int = 384) -> list[str]:
+    """The `imgId_eId` column: for each image in order, `{id}_0 .. {id}_{D-1}`."""
+    return [f"{image_id}_{e}" for image_id in ids for e in range(embedding_dim)]
+
+
+def _check(ids: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+        raise ValueError(f"embeddings shape {embeddings.shape} does not match {len(ids)} ids")
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids are not unique")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or inf; refusing to write a submission Kaggle would score as 0")
+    return embeddings
+
+
+def submission_frame(ids: Sequence[str], embeddings: np.ndarray) -> pd.DataFrame:
+    """The submission as a DataFrame (columns imgId_eId, val) in file order."""
+    embeddings = _check(ids, embeddings)
+    return pd.DataFrame({"imgId_eId": submission_row_ids(ids, embeddings.shape[1]), "val": embeddings.reshape(-1)})
+
+
+def write_submission(ids: Sequence[str], embeddings: np.ndarray, out_csv: str | Path) -> Path:
+    """Write the CSV to a temporary file beside `out_csv`, then rename it into place (never a half file)."""
+    embeddings = _check(ids, embeddings)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    dim = embeddings.shape[1]
+    suffixes = [f"_{e}," for e in range(dim)]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
+            handle.write(HEADER + "\n")
+            for start in range(0, len(ids), ROWS_PER_CHUNK):
+                values = embeddings[start:start + ROWS_PER_CHUNK].astype(str)  # shortest float32 round-trip
+                lines = []
+                for image_id, row in zip(ids[start:start + ROWS_PER_CHUNK], values, strict=True):
+                    lines.extend(f"{image_id}{suffix}{value}" for suffix, value in zip(suffixes, row, strict=True))
+                handle.write("\n".join(lines) + "\n")
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out_csv)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out_csv
+
+
+@dataclass
+class FormatCheck:
+    """The result of comparing a submission file with the competition's sample_submission.csv."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def read_submission(path: str | Path) -> pd.DataFrame:
+    """Read a submission CSV as Kaggle would (ids as strings, values as float)."""
+    return pd.read_csv(path, dtype={"imgId_eId": str}, keep_default_na=False)
+
+
+def check_format(submission_csv: str | Path, sample_csv: str | Path) -> FormatCheck:
+    """Same header, same ids in the same order, same row count, finite values, as the sample submission."""
+    problems = []
+    with open(submission_csv, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n")
+    with open(sample_csv, encoding="utf-8") as handle:
+        expected_header = handle.readline().rstrip("\r\n")
+    if header != expected_header:
+        problems.append(f"header is {header!r}, expected {expected_header!r}")
+    ours, theirs = read_submission(submission_csv), read_submission(sample_csv)
+    if len(ours) != len(theirs):
+        problems.append(f"{len(ours)} rows, expected {len(theirs)}")
+    if list(ours.columns) == ["imgId_eId", "val"]:
+        mismatch = np.flatnonzero(ours["imgId_eId"].to_numpy()[:len(theirs)] != theirs["imgId_eId"].to_numpy()[:len(ours)])
+        if len(mismatch):
+            i = int(mismatch[0])
+            problems.append(f"{len(mismatch)} row id(s) differ from the sample; first at row {i + 1}: "
+                            f"{ours['imgId_eId'].iloc[i]!r} vs {theirs['imgId_eId'].iloc[i]!r}")
+        values = pd.to_numeric(ours["val"], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            problems.append(f"{int((~np.isfinite(values)).sum())} value(s) are empty, NaN or inf")
+    return FormatCheck(ok=not problems, problems=problems)

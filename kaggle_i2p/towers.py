@@ -1,0 +1,260 @@
+"""Towers: a timm or open_clip vision backbone plus a regression head, mapping an image batch to (B, 384).
+
+Everything is built offline (timm `pretrained=False`, open_clip's vision-tower builder with no pretrained tag) and the
+weights come only from the manifest's local checkpoint. Running at a resolution other than the checkpoint's uses the
+libraries' own position-embedding resampling: timm's `dynamic_img_size`, open_clip's `resize_pos_embed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .manifest import HeadSpec, Manifest, ManifestError, TowerSpec
+
+WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "module")
+
+
+class TowerLoadError(RuntimeError):
+    """A checkpoint that does not fit its tower, or a file that fails its checksum."""
+
+
+def build_head(in_dim: int, spec: HeadSpec, out_dim: int) -> nn.Module:
+    """The regression head the manifest declares: Linear, or Linear -> norm -> activation -> Linear."""
+    if spec.type == "linear":
+        return nn.Linear(in_dim, out_dim)
+    assert spec.hidden is not None
+    norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "none": lambda _: nn.Identity()}[spec.norm]
+    activation = {"relu": nn.ReLU, "gelu": nn.GELU}[spec.activation]
+    return nn.Sequential(nn.Linear(in_dim, spec.hidden), norm(spec.hidden), activation(), nn.Linear(spec.hidden, out_dim))
+
+
+class Tower(nn.Module):
+    """backbone -> pooled features -> head. Its `state_dict()` (keys `backbone.*`, `head.*`) is the checkpoint format."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module,
+                 pos_embed_for_size: Callable[[nn.Module, int, int], dict[str, torch.Tensor]] | None = None,
+                 native_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        # open_clip ViTs have fixed-size position embeddings: for other sizes, a resampled copy is swapped in
+        # functionally (the stored parameter never changes), cached per size and parameter version.
+        self._pos_embed_for_size = pos_embed_for_size
+        self._native_size = native_size
+        self._pos_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def _backbone_params_for(self, height: int, width: int) -> dict[str, torch.Tensor] | None:
+        if self._pos_embed_for_size is None or (height, width) == (self._native_size, self._native_size):
+            return None
+        pos = self.backbone.positional_embedding
+        key = (height, width, pos.device, pos.dtype, pos._version, pos.data_ptr())
+        if key not in self._pos_cache:
+            self._pos_cache = {key: self._pos_embed_for_size(self.backbone, height, width)}
+        return self._pos_cache[key]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        override = self._backbone_params_for(images.shape[-2], images.shape[-1])
+        if override is None:
+            features = self.backbone(images)
+        else:
+            features = torch.func.functional_call(self.backbone, override, (images,), strict=False)
+        return self.head(features)
+
+
+def _build_timm_backbone(spec: TowerSpec) -> tuple[nn.Module, int, None, None]:
+    import timm
+
+    if not timm.is_model(spec.arch):
+        raise ValueError(f"timm has no model named {spec.arch!r} (timm {timm.__version__}); "
+                         "check the spelling with timm.list_models('*pattern*')")
+    kwargs: dict = {"pretrained": False, "num_classes": 0}
+    if spec.native_resolution is not None:
+        kwargs["img_size"] = spec.native_resolution
+    try:  # ViT-style models resample their position embeddings to the input size at every forward
+        model = timm.create_model(spec.arch, dynamic_img_size=True, **kwargs)
+    except TypeError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        model = timm.create_model(spec.arch, **kwargs)  # convolutional: any input size works as it is
+    return model, int(model.num_features), None, None
+
+
+def _open_clip_config(arch: str) -> dict:
+    import open_clip
+
+    if arch.endswith(".json"):
+        return json.loads(Path(arch).read_text(encoding="utf-8"))
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"open_clip has no model config named {arch!r} (open_clip {open_clip.__version__}); "
+                         "see open_clip.list_models(), or give the path of a model-config .json")
+    return config
+
+
+def _resize_open_clip_pos_embed(visual: nn.Module, height: int, width: int) -> dict[str, torch.Tensor]:
+    """open_clip's own `resize_pos_embed`, applied to a copy of the visual tower's position embedding."""
+    from open_clip.model import resize_pos_embed
+
+    patch_h, patch_w = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
+    grid = (height // patch_h, width // patch_w)
+    target = nn.Module()
+    target.visual = nn.Module()
+    target.visual.grid_size = grid
+    state = {"visual.positional_embedding": visual.positional_embedding}
+    resize_pos_embed(state, target)
+    return {"positional_embedding": state["visual.positional_embedding"]}
+
+
+def _build_open_clip_backbone(spec: TowerSpec) -> tuple[nn.Module, int, Callable | None, int | None]:
+    from open_clip.model import _build_vision_tower
+    from open_clip.transformer import VisionTransformer
+
+    config = _open_clip_config(spec.arch)
+    vision_cfg = dict(config["vision_cfg"])
+    if spec.native_resolution is not None:
+        vision_cfg["image_size"] = spec.native_resolution
+    visual = _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu=config.get("quick_gelu", False))
+    if not isinstance(visual, VisionTransformer):  # timm-trunk (ConvNeXt) towers run at any size as they are
+        return visual, int(config["embed_dim"]), None, None
+    size = vision_cfg.get("image_size", 224)
+    return visual, int(config["embed_dim"]), _resize_open_clip_pos_embed, size if isinstance(size, int) else size[0]
+
+
+def build_tower(spec: TowerSpec, embedding_dim: int = 384) -> Tower:
+    """Build the tower's architecture with random weights, touching no network and no checkpoint."""
+    builder = _build_timm_backbone if spec.library == "timm" else _build_open_clip_backbone
+    backbone, feature_dim, resizer, native_size = builder(spec)
+    head = build_head(feature_dim, spec.head, embedding_dim)
+    return Tower(backbone, head, pos_embed_for_size=resizer, native_size=native_size)
+
+
+def patch_size(tower: Tower) -> int | None:
+    """The patch size of a ViT-style backbone (input sizes must be multiples of it), else None."""
+    backbone = tower.backbone
+    for candidate in (getattr(getattr(backbone, "patch_embed", None), "patch_size", None),
+                      getattr(backbone, "patch_size", None)):
+        if candidate is not None:
+            return int(candidate[0] if isinstance(candidate, (tuple, list)) else candidate)
+    return None
+
+
+def check_architectures(manifest: Manifest) -> None:
+    """Build every tower on the meta device (no memory, no weights) and run it at every resolution.
+
+    Catches unknown archs, resolutions that are not multiples of the patch size or that the arch cannot run at,
+    and head/feature mismatches, before any checkpoint is read. Raises ManifestError listing each problem.
+    """
+    problems: list[str] = []
+    for index, spec in enumerate(manifest.towers):
+        label = f"tower {spec.name!r} (towers[{index}])"
+        try:
+            with torch.device("meta"):
+                tower = build_tower(spec, manifest.embedding_dim)
+        except Exception as err:  # noqa: BLE001 - any build failure is reported as a manifest problem
+            problems.append(f"{label}.arch: cannot build {spec.library} model {spec.arch!r}: {err}")
+            continue
+        patch = patch_size(tower)
+        for res in spec.image.resolutions:
+            if patch and res % patch:
+                lower, upper = (res // patch) * patch, (res // patch + 1) * patch
+                problems.append(f"{label}.image.resolutions: {res} is not a multiple of the patch size {patch} of "
+                                f"{spec.arch}; use {lower} or {upper}")
+                continue
+            try:
+                with torch.no_grad():
+                    out = tower.eval()(torch.empty(1, 3, res, res, device="meta"))
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
+                continue
+            if tuple(out.shape) != (1, manifest.embedding_dim):
+                problems.append(f"{label}.head: output shape {tuple(out.shape)}, expected (1, {manifest.embedding_dim})")
+    if problems:
+        raise ManifestError(manifest.path, problems)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are GB-sized)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
+    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping):
+        raise TowerLoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP's leading `module.` and `torch.compile`'s `_orig_mod.` (at any depth) from checkpoint keys."""
+    cleaned = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        while key.startswith("module."):
+            key = key[len("module."):]
+        cleaned[key] = value
+    return cleaned
+
+
+def _key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 8) -> list[str]:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:limit]) + (" ..." if len(missing) > limit
+                                                                                        else ""))
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:limit])
+                     + (" ..." if len(unexpected) > limit else ""))
+    for key in mismatched[:limit]:
+        lines.append(f"shape mismatch {key}: checkpoint {tuple(got[key].shape)}, model {tuple(expected[key].shape)}")
+    if missing and unexpected and all(not k.startswith(("backbone.", "head.")) for k in unexpected[:limit]):
+        lines.append("hint: tower checkpoints hold the keys of kaggle_i2p.towers.Tower (backbone.*, head.*); "
+                     "export with `kaggle-i2p export` or rename the keys")
+    if any(k.startswith("backbone.pos_embed") or k.startswith("backbone.positional_embedding") for k in mismatched):
+        lines.append("hint: the position embeddings were trained at another size; set native_resolution")
+    return lines
+
+
+def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.device = "cpu") -> Tower:
+    """Build the tower and load its checkpoint strictly (after checksum and prefix stripping); eval mode."""
+    if spec.sha256:
+        actual = sha256_file(spec.checkpoint)
+        if actual.lower() != spec.sha256.lower():
+            raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
+                                 f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+    tower = build_tower(spec, embedding_dim)
+    try:
+        state = strip_prefixes(read_state_dict(spec.checkpoint))
+    except TowerLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
+        raise TowerLoadError(f"tower {spec.name!r}: cannot read checkpoint {spec.checkpoint}: {err}") from err
+    expected = tower.state_dict()
+    problems = _key_diff(expected, state)
+    if problems:
+        raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint} does not match {spec.library} "
+                             f"{spec.arch} + {spec.head.type} head:\n  " + "\n  ".join(problems))
+    tower.load_state_dict(state, strict=True)
+    return tower.to(device).eval().requires_grad_(False)

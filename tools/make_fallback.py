@@ -1,0 +1,26 @@
+"""Rebuild mean_prompt_embedding.npy: the normalised mean all-MiniLM-L6-v2 embedding of the generic prior prompts."""
+
+from pathlib import Path
+
+import numpy as np
+
+from kaggle_i2p.ensemble import l2_normalize
+from kaggle_i2p.text import embed_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "kaggle_i2p" / "data" / "prior_prompts.txt"
+OUT = ROOT / "mean_prompt_embedding.npy"
+
+
+def prior_prompts() -> list[str]:
+    lines = PROMPTS.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def mean_prompt_embedding() -> np.ndarray:
+    return l2_normalize(embed_prompts(prior_prompts()).mean(axis=0))
+
+
+if __name__ == "__main__":
+    np.save(OUT, mean_prompt_embedding())
+    print(f"wrote {OUT}")
