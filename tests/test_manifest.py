@@ -1,0 +1,191 @@
+"""Manifest parsing and validation: every bad-manifest kind gives a clear error naming tower, field and fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kaggle_i2p.manifest import ManifestError, load_manifest, parse_manifest
+from kaggle_i2p.toy import toy_manifest_dict
+from kaggle_i2p.towers import build_tower, check_architectures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: dict, name: str = "m.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _problems(tmp_path: Path, data: dict) -> str:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(_write(tmp_path, data))
+    return str(info.value)
+
+
+@pytest.fixture
+def toy_data(toy_manifest) -> tuple[dict, Path]:
+    """The toy manifest as data, with paths made absolute so it can be rewritten anywhere."""
+    data = copy.deepcopy(toy_manifest_dict())
+    folder = toy_manifest.parent
+    data["fallback"] = str(folder / data["fallback"])
+    for tower in data["towers"]:
+        tower["checkpoint"] = str(folder / tower["checkpoint"])
+        if tower["arch"].endswith(".json"):
+            tower["arch"] = str(folder / tower["arch"])
+    return data, folder
+
+
+def test_toy_manifest_loads(toy_manifest):
+    manifest = load_manifest(toy_manifest)
+    assert [t.name for t in manifest.towers] == ["toy_timm_vit", "toy_open_clip_vit"]
+    assert manifest.weights == {"toy_timm_vit": 0.6, "toy_open_clip_vit": 0.4}
+    assert manifest.towers[0].image.resolutions == (64, 96) and manifest.towers[0].image.n_views == 4
+    assert manifest.towers[0].head.hidden == 48
+    assert np.isclose(np.linalg.norm(manifest.fallback), 1.0)
+    assert manifest.towers[1].checkpoint == toy_manifest.parent / "toy_open_clip_vit.safetensors"
+
+
+def test_paths_expand_environment_and_resolve_relative(tmp_path, toy_data, monkeypatch):
+    data, folder = toy_data
+    monkeypatch.setenv("TOY_DIR", str(folder))
+    data["towers"][0]["checkpoint"] = "${TOY_DIR}/toy_timm_vit.safetensors"
+    data["towers"][1]["checkpoint"] = "${UNSET_TOY_VAR:-" + str(folder) + "}/toy_open_clip_vit.safetensors"
+    (tmp_path / "fb.npy").write_bytes((folder / "fallback.npy").read_bytes())
+    data["fallback"] = "fb.npy"  # relative: resolves against the manifest's folder, not the cwd
+    manifest = load_manifest(_write(tmp_path, data))
+    assert manifest.towers[0].checkpoint == folder / "toy_timm_vit.safetensors"
+    assert manifest.towers[1].checkpoint == folder / "toy_open_clip_vit.safetensors"
+    assert manifest.fallback_path == tmp_path / "fb.npy"
+
+
+def test_every_schema_problem_is_reported_at_once(tmp_path, toy_data):
+    data, _ = toy_data
+    data["colour"] = "blue"
+    first, second = data["towers"]
+    first["learning_rate"] = 0.1
+    first["head"]["dropout"] = 0.5
+    first["image"]["resolution"] = 224
+    first["weight"] = -0.2
+    second["name"] = "toy_timm_vit"
+    second["checkpoint"] = str(tmp_path / "missing.safetensors")
+    second["image"]["resolutions"] = [64, 20000, "big"]
+    second["library"] = "keras"
+    message = _problems(tmp_path, data)
+    expected = [
+        "colour: unknown top-level key",
+        "tower 'toy_timm_vit' (towers[0]).learning_rate: unknown key",
+        "tower 'toy_timm_vit' (towers[0]).head.dropout: unknown key",
+        "tower 'toy_timm_vit' (towers[0]).image.resolution: unknown key; allowed: hflip, interpolation, mean,",
+        "tower 'toy_timm_vit' (towers[0]).weight: -0.2 is negative",
+        "towers[1]).name: duplicates towers[0]",
+        f"towers[1]).checkpoint: file not found: {tmp_path / 'missing.safetensors'}",
+        "towers[1]).image.resolutions: 20000 must be an integer between 32 and 1024",
+        "towers[1]).image.resolutions: 'big' must be an integer",
+        "towers[1]).library: 'keras' is not one of timm, open_clip",
+        "towers[1]).arch: a .json model config is only supported for library: open_clip",
+    ]
+    for fragment in expected:
+        assert fragment in message, fragment
+    assert "11 problem(s)" in message
+
+
+def test_all_zero_weights(tmp_path, toy_data):
+    data, _ = toy_data
+    for tower in data["towers"]:
+        tower["weight"] = 0
+    assert "all weights are zero; give at least one tower a positive weight" in _problems(tmp_path, data)
+
+
+def test_missing_preprocessing_is_never_guessed(tmp_path, toy_data):
+    data, _ = toy_data
+    del data["towers"][1]["image"]["mean"]
+    del data["towers"][1]["image"]["resolutions"]
+    message = _problems(tmp_path, data)
+    assert "tower 'toy_open_clip_vit' (towers[1]).image.mean: is required: preprocessing is never guessed" in message
+    assert "(towers[1]).image.resolutions: is required" in message
+
+
+def test_unset_environment_variable(tmp_path, toy_data, monkeypatch):
+    data, _ = toy_data
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    data["towers"][0]["checkpoint"] = "${NOT_SET_ANYWHERE}/x.safetensors"
+    assert "environment variable NOT_SET_ANYWHERE is not set" in _problems(tmp_path, data)
+
+
+@pytest.mark.parametrize("vector, fragment", [
+    (np.zeros(384), "all zeros; use a mean prompt embedding, never zeros"),
+    (np.ones(383), "has shape (383,), expected (384,)"),
+    (np.full(384, np.nan), "contains NaN or inf"),
+])
+def test_bad_fallback(tmp_path, toy_data, vector, fragment):
+    data, _ = toy_data
+    np.save(tmp_path / "bad.npy", vector)
+    data["fallback"] = str(tmp_path / "bad.npy")
+    assert fragment in _problems(tmp_path, data)
+
+
+def test_bad_head_and_checkpoint_suffix(tmp_path, toy_data):
+    data, _ = toy_data
+    data["towers"][0]["head"] = {"type": "mlp"}
+    data["towers"][1]["checkpoint"] = "weights.ckpt"
+    message = _problems(tmp_path, data)
+    assert "head.hidden: an mlp head needs a positive integer hidden size" in message
+    assert "checkpoint: 'weights.ckpt' must end in one of .safetensors, .pt, .pth, .bin" in message
+
+
+def test_architecture_checks_resolution_against_patch_size(tmp_path, toy_data):
+    data, _ = toy_data
+    data["towers"][0]["image"]["resolutions"] = [64, 100]  # test_vit has 16-pixel patches
+    data["towers"][1]["arch"] = "no-such-open-clip-model"
+    data["towers"][1]["library"] = "open_clip"
+    manifest = load_manifest(_write(tmp_path, data))  # schema is fine; the arch checks are separate
+    with pytest.raises(ManifestError) as info:
+        check_architectures(manifest)
+    message = str(info.value)
+    assert ("tower 'toy_timm_vit' (towers[0]).image.resolutions: 100 is not a multiple of the patch size 16 of "
+            "test_vit; use 96 or 112") in message
+    assert "tower 'toy_open_clip_vit' (towers[1]).arch: cannot build open_clip model 'no-such-open-clip-model'" in message
+
+
+def test_unknown_timm_arch(tmp_path, toy_data):
+    data, _ = toy_data
+    data["towers"][0]["arch"] = "vit_hyper_giant_patch3"
+    with pytest.raises(ManifestError, match="timm has no model named 'vit_hyper_giant_patch3'"):
+        check_architectures(load_manifest(_write(tmp_path, data)))
+
+
+def test_reference_manifest_validates():
+    manifest = load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
+    check_architectures(manifest)  # every arch builds (meta device) and runs at every listed resolution
+    assert [t.arch for t in manifest.towers] == ["eva02_large_patch14_clip_336", "convnext_xxlarge", "ViT-L-14-336"]
+    assert all(str(t.checkpoint).startswith("/kaggle/input/") for t in manifest.towers)
+    assert sum(manifest.weights.values()) == pytest.approx(1.0)
+    assert np.isclose(np.linalg.norm(manifest.fallback), 1.0)
+
+
+@pytest.mark.slow
+def test_reference_archs_build_with_random_weights():
+    """Each reference tower really builds (random weights, on CPU) with the head the manifest declares."""
+    manifest = load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
+    expected_params = {"eva02_l_336": 303e6, "convnext_xxl": 846e6, "vit_l_14_336": 303e6}
+    for spec in manifest.towers:
+        tower = build_tower(spec, manifest.embedding_dim).eval()
+        n_params = sum(p.numel() for p in tower.backbone.parameters())
+        assert n_params == pytest.approx(expected_params[spec.name], rel=0.02), spec.name
+        assert tower.head(torch.zeros(2, tower.head.in_features if hasattr(tower.head, "in_features")
+                                      else tower.head[0].in_features)).shape == (2, 384)
+        del tower
+
+
+def test_parse_manifest_rejects_non_mapping(tmp_path):
+    with pytest.raises(ManifestError, match="must hold a mapping"):
+        parse_manifest(["not", "a", "mapping"], tmp_path / "m.yaml")
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "nope.yaml")

@@ -1,0 +1,186 @@
+"""End-to-end prediction on the real Kaggle sample images with tiny towers: math, robustness, determinism."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kaggle_i2p
+from kaggle_i2p import predict as predict_module
+from kaggle_i2p.images import ImageListingError, decode_image, make_view
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.submission import read_submission
+from kaggle_i2p.towers import Tower, load_tower
+
+SAMPLE_IDS = ["20057f34d", "227ef0887", "92e911621", "a4e1c55a9", "c98f79f71", "d8edf2e40", "f27825b2c"]
+
+
+def _run(image_dir, manifest, **kw):
+    options = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 3}
+    return kaggle_i2p.run_prediction(image_dir, manifest, **{**options, **kw})
+
+
+def _hand_prediction(image_dir, manifest_path):
+    """The ensemble computed image by image with explicit formulas, independent of the batched loop."""
+    manifest = load_manifest(manifest_path)
+    towers = {spec.name: load_tower(spec) for spec in manifest.towers}
+    total = sum(spec.weight for spec in manifest.towers)
+    result = {}
+    for image_id in SAMPLE_IDS:
+        pixels = decode_image(image_dir / f"{image_id}.png").unsqueeze(0)
+        mixed = np.zeros(384)
+        for spec in manifest.towers:
+            views = []
+            for res in spec.image.resolutions:
+                for flip in [False, True] if spec.image.hflip else [False]:
+                    with torch.no_grad():
+                        out = towers[spec.name](make_view(pixels, spec.image, res, hflip=flip))[0].double().numpy()
+                    views.append(out / np.linalg.norm(out))
+            tower_vec = np.mean(views, axis=0)
+            tower_vec /= np.linalg.norm(tower_vec)
+            mixed += spec.weight / total * tower_vec
+        result[image_id] = mixed / np.linalg.norm(mixed)
+    return result
+
+
+def test_prediction_equals_hand_computation(sample_images, toy_manifest):
+    run = _run(sample_images, toy_manifest)
+    assert run.ids == SAMPLE_IDS
+    assert run.embeddings.shape == (7, 384) and run.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(run.embeddings, axis=1), 1.0, atol=1e-6)
+    expected = _hand_prediction(sample_images, toy_manifest)
+    for i, image_id in enumerate(SAMPLE_IDS):
+        np.testing.assert_allclose(run.embeddings[i], expected[image_id], atol=2e-5)
+    assert set(run.tower_embeddings) == {"toy_timm_vit", "toy_open_clip_vit"}
+    assert run.summary.n_views == 4 + 2 and run.summary.fallbacks == []
+    assert run.summary.precision == {"toy_timm_vit": "fp32", "toy_open_clip_vit": "fp32"}
+
+
+def test_predict_dir_writes_csv_and_returns_frame(sample_images, toy_manifest, tmp_path, capsys):
+    out = tmp_path / "sub" / "submission.csv"
+    frame = kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=out, device="cpu", num_workers=0)
+    assert len(frame) == 7 * 384 and frame["imgId_eId"].iloc[0] == "20057f34d_0"
+    back = read_submission(out)
+    assert back["imgId_eId"].tolist() == frame["imgId_eId"].tolist()
+    assert np.array_equal(back["val"].to_numpy(np.float32), frame["val"].to_numpy(np.float32))
+    printed = capsys.readouterr().out
+    assert "kaggle_i2p: 7 images, 2 towers, 6 views/image, 0 fallbacks" in printed and "wrote" in printed
+
+
+def test_bad_files_get_the_fallback_and_the_run_completes(sample_images, toy_manifest, caplog):
+    (sample_images / "zero_bytes.png").write_bytes(b"")
+    (sample_images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+    good = (sample_images / "20057f34d.png").read_bytes()
+    (sample_images / "truncated.png").write_bytes(good[: len(good) // 3])
+    (sample_images / "readme.txt").write_text("not an image")
+    Image.new("RGBA", (300, 200), (10, 200, 30, 128)).save(sample_images / "rgba_small.png")
+    Image.new("L", (1024, 700), 90).save(sample_images / "gray_big.webp")
+    caplog.set_level(logging.WARNING, logger="kaggle_i2p")
+    run = _run(sample_images, toy_manifest)
+    fallback = load_manifest(toy_manifest).fallback
+
+    assert run.ids == sorted(SAMPLE_IDS + ["zero_bytes", "corrupt", "truncated", "rgba_small", "gray_big"])
+    reasons = dict(run.summary.fallbacks)
+    assert set(reasons) == {"zero_bytes", "corrupt", "truncated"}
+    assert reasons["zero_bytes"] == "unreadable image (empty file)"
+    for image_id in reasons:
+        assert np.array_equal(run.embeddings[run.ids.index(image_id)], fallback)
+        assert f"{image_id}." in caplog.text  # the warning names the file
+    for image_id in ["rgba_small", "gray_big", *SAMPLE_IDS]:
+        row = run.embeddings[run.ids.index(image_id)]
+        assert not np.array_equal(row, fallback) and np.isclose(np.linalg.norm(row), 1.0)
+    assert run.summary.skipped_files == ["readme.txt"]
+    # the good rows are unaffected by their bad neighbours
+    alone = _run_only(sample_images, toy_manifest, SAMPLE_IDS)
+    for i, image_id in enumerate(SAMPLE_IDS):
+        np.testing.assert_allclose(run.embeddings[run.ids.index(image_id)], alone[i], atol=2e-6)
+
+
+def _run_only(folder, manifest, ids):
+    target = folder.parent / "only"
+    target.mkdir(exist_ok=True)
+    for image_id in ids:
+        shutil.copy(folder / f"{image_id}.png", target / f"{image_id}.png")
+    return _run(target, manifest).embeddings
+
+
+def test_duplicate_ids_fail_before_any_weights_load(sample_images, toy_manifest, monkeypatch):
+    shutil.copy(sample_images / "20057f34d.png", sample_images / "20057f34d.jpg")
+    monkeypatch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ImageListingError, match="20057f34d: 20057f34d.jpg, 20057f34d.png"):
+        _run(sample_images, toy_manifest)
+
+
+def test_non_finite_reduced_precision_is_recomputed_in_fp32(sample_images, toy_manifest, monkeypatch):
+    reference = _run(sample_images, toy_manifest)
+    real_forward = Tower.forward
+
+    def nan_under_autocast(self, images):
+        out = real_forward(self, images)
+        return out * float("nan") if torch.is_autocast_enabled("cpu") else out
+
+    monkeypatch.setattr(Tower, "forward", nan_under_autocast)
+    run = _run(sample_images, toy_manifest, precision="bf16")
+    assert run.summary.precision == {"toy_timm_vit": "bf16", "toy_open_clip_vit": "bf16"}
+    # 3 batches (7 images, batch 3) x (4 + 2) views: every one recomputed, and the result is the fp32 one
+    assert run.summary.nonfinite_recomputes == 3 * 6
+    np.testing.assert_allclose(run.embeddings, reference.embeddings, atol=1e-6)
+    assert run.summary.fallbacks == []
+
+
+def test_non_finite_even_in_fp32_falls_back(sample_images, toy_manifest, monkeypatch):
+    real_forward = Tower.forward
+
+    def always_nan(self, images):
+        return real_forward(self, images) * float("nan")
+
+    monkeypatch.setattr(Tower, "forward", always_nan)
+    run = _run(sample_images, toy_manifest)
+    fallback = load_manifest(toy_manifest).fallback
+    assert len(run.summary.fallbacks) == 7 and "non-finite output even in fp32" in run.summary.fallbacks[0][1]
+    assert np.array_equal(run.embeddings, np.tile(fallback, (7, 1)))
+
+
+def test_out_of_memory_halves_the_batch(sample_images, toy_manifest, monkeypatch):
+    reference = _run(sample_images, toy_manifest, batch_size=4)
+    real_forward = Tower.forward
+    sizes = []
+
+    def small_memory(self, images):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, images)
+
+    monkeypatch.setattr(Tower, "forward", small_memory)
+    run = _run(sample_images, toy_manifest, batch_size=4)
+    np.testing.assert_allclose(run.embeddings, reference.embeddings, atol=2e-6)
+    assert run.summary.oom_halvings == 4  # 4 -> 2 -> 1, once per tower; later batches start at the lower size
+    assert max(sizes[-20:]) == 1
+
+
+def test_zero_weight_tower_is_not_run(sample_images, toy_manifest, tmp_path):
+    text = toy_manifest.read_text().replace("weight: 0.4", "weight: 0")
+    manifest = toy_manifest.parent / "zero_weight.yaml"
+    manifest.write_text(text)
+    run = _run(sample_images, manifest)
+    assert run.summary.towers == ["toy_timm_vit"]
+    np.testing.assert_allclose(run.embeddings, run.tower_embeddings["toy_timm_vit"], atol=1e-6)
+
+
+def test_same_inputs_give_identical_bytes(sample_images, toy_manifest, tmp_path):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=first, device="cpu", num_workers=2, progress=False)
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=second, device="cpu", num_workers=0, progress=False)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_predict_embeddings_returns_ids_and_array(sample_images, toy_manifest):
+    ids, embeddings = kaggle_i2p.predict_embeddings(sample_images, toy_manifest, device="cpu", num_workers=0,
+                                                    progress=False)
+    assert ids == SAMPLE_IDS and embeddings.shape == (7, 384)
