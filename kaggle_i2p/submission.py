@@ -92,7 +92,8 @@ def check_format(submission_csv: str | Path, sample_csv: str | Path) -> FormatCh
     if len(ours) != len(theirs):
         problems.append(f"{len(ours)} rows, expected {len(theirs)}")
     if list(ours.columns) == ["imgId_eId", "val"]:
-        mismatch = np.flatnonzero(ours["imgId_eId"].to_numpy()[:len(theirs)] != theirs["imgId_eId"].to_numpy()[:len(ours)])
+        n = min(len(ours), len(theirs))
+        mismatch = np.flatnonzero(ours["imgId_eId"].to_numpy()[:n] != theirs["imgId_eId"].to_numpy()[:n])
         if len(mismatch):
             i = int(mismatch[0])
             problems.append(f"{len(mismatch)} row id(s) differ from the sample; first at row {i + 1}: "

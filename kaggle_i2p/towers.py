@@ -31,11 +31,12 @@ def build_head(in_dim: int, spec: HeadSpec, out_dim: int) -> nn.Module:
     assert spec.hidden is not None
     norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "none": lambda _: nn.Identity()}[spec.norm]
     activation = {"relu": nn.ReLU, "gelu": nn.GELU}[spec.activation]
-    return nn.Sequential(nn.Linear(in_dim, spec.hidden), norm(spec.hidden), activation(), nn.Linear(spec.hidden, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, spec.hidden), norm(spec.hidden), activation(),
+                         nn.Linear(spec.hidden, out_dim))
 
 
 class Tower(nn.Module):
-    """backbone -> pooled features -> head. Its `state_dict()` (keys `backbone.*`, `head.*`) is the checkpoint format."""
+    """backbone -> pooled features -> head; its `state_dict()` (`backbone.*`, `head.*`) is the checkpoint format."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module,
                  pos_embed_for_size: Callable[[nn.Module, int, int], dict[str, torch.Tensor]] | None = None,
@@ -173,7 +174,8 @@ def check_architectures(manifest: Manifest) -> None:
                 problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
                 continue
             if tuple(out.shape) != (1, manifest.embedding_dim):
-                problems.append(f"{label}.head: output shape {tuple(out.shape)}, expected (1, {manifest.embedding_dim})")
+                problems.append(f"{label}.head: output shape {tuple(out.shape)}, "
+                                f"expected (1, {manifest.embedding_dim})")
     if problems:
         raise ManifestError(manifest.path, problems)
 

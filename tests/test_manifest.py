@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from kaggle_i2p.manifest import ManifestError, load_manifest, parse_manifest
-from kaggle_i2p.toy import toy_manifest_dict
 from kaggle_i2p.towers import build_tower, check_architectures
+from kaggle_i2p.toy import toy_manifest_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,8 @@ def test_architecture_checks_resolution_against_patch_size(tmp_path, toy_data):
     message = str(info.value)
     assert ("tower 'toy_timm_vit' (towers[0]).image.resolutions: 100 is not a multiple of the patch size 16 of "
             "test_vit; use 96 or 112") in message
-    assert "tower 'toy_open_clip_vit' (towers[1]).arch: cannot build open_clip model 'no-such-open-clip-model'" in message
+    assert ("tower 'toy_open_clip_vit' (towers[1]).arch: cannot build open_clip model "
+            "'no-such-open-clip-model'") in message
 
 
 def test_unknown_timm_arch(tmp_path, toy_data):

@@ -74,8 +74,8 @@ def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path,
     venv = tmp_path / "kaggle_env"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(subprocess.check_output([str(python), "-c", purelib], text=True).strip())
     (site / "kaggle_image.pth").write_text(str(_provided_site(tmp_path / "image_site")) + "\n")
 
     prefix = _network_cut()
