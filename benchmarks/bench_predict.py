@@ -1,0 +1,149 @@
+"""Pipeline overhead and memory growth of predict_dir, measured in one run.
+
+1. Throughput: `predict_dir` on N synthetic 512x512 PNGs vs a bare loop of the same towers over the same images
+   pre-decoded in memory (same views, batch size and precision, no file I/O, no DataLoader). ratio = pipeline / bare.
+   The tower is a ViT-B/16 @ 224 with random weights (the scale of a real tower, affordable on a CPU).
+2. Memory: peak RSS of a `predict_dir` process (main + decoding workers) at N=100 and N=2000 images, with the toy
+   towers (the data path, not the model, decides growth). rss_growth_mb = peak(2000) - peak(100).
+
+Last line: `ratio=<float> rss_growth_mb=<float>`.  Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+import kaggle_i2p
+from kaggle_i2p.images import decode_image, list_images
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.predict import TowerRunner, resolve_device, resolve_precision
+from kaggle_i2p.towers import build_tower, load_tower
+from kaggle_i2p.toy import CLIP_MEAN, CLIP_STD, build_toy_ensemble
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """Smooth colour fields plus noise: PNGs of about the size and entropy of SD outputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:512, 0:512] / 512.0
+    for i in range(n):
+        a, b, c = rng.uniform(0, 6, 3)
+        base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy + a)], -1)
+        pixels = (127.5 + 100 * base + rng.normal(0, 12, (512, 512, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.png", compress_level=1)
+    return folder
+
+
+def vit_b_manifest(folder: Path) -> Path:
+    data = {"embedding_dim": 384, "fallback": "fallback.npy", "towers": [
+        {"name": "vit_b16", "library": "timm", "arch": "vit_base_patch16_224", "checkpoint": "vit_b16.safetensors",
+         "head": {"type": "linear"},
+         "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                   "resolutions": [224]},
+         "weight": 1.0}]}
+    np.save(folder / "fallback.npy", np.ones(384, np.float32) / np.sqrt(384))
+    path = folder / "bench_manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_manifest(path, check_files=False).towers[0]
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_tower(spec).state_dict().items()}, str(spec.checkpoint))
+    return path
+
+
+def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int) -> float:
+    """Seconds for the same towers and views over pre-decoded tensors: the floor the pipeline is measured against."""
+    manifest = load_manifest(manifest_path)
+    runners = [TowerRunner(s, load_tower(s, 384, device), device, resolve_precision(s.precision, device))
+               for s in manifest.towers]
+    pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths])
+    with torch.inference_mode():
+        for runner in runners:  # warm-up, as the pipeline gets in its first batch
+            runner.embed(pixels[:batch_size].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start:start + batch_size].to(device)
+            for runner in runners:
+                runner.embed(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def pipeline(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int, workers: int,
+             out_csv: Path) -> float:
+    warm = image_dir.parent / "warm"
+    warm.mkdir(exist_ok=True)
+    for p in sorted(image_dir.iterdir())[:batch_size]:
+        (warm / p.name).write_bytes(p.read_bytes())
+    kaggle_i2p.predict_dir(warm, manifest_path, out_csv=None, device=device, batch_size=batch_size,
+                           num_workers=workers, progress=False)
+    started = time.perf_counter()
+    kaggle_i2p.predict_dir(image_dir, manifest_path, out_csv=out_csv, device=device, batch_size=batch_size,
+                           num_workers=workers, progress=False)
+    return time.perf_counter() - started
+
+
+def peak_rss_child(n: int, workdir: Path, workers: int) -> float:
+    """Run predict_dir on n images in a fresh process; its peak RSS (MB), main process and workers."""
+    code = f"""
+import resource, json, kaggle_i2p
+kaggle_i2p.predict_dir({str(workdir / f'imgs{n}')!r}, {str(workdir / 'toy' / 'toy_manifest.yaml')!r},
+                       out_csv={str(workdir / f'sub{n}.csv')!r}, device='cpu', num_workers={workers}, progress=False)
+print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    main_kb, worker_kb = json.loads(out.strip().splitlines()[-1])
+    return main_kb / 1024, worker_kb / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=48, help="images for the throughput ratio")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rss-sizes", type=int, nargs=2, default=[100, 2000])
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        images = make_images(work / "imgs", args.n)
+        manifest = vit_b_manifest(work)
+        t_pipe = pipeline(images, manifest, device, args.batch_size, args.workers, work / "sub.csv")
+        t_bare = bare_loop(images, manifest, device, args.batch_size)
+        ratio = t_bare / t_pipe
+        print(f"throughput ({device}, ViT-B/16@224, batch {args.batch_size}, {args.workers} workers, "
+              f"torch threads {torch.get_num_threads()}): pipeline {args.n / t_pipe:.2f} img/s, "
+              f"bare loop {args.n / t_bare:.2f} img/s, ratio {ratio:.3f}", flush=True)
+
+        build_toy_ensemble(work / "toy")
+        small, large = args.rss_sizes
+        make_images(work / f"imgs{small}", small)
+        make_images(work / f"imgs{large}", large, seed=1)
+        rss_small = peak_rss_child(small, work, args.workers)
+        rss_large = peak_rss_child(large, work, args.workers)
+        growth = rss_large[0] - rss_small[0]
+        print(f"peak RSS, main process: N={small} {rss_small[0]:.0f} MB, N={large} {rss_large[0]:.0f} MB; "
+              f"largest worker: {rss_small[1]:.0f} MB vs {rss_large[1]:.0f} MB")
+        self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"(benchmark process itself peaked at {self_mb:.0f} MB)")
+    print(f"ratio={ratio:.3f} rss_growth_mb={growth:.1f}")
+
+
+if __name__ == "__main__":
+    main()
