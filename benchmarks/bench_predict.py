@@ -3,8 +3,9 @@
 1. Throughput: `predict_dir` on N synthetic 512x512 PNGs vs a bare loop of the same towers over the same images
    pre-decoded in memory (same views, batch size and precision, no file I/O, no DataLoader). ratio = pipeline / bare.
    The tower is a ViT-B/16 @ 224 with random weights (the scale of a real tower, affordable on a CPU).
-2. Memory: peak RSS of a `predict_dir` process (main + decoding workers) at N=100 and N=2000 images, with the toy
-   towers (the data path, not the model, decides growth). rss_growth_mb = peak(2000) - peak(100).
+2. Memory: peak RSS of a fresh `predict_dir` process at N=100 and N=2000 images, with the toy towers (the data path,
+   not the model, decides growth): VmHWM of the main process, and the sampled sum over main + decoding workers.
+   rss_growth_mb = main-process peak(2000) - peak(100).
 
 Last line: `ratio=<float> rss_growth_mb=<float>`.  Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -98,17 +98,45 @@ def pipeline(image_dir: Path, manifest_path: Path, device: torch.device, batch_s
     return time.perf_counter() - started
 
 
-def peak_rss_child(n: int, workdir: Path, workers: int) -> float:
-    """Run predict_dir on n images in a fresh process; its peak RSS (MB), main process and workers."""
-    code = f"""
-import resource, json, kaggle_i2p
-kaggle_i2p.predict_dir({str(workdir / f'imgs{n}')!r}, {str(workdir / 'toy' / 'toy_manifest.yaml')!r},
-                       out_csv={str(workdir / f'sub{n}.csv')!r}, device='cpu', num_workers={workers}, progress=False)
-print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))
+RSS_PROBE = """
+import json, os, sys, threading, time
+import kaggle_i2p
+
+def tree_rss_mb():
+    # VmRSS of this process and its decoding workers; ru_maxrss is useless here (Linux carries it across exec)
+    pids, total = [os.getpid()], 0
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        except (FileNotFoundError, StopIteration):
+            pass
+    return total / 1024
+
+peak = {"tree": 0.0}
+def sample():
+    while True:
+        peak["tree"] = max(peak["tree"], tree_rss_mb())
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+image_dir, manifest, out_csv, workers = sys.argv[1:5]
+kaggle_i2p.predict_dir(image_dir, manifest, out_csv=out_csv, device="cpu", num_workers=int(workers), progress=False)
+with open("/proc/self/status") as f:
+    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+print(json.dumps({"main_peak_mb": hwm, "tree_peak_mb": max(peak["tree"], tree_rss_mb())}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    main_kb, worker_kb = json.loads(out.strip().splitlines()[-1])
-    return main_kb / 1024, worker_kb / 1024
+
+
+def peak_rss_child(n: int, workdir: Path, workers: int) -> dict:
+    """Run predict_dir on n images in a fresh process: peak RSS (MB) of the main process and of main + workers."""
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(workdir / f"imgs{n}"),
+                          str(workdir / "toy" / "toy_manifest.yaml"), str(workdir / f"sub{n}.csv"), str(workers)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -137,11 +165,10 @@ def main() -> None:
         make_images(work / f"imgs{large}", large, seed=1)
         rss_small = peak_rss_child(small, work, args.workers)
         rss_large = peak_rss_child(large, work, args.workers)
-        growth = rss_large[0] - rss_small[0]
-        print(f"peak RSS, main process: N={small} {rss_small[0]:.0f} MB, N={large} {rss_large[0]:.0f} MB; "
-              f"largest worker: {rss_small[1]:.0f} MB vs {rss_large[1]:.0f} MB")
-        self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"(benchmark process itself peaked at {self_mb:.0f} MB)")
+        growth = rss_large["main_peak_mb"] - rss_small["main_peak_mb"]
+        print(f"peak RSS (toy towers, {args.workers} workers): main process N={small} "
+              f"{rss_small['main_peak_mb']:.0f} MB, N={large} {rss_large['main_peak_mb']:.0f} MB; main + workers "
+              f"N={small} {rss_small['tree_peak_mb']:.0f} MB, N={large} {rss_large['tree_peak_mb']:.0f} MB")
     print(f"ratio={ratio:.3f} rss_growth_mb={growth:.1f}")
 
 
