@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .ensemble import combine_towers, combine_views, l2_normalize
-from .images import DecodedBatch, image_loader, list_images, make_view
+from .ensemble import combine_towers, combine_views
+from .images import image_loader, list_images, make_view
 from .manifest import Manifest, TowerSpec, load_manifest
 from .submission import submission_frame, write_submission
 from .towers import Tower, check_architectures, load_tower
@@ -169,7 +169,6 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     try:
         with torch.inference_mode():
             for batch in loader:
-                batch: DecodedBatch
                 for index, reason in batch.errors:
                     failed[index] = f"unreadable image ({reason})"
                     log.warning("cannot read %s: %s; writing the fallback vector", listing.paths[index], reason)
@@ -201,7 +200,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
         nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners),
         oom_halvings=sum(r.oom_halvings for r in runners), seconds=time.perf_counter() - started,
     )
-    return PredictionRun(list(listing.ids), l2_normalize(embeddings), outputs, summary)
+    return PredictionRun(list(listing.ids), embeddings, outputs, summary)
 
 
 def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
