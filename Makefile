@@ -24,7 +24,7 @@ wheelhouse: setup
 	$(VENV)/bin/kaggle-i2p pack-wheels --out dist/wheelhouse
 
 test: setup wheelhouse
-	$(VENV)/bin/ruff check kaggle_i2p tests benchmarks
+	$(VENV)/bin/ruff check kaggle_i2p tests benchmarks tools
 	$(PY) -m pytest -q
 
 bench: setup
