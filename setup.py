@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kaggle_i2p", "kaggle_i2p.*"]),
-    package_data={"kaggle_i2p": ["data/kaggle_sample/*.csv", "data/kaggle_sample/*.md", "data/kaggle_sample/images/*"]},
+    package_data={"kaggle_i2p": ["data/*.npy", "data/*.txt", "data/kaggle_sample/*.csv", "data/kaggle_sample/*.md", "data/kaggle_sample/images/*"]},
     include_package_data=True,
     # torch is deliberately unpinned: Kaggle images ship their own build, which must not be replaced.
     install_requires=[

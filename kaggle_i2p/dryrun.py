@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .ensemble import mean_cosine
-from .manifest import Manifest
+from .manifest import Manifest, load_manifest
 from .predict import RunSummary, run_prediction
 from .submission import check_format, read_submission, write_submission
 
@@ -55,6 +55,7 @@ class DryRunReport:
     format_problems: list[str]
     mean_cosine: float | None
     per_image: dict[str, float]
+    fallback_mean_cosine: float  # the manifest's fallback (prior) vector alone, written for every image: a baseline
     embedding_check_max_abs_diff: float | None
     embedding_check_ok: bool | None
     embedding_check_note: str
@@ -76,6 +77,7 @@ class DryRunReport:
             lines.append(f"  {image_id}  cosine {score:+.4f}")
         if self.mean_cosine is not None:
             lines.append(f"  mean cosine over {self.n_images} images: {self.mean_cosine:.4f}")
+        lines.append(f"  baseline, the fallback (prior) vector for every image: {self.fallback_mean_cosine:.4f}")
         if self.embedding_check_max_abs_diff is None:
             lines.append(f"  target check: skipped ({self.embedding_check_note})")
         else:
@@ -116,6 +118,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
                                     "(the competition's layout)")
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +128,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         written = read_submission(csv_path)
 
     image_ids, targets = sample_targets(sample_csv)
+    baseline, _ = mean_cosine(np.tile(manifest.fallback, (len(image_ids), 1)), targets)
     mean, per_image = None, {}
     if fmt.ok:
         predicted = written["val"].to_numpy(dtype=np.float32).reshape(len(image_ids), -1)
@@ -134,11 +138,10 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
     diff, note = (None, "not requested")
     if check_embeddings:
         diff, note = check_target_embeddings(sample_dir, image_ids, targets, text_model_path)
-    manifest_name = str(manifest.path if isinstance(manifest, Manifest) else manifest)
     return DryRunReport(
-        sample_dir=str(sample_dir), manifest=manifest_name, submission_csv=str(out_csv) if out_csv else "",
+        sample_dir=str(sample_dir), manifest=str(manifest.path), submission_csv=str(out_csv) if out_csv else "",
         n_images=len(run.ids), format_ok=fmt.ok, format_problems=fmt.problems, mean_cosine=mean,
-        per_image=per_image, embedding_check_max_abs_diff=diff,
+        per_image=per_image, fallback_mean_cosine=baseline, embedding_check_max_abs_diff=diff,
         embedding_check_ok=None if diff is None else diff <= EMBEDDING_TOLERANCE, embedding_check_note=note,
         summary=run.summary,
     )

@@ -42,7 +42,15 @@ def load_text_model(model_path: str | None = None, device: str | None = None):
     path = Path(model_path) if model_path else default_model_path()
     if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
         raise TextModelUnavailable(f"{path} is not a sentence-transformers model folder (no modules.json)")
-    return SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in our output
+    try:
+        return SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def embed_prompts(prompts: Sequence[str], model_path: str | Path | None = None, batch_size: int = 64,

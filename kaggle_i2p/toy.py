@@ -7,9 +7,9 @@ resizing, TTA, weighting) in seconds on a CPU. Their predictions are random dire
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .manifest import parse_manifest
 from .towers import build_tower
 
+PRIOR_PATH = Path(__file__).parent / "data" / "mean_prompt_embedding.npy"  # mean embedding of generic prompts
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -55,9 +56,7 @@ def build_toy_ensemble(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tiny_open_clip_vit.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
-    rng = np.random.default_rng(seed)
-    fallback = rng.standard_normal(384)
-    np.save(out_dir / "fallback.npy", (fallback / np.linalg.norm(fallback)).astype(np.float32))
+    shutil.copyfile(PRIOR_PATH, out_dir / "fallback.npy")
     data = toy_manifest_dict()
     manifest_path = out_dir / "toy_manifest.yaml"
     spec_manifest = parse_manifest(data, manifest_path, check_files=False)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from kaggle_i2p.cli import main
 from kaggle_i2p.submission import read_submission
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_validate_manifest_ok_and_error(toy_manifest, tmp_path, capsys):
@@ -42,6 +46,8 @@ def test_dry_run_json(toy_manifest, capsys):
     assert report["mean_cosine"] == np.mean(list(report["per_image"].values()))
     assert -1 <= report["mean_cosine"] <= 1
     assert report["embedding_check_max_abs_diff"] <= 1e-6 and report["embedding_check_ok"] is True
+    # the toy towers use the packaged prior (mean embedding of generic prompts) as fallback: ~0.35 on the sample
+    assert report["fallback_mean_cosine"] == pytest.approx(0.354, abs=0.002)
 
 
 def test_dry_run_scores_a_perfect_prediction_as_one(tmp_path, sample_dir, monkeypatch):
@@ -52,8 +58,11 @@ def test_dry_run_scores_a_perfect_prediction_as_one(tmp_path, sample_dir, monkey
     ids, targets = dryrun.sample_targets(sample_dir / "sample_submission.csv")
     monkeypatch.setattr(dryrun, "run_prediction", lambda *a, **k: PredictionRun(
         ids, targets, {}, RunSummary(n_images=7, towers=[], n_views=0, device="cpu")))
-    report = dryrun.dry_run(manifest="unused.yaml", check_embeddings=False)
+    manifest = dryrun.load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
+    report = dryrun.dry_run(manifest=manifest, check_embeddings=False)
     assert report.format_ok and abs(report.mean_cosine - 1.0) < 1e-6
+    # the reference fallback (mean of the generic prior prompts) scores about 0.35 on the sample
+    assert report.fallback_mean_cosine == pytest.approx(0.354, abs=0.002)
 
 
 def test_dry_run_format_failure_exits_nonzero(tmp_path, sample_dir, toy_manifest, capsys):

@@ -1,4 +1,5 @@
-"""Rebuild mean_prompt_embedding.npy: the normalised mean all-MiniLM-L6-v2 embedding of the generic prior prompts."""
+"""Rebuild mean_prompt_embedding.npy (beside the reference manifest, and in the package data): the normalised mean
+all-MiniLM-L6-v2 embedding of the generic prior prompts."""
 
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from kaggle_i2p.text import embed_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "kaggle_i2p" / "data" / "prior_prompts.txt"
-OUT = ROOT / "mean_prompt_embedding.npy"
+OUTPUTS = (ROOT / "mean_prompt_embedding.npy", ROOT / "kaggle_i2p" / "data" / "mean_prompt_embedding.npy")
 
 
 def prior_prompts() -> list[str]:
@@ -22,5 +23,7 @@ def mean_prompt_embedding() -> np.ndarray:
 
 
 if __name__ == "__main__":
-    np.save(OUT, mean_prompt_embedding())
-    print(f"wrote {OUT}")
+    vector = mean_prompt_embedding()
+    for out in OUTPUTS:
+        np.save(out, vector)
+        print(f"wrote {out}")
