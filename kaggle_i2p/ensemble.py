@@ -20,15 +20,20 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(norm, EPS)
 
 
-def combine_views(views: Sequence[np.ndarray]) -> np.ndarray:
-    """A tower's TTA result: the normalised mean of its normalised views, each (N, D)."""
+def combine_views(views: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """A tower's TTA result: the normalised (weighted) mean of its normalised views, each (N, D)."""
     if not views:
         raise ValueError("combine_views needs at least one view")
-    return l2_normalize(np.mean([l2_normalize(v) for v in views], axis=0))
+    weights = [1.0] * len(views) if weights is None else [float(w) for w in weights]
+    total = sum(weights)
+    if len(weights) != len(views) or total <= 0:
+        raise ValueError("view weights must match the views and not all be zero")
+    return l2_normalize(sum((w / total) * l2_normalize(v) for w, v in zip(weights, views, strict=True)))
 
 
-def combine_towers(towers: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """The ensemble: the normalised weighted sum of the normalised tower outputs, each (N, D)."""
+def combine_towers(towers: Mapping[str, np.ndarray], weights: Mapping[str, float],
+                   dim_weights: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    """The ensemble: normalised sum over towers of weight x (optional per-dimension weights) x normalised output."""
     names = list(towers)
     missing = [n for n in names if n not in weights]
     if missing:
@@ -36,7 +41,9 @@ def combine_towers(towers: Mapping[str, np.ndarray], weights: Mapping[str, float
     total = sum(float(weights[n]) for n in names)
     if total <= 0:
         raise ValueError("tower weights sum to zero")
-    mixed = sum((float(weights[n]) / total) * l2_normalize(towers[n]) for n in names)
+    dim_weights = dim_weights or {}
+    mixed = sum((float(weights[n]) / total) * np.asarray(dim_weights.get(n, 1.0), dtype=np.float32)
+                * l2_normalize(towers[n]) for n in names)
     return l2_normalize(mixed)
 
 

@@ -126,14 +126,16 @@ def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None]]) ->
     return DecodedBatch([i for i, _ in good], pixels, errors)
 
 
-def image_loader(paths: Sequence[Path], batch_size: int, num_workers: int,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding DecodedBatch in listing order; workers decode while the device computes."""
-    return torch.utils.data.DataLoader(
-        DecodedImages(paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_decoded, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+def image_loader(paths: Sequence[Path], batch_size: int, num_workers: int, pin_memory: bool = False,
+                 batches: Sequence[Sequence[int]] | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding DecodedBatch in order (listing order, or the given index batches); workers decode while
+    the device computes."""
+    dataset = DecodedImages(paths)
+    common = {"num_workers": num_workers, "collate_fn": collate_decoded, "pin_memory": pin_memory,
+              "prefetch_factor": 4 if num_workers > 0 else None}
+    if batches is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches], **common)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:

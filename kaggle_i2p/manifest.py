@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
 TOWER_KEYS = {"name", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image", "weight",
-              "precision"}
+              "precision", "dim_weights"}
 HEAD_KEYS = {"type", "hidden", "norm", "activation"}
-IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip"}
+IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip", "view_weights"}
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 
@@ -64,10 +64,21 @@ class ImageSpec:
     resize: str
     resolutions: tuple[int, ...]
     hflip: bool = False
+    view_weights: dict[str, float] | None = None  # by view name (r336, r336_flip); None = equal
+
+    @property
+    def views(self) -> list[tuple[str, int, bool]]:
+        """(name, resolution, flip) of every TTA view, in order."""
+        return [(f"r{r}_flip" if flip else f"r{r}", r, flip) for r in self.resolutions
+                for flip in ((False, True) if self.hflip else (False,))]
 
     @property
     def n_views(self) -> int:
-        return len(self.resolutions) * (2 if self.hflip else 1)
+        return len(self.views)
+
+    def view_weight_list(self) -> list[float]:
+        """One weight per view, in `views` order (equal unless `view_weights` says otherwise)."""
+        return [1.0 if self.view_weights is None else self.view_weights[name] for name, _, _ in self.views]
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ class TowerSpec:
     sha256: str | None = None
     native_resolution: int | None = None
     precision: str = "auto"
+    dim_weights: np.ndarray | None = field(default=None, repr=False)  # per-dimension multipliers (D,)
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,10 @@ class Manifest:
     @property
     def weights(self) -> dict[str, float]:
         return {t.name: t.weight for t in self.towers}
+
+    @property
+    def dim_weights(self) -> dict[str, np.ndarray]:
+        return {t.name: t.dim_weights for t in self.towers if t.dim_weights is not None}
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -225,11 +241,45 @@ def _parse_image(raw: Any, where: str, problems: _Problems) -> ImageSpec:
     if not isinstance(hflip, bool):
         problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
         hflip = False
-    return ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
+    spec = ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
                      hflip=hflip)
+    raw_view_weights = raw.get("view_weights")
+    if raw_view_weights is None:
+        return spec
+    names = [name for name, _, _ in spec.views]
+    if not isinstance(raw_view_weights, Mapping):
+        problems.add(f"{where}.view_weights", f"must map view names ({', '.join(names)}) to weights >= 0")
+        return spec
+    for name in sorted(set(raw_view_weights) - set(names)):
+        problems.add(f"{where}.view_weights.{name}", f"is not a view of this tower; its views are {', '.join(names)}")
+    for name in names:
+        if not _is_number(raw_view_weights.get(name)) or raw_view_weights[name] < 0:
+            problems.add(f"{where}.view_weights.{name}", "needs a weight >= 0 for every view")
+    values = [raw_view_weights.get(n) for n in names]
+    if all(_is_number(v) and v >= 0 for v in values):
+        if sum(values) <= 0:
+            problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
+        return ImageSpec(**{**asdict(spec), "view_weights": {n: float(v) for n, v in zip(names, values, strict=True)}})
+    return spec
 
 
-def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, check_files: bool) -> TowerSpec | None:
+def _parse_dim_weights(raw: Any, base_dir: Path, where: str, problems: _Problems, dim: int) -> np.ndarray | None:
+    path = _resolve_file(raw, base_dir, where, problems, "per-dimension weights (.npy)")
+    if path is None:
+        return None
+    try:
+        weights = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+    except (OSError, ValueError) as err:
+        problems.add(where, f"cannot read {path}: {err}")
+        return None
+    if weights.shape != (dim,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        problems.add(where, f"{path} must hold {dim} finite weights >= 0, not all zero (kaggle-i2p tune --per-dim)")
+        return None
+    return weights
+
+
+def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, check_files: bool,
+                 embedding_dim: int = 384) -> TowerSpec | None:
     if not isinstance(raw, Mapping):
         problems.add(f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, image, weight)")
         return None
@@ -294,9 +344,12 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
 
     head = _parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", problems)
     image = _parse_image(raw.get("image"), f"{label}.image", problems)
+    dim_weights = None
+    if raw.get("dim_weights") is not None:
+        dim_weights = _parse_dim_weights(raw["dim_weights"], base_dir, f"{label}.dim_weights", problems, embedding_dim)
     return TowerSpec(name=str(name), library=str(library), arch=str(arch), checkpoint=checkpoint or Path(),
                      head=head, image=image, weight=float(weight) if _is_number(weight) else 0.0, sha256=sha256,
-                     native_resolution=native, precision=str(precision))
+                     native_resolution=native, precision=str(precision), dim_weights=dim_weights)
 
 
 def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
@@ -348,7 +401,7 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
         problems.add("towers", "must be a non-empty list of towers")
         towers_raw = []
     for index, raw in enumerate(towers_raw):
-        spec = _parse_tower(raw, index, base_dir, problems, check_files)
+        spec = _parse_tower(raw, index, base_dir, problems, check_files, embedding_dim)
         if spec is not None:
             towers.append(spec)
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, image_key
 from .ensemble import combine_towers, combine_views
 from .images import image_loader, list_images, make_view
 from .manifest import Manifest, TowerSpec, load_manifest
@@ -44,6 +45,7 @@ class RunSummary:
     skipped_files: list[str] = field(default_factory=list)
     nonfinite_recomputes: int = 0
     oom_halvings: int = 0
+    cached_images: int = 0  # images whose every tower x view came from the cache
     seconds: float = 0.0
 
     @property
@@ -54,16 +56,18 @@ class RunSummary:
         return (f"kaggle_i2p: {self.n_images} images, {len(self.towers)} towers, {self.n_views} views/image, "
                 f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} fp32 recomputes, "
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} non-image files skipped, "
+                f"{self.cached_images} from cache, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}")
 
 
 @dataclass
 class PredictionRun:
-    """The result of a run: ids in submission order, final (N, D) unit vectors, per-tower outputs, summary."""
+    """The result of a run: ids in submission order, final (N, D) unit vectors, per-tower and per-view outputs."""
 
     ids: list[str]
     embeddings: np.ndarray
-    tower_embeddings: dict[str, np.ndarray]
+    tower_embeddings: dict[str, np.ndarray]  # each tower's TTA result, (N, D) unit rows
+    view_outputs: dict[str, dict[str, np.ndarray]]  # tower -> view name -> raw (N, D) forward outputs
     summary: RunSummary
 
 
@@ -126,26 +130,36 @@ class TowerRunner:
             out = self._forward_chunked(views, None)
         return out
 
-    def embed(self, pixels: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
-        """The tower's TTA embedding of a decoded batch: normalised mean of its normalised views, (B, D)."""
-        image = self.spec.image
-        views = []
-        for resolution in image.resolutions:
-            view = make_view(pixels, image, resolution)
-            for flip in (False, True) if image.hflip else (False,):
-                views.append(self.forward_view(view.flip(-1) if flip else view).cpu().numpy())
-        return combine_views(views)
+    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], views: list[str]) -> dict[str, np.ndarray]:
+        """Raw (B, D) float32 outputs of the named TTA views of a decoded batch; each resize is made once."""
+        wanted = [(name, res, flip) for name, res, flip in self.spec.image.views if name in views]
+        outputs, resized = {}, {}
+        for name, resolution, flip in wanted:
+            if resolution not in resized:
+                resized = {resolution: make_view(pixels, self.spec.image, resolution)}
+            view = resized[resolution]
+            outputs[name] = self.forward_view(view.flip(-1) if flip else view).cpu().numpy()
+        return outputs
 
 
 def _as_manifest(manifest: str | Path | Manifest) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml", *,
                    device: str | torch.device = "auto", batch_size: int | None = None,
-                   num_workers: int | None = None, precision: str | None = None,
-                   progress: bool = True) -> PredictionRun:
-    """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs."""
+                   num_workers: int | None = None, precision: str | None = None, progress: bool = True,
+                   cache_dir: str | Path | None = None, cache_chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   include_zero_weight: bool = False) -> PredictionRun:
+    """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs.
+
+    The sorted listing is cut into fixed chunks of `cache_chunk_size` images and batches never cross a chunk, so a
+    chunk's outputs are the same whether computed in one run or resumed from `cache_dir` after a kill.
+    """
     started = time.perf_counter()
     manifest = _as_manifest(manifest)
     check_architectures(manifest)  # every manifest problem surfaces before a byte of weights is read
@@ -153,54 +167,97 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     device = resolve_device(device)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
-    active = [t for t in manifest.towers if t.weight > 0]
+    specs = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
     for spec in manifest.towers:
-        if spec.weight <= 0:
+        if spec not in specs:
             log.info("tower %r has weight 0: not run", spec.name)
+    precisions = {s.name: resolve_precision(precision or s.precision, device) for s in specs}
+    cache = PredictionCache(cache_dir) if cache_dir is not None else None
+    tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim) for s in specs if cache}
 
-    runners = [TowerRunner(spec, load_tower(spec, manifest.embedding_dim, device),
-                           device, resolve_precision(precision or spec.precision, device)) for spec in active]
-    n = len(listing.ids)
-    outputs = {r.spec.name: np.full((n, manifest.embedding_dim), np.nan, dtype=np.float32) for r in runners}
-    failed: dict[int, str] = {}
-    bars = [tqdm(total=n, desc=r.spec.name, unit="img", position=i, disable=not progress, leave=True)
-            for i, r in enumerate(runners)]
-    loader = image_loader(listing.paths, batch_size, num_workers, pin_memory=device.type == "cuda")
+    n, dim = len(listing.ids), manifest.embedding_dim
+    image_keys = [image_key(p) for p in listing.paths] if cache else []
+    views = {s.name: [name for name, _, _ in s.image.views] for s in specs}
+    outputs = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in views[s.name]} for s in specs}
+    decode_errors: dict[int, str] = {}
+
+    # 1. What the cache already holds; a chunk is decoded only if some tower x view lacks it.
+    todo: list[tuple[range, dict[str, list[str]]]] = []
+    for chunk in _chunks(n, cache_chunk_size):
+        missing: dict[str, list[str]] = {}
+        for spec in specs:
+            for view in views[spec.name]:
+                hit = cache.load(tower_keys[spec.name], view, image_keys[chunk.start:chunk.stop]) if cache else None
+                if hit is None:
+                    missing.setdefault(spec.name, []).append(view)
+                    continue
+                outputs[spec.name][view][chunk.start:chunk.stop] = hit[0]
+                decode_errors.update({chunk.start + i: e for i, e in enumerate(hit[1]) if e})
+        if missing:
+            todo.append((chunk, missing))
+    n_cached = n - sum(len(chunk) for chunk, _ in todo)
+
+    # 2. Compute what is missing, only the towers x views each chunk lacks, and store each chunk as it completes.
+    needed = {name for _, missing in todo for name in missing}
+    runners = {s.name: TowerRunner(s, load_tower(s, dim, device), device, precisions[s.name])
+               for s in specs if s.name in needed}
+    batches = [list(chunk[i:i + batch_size]) for chunk, _ in todo for i in range(0, len(chunk), batch_size)]
+    batch_chunk = [k for k, (chunk, _) in enumerate(todo) for _ in range(0, len(chunk), batch_size)]
+    ends_chunk = [b + 1 == len(batches) or batch_chunk[b + 1] != batch_chunk[b] for b in range(len(batches))]
+    bars = {s.name: tqdm(total=n, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)
+            for i, s in enumerate(specs)}
+    loader = image_loader(listing.paths, batch_size, num_workers, pin_memory=device.type == "cuda",
+                          batches=batches)
     try:
         with torch.inference_mode():
-            for batch in loader:
+            for batch_number, batch in enumerate(loader):
+                chunk, missing = todo[batch_chunk[batch_number]]
                 for index, reason in batch.errors:
-                    failed[index] = f"unreadable image ({reason})"
+                    decode_errors[index] = reason
                     log.warning("cannot read %s: %s; writing the fallback vector", listing.paths[index], reason)
                 pixels = batch.pixels_on(device) if batch.indices else None
-                for runner, bar in zip(runners, bars, strict=True):
-                    if pixels is not None:
-                        outputs[runner.spec.name][batch.indices] = runner.embed(pixels)
+                for name, bar in bars.items():
+                    if pixels is not None and name in missing:
+                        for view, out in runners[name].compute_views(pixels, missing[name]).items():
+                            outputs[name][view][batch.indices] = out
                     bar.update(len(batch.indices) + len(batch.errors))
+                if cache and ends_chunk[batch_number]:
+                    errors = [decode_errors.get(i, "") for i in chunk]
+                    for name, missing_views in missing.items():
+                        for view in missing_views:
+                            cache.save(tower_keys[name], view, image_keys[chunk.start:chunk.stop],
+                                       outputs[name][view][chunk.start:chunk.stop], errors)
     finally:
-        for bar in bars:
+        for bar in bars.values():
             bar.close()
 
-    for name, out in outputs.items():
-        bad = ~np.isfinite(out).all(axis=1) | (np.linalg.norm(np.nan_to_num(out), axis=1) < 1e-6)
+    # 3. TTA per tower, then the weighted ensemble; unreadable or non-finite rows get the fallback.
+    failed = {i: f"unreadable image ({reason})" for i, reason in decode_errors.items()}
+    tower_embeddings = {}
+    for spec in specs:
+        tower = combine_views([outputs[spec.name][v] for v in views[spec.name]], spec.image.view_weight_list())
+        bad = ~np.isfinite(tower).all(axis=1) | (np.linalg.norm(np.nan_to_num(tower), axis=1) < 1e-6)
         for index in np.flatnonzero(bad):
             if int(index) not in failed:
-                failed[int(index)] = f"tower {name!r} gave a non-finite output even in fp32"
+                failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"
                 log.warning("%s: %s; writing the fallback vector", listing.paths[index], failed[int(index)])
-        out[bad] = manifest.fallback
-    embeddings = combine_towers(outputs, manifest.weights)
+        tower[bad] = manifest.fallback
+        tower_embeddings[spec.name] = tower
+    weighted = {name: out for name, out in tower_embeddings.items() if manifest.weights[name] > 0}
+    embeddings = combine_towers(weighted, manifest.weights, manifest.dim_weights)
     for index in failed:
         embeddings[index] = manifest.fallback
 
     summary = RunSummary(
-        n_images=n, towers=[r.spec.name for r in runners], n_views=sum(r.spec.image.n_views for r in runners),
-        device=str(device), precision={r.spec.name: r.precision for r in runners},
+        n_images=n, towers=[s.name for s in specs], n_views=sum(s.image.n_views for s in specs),
+        device=str(device), precision=precisions,
         fallbacks=[(listing.ids[i], failed[i]) for i in sorted(failed)],
         skipped_files=[p.name for p in listing.skipped],
-        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners),
-        oom_halvings=sum(r.oom_halvings for r in runners), seconds=time.perf_counter() - started,
+        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()),
+        oom_halvings=sum(r.oom_halvings for r in runners.values()), cached_images=n_cached,
+        seconds=time.perf_counter() - started,
     )
-    return PredictionRun(list(listing.ids), embeddings, outputs, summary)
+    return PredictionRun(list(listing.ids), embeddings, tower_embeddings, outputs, summary)
 
 
 def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
@@ -213,10 +270,15 @@ def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = 
 def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
                 out_csv: str | Path | None = "submission.csv", device: str | torch.device = "auto",
                 batch_size: int | None = None, num_workers: int | None = None, *,
-                precision: str | None = None, progress: bool = True) -> pd.DataFrame:
-    """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame."""
+                precision: str | None = None, progress: bool = True, cache_dir: str | Path | None = None,
+                cache_chunk_size: int = DEFAULT_CHUNK_SIZE) -> pd.DataFrame:
+    """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame.
+
+    With `cache_dir`, every tower x view output is stored as it is made: a killed run resumes where it stopped.
+    """
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                         precision=precision, progress=progress)
+                         precision=precision, progress=progress, cache_dir=cache_dir,
+                         cache_chunk_size=cache_chunk_size)
     if out_csv is not None:
         write_submission(run.ids, run.embeddings, out_csv)
     if progress:

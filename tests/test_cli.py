@@ -57,7 +57,7 @@ def test_dry_run_scores_a_perfect_prediction_as_one(tmp_path, sample_dir, monkey
 
     ids, targets = dryrun.sample_targets(sample_dir / "sample_submission.csv")
     monkeypatch.setattr(dryrun, "run_prediction", lambda *a, **k: PredictionRun(
-        ids, targets, {}, RunSummary(n_images=7, towers=[], n_views=0, device="cpu")))
+        ids, targets, {}, {}, RunSummary(n_images=7, towers=[], n_views=0, device="cpu")))
     manifest = dryrun.load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
     report = dryrun.dry_run(manifest=manifest, check_embeddings=False)
     assert report.format_ok and abs(report.mean_cosine - 1.0) < 1e-6
