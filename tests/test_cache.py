@@ -1,0 +1,177 @@
+"""The prediction cache: reuse, targeted invalidation, and byte-identical resume after a real kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+import kaggle_i2p
+from kaggle_i2p import predict as predict_module
+from kaggle_i2p.cache import PredictionCache
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.predict import TowerRunner
+
+OPTIONS = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 2, "cache_chunk_size": 4}
+
+
+@pytest.fixture
+def many_images(tmp_path, sample_dir) -> Path:
+    """28 real sample images (4 copies of the 7, under distinct ids)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for copy in range(4):
+        for path in sorted((sample_dir / "images").iterdir()):
+            shutil.copy(path, folder / f"{copy}_{path.name}")
+    return folder
+
+
+@pytest.fixture
+def forward_counter(monkeypatch) -> Counter:
+    """Counts forward passes per tower name."""
+    counts: Counter = Counter()
+    real = TowerRunner.forward_view
+
+    def counting(self, views):
+        counts[self.spec.name] += len(views)
+        return real(self, views)
+
+    monkeypatch.setattr(TowerRunner, "forward_view", counting)
+    return counts
+
+
+def _shards(cache: Path) -> list[Path]:
+    """Complete shards (a killed writer can leave a hidden temporary file, which never counts)."""
+    return sorted(p for p in cache.rglob("*.npz") if not p.name.startswith("."))
+
+
+def test_second_run_comes_from_cache_with_identical_bytes(many_images, toy_manifest, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.csv"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=plain, **OPTIONS)
+    first = tmp_path / "first.csv"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=first, cache_dir=tmp_path / "cache", **OPTIONS)
+    assert len(_shards(tmp_path / "cache")) == 7 * (4 + 2)  # 7 chunks x (4 + 2) views
+
+    monkeypatch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("a tower was loaded"))
+    monkeypatch.setattr(predict_module, "image_loader", lambda paths, *a, batches=None, **k: [] if not batches
+                        else pytest.fail("images were decoded"))
+    second = tmp_path / "second.csv"
+    run = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=tmp_path / "cache", **OPTIONS)
+    kaggle_i2p.submission.write_submission(run.ids, run.embeddings, second)
+    assert run.summary.cached_images == 28
+    assert plain.read_bytes() == first.read_bytes() == second.read_bytes()
+
+
+def test_changing_one_tower_recomputes_only_that_tower(many_images, toy_manifest, tmp_path, forward_counter):
+    cache = tmp_path / "cache"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=None, cache_dir=cache, **OPTIONS)
+    assert forward_counter == {"toy_timm_vit": 28 * 4, "toy_open_clip_vit": 28 * 2}
+
+    folder = tmp_path / "changed"
+    shutil.copytree(toy_manifest.parent, folder)
+    state = load_file(str(folder / "toy_open_clip_vit.safetensors"))
+    state["head.bias"] = state["head.bias"] + 1.0
+    save_file(state, str(folder / "toy_open_clip_vit.safetensors"))
+    forward_counter.clear()
+    run = kaggle_i2p.run_prediction(many_images, folder / "toy_manifest.yaml", cache_dir=cache, **OPTIONS)
+    assert forward_counter == {"toy_open_clip_vit": 28 * 2}
+    assert run.summary.cached_images == 0  # every chunk lacked the new tower
+
+
+def test_new_view_and_changed_image_recompute_only_what_is_missing(many_images, toy_manifest, tmp_path,
+                                                                  forward_counter):
+    cache = tmp_path / "cache"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=None, cache_dir=cache, **OPTIONS)
+    data = yaml.safe_load(toy_manifest.read_text())
+    data["towers"][1]["image"]["resolutions"] = [64, 80, 96]
+    manifest = toy_manifest.parent / "more_views.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+    forward_counter.clear()
+    kaggle_i2p.predict_dir(many_images, manifest, out_csv=None, cache_dir=cache, **OPTIONS)
+    assert forward_counter == {"toy_open_clip_vit": 28}  # only r96, for every image
+
+    changed = sorted(many_images.iterdir())[9]  # in the third chunk of 4
+    changed.write_bytes(changed.read_bytes())
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    forward_counter.clear()
+    kaggle_i2p.predict_dir(many_images, manifest, out_csv=None, cache_dir=cache, **OPTIONS)
+    assert forward_counter == {"toy_timm_vit": 4 * 4, "toy_open_clip_vit": 4 * 3}  # its chunk of 4, all views
+
+
+def test_damaged_shard_is_recomputed(many_images, toy_manifest, tmp_path, forward_counter):
+    cache = tmp_path / "cache"
+    reference = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=cache, **OPTIONS)
+    _shards(cache)[0].write_bytes(b"garbage")
+    forward_counter.clear()
+    again = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=cache, **OPTIONS)
+    assert sum(forward_counter.values()) == 4  # one view of one chunk of 4 images
+    assert (again.embeddings == reference.embeddings).all()
+
+
+def test_unreadable_images_are_remembered(many_images, toy_manifest, tmp_path):
+    (many_images / "zz_empty.png").write_bytes(b"")
+    cache = tmp_path / "cache"
+    first = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=cache, **OPTIONS)
+    second = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=cache, **OPTIONS)
+    assert first.summary.fallbacks == second.summary.fallbacks == [("zz_empty", "unreadable image (empty file)")]
+    assert second.summary.cached_images == 29 and (first.embeddings == second.embeddings).all()
+
+
+KILLABLE_RUN = """
+import sys, time
+import kaggle_i2p
+from kaggle_i2p.towers import Tower
+
+real = Tower.forward
+def slow(self, images):
+    time.sleep(0.05)
+    return real(self, images)
+Tower.forward = slow
+kaggle_i2p.predict_dir(sys.argv[1], sys.argv[2], out_csv=sys.argv[3], cache_dir=sys.argv[4], device="cpu",
+                       num_workers=0, batch_size=2, cache_chunk_size=4, progress=False)
+"""
+
+
+def test_killed_run_resumes_to_identical_bytes(many_images, toy_manifest, tmp_path, forward_counter):
+    cache, killed_csv = tmp_path / "cache", tmp_path / "killed.csv"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(many_images), str(toy_manifest),
+                                str(killed_csv), str(cache)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_shards(cache)) < 10 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    done = len(_shards(cache))
+    assert 10 <= done < 42 and not killed_csv.exists()
+
+    resumed = tmp_path / "resumed.csv"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=resumed, cache_dir=cache, **OPTIONS)
+    assert 0 < sum(forward_counter.values()) < 28 * 6  # only what the killed run had not stored
+
+    uninterrupted = tmp_path / "uninterrupted.csv"
+    kaggle_i2p.predict_dir(many_images, toy_manifest, out_csv=uninterrupted, **OPTIONS)
+    assert resumed.read_bytes() == uninterrupted.read_bytes()
+
+
+def test_tower_key_covers_what_decides_outputs(toy_manifest, tmp_path):
+    spec = load_manifest(toy_manifest).towers[0]
+    cache = PredictionCache(tmp_path / "c")
+    key = cache.tower_key(spec, "fp32", 384)
+
+    assert cache.tower_key(dataclasses.replace(spec, weight=0.1), "fp32", 384) == key
+    assert cache.tower_key(spec, "bf16", 384) != key
+    assert cache.tower_key(dataclasses.replace(spec, image=dataclasses.replace(spec.image, mean=(0.5,) * 3)),
+                           "fp32", 384) != key
+    assert cache.tower_key(dataclasses.replace(spec, image=dataclasses.replace(spec.image, resolutions=(64,))),
+                           "fp32", 384) == key  # views are keyed one by one, not by the list
