@@ -1,4 +1,4 @@
-"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, pack-wheels."""
+"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, pack-wheels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from ._version import __version__
 
 DEFAULT_MANIFEST = "weights_manifest.yaml"
+DEFAULT_CACHE = ".i2p_cache"
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,45 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_dir(args.image_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                 batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                progress=not args.quiet)
+                progress=not args.quiet, cache_dir=args.cache_dir)
+    return 0
+
+
+def _labelled_run(args: argparse.Namespace):
+    """Manifest, prediction run over all towers (zero weights too, through the cache) and aligned targets."""
+    from .evaluate import load_targets
+    from .manifest import load_manifest
+    from .predict import run_prediction
+
+    manifest = load_manifest(args.manifest)
+    run = run_prediction(args.image_dir, manifest, device=args.device, batch_size=args.batch_size,
+                         num_workers=args.workers, precision=args.precision, progress=not (args.quiet or args.json),
+                         cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True)
+    targets = load_targets(run.ids, prompts_csv=args.prompts, targets_npy=args.targets)
+    return manifest, run, targets
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    manifest, run, targets = _labelled_run(args)
+    report = evaluate_run(run, manifest, targets)
+    print(report.to_json() if args.json else report)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .evaluate import fold_ids, tune_run, write_tuned_manifest
+
+    manifest, run, targets = _labelled_run(args)
+    folds = fold_ids(run.ids, args.folds, prompts_csv=args.prompts)
+    report, fitted = tune_run(run, manifest, targets, folds, per_view=args.per_view, per_dim=args.per_dim)
+    written = write_tuned_manifest(args.manifest, args.out, report, fitted)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report)
+        print(f"wrote {written}")
     return 0
 
 
@@ -76,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="predict a folder of images and write submission.csv")
     predict.add_argument("image_dir", type=Path)
     predict.add_argument("--out", default="submission.csv", help="output CSV (default: %(default)s)")
+    predict.add_argument("--cache-dir", type=Path, default=None,
+                         help="store every tower x view output here; a killed run resumes where it stopped")
     _add_run_options(predict)
     predict.set_defaults(func=_cmd_predict)
 
@@ -95,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(dry)
     dry.set_defaults(func=_cmd_dry_run)
 
+    def labelled(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("image_dir", type=Path)
+        targets = command.add_mutually_exclusive_group(required=True)
+        targets.add_argument("--prompts", type=Path, help="CSV with imgId, prompt (and optionally fold) columns")
+        targets.add_argument("--targets", type=Path, help=".npy of (N, 384) targets aligned to the sorted image ids")
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+        command.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE),
+                             help="prediction cache (default: %(default)s); reruns compute only what is missing")
+        command.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+        _add_run_options(command)
+        return command
+
+    evaluate = labelled("evaluate", "score each tower, view and the ensemble on labelled images")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    tune = labelled("tune", "tune ensemble weights with scipy, judged out of fold, and write a tuned manifest")
+    tune.add_argument("--out", type=Path, required=True, help="where to write the tuned manifest")
+    tune.add_argument("--folds", type=int, default=5, help="K for K-fold (ignored when --prompts has a fold column)")
+    tune.add_argument("--per-view", action="store_true", help="tune a weight per tower x TTA view")
+    tune.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
+    tune.set_defaults(func=_cmd_tune)
+
     pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")
     pack.add_argument("--out", type=Path, default=Path("dist/wheelhouse"))
     pack.add_argument("--source", type=Path, default=None, help="kaggle_i2p source tree (default: this checkout)")
@@ -112,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kaggle-i2p`; user errors print one clear message and exit 2."""
+    from .evaluate import TargetError
     from .images import ImageListingError
     from .manifest import ManifestError
+    from .text import TextModelUnavailable
     from .towers import TowerLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, ImageListingError, TowerLoadError, FileNotFoundError) as err:
+    except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable,
+            FileNotFoundError) as err:
         print(f"kaggle-i2p {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,234 @@
+"""Validation: score each tower, each TTA view and the ensemble on a labelled split, and tune the weights.
+
+Targets are the prompts embedded with all-MiniLM-L6-v2 (or a `.npy` aligned to the sorted ids). Tuning is judged
+out of fold (K-fold, or the `fold` column of the prompts file, e.g. grouped folds from build_dataset), against equal
+weights, the manifest's weights and the best single tower chosen on the training folds, before it is fit on all rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_weights
+from .manifest import Manifest, load_manifest
+from .predict import PredictionRun
+
+
+class TargetError(ValueError):
+    """Targets that do not line up with the images."""
+
+
+def read_prompts(prompts_csv: str | Path) -> pd.DataFrame:
+    """A prompts file: columns imgId, prompt (Kaggle's prompts.csv layout), optionally fold."""
+    frame = pd.read_csv(prompts_csv, dtype={"imgId": str}, keep_default_na=False)
+    missing = {"imgId", "prompt"} - set(frame.columns)
+    if missing:
+        raise TargetError(f"{prompts_csv}: needs columns imgId and prompt (missing {', '.join(sorted(missing))})")
+    if frame["imgId"].duplicated().any():
+        raise TargetError(f"{prompts_csv}: imgId {frame['imgId'][frame['imgId'].duplicated()].iloc[0]!r} repeats")
+    return frame.set_index("imgId")
+
+
+def load_targets(ids: list[str], prompts_csv: str | Path | None = None, targets_npy: str | Path | None = None,
+                 text_model_path: str | Path | None = None) -> np.ndarray:
+    """(N, D) unit targets in `ids` order: embedded prompts, or a .npy already aligned to the sorted ids."""
+    if (prompts_csv is None) == (targets_npy is None):
+        raise TargetError("give exactly one of --prompts CSV or --targets NPY")
+    if targets_npy is not None:
+        targets = np.load(targets_npy, allow_pickle=False)
+        if targets.ndim != 2 or targets.shape[0] != len(ids):
+            raise TargetError(f"{targets_npy}: shape {targets.shape}, expected ({len(ids)}, D) aligned to the "
+                              f"{len(ids)} sorted image ids")
+        return l2_normalize(targets)
+    prompts = read_prompts(prompts_csv)
+    absent = [i for i in ids if i not in prompts.index]
+    if absent:
+        raise TargetError(f"{prompts_csv}: no prompt for {len(absent)} image(s), e.g. {', '.join(absent[:5])}")
+    from .text import embed_prompts
+
+    return embed_prompts(prompts.loc[ids, "prompt"].tolist(), model_path=text_model_path)
+
+
+def view_predictions(run: PredictionRun, fallback: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Each tower x view as a normalised (N, D) prediction named `tower/view` (unreadable rows = fallback), and
+    the view -> tower grouping."""
+    preds, groups = {}, {}
+    for tower, views in run.view_outputs.items():
+        for view, raw in views.items():
+            out = l2_normalize(np.nan_to_num(raw, nan=0.0))
+            bad = ~np.isfinite(raw).all(axis=1) | (np.linalg.norm(out, axis=1) < 1e-6)
+            out[bad] = fallback
+            preds[f"{tower}/{view}"] = out
+            groups[f"{tower}/{view}"] = tower
+    return preds, groups
+
+
+@dataclass
+class EvaluationReport:
+    """Mean cosine of every part of the ensemble on a labelled set; `to_json()` is the `--json` output."""
+
+    n_images: int
+    ensemble: float
+    equal_weights: float
+    best_single: dict[str, float]  # {tower: score}
+    per_tower: dict[str, float]
+    per_view: dict[str, float]
+    weights: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        (best_name, best_score), = self.best_single.items()
+        lines = [f"evaluation on {self.n_images} images (mean cosine):",
+                 f"  ensemble (manifest weights)  {self.ensemble:.4f}",
+                 f"  equal weights                {self.equal_weights:.4f}",
+                 f"  best single tower            {best_score:.4f}  ({best_name})"]
+        for tower, score in self.per_tower.items():
+            lines.append(f"  tower {tower:<22} {score:.4f}  weight {self.weights[tower]:g}")
+            lines += [f"    view {v.split('/', 1)[1]:<19} {s:.4f}" for v, s in self.per_view.items()
+                      if v.split("/", 1)[0] == tower]
+        return "\n".join(lines)
+
+
+def evaluate_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray) -> EvaluationReport:
+    """Scores of a finished run (computed with include_zero_weight=True) against aligned targets."""
+    per_tower = {name: mean_cosine(out, targets)[0] for name, out in run.tower_embeddings.items()}
+    views, _ = view_predictions(run, manifest.fallback)
+    best = max(per_tower, key=per_tower.get)
+    return EvaluationReport(
+        n_images=len(run.ids), ensemble=mean_cosine(run.embeddings, targets)[0],
+        equal_weights=mean_cosine(apply_weights(run.tower_embeddings, dict.fromkeys(per_tower, 1.0)), targets)[0],
+        best_single={best: per_tower[best]}, per_tower=per_tower,
+        per_view={name: mean_cosine(pred, targets)[0] for name, pred in views.items()},
+        weights={t.name: t.weight for t in manifest.towers if t.name in per_tower},
+    )
+
+
+def fold_ids(ids: list[str], n_folds: int, prompts_csv: str | Path | None = None, seed: int = 0) -> np.ndarray:
+    """A fold number per image: the prompts file's `fold` column when it has one, else a seeded K-fold split."""
+    if prompts_csv is not None:
+        prompts = read_prompts(prompts_csv)
+        if "fold" in prompts.columns:
+            return prompts.loc[ids, "fold"].astype(int).to_numpy()
+    from sklearn.model_selection import KFold
+
+    if n_folds < 2 or n_folds > len(ids):
+        raise ValueError(f"--folds must be between 2 and the number of images ({len(ids)})")
+    folds = np.zeros(len(ids), dtype=int)
+    for k, (_, held_out) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(ids)):
+        folds[held_out] = k
+    return folds
+
+
+@dataclass
+class TuningReport:
+    """Out-of-fold scores of tuned vs reference weightings, and the weights fit on all rows."""
+
+    n_images: int
+    n_folds: int
+    mode: str  # per_tower | per_view | per_dim
+    oof: dict[str, float]  # tuned, equal_weights, manifest_weights, best_single_tower
+    weights: dict[str, float]
+    view_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    fit_all_score: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"tuning ({self.mode}) on {self.n_images} images, {self.n_folds}-fold out-of-fold mean cosine:"]
+        lines += [f"  {name:<20} {score:.4f}" for name, score in self.oof.items()]
+        verdict = "generalises" if self.oof["tuned"] >= self.oof["equal_weights"] else "does NOT beat equal weights"
+        lines.append(f"  tuning {verdict} out of fold; fit on all rows: {self.fit_all_score:.4f}")
+        lines += [f"  weight {name:<18} {w:.4f}" for name, w in self.weights.items()]
+        return "\n".join(lines)
+
+
+def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds: np.ndarray, *,
+             per_view: bool = False, per_dim: bool = False, seed: int = 0) -> tuple[TuningReport, dict]:
+    """Cross-validate the tuning, then fit on all rows; returns the report and the raw fitted weights."""
+    if per_view and per_dim:
+        raise ValueError("choose --per-view or --per-dim, not both")
+    if per_view:
+        preds, groups = view_predictions(run, manifest.fallback)
+    else:
+        preds, groups = dict(run.tower_embeddings), None
+    towers = run.tower_embeddings
+    manifest_weights = {t.name: t.weight for t in manifest.towers if t.name in towers}
+    options = {"groups": groups, "per_dim": per_dim, "seed": seed}
+
+    oof = {name: np.zeros_like(targets) for name in ("tuned", "equal_weights", "manifest_weights", "best_single")}
+    for fold in np.unique(folds):
+        train, held = folds != fold, folds == fold
+        fitted = tune_weights({k: v[train] for k, v in preds.items()}, targets[train], **options)
+        oof["tuned"][held] = apply_weights({k: v[held] for k, v in preds.items()}, fitted, groups)
+        oof["equal_weights"][held] = apply_weights({k: v[held] for k, v in towers.items()}, dict.fromkeys(towers, 1))
+        if sum(manifest_weights.values()) > 0:
+            oof["manifest_weights"][held] = apply_weights({k: v[held] for k, v in towers.items()}, manifest_weights)
+        best = max(towers, key=lambda t: mean_cosine(towers[t][train], targets[train])[0])
+        oof["best_single"][held] = towers[best][held]
+    scores = {("best_single_tower" if k == "best_single" else k): mean_cosine(v, targets)[0] for k, v in oof.items()}
+
+    fitted = tune_weights(preds, targets, **options)
+    fit_score = mean_cosine(apply_weights(preds, fitted, groups), targets)[0]
+    if per_view:
+        tower_weights = {t: sum(w for k, w in fitted.items() if groups[k] == t) for t in towers}
+        view_weights = {t: {k.split("/", 1)[1]: w / tower_weights[t] if tower_weights[t] > 0 else 1.0
+                            for k, w in fitted.items() if groups[k] == t} for t in towers}
+    elif per_dim:
+        tower_weights, view_weights = {t: float(np.mean(fitted[t])) for t in towers}, {}
+    else:
+        tower_weights, view_weights = dict(fitted), {}
+    report = TuningReport(n_images=len(run.ids), n_folds=len(np.unique(folds)),
+                          mode="per_view" if per_view else "per_dim" if per_dim else "per_tower", oof=scores,
+                          weights=tower_weights, view_weights=view_weights, fit_all_score=fit_score)
+    return report, fitted
+
+
+PATH_FIELDS = ("checkpoint", "dim_weights")
+
+
+def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
+    """Keep a relative path pointing at the same file from the new manifest's folder."""
+    if "${" in raw or Path(raw).is_absolute() or source_dir.resolve() == out_dir.resolve():
+        return raw
+    return os.path.relpath(source_dir / raw, out_dir)
+
+
+def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
+    """Copy the manifest with the tuned weights (and view or per-dimension weights); everything else unchanged."""
+    source, out = Path(source), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    source_dir, out_dir = source.resolve().parent, out.resolve().parent
+    if isinstance(data.get("fallback"), str):
+        data["fallback"] = _rebase(data["fallback"], source_dir, out_dir)
+    for tower in data["towers"]:
+        for key in PATH_FIELDS:
+            if isinstance(tower.get(key), str):
+                tower[key] = _rebase(tower[key], source_dir, out_dir)
+        if isinstance(tower.get("arch"), str) and tower["arch"].endswith(".json"):
+            tower["arch"] = _rebase(tower["arch"], source_dir, out_dir)
+        name = tower["name"]
+        if name not in report.weights:
+            continue
+        tower["weight"] = round(float(report.weights[name]), 8)
+        if report.view_weights:
+            tower["image"]["view_weights"] = {v: round(float(w), 8) for v, w in report.view_weights[name].items()}
+        if report.mode == "per_dim":
+            vector = np.asarray(fitted[name], dtype=np.float32)
+            mean = float(vector.mean())
+            path = out.with_name(f"{out.stem}.{name}.dim_weights.npy")
+            np.save(path, vector / mean if mean > 0 else np.ones_like(vector))
+            tower["dim_weights"] = path.name
+    out.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None), encoding="utf-8")
+    load_manifest(out, check_files=False)  # what we wrote must load
+    return out
