@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import kaggle_i2p
+from kaggle_i2p.ensemble import combine_views
 from kaggle_i2p.images import decode_image, list_images
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.predict import TowerRunner, resolve_device, resolve_precision
@@ -69,16 +70,21 @@ def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_
     runners = [TowerRunner(s, load_tower(s, 384, device), device, resolve_precision(s.precision, device))
                for s in manifest.towers]
     pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths])
+
+    def embed(runner: TowerRunner, batch: torch.Tensor) -> np.ndarray:
+        views = runner.compute_views(batch, [name for name, _, _ in runner.spec.image.views])
+        return combine_views(list(views.values()), runner.spec.image.view_weight_list())
+
     with torch.inference_mode():
         for runner in runners:  # warm-up, as the pipeline gets in its first batch
-            runner.embed(pixels[:batch_size].to(device))
+            embed(runner, pixels[:batch_size].to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(device)
             for runner in runners:
-                runner.embed(batch)
+                embed(runner, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - started

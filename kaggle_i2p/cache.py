@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_open
 from .manifest import TowerSpec
 from .towers import sha256_file
 
@@ -57,7 +56,8 @@ class PredictionCache:
         memo = json.loads(self._hashes_path.read_text()) if self._hashes_path.is_file() else {}
         if memo_key not in memo:
             memo[memo_key] = sha256_file(spec.checkpoint)
-            _atomic_write_text(self._hashes_path, json.dumps(memo, indent=1, sort_keys=True))
+            with atomic_open(self._hashes_path) as handle:
+                json.dump(memo, handle, indent=1, sort_keys=True)
         return memo[memo_key]
 
     def tower_key(self, spec: TowerSpec, precision: str, embedding_dim: int) -> str:
@@ -90,21 +90,6 @@ class PredictionCache:
             return None
 
     def save(self, tower_key: str, view: str, image_keys: list[str], outputs: np.ndarray, errors: list[str]) -> None:
-        path = self.shard_path(tower_key, view, image_keys)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, keys=np.array(image_keys), outputs=np.asarray(outputs, dtype=np.float32),
-                         errors=np.array(errors, dtype=str))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+        with atomic_open(self.shard_path(tower_key, view, image_keys), "wb") as handle:
+            np.savez(handle, keys=np.array(image_keys), outputs=np.asarray(outputs, dtype=np.float32),
+                     errors=np.array(errors, dtype=str))

@@ -6,14 +6,14 @@ sample_submission.csv is), so reading the file back gives exactly the predicted 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .atomic import atomic_open
 
 HEADER = "imgId_eId,val"
 ROWS_PER_CHUNK = 512  # images formatted per write; bounds memory for 16k-image submissions
@@ -45,24 +45,15 @@ def write_submission(ids: Sequence[str], embeddings: np.ndarray, out_csv: str | 
     """Write the CSV to a temporary file beside `out_csv`, then rename it into place (never a half file)."""
     embeddings = _check(ids, embeddings)
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    dim = embeddings.shape[1]
-    suffixes = [f"_{e}," for e in range(dim)]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
-            handle.write(HEADER + "\n")
-            for start in range(0, len(ids), ROWS_PER_CHUNK):
-                values = embeddings[start:start + ROWS_PER_CHUNK].astype(str)  # shortest float32 round-trip
-                lines = []
-                for image_id, row in zip(ids[start:start + ROWS_PER_CHUNK], values, strict=True):
-                    lines.extend(f"{image_id}{suffix}{value}" for suffix, value in zip(suffixes, row, strict=True))
-                handle.write("\n".join(lines) + "\n")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, out_csv)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    suffixes = [f"_{e}," for e in range(embeddings.shape[1])]
+    with atomic_open(out_csv, "w", encoding="ascii", newline="\n") as handle:
+        handle.write(HEADER + "\n")
+        for start in range(0, len(ids), ROWS_PER_CHUNK):
+            values = embeddings[start:start + ROWS_PER_CHUNK].astype(str)  # shortest float32 round-trip
+            lines = []
+            for image_id, row in zip(ids[start:start + ROWS_PER_CHUNK], values, strict=True):
+                lines.extend(f"{image_id}{suffix}{value}" for suffix, value in zip(suffixes, row, strict=True))
+            handle.write("\n".join(lines) + "\n")
     return out_csv
 
 

@@ -1,0 +1,29 @@
+"""The benchmark's building blocks still run against the current API (tiny inputs; no time is asserted)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_predict", ROOT / "benchmarks" / "bench_predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_functions_run(tmp_path, toy_manifest):
+    bench = _bench()
+    images = bench.make_images(tmp_path / "imgs", 3)
+    assert sorted(p.name for p in images.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    device = torch.device("cpu")
+    assert bench.bare_loop(images, toy_manifest, device, 2) > 0
+    assert bench.pipeline(images, toy_manifest, device, 2, 0, tmp_path / "s.csv") > 0
+    assert (tmp_path / "s.csv").stat().st_size > 0
+    (tmp_path / "toy").symlink_to(toy_manifest.parent)
+    (tmp_path / "imgs3").symlink_to(images)
+    rss = bench.peak_rss_child(3, tmp_path, 0)
+    assert rss["main_peak_mb"] > 50 and rss["tree_peak_mb"] >= rss["main_peak_mb"] * 0.5
