@@ -279,10 +279,12 @@ def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = "weight
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress, cache_dir=cache_dir,
                          cache_chunk_size=cache_chunk_size)
+    ids, embeddings, summary = run.ids, run.embeddings, run.summary
+    del run  # per-view outputs are not needed past this point; free them before the DataFrame is built
     if out_csv is not None:
-        write_submission(run.ids, run.embeddings, out_csv)
+        write_submission(ids, embeddings, out_csv)
     if progress:
-        print(run.summary, flush=True)
+        print(summary, flush=True)
         if out_csv is not None:
-            print(f"kaggle_i2p: wrote {out_csv} ({len(run.ids) * run.embeddings.shape[1]} rows)", flush=True)
-    return submission_frame(run.ids, run.embeddings)
+            print(f"kaggle_i2p: wrote {out_csv} ({len(ids) * embeddings.shape[1]} rows)", flush=True)
+    return submission_frame(ids, embeddings)
