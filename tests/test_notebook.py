@@ -20,12 +20,14 @@ def test_notebook_executes_and_writes_a_valid_submission(tmp_path, sample_dir, t
     monkeypatch.setenv("I2P_OUT", str(out))
     monkeypatch.setenv("I2P_DEVICE", "cpu")
     monkeypatch.setenv("I2P_WORKERS", "0")
+    monkeypatch.setenv("I2P_CACHE", str(tmp_path / "cache"))
     notebook = nbformat.read(ROOT / "notebooks" / "kaggle_submission.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
 
     assert check_format(out, sample_dir / "sample_submission.csv").ok
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4 + 2  # one chunk x (4 + 2) views, resumable
     printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     for expected in ["2 towers from", "kaggle_i2p: 7 images, 2 towers", "7 images, 2688 rows"]:
         assert expected in printed
