@@ -95,7 +95,7 @@ class TowerSpec:
     sha256: str | None = None
     native_resolution: int | None = None
     precision: str = "auto"
-    dim_weights: np.ndarray | None = field(default=None, repr=False)  # per-dimension multipliers (D,)
+    dim_weights: np.ndarray | None = field(default=None, repr=False, compare=False)  # per-dimension multipliers
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Manifest:
     path: Path
     embedding_dim: int
     fallback_path: Path
-    fallback: np.ndarray = field(repr=False)
+    fallback: np.ndarray = field(repr=False, compare=False)
     towers: tuple[TowerSpec, ...]
 
     @property

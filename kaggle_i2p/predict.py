@@ -169,7 +169,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
     specs = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
     for spec in manifest.towers:
-        if spec not in specs:
+        if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: not run", spec.name)
     precisions = {s.name: resolve_precision(precision or s.precision, device) for s in specs}
     cache = PredictionCache(cache_dir) if cache_dir is not None else None
@@ -201,17 +201,15 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     needed = {name for _, missing in todo for name in missing}
     runners = {s.name: TowerRunner(s, load_tower(s, dim, device), device, precisions[s.name])
                for s in specs if s.name in needed}
-    batches = [list(chunk[i:i + batch_size]) for chunk, _ in todo for i in range(0, len(chunk), batch_size)]
-    batch_chunk = [k for k, (chunk, _) in enumerate(todo) for _ in range(0, len(chunk), batch_size)]
-    ends_chunk = [b + 1 == len(batches) or batch_chunk[b + 1] != batch_chunk[b] for b in range(len(batches))]
+    plan = [(chunk, missing, start + batch_size >= len(chunk), list(chunk[start:start + batch_size]))
+            for chunk, missing in todo for start in range(0, len(chunk), batch_size)]  # (.., ends its chunk, batch)
     bars = {s.name: tqdm(total=n, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)
             for i, s in enumerate(specs)}
     loader = image_loader(listing.paths, batch_size, num_workers, pin_memory=device.type == "cuda",
-                          batches=batches)
+                          batches=[batch for *_, batch in plan])
     try:
         with torch.inference_mode():
-            for batch_number, batch in enumerate(loader):
-                chunk, missing = todo[batch_chunk[batch_number]]
+            for (chunk, missing, ends_chunk, _), batch in zip(plan, loader, strict=True):
                 for index, reason in batch.errors:
                     decode_errors[index] = reason
                     log.warning("cannot read %s: %s; writing the fallback vector", listing.paths[index], reason)
@@ -221,7 +219,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
                         for view, out in runners[name].compute_views(pixels, missing[name]).items():
                             outputs[name][view][batch.indices] = out
                     bar.update(len(batch.indices) + len(batch.errors))
-                if cache and ends_chunk[batch_number]:
+                if cache and ends_chunk:
                     errors = [decode_errors.get(i, "") for i in chunk]
                     for name, missing_views in missing.items():
                         for view in missing_views:
