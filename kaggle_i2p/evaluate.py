@@ -165,7 +165,8 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
     manifest_weights = {t.name: t.weight for t in manifest.towers if t.name in towers}
     options = {"groups": groups, "per_dim": per_dim, "seed": seed}
 
-    oof = {name: np.zeros_like(targets) for name in ("tuned", "equal_weights", "manifest_weights", "best_single")}
+    oof = {name: np.zeros_like(targets)
+           for name in ("tuned", "equal_weights", "manifest_weights", "best_single_tower")}
     for fold in np.unique(folds):
         train, held = folds != fold, folds == fold
         fitted = tune_weights({k: v[train] for k, v in preds.items()}, targets[train], **options)
@@ -174,8 +175,8 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
         if sum(manifest_weights.values()) > 0:
             oof["manifest_weights"][held] = apply_weights({k: v[held] for k, v in towers.items()}, manifest_weights)
         best = max(towers, key=lambda t: mean_cosine(towers[t][train], targets[train])[0])
-        oof["best_single"][held] = towers[best][held]
-    scores = {("best_single_tower" if k == "best_single" else k): mean_cosine(v, targets)[0] for k, v in oof.items()}
+        oof["best_single_tower"][held] = towers[best][held]  # chosen on the training folds only
+    scores = {name: mean_cosine(pred, targets)[0] for name, pred in oof.items()}
 
     fitted = tune_weights(preds, targets, **options)
     fit_score = mean_cosine(apply_weights(preds, fitted, groups), targets)[0]
