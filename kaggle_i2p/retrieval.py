@@ -1,0 +1,136 @@
+"""Retrieval (kNN regression) over a bank of texts: the prompt embedding as a soft average of the nearest texts'.
+
+A bank is a folder: `texts.txt` (one text per line), `targets.npy` (N x 384 float16, the texts' all-MiniLM-L6-v2 unit
+embeddings), optionally `keys.npy` (N x d float16, the score side, e.g. CLIP text embeddings) and `bank.json`. Arrays
+are memory-mapped and scored chunk by chunk with a running top-k, so a bank of millions of rows never needs an
+N x batch score matrix or the whole bank in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ensemble import l2_normalize
+
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+class BankError(ValueError):
+    """A bank folder that is missing files or whose files disagree."""
+
+
+@dataclass
+class Bank:
+    """An opened bank: memory-mapped targets (and keys), with the texts file beside them."""
+
+    path: Path
+    targets: np.ndarray  # (N, D) float16, memory-mapped
+    keys: np.ndarray | None  # (N, d) float16, memory-mapped; None for a classifier's class bank
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def texts(self, rows: Sequence[int]) -> list[str]:
+        """The texts of the given rows (reads the texts file once, line by line)."""
+        wanted = {int(r): None for r in rows}
+        with open(self.path / "texts.txt", encoding="utf-8") as handle:
+            for i, line in enumerate(handle):
+                if i in wanted:
+                    wanted[i] = line.rstrip("\n")
+        return [wanted[int(r)] for r in rows]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bank:
+        path = Path(path)
+        if not (path / "targets.npy").is_file():
+            raise BankError(f"{path}: not a bank (no targets.npy); build one with `kaggle-i2p build-bank`")
+        targets = np.load(path / "targets.npy", mmap_mode="r")
+        keys = np.load(path / "keys.npy", mmap_mode="r") if (path / "keys.npy").is_file() else None
+        meta = json.loads((path / "bank.json").read_text()) if (path / "bank.json").is_file() else {}
+        if targets.ndim != 2 or (keys is not None and (keys.ndim != 2 or len(keys) != len(targets))):
+            raise BankError(f"{path}: targets {targets.shape} and keys {None if keys is None else keys.shape} "
+                            "must be 2-D with one row per text")
+        return cls(path, targets, keys, meta)
+
+
+def write_bank(out_dir: str | Path, texts: Sequence[str], targets: np.ndarray, keys: np.ndarray | None = None,
+               meta: dict | None = None) -> Path:
+    """Write a bank folder (float16 arrays, unit rows); built in a temporary folder and renamed into place."""
+    out_dir = Path(out_dir)
+    if len(targets) != len(texts) or (keys is not None and len(keys) != len(texts)):
+        raise BankError(f"{len(texts)} texts, {len(targets)} targets, {None if keys is None else len(keys)} keys")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(staging / "texts.txt", "w", encoding="utf-8") as handle:
+            for text in texts:
+                handle.write(" ".join(str(text).split()) + "\n")  # one line per text, whatever it held
+        np.save(staging / "targets.npy", l2_normalize(targets).astype(np.float16))
+        if keys is not None:
+            np.save(staging / "keys.npy", l2_normalize(keys).astype(np.float16))
+        (staging / "bank.json").write_text(json.dumps({"rows": len(texts), **(meta or {})}, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def top_k(queries: torch.Tensor, keys: np.ndarray, k: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, row indices), each (B, k), of the k highest `queries @ keys.T` scores, read `chunk_rows` at a time."""
+    k = min(k, len(keys))
+    best_values = torch.full((len(queries), 0), float("-inf"), device=queries.device)
+    best_rows = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
+    for start in range(0, len(keys), chunk_rows):
+        chunk = torch.from_numpy(np.asarray(keys[start:start + chunk_rows], dtype=np.float32)).to(queries.device)
+        scores = queries.float() @ chunk.T
+        values, rows = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_values = torch.cat([best_values, values], dim=1)
+        merged_rows = torch.cat([best_rows, rows + start], dim=1)
+        best_values, order = merged_values.topk(min(k, merged_values.shape[1]), dim=1)
+        best_rows = merged_rows.gather(1, order)
+        del chunk, scores  # one chunk in memory at a time
+    return best_values, best_rows
+
+
+def soft_average(values: torch.Tensor, rows: torch.Tensor, targets: np.ndarray, temperature: float) -> np.ndarray:
+    """Unit (B, D): the softmax(values / temperature)-weighted mean of the targets' rows (only those rows are read)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    weights = torch.softmax(values.double() / temperature, dim=1).cpu().numpy()
+    flat = rows.cpu().numpy().reshape(-1)
+    unique, inverse = np.unique(flat, return_inverse=True)
+    gathered = np.asarray(targets[unique], dtype=np.float64)[inverse].reshape(*rows.shape, -1)
+    return l2_normalize(np.einsum("bk,bkd->bd", weights, gathered))
+
+
+def retrieve(queries: torch.Tensor, bank: Bank, k: int = 32, temperature: float = 0.05,
+             chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
+    """Embed queries (unit rows in the keys' space) as the soft top-k average of the bank's targets."""
+    if bank.keys is None:
+        raise BankError(f"{bank.path}: this bank has no keys.npy to score queries against; it is a class bank "
+                        "(use retrieve_from_logits)")
+    queries = torch.nn.functional.normalize(queries.float(), dim=-1)
+    values, rows = top_k(queries, bank.keys, k, chunk_rows)
+    return soft_average(values, rows, bank.targets, temperature)
+
+
+def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = 5, temperature: float = 1.0
+                         ) -> np.ndarray:
+    """A classifier as a retriever: its class logits score a bank whose rows are its classes' phrases."""
+    if logits.shape[1] != len(targets):
+        raise BankError(f"{logits.shape[1]} logits for a bank of {len(targets)} class phrases")
+    values, rows = logits.float().topk(min(k, logits.shape[1]), dim=1)
+    return soft_average(values, rows, targets, temperature)

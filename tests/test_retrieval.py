@@ -1,0 +1,102 @@
+"""Retrieval over text banks: exact rows come back, top-k and temperature behave, a 1M-row bank stays in bounded
+memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from kaggle_i2p.ensemble import l2_normalize
+from kaggle_i2p.retrieval import Bank, BankError, retrieve, retrieve_from_logits, soft_average, top_k, write_bank
+
+
+@pytest.fixture
+def bank(tmp_path) -> Bank:
+    rng = np.random.default_rng(0)
+    keys, targets = rng.standard_normal((1000, 32)), rng.standard_normal((1000, 384))
+    texts = [f"text {i}" for i in range(1000)]
+    return Bank.open(write_bank(tmp_path / "bank", texts, targets, keys, meta={"source": "synthetic"}))
+
+
+def test_the_matching_row_comes_back(bank):
+    query = torch.from_numpy(np.asarray(bank.keys[[123, 456]], dtype=np.float32))
+    out = retrieve(query, bank, k=1)
+    expected = l2_normalize(np.asarray(bank.targets[[123, 456]], dtype=np.float32))
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    sharp = retrieve(query, bank, k=16, temperature=1e-4)  # a sharp softmax over 16 is the top-1
+    np.testing.assert_allclose(sharp, expected, atol=1e-4)
+    assert bank.texts([456, 123]) == ["text 456", "text 123"] and bank.meta["rows"] == 1000
+
+
+def test_chunked_top_k_equals_brute_force(bank):
+    queries = torch.nn.functional.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    values, rows = top_k(queries, bank.keys, k=7, chunk_rows=96)
+    scores = queries @ torch.from_numpy(np.asarray(bank.keys, dtype=np.float32)).T
+    expected_values, expected_rows = scores.topk(7, dim=1)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(rows, expected_rows)
+
+
+def test_temperature_interpolates_between_top1_and_the_plain_mean(bank):
+    values = torch.tensor([[3.0, 2.0, 1.0]])
+    rows = torch.tensor([[10, 20, 30]])
+    targets = np.asarray(bank.targets, dtype=np.float32)
+    hot = soft_average(values, rows, bank.targets, temperature=1e3)
+    np.testing.assert_allclose(hot[0], l2_normalize(targets[[10, 20, 30]].mean(0)), atol=1e-3)
+    cold = soft_average(values, rows, bank.targets, temperature=1e-3)
+    np.testing.assert_allclose(cold[0], l2_normalize(targets[10]), atol=1e-6)
+    weights = torch.softmax(values / 0.5, dim=1)[0].numpy()  # and in between, exactly the softmax weighting
+    middle = soft_average(values, rows, bank.targets, temperature=0.5)
+    np.testing.assert_allclose(middle[0], l2_normalize(weights @ targets[[10, 20, 30]]), atol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        soft_average(values, rows, bank.targets, temperature=0)
+
+
+def test_classifier_logits_as_scores(bank):
+    logits = torch.full((2, 1000), -10.0)
+    logits[0, 7] = 10.0
+    logits[1, 999] = 10.0
+    out = retrieve_from_logits(logits, bank.targets, k=5, temperature=1.0)
+    np.testing.assert_allclose(out, l2_normalize(np.asarray(bank.targets[[7, 999]], dtype=np.float32)), atol=1e-6)
+    with pytest.raises(BankError, match="1000 logits for a bank of 10 class phrases"):
+        retrieve_from_logits(logits, bank.targets[:10])
+
+
+def test_million_row_bank_in_bounded_memory(tmp_path):
+    n, d, dim, planted = 1_000_000, 32, 16, 987_654
+    folder = tmp_path / "big"
+    folder.mkdir()
+    keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(n, d))
+    targets = np.lib.format.open_memmap(folder / "targets.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 100_000):
+        keys[start:start + 100_000] = l2_normalize(rng.standard_normal((100_000, d))) * 0.5  # far from the query
+        targets[start:start + 100_000] = l2_normalize(rng.standard_normal((100_000, dim)))
+    query = l2_normalize(rng.standard_normal((1, d)))
+    keys[planted] = query[0]
+    targets[planted] = l2_normalize(np.arange(dim, dtype=np.float32))
+    keys.flush(), targets.flush()
+    del keys, targets
+    bank = Bank.open(folder)
+
+    tracemalloc.start()
+    out = retrieve(torch.from_numpy(query), bank, k=4, temperature=1e-3, chunk_rows=65_536)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_allclose(out[0], l2_normalize(np.arange(dim, dtype=np.float32)), atol=2e-3)
+    one_chunk = 65_536 * d * 4  # 8.4 MB of float32 keys
+    assert peak < 1.5 * one_chunk  # one chunk at a time, never the whole bank (128 MB as float32)
+
+
+def test_bank_errors(tmp_path):
+    with pytest.raises(BankError, match="not a bank"):
+        Bank.open(tmp_path)
+    with pytest.raises(BankError, match="2 texts, 3 targets"):
+        write_bank(tmp_path / "b", ["a", "b"], np.ones((3, 4)))
+    only_targets = Bank.open(write_bank(tmp_path / "c", ["a\nb", "c"], np.ones((2, 4))))
+    assert only_targets.texts([0]) == ["a b"]  # newlines inside a text never split a row
+    with pytest.raises(BankError, match="no keys.npy"):
+        retrieve(torch.ones(1, 4), only_targets)
