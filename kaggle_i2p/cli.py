@@ -1,4 +1,4 @@
-"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, pack-wheels."""
+"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, build-bank, pack-wheels."""
 
 from __future__ import annotations
 
@@ -97,6 +97,15 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
     return 0 if report.format_ok else 1
 
 
+def _cmd_build_bank(args: argparse.Namespace) -> int:
+    from .retrieval import Bank, build_bank
+
+    bank = Bank.open(build_bank(args.texts, args.out, column=args.column, keys=args.keys))
+    print(f"wrote bank {bank.path}: {len(bank)} texts, targets {bank.targets.shape}, "
+          f"keys {None if bank.keys is None else bank.keys.shape}")
+    return 0
+
+
 def _cmd_pack_wheels(args: argparse.Namespace) -> int:
     from .wheelhouse import DEFAULT_PROVIDED, pack_wheels
 
@@ -159,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
     tune.set_defaults(func=_cmd_tune)
 
+    bank = sub.add_parser("build-bank", help="embed a text/CSV/parquet file of prompts into a retrieval bank")
+    bank.add_argument("texts", type=Path)
+    bank.add_argument("--out", type=Path, required=True)
+    bank.add_argument("--column", default=None, help="text column of a CSV/parquet file (default: prompt)")
+    bank.add_argument("--keys", choices=["none", "minilm"], default="none",
+                      help="minilm: also store the MiniLM embeddings as keys, to query the bank with 384-d vectors")
+    bank.set_defaults(func=_cmd_build_bank)
+
     pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")
     pack.add_argument("--out", type=Path, default=Path("dist/wheelhouse"))
     pack.add_argument("--source", type=Path, default=None, help="kaggle_i2p source tree (default: this checkout)")
@@ -179,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluate import TargetError
     from .images import ImageListingError
     from .manifest import ManifestError
+    from .retrieval import BankError
     from .text import TextModelUnavailable
     from .towers import TowerLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable,
+    except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable, BankError,
             FileNotFoundError) as err:
         print(f"kaggle-i2p {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -134,3 +134,37 @@ def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = 5, 
         raise BankError(f"{logits.shape[1]} logits for a bank of {len(targets)} class phrases")
     values, rows = logits.float().topk(min(k, logits.shape[1]), dim=1)
     return soft_average(values, rows, targets, temperature)
+
+
+def read_texts(path: str | Path, column: str | None = None) -> list[str]:
+    """Texts from a .txt (one per line), .csv or .parquet file (`column`, default `prompt`); blank ones dropped."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+    else:
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        column = column or "prompt"
+        if column not in frame.columns:
+            raise BankError(f"{path}: no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
+                            "pass --column")
+        lines = frame[column].astype(str).tolist()
+    texts = [" ".join(t.split()) for t in lines]
+    return [t for t in texts if t]
+
+
+def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None = None, keys: str = "none",
+               text_model_path: str | Path | None = None, batch_size: int = 256) -> Path:
+    """Embed a text file with all-MiniLM-L6-v2 into a bank; `keys="minilm"` also makes the targets its keys, so the
+    bank can be queried with 384-d embeddings (snapping a prediction to real prompts)."""
+    from .text import embed_prompts
+
+    texts = read_texts(texts_path, column)
+    if not texts:
+        raise BankError(f"{texts_path}: no texts")
+    targets = embed_prompts(texts, model_path=text_model_path, batch_size=batch_size, progress=True)
+    if keys not in ("none", "minilm"):
+        raise BankError(f"keys {keys!r}: choose none or minilm")
+    return write_bank(out_dir, texts, targets, keys=targets if keys == "minilm" else None,
+                      meta={"source": str(texts_path), "targets": "all-MiniLM-L6-v2", "keys": keys})

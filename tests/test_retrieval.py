@@ -100,3 +100,28 @@ def test_bank_errors(tmp_path):
     assert only_targets.texts([0]) == ["a b"]  # newlines inside a text never split a row
     with pytest.raises(BankError, match="no keys.npy"):
         retrieve(torch.ones(1, 4), only_targets)
+
+
+def test_build_bank_from_the_real_prompts_gives_each_prompt_back(tmp_path, sample_dir, capsys):
+    """A MiniLM-keyed bank of the sample prompts, queried with sample_submission's targets, returns each target."""
+    from kaggle_i2p.cli import main
+    from kaggle_i2p.dryrun import sample_targets
+
+    assert main(["build-bank", str(sample_dir / "prompts.csv"), "--out", str(tmp_path / "prompts_bank"),
+                 "--keys", "minilm"]) == 0
+    assert "7 texts, targets (7, 384), keys (7, 384)" in capsys.readouterr().out
+    bank = Bank.open(tmp_path / "prompts_bank")
+    ids, targets = sample_targets(sample_dir / "sample_submission.csv")
+    out = retrieve(torch.from_numpy(targets), bank, k=1)
+    np.testing.assert_allclose(out, targets, atol=2e-3)  # float16 storage
+    assert bank.texts([0])[0] == "hyper realistic photo of very friendly and dystopian crater"
+    assert bank.meta["keys"] == "minilm" and bank.meta["rows"] == 7
+
+
+def test_read_texts_errors(tmp_path):
+    from kaggle_i2p.retrieval import read_texts
+
+    (tmp_path / "p.csv").write_text("id,text\n1,a cat\n2,\n")
+    assert read_texts(tmp_path / "p.csv", column="text") == ["a cat"]
+    with pytest.raises(BankError, match="no column 'prompt'"):
+        read_texts(tmp_path / "p.csv")
