@@ -72,8 +72,8 @@ def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_
     pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths])
 
     def embed(runner: TowerRunner, batch: torch.Tensor) -> np.ndarray:
-        views = runner.compute_views(batch, [name for name, _, _ in runner.spec.image.views])
-        return combine_views(list(views.values()), runner.spec.image.view_weight_list())
+        views = runner.compute_views(batch, [name for name, _, _ in runner.spec.views])
+        return combine_views(list(views.values()), runner.spec.view_weight_list())
 
     with torch.inference_mode():
         for runner in runners:  # warm-up, as the pipeline gets in its first batch

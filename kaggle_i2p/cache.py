@@ -24,6 +24,16 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 256
 
 
+def _retrieval_identity(spec: TowerSpec) -> dict | None:
+    """A retrieval tower's options and its bank's identity (the bank's files by size and modification time)."""
+    if spec.retrieval is None:
+        return None
+    options = asdict(spec.retrieval)
+    options["bank"] = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(spec.retrieval.bank.iterdir())
+                       if p.is_file()}
+    return options
+
+
 def image_key(path: Path) -> str:
     """An image's identity for the cache: id, size and modification time (changing the file changes the key)."""
     stat = path.stat()
@@ -68,9 +78,10 @@ class PredictionCache:
         image = asdict(spec.image)
         for per_run_only in ("resolutions", "hflip", "view_weights"):  # views are keyed one by one
             image.pop(per_run_only, None)
-        identity = {"format": FORMAT_VERSION, "library": spec.library, "arch": arch, "head": asdict(spec.head),
-                    "checkpoint_sha256": self.checkpoint_sha256(spec), "native_resolution": spec.native_resolution,
-                    "image": image, "precision": precision, "embedding_dim": embedding_dim}
+        identity = {"format": FORMAT_VERSION, "kind": spec.kind, "library": spec.library, "arch": arch,
+                    "head": asdict(spec.head), "checkpoint_sha256": self.checkpoint_sha256(spec),
+                    "native_resolution": spec.native_resolution, "image": image, "precision": precision,
+                    "embedding_dim": embedding_dim, "retrieval": _retrieval_identity(spec)}
         return f"{spec.name}-{_digest(identity)}"
 
     def shard_path(self, tower_key: str, view: str, image_keys: list[str]) -> Path:

@@ -222,7 +222,7 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
         if name not in report.weights:
             continue
         tower["weight"] = round(float(report.weights[name]), 8)
-        if report.view_weights:
+        if report.view_weights and "image" in tower:  # a prior has one view and no image section
             tower["image"]["view_weights"] = {v: round(float(w), 8) for v, w in report.view_weights[name].items()}
         if report.mode == "per_dim":
             vector = np.asarray(fitted[name], dtype=np.float32)

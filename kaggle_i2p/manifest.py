@@ -18,6 +18,8 @@ import numpy as np
 import yaml
 
 LIBRARIES = ("timm", "open_clip")
+KINDS = ("regressor", "retrieval", "prior")
+SCORES = ("logits", "embedding")
 HEAD_TYPES = ("linear", "mlp")
 HEAD_NORMS = ("batchnorm", "layernorm", "none")
 HEAD_ACTIVATIONS = ("relu", "gelu")
@@ -27,8 +29,10 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
-TOWER_KEYS = {"name", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image", "weight",
-              "precision", "dim_weights"}
+TOWER_KEYS = {"name", "kind", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image",
+              "weight", "precision", "dim_weights", "retrieval"}
+PRIOR_KEYS = {"name", "kind", "vector", "weight", "dim_weights"}
+RETRIEVAL_KEYS = {"bank", "k", "temperature", "score"}
 HEAD_KEYS = {"type", "hidden", "norm", "activation"}
 IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip", "view_weights"}
 
@@ -82,20 +86,51 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
+class RetrievalSpec:
+    """A retrieval tower's bank and how its scores become an embedding (soft top-k)."""
+
+    bank: Path
+    k: int
+    temperature: float
+    score: str  # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
+    rows: int
+    key_dim: int | None
+
+
+@dataclass(frozen=True)
 class TowerSpec:
-    """One tower of the ensemble, as the manifest declares it (paths already resolved)."""
+    """One tower of the ensemble, as the manifest declares it (paths already resolved).
+
+    kind `regressor`: an image model with a head regressing the prompt embedding. `retrieval`: an image model whose
+    scores (class logits, or an embedding) select texts of a bank. `prior`: a constant vector, e.g. the mean prompt.
+    """
 
     name: str
     library: str
     arch: str
     checkpoint: Path
     head: HeadSpec
-    image: ImageSpec
+    image: ImageSpec | None
     weight: float
     sha256: str | None = None
     native_resolution: int | None = None
     precision: str = "auto"
     dim_weights: np.ndarray | None = field(default=None, repr=False, compare=False)  # per-dimension multipliers
+    kind: str = "regressor"
+    retrieval: RetrievalSpec | None = None
+    prior: np.ndarray | None = field(default=None, repr=False, compare=False)  # a prior tower's unit vector
+
+    @property
+    def views(self) -> list[tuple[str, int, bool]]:
+        """(name, resolution, flip) of every TTA view; a prior has one constant view."""
+        return [("prior", 0, False)] if self.kind == "prior" else self.image.views
+
+    @property
+    def n_views(self) -> int:
+        return len(self.views)
+
+    def view_weight_list(self) -> list[float]:
+        return [1.0] if self.kind == "prior" else self.image.view_weight_list()
 
 
 @dataclass(frozen=True)
@@ -288,11 +323,25 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
         problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
                                       "and caches)")
+    kind = raw.get("kind", "regressor")
+    if kind not in KINDS:
+        problems.add(f"{label}.kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+        return None
+    if kind == "prior":
+        return _parse_prior(raw, str(name), label, base_dir, problems, embedding_dim)
     for key in sorted(set(raw) - TOWER_KEYS):
         problems.add(f"{label}.{key}", f"unknown key; allowed: {', '.join(sorted(TOWER_KEYS))}")
-    for key in ("library", "arch", "checkpoint", "image", "weight"):
+    for key in ("library", "arch", "checkpoint", "image", "weight", *(("retrieval",) if kind == "retrieval" else ())):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
+    retrieval = None
+    if kind == "retrieval":
+        if "head" in raw:
+            problems.add(f"{label}.head", "a retrieval tower has no head: its scores select bank rows")
+        if "retrieval" in raw:
+            retrieval = _parse_retrieval(raw["retrieval"], f"{label}.retrieval", base_dir, problems, embedding_dim)
+    elif "retrieval" in raw:
+        problems.add(f"{label}.retrieval", "only for kind: retrieval")
 
     library = raw.get("library")
     if "library" in raw and library not in LIBRARIES:
@@ -331,25 +380,96 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
                                                    "position embeddings were trained at, or left out")
         native = None
 
-    weight = raw.get("weight")
-    if "weight" in raw and not _is_number(weight):
-        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
-        weight = 0.0
-    elif _is_number(weight) and weight < 0:
-        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
-                                        "(use 0 to switch a tower off)")
+    weight = _parse_weight(raw, label, problems)
     precision = raw.get("precision", "auto")
     if precision not in PRECISIONS:
         problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
 
     head = _parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", problems)
     image = _parse_image(raw.get("image"), f"{label}.image", problems)
-    dim_weights = None
-    if raw.get("dim_weights") is not None:
-        dim_weights = _parse_dim_weights(raw["dim_weights"], base_dir, f"{label}.dim_weights", problems, embedding_dim)
     return TowerSpec(name=str(name), library=str(library), arch=str(arch), checkpoint=checkpoint or Path(),
-                     head=head, image=image, weight=float(weight) if _is_number(weight) else 0.0, sha256=sha256,
-                     native_resolution=native, precision=str(precision), dim_weights=dim_weights)
+                     head=head, image=image, weight=weight, sha256=sha256, native_resolution=native,
+                     precision=str(precision), dim_weights=_optional_dim_weights(raw, label, base_dir, problems,
+                                                                                   embedding_dim),
+                     kind=kind, retrieval=retrieval)
+
+
+def _parse_weight(raw: Mapping, label: str, problems: _Problems) -> float:
+    weight = raw.get("weight")
+    if "weight" in raw and not _is_number(weight):
+        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
+        return 0.0
+    if _is_number(weight) and weight < 0:
+        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
+                                        "(use 0 to switch a tower off)")
+    return float(weight) if _is_number(weight) else 0.0
+
+
+def _optional_dim_weights(raw: Mapping, label: str, base_dir: Path, problems: _Problems,
+                          embedding_dim: int) -> np.ndarray | None:
+    if raw.get("dim_weights") is None:
+        return None
+    return _parse_dim_weights(raw["dim_weights"], base_dir, f"{label}.dim_weights", problems, embedding_dim)
+
+
+def _parse_prior(raw: Mapping, name: str, label: str, base_dir: Path, problems: _Problems,
+                 embedding_dim: int) -> TowerSpec:
+    """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
+    for key in sorted(set(raw) - PRIOR_KEYS):
+        problems.add(f"{label}.{key}", f"unknown key for a prior tower; allowed: {', '.join(sorted(PRIOR_KEYS))}")
+    for key in ("vector", "weight"):
+        if key not in raw:
+            problems.add(f"{label}.{key}", "is required")
+    vector = None
+    if "vector" in raw:
+        path = _resolve_file(raw["vector"], base_dir, f"{label}.vector", problems, "prior vector (.npy)")
+        if path is not None:
+            try:
+                vector = load_fallback(path, embedding_dim)
+            except (ValueError, OSError) as err:
+                problems.add(f"{label}.vector", f"{path} {err}")
+    return TowerSpec(name=name, library="", arch="", checkpoint=Path(), head=HeadSpec(), image=None,
+                     weight=_parse_weight(raw, label, problems),
+                     dim_weights=_optional_dim_weights(raw, label, base_dir, problems, embedding_dim),
+                     kind="prior", prior=vector)
+
+
+def _parse_retrieval(raw: Any, where: str, base_dir: Path, problems: _Problems,
+                     embedding_dim: int) -> RetrievalSpec | None:
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping with bank, k, temperature, score")
+        return None
+    for key in sorted(set(raw) - RETRIEVAL_KEYS):
+        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(RETRIEVAL_KEYS))}")
+    k, temperature, score = raw.get("k", 10), raw.get("temperature", 1.0), raw.get("score", "logits")
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        problems.add(f"{where}.k", f"{k!r} must be an integer >= 1 (texts averaged per image)")
+    if not (_is_number(temperature) and temperature > 0):
+        problems.add(f"{where}.temperature", f"{temperature!r} must be a number > 0")
+    if score not in SCORES:
+        problems.add(f"{where}.score", f"{score!r} is not one of {', '.join(SCORES)}")
+    raw_bank = raw.get("bank")
+    if not isinstance(raw_bank, str):
+        problems.add(f"{where}.bank", "is required: the folder written by `kaggle-i2p build-bank`")
+        return None
+    try:
+        bank = expand_path(raw_bank, base_dir)
+    except KeyError as err:
+        problems.add(f"{where}.bank", f"environment variable {err.args[0]} is not set (in {raw_bank!r})")
+        return None
+    if not (bank / "targets.npy").is_file():
+        problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "
+                                      "`kaggle-i2p build-bank`")
+        return None
+    targets = np.load(bank / "targets.npy", mmap_mode="r")
+    keys = np.load(bank / "keys.npy", mmap_mode="r") if (bank / "keys.npy").is_file() else None
+    if targets.ndim != 2 or targets.shape[1] != embedding_dim:
+        problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets.shape}; expected (rows, {embedding_dim})")
+    if score == "embedding" and keys is None:
+        problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
+    return RetrievalSpec(bank=bank, k=int(k) if isinstance(k, int) else 10,
+                         temperature=float(temperature) if _is_number(temperature) else 1.0, score=str(score),
+                         rows=int(targets.shape[0]), key_dim=None if keys is None else int(keys.shape[1]))
 
 
 def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:

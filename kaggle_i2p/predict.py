@@ -23,6 +23,7 @@ from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, image_key
 from .ensemble import combine_towers, combine_views
 from .images import image_loader, list_images, make_view
 from .manifest import Manifest, TowerSpec, load_manifest
+from .retrieval import Bank, retrieve, retrieve_from_logits
 from .submission import submission_frame, write_submission
 from .towers import Tower, check_architectures, load_tower
 
@@ -94,6 +95,7 @@ class TowerRunner:
     def __init__(self, spec: TowerSpec, tower: Tower, device: torch.device, precision: str):
         self.spec = spec
         self.tower = tower
+        self.bank = Bank.open(spec.retrieval.bank) if spec.kind == "retrieval" else None
         self.device = device
         self.precision = precision
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
@@ -131,15 +133,23 @@ class TowerRunner:
         return out
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], views: list[str]) -> dict[str, np.ndarray]:
-        """Raw (B, D) float32 outputs of the named TTA views of a decoded batch; each resize is made once."""
-        wanted = [(name, res, flip) for name, res, flip in self.spec.image.views if name in views]
+        """(B, D) float32 outputs of the named TTA views of a decoded batch (raw for a regressor, the soft top-k bank
+        average for a retrieval tower); each resize is made once."""
+        wanted = [(name, res, flip) for name, res, flip in self.spec.views if name in views]
         outputs, resized = {}, {}
         for name, resolution, flip in wanted:
             if resolution not in resized:
                 resized = {resolution: make_view(pixels, self.spec.image, resolution)}
             view = resized[resolution]
-            outputs[name] = self.forward_view(view.flip(-1) if flip else view).cpu().numpy()
+            scores = self.forward_view(view.flip(-1) if flip else view)
+            outputs[name] = scores.cpu().numpy() if self.bank is None else self._retrieve(scores)
         return outputs
+
+    def _retrieve(self, scores: torch.Tensor) -> np.ndarray:
+        options = self.spec.retrieval
+        if options.score == "logits":
+            return retrieve_from_logits(scores, self.bank.targets, options.k, options.temperature)
+        return retrieve(scores, self.bank, options.k, options.temperature)
 
 
 def _as_manifest(manifest: str | Path | Manifest) -> Manifest:
@@ -167,18 +177,20 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     device = resolve_device(device)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
-    specs = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
+    every = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: not run", spec.name)
+    specs = [s for s in every if s.kind != "prior"]  # the towers with a network to run
     precisions = {s.name: resolve_precision(precision or s.precision, device) for s in specs}
     cache = PredictionCache(cache_dir) if cache_dir is not None else None
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim) for s in specs if cache}
 
     n, dim = len(listing.ids), manifest.embedding_dim
     image_keys = [image_key(p) for p in listing.paths] if cache else []
-    views = {s.name: [name for name, _, _ in s.image.views] for s in specs}
+    views = {s.name: [name for name, _, _ in s.views] for s in every}
     outputs = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in views[s.name]} for s in specs}
+    outputs.update({s.name: {"prior": np.tile(s.prior, (n, 1))} for s in every if s.kind == "prior"})
     decode_errors: dict[int, str] = {}
 
     # 1. What the cache already holds; a chunk is decoded only if some tower x view lacks it.
@@ -232,8 +244,8 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     # 3. TTA per tower, then the weighted ensemble; unreadable or non-finite rows get the fallback.
     failed = {i: f"unreadable image ({reason})" for i, reason in decode_errors.items()}
     tower_embeddings = {}
-    for spec in specs:
-        tower = combine_views([outputs[spec.name][v] for v in views[spec.name]], spec.image.view_weight_list())
+    for spec in every:
+        tower = combine_views([outputs[spec.name][v] for v in views[spec.name]], spec.view_weight_list())
         bad = ~np.isfinite(tower).all(axis=1) | (np.linalg.norm(np.nan_to_num(tower), axis=1) < 1e-6)
         for index in np.flatnonzero(bad):
             if int(index) not in failed:
@@ -247,7 +259,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
         embeddings[index] = manifest.fallback
 
     summary = RunSummary(
-        n_images=n, towers=[s.name for s in specs], n_views=sum(s.image.n_views for s in specs),
+        n_images=n, towers=[s.name for s in every], n_views=sum(s.n_views for s in specs),
         device=str(device), precision=precisions,
         fallbacks=[(listing.ids[i], failed[i]) for i in sorted(failed)],
         skipped_files=[p.name for p in listing.skipped],

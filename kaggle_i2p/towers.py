@@ -74,7 +74,8 @@ def _build_timm_backbone(spec: TowerSpec) -> tuple[nn.Module, int, None, None]:
     if not timm.is_model(spec.arch):
         raise ValueError(f"timm has no model named {spec.arch!r} (timm {timm.__version__}); "
                          "check the spelling with timm.list_models('*pattern*')")
-    kwargs: dict = {"pretrained": False, "num_classes": 0}
+    logits = spec.kind == "retrieval" and spec.retrieval.score == "logits"
+    kwargs: dict = {"pretrained": False, "num_classes": spec.retrieval.rows if logits else 0}
     if spec.native_resolution is not None:
         kwargs["img_size"] = spec.native_resolution
     try:  # ViT-style models resample their position embeddings to the input size at every forward
@@ -83,7 +84,7 @@ def _build_timm_backbone(spec: TowerSpec) -> tuple[nn.Module, int, None, None]:
         if "dynamic_img_size" not in str(err):
             raise
         model = timm.create_model(spec.arch, **kwargs)  # convolutional: any input size works as it is
-    return model, int(model.num_features), None, None
+    return model, int(model.num_classes if logits else model.num_features), None, None
 
 
 def _open_clip_config(arch: str) -> dict:
@@ -116,6 +117,9 @@ def _build_open_clip_backbone(spec: TowerSpec) -> tuple[nn.Module, int, Callable
     from open_clip.model import _build_vision_tower
     from open_clip.transformer import VisionTransformer
 
+    if spec.kind == "retrieval" and spec.retrieval.score == "logits":
+        raise ValueError("an open_clip image tower gives embeddings, not class logits: use score: embedding with a "
+                         "bank whose keys are the matching CLIP text embeddings")
     config = _open_clip_config(spec.arch)
     vision_cfg = dict(config["vision_cfg"])
     if spec.native_resolution is not None:
@@ -127,11 +131,20 @@ def _build_open_clip_backbone(spec: TowerSpec) -> tuple[nn.Module, int, Callable
     return visual, int(config["embed_dim"]), _resize_open_clip_pos_embed, size if isinstance(size, int) else size[0]
 
 
+def output_dim(spec: TowerSpec, embedding_dim: int = 384) -> int:
+    """What the tower's network outputs: the embedding (regressor), or the scores a retrieval tower ranks with."""
+    if spec.kind == "retrieval":
+        return spec.retrieval.rows if spec.retrieval.score == "logits" else spec.retrieval.key_dim
+    return embedding_dim
+
+
 def build_tower(spec: TowerSpec, embedding_dim: int = 384) -> Tower:
     """Build the tower's architecture with random weights, touching no network and no checkpoint."""
+    if spec.kind == "prior":
+        raise ValueError(f"tower {spec.name!r} is a prior: a constant vector, no network")
     builder = _build_timm_backbone if spec.library == "timm" else _build_open_clip_backbone
     backbone, feature_dim, resizer, native_size = builder(spec)
-    head = build_head(feature_dim, spec.head, embedding_dim)
+    head = nn.Identity() if spec.kind == "retrieval" else build_head(feature_dim, spec.head, embedding_dim)
     return Tower(backbone, head, pos_embed_for_size=resizer, native_size=native_size)
 
 
@@ -154,6 +167,8 @@ def check_architectures(manifest: Manifest) -> None:
     problems: list[str] = []
     for index, spec in enumerate(manifest.towers):
         label = f"tower {spec.name!r} (towers[{index}])"
+        if spec.kind == "prior":
+            continue
         try:
             with torch.device("meta"):
                 tower = build_tower(spec, manifest.embedding_dim)
@@ -173,9 +188,11 @@ def check_architectures(manifest: Manifest) -> None:
             except Exception as err:  # noqa: BLE001
                 problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
                 continue
-            if tuple(out.shape) != (1, manifest.embedding_dim):
-                problems.append(f"{label}.head: output shape {tuple(out.shape)}, "
-                                f"expected (1, {manifest.embedding_dim})")
+            expected = output_dim(spec, manifest.embedding_dim)
+            if tuple(out.shape) != (1, expected):
+                field = "retrieval" if spec.kind == "retrieval" else "head"
+                problems.append(f"{label}.{field}: the network outputs {tuple(out.shape)}, expected (1, {expected})"
+                                + (" (the bank's rows or key size)" if spec.kind == "retrieval" else ""))
     if problems:
         raise ManifestError(manifest.path, problems)
 
