@@ -12,8 +12,11 @@ DEFAULT_MANIFEST = "weights_manifest.yaml"
 DEFAULT_CACHE = ".i2p_cache"
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", default=DEFAULT_MANIFEST, help="weights manifest YAML (default: %(default)s)")
+def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | None = DEFAULT_MANIFEST,
+                     manifest_help: str = "%(default)s") -> None:
+    parser.add_argument("--manifest", default=manifest_default,
+                        help=f"weights manifest YAML, or `demo` for the real-weight demo ensemble (default: "
+                             f"{manifest_help})")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 32 CUDA, 8 CPU)")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 2)")
@@ -77,10 +80,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     check_architectures(manifest)
     print(f"{args.path}: OK ({len(manifest.towers)} towers)")
     for spec in manifest.towers:
-        print(f"  {spec.name}: {spec.library} {spec.arch}, {spec.head.type} head, resolutions "
-              f"{list(spec.image.resolutions)}{' + hflip' if spec.image.hflip else ''}, weight {spec.weight:g}, "
-              f"{spec.checkpoint}")
+        print(f"  {spec.name}: {_describe(spec)}")
     return 0
+
+
+def _describe(spec) -> str:
+    """One line per tower for validate-manifest."""
+    if spec.kind == "prior":
+        return f"prior (a constant vector), weight {spec.weight:g}"
+    if spec.kind == "retrieval":
+        options = spec.retrieval
+        what = (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}), k={options.k}, "
+                f"temperature {options.temperature:g}")
+    else:
+        what = f"{spec.head.type} head"
+    return (f"{spec.library} {spec.arch}, {what}, resolutions {list(spec.image.resolutions)}"
+            f"{' + hflip' if spec.image.hflip else ''}, weight {spec.weight:g}, {spec.checkpoint}")
 
 
 def _cmd_dry_run(args: argparse.Namespace) -> int:
@@ -142,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("--out", default=None, help="also keep the dry-run CSV here")
     dry.add_argument("--json", action="store_true", help="print one JSON object")
     dry.add_argument("--no-embedding-check", action="store_true", help="skip embedding prompts.csv")
-    _add_run_options(dry)
+    _add_run_options(dry, manifest_default=None, manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
     dry.set_defaults(func=_cmd_dry_run)
 
     def labelled(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -202,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from .demo_ensemble import resolve_manifest
+
+        if getattr(args, "manifest", None) is None:  # dry-run: the competition manifest on Kaggle, else the demo
+            from .dryrun import KAGGLE_SAMPLE_DIR
+
+            args.manifest = DEFAULT_MANIFEST if KAGGLE_SAMPLE_DIR.is_dir() else "demo"
+        if hasattr(args, "manifest"):
+            args.manifest = resolve_manifest(args.manifest)
+        if args.command == "validate-manifest":
+            args.path = resolve_manifest(args.path)
         return args.func(args)
     except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable, BankError,
             FileNotFoundError) as err:

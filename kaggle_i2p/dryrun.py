@@ -56,6 +56,7 @@ class DryRunReport:
     mean_cosine: float | None
     per_image: dict[str, float]
     fallback_mean_cosine: float  # the manifest's fallback (prior) vector alone, written for every image: a baseline
+    fallback_per_image: dict[str, float]
     embedding_check_max_abs_diff: float | None
     embedding_check_ok: bool | None
     embedding_check_note: str
@@ -74,7 +75,7 @@ class DryRunReport:
         lines.append(f"  format vs sample_submission.csv: {'OK' if self.format_ok else 'FAILED'}")
         lines.extend(f"    - {p}" for p in self.format_problems)
         for image_id, score in self.per_image.items():
-            lines.append(f"  {image_id}  cosine {score:+.4f}")
+            lines.append(f"  {image_id}  cosine {score:+.4f}   (prior alone {self.fallback_per_image[image_id]:+.4f})")
         if self.mean_cosine is not None:
             lines.append(f"  mean cosine over {self.n_images} images: {self.mean_cosine:.4f}")
         lines.append(f"  baseline, the fallback (prior) vector for every image: {self.fallback_mean_cosine:.4f}")
@@ -128,7 +129,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         written = read_submission(csv_path)
 
     image_ids, targets = sample_targets(sample_csv)
-    baseline, _ = mean_cosine(np.tile(manifest.fallback, (len(image_ids), 1)), targets)
+    baseline, baseline_rows = mean_cosine(np.tile(manifest.fallback, (len(image_ids), 1)), targets)
     mean, per_image = None, {}
     if fmt.ok:
         predicted = written["val"].to_numpy(dtype=np.float32).reshape(len(image_ids), -1)
@@ -141,7 +142,9 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
     return DryRunReport(
         sample_dir=str(sample_dir), manifest=str(manifest.path), submission_csv=str(out_csv) if out_csv else "",
         n_images=len(run.ids), format_ok=fmt.ok, format_problems=fmt.problems, mean_cosine=mean,
-        per_image=per_image, fallback_mean_cosine=baseline, embedding_check_max_abs_diff=diff,
+        per_image=per_image, fallback_mean_cosine=baseline,
+        fallback_per_image={i: float(s) for i, s in zip(image_ids, baseline_rows, strict=True)},
+        embedding_check_max_abs_diff=diff,
         embedding_check_ok=None if diff is None else diff <= EMBEDDING_TOLERANCE, embedding_check_note=note,
         summary=run.summary,
     )
