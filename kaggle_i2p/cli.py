@@ -115,7 +115,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
 def _cmd_build_bank(args: argparse.Namespace) -> int:
     from .retrieval import Bank, build_bank
 
-    bank = Bank.open(build_bank(args.texts, args.out, column=args.column, keys=args.keys))
+    bank = Bank.open(build_bank(args.texts, args.out, column=args.column, keys=args.keys, clip_arch=args.clip_arch,
+                                clip_checkpoint=args.clip_checkpoint))
     print(f"wrote bank {bank.path}: {len(bank)} texts, targets {bank.targets.shape}, "
           f"keys {None if bank.keys is None else bank.keys.shape}")
     return 0
@@ -187,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     bank.add_argument("texts", type=Path)
     bank.add_argument("--out", type=Path, required=True)
     bank.add_argument("--column", default=None, help="text column of a CSV/parquet file (default: prompt)")
-    bank.add_argument("--keys", choices=["none", "minilm"], default="none",
-                      help="minilm: also store the MiniLM embeddings as keys, to query the bank with 384-d vectors")
+    bank.add_argument("--keys", choices=["none", "minilm", "clip"], default="none",
+                      help="none: a classifier's class bank; minilm: query with 384-d vectors; clip: CLIP text "
+                           "embeddings, queried by the matching CLIP image tower (score: embedding)")
+    bank.add_argument("--clip-arch", default=None, help="open_clip model name or config .json, for --keys clip")
+    bank.add_argument("--clip-checkpoint", type=Path, default=None, help="local open_clip checkpoint, for --keys clip")
     bank.set_defaults(func=_cmd_build_bank)
 
     pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")

@@ -154,17 +154,59 @@ def read_texts(path: str | Path, column: str | None = None) -> list[str]:
     return [t for t in texts if t]
 
 
+def clip_text_embeddings(texts: Sequence[str], arch: str, checkpoint: str | Path, batch_size: int = 256,
+                         device: str = "cpu") -> np.ndarray:
+    """Unit CLIP text embeddings from a local open_clip checkpoint (built with no pretrained tag, never the hub).
+
+    `arch` is an open_clip model name or model-config .json; the checkpoint holds the whole CLIP state dict (as
+    open_clip saves it). The matching image tower, used with `score: embedding`, then retrieves from these keys.
+    """
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+    from tqdm.auto import tqdm
+
+    from .towers import _open_clip_config, read_state_dict, strip_prefixes
+
+    config = _open_clip_config(arch)
+    if config["text_cfg"].get("hf_tokenizer_name"):
+        raise BankError(f"{arch}: its tokenizer comes from the Hugging Face hub, which is not used here")
+    # A normal build: CLIP's attention mask is a buffer only its constructor computes (never in a checkpoint).
+    model = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in ("embed_dim", "vision_cfg", "text_cfg",
+                                                                              "quick_gelu")})
+    state = strip_prefixes(read_state_dict(Path(checkpoint)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BankError(f"{checkpoint} is not a full open_clip {arch} checkpoint: {err}") from err
+    model = model.to(device).eval()
+    tokenizer = SimpleTokenizer(context_length=config["text_cfg"].get("context_length", 77))
+    chunks = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="CLIP text", unit="batch"):
+            tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+            chunks.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu().numpy())
+    return np.concatenate(chunks)
+
+
 def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None = None, keys: str = "none",
-               text_model_path: str | Path | None = None, batch_size: int = 256) -> Path:
-    """Embed a text file with all-MiniLM-L6-v2 into a bank; `keys="minilm"` also makes the targets its keys, so the
-    bank can be queried with 384-d embeddings (snapping a prediction to real prompts)."""
+               text_model_path: str | Path | None = None, batch_size: int = 256, clip_arch: str | None = None,
+               clip_checkpoint: str | Path | None = None) -> Path:
+    """Embed a text file with all-MiniLM-L6-v2 into a bank. Keys: `none` (a classifier's class bank), `minilm` (query
+    with 384-d vectors, snapping a prediction to real prompts) or `clip` (the texts through a local CLIP text tower,
+    queried with the matching CLIP image tower)."""
     from .text import embed_prompts
 
+    if keys not in ("none", "minilm", "clip"):
+        raise BankError(f"keys {keys!r}: choose none, minilm or clip")
+    if keys == "clip" and not (clip_arch and clip_checkpoint):
+        raise BankError("--keys clip needs --clip-arch and --clip-checkpoint (a local open_clip checkpoint)")
     texts = read_texts(texts_path, column)
     if not texts:
         raise BankError(f"{texts_path}: no texts")
     targets = embed_prompts(texts, model_path=text_model_path, batch_size=batch_size, progress=True)
-    if keys not in ("none", "minilm"):
-        raise BankError(f"keys {keys!r}: choose none or minilm")
-    return write_bank(out_dir, texts, targets, keys=targets if keys == "minilm" else None,
-                      meta={"source": str(texts_path), "targets": "all-MiniLM-L6-v2", "keys": keys})
+    key_vectors = {"none": None, "minilm": targets}.get(keys)
+    if keys == "clip":
+        key_vectors = clip_text_embeddings(texts, clip_arch, clip_checkpoint, batch_size)
+    return write_bank(out_dir, texts, targets, keys=key_vectors,
+                      meta={"source": str(texts_path), "targets": "all-MiniLM-L6-v2", "keys": keys,
+                            **({"clip_arch": clip_arch} if keys == "clip" else {})})

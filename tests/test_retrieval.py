@@ -125,3 +125,60 @@ def test_read_texts_errors(tmp_path):
     assert read_texts(tmp_path / "p.csv", column="text") == ["a cat"]
     with pytest.raises(BankError, match="no column 'prompt'"):
         read_texts(tmp_path / "p.csv")
+
+
+def test_clip_keyed_bank_and_clip_image_retrieval_end_to_end(tmp_path, sample_dir, toy_manifest):
+    """A tiny random CLIP saved as open_clip saves it: its text tower keys the bank, its image tower queries it."""
+    import json
+
+    import open_clip
+    import yaml
+    from open_clip.tokenizer import SimpleTokenizer
+    from safetensors.torch import save_file
+
+    import kaggle_i2p
+    from kaggle_i2p.images import decode_image, make_view
+    from kaggle_i2p.manifest import load_manifest
+    from kaggle_i2p.retrieval import build_bank
+
+    config_path = toy_manifest.parent / "tiny_open_clip_vit.json"
+    config = json.loads(config_path.read_text())
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(**config).eval()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+
+    bank = Bank.open(build_bank(sample_dir / "prompts.csv", tmp_path / "bank", keys="clip", clip_arch=str(config_path),
+                                clip_checkpoint=tmp_path / "clip.safetensors"))
+    texts = bank.texts(range(len(bank)))
+    with torch.no_grad():
+        expected_keys = torch.nn.functional.normalize(clip.encode_text(SimpleTokenizer()(texts)), dim=-1).numpy()
+    np.testing.assert_allclose(np.asarray(bank.keys, dtype=np.float32), expected_keys, atol=2e-3)
+    assert bank.keys.shape == (7, 32) and bank.meta["keys"] == "clip"
+
+    save_file({"backbone." + k[len("visual."):]: v.contiguous() for k, v in clip.state_dict().items()
+               if k.startswith("visual.")}, str(tmp_path / "visual.safetensors"))
+    image = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+             "interpolation": "bicubic", "resize": "squash", "resolutions": [64]}
+    manifest = {"fallback": str(toy_manifest.parent / "fallback.npy"), "towers": [
+        {"name": "clip_retrieval", "kind": "retrieval", "library": "open_clip", "arch": str(config_path),
+         "checkpoint": str(tmp_path / "visual.safetensors"), "image": image, "weight": 1,
+         "retrieval": {"bank": str(tmp_path / "bank"), "k": 1, "score": "embedding"}}]}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    spec = load_manifest(tmp_path / "m.yaml").towers[0]
+    run = kaggle_i2p.run_prediction(sample_dir / "images", tmp_path / "m.yaml", device="cpu", num_workers=0,
+                                    progress=False)
+    targets = np.asarray(bank.targets, dtype=np.float32)
+    for i, image_id in enumerate(run.ids):
+        with torch.no_grad():
+            query = clip.encode_image(make_view(decode_image(sample_dir / "images" / f"{image_id}.png")[None],
+                                                spec.image, 64))
+        query = torch.nn.functional.normalize(query, dim=-1)[0].numpy()
+        best = int(np.argmax(np.asarray(bank.keys, np.float32) @ query))
+        np.testing.assert_allclose(run.embeddings[i], l2_normalize(targets[best]), atol=1e-5)
+
+
+def test_clip_keys_need_a_checkpoint(tmp_path, sample_dir):
+    from kaggle_i2p.retrieval import build_bank
+
+    with pytest.raises(BankError, match="--keys clip needs --clip-arch and --clip-checkpoint"):
+        build_bank(sample_dir / "prompts.csv", tmp_path / "b", keys="clip")
