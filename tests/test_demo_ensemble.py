@@ -162,3 +162,24 @@ def test_open_clip_cannot_give_logits(tmp_path, toy_manifest):
     path.write_text(yaml.safe_dump({**data, "fallback": str(toy_manifest.parent / "fallback.npy"), "towers": [tower]}))
     with pytest.raises(ManifestError, match="an open_clip image tower gives embeddings, not class logits"):
         check_architectures(load_manifest(path, check_files=False))
+
+
+def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_manifest, tmp_path, sample_dir,
+                                                                          monkeypatch):
+    import os
+    import shutil
+
+    from kaggle_i2p.predict import TowerRunner
+
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_manifest.parent, folder)
+    options = {"device": "cpu", "num_workers": 0, "progress": False, "cache_dir": tmp_path / "cache"}
+    first = kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)
+    monkeypatch.setattr(TowerRunner, "forward_view", lambda *a: pytest.fail("recomputed"))
+    second = kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)
+    assert second.summary.cached_images == 7 and np.array_equal(first.embeddings, second.embeddings)
+
+    targets = folder / "imagenet_phrases" / "targets.npy"
+    os.utime(targets, ns=(targets.stat().st_atime_ns, targets.stat().st_mtime_ns + 10**9))  # the bank changed
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)
