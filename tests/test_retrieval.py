@@ -118,9 +118,15 @@ def test_build_bank_from_the_real_prompts_gives_each_prompt_back(tmp_path, sampl
     assert bank.meta["keys"] == "minilm" and bank.meta["rows"] == 7
 
 
-def test_read_texts_errors(tmp_path):
+def test_read_texts_from_txt_csv_and_parquet(tmp_path):
+    import pandas as pd
+
     from kaggle_i2p.retrieval import read_texts
 
+    (tmp_path / "p.txt").write_text("a  cat\n\n a dog \n")
+    assert read_texts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    pd.DataFrame({"prompt": ["a red  fox", "", "an owl"]}).to_parquet(tmp_path / "p.parquet")
+    assert read_texts(tmp_path / "p.parquet") == ["a red fox", "an owl"]
     (tmp_path / "p.csv").write_text("id,text\n1,a cat\n2,\n")
     assert read_texts(tmp_path / "p.csv", column="text") == ["a cat"]
     with pytest.raises(BankError, match="no column 'prompt'"):
