@@ -144,7 +144,11 @@ def read_texts(path: str | Path, column: str | None = None) -> list[str]:
     else:
         import pandas as pd
 
-        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        try:
+            frame = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
+                     else pd.read_csv(path, keep_default_na=False))
+        except ImportError as err:
+            raise BankError(f"{path}: reading parquet needs pyarrow (pip install pyarrow): {err}") from err
         column = column or "prompt"
         if column not in frame.columns:
             raise BankError(f"{path}: no column {column!r} (columns: {', '.join(map(str, frame.columns))}); "
