@@ -2,13 +2,15 @@
 
 collect (files -> prompts with their source) -> clean (whitespace, length in CLIP tokens, mostly-English, exact
 duplicates) -> semantic dedup (all-MiniLM-L6-v2, cosine >= 0.9 to an earlier kept prompt) -> targets (the MiniLM
-embeddings) -> folds (prompts grouped at cosine >= 0.7, GroupKFold, so no near-duplicate crosses folds) -> index.
+embeddings) -> folds (prompts grouped at cosine >= 0.7, GroupKFold, so no near-duplicate crosses folds)
+-> generate (SD2 images, sharded over ranks, see generate.py) -> index (one row per image that exists).
 Every step reads and writes files in one work folder, so each can run alone and a finished step is never redone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -25,8 +27,9 @@ from .retrieval import read_texts
 log = logging.getLogger("kaggle_i2p")
 
 CLIP_CONTEXT = 77  # tokens, start and end included; SD truncates longer prompts
-PROMPTS, CLEAN, DEDUP, TARGETS, INDEX = "prompts.parquet", "clean.parquet", "dedup.parquet", "targets.npy", \
-    "index.parquet"
+PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
+PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt
+INDEX, TARGETS, IMAGES = "index.parquet", "targets.npy", "images"  # one row per generated image
 
 
 def collect(sources: Sequence[str]) -> pd.DataFrame:
@@ -150,27 +153,56 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
         kept, dropped = clean(pd.read_parquet(work / PROMPTS))
         log.info("clean: kept %d, dropped %s", len(kept), dropped)
         _write_parquet(kept, work / CLEAN)
-    if not (work / DEDUP).is_file() or not (work / TARGETS).is_file():
+    if not (work / DEDUP).is_file() or not (work / PROMPT_TARGETS).is_file():
         frame = pd.read_parquet(work / CLEAN)
         embeddings = embed_prompts(frame["prompt"].tolist(), device=device, progress=True)
         keep = semantic_dedup(embeddings, dedup_threshold, device=device)
         log.info("semantic dedup at cosine %.2f: kept %d of %d", dedup_threshold, keep.sum(), len(keep))
-        with atomic_open(work / TARGETS, "wb") as handle:
+        with atomic_open(work / PROMPT_TARGETS, "wb") as handle:
             np.save(handle, embeddings[keep])
         _write_parquet(frame[keep].reset_index(drop=True), work / DEDUP)
-    if not (work / INDEX).is_file():
+    if not (work / PROMPT_INDEX).is_file():
         frame = pd.read_parquet(work / DEDUP)
-        targets = np.load(work / TARGETS)
+        targets = np.load(work / PROMPT_TARGETS)
         groups = similarity_groups(targets, group_threshold, device=device)
-        frame = frame.assign(imgId=[f"p{i:08d}" for i in range(len(frame))], group=groups,
+        frame = frame.assign(promptId=[f"p{i:08d}" for i in range(len(frame))], group=groups,
                              fold=assign_folds(groups, n_folds))
-        _write_parquet(frame[["imgId", "prompt", "source", "group", "fold"]], work / INDEX)
+        _write_parquet(frame[["promptId", "prompt", "source", "group", "fold"]], work / PROMPT_INDEX)
+    return work / PROMPT_INDEX
+
+
+def write_image_index(work: str | Path, image_format: str = "png") -> Path:
+    """index.parquet (imgId, prompt, source, path, seed, group, fold; sorted by imgId) and targets.npy aligned to
+    it, for every generated image on disk; the evaluate/tune commands and the trainer read these directly."""
+    from .generate import image_jobs
+
+    work = Path(work)
+    prompts = pd.read_parquet(work / PROMPT_INDEX)
+    targets = np.load(work / PROMPT_TARGETS)
+    rows = []
+    for job in image_jobs(prompts, _images_per_prompt(work)):
+        path = work / IMAGES / f"{job.image_id}.{image_format}"
+        if path.is_file():
+            prompt = prompts.iloc[job.prompt_row]
+            rows.append({"imgId": job.image_id, "prompt": prompt["prompt"], "source": prompt["source"],
+                         "path": str(path.relative_to(work)), "seed": job.seed, "group": int(prompt["group"]),
+                         "fold": int(prompt["fold"]), "prompt_row": job.prompt_row})
+    index = pd.DataFrame(rows).sort_values("imgId", ignore_index=True)
+    with atomic_open(work / TARGETS, "wb") as handle:
+        np.save(handle, targets[index["prompt_row"].to_numpy()])
+    _write_parquet(index.drop(columns="prompt_row"), work / INDEX)
     return work / INDEX
 
 
+def _images_per_prompt(work: Path) -> int:
+    settings = work / "generation.json"
+    return json.loads(settings.read_text())["images_per_prompt"] if settings.is_file() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kaggle_i2p.dataset text SOURCES... --work DIR`: the text steps of build_dataset.sh."""
-    parser = argparse.ArgumentParser(prog="python -m kaggle_i2p.dataset", description=__doc__)
+    """`python -m kaggle_i2p.dataset text|generate|index ...`: the steps of build_dataset.sh, each runnable alone."""
+    parser = argparse.ArgumentParser(prog="python -m kaggle_i2p.dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
     text = sub.add_parser("text", help="collect, clean, dedup, targets and folds into WORK/index.parquet")
     text.add_argument("sources", nargs="+", help="prompt files: PATH or PATH:COLUMN (txt, csv, parquet)")
@@ -179,11 +211,35 @@ def main(argv: list[str] | None = None) -> int:
     text.add_argument("--group-threshold", type=float, default=0.7)
     text.add_argument("--folds", type=int, default=5)
     text.add_argument("--device", default="cpu")
+    gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate for more)")
+    gen.add_argument("--work", type=Path, required=True)
+    gen.add_argument("--model", type=Path, required=True, help="local diffusers Stable Diffusion 2 folder")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=25, help="DPMSolver++ steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=9.0)
+    gen.add_argument("--image-size", type=int, default=512, help="saved size (the host's images are 512)")
+    gen.add_argument("--render-size", type=int, default=None, help="generation size (default: the model's, 768)")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--format", choices=["png", "webp"], default="png")
+    gen.add_argument("--device", default=None)
+    index = sub.add_parser("index", help="write index.parquet and targets.npy for the images on disk")
+    index.add_argument("--work", type=Path, required=True)
+    index.add_argument("--format", choices=["png", "webp"], default="png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    index = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
-                           args.device)
-    print(f"wrote {index}: {len(pd.read_parquet(index))} prompts")
+    if args.step == "text":
+        path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
+                              args.device)
+        print(f"wrote {path}: {len(pd.read_parquet(path))} prompts")
+    elif args.step == "generate":
+        from .generate import generate
+
+        written = generate(args.work, args.model, args.images_per_prompt, args.steps, args.guidance, args.image_size,
+                           args.render_size, args.batch_size, args.format, args.device)
+        print(f"generated {len(written)} images")
+    else:
+        path = write_image_index(args.work, args.format)
+        print(f"wrote {path}: {len(pd.read_parquet(path))} images")
     return 0
 
 

@@ -26,8 +26,12 @@ class TargetError(ValueError):
 
 
 def read_prompts(prompts_csv: str | Path) -> pd.DataFrame:
-    """A prompts file: columns imgId, prompt (Kaggle's prompts.csv layout), optionally fold."""
-    frame = pd.read_csv(prompts_csv, dtype={"imgId": str}, keep_default_na=False)
+    """A prompts file: columns imgId, prompt (Kaggle's prompts.csv layout), optionally fold; CSV, or the parquet
+    index that build_dataset.sh writes."""
+    if str(prompts_csv).endswith(".parquet"):
+        frame = pd.read_parquet(prompts_csv).astype({"imgId": str})
+    else:
+        frame = pd.read_csv(prompts_csv, dtype={"imgId": str}, keep_default_na=False)
     missing = {"imgId", "prompt"} - set(frame.columns)
     if missing:
         raise TargetError(f"{prompts_csv}: needs columns imgId and prompt (missing {', '.join(sorted(missing))})")

@@ -54,16 +54,16 @@ def test_text_steps_end_to_end_and_resume(tmp_path, sample_dir, monkeypatch):
     index_path = dataset.run_text_steps([f"{sample_dir / 'prompts.csv'}:prompt", str(tmp_path / "extra.txt")],
                                         tmp_path / "work", n_folds=3)
     index = pd.read_parquet(index_path)
-    assert list(index.columns) == ["imgId", "prompt", "source", "group", "fold"]
+    assert list(index.columns) == ["promptId", "prompt", "source", "group", "fold"]
     assert len(index) == 8  # 7 sample prompts + the lighthouse; the near-duplicate astronaut and "ok" are gone
     assert "a lighthouse on a cliff during a storm" in index["prompt"].tolist()
     assert index.groupby("group")["fold"].nunique().max() == 1
-    targets = np.load(tmp_path / "work" / "targets.npy")
+    targets = np.load(tmp_path / "work" / "prompt_targets.npy")
     np.testing.assert_allclose(targets, embed_prompts(index["prompt"].tolist()), atol=1e-6)
 
     monkeypatch.setattr(dataset, "semantic_dedup", lambda *a, **k: pytest.fail("a finished step was redone"))
     monkeypatch.setattr(dataset, "collect", lambda *a, **k: pytest.fail("a finished step was redone"))
-    (tmp_path / "work" / "index.parquet").unlink()  # only the last step is missing
+    (tmp_path / "work" / "prompt_index.parquet").unlink()  # only the last step is missing
     assert pd.read_parquet(dataset.run_text_steps(["unused"], tmp_path / "work", n_folds=3)).equals(index)
 
 

@@ -1,0 +1,116 @@
+"""Stable Diffusion 2 image generation for the training set, resumable and sharded over processes or GPUs.
+
+Every (prompt, image number) has its own seed from `zlib.adler32` (a fixed seed for all prompts hurt the 2nd place),
+so any shard layout produces the same images. Rank r of a world of W (from torchrun's or accelerate's RANK and
+WORLD_SIZE) takes jobs r, r+W, r+2W, ...: no duplicates, no gaps. Images that exist are skipped, and each is written
+atomically, so a killed run resumes without redoing or corrupting work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .atomic import atomic_open
+
+log = logging.getLogger("kaggle_i2p")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    prompt_row: int
+    image_number: int
+    image_id: str
+    seed: int
+
+
+def prompt_seed(prompt: str, image_number: int) -> int:
+    """A seed per (prompt, image number), stable across runs, machines and shard layouts."""
+    return zlib.adler32(f"{image_number}\x00{prompt}".encode())
+
+
+def image_jobs(prompts: pd.DataFrame, images_per_prompt: int) -> Iterator[ImageJob]:
+    """Every image to make, in a fixed order: prompt by prompt, image number by image number."""
+    for row, (prompt_id, prompt) in enumerate(zip(prompts["promptId"], prompts["prompt"], strict=True)):
+        for number in range(images_per_prompt):
+            yield ImageJob(row, number, f"{prompt_id}_{number}", prompt_seed(prompt, number))
+
+
+def shard(jobs: list[ImageJob], rank: int, world: int) -> list[ImageJob]:
+    """Rank r's share: jobs r, r + W, r + 2W, ... (balanced; the shares of all ranks are disjoint and complete)."""
+    return jobs[rank::world]
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by torchrun or accelerate launch; (0, 1, 0) for a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
+    """A local diffusers StableDiffusionPipeline with DPMSolver++ and, in fp16, the SD2 attention upcast (without it
+    the 768-v model makes black images); no safety checker, nothing from the hub."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    dtype = torch.float16 if fp16 else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+                                                upcast_attention=fp16)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, unet=unet, torch_dtype=dtype, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = 1, steps: int = 25,
+             guidance: float = 9.0, image_size: int = 512, render_size: int | None = None, batch_size: int = 4,
+             image_format: str = "png", device: str | None = None) -> list[Path]:
+    """Make this rank's share of the missing images under WORK/images; returns the files it wrote."""
+    from tqdm.auto import tqdm
+
+    from .dataset import IMAGES, PROMPT_INDEX
+
+    work = Path(work)
+    rank, world, local_rank = rank_and_world()
+    settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
+                "image_size": image_size, "render_size": render_size, "format": image_format}
+    if rank == 0:
+        with atomic_open(work / "generation.json") as handle:
+            json.dump(settings, handle, indent=1)
+    prompts = pd.read_parquet(work / PROMPT_INDEX)
+    out_dir = work / IMAGES
+    out_dir.mkdir(exist_ok=True)
+    mine = shard(list(image_jobs(prompts, images_per_prompt)), rank, world)
+    todo = [job for job in mine if not (out_dir / f"{job.image_id}.{image_format}").is_file()]
+    log.info("rank %d/%d: %d images, %d already made", rank, world, len(mine), len(mine) - len(todo))
+    if not todo:
+        return []
+    cuda = torch.cuda.is_available() and device != "cpu"
+    torch_device = torch.device(device or (f"cuda:{local_rank}" if cuda else "cpu"))
+    pipe = load_pipeline(model_dir, torch_device, fp16=torch_device.type == "cuda")
+    size = render_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    written = []
+    with tqdm(total=len(todo), desc=f"rank {rank}", position=rank, unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in batch]
+            images = pipe([prompts["prompt"].iloc[job.prompt_row] for job in batch], num_inference_steps=steps,
+                          guidance_scale=guidance, height=size, width=size, generator=generators).images
+            for job, image in zip(batch, images, strict=True):
+                if image.size != (image_size, image_size):
+                    image = image.resize((image_size, image_size), resample=3)  # bicubic, like the host's 768 -> 512
+                path = out_dir / f"{job.image_id}.{image_format}"
+                with atomic_open(path, "wb") as handle:
+                    image.save(handle, format="PNG" if image_format == "png" else "WEBP",
+                               **({"lossless": True} if image_format == "webp" else {}))
+                written.append(path)
+            bar.update(len(batch))
+    return written

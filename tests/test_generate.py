@@ -1,0 +1,133 @@
+"""Image generation for the dataset with a tiny random Stable Diffusion pipeline built here (no downloads):
+build_dataset.sh end to end, a 2-process torchrun equal to a 1-process run, resume without redoing work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from kaggle_i2p import dataset
+from kaggle_i2p.generate import generate, image_jobs, prompt_seed, rank_and_world, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread per process in both layouts (torchrun sets it for its workers anyway): float sums then run in the same
+# order, so the shard layout is the only difference and the images must be identical to the byte.
+SETTINGS = {"IMAGES_PER_PROMPT": "2", "STEPS": "2", "IMAGE_SIZE": "24", "RENDER_SIZE": "32", "BATCH_SIZE": "1",
+            "FOLDS": "3", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A randomly initialised SD-style pipeline (UNet, VAE, CLIP text encoder, a tiny tokenizer), saved by diffusers."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), sample_size=8)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+                                        intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                        vocab_size=64, max_position_embeddings=77))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter], vocab[letter + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                   scheduler=DPMSolverMultistepScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+def _build(work: Path, model: Path, sources: list[str], gpus: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, **SETTINGS, "GPUS": str(gpus), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(["bash", str(ROOT / "build_dataset.sh"), str(work), str(model), *sources],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_build_dataset_two_processes_equal_one(tmp_path, tiny_sd, sample_dir):
+    sources = [f"{sample_dir / 'prompts.csv'}:prompt"]
+    two = _build(tmp_path / "two", tiny_sd, sources, gpus=2)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = _build(tmp_path / "one", tiny_sd, sources, gpus=1)
+    assert one.returncode == 0, one.stdout + one.stderr
+
+    names_two = sorted(p.name for p in (tmp_path / "two" / "images").iterdir())
+    names_one = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
+    assert names_two == names_one and len(names_one) == 7 * 2  # no duplicates, no gaps
+    for name in names_one:
+        assert (tmp_path / "two" / "images" / name).read_bytes() == (tmp_path / "one" / "images" / name).read_bytes()
+    first, second = (np.asarray(Image.open(tmp_path / "one" / "images" / n), dtype=int) for n in names_one[:2])
+    assert np.abs(first - second).mean() > 5  # other seeds give other images: the comparison above means something
+
+    index = pd.read_parquet(tmp_path / "one" / "index.parquet")
+    assert list(index.columns) == ["imgId", "prompt", "source", "path", "seed", "group", "fold"]
+    assert index["imgId"].tolist() == sorted(index["imgId"]) and len(index) == 14
+    first = index.iloc[0]
+    assert first["seed"] == zlib.adler32(f"0\x00{first['prompt']}".encode())
+    assert index.groupby("group")["fold"].nunique().max() == 1
+    assert Image.open(tmp_path / "one" / first["path"]).size == (24, 24)
+    targets = np.load(tmp_path / "one" / "targets.npy")
+    prompt_targets = np.load(tmp_path / "one" / "prompt_targets.npy")
+    prompts = pd.read_parquet(tmp_path / "one" / "prompt_index.parquet")
+    for i, row in index.iterrows():
+        np.testing.assert_array_equal(targets[i], prompt_targets[prompts["prompt"].tolist().index(row["prompt"])])
+    assert len(set(index["seed"])) == 14  # never one fixed seed
+
+
+def test_resume_makes_only_missing_images(tmp_path, tiny_sd, sample_dir):
+    work = tmp_path / "work"
+    dataset.run_text_steps([f"{sample_dir / 'prompts.csv'}:prompt"], work, n_folds=3)
+    options = {"images_per_prompt": 1, "steps": 2, "image_size": 24, "render_size": 32, "batch_size": 2,
+               "device": "cpu"}
+    assert len(generate(work, tiny_sd, **options)) == 7
+    for name in ("p00000002_0.png", "p00000005_0.png"):
+        (work / "images" / name).unlink()
+    assert sorted(p.name for p in generate(work, tiny_sd, **options)) == ["p00000002_0.png", "p00000005_0.png"]
+    assert generate(work, tiny_sd, **options) == []  # nothing left: the pipeline is not even loaded
+
+
+
+def test_shards_are_disjoint_and_complete(monkeypatch, sample_dir, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_and_world() == (1, 3, 1)
+    prompts = pd.DataFrame({"promptId": [f"p{i:08d}" for i in range(7)], "prompt": [f"prompt {i}" for i in range(7)]})
+    jobs = list(image_jobs(prompts, 2))
+    shares = [shard(jobs, rank, 3) for rank in range(3)]
+    assert [j.image_id for j in shares[1]] == ["p00000000_1", "p00000002_0", "p00000003_1", "p00000005_0",
+                                               "p00000006_1"]
+    ids = [j.image_id for share in shares for j in share]
+    assert sorted(ids) == sorted(j.image_id for j in jobs) and len(set(ids)) == len(jobs) == 14
+    assert jobs[0].seed == prompt_seed("prompt 0", 0) != prompt_seed("prompt 0", 1)
+
+
+def test_fp16_pipeline_gets_the_sd2_attention_upcast_and_dpm_solver(tiny_sd):
+    """The GPU path's set-up, checked on CPU (no fp16 inference here): fp16 weights, upcast attention, DPMSolver++."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from kaggle_i2p.generate import load_pipeline
+
+    half = load_pipeline(tiny_sd, torch.device("cpu"), fp16=True)
+    assert half.unet.config.upcast_attention is True and half.unet.dtype == torch.float16
+    assert isinstance(half.scheduler, DPMSolverMultistepScheduler) and half.safety_checker is None
+    full = load_pipeline(tiny_sd, torch.device("cpu"), fp16=False)
+    assert full.unet.config.upcast_attention is False and full.unet.dtype == torch.float32
