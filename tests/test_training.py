@@ -1,0 +1,120 @@
+"""Training building blocks: layer-wise LR decay groups, freezing, EMA, loss and schedule, against hand values."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.towers import build_tower
+from kaggle_i2p.training import (
+    ModelEMA,
+    cosine_embedding_loss,
+    freeze_lowest,
+    layer_ids,
+    llrd_param_groups,
+    set_head_only,
+    warmup_cosine,
+)
+
+
+@pytest.fixture
+def towers(toy_manifest):
+    return {spec.name: build_tower(spec) for spec in load_manifest(toy_manifest).towers}
+
+
+def test_layer_ids_for_timm_and_open_clip_vits(towers):
+    ids, n_blocks = layer_ids(towers["toy_timm_vit"])
+    assert n_blocks == 6
+    assert ids["backbone.cls_token"] == ids["backbone.pos_embed"] == ids["backbone.patch_embed.proj.weight"] == 0
+    assert ids["backbone.blocks.0.attn.qkv.weight"] == 1 and ids["backbone.blocks.5.mlp.fc2.bias"] == 6
+    assert ids["backbone.norm.weight"] == ids["head.3.weight"] == 7
+    ids, n_blocks = layer_ids(towers["toy_open_clip_vit"])
+    assert n_blocks == 2
+    assert ids["backbone.conv1.weight"] == ids["backbone.class_embedding"] == ids["backbone.ln_pre.weight"] == 0
+    assert ids["backbone.transformer.resblocks.1.mlp.c_fc.weight"] == 2
+    assert ids["backbone.ln_post.weight"] == ids["backbone.proj"] == ids["head.weight"] == 3
+
+
+def test_convnext_stages_are_ordered_block_by_block():
+    reference = Path(__file__).resolve().parents[1] / "weights_manifest.yaml"
+    spec = next(t for t in load_manifest(reference, check_files=False).towers if t.name == "convnext_xxl")
+    with torch.device("meta"):
+        tower = build_tower(spec)
+    ids, n_blocks = layer_ids(tower)
+    assert n_blocks == 3 + 4 + 30 + 3 + 3  # ConvNeXt-XXL depths, plus the downsampling of stages 1-3
+    assert ids["backbone.trunk.stem.0.weight"] == 0
+    assert ids["backbone.trunk.stages.0.blocks.2.mlp.fc1.weight"] == 3
+    assert ids["backbone.trunk.stages.1.downsample.1.weight"] == 4  # before stage 1's first block
+    assert ids["backbone.trunk.stages.1.blocks.0.mlp.fc1.weight"] == 5
+    assert ids["backbone.trunk.head.norm.weight"] == ids["head.0.weight"] == n_blocks + 1
+
+
+def test_llrd_groups_have_the_expected_learning_rates(towers):
+    groups = llrd_param_groups(towers["toy_timm_vit"], lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    by_name = {name: group for group in groups for name in group["names"]}
+    assert by_name["head.3.weight"]["lr"] == pytest.approx(1e-3)
+    assert by_name["backbone.blocks.5.attn.qkv.weight"]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(1e-3 * 0.5 ** 6)
+    assert by_name["backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(1e-3 * 0.5 ** 7)
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    assert by_name["backbone.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
+    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(towers["toy_timm_vit"].parameters()))
+    torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+def test_freezing_and_linear_probing(towers):
+    model = towers["toy_timm_vit"]
+    frozen = freeze_lowest(model, 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone.blocks.1.attn.qkv.weight" not in trainable and "backbone.pos_embed" not in trainable
+    assert "backbone.blocks.2.attn.qkv.weight" in trainable and "head.0.weight" in trainable
+    assert frozen == sum(1 for n, _ in model.named_parameters() if n not in trainable)
+    assert all("blocks.0." not in n for g in llrd_param_groups(model, 1e-3, 0.7) for n in g["names"])
+    set_head_only(model, True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
+                                                                         if n.startswith("head.")}
+    set_head_only(model, False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ema_follows_its_closed_form():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = model[0].weight.detach().clone()
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model[1].num_batches_tracked += 5
+    for _ in range(10):
+        ema.update(model)
+    expected = 1.0 + (start - 1.0) * 0.9 ** 10
+    torch.testing.assert_close(ema.module[0].weight, expected)
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)  # the average lags the raw weights
+    assert int(ema.module[1].num_batches_tracked) == 5
+    with pytest.raises(ValueError):
+        ModelEMA(model, decay=1.0)
+
+
+def test_cosine_embedding_loss_values():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert float(cosine_embedding_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(cosine_embedding_loss(a, a.flip(0))) == pytest.approx(1.0)
+    # in-batch negatives: cos(pred_0, target_1) = 0.6, cos(pred_1, target_0) = 0.6; margin 0.5 -> 0.1 each
+    pred = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    target = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    off = 0.8 * 0.6 + 0.6 * 0.8  # 0.96
+    assert float(cosine_embedding_loss(pred, target, margin=0.5, negative_weight=1.0)) == pytest.approx(off - 0.5)
+    assert float(cosine_embedding_loss(a, a.flip(0), mse_weight=1.0)) == pytest.approx(1.0 + 1.0)  # mse of e1, e2
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, min_scale=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(30, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 90)))
