@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .ensemble import mean_cosine
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, as_manifest
 from .predict import RunSummary, run_prediction
 from .submission import check_format, read_submission, write_submission
 
@@ -119,7 +119,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
                                     "(the competition's layout)")
-    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    manifest = as_manifest(manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:

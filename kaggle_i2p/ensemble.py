@@ -20,6 +20,11 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x / np.maximum(norm, EPS)
 
 
+def unusable_rows(x: np.ndarray) -> np.ndarray:
+    """Rows that cannot be a prediction: any NaN or inf, or (almost) zero length."""
+    return ~np.isfinite(x).all(axis=1) | (np.linalg.norm(np.nan_to_num(x), axis=1) < 1e-6)
+
+
 def combine_views(views: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """A tower's TTA result: the normalised (weighted) mean of its normalised views, each (N, D)."""
     if not views:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_weights
+from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_weights, unusable_rows
 from .manifest import Manifest, load_manifest
 from .predict import PredictionRun
 
@@ -67,8 +67,7 @@ def view_predictions(run: PredictionRun, fallback: np.ndarray) -> tuple[dict[str
     for tower, views in run.view_outputs.items():
         for view, raw in views.items():
             out = l2_normalize(np.nan_to_num(raw, nan=0.0))
-            bad = ~np.isfinite(raw).all(axis=1) | (np.linalg.norm(out, axis=1) < 1e-6)
-            out[bad] = fallback
+            out[unusable_rows(raw)] = fallback
             preds[f"{tower}/{view}"] = out
             groups[f"{tower}/{view}"] = tower
     return preds, groups

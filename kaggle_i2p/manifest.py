@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +294,7 @@ def _parse_image(raw: Any, where: str, problems: _Problems) -> ImageSpec:
     if all(_is_number(v) and v >= 0 for v in values):
         if sum(values) <= 0:
             problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
-        return ImageSpec(**{**asdict(spec), "view_weights": {n: float(v) for n, v in zip(names, values, strict=True)}})
+        return replace(spec, view_weights={n: float(v) for n, v in zip(names, values, strict=True)})
     return spec
 
 
@@ -538,6 +538,11 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
         raise ManifestError(path, problems.items)
     return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
                     towers=tuple(towers))
+
+
+def as_manifest(manifest: str | Path | Manifest) -> Manifest:
+    """A Manifest as it is, or the manifest file at that path, loaded and validated."""
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:

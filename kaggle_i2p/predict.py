@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, image_key
-from .ensemble import combine_towers, combine_views
+from .ensemble import combine_towers, combine_views, unusable_rows
 from .images import image_loader, list_images, make_view
-from .manifest import Manifest, TowerSpec, load_manifest
+from .manifest import Manifest, TowerSpec, as_manifest
 from .retrieval import Bank, retrieve, retrieve_from_logits
 from .submission import submission_frame, write_submission
 from .towers import Tower, check_architectures, load_tower
@@ -152,10 +152,6 @@ class TowerRunner:
         return retrieve(scores, self.bank, options.k, options.temperature)
 
 
-def _as_manifest(manifest: str | Path | Manifest) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-
-
 def _chunks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -171,7 +167,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     chunk's outputs are the same whether computed in one run or resumed from `cache_dir` after a kill.
     """
     started = time.perf_counter()
-    manifest = _as_manifest(manifest)
+    manifest = as_manifest(manifest)
     check_architectures(manifest)  # every manifest problem surfaces before a byte of weights is read
     listing = list_images(image_dir)
     device = resolve_device(device)
@@ -246,7 +242,7 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "wei
     tower_embeddings = {}
     for spec in every:
         tower = combine_views([outputs[spec.name][v] for v in views[spec.name]], spec.view_weight_list())
-        bad = ~np.isfinite(tower).all(axis=1) | (np.linalg.norm(np.nan_to_num(tower), axis=1) < 1e-6)
+        bad = unusable_rows(tower)
         for index in np.flatnonzero(bad):
             if int(index) not in failed:
                 failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"

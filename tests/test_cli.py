@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kaggle_i2p.cli import main
+from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.submission import read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_dry_run_scores_a_perfect_prediction_as_one(tmp_path, sample_dir, monkey
     ids, targets = dryrun.sample_targets(sample_dir / "sample_submission.csv")
     monkeypatch.setattr(dryrun, "run_prediction", lambda *a, **k: PredictionRun(
         ids, targets, {}, {}, RunSummary(n_images=7, towers=[], n_views=0, device="cpu")))
-    manifest = dryrun.load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
+    manifest = load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
     report = dryrun.dry_run(manifest=manifest, check_embeddings=False)
     assert report.format_ok and abs(report.mean_cosine - 1.0) < 1e-6
     # the reference fallback (mean of the generic prior prompts) scores about 0.35 on the sample
