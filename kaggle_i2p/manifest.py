@@ -314,12 +314,14 @@ def _parse_dim_weights(raw: Any, base_dir: Path, where: str, problems: _Problems
 
 
 def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, check_files: bool,
-                 embedding_dim: int = 384) -> TowerSpec | None:
+                 embedding_dim: int = 384, label: str | None = None) -> TowerSpec | None:
     if not isinstance(raw, Mapping):
-        problems.add(f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, image, weight)")
+        problems.add(label or f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, image, "
+                                                  "weight)")
         return None
     name = raw.get("name")
-    label = f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
+    if label is None:
+        label = f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
         problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
                                       "and caches)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,18 +100,76 @@ def _open_clip_config(arch: str) -> dict:
     return config
 
 
-def _resize_open_clip_pos_embed(visual: nn.Module, height: int, width: int) -> dict[str, torch.Tensor]:
-    """open_clip's own `resize_pos_embed`, applied to a copy of the visual tower's position embedding."""
+def _open_clip_pos_embed_to_grid(positional_embedding: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """open_clip's own `resize_pos_embed` (class token kept, the patch grid resampled)."""
     from open_clip.model import resize_pos_embed
 
-    patch_h, patch_w = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
-    grid = (height // patch_h, width // patch_w)
     target = nn.Module()
     target.visual = nn.Module()
-    target.visual.grid_size = grid
-    state = {"visual.positional_embedding": visual.positional_embedding}
+    target.visual.grid_size = tuple(grid)
+    state = {"visual.positional_embedding": positional_embedding}
     resize_pos_embed(state, target)
-    return {"positional_embedding": state["visual.positional_embedding"]}
+    return state["visual.positional_embedding"]
+
+
+def _resize_open_clip_pos_embed(visual: nn.Module, height: int, width: int) -> dict[str, torch.Tensor]:
+    """A copy of the visual tower's position embedding resampled for a height x width input."""
+    patch_h, patch_w = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
+    grid = (height // patch_h, width // patch_w)
+    return {"positional_embedding": _open_clip_pos_embed_to_grid(visual.positional_embedding, grid)}
+
+
+def resample_position_embeddings(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` (backbone keys) with absolute position embeddings resampled to `backbone`'s patch grid, by the
+    libraries' own functions (timm `resample_abs_pos_embed`, open_clip `resize_pos_embed`); other tensors as given."""
+    expected = backbone.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if key not in expected or tuple(expected[key].shape) == tuple(value.shape):
+            continue
+        if key == "pos_embed":  # timm ViT / EVA: (1, prefix + gh * gw, C)
+            from timm.layers import resample_abs_pos_embed
+
+            prefix = 0 if getattr(backbone, "no_embed_class", False) else int(getattr(backbone, "num_prefix_tokens", 1))
+            out[key] = resample_abs_pos_embed(value.float(), new_size=list(backbone.patch_embed.grid_size),
+                                              num_prefix_tokens=prefix).to(value.dtype)
+        elif key == "positional_embedding" and hasattr(backbone, "grid_size"):  # open_clip ViT: (1 + gh * gw, C)
+            out[key] = _open_clip_pos_embed_to_grid(value, backbone.grid_size)
+    return out
+
+
+def has_position_grid(tower: Tower) -> bool:
+    """Whether the backbone's absolute position embeddings tie it to one input grid (ViT/EVA), unlike a convnet."""
+    names = dict(tower.backbone.named_parameters())
+    return "pos_embed" in names or "positional_embedding" in names
+
+
+def at_resolution(tower: Tower, spec: TowerSpec, resolution: int, embedding_dim: int = 384) -> tuple[Tower, TowerSpec]:
+    """The same weights rebuilt natively at `resolution`, position embeddings resampled once (the 2nd place's
+    224 -> 336/448 step); convnets and towers already there come back unchanged."""
+    if not has_position_grid(tower) or spec.native_resolution == resolution or (
+            spec.native_resolution is None and _native_size(tower) == resolution):
+        return tower, spec
+    new_spec = replace(spec, native_resolution=resolution)
+    with torch.device("meta"):
+        new = build_tower(new_spec, embedding_dim)
+    backbone_state = resample_position_embeddings(tower.backbone.state_dict(), new.backbone)
+    state = {**{f"backbone.{k}": v for k, v in backbone_state.items()},
+             **{f"head.{k}": v for k, v in tower.head.state_dict().items()}}
+    new.load_state_dict(state, strict=True, assign=True)
+    if _has_meta_tensors(new):
+        new = build_tower(new_spec, embedding_dim)
+        new.load_state_dict(state, strict=True)
+    parameter = next(tower.parameters())
+    return new.to(parameter.device).train(tower.training), new_spec
+
+
+def _native_size(tower: Tower) -> int | None:
+    """The input size the backbone's position embeddings are laid out for (ViTs), else None."""
+    grid = getattr(getattr(tower.backbone, "patch_embed", None), "grid_size", None) or getattr(
+        tower.backbone, "grid_size", None)
+    size = patch_size(tower)
+    return None if grid is None or size is None else int(grid[0]) * size
 
 
 def _build_open_clip_backbone(spec: TowerSpec) -> tuple[nn.Module, int, Callable | None, int | None]:
@@ -291,3 +350,50 @@ def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.de
         tower = build_tower(spec, embedding_dim)
         tower.load_state_dict(state, strict=True)
     return tower.to(device).eval().requires_grad_(False)
+
+
+CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.")  # ImageNet classifiers a regressor drops
+
+
+def load_initial_weights(tower: Tower, path: str | Path) -> list[str]:
+    """Load a local pretrained file into a tower about to be trained; returns notes on what was done.
+
+    Accepted layouts: a bare backbone state dict (timm), a full open_clip CLIP checkpoint (its `visual.*` part is
+    used), or a kaggle_i2p Tower checkpoint (`backbone.*` and `head.*`, e.g. to continue from an export). Position
+    embeddings of another grid are resampled; a backbone key missing from the file is an error, and an ImageNet
+    classifier in it is dropped.
+    """
+    path = Path(path)
+    try:
+        state = strip_prefixes(read_state_dict(path))
+    except TowerLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
+        raise TowerLoadError(f"cannot read initial weights {path}: {err}") from err
+    notes = []
+    head_state = {}
+    if any(k.startswith("backbone.") for k in state):
+        head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        notes.append("a kaggle_i2p tower checkpoint: backbone" + (" and head" if head_state else ""))
+    elif any(k.startswith("visual.") for k in state):
+        dropped = sum(not k.startswith("visual.") for k in state)
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        notes.append(f"an open_clip CLIP checkpoint: its visual tower ({dropped} text-side tensors left out)")
+    expected = tower.backbone.state_dict()
+    classifier = sorted(k for k in state if k not in expected and k.startswith(CLASSIFIER_PREFIXES))
+    if classifier:
+        notes.append(f"dropped the file's classifier ({', '.join(classifier[:4])})")
+        state = {k: v for k, v in state.items() if k not in classifier}
+    state = resample_position_embeddings(state, tower.backbone)
+    problems = _key_diff(expected, state)
+    if problems:
+        raise TowerLoadError(f"initial weights {path} do not fit the backbone:\n  " + "\n  ".join(problems)
+                             + "\n  fix: check tower.library/arch/native_resolution against the file")
+    tower.backbone.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    if head_state:
+        try:
+            tower.head.load_state_dict(head_state, strict=True)
+        except RuntimeError as err:
+            raise TowerLoadError(f"initial weights {path}: the head does not fit tower.head: {err}") from err
+    return notes

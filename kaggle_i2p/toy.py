@@ -67,3 +67,67 @@ def build_toy_ensemble(out_dir: str | Path, seed: int = 0) -> Path:
         save_file(state, str(spec.checkpoint))
     manifest_path.write_text(yaml.safe_dump(data, sort_keys=False))
     return manifest_path
+
+
+def build_toy_training_set(work: str | Path, n_prompts: int = 48, folds: int = 4, size: int = 64,
+                           seed: int = 0) -> Path:
+    """A build_dataset.sh-shaped folder (images/, index.parquet, targets.npy) the trainer learns from in seconds:
+    the 7 real Kaggle sample images with their true MiniLM targets, plus `n_prompts` synthetic prompts of 1-2
+    noisy single-colour images whose target is a fixed function of the colour (around the mean prompt direction).
+    """
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from .dryrun import bundled_sample_dir
+
+    work = Path(work)
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    prior = np.load(PRIOR_PATH).astype(np.float32)
+    mixing = rng.normal(size=(384, 3)).astype(np.float32)
+    rows, targets = [], []
+    for p in range(n_prompts):
+        colour = rng.uniform(0.1, 0.9, size=3)
+        target = prior + 0.12 * mixing @ (colour - 0.5).astype(np.float32)
+        for copy in range(1 + (p % 3 == 0)):
+            pixels = np.clip(colour * 255 + rng.normal(0, 12, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            image_id = f"toy{p:03d}_{copy}"
+            Image.fromarray(pixels).save(work / "images" / f"{image_id}.png")
+            rows.append({"imgId": image_id, "prompt": f"toy prompt {p}", "source": "toy",
+                         "path": f"images/{image_id}.png", "seed": p * 10 + copy, "group": p, "fold": p % folds})
+            targets.append(target / np.linalg.norm(target))
+    sample = bundled_sample_dir()
+    truth = pd.read_csv(sample / "sample_submission.csv")
+    prompts = pd.read_csv(sample / "prompts.csv", dtype={"imgId": str}).set_index("imgId")
+    for k, image_id in enumerate(sorted(prompts.index)):
+        shutil.copyfile(sample / "images" / f"{image_id}.png", work / "images" / f"{image_id}.png")
+        values = truth["val"].to_numpy()[truth["imgId_eId"].str.rsplit("_", n=1).str[0] == image_id]
+        rows.append({"imgId": image_id, "prompt": prompts.loc[image_id, "prompt"], "source": "kaggle_sample",
+                     "path": f"images/{image_id}.png", "seed": -1, "group": n_prompts + k, "fold": k % folds})
+        targets.append(values.astype(np.float32))
+    index = pd.DataFrame(rows)
+    order = np.argsort(index["imgId"].to_numpy(), kind="stable")
+    index.iloc[order].reset_index(drop=True).to_parquet(work / "index.parquet", index=False)
+    np.save(work / "targets.npy", np.stack(targets)[order])
+    return work
+
+
+def toy_training_config(work: str | Path, output: str | Path, **overrides) -> dict:
+    """A training config for timm's tiny test ViT on `build_toy_training_set`: LP, FT, then FT at a higher
+    resolution; `overrides` replace top-level keys."""
+    config = {
+        "work": str(work), "output": str(output), "seed": 0, "cpu": True,
+        "tower": {"name": "toy_trained", "library": "timm", "arch": "test_vit", "init": "none",
+                  "head": {"type": "mlp", "hidden": 32},
+                  "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash"}},
+        "data": {"val_fold": 0, "batch_size": 8, "num_workers": 0, "crop_scale": [0.85, 1.0]},
+        "optim": {"lr": 2e-3, "layer_decay": 0.8, "warmup": 2, "min_lr_scale": 0.1, "grad_clip": 1.0},
+        "ema": {"decay": 0.9, "warmup": True},
+        "precision": "fp32",
+        "stages": [{"name": "lp", "epochs": 1, "resolution": 32, "head_only": True, "lr": 1e-2},
+                   {"name": "ft", "epochs": 2, "resolution": 32},
+                   {"name": "ft48", "epochs": 1, "resolution": 48, "lr": 1e-3}],
+    }
+    config.update(overrides)
+    return config

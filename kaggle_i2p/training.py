@@ -92,18 +92,27 @@ def set_head_only(model: nn.Module, head_only: bool) -> None:
 class ModelEMA:
     """An exponential moving average of a model's weights, used for evaluation and export (decay e.g. 0.9998)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError("EMA decay must be in [0, 1)")
         self.decay = decay
+        self.warmup = warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay used at optimizer step `step`: with warm-up, min(decay, (1 + step) / (10 + step)), so early
+        averages are not dominated by the initial weights (timm's EMA warm-up); else the constant decay."""
+        if not self.warmup or step is None:
+            return self.decay
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        decay = self.decay_at(step)
         current = model.state_dict()
         for name, average in self.module.state_dict().items():
             if average.is_floating_point():
-                average.mul_(self.decay).add_(current[name].detach(), alpha=1.0 - self.decay)
+                average.mul_(decay).add_(current[name].detach(), alpha=1.0 - decay)
             else:  # integer buffers (BatchNorm's counter) follow the model
                 average.copy_(current[name])
 

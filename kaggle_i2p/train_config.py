@@ -1,0 +1,325 @@
+"""The trainer's YAML config: validated in one pass, before any data or weights are touched.
+
+The `tower:` section is a manifest tower entry (library, arch, head, image preprocessing) plus `init`, the local file
+of pretrained backbone weights; the exported tower gets exactly this entry back, so training and serving share one
+preprocessing. `stages:` run in order: e.g. a head-only stage (LP), full fine-tuning (FT), then a higher resolution.
+Every relative path resolves against the config file's folder; `${VAR}` / `${VAR:-default}` expand from the
+environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .manifest import (
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    ManifestError,
+    TowerSpec,
+    _is_number,
+    _parse_tower,
+    _Problems,
+    _resolve_file,
+    expand_path,
+)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
+            "checkpoint_every", "log_every", "eval_at_start"}
+DATA_DEFAULTS = {"val_fold": 0, "batch_size": 32, "eval_batch_size": None, "num_workers": 4,
+                 "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "color_jitter": 0.0, "hflip": False,
+                 "max_val_images": None}
+LOSS_DEFAULTS = {"margin": 0.0, "negative_weight": 0.0, "mse_weight": 0.0}
+OPTIM_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.75, "betas": [0.9, 0.999], "warmup": 0.05,
+                  "min_lr_scale": 0.01, "grad_clip": 1.0, "accumulation": 1}
+EMA_DEFAULTS = {"decay": 0.9998, "warmup": True}
+STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
+              "layer_decay", "warmup", "min_lr_scale"}
+# Keys that change how a run is operated, not what it computes: a resumed run may change them.
+OPERATIONAL = {("data", "num_workers"), ("data", "eval_batch_size"), ("checkpoint_every",), ("log_every",)}
+
+
+class TrainConfigError(ManifestError):
+    """A training config that cannot be used; the message lists every problem, one per line."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which rows train and validate, batch sizes, and the light augmentation (crop/jitter; flip off by default)."""
+
+    val_fold: int
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    color_jitter: float
+    hflip: bool
+    max_val_images: int | None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Cosine embedding loss: 1 - cos to the target, optional in-batch negatives over `margin`, optional MSE."""
+
+    margin: float
+    negative_weight: float
+    mse_weight: float
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage: epochs at one resolution with one optimizer (fresh AdamW, LLRD groups, warm-up + cosine)."""
+
+    name: str
+    epochs: int
+    resolution: int
+    head_only: bool
+    freeze_lowest: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    layer_decay: float
+    warmup: float  # a fraction of the stage's steps if < 1, else a number of steps
+    min_lr_scale: float
+    betas: tuple[float, float]
+    grad_clip: float
+    accumulation: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated training config (paths resolved)."""
+
+    path: Path
+    raw: dict  # the file's mapping, kept in checkpoints so a resume can check it trains the same thing
+    work: Path
+    output: Path
+    seed: int
+    cpu: bool
+    tower: TowerSpec
+    init: Path | None  # None: random initialisation (`init: none`)
+    data: DataConfig
+    loss: LossConfig
+    ema_decay: float  # 0: no EMA
+    ema_warmup: bool
+    precision: str
+    stages: tuple[StageConfig, ...]
+    checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
+    log_every: int
+    eval_at_start: bool
+
+
+def _section(raw: Mapping, key: str, defaults: dict, problems: _Problems) -> dict:
+    value = raw.get(key, {}) or {}
+    if not isinstance(value, Mapping):
+        problems.add(key, f"must be a mapping with keys {', '.join(sorted(defaults))}")
+        return dict(defaults)
+    for extra in sorted(set(value) - set(defaults)):
+        problems.add(f"{key}.{extra}", f"unknown key; allowed: {', '.join(sorted(defaults))}")
+    return {**defaults, **{k: v for k, v in value.items() if k in defaults}}
+
+
+def _int(value: Any, where: str, problems: _Problems, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        problems.add(where, f"{value!r} must be an integer >= {minimum}")
+        return minimum
+    return value
+
+
+def _number(value: Any, where: str, problems: _Problems, low: float = 0.0, high: float = float("inf"),
+            high_open: bool = False) -> float:
+    if not _is_number(value) or value < low or value > high or (high_open and value == high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        problems.add(where, f"{value!r} must be a number >= {low}" + (f" and {bound}" if high != float("inf") else ""))
+        return low
+    return float(value)
+
+
+def _pair(value: Any, where: str, problems: _Problems) -> tuple[float, float]:
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value)
+            and value[0] <= value[1]):
+        return float(value[0]), float(value[1])
+    problems.add(where, f"{value!r} must be [low, high] with 0 < low <= high")
+    return 1.0, 1.0
+
+
+def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: _Problems) -> StageConfig | None:
+    where = f"stages[{index}]"
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping, e.g. {epochs: 1, resolution: 224, head_only: true, lr: 1e-3}")
+        return None
+    for key in sorted(set(raw) - STAGE_KEYS):
+        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(STAGE_KEYS))}")
+    for key in ("epochs", "resolution"):
+        if key not in raw:
+            problems.add(f"{where}.{key}", "is required")
+    resolution = raw.get("resolution", MIN_RESOLUTION)
+    if not (isinstance(resolution, int) and not isinstance(resolution, bool)
+            and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
+        problems.add(f"{where}.resolution", f"{resolution!r} must be an integer in [{MIN_RESOLUTION}, "
+                                            f"{MAX_RESOLUTION}]")
+        resolution = MIN_RESOLUTION
+    head_only = raw.get("head_only", False)
+    if not isinstance(head_only, bool):
+        problems.add(f"{where}.head_only", "must be true or false")
+    warmup = _number(raw.get("warmup", optim["warmup"]), f"{where}.warmup", problems)
+    if warmup >= 1 and warmup != int(warmup):
+        problems.add(f"{where}.warmup", f"{warmup} must be a fraction of the stage (< 1) or a whole number of steps")
+    return StageConfig(
+        name=str(raw.get("name", f"stage{index}")),
+        epochs=_int(raw.get("epochs", 1), f"{where}.epochs", problems, minimum=1),
+        resolution=resolution,
+        head_only=bool(head_only),
+        freeze_lowest=_int(raw.get("freeze_lowest", 0), f"{where}.freeze_lowest", problems),
+        batch_size=_int(raw.get("batch_size", data.batch_size), f"{where}.batch_size", problems, minimum=1),
+        lr=_number(raw.get("lr", optim["lr"]), f"{where}.lr", problems),
+        weight_decay=_number(raw.get("weight_decay", optim["weight_decay"]), f"{where}.weight_decay", problems),
+        layer_decay=_number(raw.get("layer_decay", optim["layer_decay"]), f"{where}.layer_decay", problems,
+                            high=1.0),
+        warmup=warmup,
+        min_lr_scale=_number(raw.get("min_lr_scale", optim["min_lr_scale"]), f"{where}.min_lr_scale", problems,
+                             high=1.0),
+        betas=_pair(optim["betas"], "optim.betas", problems),
+        grad_clip=_number(optim["grad_clip"], "optim.grad_clip", problems),
+        accumulation=_int(optim["accumulation"], "optim.accumulation", problems, minimum=1),
+    )
+
+
+def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
+                         problems: _Problems) -> tuple[TowerSpec | None, Path | None]:
+    if not isinstance(raw, Mapping):
+        problems.add("tower", "is required: a manifest tower entry (name, library, arch, head, image) plus init, "
+                              "the local pretrained weights")
+        return None, None
+    entry = {k: v for k, v in raw.items() if k != "init"}
+    for key in ("checkpoint", "sha256", "weight", "kind", "retrieval", "dim_weights"):
+        if key in entry:
+            problems.add(f"tower.{key}", "is written by `kaggle-i2p export`, not given to the trainer; remove it")
+            entry.pop(key)
+    entry.update(checkpoint="trained.safetensors", weight=1.0)
+    image = entry.get("image")
+    if isinstance(image, Mapping) and "resolutions" not in image and last_resolution is not None:
+        entry["image"] = {**image, "resolutions": [last_resolution]}  # serve at the resolution it finished at
+    spec = _parse_tower(entry, 0, base_dir, problems, check_files=False, label="tower")
+    init: Path | None = None
+    if "init" not in raw:
+        problems.add("tower.init", "is required: the local file of pretrained weights (an open_clip CLIP checkpoint, "
+                                   "a timm state dict, or a kaggle_i2p tower); `init: none` trains from random weights")
+    elif raw["init"] != "none":
+        init = _resolve_file(raw["init"], base_dir, "tower.init", problems, "pretrained weights")
+    return spec, init
+
+
+def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
+    """Validate a parsed config mapping; `path` anchors relative paths and names the file in errors."""
+    path = Path(path)
+    base_dir = path.resolve().parent
+    problems = _Problems()
+    if not isinstance(data, Mapping):
+        raise TrainConfigError(path, ["the file must hold a mapping with work, output, tower and stages"])
+    for key in sorted(set(data) - TOP_KEYS):
+        problems.add(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    paths = {}
+    for key, what in (("work", "the build_dataset.sh folder (index.parquet, targets.npy)"),
+                      ("output", "the folder for checkpoints and metrics")):
+        if not isinstance(data.get(key), str):
+            problems.add(key, f"is required: {what}")
+            continue
+        try:
+            paths[key] = expand_path(data[key], base_dir)
+        except KeyError as err:
+            problems.add(key, f"environment variable {err.args[0]} is not set; export it")
+
+    data_raw = _section(data, "data", DATA_DEFAULTS, problems)
+    batch_size = _int(data_raw["batch_size"], "data.batch_size", problems, minimum=1)
+    max_val = data_raw["max_val_images"]
+    data_config = DataConfig(
+        val_fold=_int(data_raw["val_fold"], "data.val_fold", problems),
+        batch_size=batch_size,
+        eval_batch_size=_int(data_raw["eval_batch_size"] or 2 * batch_size, "data.eval_batch_size", problems, 1),
+        num_workers=_int(data_raw["num_workers"], "data.num_workers", problems),
+        crop_scale=_pair(data_raw["crop_scale"], "data.crop_scale", problems),
+        crop_ratio=_pair(data_raw["crop_ratio"], "data.crop_ratio", problems),
+        color_jitter=_number(data_raw["color_jitter"], "data.color_jitter", problems, high=1.0),
+        hflip=bool(data_raw["hflip"]),
+        max_val_images=None if max_val is None else _int(max_val, "data.max_val_images", problems, minimum=1),
+    )
+    if data_config.crop_scale[1] > 1:
+        problems.add("data.crop_scale", "is a fraction of the image area: at most 1.0")
+    loss_raw = _section(data, "loss", LOSS_DEFAULTS, problems)
+    loss = LossConfig(**{k: _number(v, f"loss.{k}", problems, low=-1.0 if k == "margin" else 0.0)
+                         for k, v in loss_raw.items()})
+    optim = _section(data, "optim", OPTIM_DEFAULTS, problems)
+    ema = _section(data, "ema", EMA_DEFAULTS, problems)
+    ema_decay = _number(ema["decay"] or 0.0, "ema.decay", problems, high=1.0, high_open=True)
+
+    stages_raw = data.get("stages")
+    stages: list[StageConfig] = []
+    if not isinstance(stages_raw, list) or not stages_raw:
+        problems.add("stages", "must be a non-empty list, e.g. [{epochs: 1, resolution: 224, head_only: true, "
+                               "lr: 1e-3}, {epochs: 5, resolution: 224}]")
+        stages_raw = []
+    for index, raw in enumerate(stages_raw):
+        stage = _parse_stage(raw, index, optim, data_config, problems)
+        if stage is not None:
+            stages.append(stage)
+    names = [s.name for s in stages]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.add("stages[*].name", f"{name!r} is used twice; stage names label checkpoints and metrics")
+
+    tower, init = _parse_tower_section(data.get("tower"), base_dir, stages[-1].resolution if stages else None,
+                                       problems)
+    precision = data.get("precision", "auto")
+    if precision not in PRECISIONS:
+        problems.add("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)} (auto: bf16 where the GPU "
+                                  "has it, else fp16 with a grad scaler; fp32 on a CPU)")
+    seed = _int(data.get("seed", 0), "seed", problems)
+    checkpoint_every = _int(data.get("checkpoint_every", 0), "checkpoint_every", problems)
+    log_every = _int(data.get("log_every", 50), "log_every", problems, minimum=1)
+    if problems.items:
+        raise TrainConfigError(path, problems.items)
+    return TrainConfig(
+        path=path, raw=dict(data), work=paths["work"], output=paths["output"], seed=seed,
+        cpu=bool(data.get("cpu", False)), tower=tower, init=init, data=data_config, loss=loss, ema_decay=ema_decay,
+        ema_warmup=bool(ema["warmup"]), precision=precision, stages=tuple(stages), checkpoint_every=checkpoint_every,
+        log_every=log_every, eval_at_start=bool(data.get("eval_at_start", True)))
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training config YAML file; raises TrainConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(path, [f"config file not found: {path.resolve()}"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise TrainConfigError(path, [f"is not valid YAML: {err}"]) from err
+    return parse_train_config(data, path)
+
+
+def config_changes(old: Mapping, new: Mapping) -> list[str]:
+    """What differs between a checkpoint's config and the current one, ignoring operational keys; the new config may
+    append stages (continue a finished run at a higher resolution) but not change the ones already run."""
+    changes = []
+
+    def walk(a: Any, b: Any, where: tuple) -> None:
+        if where in OPERATIONAL:
+            return
+        if where == ("stages",) and isinstance(a, list) and isinstance(b, list):
+            if b[:len(a)] != a:
+                changes.append("stages: the stages already run changed (only appending stages is allowed)")
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), (*where, key))
+        elif a != b:
+            changes.append(f"{'.'.join(map(str, where))}: {a!r} -> {b!r}")
+
+    walk(old, new, ())
+    return changes
