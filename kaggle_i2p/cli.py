@@ -140,6 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = train(args.config, restart=args.restart)
+    if not result.main_process:
+        return 0
     print(f"best validation cosine {result.best_val:.4f}: {result.best}; last: {result.last}")
     print(f"export it with: kaggle-i2p export {result.best} --out OUT_DIR")
     return 0

@@ -124,7 +124,7 @@ def toy_training_config(work: str | Path, output: str | Path, **overrides) -> di
         "data": {"val_fold": 0, "batch_size": 8, "num_workers": 0, "crop_scale": [0.85, 1.0]},
         "optim": {"lr": 2e-3, "layer_decay": 0.8, "warmup": 2, "min_lr_scale": 0.1, "grad_clip": 1.0},
         "ema": {"decay": 0.9, "warmup": True},
-        "precision": "fp32",
+        "precision": "fp32", "log_every": 1,
         "stages": [{"name": "lp", "epochs": 1, "resolution": 32, "head_only": True, "lr": 1e-2},
                    {"name": "ft", "epochs": 2, "resolution": 32},
                    {"name": "ft48", "epochs": 1, "resolution": 48, "lr": 1e-3}],

@@ -168,9 +168,12 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
     head_only = raw.get("head_only", False)
     if not isinstance(head_only, bool):
         problems.add(f"{where}.head_only", "must be true or false")
-    warmup = _number(raw.get("warmup", optim["warmup"]), f"{where}.warmup", problems)
+    def at(key: str) -> str:  # a stage's own value, or the optim default it inherits
+        return f"{where}.{key}" if key in raw else f"optim.{key}"
+
+    warmup = _number(raw.get("warmup", optim["warmup"]), at("warmup"), problems)
     if warmup >= 1 and warmup != int(warmup):
-        problems.add(f"{where}.warmup", f"{warmup} must be a fraction of the stage (< 1) or a whole number of steps")
+        problems.add(at("warmup"), f"{warmup} must be a fraction of the stage (< 1) or a whole number of steps")
     return StageConfig(
         name=str(raw.get("name", f"stage{index}")),
         epochs=_int(raw.get("epochs", 1), f"{where}.epochs", problems, minimum=1),
@@ -178,13 +181,11 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
         head_only=bool(head_only),
         freeze_lowest=_int(raw.get("freeze_lowest", 0), f"{where}.freeze_lowest", problems),
         batch_size=_int(raw.get("batch_size", data.batch_size), f"{where}.batch_size", problems, minimum=1),
-        lr=_number(raw.get("lr", optim["lr"]), f"{where}.lr", problems),
-        weight_decay=_number(raw.get("weight_decay", optim["weight_decay"]), f"{where}.weight_decay", problems),
-        layer_decay=_number(raw.get("layer_decay", optim["layer_decay"]), f"{where}.layer_decay", problems,
-                            high=1.0),
+        lr=_number(raw.get("lr", optim["lr"]), at("lr"), problems),
+        weight_decay=_number(raw.get("weight_decay", optim["weight_decay"]), at("weight_decay"), problems),
+        layer_decay=_number(raw.get("layer_decay", optim["layer_decay"]), at("layer_decay"), problems, high=1.0),
         warmup=warmup,
-        min_lr_scale=_number(raw.get("min_lr_scale", optim["min_lr_scale"]), f"{where}.min_lr_scale", problems,
-                             high=1.0),
+        min_lr_scale=_number(raw.get("min_lr_scale", optim["min_lr_scale"]), at("min_lr_scale"), problems, high=1.0),
         betas=_pair(optim["betas"], "optim.betas", problems),
         grad_clip=_number(optim["grad_clip"], "optim.grad_clip", problems),
         accumulation=_int(optim["accumulation"], "optim.accumulation", problems, minimum=1),
@@ -282,8 +283,8 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
     seed = _int(data.get("seed", 0), "seed", problems)
     checkpoint_every = _int(data.get("checkpoint_every", 0), "checkpoint_every", problems)
     log_every = _int(data.get("log_every", 50), "log_every", problems, minimum=1)
-    if problems.items:
-        raise TrainConfigError(path, problems.items)
+    if problems.items:  # an optim default inherited by several stages is reported once
+        raise TrainConfigError(path, list(dict.fromkeys(problems.items)))
     return TrainConfig(
         path=path, raw=dict(data), work=paths["work"], output=paths["output"], seed=seed,
         cpu=bool(data.get("cpu", False)), tower=tower, init=init, data=data_config, loss=loss, ema_decay=ema_decay,
@@ -315,7 +316,8 @@ def config_changes(old: Mapping, new: Mapping) -> list[str]:
             if b[:len(a)] != a:
                 changes.append("stages: the stages already run changed (only appending stages is allowed)")
             return
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if isinstance(a, Mapping) or isinstance(b, Mapping):  # a section left out = its defaults: compare keys
+            a, b = a if isinstance(a, Mapping) else {}, b if isinstance(b, Mapping) else {}
             for key in sorted(set(a) | set(b), key=str):
                 walk(a.get(key), b.get(key), (*where, key))
         elif a != b:

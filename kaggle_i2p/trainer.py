@@ -62,6 +62,7 @@ class TrainResult:
     best: Path
     best_val: float
     history: list[dict]
+    main_process: bool = True  # False in the other processes of a multi-process run
 
 
 def mixed_precision(precision: str, cuda: bool) -> str:
@@ -300,7 +301,8 @@ class Trainer:
             self._save(LAST)  # between stages: the next stage starts a fresh optimizer
             self.accelerator.free_memory()
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.output, self.output / LAST, self.output / BEST, self.progress.best_val, self.history)
+        return TrainResult(self.output, self.output / LAST, self.output / BEST, self.progress.best_val, self.history,
+                           self.main)
 
     def _train_epoch(self, model, optimizer, stage: StageConfig, index: int, epoch: int, epoch_key: int) -> None:
         """Train one epoch (or what is left of it after a resume), then validate and checkpoint."""

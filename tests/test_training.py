@@ -99,6 +99,19 @@ def test_ema_follows_its_closed_form():
         ModelEMA(model, decay=1.0)
 
 
+def test_ema_warmup_uses_the_smaller_early_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ModelEMA(model, decay=0.9998, warmup=True)
+    assert [ema.decay_at(s) for s in (0, 10, None)] == [pytest.approx(0.1), pytest.approx(11 / 20), 0.9998]
+    assert ema.decay_at(10**6) == 0.9998
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # 0.1 * 0 + 0.9 * 1
+    assert float(ema.module.weight) == pytest.approx(0.9)
+
+
 def test_cosine_embedding_loss_values():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     assert float(cosine_embedding_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
