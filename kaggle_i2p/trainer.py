@@ -113,7 +113,11 @@ class Trainer:
 
         self.config = config
         cuda = torch.cuda.is_available() and not config.cpu
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(config.precision, cuda))
+        try:
+            self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(config.precision, cuda))
+        except ValueError as err:  # accelerate fixes the precision and device once per process
+            raise TrainingError(f"{err}\n  fix: run this training in a new process (kaggle-i2p train, or restart the "
+                                "kernel); one Python process trains with one precision and device") from err
         self.main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device

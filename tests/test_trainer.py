@@ -387,3 +387,38 @@ def test_cli_train_and_export(toy_work, tmp_path, capsys):
     assert "not a kaggle_i2p training checkpoint" in capsys.readouterr().err
     with pytest.raises(ExportError):
         read_checkpoint(tmp_path / "nowhere.pt")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(toy_work, tmp_path):
+    """2 micro-batches of 4 per step = 1 batch of 8 (linear head, so no batch statistics)."""
+    data = toy_training_config(toy_work, "x")["data"]
+    tower = {**toy_training_config(toy_work, "x")["tower"], "head": {"type": "linear"}}
+    stages = [{"name": "ft", "epochs": 1, "resolution": 32}]
+    accumulated = train(_config(tmp_path, toy_work, "acc", tower=tower, stages=stages, eval_at_start=False,
+                                data={**data, "batch_size": 4},
+                                optim={**toy_training_config(toy_work, "x")["optim"], "accumulation": 2}))
+    single = train(_config(tmp_path, toy_work, "single", tower=tower, stages=stages, eval_at_start=False,
+                           data={**data, "batch_size": 8}))
+    a, b = read_checkpoint(accumulated.last)["model"], read_checkpoint(single.last)["model"]
+    assert read_checkpoint(accumulated.last)["progress"]["global_step"] == 5
+    for key in b:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_precision_choice_and_a_bf16_run(toy_work, tmp_path, monkeypatch):
+    from kaggle_i2p import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert [trainer.mixed_precision(p, True) for p in ("auto", "fp32", "fp16", "bf16")] == ["fp16", "no", "fp16",
+                                                                                            "bf16"]
+    assert trainer.mixed_precision("auto", False) == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert trainer.mixed_precision("auto", True) == "bf16"
+    # bf16 autocast (on the CPU here; fp16 + grad scaler needs a GPU) in its own process: accelerate fixes the
+    # precision once per process.
+    config = _config(tmp_path, toy_work, "bf16", precision="bf16",
+                     stages=[{"name": "ft", "epochs": 2, "resolution": 32}])
+    subprocess.run([sys.executable, "-m", "kaggle_i2p.cli", "train", "--config", str(config)],
+                   env=_launch_env(tmp_path), check=True, capture_output=True, timeout=300)
+    history = read_checkpoint(tmp_path / "bf16" / "last.pt")["history"]
+    assert history[-1]["val_cosine"] > history[0]["val_cosine"] + 0.15
