@@ -73,6 +73,15 @@ def mixed_precision(precision: str, cuda: bool) -> str:
     return "no" if precision == "fp32" else precision
 
 
+def check_stage_architectures(config: TrainConfig, embedding_dim: int = 384) -> None:
+    """Run the tower on the meta device at every stage and serving resolution before any data or weights load;
+    raises ManifestError naming a resolution the arch cannot run at."""
+    spec = config.tower
+    resolutions = sorted({s.resolution for s in config.stages} | set(spec.image.resolutions))
+    probe = replace(spec, image=replace(spec.image, resolutions=tuple(resolutions)))
+    check_architectures(Manifest(config.path, embedding_dim, Path(), np.zeros(embedding_dim, np.float32), (probe,)))
+
+
 class MetricsLog:
     """metrics.jsonl (every logged step and epoch) and metrics.csv (one row per epoch), written by the main process;
     a resumed run first drops the records of steps after its checkpoint."""
@@ -124,7 +133,7 @@ class Trainer:
         self.output = config.output
         self.data = load_training_data(config.work, config.data.val_fold, config.data.max_val_images)
         self.dim = int(self.data.targets.shape[1])
-        self._check_architectures()
+        check_stage_architectures(config, self.dim)
         self.spec: TowerSpec = config.tower
         self.progress = Progress()
         self.history: list[dict] = []
@@ -138,13 +147,6 @@ class Trainer:
         self.metrics = MetricsLog(self.output, self.main, self.progress.global_step if self._resume_state else None)
 
     # --- set-up -----------------------------------------------------------------------------------------------
-    def _check_architectures(self) -> None:
-        """Every stage resolution and serving resolution runs on the meta device before any weights load."""
-        spec = self.config.tower
-        resolutions = sorted({s.resolution for s in self.config.stages} | set(spec.image.resolutions))
-        probe = replace(spec, image=replace(spec.image, resolutions=tuple(resolutions)))
-        check_architectures(Manifest(self.config.path, self.dim, Path(), np.zeros(self.dim, np.float32), (probe,)))
-
     def _read_last(self) -> dict | None:
         last = self.output / LAST
         if not last.is_file():

@@ -8,8 +8,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_predict", ROOT / "benchmarks" / "bench_predict.py")
+def _bench(name: str = "bench_predict"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,3 +27,9 @@ def test_benchmark_functions_run(tmp_path, toy_manifest):
     (tmp_path / "imgs3").symlink_to(images)
     rss = bench.peak_rss_child(3, tmp_path, 0)
     assert rss["main_peak_mb"] > 50 and rss["tree_peak_mb"] >= rss["main_peak_mb"] * 0.5
+
+
+def test_train_step_benchmark_runs():
+    bench = _bench("bench_train_step")
+    result = bench.step_time(32, "bf16", 2, 1, torch.device("cpu"), arch="test_vit")
+    assert result["resolution"] == 32 and result["precision"] == "bf16" and result["ms_per_step"] > 0

@@ -31,7 +31,7 @@ from kaggle_i2p.towers import at_resolution, build_tower, load_initial_weights
 from kaggle_i2p.toy import TINY_OPEN_CLIP_CONFIG, build_toy_training_set, toy_training_config
 from kaggle_i2p.train_config import TrainConfigError, load_train_config, parse_train_config
 from kaggle_i2p.train_data import TrainImages, epoch_rows, load_training_data, rank_batches
-from kaggle_i2p.trainer import Trainer, TrainingError, train
+from kaggle_i2p.trainer import Trainer, TrainingError, check_stage_architectures, train
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTABLE = ("seconds", "images_per_s")  # wall-clock fields of the history
@@ -422,3 +422,27 @@ def test_precision_choice_and_a_bf16_run(toy_work, tmp_path, monkeypatch):
                    env=_launch_env(tmp_path), check=True, capture_output=True, timeout=300)
     history = read_checkpoint(tmp_path / "bf16" / "last.pt")["history"]
     assert history[-1]["val_cosine"] > history[0]["val_cosine"] + 0.15
+
+
+@pytest.mark.parametrize("config_name", ["train_vit_l_14_336", "train_eva02_l_336", "train_convnext_xxl"])
+def test_shipped_configs_train_the_reference_manifest_towers(config_name, tmp_path, monkeypatch):
+    """configs/*.yaml validate, every stage resolution runs on the meta device, and the tower each trains is the
+    reference weights_manifest.yaml's entry (same arch, head and preprocessing), so an export drops into it."""
+    for variable in ("VIT_L_14_336_WEIGHTS", "EVA02_L_336_WEIGHTS", "CONVNEXT_XXL_WEIGHTS"):
+        (tmp_path / variable).write_bytes(b"")
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    config = load_train_config(ROOT / "configs" / f"{config_name}.yaml")
+    reference = {t.name: t for t in load_manifest(ROOT / "weights_manifest.yaml", check_files=False).towers}
+    expected = reference[config.tower.name]
+    for field in ("library", "arch", "head", "image", "native_resolution"):
+        assert getattr(config.tower, field) == getattr(expected, field), field
+    check_stage_architectures(config)  # raises ManifestError on a resolution the arch cannot run at
+
+
+def test_a_stage_resolution_off_the_patch_grid_is_refused_before_training(toy_work, tmp_path):
+    from kaggle_i2p.manifest import ManifestError
+
+    config = _config(tmp_path, toy_work, stages=[{"name": "ft", "epochs": 1, "resolution": 40}])
+    with pytest.raises(ManifestError, match="40 is not a multiple of the patch size 16"):
+        train(config)
+    assert not (tmp_path / "run").exists()
