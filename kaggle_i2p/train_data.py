@@ -22,6 +22,7 @@ from .train_config import DataConfig
 
 log = logging.getLogger(__name__)
 INDEX, TARGETS = "index.parquet", "targets.npy"
+MAX_CONSECUTIVE_BAD = 64  # more unreadable images in a row than this means a broken folder, not one bad file
 
 
 class TrainingDataError(ValueError):
@@ -34,8 +35,8 @@ class TrainingData:
 
     work: Path
     ids: np.ndarray  # imgId per row (index order: sorted)
-    paths: list[Path]
-    targets: np.ndarray  # (N, D) float32, unit rows
+    paths: np.ndarray  # per row, relative to `work`: one string buffer, so forked workers do not copy it
+    targets: np.ndarray  # (N, D) as stored in targets.npy (memory-mapped); use `unit_targets`
     prompt_offsets: np.ndarray  # training prompt p owns prompt_rows[prompt_offsets[p]:prompt_offsets[p + 1]]
     prompt_rows: np.ndarray
     val_rows: np.ndarray
@@ -43,6 +44,14 @@ class TrainingData:
     @property
     def n_train_prompts(self) -> int:
         return len(self.prompt_offsets) - 1
+
+    def path(self, row: int) -> Path:
+        return self.work / str(self.paths[row])
+
+    def unit_targets(self, rows: np.ndarray | int) -> np.ndarray:
+        """float32 unit-norm targets of these rows."""
+        values = np.asarray(self.targets[rows], dtype=np.float32)
+        return values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), 1e-12)
 
 
 def load_training_data(work: str | Path, val_fold: int, max_val_images: int | None = None) -> TrainingData:
@@ -61,12 +70,10 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
     if missing:
         raise TrainingDataError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}; rebuild it with "
                                 f"`python -m kaggle_i2p.dataset index --work {work}`")
-    targets = np.load(targets_path, allow_pickle=False).astype(np.float32)
+    targets = np.load(targets_path, allow_pickle=False, mmap_mode="r")  # millions of rows stay on disk
     if targets.ndim != 2 or len(targets) != len(index):
         raise TrainingDataError(f"{targets_path}: shape {targets.shape} does not align with the {len(index)} rows of "
                                 f"{index_path}; rebuild both with the dataset's index step")
-    norms = np.linalg.norm(targets, axis=1, keepdims=True)
-    targets = targets / np.maximum(norms, 1e-12)
     folds = index["fold"].to_numpy()
     if val_fold not in set(folds.tolist()):
         raise TrainingDataError(f"{index_path}: no rows in validation fold {val_fold} (folds present: "
@@ -80,7 +87,7 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
     train = train.sort_values(["prompt", "row"], kind="stable")
     counts = train.groupby("prompt", sort=True).size().to_numpy()
     return TrainingData(work=work, ids=np.asarray(index["imgId"].astype(str).tolist(), dtype=str),
-                        paths=[work / p for p in index["path"].astype(str)], targets=targets,
+                        paths=np.asarray(index["path"].astype(str).tolist(), dtype=str), targets=targets,
                         prompt_offsets=np.concatenate([[0], np.cumsum(counts)]),
                         prompt_rows=train["row"].to_numpy(), val_rows=val_rows)
 
@@ -121,14 +128,15 @@ class TrainImages(torch.utils.data.Dataset):
         return len(self.data.paths)
 
     def _decode(self, row: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(len(self.data.paths)):
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self.data.paths))):
             candidate = (row + attempt) % len(self.data.paths)
             try:
-                return decode_image(self.data.paths[candidate]), candidate
+                return decode_image(self.data.path(candidate)), candidate
             except Exception as err:  # noqa: BLE001 - a bad file is skipped, never fatal
-                log.warning("skipping unreadable training image %s (%s: %s)", self.data.paths[candidate],
+                log.warning("skipping unreadable training image %s (%s: %s)", self.data.path(candidate),
                             type(err).__name__, err)
-        raise TrainingDataError(f"{self.data.work}: no image in the index can be decoded")
+        raise TrainingDataError(f"{self.data.work}: {MAX_CONSECUTIVE_BAD} images in a row from index row {row} "
+                                "cannot be decoded; check the images folder (or rerun the dataset's generate step)")
 
     def _augmented(self, pixels: torch.Tensor, row: int) -> tuple[torch.Tensor, bool]:
         from torchvision.transforms import v2
@@ -151,7 +159,7 @@ class TrainImages(torch.utils.data.Dataset):
         if self.augment is not None:
             pixels, flip = self._augmented(pixels, row)
         view = make_view(pixels.unsqueeze(0), self.spec, self.resolution, hflip=flip)[0]
-        return view, torch.from_numpy(self.data.targets[row]), row
+        return view, torch.from_numpy(self.data.unit_targets(row)), row
 
 
 def loader(dataset: TrainImages, batches: list[list[int]], num_workers: int, pin_memory: bool

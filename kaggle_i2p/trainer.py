@@ -232,7 +232,7 @@ class Trainer:
 
     def _validate(self, record: dict, resolution: int) -> dict:
         rows, predictions = self.evaluate(self.ema.module if self.ema else self.tower, resolution)
-        val = float(np.mean(np.sum(predictions * self.data.targets[rows], axis=1)))
+        val = float(np.mean(np.sum(predictions * self.data.unit_targets(rows), axis=1)))
         record = {**record, "val_cosine": round(val, 6), "val_images": len(rows)}
         self.history.append(record)
         if val > self.progress.best_val:

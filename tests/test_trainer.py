@@ -311,7 +311,7 @@ def test_training_views_are_inference_views_plus_seeded_augmentation(toy_work):
     spec = load_train_config_dict(toy_work).tower.image
     row = int(data.val_rows[0])
     plain = TrainImages(data, spec, 32)[row][0]
-    expected = make_view(decode_image(data.paths[row]).unsqueeze(0), spec, 32)[0]
+    expected = make_view(decode_image(data.path(row)).unsqueeze(0), spec, 32)[0]
     assert torch.equal(plain, expected)  # no augmentation: exactly what inference computes
     augment = parse_train_config(toy_training_config(toy_work, "out", data={
         "crop_scale": [0.5, 0.9], "color_jitter": 0.3}), toy_work / "c.yaml").data
