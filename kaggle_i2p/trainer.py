@@ -117,13 +117,14 @@ class MetricsLog:
 class Trainer:
     """One training run; `run()` trains every remaining stage and returns the result."""
 
-    def __init__(self, config: TrainConfig, restart: bool = False):
+    def __init__(self, config: TrainConfig, restart: bool = False, accelerator=None):
         from accelerate import Accelerator
 
         self.config = config
         cuda = torch.cuda.is_available() and not config.cpu
         try:
-            self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(config.precision, cuda))
+            self.accelerator = accelerator or Accelerator(cpu=not cuda,
+                                                          mixed_precision=mixed_precision(config.precision, cuda))
         except ValueError as err:  # accelerate fixes the precision and device once per process
             raise TrainingError(f"{err}\n  fix: run this training in a new process (kaggle-i2p train, or restart the "
                                 "kernel); one Python process trains with one precision and device") from err
@@ -374,8 +375,9 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def train(config: TrainConfig | str | Path, restart: bool = False) -> TrainResult:
-    """Run (or resume) the training a config describes; see the module docstring."""
+def train(config: TrainConfig | str | Path, restart: bool = False, accelerator=None) -> TrainResult:
+    """Run (or resume) the training a config describes; see the module docstring. `accelerator`: your own
+    `accelerate.Accelerator` (e.g. with kwargs handlers) instead of the one the config's precision implies."""
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
-    return Trainer(config, restart=restart).run()
+    return Trainer(config, restart=restart, accelerator=accelerator).run()

@@ -446,3 +446,22 @@ def test_a_stage_resolution_off_the_patch_grid_is_refused_before_training(toy_wo
     with pytest.raises(ManifestError, match="40 is not a multiple of the patch size 16"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_skipped_fp16_step_leaves_the_ema_alone(toy_work, tmp_path, monkeypatch):
+    """fp16's grad scaler skips steps whose gradients overflow (accelerate: step_was_skipped); those must not move
+    the EMA. (accelerate's fp16 needs a GPU; here every step reports skipped.)"""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
+    config = toy_training_config(toy_work, tmp_path / "run", eval_at_start=False,
+                                 stages=[{"name": "ft", "epochs": 1, "resolution": 32}])
+    config["tower"].update(head={"type": "linear"}, native_resolution=32)  # no batch statistics, no resampling
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    initial = build_tower(load_train_config(path).tower).state_dict()
+    last = read_checkpoint(train(path).last)
+    for key, value in initial.items():
+        assert torch.equal(last["ema"][key], value), key
+    assert not torch.equal(last["model"]["head.weight"], initial["head.weight"])
