@@ -118,7 +118,11 @@ class Trainer:
     """One training run; `run()` trains every remaining stage and returns the result."""
 
     def __init__(self, config: TrainConfig, restart: bool = False, accelerator=None):
-        from accelerate import Accelerator
+        try:
+            from accelerate import Accelerator
+        except ImportError as err:
+            raise TrainingError("training needs accelerate (one GPU, many, or the CPU): pip install "
+                                "'kaggle_i2p[train]'") from err
 
         self.config = config
         cuda = torch.cuda.is_available() and not config.cpu

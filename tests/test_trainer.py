@@ -465,3 +465,9 @@ def test_a_skipped_fp16_step_leaves_the_ema_alone(toy_work, tmp_path, monkeypatc
     for key, value in initial.items():
         assert torch.equal(last["ema"][key], value), key
     assert not torch.equal(last["model"]["head.weight"], initial["head.weight"])
+
+
+def test_missing_accelerate_is_one_clear_error(toy_work, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed
+    with pytest.raises(TrainingError, match=r"pip install 'kaggle_i2p\[train\]'"):
+        train(_config(tmp_path, toy_work))
