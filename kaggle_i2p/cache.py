@@ -40,11 +40,6 @@ def image_key(path: Path) -> str:
     return f"{path.stem}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def view_name(resolution: int, flip: bool) -> str:
-    """The name of one TTA view, as used in the cache, in reports and in `image.view_weights`."""
-    return f"r{resolution}_flip" if flip else f"r{resolution}"
-
-
 def _digest(payload: object, length: int = 24) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
 

@@ -547,13 +547,18 @@ def as_manifest(manifest: str | Path | Manifest) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
+def read_yaml(path: Path, error: type[ManifestError] = ManifestError, missing: str = "manifest file not found",
+              hint: str = "; pass --manifest PATH") -> Any:
+    """A YAML file's data; a missing or unparsable file raises `error` naming it."""
+    if not path.is_file():
+        raise error(path, [f"{missing}: {path.resolve()}{hint}"])
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise error(path, [f"is not valid YAML: {err}"]) from err
+
+
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate a manifest YAML file; raises ManifestError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(path, [f"manifest file not found: {path.resolve()}; pass --manifest PATH"])
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ManifestError(path, [f"is not valid YAML: {err}"]) from err
-    return parse_manifest(data, path, check_files=check_files)
+    return parse_manifest(read_yaml(path), path, check_files=check_files)

@@ -156,10 +156,7 @@ def at_resolution(tower: Tower, spec: TowerSpec, resolution: int, embedding_dim:
     backbone_state = resample_position_embeddings(tower.backbone.state_dict(), new.backbone)
     state = {**{f"backbone.{k}": v for k, v in backbone_state.items()},
              **{f"head.{k}": v for k, v in tower.head.state_dict().items()}}
-    new.load_state_dict(state, strict=True, assign=True)
-    if _has_meta_tensors(new):
-        new = build_tower(new_spec, embedding_dim)
-        new.load_state_dict(state, strict=True)
+    new = _given_state(new, new_spec, state, embedding_dim)
     parameter = next(tower.parameters())
     return new.to(parameter.device).train(tower.training), new_spec
 
@@ -331,12 +328,7 @@ def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.de
         if actual.lower() != spec.sha256.lower():
             raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
                                  f"{spec.sha256}; the file is corrupt or not the one the manifest means")
-    try:
-        state = strip_prefixes(read_state_dict(spec.checkpoint))
-    except TowerLoadError:
-        raise
-    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
-        raise TowerLoadError(f"tower {spec.name!r}: cannot read checkpoint {spec.checkpoint}: {err}") from err
+    state = _read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint")
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
     expected = tower.state_dict()
@@ -345,11 +337,40 @@ def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.de
         raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint} does not match {spec.library} "
                              f"{spec.arch} + {spec.head.type} head:\n  " + "\n  ".join(problems))
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # an fp16 export still gives fp32 weights
-    tower.load_state_dict(state, strict=True, assign=True)
-    if _has_meta_tensors(tower):
+    return _given_state(tower, spec, state, embedding_dim).to(device).eval().requires_grad_(False)
+
+
+def tower_from_state(spec: TowerSpec, state: Mapping[str, torch.Tensor], embedding_dim: int = 384) -> Tower:
+    """The tower holding exactly `state` (strict), built without a random initialisation."""
+    with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
-        tower.load_state_dict(state, strict=True)
-    return tower.to(device).eval().requires_grad_(False)
+    return _given_state(tower, spec, state, embedding_dim)
+
+
+def _given_state(meta_tower: Tower, spec: TowerSpec, state: Mapping[str, torch.Tensor], embedding_dim: int) -> Tower:
+    """Assign `state` to a tower built on the meta device; towers with buffers that only their constructor computes
+    (EVA's rotary tables) are built normally and loaded instead."""
+    meta_tower.load_state_dict(state, strict=True, assign=True)
+    if not _has_meta_tensors(meta_tower):
+        return meta_tower
+    tower = build_tower(spec, embedding_dim)
+    tower.load_state_dict(state, strict=True)
+    return tower
+
+
+def _read_weights(path: Path, failure: str) -> dict[str, torch.Tensor]:
+    """`read_state_dict` + `strip_prefixes`; an unreadable file becomes one TowerLoadError: "{failure} {path}: ..."."""
+    try:
+        return strip_prefixes(read_state_dict(path))
+    except TowerLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
+        raise TowerLoadError(f"{failure} {path}: {err}") from err
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose keys start with `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.")  # ImageNet classifiers a regressor drops
@@ -364,21 +385,15 @@ def load_initial_weights(tower: Tower, path: str | Path) -> list[str]:
     classifier in it is dropped.
     """
     path = Path(path)
-    try:
-        state = strip_prefixes(read_state_dict(path))
-    except TowerLoadError:
-        raise
-    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
-        raise TowerLoadError(f"cannot read initial weights {path}: {err}") from err
+    state = _read_weights(path, "cannot read initial weights")
     notes = []
     head_state = {}
     if any(k.startswith("backbone.") for k in state):
-        head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        head_state, state = _under(state, "head."), _under(state, "backbone.")
         notes.append("a kaggle_i2p tower checkpoint: backbone" + (" and head" if head_state else ""))
     elif any(k.startswith("visual.") for k in state):
         dropped = sum(not k.startswith("visual.") for k in state)
-        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        state = _under(state, "visual.")
         notes.append(f"an open_clip CLIP checkpoint: its visual tower ({dropped} text-side tensors left out)")
     expected = tower.backbone.state_dict()
     classifier = sorted(k for k in state if k not in expected and k.startswith(CLASSIFIER_PREFIXES))

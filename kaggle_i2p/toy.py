@@ -79,10 +79,11 @@ def build_toy_training_set(work: str | Path, n_prompts: int = 48, folds: int = 4
     import pandas as pd
     from PIL import Image
 
-    from .dryrun import bundled_sample_dir
+    from .dataset import IMAGES, INDEX, TARGETS
+    from .dryrun import bundled_sample_dir, sample_targets
 
     work = Path(work)
-    (work / "images").mkdir(parents=True, exist_ok=True)
+    (work / IMAGES).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     prior = np.load(PRIOR_PATH).astype(np.float32)
     mixing = rng.normal(size=(384, 3)).astype(np.float32)
@@ -93,23 +94,22 @@ def build_toy_training_set(work: str | Path, n_prompts: int = 48, folds: int = 4
         for copy in range(1 + (p % 3 == 0)):
             pixels = np.clip(colour * 255 + rng.normal(0, 12, size=(size, size, 3)), 0, 255).astype(np.uint8)
             image_id = f"toy{p:03d}_{copy}"
-            Image.fromarray(pixels).save(work / "images" / f"{image_id}.png")
+            Image.fromarray(pixels).save(work / IMAGES / f"{image_id}.png")
             rows.append({"imgId": image_id, "prompt": f"toy prompt {p}", "source": "toy",
-                         "path": f"images/{image_id}.png", "seed": p * 10 + copy, "group": p, "fold": p % folds})
+                         "path": f"{IMAGES}/{image_id}.png", "seed": p * 10 + copy, "group": p, "fold": p % folds})
             targets.append(target / np.linalg.norm(target))
     sample = bundled_sample_dir()
-    truth = pd.read_csv(sample / "sample_submission.csv")
+    truth = dict(zip(*sample_targets(sample / "sample_submission.csv"), strict=True))
     prompts = pd.read_csv(sample / "prompts.csv", dtype={"imgId": str}).set_index("imgId")
     for k, image_id in enumerate(sorted(prompts.index)):
-        shutil.copyfile(sample / "images" / f"{image_id}.png", work / "images" / f"{image_id}.png")
-        values = truth["val"].to_numpy()[truth["imgId_eId"].str.rsplit("_", n=1).str[0] == image_id]
+        shutil.copyfile(sample / "images" / f"{image_id}.png", work / IMAGES / f"{image_id}.png")
         rows.append({"imgId": image_id, "prompt": prompts.loc[image_id, "prompt"], "source": "kaggle_sample",
-                     "path": f"images/{image_id}.png", "seed": -1, "group": n_prompts + k, "fold": k % folds})
-        targets.append(values.astype(np.float32))
+                     "path": f"{IMAGES}/{image_id}.png", "seed": -1, "group": n_prompts + k, "fold": k % folds})
+        targets.append(truth[image_id])
     index = pd.DataFrame(rows)
     order = np.argsort(index["imgId"].to_numpy(), kind="stable")
-    index.iloc[order].reset_index(drop=True).to_parquet(work / "index.parquet", index=False)
-    np.save(work / "targets.npy", np.stack(targets)[order])
+    index.iloc[order].reset_index(drop=True).to_parquet(work / INDEX, index=False)
+    np.save(work / TARGETS, np.stack(targets)[order])
     return work
 
 

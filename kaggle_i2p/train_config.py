@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
@@ -26,6 +24,7 @@ from .manifest import (
     _Problems,
     _resolve_file,
     expand_path,
+    read_yaml,
 )
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -295,13 +294,7 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read and validate a training config YAML file; raises TrainConfigError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(path, [f"config file not found: {path.resolve()}"])
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise TrainConfigError(path, [f"is not valid YAML: {err}"]) from err
-    return parse_train_config(data, path)
+    return parse_train_config(read_yaml(path, TrainConfigError, "config file not found", ""), path)
 
 
 def config_changes(old: Mapping, new: Mapping) -> list[str]:

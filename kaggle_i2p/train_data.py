@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .dataset import INDEX, TARGETS
+from .ensemble import l2_normalize
 from .images import decode_image, make_view
 from .manifest import ImageSpec
 from .train_config import DataConfig
 
 log = logging.getLogger(__name__)
-INDEX, TARGETS = "index.parquet", "targets.npy"
 MAX_CONSECUTIVE_BAD = 64  # more unreadable images in a row than this means a broken folder, not one bad file
 
 
@@ -50,8 +51,7 @@ class TrainingData:
 
     def unit_targets(self, rows: np.ndarray | int) -> np.ndarray:
         """float32 unit-norm targets of these rows."""
-        values = np.asarray(self.targets[rows], dtype=np.float32)
-        return values / np.maximum(np.linalg.norm(values, axis=-1, keepdims=True), 1e-12)
+        return l2_normalize(self.targets[rows])
 
 
 def load_training_data(work: str | Path, val_fold: int, max_val_images: int | None = None) -> TrainingData:

@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_open
+from .ensemble import mean_cosine
 from .export import CHECKPOINT_FORMAT, read_checkpoint, tower_entry
 from .manifest import Manifest, TowerSpec
-from .towers import at_resolution, build_tower, check_architectures, load_initial_weights
+from .towers import at_resolution, build_tower, check_architectures, load_initial_weights, tower_from_state
 from .train_config import StageConfig, TrainConfig, TrainConfigError, config_changes, load_train_config
 from .train_data import TrainImages, epoch_rows, load_training_data, loader, rank_batches
 from .training import ModelEMA, cosine_embedding_loss, freeze_lowest, llrd_param_groups, set_head_only, warmup_cosine
@@ -175,9 +176,7 @@ class Trainer:
     def _initial_tower(self):
         if self._resume_state is not None:
             self.spec = replace(self.spec, native_resolution=self._resume_state["tower"].get("native_resolution"))
-            tower = build_tower(self.spec, self.dim)
-            tower.load_state_dict(self._resume_state["model"])
-            return tower
+            return tower_from_state(self.spec, self._resume_state["model"], self.dim)
         torch.manual_seed(self.config.seed)
         tower = build_tower(self.spec, self.dim)
         if self.config.init is not None:
@@ -237,7 +236,7 @@ class Trainer:
 
     def _validate(self, record: dict, resolution: int) -> dict:
         rows, predictions = self.evaluate(self.ema.module if self.ema else self.tower, resolution)
-        val = float(np.mean(np.sum(predictions * self.data.unit_targets(rows), axis=1)))
+        val, _ = mean_cosine(predictions, self.data.unit_targets(rows))
         record = {**record, "val_cosine": round(val, 6), "val_images": len(rows)}
         self.history.append(record)
         if val > self.progress.best_val:
