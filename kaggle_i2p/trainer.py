@@ -9,8 +9,6 @@ and every `checkpoint_every` steps); rerunning the same command resumes the same
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -20,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -106,13 +105,8 @@ class MetricsLog:
     def write_epochs(self, history: list[dict]) -> None:
         if not self.enabled or not history:
             return
-        columns = list(dict.fromkeys(key for record in history for key in record))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
         with atomic_open(self.csv, "w", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
+            pd.DataFrame(history).to_csv(handle, index=False, lineterminator="\n")
 
 
 class Trainer:
