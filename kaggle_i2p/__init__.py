@@ -6,8 +6,18 @@
 """
 
 from ._version import __version__
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import Manifest, ManifestError, load_manifest, register_named_manifest
 from .predict import PredictionRun, RunSummary, predict_dir, predict_embeddings, run_prediction
+
+
+def _demo_manifest():
+    """The real-weight demo ensemble's manifest, built on first use (see kaggle_i2p.demo_ensemble)."""
+    from .demo_ensemble import build_demo_ensemble
+
+    return build_demo_ensemble()
+
+
+register_named_manifest("demo", _demo_manifest)
 
 __all__ = [
     "Manifest",

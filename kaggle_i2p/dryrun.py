@@ -16,17 +16,18 @@ import numpy as np
 import pandas as pd
 
 from .ensemble import mean_cosine
+from .errors import I2PError
 from .manifest import Manifest, as_manifest
 from .predict import RunSummary, run_prediction
+from .resources import DATA_DIR, KAGGLE_SAMPLE_DIR, default_manifest
 from .submission import check_format, read_submission, write_submission
 
-KAGGLE_SAMPLE_DIR = Path("/kaggle/input/stable-diffusion-image-to-prompts")
 EMBEDDING_TOLERANCE = 1e-6
 
 
 def bundled_sample_dir() -> Path:
     """The copy of the competition's public sample (7 images + CSVs) shipped inside the package."""
-    return Path(__file__).parent / "data" / "kaggle_sample"
+    return DATA_DIR / "kaggle_sample"
 
 
 def default_sample_dir() -> Path:
@@ -107,19 +108,22 @@ def check_target_embeddings(sample_dir: Path, image_ids: list[str], targets: np.
     return float(np.abs(embedded - targets).max()), "all-MiniLM-L6-v2"
 
 
-def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifest = "weights_manifest.yaml", *,
+def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifest | None = None, *,
             out_csv: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
             num_workers: int | None = None, precision: str | None = None, check_embeddings: bool = True,
             text_model_path: str | Path | None = None, progress: bool = True) -> DryRunReport:
-    """Predict the sample images, write and check the CSV against sample_submission.csv, and score it."""
+    """Predict the sample images, write and check the CSV against sample_submission.csv, and score it.
+
+    `manifest` defaults to weights_manifest.yaml on Kaggle and the demo ensemble elsewhere (`demo` names it too).
+    """
     sample_dir = Path(sample_dir) if sample_dir else default_sample_dir()
     sample_csv = sample_dir / "sample_submission.csv"
     image_dir = sample_dir / "images"
     for needed in (sample_csv, image_dir):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
+            raise I2PError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
                                     "(the competition's layout)")
-    manifest = as_manifest(manifest)
+    manifest = as_manifest(default_manifest() if manifest is None else manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,23 +91,25 @@ def _torch_score(stack, target, weights, towers: list[list[int]]):
     return (unit(mixed) * target).sum(-1).mean()
 
 
+def _tensors(preds: Mapping[str, np.ndarray], target: np.ndarray):
+    import torch
+
+    stack = torch.from_numpy(np.stack([l2_normalize(p) for p in preds.values()]).astype(np.float64))
+    return stack, torch.from_numpy(l2_normalize(target).astype(np.float64))
+
+
 def tune_weights(preds: Mapping[str, np.ndarray], target: np.ndarray, *, groups: Mapping[str, str] | None = None,
-                 per_dim: bool = False, restarts: int = 8, seed: int = 0, dim_regularization: float = 1.0,
-                 max_iter: int = 500) -> dict[str, float] | dict[str, np.ndarray]:
+                 restarts: int = 8, seed: int = 0, max_iter: int = 500) -> dict[str, float]:
     """Non-negative weights summing to 1 that maximise the mean cosine of the weighted ensemble on `target`.
 
     `preds` maps names to (N, D) predictions (normalised here). With `groups` (name -> tower), names are a tower's
-    views and the two-level TTA-then-towers formula is tuned. With `per_dim`, each name gets D weights, started at and
-    regularised toward the per-name solution (returns arrays). Deterministic for a given seed.
+    views and the two-level TTA-then-towers formula is tuned. Deterministic for a given seed.
     """
     import torch
     from scipy.optimize import minimize
 
     keys = list(preds)
-    if per_dim and groups is not None:
-        raise ValueError("per-dimension weights are tuned per tower, not per view")
-    stack = torch.from_numpy(np.stack([l2_normalize(preds[k]) for k in keys]).astype(np.float64))
-    target_t = torch.from_numpy(l2_normalize(target).astype(np.float64))
+    stack, target_t = _tensors(preds, target)
     towers = _groups_of(keys, groups)
 
     def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -122,9 +124,20 @@ def tune_weights(preds: Mapping[str, np.ndarray], target: np.ndarray, *, groups:
                          options={"maxiter": max_iter}) for x0 in starts), key=lambda r: r.fun)
     weights = np.clip(best.x, 0.0, None)
     weights = weights / weights.sum()
-    if not per_dim:
-        return {k: float(w) for k, w in zip(keys, weights, strict=True)}
+    return {k: float(w) for k, w in zip(keys, weights, strict=True)}
 
+
+def tune_dim_weights(preds: Mapping[str, np.ndarray], target: np.ndarray, *, restarts: int = 8, seed: int = 0,
+                     dim_regularization: float = 1.0, max_iter: int = 500) -> dict[str, np.ndarray]:
+    """D non-negative weights per tower, started at and regularised toward `tune_weights`' per-tower solution."""
+    import torch
+    from scipy.optimize import minimize
+
+    keys = list(preds)
+    tower_weights = tune_weights(preds, target, restarts=restarts, seed=seed, max_iter=max_iter)
+    weights = np.array([tower_weights[k] for k in keys])
+    stack, target_t = _tensors(preds, target)
+    towers = _groups_of(keys, None)
     dim = stack.shape[-1]
     anchor = torch.from_numpy(np.repeat(weights[:, None], dim, axis=1))
     scale = float(weights.mean())

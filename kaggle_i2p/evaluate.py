@@ -16,22 +16,32 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_weights, unusable_rows
-from .manifest import Manifest, load_manifest
+from .atomic import atomic_open
+from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_dim_weights, tune_weights, unusable_rows
+from .errors import I2PError
+from .manifest import Manifest, parse_manifest
 from .predict import PredictionRun
 
 
-class TargetError(ValueError):
+class TargetError(I2PError, ValueError):
     """Targets that do not line up with the images."""
 
 
 def read_prompts(prompts_csv: str | Path) -> pd.DataFrame:
     """A prompts file: columns imgId, prompt (Kaggle's prompts.csv layout), optionally fold; CSV, or the parquet
     index that build_dataset.sh writes."""
-    if str(prompts_csv).endswith(".parquet"):
-        frame = pd.read_parquet(prompts_csv).astype({"imgId": str})
-    else:
-        frame = pd.read_csv(prompts_csv, dtype={"imgId": str}, keep_default_na=False)
+    if not Path(prompts_csv).is_file():
+        raise TargetError(f"prompts file not found: {prompts_csv}")
+    try:
+        if str(prompts_csv).endswith(".parquet"):
+            frame = pd.read_parquet(prompts_csv).astype({"imgId": str})
+        else:
+            frame = pd.read_csv(prompts_csv, dtype={"imgId": str}, keep_default_na=False)
+    except ImportError as err:
+        raise TargetError(f"{prompts_csv}: reading parquet needs pyarrow: pip install pyarrow "
+                          f"(or kaggle_i2p[train]) ({err})") from err
+    except (ValueError, OSError) as err:
+        raise TargetError(f"{prompts_csv}: cannot read it as a prompts table: {err}") from err
     missing = {"imgId", "prompt"} - set(frame.columns)
     if missing:
         raise TargetError(f"{prompts_csv}: needs columns imgId and prompt (missing {', '.join(sorted(missing))})")
@@ -46,7 +56,10 @@ def load_targets(ids: list[str], prompts_csv: str | Path | None = None, targets_
     if (prompts_csv is None) == (targets_npy is None):
         raise TargetError("give exactly one of --prompts CSV or --targets NPY")
     if targets_npy is not None:
-        targets = np.load(targets_npy, allow_pickle=False)
+        try:
+            targets = np.load(targets_npy, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise TargetError(f"cannot read targets {targets_npy}: {err}") from err
         if targets.ndim != 2 or targets.shape[0] != len(ids):
             raise TargetError(f"{targets_npy}: shape {targets.shape}, expected ({len(ids)}, D) aligned to the "
                               f"{len(ids)} sorted image ids")
@@ -124,7 +137,7 @@ def fold_ids(ids: list[str], n_folds: int, prompts_csv: str | Path | None = None
     from sklearn.model_selection import KFold
 
     if n_folds < 2 or n_folds > len(ids):
-        raise ValueError(f"--folds must be between 2 and the number of images ({len(ids)})")
+        raise TargetError(f"--folds {n_folds} must be between 2 and the number of images ({len(ids)})")
     folds = np.zeros(len(ids), dtype=int)
     for k, (_, held_out) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(ids)):
         folds[held_out] = k
@@ -166,13 +179,16 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
         preds, groups = dict(run.tower_embeddings), None
     towers = run.tower_embeddings
     manifest_weights = {t.name: t.weight for t in manifest.towers if t.name in towers}
-    options = {"groups": groups, "per_dim": per_dim, "seed": seed}
+    def tune(train_preds: dict[str, np.ndarray], train_targets: np.ndarray) -> dict:
+        if per_dim:
+            return tune_dim_weights(train_preds, train_targets, seed=seed)
+        return tune_weights(train_preds, train_targets, groups=groups, seed=seed)
 
     oof = {name: np.zeros_like(targets)
            for name in ("tuned", "equal_weights", "manifest_weights", "best_single_tower")}
     for fold in np.unique(folds):
         train, held = folds != fold, folds == fold
-        fitted = tune_weights({k: v[train] for k, v in preds.items()}, targets[train], **options)
+        fitted = tune({k: v[train] for k, v in preds.items()}, targets[train])
         oof["tuned"][held] = apply_weights({k: v[held] for k, v in preds.items()}, fitted, groups)
         oof["equal_weights"][held] = apply_weights({k: v[held] for k, v in towers.items()}, dict.fromkeys(towers, 1))
         if sum(manifest_weights.values()) > 0:
@@ -181,7 +197,7 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
         oof["best_single_tower"][held] = towers[best][held]  # chosen on the training folds only
     scores = {name: mean_cosine(pred, targets)[0] for name, pred in oof.items()}
 
-    fitted = tune_weights(preds, targets, **options)
+    fitted = tune(preds, targets)
     fit_score = mean_cosine(apply_weights(preds, fitted, groups), targets)[0]
     if per_view:
         tower_weights = {t: sum(w for k, w in fitted.items() if groups[k] == t) for t in towers}
@@ -197,9 +213,6 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
     return report, fitted
 
 
-PATH_FIELDS = ("checkpoint", "dim_weights")
-
-
 def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
     """Keep a relative path pointing at the same file from the new manifest's folder."""
     if "${" in raw or Path(raw).is_absolute() or source_dir.resolve() == out_dir.resolve():
@@ -207,20 +220,36 @@ def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
     return os.path.relpath(source_dir / raw, out_dir)
 
 
-def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
-    """Copy the manifest with the tuned weights (and view or per-dimension weights); everything else unchanged."""
-    source, out = Path(source), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = yaml.safe_load(source.read_text(encoding="utf-8"))
-    source_dir, out_dir = source.resolve().parent, out.resolve().parent
-    if isinstance(data.get("fallback"), str):
-        data["fallback"] = _rebase(data["fallback"], source_dir, out_dir)
-    for tower in data["towers"]:
-        for key in PATH_FIELDS:
-            if isinstance(tower.get(key), str):
-                tower[key] = _rebase(tower[key], source_dir, out_dir)
+def rebase_manifest_paths(data: dict, source_dir: Path, out_dir: Path) -> dict:
+    """Every path field of manifest data (fallback; per tower checkpoint, dim_weights, a .json arch, retrieval.bank,
+    a prior's vector) rewritten to point at the same files from `out_dir`."""
+    def move(holder: dict, key: str) -> None:
+        if isinstance(holder.get(key), str):
+            holder[key] = _rebase(holder[key], source_dir, out_dir)
+
+    move(data, "fallback")
+    for tower in data.get("towers") or []:
+        if not isinstance(tower, dict):
+            continue
+        for key in ("checkpoint", "dim_weights", "vector"):
+            move(tower, key)
         if isinstance(tower.get("arch"), str) and tower["arch"].endswith(".json"):
-            tower["arch"] = _rebase(tower["arch"], source_dir, out_dir)
+            move(tower, "arch")
+        if isinstance(tower.get("retrieval"), dict):
+            move(tower["retrieval"], "bank")
+    return data
+
+
+def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
+    """Copy the manifest with the tuned weights (and view or per-dimension weights), every path rebased to the new
+    folder; validated before it is written, then written atomically."""
+    source, out = Path(source), Path(out)
+    if out.is_dir():
+        raise TargetError(f"--out {out} is a folder; give the tuned manifest's file path, e.g. {out / 'tuned.yaml'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = rebase_manifest_paths(yaml.safe_load(source.read_text(encoding="utf-8")), source.resolve().parent,
+                                 out.resolve().parent)
+    for tower in data["towers"]:
         name = tower["name"]
         if name not in report.weights:
             continue
@@ -231,8 +260,10 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
             vector = np.asarray(fitted[name], dtype=np.float32)
             mean = float(vector.mean())
             path = out.with_name(f"{out.stem}.{name}.dim_weights.npy")
-            np.save(path, vector / mean if mean > 0 else np.ones_like(vector))
+            with atomic_open(path, "wb") as handle:
+                np.save(handle, vector / mean if mean > 0 else np.ones_like(vector))
             tower["dim_weights"] = path.name
-    out.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None), encoding="utf-8")
-    load_manifest(out, check_files=False)  # what we wrote must load
+    parse_manifest(data, out, check_files=True)  # what we write must load, from where it is written
+    with atomic_open(out, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(data, handle, sort_keys=False, default_flow_style=None)
     return out

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import save as safetensors_bytes
 
 from .atomic import atomic_open
+from .errors import I2PError
 from .manifest import TowerSpec, parse_manifest
 from .towers import sha256_file
 
@@ -23,7 +24,7 @@ CHECKPOINT_FORMAT = "kaggle_i2p.train/1"
 FALLBACK = Path(__file__).parent / "data" / "mean_prompt_embedding.npy"
 
 
-class ExportError(ValueError):
+class ExportError(I2PError, ValueError):
     """A file that is not a kaggle_i2p training checkpoint, or an export that would not load."""
 
 

@@ -7,24 +7,38 @@ Decoding happens in DataLoader workers (overlapping compute); a file that cannot
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .errors import I2PError
 from .manifest import ImageSpec
 
 log = logging.getLogger("kaggle_i2p")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-class ImageListingError(ValueError):
+class ImageListingError(I2PError, ValueError):
     """The image folder cannot be used as it is (missing, empty, or with ambiguous ids)."""
+
+
+class Skipped(NamedTuple):
+    """A folder entry that is not predicted, and why (a non-image file, a subfolder, a broken link)."""
+
+    path: Path
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
 @dataclass(frozen=True)
@@ -34,47 +48,97 @@ class ImageListing:
     directory: Path
     ids: tuple[str, ...]
     paths: tuple[Path, ...]
-    skipped: tuple[Path, ...] = ()  # files that are not images by their suffix
+    skipped: tuple[Skipped, ...] = ()  # every other entry of the folder, with its reason
+
+
+# Characters that would break the CSV row `{id}_{e},{value}`: Kaggle's ids are hex, so such a file is a mistake.
+UNSAFE_ID_CHARACTERS = re.compile(r'[,"\x00-\x1f\x7f]')
+
+
+def _skip_reason(path: Path) -> str | None:
+    """Why a folder entry is not an image to predict, or None when it is one."""
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    if path.is_dir():
+        return "a folder (only files directly in the image folder are predicted)"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not an image file by its suffix"
+    return None
 
 
 def list_images(image_dir: str | Path) -> ImageListing:
-    """List image files (png/jpg/jpeg/webp/bmp, any case) sorted by id; duplicate ids are an error."""
+    """List image files (png/jpg/jpeg/webp/bmp/tif/tiff, any case) sorted by id; every other entry is listed as skipped with
+    its reason. Duplicate ids and ids that would break the CSV are errors, raised before any compute."""
     directory = Path(image_dir)
     if not directory.is_dir():
         raise ImageListingError(f"image folder not found: {directory.resolve()}")
     by_id: dict[str, list[Path]] = {}
     skipped = []
     for path in directory.iterdir():
-        if not path.is_file():
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        reason = _skip_reason(path)
+        if reason is None:
             by_id.setdefault(path.stem, []).append(path)
         else:
-            skipped.append(path)
+            skipped.append(Skipped(path, reason))
     duplicates = {k: v for k, v in by_id.items() if len(v) > 1}
     if duplicates:
         lines = [f"{k}: " + ", ".join(sorted(p.name for p in v)) for k, v in sorted(duplicates.items())]
         raise ImageListingError(f"{directory}: {len(duplicates)} image id(s) appear in more than one file, so the "
                                 "submission row is ambiguous; keep one file per id:\n  " + "\n  ".join(lines))
+    unsafe = sorted(k for k in by_id if UNSAFE_ID_CHARACTERS.search(k))
+    if unsafe:
+        names = [repr(by_id[k][0].name) for k in unsafe]
+        raise ImageListingError(f"{directory}: {len(unsafe)} file name(s) hold a comma, a double quote or a control "
+                                "character, which would break the CSV row `{id}_{e},{value}`; rename them:\n  "
+                                + "\n  ".join(names[:20]) + ("\n  ..." if len(names) > 20 else ""))
     if not by_id:
-        raise ImageListingError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise ImageListingError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})"
+                                + (f"; {len(skipped)} other entries skipped" if skipped else ""))
+    skipped.sort()
     if skipped:
-        names = sorted(p.name for p in skipped)
-        log.warning("%s: skipping %d non-image file(s): %s%s", directory, len(names), ", ".join(names[:10]),
-                    " ..." if len(names) > 10 else "")
+        shown = [f"{s.name} ({s.reason})" for s in skipped[:10]]
+        log.warning("%s: skipping %d entr%s that %s not image files: %s%s", directory, len(skipped),
+                    "y" if len(skipped) == 1 else "ies", "is" if len(skipped) == 1 else "are", "; ".join(shown),
+                    " ..." if len(skipped) > 10 else "")
     ids = tuple(sorted(by_id))
-    return ImageListing(directory, ids, tuple(by_id[i][0] for i in ids), tuple(sorted(skipped)))
+    return ImageListing(directory, ids, tuple(by_id[i][0] for i in ids), tuple(skipped))
 
 
-def decode_image(path: str | Path) -> torch.Tensor:
-    """Decode one file to a (3, H, W) uint8 RGB tensor: any PIL mode, EXIF orientation applied, first frame."""
+def _to_8bit(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """High-bit-depth and float images scaled to 8 bits (PIL's own conversion clips them to white or black); a note
+    says what was converted, and values that cannot be mapped raise ValueError (the image gets the fallback)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} pixels outside 0-65535 cannot be mapped to 8 bits")
+        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(gray, mode="L"), f"16-bit {image.mode} pixels scaled to 8 bits"
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or (values.size and (values.min() < 0 or values.max() > 1)):
+            raise ValueError("float pixels must be finite and within 0-1 to be mapped to 8 bits")
+        return Image.fromarray(np.rint(values * 255.0).astype(np.uint8), mode="L"), "float pixels scaled to 8 bits"
+    return image, None
+
+
+def decode_image_with_note(path: str | Path) -> tuple[torch.Tensor, str | None]:
+    """`decode_image`, plus a note when the decode changed the data's depth (16-bit or float scaled to 8 bits)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
+        image, note = _to_8bit(image)
         rgb = image.convert("RGB")
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"decoded to an empty array {array.shape}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1), note
+
+
+def decode_image(path: str | Path) -> torch.Tensor:
+    """Decode one file to a (3, H, W) uint8 RGB tensor: any PIL mode (16-bit and float scaled to 8 bits), EXIF
+    orientation applied, first frame."""
+    return decode_image_with_note(path)[0]
 
 
 @dataclass
@@ -84,11 +148,12 @@ class DecodedBatch:
     indices: list[int]
     pixels: torch.Tensor | list[torch.Tensor]  # (B, 3, H, W) uint8 when sizes agree, else a list of (3, H, W)
     errors: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)  # decodes that changed the data (bit depth)
 
     def pin_memory(self) -> DecodedBatch:
         pixels = self.pixels.pin_memory() if isinstance(self.pixels, torch.Tensor) else [
             p.pin_memory() for p in self.pixels]
-        return DecodedBatch(self.indices, pixels, self.errors)
+        return DecodedBatch(self.indices, pixels, self.errors, self.notes)
 
     def pixels_on(self, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(self.pixels, torch.Tensor):
@@ -105,25 +170,31 @@ class DecodedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
+        """(index, pixels or None, failure reason or None, decode note or None)."""
         path = self.paths[index]
         try:
-            return index, decode_image(path), None
+            pixels, note = decode_image_with_note(path)
+            return index, pixels, None, note
         except Exception as err:  # noqa: BLE001 - every decoding failure becomes a fallback row
-            reason = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {err}"
-            return index, None, reason
+            try:
+                empty = path.stat().st_size == 0
+            except OSError:
+                empty = False
+            return index, None, "empty file" if empty else f"{type(err).__name__}: {err}", None
 
 
-def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None]]) -> DecodedBatch:
+def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> DecodedBatch:
     """Stack same-sized images into one tensor; keep a list when sizes differ; set failures aside."""
-    good = [(i, px) for i, px, err in items if px is not None]
-    errors = [(i, err) for i, px, err in items if px is None]
+    good = [(i, px) for i, px, _, _ in items if px is not None]
+    errors = [(i, err) for i, px, err, _ in items if px is None]
+    notes = [(i, note) for i, _, _, note in items if note]
     tensors = [px for _, px in good]
     if tensors and all(t.shape == tensors[0].shape for t in tensors):
         pixels: torch.Tensor | list[torch.Tensor] = torch.stack(tensors)
     else:
         pixels = tensors
-    return DecodedBatch([i for i, _ in good], pixels, errors)
+    return DecodedBatch([i for i, _ in good], pixels, errors, notes)
 
 
 def image_loader(paths: Sequence[Path], batch_size: int, num_workers: int, pin_memory: bool = False,

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+
+from .errors import I2PError
 
 LIBRARIES = ("timm", "open_clip")
 KINDS = ("regressor", "retrieval", "prior")
@@ -37,14 +39,18 @@ HEAD_KEYS = {"type", "hidden", "norm", "activation"}
 IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip", "view_weights"}
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
+DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE = 10, 1.0  # a retrieval tower's soft top-k when not given
 
 
-class ManifestError(ValueError):
+class ManifestError(I2PError, ValueError):
     """A manifest that cannot be used; the message lists every problem found, one per line."""
 
-    def __init__(self, path: str | Path, problems: list[str]):
+    def __init__(self, path: str | Path, problems: list[str], clean_towers: list | None = None,
+                 embedding_dim: int = 384):
         self.path = str(path)
         self.problems = problems
+        self.clean_towers: list[tuple[int, TowerSpec]] = clean_towers or []  # parsed without a problem of their own
+        self.embedding_dim = embedding_dim
         super().__init__(f"{self.path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
@@ -372,7 +378,11 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
                 checkpoint = Path(raw_ckpt)
 
     sha256 = raw.get("sha256")
-    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+    if isinstance(sha256, (int, float)) and not isinstance(sha256, bool):
+        problems.add(f"{label}.sha256", "YAML read this unquoted value as a number (an all-digit or exponent-like "
+                                        "hash); put the 64 hex digits in quotes: sha256: \"...\"")
+        sha256 = None
+    elif sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
         sha256 = None
     native = raw.get("native_resolution")
@@ -443,7 +453,8 @@ def _parse_retrieval(raw: Any, where: str, base_dir: Path, problems: _Problems,
         return None
     for key in sorted(set(raw) - RETRIEVAL_KEYS):
         problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(RETRIEVAL_KEYS))}")
-    k, temperature, score = raw.get("k", 10), raw.get("temperature", 1.0), raw.get("score", "logits")
+    k, temperature = raw.get("k", DEFAULT_RETRIEVAL_K), raw.get("temperature", DEFAULT_RETRIEVAL_TEMPERATURE)
+    score = raw.get("score", "logits")
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         problems.add(f"{where}.k", f"{k!r} must be an integer >= 1 (texts averaged per image)")
     if not (_is_number(temperature) and temperature > 0):
@@ -469,8 +480,9 @@ def _parse_retrieval(raw: Any, where: str, base_dir: Path, problems: _Problems,
         problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets.shape}; expected (rows, {embedding_dim})")
     if score == "embedding" and keys is None:
         problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
-    return RetrievalSpec(bank=bank, k=int(k) if isinstance(k, int) else 10,
-                         temperature=float(temperature) if _is_number(temperature) else 1.0, score=str(score),
+    return RetrievalSpec(bank=bank, k=int(k) if isinstance(k, int) else DEFAULT_RETRIEVAL_K,
+                         temperature=float(temperature) if _is_number(temperature) else DEFAULT_RETRIEVAL_TEMPERATURE,
+                         score=str(score),
                          rows=int(targets.shape[0]), key_dim=None if keys is None else int(keys.shape[1]))
 
 
@@ -522,10 +534,14 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
     if not isinstance(towers_raw, list) or not towers_raw:
         problems.add("towers", "must be a non-empty list of towers")
         towers_raw = []
+    clean: list[tuple[int, TowerSpec]] = []
     for index, raw in enumerate(towers_raw):
+        before = len(problems.items)
         spec = _parse_tower(raw, index, base_dir, problems, check_files, embedding_dim)
         if spec is not None:
             towers.append(spec)
+            if len(problems.items) == before:
+                clean.append((index, spec))
 
     seen: dict[str, int] = {}
     for index, spec in enumerate(towers):
@@ -537,13 +553,28 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
         problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")
 
     if problems.items:
-        raise ManifestError(path, problems.items)
+        raise ManifestError(path, problems.items, clean, embedding_dim)
     return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
                     towers=tuple(towers))
 
 
+# Named manifests (`demo`) resolve to a file made on first use; the package registers its builders at import.
+NAMED_MANIFESTS: dict[str, Callable[[], Path]] = {}
+
+
+def register_named_manifest(name: str, build: Callable[[], Path]) -> None:
+    """Let `name` stand for the manifest file that `build()` returns (made on first use)."""
+    NAMED_MANIFESTS[name] = build
+
+
+def resolve_manifest(manifest: str | Path) -> Path:
+    """A manifest path; a registered name (`demo`) is built on first use and its file returned."""
+    builder = NAMED_MANIFESTS.get(str(manifest))
+    return Path(builder()) if builder is not None else Path(manifest)
+
+
 def as_manifest(manifest: str | Path | Manifest) -> Manifest:
-    """A Manifest as it is, or the manifest file at that path, loaded and validated."""
+    """A Manifest as it is, or the manifest file at that path (or of that name, e.g. `demo`), loaded and validated."""
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
@@ -559,6 +590,7 @@ def read_yaml(path: Path, error: type[ManifestError] = ManifestError, missing: s
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
-    """Read and validate a manifest YAML file; raises ManifestError listing every problem."""
-    path = Path(path)
+    """Read and validate a manifest YAML file (or a named one, e.g. `demo`); raises ManifestError listing every
+    problem."""
+    path = resolve_manifest(path)
     return parse_manifest(read_yaml(path), path, check_files=check_files)

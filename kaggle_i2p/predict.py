@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, image_key
+from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, Shard, image_key
 from .ensemble import combine_towers, combine_views, unusable_rows
-from .images import image_loader, list_images, make_view
-from .manifest import Manifest, TowerSpec, as_manifest
+from .errors import OptionError
+from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
+from .manifest import PRECISIONS, Manifest, TowerSpec, as_manifest
+from .resources import DEFAULT_MANIFEST
 from .retrieval import Bank, retrieve, retrieve_from_logits
-from .submission import submission_frame, write_submission
-from .towers import Tower, check_architectures, load_tower
+from .submission import check_output_path, submission_frame, write_submission
+from .towers import Tower, load_tower, validate_manifest
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -43,10 +49,12 @@ class RunSummary:
     device: str
     precision: dict[str, str] = field(default_factory=dict)
     fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (image id, reason)
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (folder entry, why it is not predicted)
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (image id, what the decode changed)
     nonfinite_recomputes: int = 0
     oom_halvings: int = 0
     cached_images: int = 0  # images whose every tower x view came from the cache
+    cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
     seconds: float = 0.0
 
     @property
@@ -56,8 +64,9 @@ class RunSummary:
     def __str__(self) -> str:
         return (f"kaggle_i2p: {self.n_images} images, {len(self.towers)} towers, {self.n_views} views/image, "
                 f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} fp32 recomputes, "
-                f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} non-image files skipped, "
-                f"{self.cached_images} from cache, "
+                f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
+                f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
+                f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}")
 
 
@@ -73,10 +82,24 @@ class PredictionRun:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` means CUDA when available, else CPU."""
+    """`auto` means CUDA when available, else CPU; an unknown device or a CUDA device without a GPU is an
+    OptionError, raised before anything loads."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise OptionError(f"device {str(device)!r} is not a device: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise OptionError(f"device {str(device)!r}: kaggle_i2p runs on cpu or cuda (cuda:N); use auto, cpu or cuda")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device {str(device)!r}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                              "False); use --device cpu, or auto to take the GPU when there is one")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise OptionError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              "(cuda:0 is the first)")
+    return resolved
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -87,6 +110,22 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         log.info("fp16 autocast on CPU is slow and imprecise; using fp32 (use bf16 for reduced precision on CPU)")
         return "fp32"
     return requested
+
+
+def check_options(batch_size: int | None, num_workers: int | None, precision: str | None,
+                  cache_chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    """Option values that cannot work are an OptionError before anything runs (never a silent fallback row)."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if batch_size is not None and not (whole(batch_size) and batch_size >= 1):
+        raise OptionError(f"batch size {batch_size!r} must be a whole number >= 1 (or left out for the default)")
+    if num_workers is not None and not (whole(num_workers) and num_workers >= 0):
+        raise OptionError(f"workers {num_workers!r} must be a whole number >= 0 (0 decodes in the main process)")
+    if precision is not None and precision not in PRECISIONS:
+        raise OptionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if not (whole(cache_chunk_size) and cache_chunk_size >= 1):
+        raise OptionError(f"cache chunk size {cache_chunk_size!r} must be a whole number >= 1")
 
 
 class TowerRunner:
@@ -156,141 +195,288 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml", *,
-                   device: str | torch.device = "auto", batch_size: int | None = None,
-                   num_workers: int | None = None, precision: str | None = None, progress: bool = True,
-                   cache_dir: str | Path | None = None, cache_chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   include_zero_weight: bool = False) -> PredictionRun:
-    """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs.
+@dataclass
+class RunSetup:
+    """Step 1's result: everything a run needs, checked, with no weights loaded yet."""
 
-    The sorted listing is cut into fixed chunks of `cache_chunk_size` images and batches never cross a chunk, so a
-    chunk's outputs are the same whether computed in one run or resumed from `cache_dir` after a kill.
-    """
-    started = time.perf_counter()
-    manifest = as_manifest(manifest)
-    check_architectures(manifest)  # every manifest problem surfaces before a byte of weights is read
-    listing = list_images(image_dir)
+    manifest: Manifest
+    listing: ImageListing
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    active: list[TowerSpec]  # towers that take part (weight > 0, or all with include_zero_weight)
+    with_network: list[TowerSpec]  # the active towers that run a network (not priors)
+    precisions: dict[str, str]
+    cache: PredictionCache | None
+    tower_keys: dict[str, str]
+    image_keys: list[str]
+    chunk_size: int
+
+    @property
+    def n_images(self) -> int:
+        return len(self.listing.ids)
+
+
+def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST, *,
+                device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int | None = None,
+                precision: str | None = None, cache_dir: str | Path | None = None,
+                cache_chunk_size: int = DEFAULT_CHUNK_SIZE, include_zero_weight: bool = False,
+                verify_images: bool = False) -> RunSetup:
+    """Step 1: check everything that can fail before the first weight loads (options, device, the manifest with
+    every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
+    check_options(batch_size, num_workers, precision, cache_chunk_size)
     device = resolve_device(device)
+    manifest = validate_manifest(as_manifest(manifest), deep=True)
+    listing = list_images(image_dir)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
-    every = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
+    active = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: not run", spec.name)
-    specs = [s for s in every if s.kind != "prior"]  # the towers with a network to run
-    precisions = {s.name: resolve_precision(precision or s.precision, device) for s in specs}
-    cache = PredictionCache(cache_dir) if cache_dir is not None else None
-    tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim) for s in specs if cache}
+    with_network = [s for s in active if s.kind != "prior"]
+    precisions = {s.name: resolve_precision(precision or s.precision, device) for s in with_network}
+    cache = PredictionCache.open(cache_dir)
+    tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size)
+                  for s in with_network} if cache else {}
+    image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
+    return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, cache,
+                    tower_keys, image_keys, cache_chunk_size)
 
-    n, dim = len(listing.ids), manifest.embedding_dim
-    image_keys = [image_key(p) for p in listing.paths] if cache else []
-    views = {s.name: [name for name, _, _ in s.views] for s in every}
-    outputs = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in views[s.name]} for s in specs}
-    outputs.update({s.name: {"prior": np.tile(s.prior, (n, 1))} for s in every if s.kind == "prior"})
-    decode_errors: dict[int, str] = {}
 
-    # 1. What the cache already holds; a chunk is decoded only if some tower x view lacks it.
-    todo: list[tuple[range, dict[str, list[str]]]] = []
-    for chunk in _chunks(n, cache_chunk_size):
-        missing: dict[str, list[str]] = {}
-        for spec in specs:
-            for view in views[spec.name]:
-                hit = cache.load(tower_keys[spec.name], view, image_keys[chunk.start:chunk.stop]) if cache else None
-                if hit is None:
-                    missing.setdefault(spec.name, []).append(view)
-                    continue
-                outputs[spec.name][view][chunk.start:chunk.stop] = hit[0]
-                decode_errors.update({chunk.start + i: e for i, e in enumerate(hit[1]) if e})
-        if missing:
-            todo.append((chunk, missing))
-    n_cached = n - sum(len(chunk) for chunk, _ in todo)
+class PlannedBatch(NamedTuple):
+    """One batch to compute: its chunk of the listing, its rows, and the views each tower still lacks for it."""
 
-    # 2. Compute what is missing, only the towers x views each chunk lacks, and store each chunk as it completes.
-    needed = {name for _, missing in todo for name in missing}
-    runners = {s.name: TowerRunner(s, load_tower(s, dim, device), device, precisions[s.name])
-               for s in specs if s.name in needed}
-    plan = [(chunk, missing, start + batch_size >= len(chunk), list(chunk[start:start + batch_size]))
-            for chunk, missing in todo for start in range(0, len(chunk), batch_size)]  # (.., ends its chunk, batch)
-    bars = {s.name: tqdm(total=n, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)
-            for i, s in enumerate(specs)}
-    loader = image_loader(listing.paths, batch_size, num_workers, pin_memory=device.type == "cuda",
-                          batches=[batch for *_, batch in plan])
+    chunk: range
+    rows: list[int]
+    missing: dict[str, list[str]]
+
+
+class RunOutputs:
+    """The run's raw outputs per tower x view, the rows done, decode errors and notes; it reads the cache and stores
+    a chunk's shards after every batch, so a kill loses at most the batch in flight."""
+
+    def __init__(self, setup: RunSetup):
+        self.setup = setup
+        n, dim = setup.n_images, setup.manifest.embedding_dim
+        self.views = {s.name: [name for name, _, _ in s.views] for s in setup.active}
+        self.values = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in self.views[s.name]}
+                       for s in setup.with_network}
+        self.values.update({s.name: {"prior": np.tile(s.prior, (n, 1))} for s in setup.active if s.kind == "prior"})
+        self.done = {s.name: {v: np.zeros(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
+        self.errors: dict[int, str] = {}
+        self.notes: dict[int, str] = {}
+
+    def read_cache(self) -> int:
+        """Step 2: take every stored shard (complete or partial); returns how many images need no compute."""
+        setup = self.setup
+        if setup.cache is None:
+            return 0
+        for chunk in _chunks(setup.n_images, setup.chunk_size):
+            keys = setup.image_keys[chunk.start:chunk.stop]
+            for spec in setup.with_network:
+                for view in self.views[spec.name]:
+                    shard = setup.cache.load(setup.tower_keys[spec.name], view, keys)
+                    if shard is None:
+                        continue
+                    self.values[spec.name][view][chunk.start:chunk.stop] = shard.outputs
+                    self.done[spec.name][view][chunk.start:chunk.stop] = shard.done
+                    self.errors.update({chunk.start + i: e for i, e in enumerate(shard.errors) if e})
+        return sum(all(self.done[s.name][v][i] for s in setup.with_network for v in self.views[s.name])
+                   for i in range(setup.n_images))
+
+    def plan(self) -> list[PlannedBatch]:
+        """Step 3: the batches still to compute, on the fixed grid of chunks and batches (so resumed = fresh)."""
+        setup, plan = self.setup, []
+        for chunk in _chunks(setup.n_images, setup.chunk_size):
+            for start in range(chunk.start, chunk.stop, setup.batch_size):
+                rows = list(range(start, min(start + setup.batch_size, chunk.stop)))
+                missing = {s.name: [v for v in self.views[s.name] if not self.done[s.name][v][rows].all()]
+                           for s in setup.with_network}
+                missing = {name: views for name, views in missing.items() if views}
+                if missing:
+                    plan.append(PlannedBatch(chunk, rows, missing))
+        return plan
+
+    def record_decoding(self, batch: DecodedBatch) -> None:
+        paths = self.setup.listing.paths
+        for index, reason in batch.errors:
+            self.errors[index] = reason
+            log.warning("cannot read %s: %s; writing the fallback vector", paths[index], reason)
+        for index, note in batch.notes:
+            if index not in self.notes:
+                self.notes[index] = note
+                log.warning("%s: %s", paths[index], note)
+
+    def store(self, planned: PlannedBatch, name: str, view: str, indices: list[int], out: np.ndarray) -> None:
+        """One tower x view's outputs of a batch; every row of the batch is done (unreadable ones stay NaN)."""
+        if len(indices):
+            self.values[name][view][indices] = out
+        self.done[name][view][planned.rows] = True
+
+    def flush(self, planned: PlannedBatch) -> None:
+        """Store the batch's chunk shards of every tower x view it computed."""
+        setup = self.setup
+        if setup.cache is None:
+            return
+        chunk = planned.chunk
+        keys = setup.image_keys[chunk.start:chunk.stop]
+        errors = [self.errors.get(i, "") for i in chunk]
+        for name, views in planned.missing.items():
+            for view in views:
+                shard = Shard(self.values[name][view][chunk.start:chunk.stop],
+                              self.done[name][view][chunk.start:chunk.stop], errors)
+                setup.cache.save(setup.tower_keys[name], view, keys, shard)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records written above the progress bars (tqdm.write), not onto their line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never stop a run
+            self.handleError(record)
+
+
+@contextmanager
+def _logging_above_bars(enabled: bool):
+    """While bars are shown, warnings go through tqdm.write: the configured handlers (logging_redirect_tqdm), or,
+    when nothing is configured, a handler of ours in place of Python's last-resort one."""
+    if not enabled:
+        yield
+    elif logging.root.handlers or log.handlers:
+        with logging_redirect_tqdm(loggers=[logging.root, log]):
+            yield
+    else:
+        handler = _TqdmHandler(logging.WARNING)
+        log.addHandler(handler)
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+
+
+def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cached: int,
+           progress: bool) -> dict[str, TowerRunner]:
+    """Step 4: load the towers the plan needs, decode each planned batch once, run every missing tower x view."""
+    needed = {name for planned in plan for name in planned.missing}
+    runners = {s.name: TowerRunner(s, load_tower(s, setup.manifest.embedding_dim, setup.device), setup.device,
+                                   setup.precisions[s.name]) for s in setup.with_network if s.name in needed}
+    bars = [tqdm(total=setup.n_images, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)
+            for i, s in enumerate(setup.with_network)]
+    loader = image_loader(setup.listing.paths, setup.batch_size, setup.num_workers,
+                          pin_memory=setup.device.type == "cuda", batches=[planned.rows for planned in plan])
     try:
-        with torch.inference_mode():
-            for (chunk, missing, ends_chunk, _), batch in zip(plan, loader, strict=True):
-                for index, reason in batch.errors:
-                    decode_errors[index] = reason
-                    log.warning("cannot read %s: %s; writing the fallback vector", listing.paths[index], reason)
-                pixels = batch.pixels_on(device) if batch.indices else None
-                for name, bar in bars.items():
-                    if pixels is not None and name in missing:
-                        for view, out in runners[name].compute_views(pixels, missing[name]).items():
-                            outputs[name][view][batch.indices] = out
-                    bar.update(len(batch.indices) + len(batch.errors))
-                if cache and ends_chunk:
-                    errors = [decode_errors.get(i, "") for i in chunk]
-                    for name, missing_views in missing.items():
-                        for view in missing_views:
-                            cache.save(tower_keys[name], view, image_keys[chunk.start:chunk.stop],
-                                       outputs[name][view][chunk.start:chunk.stop], errors)
+        with torch.inference_mode(), _logging_above_bars(progress):
+            for planned, batch in zip(plan, loader, strict=True):
+                outputs.record_decoding(batch)
+                pixels = batch.pixels_on(setup.device) if batch.indices else None
+                for name, views in planned.missing.items():
+                    computed = runners[name].compute_views(pixels, views) if pixels is not None else {}
+                    for view in views:
+                        outputs.store(planned, name, view, batch.indices, computed.get(view))
+                outputs.flush(planned)
+                for bar in bars:
+                    bar.update(len(planned.rows))
     finally:
-        for bar in bars.values():
+        for bar in bars:
             bar.close()
+    return runners
 
-    # 3. TTA per tower, then the weighted ensemble; unreadable or non-finite rows get the fallback.
-    failed = {i: f"unreadable image ({reason})" for i, reason in decode_errors.items()}
+
+def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
+    """Step 5: TTA per tower, then the weighted ensemble; unreadable or non-finite rows get the fallback."""
+    manifest, paths = setup.manifest, setup.listing.paths
+    failed = {i: f"unreadable image ({reason})" for i, reason in outputs.errors.items()}
     tower_embeddings = {}
-    for spec in every:
-        tower = combine_views([outputs[spec.name][v] for v in views[spec.name]], spec.view_weight_list())
+    for spec in setup.active:
+        views = outputs.views[spec.name]
+        tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())
         bad = unusable_rows(tower)
         for index in np.flatnonzero(bad):
             if int(index) not in failed:
                 failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"
-                log.warning("%s: %s; writing the fallback vector", listing.paths[index], failed[int(index)])
+                log.warning("%s: %s; writing the fallback vector", paths[index], failed[int(index)])
         tower[bad] = manifest.fallback
         tower_embeddings[spec.name] = tower
     weighted = {name: out for name, out in tower_embeddings.items() if manifest.weights[name] > 0}
     embeddings = combine_towers(weighted, manifest.weights, manifest.dim_weights)
     for index in failed:
         embeddings[index] = manifest.fallback
+    return embeddings, tower_embeddings, failed
 
+
+def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
+    """Steps 2-6 of a prepared run: read the cache, plan, encode, ensemble, summarise."""
+    started = time.perf_counter()
+    outputs = RunOutputs(setup)
+    n_cached = outputs.read_cache()
+    plan = outputs.plan()
+    runners = encode(setup, outputs, plan, n_cached, progress)
+    embeddings, tower_embeddings, failed = ensemble(setup, outputs)
+    ids = setup.listing.ids
     summary = RunSummary(
-        n_images=n, towers=[s.name for s in every], n_views=sum(s.n_views for s in specs),
-        device=str(device), precision=precisions,
-        fallbacks=[(listing.ids[i], failed[i]) for i in sorted(failed)],
-        skipped_files=[p.name for p in listing.skipped],
+        n_images=setup.n_images, towers=[s.name for s in setup.active],
+        n_views=sum(s.n_views for s in setup.with_network), device=str(setup.device), precision=setup.precisions,
+        fallbacks=[(ids[i], failed[i]) for i in sorted(failed)],
+        skipped_files=[(s.name, s.reason) for s in setup.listing.skipped],
+        converted=[(ids[i], note) for i, note in sorted(outputs.notes.items())],
         nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()),
         oom_halvings=sum(r.oom_halvings for r in runners.values()), cached_images=n_cached,
+        cache_failed=setup.cache is not None and not setup.cache.writable,
         seconds=time.perf_counter() - started,
     )
-    return PredictionRun(list(listing.ids), embeddings, tower_embeddings, outputs, summary)
+    return PredictionRun(list(ids), embeddings, tower_embeddings, outputs.values, summary)
 
 
-def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
+def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST, *,
+                   device: str | torch.device = "auto", batch_size: int | None = None,
+                   num_workers: int | None = None, precision: str | None = None, progress: bool = True,
+                   cache_dir: str | Path | None = None, cache_chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   include_zero_weight: bool = False, verify_images: bool = False) -> PredictionRun:
+    """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs.
+
+    The sorted listing is cut into fixed chunks of `cache_chunk_size` images and batches never cross a chunk, so a
+    run resumed from `cache_dir` after a kill computes exactly the batches that were missing and gives the same bytes.
+    """
+    setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
+                        precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
+                        include_zero_weight=include_zero_weight, verify_images=verify_images)
+    return execute(setup, progress)
+
+
+def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
                        **options) -> tuple[list[str], np.ndarray]:
     """`(ids, float32 array [N, 384])` for the images in `image_dir`; options as for `run_prediction`."""
     run = run_prediction(image_dir, manifest, **options)
     return run.ids, run.embeddings
 
 
-def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = "weights_manifest.yaml",
+def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
                 out_csv: str | Path | None = "submission.csv", device: str | torch.device = "auto",
                 batch_size: int | None = None, num_workers: int | None = None, *,
                 precision: str | None = None, progress: bool = True, cache_dir: str | Path | None = None,
-                cache_chunk_size: int = DEFAULT_CHUNK_SIZE) -> pd.DataFrame:
-    """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame.
+                cache_chunk_size: int = DEFAULT_CHUNK_SIZE, verify_images: bool = False,
+                return_frame: bool = True) -> pd.DataFrame | None:
+    """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame
+    (`return_frame=False`: None, sparing the 6.1M-row frame of a 16k-image run).
 
-    With `cache_dir`, every tower x view output is stored as it is made: a killed run resumes where it stopped.
+    The output path is checked (a file path, a writable folder, room for the CSV) before any weights load. With
+    `cache_dir`, every tower x view output is stored as it is made: a killed run resumes where it stopped.
     """
-    run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                         precision=precision, progress=progress, cache_dir=cache_dir,
-                         cache_chunk_size=cache_chunk_size)
+    setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
+                        precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
+                        verify_images=verify_images)
+    if out_csv is not None:
+        check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)
+    run = execute(setup, progress)
     ids, embeddings, summary = run.ids, run.embeddings, run.summary
-    del run  # per-view outputs are not needed past this point; free them before the DataFrame is built
+    del run  # per-view outputs are not needed past this point; free them before the CSV and the DataFrame
     if out_csv is not None:
         write_submission(ids, embeddings, out_csv)
     if progress:
         print(summary, flush=True)
         if out_csv is not None:
             print(f"kaggle_i2p: wrote {out_csv} ({len(ids) * embeddings.shape[1]} rows)", flush=True)
-    return submission_frame(ids, embeddings)
+    return submission_frame(ids, embeddings) if return_frame else None

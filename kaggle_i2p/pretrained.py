@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import I2PError
+
 EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
 # Its training preprocessing (TF "lite" models: inputs scaled to [-1, 1]), as manifest `image` fields.
 EFFICIENTNET_LITE0_IMAGE = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
@@ -19,7 +21,7 @@ EFFICIENTNET_LITE0_IMAGE = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "in
 _KINDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class ConversionError(ValueError):
+class ConversionError(I2PError, ValueError):
     """Source weights that do not map onto the target architecture."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import replace_dir, staging_dir
 from .ensemble import l2_normalize
+from .errors import I2PError
+from .manifest import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE
 
 DEFAULT_CHUNK_ROWS = 65_536
 
 
-class BankError(ValueError):
+class BankError(I2PError, ValueError):
     """A bank folder that is missing files or whose files disagree."""
 
 
@@ -62,14 +64,27 @@ class Bank:
         return cls(path, targets, keys, meta)
 
 
+BANK_MARKER = "bank.json"
+
+
+def check_bank_destination(out_dir: str | Path) -> Path:
+    """A bank may be written to a new folder or over a bank we wrote (it holds bank.json); anything else is refused
+    before any work, and nothing in it is touched."""
+    out_dir = Path(out_dir)
+    if out_dir.is_file() or (out_dir.is_dir() and not (out_dir / BANK_MARKER).is_file() and any(out_dir.iterdir())):
+        raise BankError(f"{out_dir} exists and is not a bank (no {BANK_MARKER}); build-bank replaces only a bank it "
+                        "wrote: choose a new folder for --out, or remove this one yourself")
+    return out_dir
+
+
 def write_bank(out_dir: str | Path, texts: Sequence[str], targets: np.ndarray, keys: np.ndarray | None = None,
                meta: dict | None = None) -> Path:
-    """Write a bank folder (float16 arrays, unit rows); built in a temporary folder and renamed into place."""
-    out_dir = Path(out_dir)
+    """Write a bank folder (float16 arrays, unit rows); built in a temporary folder and renamed into place, replacing
+    only an earlier bank (see `check_bank_destination`)."""
+    out_dir = check_bank_destination(out_dir)
     if len(targets) != len(texts) or (keys is not None and len(keys) != len(texts)):
         raise BankError(f"{len(texts)} texts, {len(targets)} targets, {None if keys is None else len(keys)} keys")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_dir(out_dir)
     try:
         with open(staging / "texts.txt", "w", encoding="utf-8") as handle:
             for text in texts:
@@ -77,10 +92,11 @@ def write_bank(out_dir: str | Path, texts: Sequence[str], targets: np.ndarray, k
         np.save(staging / "targets.npy", l2_normalize(targets).astype(np.float16))
         if keys is not None:
             np.save(staging / "keys.npy", l2_normalize(keys).astype(np.float16))
-        (staging / "bank.json").write_text(json.dumps({"rows": len(texts), **(meta or {})}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        (staging / BANK_MARKER).write_text(json.dumps({"rows": len(texts), **(meta or {})}, indent=1))
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # an empty folder made for the bank
+        check_bank_destination(out_dir)  # still ours (or absent) after the work
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -116,7 +132,8 @@ def soft_average(values: torch.Tensor, rows: torch.Tensor, targets: np.ndarray, 
     return l2_normalize(np.einsum("bk,bkd->bd", weights, gathered))
 
 
-def retrieve(queries: torch.Tensor, bank: Bank, k: int = 32, temperature: float = 0.05,
+def retrieve(queries: torch.Tensor, bank: Bank, k: int = DEFAULT_RETRIEVAL_K,
+             temperature: float = DEFAULT_RETRIEVAL_TEMPERATURE,
              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
     """Embed queries (unit rows in the keys' space) as the soft top-k average of the bank's targets."""
     if bank.keys is None:
@@ -127,8 +144,8 @@ def retrieve(queries: torch.Tensor, bank: Bank, k: int = 32, temperature: float 
     return soft_average(values, rows, bank.targets, temperature)
 
 
-def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = 5, temperature: float = 1.0
-                         ) -> np.ndarray:
+def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = DEFAULT_RETRIEVAL_K,
+                         temperature: float = DEFAULT_RETRIEVAL_TEMPERATURE) -> np.ndarray:
     """A classifier as a retriever: its class logits score a bank whose rows are its classes' phrases."""
     if logits.shape[1] != len(targets):
         raise BankError(f"{logits.shape[1]} logits for a bank of {len(targets)} class phrases")
@@ -204,6 +221,9 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
         raise BankError(f"keys {keys!r}: choose none, minilm or clip")
     if keys == "clip" and not (clip_arch and clip_checkpoint):
         raise BankError("--keys clip needs --clip-arch and --clip-checkpoint (a local open_clip checkpoint)")
+    check_bank_destination(out_dir)  # before any text is embedded
+    if not Path(texts_path).is_file():
+        raise BankError(f"texts file not found: {texts_path}")
     texts = read_texts(texts_path, column)
     if not texts:
         raise BankError(f"{texts_path}: no texts")

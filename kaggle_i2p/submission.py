@@ -6,6 +6,9 @@ sample_submission.csv is), so reading the file back gives exactly the predicted 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +17,11 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_open
+from .errors import OutputError
 
 HEADER = "imgId_eId,val"
 ROWS_PER_CHUNK = 512  # images formatted per write; bounds memory for 16k-image submissions
+MAX_VALUE_CHARS = 15  # the longest shortest-repr of a unit float32, e.g. -1.2345678e-05
 
 
 def submission_row_ids(ids: Sequence[str], embedding_dim: int = 384) -> list[str]:
@@ -41,19 +46,59 @@ def submission_frame(ids: Sequence[str], embeddings: np.ndarray) -> pd.DataFrame
     return pd.DataFrame({"imgId_eId": submission_row_ids(ids, embeddings.shape[1]), "val": embeddings.reshape(-1)})
 
 
+def estimated_csv_bytes(ids: Sequence[str], embedding_dim: int = 384) -> int:
+    """An upper bound on the CSV's size: per row the id, `_{e},`, the longest value and a newline."""
+    suffix = len(f"_{embedding_dim - 1},")
+    per_image = sum(len(str(i).encode("utf-8")) for i in ids)
+    return len(HEADER) + 1 + embedding_dim * per_image + len(ids) * embedding_dim * (suffix + MAX_VALUE_CHARS + 1)
+
+
+def check_output_path(out_csv: str | Path, ids: Sequence[str], embedding_dim: int = 384) -> Path:
+    """Before any compute: `out_csv` must be a file path in a writable folder with room for the CSV.
+
+    Raises OutputError naming the path and the fix; creates nothing (a missing folder is made at the write).
+    """
+    path = Path(out_csv)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give the CSV's file path, e.g. {path / 'submission.csv'}")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: folder {existing} is not writable ({err.strerror or err}); "
+                          "choose a writable folder for the output") from err
+    needed, free = estimated_csv_bytes(ids, embedding_dim), shutil.disk_usage(existing).free
+    if free < needed:
+        raise OutputError(f"cannot write {path}: {existing} has {free / 1e6:.1f} MB free and the submission "
+                          f"needs up to {needed / 1e6:.1f} MB; free some space or choose another folder")
+    return path
+
+
 def write_submission(ids: Sequence[str], embeddings: np.ndarray, out_csv: str | Path) -> Path:
-    """Write the CSV to a temporary file beside `out_csv`, then rename it into place (never a half file)."""
+    """Write the CSV (UTF-8; Kaggle's hex ids give the same bytes as ASCII) to a temporary file beside `out_csv`,
+    then rename it into place: never a half file, and an old file survives a failed write."""
     embeddings = _check(ids, embeddings)
     out_csv = Path(out_csv)
     suffixes = [f"_{e}," for e in range(embeddings.shape[1])]
-    with atomic_open(out_csv, "w", encoding="ascii", newline="\n") as handle:
-        handle.write(HEADER + "\n")
-        for start in range(0, len(ids), ROWS_PER_CHUNK):
-            values = embeddings[start:start + ROWS_PER_CHUNK].astype(str)  # shortest float32 round-trip
-            lines = []
-            for image_id, row in zip(ids[start:start + ROWS_PER_CHUNK], values, strict=True):
-                lines.extend(f"{image_id}{suffix}{value}" for suffix, value in zip(suffixes, row, strict=True))
-            handle.write("\n".join(lines) + "\n")
+    try:
+        with atomic_open(out_csv, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(HEADER + "\n")
+            for start in range(0, len(ids), ROWS_PER_CHUNK):
+                values = embeddings[start:start + ROWS_PER_CHUNK].astype(str)  # shortest float32 round-trip
+                lines = []
+                for image_id, row in zip(ids[start:start + ROWS_PER_CHUNK], values, strict=True):
+                    lines.extend(f"{image_id}{suffix}{value}" for suffix, value in zip(suffixes, row, strict=True))
+                handle.write("\n".join(lines) + "\n")
+    except OSError as err:
+        kept = "the old file is unchanged" if out_csv.is_file() else "no file was left behind"
+        raise OutputError(f"cannot write {out_csv}: {err.strerror or err}; {kept}") from err
     return out_csv
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDING_DIM = 384
+from .errors import I2PError
 
 
-class TextModelUnavailable(RuntimeError):
+class TextModelUnavailable(I2PError, RuntimeError):
     """sentence-transformers or the model files are not installed."""
 
 

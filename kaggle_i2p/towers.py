@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .manifest import HeadSpec, Manifest, ManifestError, TowerSpec
+from .errors import I2PError
+from .manifest import HeadSpec, Manifest, ManifestError, TowerSpec, load_manifest
 
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "module")
 
 
-class TowerLoadError(RuntimeError):
+class TowerLoadError(I2PError, RuntimeError):
     """A checkpoint that does not fit its tower, or a file that fails its checksum."""
 
 
@@ -214,20 +215,20 @@ def patch_size(tower: Tower) -> int | None:
     return None
 
 
-def check_architectures(manifest: Manifest) -> None:
-    """Build every tower on the meta device (no memory, no weights) and run it at every resolution.
+def architecture_problems(towers: Sequence[tuple[int, TowerSpec]], embedding_dim: int = 384) -> list[str]:
+    """Build each (index, tower) on the meta device (no memory, no weights) and run it at every resolution.
 
-    Catches unknown archs, resolutions that are not multiples of the patch size or that the arch cannot run at,
-    and head/feature mismatches, before any checkpoint is read. Raises ManifestError listing each problem.
+    Catches unknown archs, resolutions that are not multiples of the patch size or that the arch cannot run at, and
+    head/feature mismatches, before any checkpoint is read; one line per problem, naming the tower and field.
     """
     problems: list[str] = []
-    for index, spec in enumerate(manifest.towers):
+    for index, spec in towers:
         label = f"tower {spec.name!r} (towers[{index}])"
         if spec.kind == "prior":
             continue
         try:
             with torch.device("meta"):
-                tower = build_tower(spec, manifest.embedding_dim)
+                tower = build_tower(spec, embedding_dim)
         except Exception as err:  # noqa: BLE001 - any build failure is reported as a manifest problem
             problems.append(f"{label}.arch: cannot build {spec.library} model {spec.arch!r}: {err}")
             continue
@@ -244,13 +245,84 @@ def check_architectures(manifest: Manifest) -> None:
             except Exception as err:  # noqa: BLE001
                 problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
                 continue
-            expected = output_dim(spec, manifest.embedding_dim)
+            expected = output_dim(spec, embedding_dim)
             if tuple(out.shape) != (1, expected):
                 field = "retrieval" if spec.kind == "retrieval" else "head"
                 problems.append(f"{label}.{field}: the network outputs {tuple(out.shape)}, expected (1, {expected})"
                                 + (" (the bank's rows or key size)" if spec.kind == "retrieval" else ""))
+    return problems
+
+
+def check_architectures(manifest: Manifest) -> None:
+    """`architecture_problems` for every tower of a manifest; raises ManifestError listing each problem."""
+    problems = architecture_problems(list(enumerate(manifest.towers)), manifest.embedding_dim)
     if problems:
         raise ManifestError(manifest.path, problems)
+
+
+def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's keys (prefixes stripped) with meta tensors of their shapes, read without loading weights:
+    the safetensors header, or a memory-mapped torch file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        return strip_prefixes({k: torch.empty(shape, device="meta") for k, shape in shapes.items()})
+    state = read_state_dict(path, mmap=True)
+    return strip_prefixes({k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()})
+
+
+def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]], embedding_dim: int = 384) -> list[str]:
+    """Every checkpoint hashed (against the manifest's sha256) and its keys and shapes matched against the tower
+    built on the meta device, all towers at once, before any weights load."""
+    problems = []
+    for index, spec in towers:
+        if spec.kind == "prior":
+            continue
+        label = f"tower {spec.name!r} (towers[{index}])"
+        try:
+            if spec.sha256:
+                actual = checkpoint_sha256(spec.checkpoint)
+                if actual.lower() != spec.sha256.lower():
+                    problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
+                                    f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+                    continue
+            shapes = checkpoint_shapes(spec.checkpoint)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
+            problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
+            continue
+        with torch.device("meta"):
+            expected = build_tower(spec, embedding_dim).state_dict()
+        diff = _key_diff(expected, shapes)
+        if diff:
+            problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
+                            f"{spec.head.type} head:\n      " + "\n      ".join(diff))
+    return problems
+
+
+def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = True, deep: bool = False) -> Manifest:
+    """Everything that can be checked before weights load, every problem reported at once: the schema and paths,
+    each tower's architecture at each resolution, and (`deep`) each checkpoint's sha256, keys and shapes."""
+    if isinstance(manifest, Manifest):
+        loaded, path, problems = manifest, manifest.path, []
+        towers, dim = list(enumerate(manifest.towers)), manifest.embedding_dim
+    else:
+        try:
+            loaded = load_manifest(manifest, check_files=check_files)
+            path, problems, towers, dim = loaded.path, [], list(enumerate(loaded.towers)), loaded.embedding_dim
+        except ManifestError as err:  # keep going with the towers that parsed cleanly
+            loaded, path, problems = None, err.path, list(err.problems)
+            towers, dim = err.clean_towers, err.embedding_dim
+    arch_problems = architecture_problems(towers, dim)
+    problems += arch_problems
+    if deep and (check_files or loaded is None):
+        broken = {p.split(".", 1)[0] for p in arch_problems}
+        problems += checkpoint_problems([(i, s) for i, s in towers
+                                         if f"tower {s.name!r} (towers[{i}])" not in broken], dim)
+    if problems or loaded is None:
+        raise ManifestError(path, problems)
+    return loaded
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -262,13 +334,45 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`."""
+class FileHashes:
+    """sha256 of files, memoised in this process by resolved path, size and modification time: the deep manifest
+    check, the cache key and the load all hash a GB checkpoint once."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, int, int], str] = {}
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, int, int]:
+        stat = Path(path).stat()
+        return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+    def __call__(self, path: Path) -> str:
+        key = self._key(path)
+        if key not in self._memo:
+            self._memo[key] = sha256_file(Path(path))
+        return self._memo[key]
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Take a hash memoised elsewhere (the cache's file) for this path as it is now."""
+        self._memo[self._key(path)] = digest
+
+
+checkpoint_sha256 = FileHashes()
+
+
+def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`
+    (`mmap`: memory-mapped, nothing read until used, for files in torch's zip format)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -324,7 +428,7 @@ def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.de
     that only their constructor computes (EVA's rotary tables) are built normally instead.
     """
     if spec.sha256:
-        actual = sha256_file(spec.checkpoint)
+        actual = checkpoint_sha256(spec.checkpoint)
         if actual.lower() != spec.sha256.lower():
             raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
                                  f"{spec.sha256}; the file is corrupt or not the one the manifest means")

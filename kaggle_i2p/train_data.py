@@ -18,6 +18,7 @@ import torch
 
 from .dataset import INDEX, TARGETS
 from .ensemble import l2_normalize
+from .errors import I2PError
 from .images import decode_image, make_view
 from .manifest import ImageSpec
 from .train_config import DataConfig
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 64  # more unreadable images in a row than this means a broken folder, not one bad file
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(I2PError, ValueError):
     """A dataset folder the trainer cannot use; the message names the file and the fix."""
 
 

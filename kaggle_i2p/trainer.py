@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_open
 from .ensemble import mean_cosine
+from .errors import I2PError
 from .export import CHECKPOINT_FORMAT, read_checkpoint, tower_entry
 from .manifest import Manifest, TowerSpec
 from .towers import at_resolution, build_tower, check_architectures, load_initial_weights, tower_from_state
@@ -36,7 +37,7 @@ LAST, BEST, BEST_PREDICTIONS = "last.pt", "best.pt", "best_val_predictions.npz"
 METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(I2PError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 

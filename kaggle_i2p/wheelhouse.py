@@ -18,7 +18,13 @@ from email.parser import Parser
 from importlib import metadata
 from pathlib import Path
 
+from .errors import I2PError
+
 DEFAULT_PROVIDED = ("torch", "torchvision", "numpy", "pillow")
+
+
+class WheelhouseError(I2PError, RuntimeError):
+    """The wheelhouse cannot be built: no source tree, or pip failed (its output is in the message)."""
 
 
 def canonical(name: str) -> str:
@@ -71,7 +77,7 @@ def find_source_dir(source: str | Path | None) -> Path:
     """The kaggle_i2p source tree: the given one, or the checkout this module runs from."""
     candidate = Path(source) if source else Path(__file__).resolve().parents[1]
     if not (candidate / "setup.py").is_file():
-        raise FileNotFoundError(f"{candidate} is not a kaggle_i2p source tree (no setup.py); pass --source DIR")
+        raise WheelhouseError(f"{candidate} is not a kaggle_i2p source tree (no setup.py); pass --source DIR")
     return candidate
 
 
@@ -94,7 +100,10 @@ class Wheelhouse:
 def _run(command: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        tail = "\n".join((result.stdout + "\n" + result.stderr).strip().splitlines()[-15:])
+        raise WheelhouseError(f"{' '.join(command[2:5])} ... failed (exit {result.returncode}); pip said:\n{tail}\n"
+                              "fix: check the network to the package index, --python-version/--platform, and the "
+                              "versions installed here")
 
 
 def pack_wheels(out_dir: str | Path, source: str | Path | None = None, provided: Sequence[str] = DEFAULT_PROVIDED,

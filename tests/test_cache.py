@@ -167,11 +167,12 @@ def test_killed_run_resumes_to_identical_bytes(many_images, toy_manifest, tmp_pa
 def test_tower_key_covers_what_decides_outputs(toy_manifest, tmp_path):
     spec = load_manifest(toy_manifest).towers[0]
     cache = PredictionCache(tmp_path / "c")
-    key = cache.tower_key(spec, "fp32", 384)
+    key = cache.tower_key(spec, "fp32", 384, 8)
 
-    assert cache.tower_key(dataclasses.replace(spec, weight=0.1), "fp32", 384) == key
-    assert cache.tower_key(spec, "bf16", 384) != key
+    assert cache.tower_key(dataclasses.replace(spec, weight=0.1), "fp32", 384, 8) == key
+    assert cache.tower_key(spec, "bf16", 384, 8) != key
     assert cache.tower_key(dataclasses.replace(spec, image=dataclasses.replace(spec.image, mean=(0.5,) * 3)),
-                           "fp32", 384) != key
+                           "fp32", 384, 8) != key
     assert cache.tower_key(dataclasses.replace(spec, image=dataclasses.replace(spec.image, resolutions=(64,))),
-                           "fp32", 384) == key  # views are keyed one by one, not by the list
+                           "fp32", 384, 8) == key  # views are keyed one by one, not by the list
+    assert cache.tower_key(spec, "fp32", 384, 5) != key  # batch size changes the last bits of a batch's outputs

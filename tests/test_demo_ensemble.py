@@ -21,11 +21,6 @@ from kaggle_i2p.retrieval import Bank, write_bank
 from kaggle_i2p.towers import build_tower, check_architectures, load_tower
 
 
-@pytest.fixture(scope="session")
-def demo_manifest(tmp_path_factory):
-    return build_demo_ensemble(tmp_path_factory.mktemp("demo") / "demo")
-
-
 def test_demo_beats_the_prior_on_the_sample(demo_manifest):
     report = dry_run(manifest=demo_manifest, device="cpu", num_workers=0, progress=False, check_embeddings=False)
     assert report.format_ok

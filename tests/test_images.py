@@ -24,8 +24,10 @@ def test_listing_sorts_skips_and_reports(tmp_path, caplog):
     listing = list_images(tmp_path)
     assert listing.ids == ("a", "b", "c", "d")
     assert [p.name for p in listing.paths] == ["a.JPG", "b.png", "c.webp", "d.bmp"]
-    assert [p.name for p in listing.skipped] == [".DS_Store", "notes.txt"]
-    assert "skipping 2 non-image file(s): .DS_Store, notes.txt" in caplog.text
+    assert [(s.name, s.reason) for s in listing.skipped] == [
+        (".DS_Store", "not an image file by its suffix"), ("notes.txt", "not an image file by its suffix"),
+        ("subdir", "a folder (only files directly in the image folder are predicted)")]
+    assert "skipping 3 entries that are not image files: .DS_Store (not an image file by its suffix)" in caplog.text
 
 
 def test_duplicate_ids_are_an_error(tmp_path):
@@ -59,11 +61,12 @@ def test_real_sample_decodes(sample_dir):
 
 
 def test_collate_stacks_equal_sizes_and_lists_mixed():
-    same = collate_decoded([(0, torch.zeros(3, 4, 4, dtype=torch.uint8), None), (1, None, "bad"),
-                            (2, torch.ones(3, 4, 4, dtype=torch.uint8), None)])
+    same = collate_decoded([(0, torch.zeros(3, 4, 4, dtype=torch.uint8), None, None), (1, None, "bad", None),
+                            (2, torch.ones(3, 4, 4, dtype=torch.uint8), None, "a note")])
     assert same.indices == [0, 2] and same.errors == [(1, "bad")] and same.pixels.shape == (2, 3, 4, 4)
-    mixed = collate_decoded([(0, torch.zeros(3, 4, 4, dtype=torch.uint8), None),
-                             (1, torch.zeros(3, 6, 4, dtype=torch.uint8), None)])
+    assert same.notes == [(2, "a note")]
+    mixed = collate_decoded([(0, torch.zeros(3, 4, 4, dtype=torch.uint8), None, None),
+                             (1, torch.zeros(3, 6, 4, dtype=torch.uint8), None, None)])
     assert isinstance(mixed.pixels, list) and len(mixed.pixels) == 2
 
 

@@ -94,7 +94,7 @@ def test_bad_files_get_the_fallback_and_the_run_completes(sample_images, toy_man
     for image_id in ["rgba_small", "gray_big", *SAMPLE_IDS]:
         row = run.embeddings[run.ids.index(image_id)]
         assert not np.array_equal(row, fallback) and np.isclose(np.linalg.norm(row), 1.0)
-    assert run.summary.skipped_files == ["readme.txt"]
+    assert run.summary.skipped_files == [("readme.txt", "not an image file by its suffix")]
     # the good rows are unaffected by their bad neighbours
     alone = _run_only(sample_images, toy_manifest, SAMPLE_IDS)
     for i, image_id in enumerate(SAMPLE_IDS):

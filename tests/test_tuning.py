@@ -12,7 +12,15 @@ import yaml
 
 import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.ensemble import _groups_of, _torch_score, apply_weights, l2_normalize, mean_cosine, tune_weights
+from kaggle_i2p.ensemble import (
+    _groups_of,
+    _torch_score,
+    apply_weights,
+    l2_normalize,
+    mean_cosine,
+    tune_dim_weights,
+    tune_weights,
+)
 from kaggle_i2p.evaluate import (
     TargetError,
     evaluate_run,
@@ -88,7 +96,7 @@ def test_out_of_fold_tuned_beats_equal_beats_worst_single():
 def test_per_dim_weights_stay_near_the_per_tower_solution():
     preds, target = synthetic(n=300)
     scalar = tune_weights(preds, target)
-    per_dim = tune_weights(preds, target, per_dim=True, dim_regularization=10.0)
+    per_dim = tune_dim_weights(preds, target, dim_regularization=10.0)
     for name, vector in per_dim.items():
         assert vector.shape == (384,) and (vector >= 0).all()
         assert float(vector.mean()) == pytest.approx(scalar[name], abs=0.03)
