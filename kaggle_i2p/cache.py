@@ -6,8 +6,8 @@ outputs, a `done` mask per row and the per-row decode errors; a resumed run comp
 the same batch boundaries, so cached and fresh runs give the same bytes.
 
 The tower key hashes everything that decides the tower's outputs: the checkpoint file's own sha256 (memoised by path,
-size and modification time, never taken from the manifest on trust), arch, head, preprocessing, precision and batch
-size. The chunk key hashes the chunk's image identities: id, size and modification time, or with `verify_images` the
+size, modification and status-change time, never taken from the manifest on trust), arch, head, preprocessing,
+precision and batch size. The chunk key hashes the chunk's image identities: id, size and modification time, or with `verify_images` the
 content's sha256 (an image rewritten with the same size and modification time is only caught that way).
 
 The cache is an optional helper: a shard that cannot be read is recomputed with a warning naming it, and a cache that
@@ -26,7 +26,7 @@ import numpy as np
 
 from .atomic import atomic_open
 from .manifest import TowerSpec
-from .towers import checkpoint_sha256, sha256_file
+from .towers import checkpoint_sha256, file_identity, sha256_file
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -101,9 +101,8 @@ class PredictionCache:
             return {}
 
     def checkpoint_sha256(self, spec: TowerSpec) -> str:
-        """The checkpoint file's sha256, memoised in the cache by path, size and modification time."""
-        stat = spec.checkpoint.stat()
-        memo_key = f"{spec.checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        """The checkpoint file's sha256, memoised in the cache by path, size, modification and status-change time."""
+        memo_key = file_identity(spec.checkpoint)
         memo = self._read_memo()
         if memo_key not in memo:
             memo[memo_key] = checkpoint_sha256(spec.checkpoint)

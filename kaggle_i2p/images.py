@@ -69,8 +69,8 @@ def _skip_reason(path: Path) -> str | None:
 
 
 def list_images(image_dir: str | Path) -> ImageListing:
-    """List image files (png/jpg/jpeg/webp/bmp/tif/tiff, any case) sorted by id; every other entry is listed as skipped with
-    its reason. Duplicate ids and ids that would break the CSV are errors, raised before any compute."""
+    """List image files (png/jpg/jpeg/webp/bmp/tif/tiff, any case) sorted by id; every other entry is listed as
+    skipped with its reason. Duplicate ids and ids that would break the CSV are errors, raised before any compute."""
     directory = Path(image_dir)
     if not directory.is_dir():
         raise ImageListingError(f"image folder not found: {directory.resolve()}")

@@ -334,17 +334,23 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: Path) -> str:
+    """Resolved path, size, modification and status-change times: any rewrite of the file changes it (the ctime
+    cannot be set back, unlike the mtime), so a memoised hash is never served for other content."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+
+
 class FileHashes:
-    """sha256 of files, memoised in this process by resolved path, size and modification time: the deep manifest
-    check, the cache key and the load all hash a GB checkpoint once."""
+    """sha256 of files, memoised in this process by `file_identity`: the deep manifest check, the cache key and the
+    load all hash a GB checkpoint once."""
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[str, int, int], str] = {}
+        self._memo: dict[str, str] = {}
 
     @staticmethod
-    def _key(path: Path) -> tuple[str, int, int]:
-        stat = Path(path).stat()
-        return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+    def _key(path: Path) -> str:
+        return file_identity(path)
 
     def __call__(self, path: Path) -> str:
         key = self._key(path)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import CORPUS_CONVERTED, CORPUS_FALLBACK, CORPUS_PREDICTED, CORPUS_SKIPPED, build_bad_input_corpus
 
 import kaggle_i2p
@@ -23,7 +26,7 @@ from kaggle_i2p import predict as predict_module
 from kaggle_i2p.cli import main
 from kaggle_i2p.errors import OptionError
 from kaggle_i2p.images import ImageListingError
-from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.manifest import ManifestError, load_manifest
 from kaggle_i2p.submission import read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,3 +354,268 @@ def test_cli_predict_does_not_build_the_dataframe(sample_images, toy_manifest, t
     assert len(read_submission(out)) == 7 * 384
     assert kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=None, device="cpu", num_workers=0,
                                   progress=False, return_frame=False) is None
+
+
+# ---- 5, 6, 7, 8. the cache: optional, tolerant, keyed by the files themselves, flushed per batch -------------------
+
+CACHED = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 2}
+
+
+def _shards(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*.npz") if not p.name.startswith("."))
+
+
+def test_cache_on_a_full_disk_warns_and_the_run_completes(sample_images, toy_manifest, tmp_path, monkeypatch,
+                                                         caplog):
+    reference = kaggle_i2p.run_prediction(sample_images, toy_manifest, **CACHED).embeddings
+    out = tmp_path / "submission.csv"
+    if TMPFS:  # a real 16 kB disk for the cache: the hash memo fits, the shards do not
+        done = _cli_on_tmpfs(tmp_path / "small", "size=16k", "predict", str(sample_images), "--manifest",
+                             str(toy_manifest), "--out", str(out), "--cache-dir", str(tmp_path / "small" / "cache"),
+                             "--batch-size", "2", *CPU)
+        assert done.returncode == 0, done.stderr
+        assert "the run goes on without storing more outputs" in done.stderr and "Traceback" not in done.stderr
+    else:
+        from kaggle_i2p import cache as cache_module
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(cache_module, "atomic_open", full)
+        kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=out, cache_dir=tmp_path / "cache", **CACHED)
+        assert "the run goes on without storing more outputs" in caplog.text
+    assert np.array_equal(read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384), reference)
+
+
+def test_unusable_cache_folder_is_a_warning(sample_images, toy_manifest, tmp_path, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    run = kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=blocker / "cache", **CACHED)
+    assert len(run.ids) == 7 and "running without a cache" in caplog.text
+
+
+def test_damaged_shards_and_hash_memo_are_recomputed_with_a_warning(sample_images, toy_manifest, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    reference = kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=cache, **CACHED)
+    truncated, flipped, emptied = _shards(cache)[:3]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    emptied.write_bytes(b"")
+    (cache / "checkpoint_sha256.json").write_text('{"half a')
+    again = kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=cache, **CACHED)
+    assert np.array_equal(again.embeddings, reference.embeddings)
+    for shard in (truncated, emptied):
+        assert f"cache: {shard} is unreadable" in caplog.text
+    assert "checkpoint_sha256.json is damaged" in caplog.text
+    third = kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=cache, **CACHED)
+    assert third.summary.cached_images == 7  # the recomputed shards were stored again
+
+
+def test_changed_checkpoint_never_serves_stale_outputs(sample_images, toy_manifest, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from kaggle_i2p.towers import sha256_file
+
+    folder = tmp_path / "towers"
+    shutil.copytree(toy_manifest.parent, folder)
+    manifest = folder / toy_manifest.name
+    cache = tmp_path / "cache"
+    checkpoint = folder / "toy_timm_vit.safetensors"
+    first = kaggle_i2p.run_prediction(sample_images, manifest, cache_dir=cache, **CACHED)
+    stat = checkpoint.stat()
+    state = load_file(checkpoint)
+    state["head.3.bias"] = state["head.3.bias"] + 0.5
+    save_file(state, checkpoint)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even the same size and mtime
+    assert checkpoint.stat().st_size == stat.st_size
+    second = kaggle_i2p.run_prediction(sample_images, manifest, cache_dir=cache, **CACHED)
+    fresh = kaggle_i2p.run_prediction(sample_images, manifest, **CACHED)
+    assert np.array_equal(second.embeddings, fresh.embeddings)
+    assert not np.array_equal(second.tower_embeddings["toy_timm_vit"], first.tower_embeddings["toy_timm_vit"])
+
+    # the manifest's sha256 names the old file: an error before any compute, cache or no cache
+    data = yaml.safe_load(manifest.read_text())
+    data["towers"][0]["sha256"] = sha256_file(checkpoint)
+    manifest.write_text(yaml.safe_dump(data))
+    kaggle_i2p.run_prediction(sample_images, manifest, cache_dir=cache, **CACHED)
+    state["head.3.bias"] = state["head.3.bias"] - 0.25
+    save_file(state, checkpoint)
+    for cached in (["--cache-dir", str(cache)], []):
+        assert main(["predict", str(sample_images), "--manifest", str(manifest), *cached, *CPU]) == 2
+        assert f"the manifest says {data['towers'][0]['sha256']}" in capsys.readouterr().err
+
+
+def test_verify_images_catches_content_changed_under_the_same_size_and_mtime(sample_dir, toy_manifest, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "bmp"
+    folder.mkdir()
+    for name in SAMPLE_IDS[:3]:  # uncompressed: content can change while the size stays
+        Image.open(sample_dir / "images" / f"{name}.png").save(folder / f"{name}.bmp")
+    target = folder / f"{SAMPLE_IDS[0]}.bmp"
+
+    def rewrite_in_place() -> None:
+        stat = target.stat()
+        data = bytearray(target.read_bytes())
+        data[-30_000:] = bytes(255 - b for b in data[-30_000:])
+        target.write_bytes(bytes(data))
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert target.stat().st_size == stat.st_size
+
+    cache = tmp_path / "cache"
+    kaggle_i2p.run_prediction(folder, toy_manifest, cache_dir=cache, **CACHED)
+    rewrite_in_place()
+    blind = kaggle_i2p.run_prediction(folder, toy_manifest, cache_dir=cache, **CACHED)
+    assert blind.summary.cached_images == 3  # the documented blind spot of (size, mtime) keys
+    verified = kaggle_i2p.run_prediction(folder, toy_manifest, cache_dir=cache, verify_images=True, **CACHED)
+    rewrite_in_place()
+    again = kaggle_i2p.run_prediction(folder, toy_manifest, cache_dir=cache, verify_images=True, **CACHED)
+    assert again.summary.cached_images == 0  # content hashes: the changed chunk is recomputed
+    fresh = kaggle_i2p.run_prediction(folder, toy_manifest, **CACHED)
+    assert np.array_equal(again.embeddings, fresh.embeddings)
+    assert not np.array_equal(again.embeddings, verified.embeddings)
+
+
+KILLABLE_RUN = """
+import sys, time
+import kaggle_i2p
+from kaggle_i2p.towers import Tower
+
+real = Tower.forward
+def slow(self, images):
+    time.sleep(0.03)
+    return real(self, images)
+Tower.forward = slow
+kaggle_i2p.predict_dir(sys.argv[1], sys.argv[2], out_csv=sys.argv[3], cache_dir=sys.argv[4], device="cpu",
+                       num_workers=0, batch_size=2, progress=False)
+"""
+
+
+def _rows_done(cache: Path) -> dict[str, int]:
+    done = {}
+    for shard in _shards(cache):
+        with np.load(shard) as data:
+            done[str(shard.relative_to(cache))] = int(data["done"].sum())
+    return done
+
+
+def test_a_kill_loses_at_most_the_batch_in_flight(sample_images, sample_dir, toy_manifest, tmp_path, monkeypatch):
+    for copy in range(3):  # 28 images: one chunk of 256, so the old per-chunk shards would hold nothing at all
+        for path in sorted((sample_dir / "images").iterdir()):
+            shutil.copy(path, sample_images / f"copy{copy}_{path.name}")
+    cache = tmp_path / "cache"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(sample_images), str(toy_manifest),
+                                str(tmp_path / "killed.csv"), str(cache)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        done = _rows_done(cache) if cache.is_dir() else {}
+        if len(done) == 6 and min(done.values()) >= 6:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    done = _rows_done(cache)
+    assert len(done) == 6 and all(n % 2 == 0 and 6 <= n < 28 for n in done.values())  # whole batches, kept
+    assert max(done.values()) - min(done.values()) <= 2  # the towers x views differ by at most the batch in flight
+
+    counted = []
+    real = predict_module.TowerRunner.forward_view
+    monkeypatch.setattr(predict_module.TowerRunner, "forward_view",
+                        lambda self, views: counted.append(len(views)) or real(self, views))
+    resumed = tmp_path / "resumed.csv"
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=resumed, cache_dir=cache, **CACHED)
+    assert sum(counted) == sum(28 - n for n in done.values())  # exactly the rows the kill had not stored
+    uninterrupted = tmp_path / "uninterrupted.csv"
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=uninterrupted, **CACHED)
+    assert resumed.read_bytes() == uninterrupted.read_bytes()
+
+
+def test_batch_size_is_part_of_the_cache_key(sample_images, toy_manifest, tmp_path):
+    cache = tmp_path / "cache"
+    kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=cache, **CACHED)
+    other = kaggle_i2p.run_prediction(sample_images, toy_manifest, cache_dir=cache, **{**CACHED, "batch_size": 5})
+    same = kaggle_i2p.run_prediction(sample_images, toy_manifest, **{**CACHED, "batch_size": 5})
+    assert other.summary.cached_images == 0 and np.array_equal(other.embeddings, same.embeddings)
+
+
+# ---- 19. Ctrl-C -----------------------------------------------------------------------------------------------------
+
+INTERRUPTIBLE = """
+import sys, time
+from kaggle_i2p.towers import Tower
+from kaggle_i2p.cli import main
+
+real = Tower.forward
+def slow(self, images):
+    time.sleep(0.05)
+    return real(self, images)
+Tower.forward = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(sample_images, toy_manifest, tmp_path):
+    out, cache = tmp_path / "submission.csv", tmp_path / "cache"
+    out.write_text("the old submission")
+    process = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, "predict", str(sample_images), "--manifest",
+                                str(toy_manifest), "--out", str(out), "--cache-dir", str(cache), "--batch-size", "1",
+                                *CPU], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (cache.is_dir() and _shards(cache)) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"kaggle-i2p predict: interrupted; finished batches are kept in the cache {cache}: rerun the "
+                     f"same command to resume; {out} was left as it was"], err
+    assert out.read_text() == "the old submission" and _shards(cache)
+
+
+# ---- 18. validate-manifest --deep, and predict uses it before loading ---------------------------------------------
+
+
+def test_deep_validation_finds_wrong_hashes_and_architectures_all_at_once(toy_manifest, tmp_path, sample_images,
+                                                                         capsys, no_weights):
+    folder = tmp_path / "towers"
+    shutil.copytree(toy_manifest.parent, folder)
+    data = yaml.safe_load((folder / toy_manifest.name).read_text())
+    data["towers"][0]["sha256"] = "ab" * 32
+    data["towers"][1]["checkpoint"] = "toy_timm_vit.safetensors"  # the other tower's weights: wrong architecture
+    manifest = folder / "wrong.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+    assert main(["validate-manifest", str(manifest)]) == 0  # the shallow check cannot know
+    assert main(["validate-manifest", str(manifest), "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    assert "tower 'toy_timm_vit' (towers[0]).sha256:" in err and f"the manifest says {'ab' * 32}" in err
+    assert "tower 'toy_open_clip_vit' (towers[1]).checkpoint:" in err and "missing key(s)" in err
+    assert main(["predict", str(sample_images), "--manifest", str(manifest), *CPU]) == 2
+    assert "2 problem(s)" in capsys.readouterr().err
+
+
+def test_schema_and_resolution_problems_are_reported_together(toy_manifest, tmp_path, capsys):
+    folder = tmp_path / "towers"
+    shutil.copytree(toy_manifest.parent, folder)
+    data = yaml.safe_load((folder / toy_manifest.name).read_text())
+    data["towers"][0]["weight"] = -1
+    data["towers"][1]["image"]["resolutions"] = [70]  # not a multiple of the patch size 16
+    manifest = folder / "two.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+    with pytest.raises(ManifestError) as error:
+        kaggle_i2p.towers.validate_manifest(manifest)
+    assert len(error.value.problems) == 2
+    assert "towers[0]).weight: -1 is negative" in error.value.problems[0]
+    assert "towers[1]).image.resolutions: 70 is not a multiple of the patch size 16" in error.value.problems[1]
+
+
+def test_an_unquoted_numeric_sha256_says_to_quote_it(toy_manifest, tmp_path):
+    folder = tmp_path / "towers"
+    shutil.copytree(toy_manifest.parent, folder)
+    text = (folder / toy_manifest.name).read_text().replace("weight: 0.6", "weight: 0.6\n  sha256: " + "1" * 64)
+    (folder / "digits.yaml").write_text(text)
+    with pytest.raises(ManifestError, match="YAML read this unquoted value as a number"):
+        load_manifest(folder / "digits.yaml")
