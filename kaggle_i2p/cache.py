@@ -7,8 +7,9 @@ the same batch boundaries, so cached and fresh runs give the same bytes.
 
 The tower key hashes everything that decides the tower's outputs: the checkpoint file's own sha256 (memoised by path,
 size, modification and status-change time, never taken from the manifest on trust), arch, head, preprocessing,
-precision and batch size. The chunk key hashes the chunk's image identities: id, size and modification time, or with `verify_images` the
-content's sha256 (an image rewritten with the same size and modification time is only caught that way).
+precision and batch size. The chunk key hashes the chunk's image identities: id, size and modification time, or
+with `verify_images` the content's sha256 (an image rewritten with the same size and modification time is only
+caught that way).
 
 The cache is an optional helper: a shard that cannot be read is recomputed with a warning naming it, and a cache that
 cannot be written (full disk, read-only folder) is switched off with one warning while the run goes on.
