@@ -54,3 +54,26 @@ def replace_dir(staging: Path, target: Path) -> None:
     os.rename(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable_file(path: str | Path) -> Path:
+    """Before the work that makes it: `path` must name a file (not a folder) whose nearest existing folder accepts a
+    new file. Returns that folder; raises OutputError naming the path and the fix; creates nothing."""
+    from .errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give the file's path, e.g. {path / 'submission.csv'}")
+    existing = path.parent if str(path.parent) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: folder {existing} is not writable ({err.strerror or err}); "
+                          "choose a writable folder for the output") from err
+    return existing

@@ -84,8 +84,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from .atomic import check_writable_file
     from .evaluate import tune_run, write_tuned_manifest
 
+    check_writable_file(args.out)  # before the compute, like every output
     manifest, run, targets, folds = _labelled_run(args, check_folds=True)
     report, fitted = tune_run(run, manifest, targets, folds, per_view=args.per_view, per_dim=args.per_dim)
     print(report.to_json() if args.json else report, flush=True)  # the report first: it survives a failed write

@@ -345,8 +345,8 @@ def _logging_above_bars(enabled: bool):
     when nothing is configured, a handler of ours in place of Python's last-resort one."""
     if not enabled:
         yield
-    elif logging.root.handlers or log.handlers:
-        with logging_redirect_tqdm(loggers=[logging.root, log]):
+    elif logging.root.handlers or log.handlers:  # only loggers with handlers: it adds one to each logger given
+        with logging_redirect_tqdm(loggers=[lg for lg in (logging.root, log) if lg.handlers], tqdm_class=tqdm):
             yield
     else:
         handler = _TqdmHandler(logging.WARNING)

@@ -6,9 +6,7 @@ sample_submission.csv is), so reading the file back gives exactly the predicted 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_open
+from .atomic import atomic_open, check_writable_file
 from .errors import OutputError
 
 HEADER = "imgId_eId,val"
@@ -58,25 +56,10 @@ def check_output_path(out_csv: str | Path, ids: Sequence[str], embedding_dim: in
 
     Raises OutputError naming the path and the fix; creates nothing (a missing folder is made at the write).
     """
-    path = Path(out_csv)
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give the CSV's file path, e.g. {path / 'submission.csv'}")
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: folder {existing} is not writable ({err.strerror or err}); "
-                          "choose a writable folder for the output") from err
-    needed, free = estimated_csv_bytes(ids, embedding_dim), shutil.disk_usage(existing).free
+    path, folder = Path(out_csv), check_writable_file(out_csv)
+    needed, free = estimated_csv_bytes(ids, embedding_dim), shutil.disk_usage(folder).free
     if free < needed:
-        raise OutputError(f"cannot write {path}: {existing} has {free / 1e6:.1f} MB free and the submission "
+        raise OutputError(f"cannot write {path}: {folder} has {free / 1e6:.1f} MB free and the submission "
                           f"needs up to {needed / 1e6:.1f} MB; free some space or choose another folder")
     return path
 

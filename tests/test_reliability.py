@@ -8,11 +8,14 @@ monkeypatched OS errors elsewhere.
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,7 +158,7 @@ def test_output_folder_problems_are_reported_before_compute(sample_images, toy_m
     out_dir = tmp_path / "a_folder"
     out_dir.mkdir()
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(out_dir), *CPU]) == 2
-    assert "is a folder; give the CSV's file path" in capsys.readouterr().err
+    assert "is a folder; give the file's path" in capsys.readouterr().err
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(a_file / "s.csv"),
@@ -182,7 +185,7 @@ def test_full_and_read_only_disks_are_refused_before_compute_on_real_tmpfs(sampl
 
 def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                             capsys, no_weights):
-    from kaggle_i2p import submission
+    from kaggle_i2p import atomic, submission
 
     out = tmp_path / "submission.csv"
     monkeypatch.setattr(submission.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
@@ -195,7 +198,7 @@ def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(submission.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(out), *CPU]) == 2
     assert "is not writable (Read-only file system)" in capsys.readouterr().err
 
@@ -619,3 +622,140 @@ def test_an_unquoted_numeric_sha256_says_to_quote_it(toy_manifest, tmp_path):
     (folder / "digits.yaml").write_text(text)
     with pytest.raises(ManifestError, match="YAML read this unquoted value as a number"):
         load_manifest(folder / "digits.yaml")
+
+
+# ---- the corpus through evaluate -----------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_the_bad_input_corpus(bad_inputs, toy_manifest, tmp_path, capsys):
+    n = len(SAMPLE_IDS) + len(CORPUS_PREDICTED) + len(CORPUS_FALLBACK)
+    targets = np.random.default_rng(0).normal(size=(n, 384)).astype(np.float32)
+    np.save(tmp_path / "targets.npy", targets)
+    assert main(["evaluate", str(bad_inputs), "--targets", str(tmp_path / "targets.npy"), "--manifest",
+                 str(toy_manifest), "--json", "--no-cache", *CPU]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_images"] == n and set(report["per_tower"]) == {"toy_timm_vit", "toy_open_clip_vit"}
+    assert all(np.isfinite(v) for v in report["per_view"].values())
+
+
+# ---- 12. tune --out elsewhere ----------------------------------------------------------------------------------------
+
+
+def test_tune_out_in_another_folder_rebases_every_path(sample_images, sample_dir, demo_manifest, tmp_path, capsys):
+    out = tmp_path / "elsewhere" / "deeper" / "tuned.yaml"
+    assert main(["tune", str(sample_images), "--prompts", str(sample_dir / "prompts.csv"), "--manifest", "demo",
+                 "--out", str(out), "--folds", "2", "--no-cache", *CPU]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("tuning (per_tower) on 7 images") < printed.index(f"wrote {out}")
+    tuned, original = load_manifest(out), load_manifest(demo_manifest)
+    assert tuned.towers[0].retrieval.bank.resolve() == original.towers[0].retrieval.bank.resolve()
+    assert tuned.towers[0].checkpoint.resolve() == original.towers[0].checkpoint.resolve()
+    assert np.array_equal(tuned.towers[1].prior, original.towers[1].prior)
+    assert tuned.fallback_path.resolve() == original.fallback_path.resolve()
+    assert sum(t.weight for t in tuned.towers) == pytest.approx(1.0)
+
+
+def test_tune_out_that_cannot_be_written_fails_before_compute(sample_images, sample_dir, toy_manifest, tmp_path,
+                                                              capsys, no_weights):
+    (tmp_path / "a_file").write_text("x")
+    assert main(["tune", str(sample_images), "--prompts", str(sample_dir / "prompts.csv"), "--manifest",
+                 str(toy_manifest), "--out", str(tmp_path / "a_file" / "t.yaml"), "--no-cache", *CPU]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+# ---- 17. concurrent first uses of the demo ---------------------------------------------------------------------------
+
+
+def test_concurrent_demo_builds_share_one_build_and_incomplete_folders_are_rebuilt(tmp_path, monkeypatch, capsys):
+    from kaggle_i2p import demo_ensemble
+
+    builds = []
+
+    def slow_fake_build(staging: Path) -> None:
+        builds.append(staging)
+        time.sleep(0.5)
+        for name in demo_ensemble.DEMO_FILES:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_text(name)
+
+    monkeypatch.setattr(demo_ensemble, "_write_demo_files", slow_fake_build)
+    out = tmp_path / "demo-v1"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(demo_ensemble.build_demo_ensemble(out)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [out / "demo_manifest.yaml"] * 3 and len(builds) == 1
+    assert demo_ensemble.is_complete(out) and "building the demo ensemble in" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-v1", "demo-v1.lock"]  # no staging left
+
+    (out / ".complete").unlink()  # as if a build had died before its last step
+    assert demo_ensemble.build_demo_ensemble(out) == out / "demo_manifest.yaml" and len(builds) == 2
+    assert demo_ensemble.is_complete(out)
+    foreign = tmp_path / "not-ours"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    with pytest.raises(kaggle_i2p.errors.I2PError, match="is not a demo ensemble folder"):
+        demo_ensemble.build_demo_ensemble(foreign)
+    assert sorted(os.listdir(foreign)) == ["thesis.tex"]
+
+
+# ---- 24. API smells --------------------------------------------------------------------------------------------------
+
+
+def test_api_defaults_have_one_owner():
+    import inspect
+
+    from kaggle_i2p import ensemble, manifest, retrieval, text
+
+    for function in (retrieval.retrieve, retrieval.retrieve_from_logits):
+        parameters = inspect.signature(function).parameters
+        assert parameters["k"].default == manifest.DEFAULT_RETRIEVAL_K
+        assert parameters["temperature"].default == manifest.DEFAULT_RETRIEVAL_TEMPERATURE
+    assert not hasattr(text, "EMBEDDING_DIM")
+    preds = {"a": np.eye(3, dtype=np.float32), "b": np.ones((3, 3), dtype=np.float32)}
+    weights = ensemble.tune_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
+    assert all(type(w) is float for w in weights.values())
+    dims = ensemble.tune_dim_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
+    assert all(isinstance(w, np.ndarray) and w.shape == (3,) for w in dims.values())
+
+
+# ---- 25. warnings above the bars, ordinary file modes, the README ---------------------------------------------------
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_warnings_are_written_above_the_progress_bars(bad_inputs, toy_manifest, monkeypatch, configured):
+    written = []
+    monkeypatch.setattr(predict_module.tqdm, "write", lambda text, **kwargs: written.append(text))
+    monkeypatch.setattr(logging.root, "handlers", [logging.StreamHandler(sys.stderr)] if configured else [])
+    kaggle_i2p.run_prediction(bad_inputs, toy_manifest, device="cpu", num_workers=0, batch_size=4, progress=True)
+    assert any("cannot read" in line and "zero_bytes.png" in line for line in written)
+    assert any("16-bit I;16 pixels scaled to 8 bits" in line for line in written)
+    assert len([line for line in written if "zero_bytes.png" in line]) == 1  # once, not once per handler
+
+
+def test_banks_and_the_demo_get_ordinary_permissions(tmp_path):
+    from kaggle_i2p import demo_ensemble
+    from kaggle_i2p.retrieval import write_bank
+
+    old = os.umask(0o022)
+    try:
+        bank = write_bank(tmp_path / "bank", ["a cat", "a dog"], np.eye(2, 384, dtype=np.float32))
+        staging = kaggle_i2p.atomic.staging_dir(tmp_path / "demo")
+    finally:
+        os.umask(old)
+    assert (bank.stat().st_mode & 0o777) == 0o755 and (staging.stat().st_mode & 0o777) == 0o755
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in bank.iterdir())
+    assert demo_ensemble.staging_dir is kaggle_i2p.atomic.staging_dir  # the demo builds in such a folder
+
+
+def test_readme_lists_every_command():
+    from kaggle_i2p.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Command line"):]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in commands:
+        assert f"kaggle-i2p {command} " in block, command
