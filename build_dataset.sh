@@ -6,16 +6,40 @@
 # WORK_DIR ends up with index.parquet (imgId, prompt, source, path, seed, group, fold), targets.npy aligned to it, and
 # images/. Re-running skips every finished step and every image already made. Settings come from the environment:
 #   GPUS (processes, one per GPU; default 1)   IMAGES_PER_PROMPT (1)   STEPS (25)   GUIDANCE (9.0)
-#   IMAGE_SIZE (512)   RENDER_SIZE (the model's)   BATCH_SIZE (4)   FORMAT (png|webp)   FOLDS (5)   PYTHON (python)
+#   IMAGE_SIZE (512)   RENDER_SIZE (the model's)   BATCH_SIZE (4)   FORMAT (png|webp)   FOLDS (5)
+#   PYTHON (the first of python3, python that can import kaggle_i2p)
 set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 if [ $# -lt 3 ]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  usage >&2
   exit 2
 fi
 work=$1 model=$2
 shift 2
-py=${PYTHON:-python}
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+else
+  py=
+  for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "import kaggle_i2p" 2>/dev/null; then
+      py=$candidate; break
+    fi
+  done
+  if [ -z "$py" ]; then
+    echo "build_dataset.sh: error: neither python3 nor python can import kaggle_i2p; install it (pip install" \
+         "'kaggle_i2p[dataset]') or set PYTHON=/path/to/python" >&2
+    exit 2
+  fi
+fi
+echo "build_dataset.sh: using $py ($(command -v "$py"))" >&2
 gpus=${GPUS:-1}
+# Check what can be checked before the first step runs: a missing model folder must not wait for the text steps.
+if [ ! -f "$model/model_index.json" ]; then
+  echo "build_dataset.sh: error: $model is not a local diffusers Stable Diffusion folder (no model_index.json);" \
+       "give the folder saved with pipeline.save_pretrained()" >&2
+  exit 2
+fi
 
 "$py" -m kaggle_i2p.dataset text "$@" --work "$work" --folds "${FOLDS:-5}"
 

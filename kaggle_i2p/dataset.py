@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from .atomic import atomic_open
+from .errors import I2PError
 from .retrieval import read_texts
 
 log = logging.getLogger("kaggle_i2p")
@@ -125,8 +126,17 @@ def similarity_groups(embeddings: np.ndarray, threshold: float = 0.7, block: int
     return np.unique(roots, return_inverse=True)[1]  # dense group numbers in order of first appearance's root
 
 
+class DatasetError(I2PError, ValueError):
+    """A dataset step that cannot run as asked (too few prompts for the folds, a missing source file)."""
+
+
 def assign_folds(groups: np.ndarray, n_folds: int = 5) -> np.ndarray:
     """A fold per row with scikit-learn's GroupKFold: every group lies in exactly one fold."""
+    n_groups = len(np.unique(groups))
+    if n_folds < 2 or n_groups < n_folds:
+        raise DatasetError(f"{n_folds} folds need at least {max(n_folds, 2)} groups of prompts, and the prompts left "
+                           f"after cleaning and dedup form {n_groups} ({len(groups)} prompts, grouped at the "
+                           "similarity threshold); add prompts or lower FOLDS / --folds (at least 2)")
     from sklearn.model_selection import GroupKFold
 
     folds = np.full(len(groups), -1, dtype=int)
@@ -146,11 +156,20 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
     from .text import embed_prompts
 
     work = Path(work)
+    if n_folds < 2:
+        raise DatasetError(f"--folds {n_folds}: at least 2 folds are needed (one held out, the rest to train on)")
+    missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
+    if missing:
+        raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
     work.mkdir(parents=True, exist_ok=True)
     if not (work / PROMPTS).is_file():
         _write_parquet(collect(sources), work / PROMPTS)
     if not (work / CLEAN).is_file():
-        kept, dropped = clean(pd.read_parquet(work / PROMPTS))
+        collected = pd.read_parquet(work / PROMPTS)
+        if len(collected) < n_folds:  # fail before the embedding, not after
+            raise DatasetError(f"{len(collected)} prompts collected from {', '.join(sources)}; {n_folds} folds need "
+                               f"at least {n_folds}: add prompts or lower FOLDS / --folds")
+        kept, dropped = clean(collected)
         log.info("clean: kept %d, dropped %s", len(kept), dropped)
         _write_parquet(kept, work / CLEAN)
     if not (work / DEDUP).is_file() or not (work / PROMPT_TARGETS).is_file():
@@ -227,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--format", choices=["png", "webp"], default="png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run_step(args)
+    except I2PError as err:
+        print(f"python -m kaggle_i2p.dataset {args.step}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_step(args: argparse.Namespace) -> int:
     if args.step == "text":
         path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
                               args.device)

@@ -759,3 +759,48 @@ def test_readme_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     for command in commands:
         assert f"kaggle-i2p {command} " in block, command
+
+
+# ---- 22. build_dataset.sh ------------------------------------------------------------------------------------------
+
+
+def _script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "build_dataset.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_build_dataset_help_interpreter_and_early_model_check(tmp_path, sample_dir):
+    helped = _script("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("Prompts -> cleaned") and "set -e" not in helped.stdout
+    assert "PYTHON (the first of python3, python that can import kaggle_i2p)" in helped.stdout
+    short = _script("only-one-argument")
+    assert short.returncode == 2 and "build_dataset.sh WORK_DIR SD2_MODEL_DIR" in short.stderr
+
+    work = tmp_path / "work"
+    missing_model = _script(str(work), str(tmp_path / "no_model"), str(sample_dir / "prompts.csv") + ":prompt",
+                            env={"PYTHON": sys.executable})
+    assert missing_model.returncode == 2 and "is not a local diffusers Stable Diffusion folder" in missing_model.stderr
+    assert f"using {sys.executable}" in missing_model.stderr
+    assert not work.exists()  # checked before the text steps
+
+    bin_dir = tmp_path / "bin"  # no PYTHON: the script takes the python3 on PATH that has kaggle_i2p
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    found = _script(str(work), str(tmp_path / "no_model"), "x.txt",
+                    env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": ""})
+    assert f"using python3 ({bin_dir / 'python3'})" in found.stderr
+
+
+def test_too_few_prompts_for_the_folds_is_one_clear_error(tmp_path, capsys):
+    from kaggle_i2p import dataset
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a wooden table\na castle above the clouds, oil painting\n")
+    assert dataset.main(["text", str(prompts), "--work", str(tmp_path / "work"), "--folds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "2 prompts collected" in err and "5 folds need at least 5" in err
+    assert dataset.main(["text", str(tmp_path / "nope.csv:prompt"), "--work", str(tmp_path / "w2")]) == 2
+    assert "prompt file(s) not found" in capsys.readouterr().err
+    with pytest.raises(dataset.DatasetError, match="5 folds need at least 5 groups"):
+        dataset.assign_folds(np.array([0, 0, 1, 2]), 5)
