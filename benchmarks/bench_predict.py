@@ -129,19 +129,21 @@ def sample():
         time.sleep(0.02)
 
 threading.Thread(target=sample, daemon=True).start()
-image_dir, manifest, out_csv, workers = sys.argv[1:5]
-kaggle_i2p.predict_dir(image_dir, manifest, out_csv=out_csv, device="cpu", num_workers=int(workers), progress=False)
+image_dir, manifest, out_csv, workers, frame = sys.argv[1:6]
+kaggle_i2p.predict_dir(image_dir, manifest, out_csv=out_csv, device="cpu", num_workers=int(workers), progress=False,
+                       return_frame=frame == "1")
 with open("/proc/self/status") as f:
     hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 print(json.dumps({"main_peak_mb": hwm, "tree_peak_mb": max(peak["tree"], tree_rss_mb())}))
 """
 
 
-def peak_rss_child(n: int, workdir: Path, workers: int) -> dict:
-    """Run predict_dir on n images in a fresh process: peak RSS (MB) of the main process and of main + workers."""
+def peak_rss_child(n: int, workdir: Path, workers: int, frame: bool = False) -> dict:
+    """Run predict_dir on n images in a fresh process: peak RSS (MB) of the main process and of main + workers.
+    `frame`: also build the returned submission DataFrame (the API default; the CLI and the notebook do not)."""
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(workdir / f"imgs{n}"),
-                          str(workdir / "toy" / "toy_manifest.yaml"), str(workdir / f"sub{n}.csv"), str(workers)],
-                         capture_output=True, text=True, check=True).stdout
+                          str(workdir / "toy" / "toy_manifest.yaml"), str(workdir / f"sub{n}.csv"), str(workers),
+                          "1" if frame else "0"], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

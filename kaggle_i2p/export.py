@@ -69,6 +69,9 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+EXPORT_MARKER = "# written by kaggle-i2p export; an export into this folder replaces it\n"
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
                       resolutions: list[int] | None = None, hflip: bool | None = None,
                       use_ema: bool = True) -> ExportResult:
@@ -77,6 +80,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
     the TTA views the tower is served with."""
     state = read_checkpoint(checkpoint)
     out_dir = Path(out_dir)
+    manifest_path = out_dir / "weights_manifest.yaml"
+    if manifest_path.is_file() and not manifest_path.read_text(encoding="utf-8", errors="replace").startswith(
+            EXPORT_MARKER):
+        raise ExportError(f"{manifest_path} exists and was not written by `kaggle-i2p export`; it is never "
+                          "overwritten: choose another --out folder (then add the tower's entry to your manifest)")
+    if out_dir.is_file():
+        raise ExportError(f"--out {out_dir} is a file; give a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     entry = dict(state["tower"])
     entry["image"] = dict(entry["image"])
@@ -103,9 +113,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
     manifest = {"embedding_dim": int(state.get("embedding_dim", 384)), "fallback": FALLBACK.name, "towers": [entry]}
     shutil.copyfile(FALLBACK, out_dir / FALLBACK.name)
     parse_manifest(manifest, out_dir / "weights_manifest.yaml")  # the export must load: fail here, not on Kaggle
-    entry_path, manifest_path = out_dir / f"{entry['name']}.yaml", out_dir / "weights_manifest.yaml"
+    entry_path = out_dir / f"{entry['name']}.yaml"
     for path, data in ((entry_path, entry), (manifest_path, manifest)):
         with atomic_open(path, "w", encoding="utf-8") as handle:
+            handle.write(EXPORT_MARKER)
             yaml.safe_dump(data, handle, sort_keys=False)
     return ExportResult(weights_path, entry_path, manifest_path, digest, used_ema)
 

@@ -380,6 +380,12 @@ def test_cli_train_and_export(toy_work, tmp_path, capsys):
                  "--resolutions", "32", "48", "--hflip"]) == 0
     spec = load_manifest(tmp_path / "exp" / "weights_manifest.yaml").towers[0]
     assert spec.image.resolutions == (32, 48) and spec.image.hflip
+    assert main(["export", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "exp")]) == 0  # ours: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "weights_manifest.yaml").write_text("my ensemble")
+    assert main(["export", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "mine")]) == 2
+    assert "was not written by `kaggle-i2p export`" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "weights_manifest.yaml").read_text() == "my ensemble"
     assert main(["export", str(path), "--out", str(tmp_path / "exp2")]) == 2
     assert "cannot read it as a checkpoint" in capsys.readouterr().err
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
