@@ -203,7 +203,7 @@ def image_loader(paths: Sequence[Path], batch_size: int, num_workers: int, pin_m
     the device computes."""
     dataset = DecodedImages(paths)
     common = {"num_workers": num_workers, "collate_fn": collate_decoded, "pin_memory": pin_memory,
-              "prefetch_factor": 4 if num_workers > 0 else None}
+              "prefetch_factor": 2 if num_workers > 0 else None}
     if batches is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches], **common)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
