@@ -8,7 +8,8 @@
    rss_growth_mb = main-process peak(2000) - peak(100), the median of 3 interleaved pairs of fresh processes (single
    pairs on this shared machine range from 60 to 480 MB); max_rss_growth_mb is the largest of the 3.
 
-Last line: `ratio=<float> rss_growth_mb=<float> max_rss_growth_mb=<float>`.  Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu]
+Last line: `ratio=<float> rss_growth_mb=<float> max_rss_growth_mb=<float>`.
+Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu]
 """
 
 from __future__ import annotations
