@@ -40,11 +40,14 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
                         help="images per batch (default: 32 CUDA, 8 CPU)")
     parser.add_argument("--workers", type=_whole_number(0), default=None,
                         help="decoding worker processes (default: 2; 0 decodes in the main process)")
-    parser.add_argument("--verify-images", action="store_true",
-                        help="key cached outputs by each image's content hash, not its size and modification time")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None,
                         help="override every tower's precision (default: the manifest's; auto = fp16 on CUDA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_verify_images(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify-images", action="store_true",
+                        help="key cached outputs by each image's content hash, not its size and modification time")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache-dir", type=Path, default=None,
                          help="store every tower x view output here; a killed run resumes where it stopped")
     _add_run_options(predict)
+    _add_verify_images(predict)
     predict.set_defaults(func=_cmd_predict)
 
     validate = sub.add_parser("validate-manifest", help="check a manifest without loading any weights")
@@ -225,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="prediction cache (default: %(default)s); reruns compute only what is missing")
         command.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
         _add_run_options(command)
+        _add_verify_images(command)
         return command
 
     evaluate = labelled("evaluate", "score each tower, view and the ensemble on labelled images")

@@ -27,7 +27,7 @@ from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, Shard, image_key
 from .ensemble import combine_towers, combine_views, unusable_rows
 from .errors import OptionError
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
-from .manifest import PRECISIONS, Manifest, TowerSpec, as_manifest
+from .manifest import PRECISIONS, Manifest, TowerSpec
 from .resources import DEFAULT_MANIFEST
 from .retrieval import Bank, retrieve, retrieve_from_logits
 from .submission import check_output_path, submission_frame, write_submission
@@ -226,7 +226,7 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
     check_options(batch_size, num_workers, precision, cache_chunk_size)
     device = resolve_device(device)
-    manifest = validate_manifest(as_manifest(manifest), deep=True)
+    manifest = validate_manifest(manifest, deep=True)
     listing = list_images(image_dir)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
@@ -282,8 +282,11 @@ class RunOutputs:
                     self.values[spec.name][view][chunk.start:chunk.stop] = shard.outputs
                     self.done[spec.name][view][chunk.start:chunk.stop] = shard.done
                     self.errors.update({chunk.start + i: e for i, e in enumerate(shard.errors) if e})
-        return sum(all(self.done[s.name][v][i] for s in setup.with_network for v in self.views[s.name])
-                   for i in range(setup.n_images))
+        every = np.ones(setup.n_images, dtype=bool)
+        for spec in setup.with_network:
+            for view in self.views[spec.name]:
+                every &= self.done[spec.name][view]
+        return int(every.sum())
 
     def plan(self) -> list[PlannedBatch]:
         """Step 3: the batches still to compute, on the fixed grid of chunks and batches (so resumed = fresh)."""
