@@ -158,12 +158,12 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
     work = Path(work)
     if n_folds < 2:
         raise DatasetError(f"--folds {n_folds}: at least 2 folds are needed (one held out, the rest to train on)")
-    missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
-    if missing:
-        raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
-    work.mkdir(parents=True, exist_ok=True)
     if not (work / PROMPTS).is_file():
+        missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
+        if missing:
+            raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
         _write_parquet(collect(sources), work / PROMPTS)
+    work.mkdir(parents=True, exist_ok=True)
     if not (work / CLEAN).is_file():
         collected = pd.read_parquet(work / PROMPTS)
         if len(collected) < n_folds:  # fail before the embedding, not after
