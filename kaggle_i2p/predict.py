@@ -360,10 +360,37 @@ def _logging_above_bars(enabled: bool):
             log.removeHandler(handler)
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def bound_heap_growth() -> bool:
+    """Serve allocations of 1 MiB and more by mmap, returned to the OS when freed (glibc only; never fatal).
+
+    Each batch makes float copies of its full-size images (25 MB for 8 images at 512 px, per tower and resolution).
+    glibc's dynamic mmap threshold moves such blocks onto the heap after the first free, and thread arenas then keep
+    them: peak RSS grew by 40 to 400 MB between 100 and 2000 images depending on thread timing, and by 5 to 10 MB with
+    a fixed threshold (docs/benchmarks.md). A threshold set by the user (MALLOC_MMAP_THRESHOLD_) is left alone.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            return False
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cached: int,
            progress: bool) -> dict[str, TowerRunner]:
     """Step 4: load the towers the plan needs, decode each planned batch once, run every missing tower x view."""
     needed = {name for planned in plan for name in planned.missing}
+    if plan:
+        bound_heap_growth()
     runners = {s.name: TowerRunner(s, load_tower(s, setup.manifest.embedding_dim, setup.device), setup.device,
                                    setup.precisions[s.name]) for s in setup.with_network if s.name in needed}
     bars = [tqdm(total=setup.n_images, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)

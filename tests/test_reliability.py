@@ -804,3 +804,16 @@ def test_too_few_prompts_for_the_folds_is_one_clear_error(tmp_path, capsys):
     assert "prompt file(s) not found" in capsys.readouterr().err
     with pytest.raises(dataset.DatasetError, match="5 folds need at least 5 groups"):
         dataset.assign_folds(np.array([0, 0, 1, 2]), 5)
+
+
+# ---- 23. memory: big per-batch temporaries never grow the heap ------------------------------------------------------
+
+
+def test_heap_growth_is_bounded_on_glibc(monkeypatch):
+    import platform
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert predict_module.bound_heap_growth() is False  # the user's own setting is left alone
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert predict_module.bound_heap_growth() is expected
