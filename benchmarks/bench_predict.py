@@ -114,13 +114,16 @@ def tree_rss_mb():
     # VmRSS of this process and its decoding workers; ru_maxrss is useless here (Linux carries it across exec)
     pids, total = [os.getpid()], 0
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            pids += [int(p) for p in f.read().split()]
+        try:  # a thread can end between the listing and the read
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as f:
                 total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
-        except (FileNotFoundError, StopIteration):
+        except (OSError, StopIteration):
             pass
     return total / 1024
 

@@ -248,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _run_step(args)
-    except I2PError as err:
+    except (I2PError, OSError) as err:
         print(f"python -m kaggle_i2p.dataset {args.step}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\npython -m kaggle_i2p.dataset {args.step}: interrupted; finished steps and images are kept in "
+              f"{args.work}: rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 def _run_step(args: argparse.Namespace) -> int:
