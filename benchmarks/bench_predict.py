@@ -33,8 +33,8 @@ from kaggle_i2p.ensemble import combine_views
 from kaggle_i2p.images import decode_image, list_images
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.predict import TowerRunner, resolve_device, resolve_precision
+from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, build_toy_ensemble
 from kaggle_i2p.towers import build_tower, load_tower
-from kaggle_i2p.toy import CLIP_MEAN, CLIP_STD, build_toy_ensemble
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> Path:

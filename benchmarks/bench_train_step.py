@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from kaggle_i2p.manifest import HeadSpec, ImageSpec, TowerSpec
+from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD
 from kaggle_i2p.towers import build_tower
-from kaggle_i2p.toy import CLIP_MEAN, CLIP_STD
 from kaggle_i2p.training import ModelEMA, cosine_embedding_loss, llrd_param_groups
 
 ARCH = "vit_base_patch16_clip_224"

@@ -27,6 +27,12 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
         raise
 
 
+def write_parquet(frame, path: str | Path) -> None:
+    """A pandas DataFrame as a parquet file, written atomically (needs pyarrow)."""
+    with atomic_open(path, "wb") as handle:
+        frame.to_parquet(handle, index=False)
+
+
 def _default_mode(directory: bool) -> int:
     """The mode a plain mkdir/open would give under the current umask (mkdtemp/mkstemp give 0700/0600)."""
     umask = os.umask(0)

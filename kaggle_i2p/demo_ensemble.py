@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from .atomic import replace_dir, staging_dir
 from .errors import I2PError
 from .pretrained import EFFICIENTNET_LITE0_ARCH, EFFICIENTNET_LITE0_IMAGE, efficientnet_lite0_state_dict
+from .resources import PRIOR_PATH
 from .retrieval import write_bank
-from .toy import PRIOR_PATH
 
 DEMO_VERSION = 1
 PHRASE_TEMPLATE = "a photo of a {}."

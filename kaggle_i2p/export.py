@@ -18,10 +18,11 @@ from safetensors.torch import save as safetensors_bytes
 from .atomic import atomic_open
 from .errors import I2PError
 from .manifest import TowerSpec, parse_manifest
+from .resources import PRIOR_PATH
 from .towers import sha256_file
 
 CHECKPOINT_FORMAT = "kaggle_i2p.train/1"
-FALLBACK = Path(__file__).parent / "data" / "mean_prompt_embedding.npy"
+FALLBACK = PRIOR_PATH
 
 
 class ExportError(I2PError, ValueError):

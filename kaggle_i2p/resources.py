@@ -10,6 +10,7 @@ KAGGLE_SAMPLE_DIR = KAGGLE_INPUT / "stable-diffusion-image-to-prompts"
 DEFAULT_MANIFEST = "weights_manifest.yaml"
 DEMO_MANIFEST = "demo"
 DATA_DIR = Path(__file__).parent / "data"
+PRIOR_PATH = DATA_DIR / "mean_prompt_embedding.npy"  # the mean MiniLM embedding of generic prompts (the fallback)
 
 
 def on_kaggle() -> bool:

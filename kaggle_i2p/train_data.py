@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .dataset import INDEX, TARGETS
+from .dataset.layout import INDEX, TARGETS
 from .ensemble import l2_normalize
 from .errors import I2PError
 from .images import decode_image, make_view

@@ -23,7 +23,7 @@ def pytest_unconfigure(config) -> None:
     shutil.rmtree(_HERMETIC_HOME, ignore_errors=True)
 
 from kaggle_i2p.dryrun import bundled_sample_dir  # noqa: E402 - after HOME is redirected
-from kaggle_i2p.toy import build_toy_ensemble  # noqa: E402
+from kaggle_i2p.testing import build_toy_ensemble  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -61,8 +61,8 @@ def test_text_steps_end_to_end_and_resume(tmp_path, sample_dir, monkeypatch):
     targets = np.load(tmp_path / "work" / "prompt_targets.npy")
     np.testing.assert_allclose(targets, embed_prompts(index["prompt"].tolist()), atol=1e-6)
 
-    monkeypatch.setattr(dataset, "semantic_dedup", lambda *a, **k: pytest.fail("a finished step was redone"))
-    monkeypatch.setattr(dataset, "collect", lambda *a, **k: pytest.fail("a finished step was redone"))
+    monkeypatch.setattr(dataset.prompts, "semantic_dedup", lambda *a, **k: pytest.fail("a finished step was redone"))
+    monkeypatch.setattr(dataset.prompts, "collect", lambda *a, **k: pytest.fail("a finished step was redone"))
     (tmp_path / "work" / "prompt_index.parquet").unlink()  # only the last step is missing
     assert pd.read_parquet(dataset.run_text_steps(["unused"], tmp_path / "work", n_folds=3)).equals(index)
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from kaggle_i2p import dataset
-from kaggle_i2p.generate import generate, image_jobs, prompt_seed, rank_and_world, shard
+from kaggle_i2p.dataset.generate import generate, image_jobs, prompt_seed, rank_and_world, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process in both layouts (torchrun sets it for its workers anyway): float sums then run in the same
@@ -124,7 +124,7 @@ def test_fp16_pipeline_gets_the_sd2_attention_upcast_and_dpm_solver(tiny_sd):
     """The GPU path's set-up, checked on CPU (no fp16 inference here): fp16 weights, upcast attention, DPMSolver++."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from kaggle_i2p.generate import load_pipeline
+    from kaggle_i2p.dataset.generate import load_pipeline
 
     half = load_pipeline(tiny_sd, torch.device("cpu"), fp16=True)
     assert half.unet.config.upcast_attention is True and half.unet.dtype == torch.float16

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from kaggle_i2p.manifest import ManifestError, load_manifest, parse_manifest
+from kaggle_i2p.testing import toy_manifest_dict
 from kaggle_i2p.towers import build_tower, check_architectures
-from kaggle_i2p.toy import toy_manifest_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

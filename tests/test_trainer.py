@@ -27,8 +27,8 @@ from kaggle_i2p.export import ExportError, export_checkpoint, read_checkpoint
 from kaggle_i2p.images import decode_image, make_view
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.predict import run_prediction
+from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, build_toy_training_set, toy_training_config
 from kaggle_i2p.towers import at_resolution, build_tower, load_initial_weights
-from kaggle_i2p.toy import TINY_OPEN_CLIP_CONFIG, build_toy_training_set, toy_training_config
 from kaggle_i2p.train_config import TrainConfigError, load_train_config, parse_train_config
 from kaggle_i2p.train_data import TrainImages, epoch_rows, load_training_data, rank_batches
 from kaggle_i2p.trainer import Trainer, TrainingError, check_stage_architectures, train

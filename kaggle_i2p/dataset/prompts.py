@@ -1,19 +1,13 @@
-"""Building a training set from prompt sources, one resumable step at a time (the data side of build_dataset.sh).
-
-collect (files -> prompts with their source) -> clean (whitespace, length in CLIP tokens, mostly-English, exact
-duplicates) -> semantic dedup (all-MiniLM-L6-v2, cosine >= 0.9 to an earlier kept prompt) -> targets (the MiniLM
-embeddings) -> folds (prompts grouped at cosine >= 0.7, GroupKFold, so no near-duplicate crosses folds)
--> generate (SD2 images, sharded over ranks, see generate.py) -> index (one row per image that exists).
-Every step reads and writes files in one work folder, so each can run alone and a finished step is never redone.
+"""The text steps: collect (files -> prompts with their source) -> clean (whitespace, length in CLIP tokens,
+mostly-English, exact duplicates) -> semantic dedup (all-MiniLM-L6-v2, cosine >= 0.9 to an earlier kept prompt) ->
+targets (the MiniLM embeddings) -> folds (prompts grouped at cosine >= 0.7, GroupKFold, so no near-duplicate crosses
+folds). Each step's output is kept in the work folder and reused when present.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,16 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import atomic_open
-from .errors import I2PError
-from .retrieval import read_texts
+from ..atomic import atomic_open, write_parquet
+from ..errors import I2PError
+from ..retrieval import read_texts
+from .layout import CLEAN, DEDUP, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
 
 log = logging.getLogger("kaggle_i2p")
 
 CLIP_CONTEXT = 77  # tokens, start and end included; SD truncates longer prompts
-PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
-PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt
-INDEX, TARGETS, IMAGES = "index.parquet", "targets.npy", "images"  # one row per generated image
 
 
 def collect(sources: Sequence[str]) -> pd.DataFrame:
@@ -145,15 +137,10 @@ def assign_folds(groups: np.ndarray, n_folds: int = 5) -> np.ndarray:
     return folds
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_open(path, "wb") as handle:
-        frame.to_parquet(handle, index=False)
-
-
 def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: float = 0.9,
                    group_threshold: float = 0.7, n_folds: int = 5, device: str = "cpu") -> Path:
     """collect -> clean -> dedup -> targets -> folds; each step's output is kept and reused when present."""
-    from .text import embed_prompts
+    from ..text import embed_prompts
 
     work = Path(work)
     if n_folds < 2:
@@ -162,7 +149,7 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
         missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
         if missing:
             raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
-        _write_parquet(collect(sources), work / PROMPTS)
+        write_parquet(collect(sources), work / PROMPTS)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / CLEAN).is_file():
         collected = pd.read_parquet(work / PROMPTS)
@@ -171,7 +158,7 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
                                f"at least {n_folds}: add prompts or lower FOLDS / --folds")
         kept, dropped = clean(collected)
         log.info("clean: kept %d, dropped %s", len(kept), dropped)
-        _write_parquet(kept, work / CLEAN)
+        write_parquet(kept, work / CLEAN)
     if not (work / DEDUP).is_file() or not (work / PROMPT_TARGETS).is_file():
         frame = pd.read_parquet(work / CLEAN)
         embeddings = embed_prompts(frame["prompt"].tolist(), device=device, progress=True)
@@ -179,100 +166,12 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
         log.info("semantic dedup at cosine %.2f: kept %d of %d", dedup_threshold, keep.sum(), len(keep))
         with atomic_open(work / PROMPT_TARGETS, "wb") as handle:
             np.save(handle, embeddings[keep])
-        _write_parquet(frame[keep].reset_index(drop=True), work / DEDUP)
+        write_parquet(frame[keep].reset_index(drop=True), work / DEDUP)
     if not (work / PROMPT_INDEX).is_file():
         frame = pd.read_parquet(work / DEDUP)
         targets = np.load(work / PROMPT_TARGETS)
         groups = similarity_groups(targets, group_threshold, device=device)
         frame = frame.assign(promptId=[f"p{i:08d}" for i in range(len(frame))], group=groups,
                              fold=assign_folds(groups, n_folds))
-        _write_parquet(frame[["promptId", "prompt", "source", "group", "fold"]], work / PROMPT_INDEX)
+        write_parquet(frame[["promptId", "prompt", "source", "group", "fold"]], work / PROMPT_INDEX)
     return work / PROMPT_INDEX
-
-
-def write_image_index(work: str | Path, image_format: str = "png") -> Path:
-    """index.parquet (imgId, prompt, source, path, seed, group, fold; sorted by imgId) and targets.npy aligned to
-    it, for every generated image on disk; the evaluate/tune commands and the trainer read these directly."""
-    from .generate import image_jobs
-
-    work = Path(work)
-    prompts = pd.read_parquet(work / PROMPT_INDEX)
-    targets = np.load(work / PROMPT_TARGETS)
-    rows = []
-    for job in image_jobs(prompts, _images_per_prompt(work)):
-        path = work / IMAGES / f"{job.image_id}.{image_format}"
-        if path.is_file():
-            prompt = prompts.iloc[job.prompt_row]
-            rows.append({"imgId": job.image_id, "prompt": prompt["prompt"], "source": prompt["source"],
-                         "path": str(path.relative_to(work)), "seed": job.seed, "group": int(prompt["group"]),
-                         "fold": int(prompt["fold"]), "prompt_row": job.prompt_row})
-    index = pd.DataFrame(rows).sort_values("imgId", ignore_index=True)
-    with atomic_open(work / TARGETS, "wb") as handle:
-        np.save(handle, targets[index["prompt_row"].to_numpy()])
-    _write_parquet(index.drop(columns="prompt_row"), work / INDEX)
-    return work / INDEX
-
-
-def _images_per_prompt(work: Path) -> int:
-    settings = work / "generation.json"
-    return json.loads(settings.read_text())["images_per_prompt"] if settings.is_file() else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kaggle_i2p.dataset text|generate|index ...`: the steps of build_dataset.sh, each runnable alone."""
-    parser = argparse.ArgumentParser(prog="python -m kaggle_i2p.dataset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="step", required=True)
-    text = sub.add_parser("text", help="collect, clean, dedup, targets and folds into WORK/index.parquet")
-    text.add_argument("sources", nargs="+", help="prompt files: PATH or PATH:COLUMN (txt, csv, parquet)")
-    text.add_argument("--work", type=Path, required=True)
-    text.add_argument("--dedup-threshold", type=float, default=0.9)
-    text.add_argument("--group-threshold", type=float, default=0.7)
-    text.add_argument("--folds", type=int, default=5)
-    text.add_argument("--device", default="cpu")
-    gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate for more)")
-    gen.add_argument("--work", type=Path, required=True)
-    gen.add_argument("--model", type=Path, required=True, help="local diffusers Stable Diffusion 2 folder")
-    gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--steps", type=int, default=25, help="DPMSolver++ steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=9.0)
-    gen.add_argument("--image-size", type=int, default=512, help="saved size (the host's images are 512)")
-    gen.add_argument("--render-size", type=int, default=None, help="generation size (default: the model's, 768)")
-    gen.add_argument("--batch-size", type=int, default=4)
-    gen.add_argument("--format", choices=["png", "webp"], default="png")
-    gen.add_argument("--device", default=None)
-    index = sub.add_parser("index", help="write index.parquet and targets.npy for the images on disk")
-    index.add_argument("--work", type=Path, required=True)
-    index.add_argument("--format", choices=["png", "webp"], default="png")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return _run_step(args)
-    except (I2PError, OSError) as err:
-        print(f"python -m kaggle_i2p.dataset {args.step}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\npython -m kaggle_i2p.dataset {args.step}: interrupted; finished steps and images are kept in "
-              f"{args.work}: rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-def _run_step(args: argparse.Namespace) -> int:
-    if args.step == "text":
-        path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
-                              args.device)
-        print(f"wrote {path}: {len(pd.read_parquet(path))} prompts")
-    elif args.step == "generate":
-        from .generate import generate
-
-        written = generate(args.work, args.model, args.images_per_prompt, args.steps, args.guidance, args.image_size,
-                           args.render_size, args.batch_size, args.format, args.device)
-        print(f"generated {len(written)} images")
-    else:
-        path = write_image_index(args.work, args.format)
-        print(f"wrote {path}: {len(pd.read_parquet(path))} images")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
-"""Toy towers: tiny random-weight timm and open_clip towers with a manifest, for tests, the demo and benchmarks.
+"""Test fixtures (for tests and benchmarks only; nothing else in the package imports this module): tiny random-weight
+timm and open_clip towers with a manifest, and a toy training set.
 
-They exercise the real machinery (manifest, safetensors checkpoints, both libraries, open_clip position-embedding
+The towers exercise the real machinery (manifest, safetensors checkpoints, both libraries, open_clip position-embedding
 resizing, TTA, weighting) in seconds on a CPU. Their predictions are random directions: scores mean nothing.
 """
 
@@ -13,15 +14,15 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .manifest import parse_manifest
+from .resources import PRIOR_PATH
 from .towers import build_tower
 
-PRIOR_PATH = Path(__file__).parent / "data" / "mean_prompt_embedding.npy"  # mean embedding of generic prompts
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# Manifest `image` statistics as YAML-friendly lists, from timm's own constants.
+CLIP_MEAN, CLIP_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+IMAGENET_MEAN, IMAGENET_STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 # A tiny open_clip ViT in open_clip's own model-config format (native size 64, patch 16).
 TINY_OPEN_CLIP_CONFIG = {
@@ -79,7 +80,7 @@ def build_toy_training_set(work: str | Path, n_prompts: int = 48, folds: int = 4
     import pandas as pd
     from PIL import Image
 
-    from .dataset import IMAGES, INDEX, TARGETS
+    from .dataset.layout import IMAGES, INDEX, TARGETS
     from .dryrun import bundled_sample_dir, sample_targets
 
     work = Path(work)

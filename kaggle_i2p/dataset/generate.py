@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .atomic import atomic_open
+from ..atomic import atomic_open
+from .layout import GENERATION, IMAGES, PROMPT_INDEX
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -76,14 +77,13 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = 1
     """Make this rank's share of the missing images under WORK/images; returns the files it wrote."""
     from tqdm.auto import tqdm
 
-    from .dataset import IMAGES, PROMPT_INDEX
 
     work = Path(work)
     rank, world, local_rank = rank_and_world()
     settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "image_size": image_size, "render_size": render_size, "format": image_format}
     if rank == 0:
-        with atomic_open(work / "generation.json") as handle:
+        with atomic_open(work / GENERATION) as handle:
             json.dump(settings, handle, indent=1)
     prompts = pd.read_parquet(work / PROMPT_INDEX)
     out_dir = work / IMAGES

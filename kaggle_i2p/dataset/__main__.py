@@ -1,0 +1,78 @@
+"""`python -m kaggle_i2p.dataset text|generate|index ...`: the steps of build_dataset.sh, each runnable alone."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import I2PError
+from .index import write_image_index
+from .prompts import run_text_steps
+
+DESCRIPTION = """Build a training set from prompt files, one resumable step at a time (the steps of build_dataset.sh):
+text (collect, clean, semantic dedup, MiniLM targets, grouped folds) -> generate (SD2 images, sharded over ranks) ->
+index (index.parquet and targets.npy for the images on disk). A finished step or image is never redone."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kaggle_i2p.dataset text|generate|index ...`: the steps of build_dataset.sh, each runnable alone."""
+    parser = argparse.ArgumentParser(prog="python -m kaggle_i2p.dataset", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    text = sub.add_parser("text", help="collect, clean, dedup, targets and folds into WORK/index.parquet")
+    text.add_argument("sources", nargs="+", help="prompt files: PATH or PATH:COLUMN (txt, csv, parquet)")
+    text.add_argument("--work", type=Path, required=True)
+    text.add_argument("--dedup-threshold", type=float, default=0.9)
+    text.add_argument("--group-threshold", type=float, default=0.7)
+    text.add_argument("--folds", type=int, default=5)
+    text.add_argument("--device", default="cpu")
+    gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate for more)")
+    gen.add_argument("--work", type=Path, required=True)
+    gen.add_argument("--model", type=Path, required=True, help="local diffusers Stable Diffusion 2 folder")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=25, help="DPMSolver++ steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=9.0)
+    gen.add_argument("--image-size", type=int, default=512, help="saved size (the host's images are 512)")
+    gen.add_argument("--render-size", type=int, default=None, help="generation size (default: the model's, 768)")
+    gen.add_argument("--batch-size", type=int, default=4)
+    gen.add_argument("--format", choices=["png", "webp"], default="png")
+    gen.add_argument("--device", default=None)
+    index = sub.add_parser("index", help="write index.parquet and targets.npy for the images on disk")
+    index.add_argument("--work", type=Path, required=True)
+    index.add_argument("--format", choices=["png", "webp"], default="png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run_step(args)
+    except (I2PError, OSError) as err:
+        print(f"python -m kaggle_i2p.dataset {args.step}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\npython -m kaggle_i2p.dataset {args.step}: interrupted; finished steps and images are kept in "
+              f"{args.work}: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    if args.step == "text":
+        path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
+                              args.device)
+        print(f"wrote {path}: {len(pd.read_parquet(path))} prompts")
+    elif args.step == "generate":
+        from .generate import generate
+
+        written = generate(args.work, args.model, args.images_per_prompt, args.steps, args.guidance, args.image_size,
+                           args.render_size, args.batch_size, args.format, args.device)
+        print(f"generated {len(written)} images")
+    else:
+        path = write_image_index(args.work, args.format)
+        print(f"wrote {path}: {len(pd.read_parquet(path))} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The index step: one row per generated image that exists, with its prompt's target, sorted by image id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import atomic_open, write_parquet
+from .generate import image_jobs
+from .layout import IMAGES, INDEX, PROMPT_INDEX, PROMPT_TARGETS, TARGETS, images_per_prompt
+
+
+def write_image_index(work: str | Path, image_format: str = "png") -> Path:
+    """index.parquet (imgId, prompt, source, path, seed, group, fold; sorted by imgId) and targets.npy aligned to
+    it, for every generated image on disk; the evaluate/tune commands and the trainer read these directly."""
+    work = Path(work)
+    prompts = pd.read_parquet(work / PROMPT_INDEX)
+    targets = np.load(work / PROMPT_TARGETS)
+    rows = []
+    for job in image_jobs(prompts, images_per_prompt(work)):
+        path = work / IMAGES / f"{job.image_id}.{image_format}"
+        if path.is_file():
+            prompt = prompts.iloc[job.prompt_row]
+            rows.append({"imgId": job.image_id, "prompt": prompt["prompt"], "source": prompt["source"],
+                         "path": str(path.relative_to(work)), "seed": job.seed, "group": int(prompt["group"]),
+                         "fold": int(prompt["fold"]), "prompt_row": job.prompt_row})
+    index = pd.DataFrame(rows).sort_values("imgId", ignore_index=True)
+    with atomic_open(work / TARGETS, "wb") as handle:
+        np.save(handle, targets[index["prompt_row"].to_numpy()])
+    write_parquet(index.drop(columns="prompt_row"), work / INDEX)
+    return work / INDEX

@@ -1,0 +1,22 @@
+"""The WORK-folder contract of the dataset steps: every file each step reads and writes, by name, in one place.
+
+text: prompts.parquet -> clean.parquet -> dedup.parquet + prompt_targets.npy -> prompt_index.parquet (one row per kept
+prompt); generate: images/ and generation.json; index: index.parquet + targets.npy (one row per generated image), which
+evaluate, tune and the trainer read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
+PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt
+INDEX, TARGETS, IMAGES = "index.parquet", "targets.npy", "images"  # one row per generated image
+GENERATION = "generation.json"  # the settings the images were generated with
+
+
+def images_per_prompt(work: Path) -> int:
+    """How many images per prompt the generate step was run with (1 before it ran)."""
+    settings = Path(work) / GENERATION
+    return json.loads(settings.read_text())["images_per_prompt"] if settings.is_file() else 1
