@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
 from safetensors.torch import save_file
 
 from .atomic import replace_dir, staging_dir
 from .errors import I2PError
+from .manifest import write_manifest
 from .pretrained import EFFICIENTNET_LITE0_ARCH, EFFICIENTNET_LITE0_IMAGE, efficientnet_lite0_state_dict
 from .resources import PRIOR_PATH
 from .retrieval import write_bank
@@ -77,8 +77,7 @@ def _write_demo_files(staging: Path) -> None:
     write_bank(staging / "imagenet_phrases", phrases, embed_prompts(phrases),
                meta={"source": "ImageNet-1k class names (timm)", "template": PHRASE_TEMPLATE, "keys": "none"})
     shutil.copyfile(PRIOR_PATH, staging / "mean_prompt_embedding.npy")
-    (staging / "demo_manifest.yaml").write_text(yaml.safe_dump(demo_manifest_dict(), sort_keys=False,
-                                                               default_flow_style=None))
+    write_manifest(demo_manifest_dict(), staging / "demo_manifest.yaml")
 
 
 @contextmanager

@@ -8,7 +8,6 @@ weights, the manifest's weights and the best single tower chosen on the training
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 from .atomic import atomic_open
 from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_dim_weights, tune_weights, unusable_rows
 from .errors import I2PError
-from .manifest import Manifest, parse_manifest
+from .manifest import Manifest, rebase_manifest_paths, write_manifest
 from .predict import PredictionRun
 
 
@@ -213,33 +212,6 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
     return report, fitted
 
 
-def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
-    """Keep a relative path pointing at the same file from the new manifest's folder."""
-    if "${" in raw or Path(raw).is_absolute() or source_dir.resolve() == out_dir.resolve():
-        return raw
-    return os.path.relpath(source_dir / raw, out_dir)
-
-
-def rebase_manifest_paths(data: dict, source_dir: Path, out_dir: Path) -> dict:
-    """Every path field of manifest data (fallback; per tower checkpoint, dim_weights, a .json arch, retrieval.bank,
-    a prior's vector) rewritten to point at the same files from `out_dir`."""
-    def move(holder: dict, key: str) -> None:
-        if isinstance(holder.get(key), str):
-            holder[key] = _rebase(holder[key], source_dir, out_dir)
-
-    move(data, "fallback")
-    for tower in data.get("towers") or []:
-        if not isinstance(tower, dict):
-            continue
-        for key in ("checkpoint", "dim_weights", "vector"):
-            move(tower, key)
-        if isinstance(tower.get("arch"), str) and tower["arch"].endswith(".json"):
-            move(tower, "arch")
-        if isinstance(tower.get("retrieval"), dict):
-            move(tower["retrieval"], "bank")
-    return data
-
-
 def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
     """Copy the manifest with the tuned weights (and view or per-dimension weights), every path rebased to the new
     folder; validated before it is written, then written atomically."""
@@ -263,7 +235,5 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
             with atomic_open(path, "wb") as handle:
                 np.save(handle, vector / mean if mean > 0 else np.ones_like(vector))
             tower["dim_weights"] = path.name
-    parse_manifest(data, out, check_files=True)  # what we write must load, from where it is written
-    with atomic_open(out, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(data, handle, sort_keys=False, default_flow_style=None)
+    write_manifest(data, out)  # validated as read from where it is written, then written atomically
     return out

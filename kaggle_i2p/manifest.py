@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .atomic import atomic_open
 from .errors import I2PError
 
 LIBRARIES = ("timm", "open_clip")
@@ -174,7 +175,7 @@ def expand_path(raw: str, base_dir: Path) -> Path:
         return value
 
     path = Path(_VAR.sub(substitute, raw)).expanduser()
-    return path if path.is_absolute() else (base_dir / path)
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))  # `a/../b` names b once
 
 
 class _Problems:
@@ -587,6 +588,55 @@ def read_yaml(path: Path, error: type[ManifestError] = ManifestError, missing: s
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise error(path, [f"is not valid YAML: {err}"]) from err
+
+
+def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
+    """A relative path that points at the same file from `out_dir`; absolute and `${VAR}` paths stay as they are."""
+    if "${" in raw or Path(raw).is_absolute() or source_dir.resolve() == out_dir.resolve():
+        return raw
+    return os.path.relpath(source_dir / raw, out_dir)
+
+
+def rebase_manifest_paths(data: dict, source_dir: Path, out_dir: Path) -> dict:
+    """Manifest data with every path field (fallback; per tower checkpoint, dim_weights, a .json arch,
+    retrieval.bank, a prior's vector) rewritten to point at the same files from `out_dir`. Modifies and returns
+    `data`."""
+    def move(holder: dict, key: str) -> None:
+        if isinstance(holder.get(key), str):
+            holder[key] = _rebase(holder[key], Path(source_dir), Path(out_dir))
+
+    move(data, "fallback")
+    for tower in data.get("towers") or []:
+        if not isinstance(tower, dict):
+            continue
+        for key in ("checkpoint", "dim_weights", "vector"):
+            move(tower, key)
+        if isinstance(tower.get("arch"), str) and tower["arch"].endswith(".json"):
+            move(tower, "arch")
+        if isinstance(tower.get("retrieval"), dict):
+            move(tower["retrieval"], "bank")
+    return data
+
+
+def write_manifest(data: Mapping, path: str | Path, *, check_files: bool = True, header: str = "") -> Manifest:
+    """The one writer of manifest files: validate `data` as it will be read from `path` (relative paths resolve
+    against its folder), then write it atomically; a manifest that would not load is never written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a relative `../x` resolves only through an existing folder
+    manifest = parse_manifest(data, path, check_files=check_files)
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(header)
+        yaml.safe_dump(_plain(data), handle, sort_keys=False, default_flow_style=None)
+    return manifest
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe data: tuples as lists, mappings as dicts, all the way down."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:

@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .manifest import parse_manifest
+from .manifest import parse_manifest, write_manifest
 from .resources import PRIOR_PATH
 from .towers import build_tower
 
@@ -66,7 +65,7 @@ def build_toy_ensemble(out_dir: str | Path, seed: int = 0) -> Path:
         tower = build_tower(spec, spec_manifest.embedding_dim)
         state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
         save_file(state, str(spec.checkpoint))
-    manifest_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_manifest(data, manifest_path)
     return manifest_path
 
 

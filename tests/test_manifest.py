@@ -190,3 +190,43 @@ def test_parse_manifest_rejects_non_mapping(tmp_path):
         parse_manifest(["not", "a", "mapping"], tmp_path / "m.yaml")
     with pytest.raises(ManifestError, match="manifest file not found"):
         load_manifest(tmp_path / "nope.yaml")
+
+
+def test_a_manifest_with_every_kind_and_path_field_round_trips_from_another_folder(toy_manifest, tmp_path):
+    """The manifest owns its serialisation: rebase every path field, write (validated, atomic), load: equal specs."""
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from kaggle_i2p.manifest import rebase_manifest_paths, write_manifest
+    from kaggle_i2p.retrieval import write_bank
+    from kaggle_i2p.towers import sha256_file
+
+    source = tmp_path / "source"
+    shutil.copytree(toy_manifest.parent, source)
+    data = yaml.safe_load((source / toy_manifest.name).read_text())
+    np.save(source / "dims.npy", np.linspace(0.5, 1.5, 384, dtype=np.float32))
+    write_bank(source / "bank", [f"phrase {i}" for i in range(5)], np.eye(5, 384, dtype=np.float32))
+    data["towers"][0].update(sha256=sha256_file(source / "toy_timm_vit.safetensors"), dim_weights="dims.npy")
+    retrieval = {**data["towers"][0], "name": "retriever", "kind": "retrieval",
+                 "retrieval": {"bank": "bank", "k": 3, "temperature": 0.5, "score": "logits"}}
+    for key in ("head", "sha256", "dim_weights"):
+        retrieval.pop(key)
+    data["towers"] += [retrieval, {"name": "prior", "kind": "prior", "vector": "fallback.npy", "weight": 0.1}]
+    original = write_manifest(data, source / "every_kind.yaml")
+
+    out = tmp_path / "elsewhere" / "deeper" / "copy.yaml"
+    copied = write_manifest(rebase_manifest_paths(yaml.safe_load((source / "every_kind.yaml").read_text()), source,
+                                                  out.parent), out)
+    assert load_manifest(out).towers == copied.towers == original.towers  # paths resolve to the same files
+    assert [t.kind for t in copied.towers] == ["regressor", "regressor", "retrieval", "prior"]
+    assert copied.towers[1].arch == original.towers[1].arch and copied.towers[2].retrieval.bank == source / "bank"
+    assert np.array_equal(copied.towers[0].dim_weights, original.towers[0].dim_weights)
+    assert np.array_equal(copied.towers[3].prior, original.towers[3].prior)
+    assert copied.fallback_path.resolve() == original.fallback_path.resolve()
+
+    broken = dict(data, fallback="missing.npy")
+    with pytest.raises(ManifestError, match="missing.npy"):
+        write_manifest(broken, tmp_path / "broken.yaml")
+    assert not (tmp_path / "broken.yaml").exists()  # a manifest that would not load is never written
