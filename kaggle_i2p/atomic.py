@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from .errors import OutputError
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
@@ -65,8 +67,6 @@ def replace_dir(staging: Path, target: Path) -> None:
 def check_writable_file(path: str | Path) -> Path:
     """Before the work that makes it: `path` must name a file (not a folder) whose nearest existing folder accepts a
     new file. Returns that folder; raises OutputError naming the path and the fix; creates nothing."""
-    from .errors import OutputError
-
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give the file's path, e.g. {path / 'submission.csv'}")

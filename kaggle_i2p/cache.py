@@ -64,10 +64,6 @@ class Shard:
     def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str]):
         self.outputs, self.done, self.errors = outputs, done, errors
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.done.all())
-
 
 class PredictionCache:
     """Shards of raw per-view tower outputs under `root`, keyed by tower identity, view and image chunk."""

@@ -122,7 +122,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
     for needed in (sample_csv, image_dir):
         if not needed.exists():
             raise I2PError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
-                                    "(the competition's layout)")
+                           "(the competition's layout)")
     manifest = as_manifest(default_manifest() if manifest is None else manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress)

@@ -218,7 +218,6 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
     source, out = Path(source), Path(out)
     if out.is_dir():
         raise TargetError(f"--out {out} is a folder; give the tuned manifest's file path, e.g. {out / 'tuned.yaml'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = rebase_manifest_paths(yaml.safe_load(source.read_text(encoding="utf-8")), source.resolve().parent,
                                  out.resolve().parent)
     for tower in data["towers"]:

@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .atomic import atomic_open
 from .errors import I2PError
-from .manifest import TowerSpec, parse_manifest, write_manifest
+from .manifest import TowerSpec, write_manifest
 from .resources import PRIOR_PATH
 from .towers import sha256_file
 
@@ -113,11 +113,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
              "checkpoint": weights_path.name, "sha256": digest, **entry}
     manifest = {"embedding_dim": int(state.get("embedding_dim", 384)), "fallback": FALLBACK.name, "towers": [entry]}
     shutil.copyfile(FALLBACK, out_dir / FALLBACK.name)
-    parse_manifest(manifest, manifest_path)  # the export must load: fail here, not on Kaggle
+    write_manifest(manifest, manifest_path, header=EXPORT_MARKER)  # validated first: fail here, not on Kaggle
     entry_path = out_dir / f"{entry['name']}.yaml"
     with atomic_open(entry_path, "w", encoding="utf-8") as handle:  # a tower entry, not a manifest
         handle.write(EXPORT_MARKER)
         yaml.safe_dump(entry, handle, sort_keys=False)
-    write_manifest(manifest, manifest_path, header=EXPORT_MARKER)
     return ExportResult(weights_path, entry_path, manifest_path, digest, used_ema)
 

@@ -178,6 +178,11 @@ def expand_path(raw: str, base_dir: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))  # `a/../b` names b once
 
 
+def tower_label(index: int, name: object) -> str:
+    """How every problem names a tower: `tower 'vit' (towers[2])`, or `towers[2]` when it has no usable name."""
+    return f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
+
+
 class _Problems:
     """Collects problems so that one validation pass reports all of them."""
 
@@ -328,7 +333,7 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
         return None
     name = raw.get("name")
     if label is None:
-        label = f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
+        label = tower_label(index, name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
         problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
                                       "and caches)")
@@ -547,7 +552,7 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
     seen: dict[str, int] = {}
     for index, spec in enumerate(towers):
         if spec.name in seen:
-            problems.add(f"tower {spec.name!r} (towers[{index}]).name",
+            problems.add(f"{tower_label(index, spec.name)}.name",
                          f"duplicates towers[{seen[spec.name]}]; every tower needs its own name")
         seen.setdefault(spec.name, index)
     if towers and all(_is_number(t.weight) for t in towers) and sum(max(t.weight, 0.0) for t in towers) <= 0:

@@ -17,7 +17,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPE
 
 from .manifest import parse_manifest, write_manifest
 from .resources import PRIOR_PATH
-from .towers import build_tower
+from .towers import Tower, build_tower
 
 # Manifest `image` statistics as YAML-friendly lists, from timm's own constants.
 CLIP_MEAN, CLIP_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
@@ -131,3 +131,17 @@ def toy_training_config(work: str | Path, output: str | Path, **overrides) -> di
     }
     config.update(overrides)
     return config
+
+
+def slow_towers(seconds: float) -> None:
+    """Make every tower forward pass take `seconds` longer (in this process), so a test can kill or interrupt a run
+    part-way through."""
+    import time
+
+    real = Tower.forward
+
+    def slow(self, images):
+        time.sleep(seconds)
+        return real(self, images)
+
+    Tower.forward = slow

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import I2PError
-from .manifest import HeadSpec, Manifest, ManifestError, TowerSpec, load_manifest
+from .manifest import HeadSpec, Manifest, ManifestError, TowerSpec, load_manifest, tower_label
 
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "module")
 
@@ -223,7 +223,7 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]], embedding_dim
     """
     problems: list[str] = []
     for index, spec in towers:
-        label = f"tower {spec.name!r} (towers[{index}])"
+        label = tower_label(index, spec.name)
         if spec.kind == "prior":
             continue
         try:
@@ -280,14 +280,13 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]], embedding_dim: 
     for index, spec in towers:
         if spec.kind == "prior":
             continue
-        label = f"tower {spec.name!r} (towers[{index}])"
+        label = tower_label(index, spec.name)
         try:
-            if spec.sha256:
-                actual = checkpoint_sha256(spec.checkpoint)
-                if actual.lower() != spec.sha256.lower():
-                    problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
-                                    f"{spec.sha256}; the file is corrupt or not the one the manifest means")
-                    continue
+            actual = sha256_mismatch(spec)
+            if actual:
+                problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
+                                f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+                continue
             shapes = checkpoint_shapes(spec.checkpoint)
         except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
             problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
@@ -318,8 +317,7 @@ def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = Tr
     problems += arch_problems
     if deep and (check_files or loaded is None):
         broken = {p.split(".", 1)[0] for p in arch_problems}
-        problems += checkpoint_problems([(i, s) for i, s in towers
-                                         if f"tower {s.name!r} (towers[{i}])" not in broken], dim)
+        problems += checkpoint_problems([(i, s) for i, s in towers if tower_label(i, s.name) not in broken], dim)
     if problems or loaded is None:
         raise ManifestError(path, problems)
     return loaded
@@ -348,22 +346,26 @@ class FileHashes:
     def __init__(self) -> None:
         self._memo: dict[str, str] = {}
 
-    @staticmethod
-    def _key(path: Path) -> str:
-        return file_identity(path)
-
     def __call__(self, path: Path) -> str:
-        key = self._key(path)
+        key = file_identity(path)
         if key not in self._memo:
             self._memo[key] = sha256_file(Path(path))
         return self._memo[key]
 
     def remember(self, path: Path, digest: str) -> None:
         """Take a hash memoised elsewhere (the cache's file) for this path as it is now."""
-        self._memo[self._key(path)] = digest
+        self._memo[file_identity(path)] = digest
 
 
 checkpoint_sha256 = FileHashes()
+
+
+def sha256_mismatch(spec: TowerSpec) -> str | None:
+    """The checkpoint file's sha256 when it is not the one the manifest names, else None (also without a sha256)."""
+    if not spec.sha256:
+        return None
+    actual = checkpoint_sha256(spec.checkpoint)
+    return None if actual.lower() == spec.sha256.lower() else actual
 
 
 def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -433,11 +435,10 @@ def load_tower(spec: TowerSpec, embedding_dim: int = 384, device: str | torch.de
     into a random initialisation that would be overwritten (15 s for ConvNeXt-XXL on a CPU). Towers with buffers
     that only their constructor computes (EVA's rotary tables) are built normally instead.
     """
-    if spec.sha256:
-        actual = checkpoint_sha256(spec.checkpoint)
-        if actual.lower() != spec.sha256.lower():
-            raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
-                                 f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+    actual = sha256_mismatch(spec)
+    if actual:
+        raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
+                             f"{spec.sha256}; the file is corrupt or not the one the manifest means")
     state = _read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint")
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)

@@ -128,15 +128,11 @@ def test_unreadable_images_are_remembered(many_images, toy_manifest, tmp_path):
 
 
 KILLABLE_RUN = """
-import sys, time
+import sys
 import kaggle_i2p
-from kaggle_i2p.towers import Tower
+from kaggle_i2p.testing import slow_towers
 
-real = Tower.forward
-def slow(self, images):
-    time.sleep(0.05)
-    return real(self, images)
-Tower.forward = slow
+slow_towers(0.05)
 kaggle_i2p.predict_dir(sys.argv[1], sys.argv[2], out_csv=sys.argv[3], cache_dir=sys.argv[4], device="cpu",
                        num_workers=0, batch_size=2, cache_chunk_size=4, progress=False)
 """

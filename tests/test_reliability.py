@@ -482,15 +482,11 @@ def test_verify_images_catches_content_changed_under_the_same_size_and_mtime(sam
 
 
 KILLABLE_RUN = """
-import sys, time
+import sys
 import kaggle_i2p
-from kaggle_i2p.towers import Tower
+from kaggle_i2p.testing import slow_towers
 
-real = Tower.forward
-def slow(self, images):
-    time.sleep(0.03)
-    return real(self, images)
-Tower.forward = slow
+slow_towers(0.03)
 kaggle_i2p.predict_dir(sys.argv[1], sys.argv[2], out_csv=sys.argv[3], cache_dir=sys.argv[4], device="cpu",
                        num_workers=0, batch_size=2, progress=False)
 """
@@ -547,15 +543,11 @@ def test_batch_size_is_part_of_the_cache_key(sample_images, toy_manifest, tmp_pa
 # ---- 19. Ctrl-C -----------------------------------------------------------------------------------------------------
 
 INTERRUPTIBLE = """
-import sys, time
-from kaggle_i2p.towers import Tower
+import sys
 from kaggle_i2p.cli import main
+from kaggle_i2p.testing import slow_towers
 
-real = Tower.forward
-def slow(self, images):
-    time.sleep(0.05)
-    return real(self, images)
-Tower.forward = slow
+slow_towers(0.05)
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -77,7 +77,6 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = 1
     """Make this rank's share of the missing images under WORK/images; returns the files it wrote."""
     from tqdm.auto import tqdm
 
-
     work = Path(work)
     rank, world, local_rank = rank_and_world()
     settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
