@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .atomic import check_writable_file
 from .ensemble import mean_cosine
 from .errors import I2PError
 from .manifest import Manifest, as_manifest
@@ -123,6 +124,8 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         if not needed.exists():
             raise I2PError(f"{needed} not found: a sample dir holds images/ and sample_submission.csv "
                            "(the competition's layout)")
+    if out_csv is not None:
+        check_writable_file(out_csv)  # before the compute, like every output
     manifest = as_manifest(default_manifest() if manifest is None else manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                          precision=precision, progress=progress)

@@ -164,6 +164,8 @@ def test_output_folder_problems_are_reported_before_compute(sample_images, toy_m
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(a_file / "s.csv"),
                  *CPU]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["dry-run", "--manifest", str(toy_manifest), "--out", str(out_dir), *CPU]) == 2
+    assert "is a folder; give the file's path" in capsys.readouterr().err
 
 
 def test_full_and_read_only_disks_are_refused_before_compute_on_real_tmpfs(sample_images, toy_manifest, tmp_path,
