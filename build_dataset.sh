@@ -4,10 +4,10 @@
 #   build_dataset.sh WORK_DIR SD2_MODEL_DIR PROMPTS[:COLUMN] [PROMPTS[:COLUMN] ...]
 #
 # WORK_DIR ends up with index.parquet (imgId, prompt, source, path, seed, group, fold), targets.npy aligned to it, and
-# images/. Re-running skips every finished step and every image already made. Settings come from the environment:
-#   GPUS (processes, one per GPU; default 1)   IMAGES_PER_PROMPT (1)   STEPS (25)   GUIDANCE (9.0)
-#   IMAGE_SIZE (512)   RENDER_SIZE (the model's)   BATCH_SIZE (4)   FORMAT (png|webp)   FOLDS (5)
-#   PYTHON (the first of python3, python that can import kaggle_i2p)
+# images/. Re-running skips every finished step and every image already made. Settings come from the environment, and
+# only those set are passed on (their defaults: python -m kaggle_i2p.dataset text|generate --help):
+#   GPUS (processes, one per GPU; default 1)   IMAGES_PER_PROMPT   STEPS   GUIDANCE   IMAGE_SIZE   RENDER_SIZE
+#   BATCH_SIZE   FORMAT (png|webp)   FOLDS   PYTHON (the first of python3, python that can import kaggle_i2p)
 set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
@@ -41,16 +41,18 @@ if [ ! -f "$model/model_index.json" ]; then
   exit 2
 fi
 
-"$py" -m kaggle_i2p.dataset text "$@" --work "$work" --folds "${FOLDS:-5}"
+"$py" -m kaggle_i2p.dataset text "$@" --work "$work" ${FOLDS:+--folds "$FOLDS"}
 
-generate=(-m kaggle_i2p.dataset generate --work "$work" --model "$model" --images-per-prompt "${IMAGES_PER_PROMPT:-1}"
-          --steps "${STEPS:-25}" --guidance "${GUIDANCE:-9.0}" --image-size "${IMAGE_SIZE:-512}"
-          --batch-size "${BATCH_SIZE:-4}" --format "${FORMAT:-png}")
-if [ -n "${RENDER_SIZE:-}" ]; then generate+=(--render-size "$RENDER_SIZE"); fi
+generate=(-m kaggle_i2p.dataset generate --work "$work" --model "$model")
+for pair in IMAGES_PER_PROMPT=--images-per-prompt STEPS=--steps GUIDANCE=--guidance IMAGE_SIZE=--image-size \
+            RENDER_SIZE=--render-size BATCH_SIZE=--batch-size FORMAT=--format; do
+  name=${pair%%=*}
+  if [ -n "${!name:-}" ]; then generate+=("${pair#*=}" "${!name}"); fi
+done
 if [ "$gpus" -gt 1 ]; then
   "$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" "${generate[@]}"
 else
   "$py" "${generate[@]}"
 fi
 
-"$py" -m kaggle_i2p.dataset index --work "$work" --format "${FORMAT:-png}"
+"$py" -m kaggle_i2p.dataset index --work "$work" ${FORMAT:+--format "$FORMAT"}

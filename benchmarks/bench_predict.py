@@ -69,12 +69,12 @@ def vit_b_manifest(folder: Path) -> Path:
 def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int) -> float:
     """Seconds for the same towers and views over pre-decoded tensors: the floor the pipeline is measured against."""
     manifest = load_manifest(manifest_path)
-    runners = [TowerRunner(s, load_tower(s, 384, device), device, resolve_precision(s.precision, device))
+    runners = [TowerRunner(load_tower(s, 384, device), device, resolve_precision(s.precision, device))
                for s in manifest.towers]
     pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths])
 
     def embed(runner: TowerRunner, batch: torch.Tensor) -> np.ndarray:
-        views = runner.compute_views(batch, [name for name, _, _ in runner.spec.views])
+        views = runner.compute_views(batch, [view.name for view in runner.spec.views])
         return combine_views(list(views.values()), runner.spec.view_weight_list())
 
     with torch.inference_mode():

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from kaggle_i2p.manifest import HeadSpec, ImageSpec, TowerSpec
+from kaggle_i2p.manifest import HeadSpec, ImageSpec, RegressorSpec
 from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD
 from kaggle_i2p.towers import build_tower
-from kaggle_i2p.training import ModelEMA, cosine_embedding_loss, llrd_param_groups
+from kaggle_i2p.train.recipe import ModelEMA, cosine_embedding_loss, llrd_param_groups
 
 ARCH = "vit_base_patch16_clip_224"
 
@@ -28,9 +27,9 @@ ARCH = "vit_base_patch16_clip_224"
 def step_time(resolution: int, precision: str, batch_size: int, steps: int, device: torch.device,
               arch: str = ARCH) -> dict:
     """Mean wall time of `steps` optimizer steps after two warm-up steps."""
-    spec = TowerSpec(name="bench", library="timm", arch=arch, checkpoint=Path(), head=HeadSpec("mlp", 1024),
-                     image=ImageSpec(CLIP_MEAN, CLIP_STD, "bicubic", "squash", (resolution,)), weight=1.0,
-                     native_resolution=resolution)
+    spec = RegressorSpec(name="bench", library="timm", arch=arch, checkpoint=None, head=HeadSpec("mlp", 1024),
+                         image=ImageSpec(CLIP_MEAN, CLIP_STD, "bicubic", "squash", (resolution,)), weight=1.0,
+                         native_resolution=resolution)
     torch.manual_seed(0)
     tower = build_tower(spec).to(device).train()
     optimizer = torch.optim.AdamW(llrd_param_groups(tower, 1e-4, 0.6), lr=1e-4)

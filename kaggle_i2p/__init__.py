@@ -11,8 +11,8 @@ from .predict import PredictionRun, RunSummary, predict_dir, predict_embeddings,
 
 
 def _demo_manifest():
-    """The real-weight demo ensemble's manifest, built on first use (see kaggle_i2p.demo_ensemble)."""
-    from .demo_ensemble import build_demo_ensemble
+    """The real-weight demo ensemble's manifest, built on first use (see kaggle_i2p.demo)."""
+    from .demo import build_demo_ensemble
 
     return build_demo_ensemble()
 

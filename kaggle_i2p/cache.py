@@ -20,30 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_open
-from .manifest import TowerSpec
-from .towers import checkpoint_sha256, file_identity, sha256_file
+from .checkpoints import checkpoint_sha256
+from .fileio import atomic_open, file_identity, sha256_file
+from .manifest import NetworkSpec
 
 log = logging.getLogger("kaggle_i2p")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the tower's identity is its manifest entry (spec.to_dict)
 DEFAULT_CHUNK_SIZE = 256
 HASH_MEMO = "checkpoint_sha256.json"
 
 
-def _retrieval_identity(spec: TowerSpec) -> dict | None:
-    """A retrieval tower's options and its bank's identity (the bank's files by size and modification time)."""
-    if spec.retrieval is None:
-        return None
-    options = asdict(spec.retrieval)
-    options["bank"] = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(spec.retrieval.bank.iterdir())
-                       if p.is_file()}
-    return options
+def _bank_identity(bank: Path) -> dict:
+    """A retrieval bank's files by size and modification time."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(bank.iterdir()) if p.is_file()}
 
 
 def image_key(path: Path, verify: bool = False) -> str:
@@ -97,7 +91,7 @@ class PredictionCache:
             log.warning("cache: %s is damaged (%s); hashing the checkpoints again", self._hashes_path, err)
             return {}
 
-    def checkpoint_sha256(self, spec: TowerSpec) -> str:
+    def checkpoint_sha256(self, spec: NetworkSpec) -> str:
         """The checkpoint file's sha256, memoised in the cache by path, size, modification and status-change time."""
         memo_key = file_identity(spec.checkpoint)
         memo = self._read_memo()
@@ -108,22 +102,25 @@ class PredictionCache:
             checkpoint_sha256.remember(spec.checkpoint, memo[memo_key])
         return memo[memo_key]
 
-    def tower_key(self, spec: TowerSpec, precision: str, embedding_dim: int, batch_size: int) -> str:
-        """Hash of everything that decides a tower's outputs (not its name, weight or resolutions list).
+    def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int) -> str:
+        """Hash of everything that decides a tower's outputs: its manifest entry without its name, weights, file paths
+        and views (views are keyed one by one), plus the checkpoint's and bank's contents.
 
         The batch size is part of it: a batch's values can differ in the last bits with its size, and a resumed run
         must give the bytes of an uninterrupted one.
         """
-        arch = spec.arch
-        if arch.endswith(".json"):
-            arch = json.loads(Path(arch).read_text(encoding="utf-8"))
-        image = asdict(spec.image)
-        for per_run_only in ("resolutions", "hflip", "view_weights"):  # views are keyed one by one
-            image.pop(per_run_only, None)
-        identity = {"format": FORMAT_VERSION, "kind": spec.kind, "library": spec.library, "arch": arch,
-                    "head": asdict(spec.head), "checkpoint_sha256": self.checkpoint_sha256(spec),
-                    "native_resolution": spec.native_resolution, "image": image, "precision": precision,
-                    "embedding_dim": embedding_dim, "retrieval": _retrieval_identity(spec), "batch_size": batch_size}
+        entry = spec.to_dict()
+        for not_output in ("name", "weight", "dim_weights", "checkpoint", "sha256", "precision"):
+            entry.pop(not_output, None)
+        for per_view in ("resolutions", "hflip", "view_weights"):
+            entry["image"].pop(per_view, None)
+        entry["kind"] = spec.kind
+        if spec.arch.endswith(".json"):
+            entry["arch"] = json.loads(Path(spec.arch).read_text(encoding="utf-8"))
+        if "retrieval" in entry:
+            entry["retrieval"]["bank"] = _bank_identity(Path(entry["retrieval"]["bank"]))
+        identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": self.checkpoint_sha256(spec),
+                    "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size}
         return f"{spec.name}-{_digest(identity)}"
 
     def shard_path(self, tower_key: str, view: str, image_keys: list[str]) -> Path:

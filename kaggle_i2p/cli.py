@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import I2PError
+from .manifest import PRECISIONS
 from .resources import DEFAULT_MANIFEST, default_manifest
 
 DEFAULT_CACHE = ".i2p_cache"
@@ -40,7 +41,7 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
                         help="images per batch (default: 32 CUDA, 8 CPU)")
     parser.add_argument("--workers", type=_whole_number(0), default=None,
                         help="decoding worker processes (default: 2; 0 decodes in the main process)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="override every tower's precision (default: the manifest's; auto = fp16 on CUDA)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -63,7 +64,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     """Manifest, prediction run over all towers (zero weights too, through the cache), aligned targets and, for tune,
     folds; targets and folds are read before the compute, so a bad prompts file or --folds fails in seconds."""
-    from .evaluate import fold_ids, load_targets
+    from .evaluate import fold_numbers, load_targets
     from .predict import execute, prepare_run
 
     setup = prepare_run(args.image_dir, args.manifest, device=args.device, batch_size=args.batch_size,
@@ -72,7 +73,7 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
                         verify_images=args.verify_images)
     ids = list(setup.listing.ids)
     targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets)
-    folds = fold_ids(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
+    folds = fold_numbers(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
     run = execute(setup, progress=not (args.quiet or args.json))
     return setup.manifest, run, targets, folds
 
@@ -87,8 +88,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .atomic import check_writable_file
     from .evaluate import tune_run, write_tuned_manifest
+    from .fileio import check_writable_file
 
     check_writable_file(args.out)  # before the compute, like every output
     manifest, run, targets, folds = _labelled_run(args, check_folds=True)
@@ -109,22 +110,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         checked += ", checkpoint hashes, keys and shapes"
     print(f"{manifest.path}: OK ({len(manifest.towers)} towers)\n  checked: {checked}")
     for spec in manifest.towers:
-        print(f"  {spec.name}: {_describe(spec)}")
+        print(f"  {spec.name}: {spec.describe()}")
     return 0
-
-
-def _describe(spec) -> str:
-    """One line per tower for validate-manifest."""
-    if spec.kind == "prior":
-        return f"prior (a constant vector), weight {spec.weight:g}"
-    if spec.kind == "retrieval":
-        options = spec.retrieval
-        what = (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}), k={options.k}, "
-                f"temperature {options.temperature:g}")
-    else:
-        what = f"{spec.head.type} head"
-    return (f"{spec.library} {spec.arch}, {what}, resolutions {list(spec.image.resolutions)}"
-            f"{' + hflip' if spec.image.hflip else ''}, weight {spec.weight:g}, {spec.checkpoint}")
 
 
 def _cmd_dry_run(args: argparse.Namespace) -> int:
@@ -164,7 +151,7 @@ def _cmd_pack_wheels(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from .trainer import train
+    from .train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = train(args.config, restart=args.restart)
@@ -176,7 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .train import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out, name=args.name, resolutions=args.resolutions,
                                hflip=args.hflip, use_ema=not args.raw_weights)

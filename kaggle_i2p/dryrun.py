@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import check_writable_file
 from .ensemble import mean_cosine
 from .errors import I2PError
+from .fileio import check_writable_file
 from .manifest import Manifest, as_manifest
 from .predict import RunSummary, run_prediction
 from .resources import DATA_DIR, KAGGLE_SAMPLE_DIR, default_manifest

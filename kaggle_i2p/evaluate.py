@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .atomic import atomic_open
-from .ensemble import apply_weights, l2_normalize, mean_cosine, tune_dim_weights, tune_weights, unusable_rows
+from .ensemble import l2_normalize, mean_cosine, unusable_rows
 from .errors import I2PError
+from .fileio import atomic_open
+from .folds import kfold_numbers
 from .manifest import Manifest, rebase_manifest_paths, write_manifest
 from .predict import PredictionRun
+from .tune import apply_weights, tune_dim_weights, tune_weights
 
 
 class TargetError(I2PError, ValueError):
@@ -72,11 +74,15 @@ def load_targets(ids: list[str], prompts_csv: str | Path | None = None, targets_
     return embed_prompts(prompts.loc[ids, "prompt"].tolist(), model_path=text_model_path)
 
 
+CONSTANT_VIEW = "constant"  # how a tower without views (a prior) is named among the views: `prior/constant`
+
+
 def view_predictions(run: PredictionRun, fallback: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each tower x view as a normalised (N, D) prediction named `tower/view` (unreadable rows = fallback), and
-    the view -> tower grouping."""
+    """Each tower x view as a normalised (N, D) prediction named `tower/view` (unreadable rows = fallback; a tower
+    without views is one prediction, `tower/constant`), and the view -> tower grouping."""
     preds, groups = {}, {}
-    for tower, views in run.view_outputs.items():
+    for tower, output in run.tower_embeddings.items():
+        views = run.view_outputs.get(tower) or {CONSTANT_VIEW: output}
         for view, raw in views.items():
             out = l2_normalize(np.nan_to_num(raw, nan=0.0))
             out[unusable_rows(raw)] = fallback
@@ -127,20 +133,15 @@ def evaluate_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray) ->
     )
 
 
-def fold_ids(ids: list[str], n_folds: int, prompts_csv: str | Path | None = None, seed: int = 0) -> np.ndarray:
+def fold_numbers(ids: list[str], n_folds: int, prompts_csv: str | Path | None = None, seed: int = 0) -> np.ndarray:
     """A fold number per image: the prompts file's `fold` column when it has one, else a seeded K-fold split."""
     if prompts_csv is not None:
         prompts = read_prompts(prompts_csv)
         if "fold" in prompts.columns:
             return prompts.loc[ids, "fold"].astype(int).to_numpy()
-    from sklearn.model_selection import KFold
-
     if n_folds < 2 or n_folds > len(ids):
         raise TargetError(f"--folds {n_folds} must be between 2 and the number of images ({len(ids)})")
-    folds = np.zeros(len(ids), dtype=int)
-    for k, (_, held_out) in enumerate(KFold(n_folds, shuffle=True, random_state=seed).split(ids)):
-        folds[held_out] = k
-    return folds
+    return kfold_numbers(len(ids), n_folds, seed)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
         if name not in report.weights:
             continue
         tower["weight"] = round(float(report.weights[name]), 8)
-        if report.view_weights and "image" in tower:  # a prior has one view and no image section
+        if report.view_weights and "image" in tower:  # a tower without views has no image section
             tower["image"]["view_weights"] = {v: round(float(w), 8) for v, w in report.view_weights[name].items()}
         if report.mode == "per_dim":
             vector = np.asarray(fitted[name], dtype=np.float32)

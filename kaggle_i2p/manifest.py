@@ -1,8 +1,14 @@
 """The weights manifest: which towers to run, how to preprocess for each, and how to weight them.
 
-The manifest is data. `load_manifest` parses and validates it completely (schema, paths, weights, the fallback vector)
-before any model code runs, and reports every problem at once, each naming the tower, the field and the fix.
-Architecture-level checks (does the arch exist, do the resolutions fit it) live in `towers.check_architectures`.
+The manifest is data, and this module owns it in both directions: `load_manifest` parses and validates a file
+completely (schema, paths, weights, the fallback vector) before any model code runs, reporting every problem at once,
+each naming the tower, the field and the fix; `Manifest.to_dict` / `save_manifest` / `write_manifest` write one
+(validated first, then atomically), with every path field rebased to the folder it is written to.
+
+A tower is one of three kinds, each its own spec class (`TOWER_KINDS`): `RegressorSpec` (an image model with a head
+regressing the prompt embedding), `RetrievalSpec` (an image model whose scores select texts of a bank) and `PriorSpec`
+(a constant vector, no views). Architecture-level checks (does the arch exist, do the resolutions fit it) live in
+`towers.check_architectures`.
 """
 
 from __future__ import annotations
@@ -12,33 +18,43 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
 import yaml
 
-from .atomic import atomic_open
+from ._validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
 from .errors import I2PError
+from .fileio import atomic_open
 
-LIBRARIES = ("timm", "open_clip")
-KINDS = ("regressor", "retrieval", "prior")
-SCORES = ("logits", "embedding")
-HEAD_TYPES = ("linear", "mlp")
-HEAD_NORMS = ("batchnorm", "layernorm", "none")
-HEAD_ACTIVATIONS = ("relu", "gelu")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-RESIZE_MODES = ("squash", "shorter_side_center_crop")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+Library = Literal["timm", "open_clip"]
+Score = Literal["logits", "embedding"]
+HeadType = Literal["linear", "mlp"]
+HeadNorm = Literal["batchnorm", "layernorm", "none"]
+HeadActivation = Literal["relu", "gelu"]
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+ResizeMode = Literal["squash", "shorter_side_center_crop"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+LIBRARIES: tuple[str, ...] = get_args(Library)
+SCORES: tuple[str, ...] = get_args(Score)
+HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
+HEAD_NORMS: tuple[str, ...] = get_args(HeadNorm)
+HEAD_ACTIVATIONS: tuple[str, ...] = get_args(HeadActivation)
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest, CLI --precision, training config
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
-TOWER_KEYS = {"name", "kind", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image",
-              "weight", "precision", "dim_weights", "retrieval"}
+NETWORK_KEYS = {"name", "kind", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image",
+                "weight", "precision", "dim_weights", "retrieval"}
 PRIOR_KEYS = {"name", "kind", "vector", "weight", "dim_weights"}
 RETRIEVAL_KEYS = {"bank", "k", "temperature", "score"}
 HEAD_KEYS = {"type", "hidden", "norm", "activation"}
 IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip", "view_weights"}
 
+DEFAULT_EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE = 10, 1.0  # a retrieval tower's soft top-k when not given
 
@@ -47,7 +63,7 @@ class ManifestError(I2PError, ValueError):
     """A manifest that cannot be used; the message lists every problem found, one per line."""
 
     def __init__(self, path: str | Path, problems: list[str], clean_towers: list | None = None,
-                 embedding_dim: int = 384):
+                 embedding_dim: int = DEFAULT_EMBEDDING_DIM):
         self.path = str(path)
         self.problems = problems
         self.clean_towers: list[tuple[int, TowerSpec]] = clean_towers or []  # parsed without a problem of their own
@@ -55,14 +71,33 @@ class ManifestError(I2PError, ValueError):
         super().__init__(f"{self.path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def _path_text(path: Path, out_dir: Path | None) -> str:
+    """How a resolved path is written into a manifest in `out_dir`: relative to it (absolute when not given)."""
+    return str(path) if out_dir is None else os.path.relpath(path, out_dir)
+
+
+class View(NamedTuple):
+    """One TTA view of a tower: its name (r336, r336_flip), input resolution and whether it is mirrored."""
+
+    name: str
+    resolution: int
+    flip: bool
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """The regression head on top of the backbone's pooled features: `linear`, or `mlp` (Linear-norm-act-Linear)."""
 
-    type: str = "linear"
+    type: HeadType = "linear"
     hidden: int | None = None
-    norm: str = "batchnorm"
-    activation: str = "relu"
+    norm: HeadNorm = "batchnorm"
+    activation: HeadActivation = "relu"
+
+    def to_dict(self) -> dict:
+        """As a manifest's `head:` section (`parse_head`'s input)."""
+        if self.type == "linear":
+            return {"type": "linear"}
+        return {"type": self.type, "hidden": self.hidden, "norm": self.norm, "activation": self.activation}
 
 
 @dataclass(frozen=True)
@@ -71,17 +106,17 @@ class ImageSpec:
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str
-    resize: str
+    interpolation: Interpolation
+    resize: ResizeMode
     resolutions: tuple[int, ...]
     hflip: bool = False
     view_weights: dict[str, float] | None = None  # by view name (r336, r336_flip); None = equal
 
     @property
-    def views(self) -> list[tuple[str, int, bool]]:
-        """(name, resolution, flip) of every TTA view, in order."""
-        return [(f"r{r}_flip" if flip else f"r{r}", r, flip) for r in self.resolutions
-                for flip in ((False, True) if self.hflip else (False,))]
+    def views(self) -> tuple[View, ...]:
+        """Every TTA view, in order: each resolution, then its mirror when `hflip`."""
+        return tuple(View(f"r{r}_flip" if flip else f"r{r}", r, flip) for r in self.resolutions
+                     for flip in ((False, True) if self.hflip else (False,)))
 
     @property
     def n_views(self) -> int:
@@ -89,55 +124,207 @@ class ImageSpec:
 
     def view_weight_list(self) -> list[float]:
         """One weight per view, in `views` order (equal unless `view_weights` says otherwise)."""
-        return [1.0 if self.view_weights is None else self.view_weights[name] for name, _, _ in self.views]
+        return [1.0 if self.view_weights is None else self.view_weights[view.name] for view in self.views]
+
+    def to_dict(self) -> dict:
+        """As a manifest's `image:` section (`parse_image`'s input)."""
+        data = {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "resize": self.resize, "resolutions": list(self.resolutions), "hflip": self.hflip}
+        if self.view_weights is not None:
+            data["view_weights"] = dict(self.view_weights)
+        return data
 
 
 @dataclass(frozen=True)
-class RetrievalSpec:
-    """A retrieval tower's bank and how its scores become an embedding (soft top-k)."""
+class RetrievalOptions:
+    """A retrieval tower's `retrieval:` section: its bank and how its scores become an embedding (soft top-k)."""
 
     bank: Path
     k: int
     temperature: float
-    score: str  # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
-    rows: int
-    key_dim: int | None
-
-
-@dataclass(frozen=True)
-class TowerSpec:
-    """One tower of the ensemble, as the manifest declares it (paths already resolved).
-
-    kind `regressor`: an image model with a head regressing the prompt embedding. `retrieval`: an image model whose
-    scores (class logits, or an embedding) select texts of a bank. `prior`: a constant vector, e.g. the mean prompt.
-    """
-
-    name: str
-    library: str
-    arch: str
-    checkpoint: Path
-    head: HeadSpec
-    image: ImageSpec | None
-    weight: float
-    sha256: str | None = None
-    native_resolution: int | None = None
-    precision: str = "auto"
-    dim_weights: np.ndarray | None = field(default=None, repr=False, compare=False)  # per-dimension multipliers
-    kind: str = "regressor"
-    retrieval: RetrievalSpec | None = None
-    prior: np.ndarray | None = field(default=None, repr=False, compare=False)  # a prior tower's unit vector
+    score: Score  # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
+    rows: int  # read from the bank, not written
+    key_dim: int | None  # the bank's key width (None: a class bank without keys)
 
     @property
-    def views(self) -> list[tuple[str, int, bool]]:
-        """(name, resolution, flip) of every TTA view; a prior has one constant view."""
-        return [("prior", 0, False)] if self.kind == "prior" else self.image.views
+    def score_dim(self) -> int:
+        """How many scores the network must give: one per bank row (logits), or a query in the keys' space."""
+        return self.rows if self.score == "logits" else int(self.key_dim or 0)
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        return {"bank": _path_text(self.bank, out_dir), "k": self.k, "temperature": self.temperature,
+                "score": self.score}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TowerSpec:
+    """What every tower of the ensemble has: a name, an ensemble weight, optional per-dimension weights.
+
+    The kinds are subclasses (`TOWER_KINDS`); each parses its own fields and writes them back (`to_dict`).
+    """
+
+    kind: ClassVar[str]
+    name: str
+    weight: float
+    dim_weights: np.ndarray | None = field(default=None, repr=False, compare=False)  # per-dimension multipliers
+    dim_weights_path: Path | None = None  # the .npy `dim_weights` came from
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        """The TTA views whose forward passes make this tower's output (none for a constant tower)."""
+        return ()
 
     @property
     def n_views(self) -> int:
         return len(self.views)
 
     def view_weight_list(self) -> list[float]:
-        return [1.0] if self.kind == "prior" else self.image.view_weight_list()
+        return []
+
+    def constant(self) -> np.ndarray | None:
+        """The unit vector a tower without views gives every image (a prior's); None for a tower that computes."""
+        return None
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """The manifest entry that parses back to this spec; paths relative to `out_dir` (absolute when None)."""
+        data: dict[str, Any] = {"name": self.name, "kind": self.kind, "weight": self.weight}
+        if self.dim_weights_path is not None:
+            data["dim_weights"] = _path_text(self.dim_weights_path, out_dir)
+        return data
+
+    def describe(self) -> str:
+        """One line for `validate-manifest`."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorSpec(TowerSpec):
+    """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image; no views, no network."""
+
+    kind: ClassVar[str] = "prior"
+    vector: np.ndarray = field(repr=False, compare=False)
+    vector_path: Path
+
+    def constant(self) -> np.ndarray:
+        return self.vector
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        data = super().to_dict(out_dir)
+        data["vector"] = _path_text(self.vector_path, out_dir)
+        return data
+
+    def describe(self) -> str:
+        return f"prior (a constant vector), weight {self.weight:g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkSpec(TowerSpec):
+    """A tower that runs an image model: a timm or open_clip backbone, its checkpoint and its preprocessing."""
+
+    library: Library
+    arch: str  # a model name, or (open_clip) the resolved path of a model-config .json
+    checkpoint: Path | None  # None only for a tower still being trained (the trainer's config)
+    image: ImageSpec
+    sha256: str | None = None
+    native_resolution: int | None = None
+    precision: Precision = "auto"
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        return self.image.views
+
+    def view_weight_list(self) -> list[float]:
+        return self.image.view_weight_list()
+
+    @property
+    def classes(self) -> int:
+        """Classifier outputs the backbone must end in (0: its pooled features)."""
+        return 0
+
+    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        """Width of the backbone + head output before any bank lookup."""
+        raise NotImplementedError
+
+    @property
+    def head_name(self) -> str:
+        """What sits on the backbone, for messages: `mlp head`, `retrieval head`."""
+        raise NotImplementedError
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        data: dict[str, Any] = {"name": self.name, "library": self.library}
+        if self.kind != RegressorSpec.kind:  # the default kind is left out, as export always wrote it
+            data["kind"] = self.kind
+        data["arch"] = _path_text(Path(self.arch), out_dir) if self.arch.endswith(".json") else self.arch
+        if self.checkpoint is not None:
+            data["checkpoint"] = _path_text(self.checkpoint, out_dir)
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        data.update(self._output_section(out_dir))
+        data.update(image=self.image.to_dict(), weight=self.weight, precision=self.precision)
+        if self.native_resolution is not None:
+            data["native_resolution"] = self.native_resolution
+        if self.dim_weights_path is not None:
+            data["dim_weights"] = _path_text(self.dim_weights_path, out_dir)
+        return data
+
+    def _output_section(self, out_dir: Path | None) -> dict:
+        """The kind's own section of the entry (`head:` or `retrieval:`)."""
+        raise NotImplementedError
+
+    def _describe_output(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (f"{self.library} {self.arch}, {self._describe_output()}, resolutions {list(self.image.resolutions)}"
+                f"{' + hflip' if self.image.hflip else ''}, weight {self.weight:g}, {self.checkpoint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressorSpec(NetworkSpec):
+    """An image model with a head regressing the prompt embedding."""
+
+    kind: ClassVar[str] = "regressor"
+    head: HeadSpec = HeadSpec()
+
+    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        return embedding_dim
+
+    @property
+    def head_name(self) -> str:
+        return f"{self.head.type} head"
+
+    def _output_section(self, out_dir: Path | None) -> dict:
+        return {"head": self.head.to_dict()}
+
+    def _describe_output(self) -> str:
+        return self.head_name
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalSpec(NetworkSpec):
+    """An image model whose scores (class logits, or an embedding) select texts of a bank: no head of its own."""
+
+    kind: ClassVar[str] = "retrieval"
+    retrieval: RetrievalOptions
+
+    @property
+    def classes(self) -> int:
+        return self.retrieval.rows if self.retrieval.score == "logits" else 0
+
+    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        return self.retrieval.score_dim
+
+    @property
+    def head_name(self) -> str:
+        return "retrieval head (no parameters)"
+
+    def _output_section(self, out_dir: Path | None) -> dict:
+        return {"retrieval": self.retrieval.to_dict(out_dir)}
+
+    def _describe_output(self) -> str:
+        options = self.retrieval
+        return (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}), k={options.k}, "
+                f"temperature {options.temperature:g}")
 
 
 @dataclass(frozen=True)
@@ -158,24 +345,10 @@ class Manifest:
     def dim_weights(self) -> dict[str, np.ndarray]:
         return {t.name: t.dim_weights for t in self.towers if t.dim_weights is not None}
 
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_path(raw: str, base_dir: Path) -> Path:
-    """Expand `${VAR}` / `${VAR:-default}` from the environment and resolve relative paths against `base_dir`."""
-
-    def substitute(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value is None:
-            if default is None:
-                raise KeyError(name)
-            return default
-        return value
-
-    path = Path(_VAR.sub(substitute, raw)).expanduser()
-    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))  # `a/../b` names b once
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """The manifest as data that parses back to it; paths relative to `out_dir` (absolute when None)."""
+        return {"embedding_dim": self.embedding_dim, "fallback": _path_text(self.fallback_path, out_dir),
+                "towers": [tower.to_dict(out_dir) for tower in self.towers]}
 
 
 def tower_label(index: int, name: object) -> str:
@@ -183,39 +356,18 @@ def tower_label(index: int, name: object) -> str:
     return f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"
 
 
-class _Problems:
-    """Collects problems so that one validation pass reports all of them."""
+@dataclass(frozen=True)
+class ParseContext:
+    """What a tower's parser needs besides its entry: where paths resolve, where problems go, what to check."""
 
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, where: str, message: str) -> None:
-        self.items.append(f"{where}: {message}")
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+    base_dir: Path
+    problems: Problems
+    check_files: bool = True
+    embedding_dim: int = DEFAULT_EMBEDDING_DIM
+    needs_checkpoint: bool = True  # False for the trainer's tower, whose checkpoint is written by export
 
 
-def _resolve_file(raw: Any, base_dir: Path, where: str, problems: _Problems, what: str) -> Path | None:
-    if not isinstance(raw, str) or not raw.strip():
-        problems.add(where, f"must be a path string to the {what}")
-        return None
-    try:
-        path = expand_path(raw, base_dir)
-    except KeyError as err:
-        problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
-                            f"or write ${{{err.args[0]}:-default}}")
-        return None
-    if not path.is_file():
-        origin = f"expanded from {raw!r}; " if "${" in raw else ""
-        problems.add(where, f"file not found: {path} ({origin}relative paths resolve against the manifest's folder "
-                            f"{base_dir}); attach the dataset that holds it or fix the path")
-        return None
-    return path
-
-
-def _parse_head(raw: Any, where: str, problems: _Problems) -> HeadSpec:
+def _parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, Mapping):
@@ -240,8 +392,8 @@ def _parse_head(raw: Any, where: str, problems: _Problems) -> HeadSpec:
     return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation)
 
 
-def _parse_triplet(raw: Any, where: str, problems: _Problems, positive: bool) -> tuple[float, float, float]:
-    if isinstance(raw, (list, tuple)) and len(raw) == 3 and all(_is_number(v) for v in raw):
+def _parse_triplet(raw: Any, where: str, problems: Problems, positive: bool) -> tuple[float, float, float]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 3 and all(is_number(v) for v in raw):
         if positive and any(v <= 0 for v in raw):
             problems.add(where, f"{list(raw)} must be three positive numbers")
         return tuple(float(v) for v in raw)  # type: ignore[return-value]
@@ -250,7 +402,7 @@ def _parse_triplet(raw: Any, where: str, problems: _Problems, positive: bool) ->
     return (0.0, 0.0, 0.0) if not positive else (1.0, 1.0, 1.0)
 
 
-def _parse_image(raw: Any, where: str, problems: _Problems) -> ImageSpec:
+def _parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
         raw = {}
@@ -293,69 +445,146 @@ def _parse_image(raw: Any, where: str, problems: _Problems) -> ImageSpec:
     raw_view_weights = raw.get("view_weights")
     if raw_view_weights is None:
         return spec
-    names = [name for name, _, _ in spec.views]
+    names = [view.name for view in spec.views]
     if not isinstance(raw_view_weights, Mapping):
         problems.add(f"{where}.view_weights", f"must map view names ({', '.join(names)}) to weights >= 0")
         return spec
     for name in sorted(set(raw_view_weights) - set(names)):
         problems.add(f"{where}.view_weights.{name}", f"is not a view of this tower; its views are {', '.join(names)}")
     for name in names:
-        if not _is_number(raw_view_weights.get(name)) or raw_view_weights[name] < 0:
+        if not is_number(raw_view_weights.get(name)) or raw_view_weights[name] < 0:
             problems.add(f"{where}.view_weights.{name}", "needs a weight >= 0 for every view")
     values = [raw_view_weights.get(n) for n in names]
-    if all(_is_number(v) and v >= 0 for v in values):
+    if all(is_number(v) and v >= 0 for v in values):
         if sum(values) <= 0:
             problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
         return replace(spec, view_weights={n: float(v) for n, v in zip(names, values, strict=True)})
     return spec
 
 
-def _parse_dim_weights(raw: Any, base_dir: Path, where: str, problems: _Problems, dim: int) -> np.ndarray | None:
-    path = _resolve_file(raw, base_dir, where, problems, "per-dimension weights (.npy)")
+
+def _parse_dim_weights(raw: Mapping, label: str, ctx: ParseContext) -> tuple[np.ndarray | None, Path | None]:
+    """An entry's optional `dim_weights` (.npy of per-dimension multipliers) and the file it came from."""
+    if raw.get("dim_weights") is None:
+        return None, None
+    where, problems, dim = f"{label}.dim_weights", ctx.problems, ctx.embedding_dim
+    path = resolve_file(raw["dim_weights"], ctx.base_dir, where, problems, "per-dimension weights (.npy)")
     if path is None:
-        return None
+        return None, None
     try:
         weights = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
     except (OSError, ValueError) as err:
         problems.add(where, f"cannot read {path}: {err}")
-        return None
+        return None, None
     if weights.shape != (dim,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
         problems.add(where, f"{path} must hold {dim} finite weights >= 0, not all zero (kaggle-i2p tune --per-dim)")
-        return None
-    return weights
+        return None, None
+    return weights, path
 
 
-def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, check_files: bool,
-                 embedding_dim: int = 384, label: str | None = None) -> TowerSpec | None:
-    if not isinstance(raw, Mapping):
-        problems.add(label or f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, image, "
-                                                  "weight)")
-        return None
-    name = raw.get("name")
-    if label is None:
-        label = tower_label(index, name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
-        problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
-                                      "and caches)")
-    kind = raw.get("kind", "regressor")
-    if kind not in KINDS:
-        problems.add(f"{label}.kind", f"{kind!r} is not one of {', '.join(KINDS)}")
-        return None
-    if kind == "prior":
-        return _parse_prior(raw, str(name), label, base_dir, problems, embedding_dim)
-    for key in sorted(set(raw) - TOWER_KEYS):
-        problems.add(f"{label}.{key}", f"unknown key; allowed: {', '.join(sorted(TOWER_KEYS))}")
-    for key in ("library", "arch", "checkpoint", "image", "weight", *(("retrieval",) if kind == "retrieval" else ())):
+def _parse_weight(raw: Mapping, label: str, problems: Problems) -> float:
+    weight = raw.get("weight")
+    if "weight" in raw and not is_number(weight):
+        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
+        return 0.0
+    if is_number(weight) and weight < 0:
+        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
+                                        "(use 0 to switch a tower off)")
+    return float(weight) if is_number(weight) else 0.0
+
+
+def _parse_prior(raw: Mapping, name: str, label: str, ctx: ParseContext) -> PriorSpec | None:
+    """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
+    problems, before = ctx.problems, len(ctx.problems)
+    for key in sorted(set(raw) - PRIOR_KEYS):
+        problems.add(f"{label}.{key}", f"unknown key for a prior tower; allowed: {', '.join(sorted(PRIOR_KEYS))}")
+    for key in ("vector", "weight"):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
-    retrieval = None
-    if kind == "retrieval":
-        if "head" in raw:
-            problems.add(f"{label}.head", "a retrieval tower has no head: its scores select bank rows")
-        if "retrieval" in raw:
-            retrieval = _parse_retrieval(raw["retrieval"], f"{label}.retrieval", base_dir, problems, embedding_dim)
-    elif "retrieval" in raw:
-        problems.add(f"{label}.retrieval", "only for kind: retrieval")
+    vector, path = None, None
+    if "vector" in raw:
+        path = resolve_file(raw["vector"], ctx.base_dir, f"{label}.vector", problems, "prior vector (.npy)")
+        if path is not None:
+            try:
+                vector = load_fallback(path, ctx.embedding_dim)
+            except (ValueError, OSError) as err:
+                problems.add(f"{label}.vector", f"{path} {err}")
+    weight = _parse_weight(raw, label, problems)
+    dim_weights, dim_weights_path = _parse_dim_weights(raw, label, ctx)
+    if len(problems) > before:
+        return None
+    return PriorSpec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
+                     vector=vector, vector_path=path)
+
+
+def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOptions | None:
+    problems = ctx.problems
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping with bank, k, temperature, score")
+        return None
+    for key in sorted(set(raw) - RETRIEVAL_KEYS):
+        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(RETRIEVAL_KEYS))}")
+    k, temperature = raw.get("k", DEFAULT_RETRIEVAL_K), raw.get("temperature", DEFAULT_RETRIEVAL_TEMPERATURE)
+    score = raw.get("score", "logits")
+    if not (is_int(k) and k >= 1):
+        problems.add(f"{where}.k", f"{k!r} must be an integer >= 1 (texts averaged per image)")
+    if not (is_number(temperature) and temperature > 0):
+        problems.add(f"{where}.temperature", f"{temperature!r} must be a number > 0")
+    if score not in SCORES:
+        problems.add(f"{where}.score", f"{score!r} is not one of {', '.join(SCORES)}")
+    raw_bank = raw.get("bank")
+    if not isinstance(raw_bank, str):
+        problems.add(f"{where}.bank", "is required: the folder written by `kaggle-i2p build-bank`")
+        return None
+    try:
+        bank = expand_path(raw_bank, ctx.base_dir)
+    except KeyError as err:
+        problems.add(f"{where}.bank", f"environment variable {err.args[0]} is not set (in {raw_bank!r})")
+        return None
+    if not (bank / "targets.npy").is_file():
+        problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "
+                                      "`kaggle-i2p build-bank`")
+        return None
+    targets = np.load(bank / "targets.npy", mmap_mode="r")
+    keys = np.load(bank / "keys.npy", mmap_mode="r") if (bank / "keys.npy").is_file() else None
+    if targets.ndim != 2 or targets.shape[1] != ctx.embedding_dim:
+        problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets.shape}; expected (rows, "
+                                      f"{ctx.embedding_dim})")
+    if score == "embedding" and keys is None:
+        problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
+    return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
+                            temperature=float(temperature) if is_number(temperature)
+                            else DEFAULT_RETRIEVAL_TEMPERATURE,
+                            score=str(score), rows=int(targets.shape[0]),
+                            key_dim=None if keys is None else int(keys.shape[1]))
+
+
+def _parse_regressor_output(raw: Mapping, label: str, ctx: ParseContext) -> dict:
+    if "retrieval" in raw:
+        ctx.problems.add(f"{label}.retrieval", "only for kind: retrieval")
+    return {"head": _parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", ctx.problems)}
+
+
+def _parse_retrieval_output(raw: Mapping, label: str, ctx: ParseContext) -> dict:
+    if "head" in raw:
+        ctx.problems.add(f"{label}.head", "a retrieval tower has no head: its scores select bank rows")
+    if "retrieval" not in raw:
+        return {"retrieval": None}
+    return {"retrieval": _parse_retrieval(raw["retrieval"], f"{label}.retrieval", ctx)}
+
+
+def _parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, cls: type[NetworkSpec],
+                   parse_output: Callable[[Mapping, str, ParseContext], dict]) -> NetworkSpec | None:
+    """The fields every network tower has, then its kind's own section (`parse_output`)."""
+    problems, before = ctx.problems, len(ctx.problems)
+    for key in sorted(set(raw) - NETWORK_KEYS):
+        problems.add(f"{label}.{key}", f"unknown key; allowed: {', '.join(sorted(NETWORK_KEYS))}")
+    required = ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight",
+                *(("retrieval",) if cls is RetrievalSpec else ()))
+    for key in required:
+        if key not in raw:
+            problems.add(f"{label}.{key}", "is required")
+    output = parse_output(raw, label, ctx)
 
     library = raw.get("library")
     if "library" in raw and library not in LIBRARIES:
@@ -367,129 +596,80 @@ def _parse_tower(raw: Any, index: int, base_dir: Path, problems: _Problems, chec
         if library != "open_clip":
             problems.add(f"{label}.arch", "a .json model config is only supported for library: open_clip")
         else:
-            resolved = _resolve_file(arch, base_dir, f"{label}.arch", problems, "open_clip model config")
+            resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", problems, "open_clip model config")
             arch = str(resolved) if resolved else arch
 
-    checkpoint: Path | None = None
-    if "checkpoint" in raw:
-        raw_ckpt = raw["checkpoint"]
-        if isinstance(raw_ckpt, str) and not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
-            problems.add(f"{label}.checkpoint", f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
-        elif check_files:
-            checkpoint = _resolve_file(raw_ckpt, base_dir, f"{label}.checkpoint", problems, "tower weights")
-        elif isinstance(raw_ckpt, str):
-            try:
-                checkpoint = expand_path(raw_ckpt, base_dir)
-            except KeyError:
-                checkpoint = Path(raw_ckpt)
-
+    checkpoint = _parse_checkpoint(raw, label, ctx)
     sha256 = raw.get("sha256")
     if isinstance(sha256, (int, float)) and not isinstance(sha256, bool):
         problems.add(f"{label}.sha256", "YAML read this unquoted value as a number (an all-digit or exponent-like "
                                         "hash); put the 64 hex digits in quotes: sha256: \"...\"")
-        sha256 = None
     elif sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
-        sha256 = None
     native = raw.get("native_resolution")
-    if native is not None and not (isinstance(native, int) and not isinstance(native, bool)
-                                   and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
+    if native is not None and not (is_int(native) and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
         problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
                                                    "position embeddings were trained at, or left out")
-        native = None
-
     weight = _parse_weight(raw, label, problems)
     precision = raw.get("precision", "auto")
     if precision not in PRECISIONS:
         problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-
-    head = _parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", problems)
     image = _parse_image(raw.get("image"), f"{label}.image", problems)
-    return TowerSpec(name=str(name), library=str(library), arch=str(arch), checkpoint=checkpoint or Path(),
-                     head=head, image=image, weight=weight, sha256=sha256, native_resolution=native,
-                     precision=str(precision), dim_weights=_optional_dim_weights(raw, label, base_dir, problems,
-                                                                                   embedding_dim),
-                     kind=kind, retrieval=retrieval)
-
-
-def _parse_weight(raw: Mapping, label: str, problems: _Problems) -> float:
-    weight = raw.get("weight")
-    if "weight" in raw and not _is_number(weight):
-        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
-        return 0.0
-    if _is_number(weight) and weight < 0:
-        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
-                                        "(use 0 to switch a tower off)")
-    return float(weight) if _is_number(weight) else 0.0
-
-
-def _optional_dim_weights(raw: Mapping, label: str, base_dir: Path, problems: _Problems,
-                          embedding_dim: int) -> np.ndarray | None:
-    if raw.get("dim_weights") is None:
+    dim_weights, dim_weights_path = _parse_dim_weights(raw, label, ctx)
+    if len(problems) > before:
         return None
-    return _parse_dim_weights(raw["dim_weights"], base_dir, f"{label}.dim_weights", problems, embedding_dim)
+    return cls(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
+               library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
+               native_resolution=native, precision=precision, **output)
 
 
-def _parse_prior(raw: Mapping, name: str, label: str, base_dir: Path, problems: _Problems,
-                 embedding_dim: int) -> TowerSpec:
-    """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
-    for key in sorted(set(raw) - PRIOR_KEYS):
-        problems.add(f"{label}.{key}", f"unknown key for a prior tower; allowed: {', '.join(sorted(PRIOR_KEYS))}")
-    for key in ("vector", "weight"):
-        if key not in raw:
-            problems.add(f"{label}.{key}", "is required")
-    vector = None
-    if "vector" in raw:
-        path = _resolve_file(raw["vector"], base_dir, f"{label}.vector", problems, "prior vector (.npy)")
-        if path is not None:
-            try:
-                vector = load_fallback(path, embedding_dim)
-            except (ValueError, OSError) as err:
-                problems.add(f"{label}.vector", f"{path} {err}")
-    return TowerSpec(name=name, library="", arch="", checkpoint=Path(), head=HeadSpec(), image=None,
-                     weight=_parse_weight(raw, label, problems),
-                     dim_weights=_optional_dim_weights(raw, label, base_dir, problems, embedding_dim),
-                     kind="prior", prior=vector)
-
-
-def _parse_retrieval(raw: Any, where: str, base_dir: Path, problems: _Problems,
-                     embedding_dim: int) -> RetrievalSpec | None:
-    if not isinstance(raw, Mapping):
-        problems.add(where, "must be a mapping with bank, k, temperature, score")
+def _parse_checkpoint(raw: Mapping, label: str, ctx: ParseContext) -> Path | None:
+    if "checkpoint" not in raw:
         return None
-    for key in sorted(set(raw) - RETRIEVAL_KEYS):
-        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(RETRIEVAL_KEYS))}")
-    k, temperature = raw.get("k", DEFAULT_RETRIEVAL_K), raw.get("temperature", DEFAULT_RETRIEVAL_TEMPERATURE)
-    score = raw.get("score", "logits")
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-        problems.add(f"{where}.k", f"{k!r} must be an integer >= 1 (texts averaged per image)")
-    if not (_is_number(temperature) and temperature > 0):
-        problems.add(f"{where}.temperature", f"{temperature!r} must be a number > 0")
-    if score not in SCORES:
-        problems.add(f"{where}.score", f"{score!r} is not one of {', '.join(SCORES)}")
-    raw_bank = raw.get("bank")
-    if not isinstance(raw_bank, str):
-        problems.add(f"{where}.bank", "is required: the folder written by `kaggle-i2p build-bank`")
+    raw_ckpt = raw["checkpoint"]
+    if isinstance(raw_ckpt, str) and not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
+        ctx.problems.add(f"{label}.checkpoint", f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
+        return None
+    if ctx.check_files:
+        return resolve_file(raw_ckpt, ctx.base_dir, f"{label}.checkpoint", ctx.problems, "tower weights")
+    if not isinstance(raw_ckpt, str) or not raw_ckpt.strip():
+        ctx.problems.add(f"{label}.checkpoint", "must be a path string to the tower weights")
         return None
     try:
-        bank = expand_path(raw_bank, base_dir)
-    except KeyError as err:
-        problems.add(f"{where}.bank", f"environment variable {err.args[0]} is not set (in {raw_bank!r})")
+        return expand_path(raw_ckpt, ctx.base_dir)
+    except KeyError:
+        return Path(raw_ckpt)  # not checked here: the variable may be set where the files are
+
+
+# The tower kinds: each parses its own entry into its own spec class.
+TOWER_KINDS: dict[str, Callable[[Mapping, str, str, ParseContext], TowerSpec | None]] = {
+    RegressorSpec.kind: lambda raw, name, label, ctx: _parse_network(raw, name, label, ctx, RegressorSpec,
+                                                                     _parse_regressor_output),
+    RetrievalSpec.kind: lambda raw, name, label, ctx: _parse_network(raw, name, label, ctx, RetrievalSpec,
+                                                                     _parse_retrieval_output),
+    PriorSpec.kind: _parse_prior,
+}
+KINDS: tuple[str, ...] = tuple(TOWER_KINDS)
+
+
+def parse_tower(raw: Any, index: int, ctx: ParseContext, label: str | None = None) -> TowerSpec | None:
+    """One manifest tower entry as its kind's spec; None (with the problems added to `ctx`) when it has any problem."""
+    if not isinstance(raw, Mapping):
+        ctx.problems.add(label or f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, "
+                                                      "image, weight)")
         return None
-    if not (bank / "targets.npy").is_file():
-        problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "
-                                      "`kaggle-i2p build-bank`")
+    name = raw.get("name")
+    label = label or tower_label(index, name)
+    named = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name or "")
+    if not named:
+        ctx.problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
+                                          "and caches)")
+    kind = raw.get("kind", RegressorSpec.kind)
+    if kind not in TOWER_KINDS:
+        ctx.problems.add(f"{label}.kind", f"{kind!r} is not one of {', '.join(KINDS)}")
         return None
-    targets = np.load(bank / "targets.npy", mmap_mode="r")
-    keys = np.load(bank / "keys.npy", mmap_mode="r") if (bank / "keys.npy").is_file() else None
-    if targets.ndim != 2 or targets.shape[1] != embedding_dim:
-        problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets.shape}; expected (rows, {embedding_dim})")
-    if score == "embedding" and keys is None:
-        problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
-    return RetrievalSpec(bank=bank, k=int(k) if isinstance(k, int) else DEFAULT_RETRIEVAL_K,
-                         temperature=float(temperature) if _is_number(temperature) else DEFAULT_RETRIEVAL_TEMPERATURE,
-                         score=str(score),
-                         rows=int(targets.shape[0]), key_dim=None if keys is None else int(keys.shape[1]))
+    spec = TOWER_KINDS[kind](raw, str(name), label, ctx)
+    return spec if named else None
 
 
 def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
@@ -510,58 +690,54 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
     """Validate an already-parsed manifest mapping; `path` anchors relative paths and names the file in errors."""
     path = Path(path)
     base_dir = path.resolve().parent
-    problems = _Problems()
+    problems = Problems()
     if not isinstance(data, Mapping):
         raise ManifestError(path, ["the file must hold a mapping with embedding_dim, fallback and towers"])
     for key in sorted(set(data) - TOP_KEYS):
         problems.add(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
 
-    embedding_dim = data.get("embedding_dim", 384)
-    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim <= 0:
+    embedding_dim = data.get("embedding_dim", DEFAULT_EMBEDDING_DIM)
+    if not is_int(embedding_dim) or embedding_dim <= 0:
         problems.add("embedding_dim", f"{embedding_dim!r} must be a positive integer (384 for all-MiniLM-L6-v2)")
-        embedding_dim = 384
+        embedding_dim = DEFAULT_EMBEDDING_DIM
 
-    fallback = np.zeros(embedding_dim, dtype=np.float32)
-    fallback_path = Path()
+    fallback, fallback_path = None, None
     if "fallback" not in data:
         problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
                                  "images that cannot be read")
     else:
-        resolved = _resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
-        if resolved is not None:
-            fallback_path = resolved
+        fallback_path = resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
+        if fallback_path is not None:
             try:
-                fallback = load_fallback(resolved, embedding_dim)
+                fallback = load_fallback(fallback_path, embedding_dim)
             except (ValueError, OSError) as err:
-                problems.add("fallback", f"{resolved} {err}")
+                problems.add("fallback", f"{fallback_path} {err}")
 
     towers_raw = data.get("towers")
-    towers: list[TowerSpec] = []
     if not isinstance(towers_raw, list) or not towers_raw:
         problems.add("towers", "must be a non-empty list of towers")
         towers_raw = []
-    clean: list[tuple[int, TowerSpec]] = []
-    for index, raw in enumerate(towers_raw):
-        before = len(problems.items)
-        spec = _parse_tower(raw, index, base_dir, problems, check_files, embedding_dim)
-        if spec is not None:
-            towers.append(spec)
-            if len(problems.items) == before:
-                clean.append((index, spec))
+    ctx = ParseContext(base_dir, problems, check_files, embedding_dim)
+    clean = [(index, spec) for index, raw in enumerate(towers_raw)
+             if (spec := parse_tower(raw, index, ctx)) is not None]
 
+    entries = [raw for raw in towers_raw if isinstance(raw, Mapping)]
     seen: dict[str, int] = {}
-    for index, spec in enumerate(towers):
-        if spec.name in seen:
-            problems.add(f"{tower_label(index, spec.name)}.name",
-                         f"duplicates towers[{seen[spec.name]}]; every tower needs its own name")
-        seen.setdefault(spec.name, index)
-    if towers and all(_is_number(t.weight) for t in towers) and sum(max(t.weight, 0.0) for t in towers) <= 0:
+    for index, raw in enumerate(towers_raw):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if isinstance(name, str) and name in seen:
+            problems.add(f"{tower_label(index, name)}.name",
+                         f"duplicates towers[{seen[name]}]; every tower needs its own name")
+        if isinstance(name, str):
+            seen.setdefault(name, index)
+    weights = [raw.get("weight") for raw in entries]
+    if entries and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
         problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")
 
     if problems.items:
         raise ManifestError(path, problems.items, clean, embedding_dim)
     return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
-                    towers=tuple(towers))
+                    towers=tuple(spec for _, spec in clean))
 
 
 # Named manifests (`demo`) resolve to a file made on first use; the package registers its builders at import.
@@ -584,17 +760,6 @@ def as_manifest(manifest: str | Path | Manifest) -> Manifest:
     return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
 
 
-def read_yaml(path: Path, error: type[ManifestError] = ManifestError, missing: str = "manifest file not found",
-              hint: str = "; pass --manifest PATH") -> Any:
-    """A YAML file's data; a missing or unparsable file raises `error` naming it."""
-    if not path.is_file():
-        raise error(path, [f"{missing}: {path.resolve()}{hint}"])
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise error(path, [f"is not valid YAML: {err}"]) from err
-
-
 def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
     """A relative path that points at the same file from `out_dir`; absolute and `${VAR}` paths stay as they are."""
     if "${" in raw or Path(raw).is_absolute() or source_dir.resolve() == out_dir.resolve():
@@ -603,9 +768,9 @@ def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
 
 
 def rebase_manifest_paths(data: dict, source_dir: Path, out_dir: Path) -> dict:
-    """Manifest data with every path field (fallback; per tower checkpoint, dim_weights, a .json arch,
-    retrieval.bank, a prior's vector) rewritten to point at the same files from `out_dir`. Modifies and returns
-    `data`."""
+    """Manifest data as written (`${VAR}` paths kept) with every relative path field (fallback; per tower
+    checkpoint, dim_weights, a .json arch, retrieval.bank, a prior's vector) rewritten to point at the same files
+    from `out_dir`. Modifies and returns `data`."""
     def move(holder: dict, key: str) -> None:
         if isinstance(holder.get(key), str):
             holder[key] = _rebase(holder[key], Path(source_dir), Path(out_dir))
@@ -635,6 +800,13 @@ def write_manifest(data: Mapping, path: str | Path, *, check_files: bool = True,
     return manifest
 
 
+def save_manifest(manifest: Manifest, path: str | Path, *, header: str = "") -> Manifest:
+    """Write a loaded (or edited) Manifest to `path`, every path relative to its folder; validated, then atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_manifest(manifest.to_dict(path.resolve().parent), path, header=header)
+
+
 def _plain(value: Any) -> Any:
     """YAML-safe data: tuples as lists, mappings as dicts, all the way down."""
     if isinstance(value, Mapping):
@@ -648,4 +820,6 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate a manifest YAML file (or a named one, e.g. `demo`); raises ManifestError listing every
     problem."""
     path = resolve_manifest(path)
-    return parse_manifest(read_yaml(path), path, check_files=check_files)
+    return parse_manifest(read_yaml(path, ManifestError, "manifest file not found", "; pass --manifest PATH"), path,
+                          check_files=check_files)
+

@@ -23,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .blocks import blocks
 from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, Shard, image_key
 from .ensemble import combine_towers, combine_views, unusable_rows
 from .errors import OptionError
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
-from .manifest import PRECISIONS, Manifest, TowerSpec
+from .manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec
 from .resources import DEFAULT_MANIFEST
-from .retrieval import Bank, retrieve, retrieve_from_logits
 from .submission import check_output_path, submission_frame, write_submission
 from .towers import Tower, load_tower, validate_manifest
 
@@ -131,25 +131,24 @@ def check_options(batch_size: int | None, num_workers: int | None, precision: st
 class TowerRunner:
     """Runs one loaded tower over a decoded batch: all its TTA views, precision, fp32 recompute, OOM halving."""
 
-    def __init__(self, spec: TowerSpec, tower: Tower, device: torch.device, precision: str):
-        self.spec = spec
+    def __init__(self, tower: Tower, device: torch.device, precision: str):
         self.tower = tower
-        self.bank = Bank.open(spec.retrieval.bank) if spec.kind == "retrieval" else None
+        self.spec: NetworkSpec = tower.spec
         self.device = device
         self.precision = precision
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
         self.nonfinite_recomputes = 0
         self.oom_halvings = 0
 
-    def _forward(self, views: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.tower(views).float()
+            return self.tower(images).float()
 
-    def _forward_chunked(self, views: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    def _forward_chunked(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         while True:
-            chunk = self.max_chunk or len(views)
+            chunk = self.max_chunk or len(images)
             try:
-                return torch.cat([self._forward(views[i:i + chunk], dtype) for i in range(0, len(views), chunk)])
+                return torch.cat([self._forward(images[i:i + chunk], dtype) for i in range(0, len(images), chunk)])
             except torch.OutOfMemoryError:
                 if chunk <= 1:
                     raise
@@ -160,39 +159,30 @@ class TowerRunner:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def forward_view(self, views: torch.Tensor) -> torch.Tensor:
+    def forward_view(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, r, r) -> (B, D) float32; recomputed in fp32 when reduced precision gives NaN/inf."""
         dtype = AUTOCAST_DTYPES[self.precision]
-        out = self._forward_chunked(views, dtype)
+        out = self._forward_chunked(images, dtype)
         if dtype is not None and not torch.isfinite(out).all():
             self.nonfinite_recomputes += 1
             log.warning("tower %r: non-finite %s output; recomputing the batch in fp32", self.spec.name,
                         self.precision)
-            out = self._forward_chunked(views, None)
+            out = self._forward_chunked(images, None)
         return out
 
-    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], views: list[str]) -> dict[str, np.ndarray]:
-        """(B, D) float32 outputs of the named TTA views of a decoded batch (raw for a regressor, the soft top-k bank
-        average for a retrieval tower); each resize is made once."""
-        wanted = [(name, res, flip) for name, res, flip in self.spec.views if name in views]
-        outputs, resized = {}, {}
-        for name, resolution, flip in wanted:
-            if resolution not in resized:
-                resized = {resolution: make_view(pixels, self.spec.image, resolution)}
-            view = resized[resolution]
-            scores = self.forward_view(view.flip(-1) if flip else view)
-            outputs[name] = scores.cpu().numpy() if self.bank is None else self._retrieve(scores)
+    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
+        """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
+        turned its scores into the soft top-k bank average); each resolution is resized once, whatever the order."""
+        resized: dict[int, torch.Tensor] = {}
+        outputs = {}
+        for view in self.spec.views:
+            if view.name not in view_names:
+                continue
+            if view.resolution not in resized:
+                resized = {view.resolution: make_view(pixels, self.spec.image, view.resolution)}  # one size held
+            images = resized[view.resolution]
+            outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
         return outputs
-
-    def _retrieve(self, scores: torch.Tensor) -> np.ndarray:
-        options = self.spec.retrieval
-        if options.score == "logits":
-            return retrieve_from_logits(scores, self.bank.targets, options.k, options.temperature)
-        return retrieve(scores, self.bank, options.k, options.temperature)
-
-
-def _chunks(n: int, size: int) -> list[range]:
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 @dataclass
@@ -205,7 +195,7 @@ class RunSetup:
     batch_size: int
     num_workers: int
     active: list[TowerSpec]  # towers that take part (weight > 0, or all with include_zero_weight)
-    with_network: list[TowerSpec]  # the active towers that run a network (not priors)
+    with_network: list[NetworkSpec]  # the active towers that run a network (not constant towers)
     precisions: dict[str, str]
     cache: PredictionCache | None
     tower_keys: dict[str, str]
@@ -234,7 +224,7 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: not run", spec.name)
-    with_network = [s for s in active if s.kind != "prior"]
+    with_network = [s for s in active if isinstance(s, NetworkSpec)]
     precisions = {s.name: resolve_precision(precision or s.precision, device) for s in with_network}
     cache = PredictionCache.open(cache_dir)
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size)
@@ -259,10 +249,9 @@ class RunOutputs:
     def __init__(self, setup: RunSetup):
         self.setup = setup
         n, dim = setup.n_images, setup.manifest.embedding_dim
-        self.views = {s.name: [name for name, _, _ in s.views] for s in setup.active}
+        self.views = {s.name: [view.name for view in s.views] for s in setup.with_network}
         self.values = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in self.views[s.name]}
                        for s in setup.with_network}
-        self.values.update({s.name: {"prior": np.tile(s.prior, (n, 1))} for s in setup.active if s.kind == "prior"})
         self.done = {s.name: {v: np.zeros(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
         self.errors: dict[int, str] = {}
         self.notes: dict[int, str] = {}
@@ -272,7 +261,7 @@ class RunOutputs:
         setup = self.setup
         if setup.cache is None:
             return 0
-        for chunk in _chunks(setup.n_images, setup.chunk_size):
+        for chunk in blocks(setup.n_images, setup.chunk_size):
             keys = setup.image_keys[chunk.start:chunk.stop]
             for spec in setup.with_network:
                 for view in self.views[spec.name]:
@@ -291,7 +280,7 @@ class RunOutputs:
     def plan(self) -> list[PlannedBatch]:
         """Step 3: the batches still to compute, on the fixed grid of chunks and batches (so resumed = fresh)."""
         setup, plan = self.setup, []
-        for chunk in _chunks(setup.n_images, setup.chunk_size):
+        for chunk in blocks(setup.n_images, setup.chunk_size):
             for start in range(chunk.start, chunk.stop, setup.batch_size):
                 rows = list(range(start, min(start + setup.batch_size, chunk.stop)))
                 missing = {s.name: [v for v in self.views[s.name] if not self.done[s.name][v][rows].all()]
@@ -385,42 +374,49 @@ def bound_heap_growth() -> bool:
         return False
 
 
-def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cached: int,
-           progress: bool) -> dict[str, TowerRunner]:
-    """Step 4: load the towers the plan needs, decode each planned batch once, run every missing tower x view."""
+def load_runners(setup: RunSetup, plan: list[PlannedBatch]) -> dict[str, TowerRunner]:
+    """Step 4: load the towers the plan needs (none when the cache had everything), each in its runner."""
     needed = {name for planned in plan for name in planned.missing}
+    return {spec.name: TowerRunner(load_tower(spec, setup.manifest.embedding_dim, setup.device), setup.device,
+                                   setup.precisions[spec.name])
+            for spec in setup.with_network if spec.name in needed}
+
+
+def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], runners: dict[str, TowerRunner],
+           n_cached: int, progress: bool) -> None:
+    """Step 5: decode each planned batch once, run every runner over the views it still lacks, store the batch."""
     if plan:
         bound_heap_growth()
-    runners = {s.name: TowerRunner(s, load_tower(s, setup.manifest.embedding_dim, setup.device), setup.device,
-                                   setup.precisions[s.name]) for s in setup.with_network if s.name in needed}
-    bars = [tqdm(total=setup.n_images, initial=n_cached, desc=s.name, unit="img", position=i, disable=not progress)
-            for i, s in enumerate(setup.with_network)]
     loader = image_loader(setup.listing.paths, setup.batch_size, setup.num_workers,
                           pin_memory=setup.device.type == "cuda", batches=[planned.rows for planned in plan])
+    bar = tqdm(total=setup.n_images, initial=n_cached, desc=f"{len(setup.with_network)} tower(s)", unit="img",
+               disable=not progress)
     try:
         with torch.inference_mode(), _logging_above_bars(progress):
             for planned, batch in zip(plan, loader, strict=True):
                 outputs.record_decoding(batch)
                 pixels = batch.pixels_on(setup.device) if batch.indices else None
-                for name, views in planned.missing.items():
-                    computed = runners[name].compute_views(pixels, views) if pixels is not None else {}
-                    for view in views:
+                for name, runner in runners.items():
+                    view_names = planned.missing.get(name, [])
+                    computed = runner.compute_views(pixels, view_names) if pixels is not None and view_names else {}
+                    for view in view_names:
                         outputs.store(planned, name, view, batch.indices, computed.get(view))
                 outputs.flush(planned)
-                for bar in bars:
-                    bar.update(len(planned.rows))
+                bar.update(len(planned.rows))
     finally:
-        for bar in bars:
-            bar.close()
-    return runners
+        bar.close()
 
 
 def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-    """Step 5: TTA per tower, then the weighted ensemble; unreadable or non-finite rows get the fallback."""
-    manifest, paths = setup.manifest, setup.listing.paths
+    """Step 6: each tower's output (its TTA views combined, or its constant), then the weighted ensemble; the one
+    place that decides fallbacks: unreadable images, and rows a tower left non-finite even in fp32."""
+    manifest, paths, n = setup.manifest, setup.listing.paths, setup.n_images
     failed = {i: f"unreadable image ({reason})" for i, reason in outputs.errors.items()}
     tower_embeddings = {}
     for spec in setup.active:
+        if not spec.views:  # a constant tower (a prior)
+            tower_embeddings[spec.name] = np.tile(spec.constant(), (n, 1))
+            continue
         views = outputs.views[spec.name]
         tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())
         bad = unusable_rows(tower)
@@ -437,16 +433,11 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     return embeddings, tower_embeddings, failed
 
 
-def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
-    """Steps 2-6 of a prepared run: read the cache, plan, encode, ensemble, summarise."""
-    started = time.perf_counter()
-    outputs = RunOutputs(setup)
-    n_cached = outputs.read_cache()
-    plan = outputs.plan()
-    runners = encode(setup, outputs, plan, n_cached, progress)
-    embeddings, tower_embeddings, failed = ensemble(setup, outputs)
+def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunner], failed: dict[int, str],
+              n_cached: int, seconds: float) -> RunSummary:
+    """Step 7: what the run did, for the closing line and for tests."""
     ids = setup.listing.ids
-    summary = RunSummary(
+    return RunSummary(
         n_images=setup.n_images, towers=[s.name for s in setup.active],
         n_views=sum(s.n_views for s in setup.with_network), device=str(setup.device), precision=setup.precisions,
         fallbacks=[(ids[i], failed[i]) for i in sorted(failed)],
@@ -454,10 +445,20 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
         converted=[(ids[i], note) for i, note in sorted(outputs.notes.items())],
         nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()),
         oom_halvings=sum(r.oom_halvings for r in runners.values()), cached_images=n_cached,
-        cache_failed=setup.cache is not None and not setup.cache.writable,
-        seconds=time.perf_counter() - started,
-    )
-    return PredictionRun(list(ids), embeddings, tower_embeddings, outputs.values, summary)
+        cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
+
+
+def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
+    """Steps 2-7 of a prepared run: read the cache, plan, load, encode, ensemble, summarise."""
+    started = time.perf_counter()
+    outputs = RunOutputs(setup)
+    n_cached = outputs.read_cache()
+    plan = outputs.plan()
+    runners = load_runners(setup, plan)
+    encode(setup, outputs, plan, runners, n_cached, progress)
+    embeddings, tower_embeddings, failed = ensemble(setup, outputs)
+    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started)
+    return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
 
 
 def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST, *,

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import replace_dir, staging_dir
 from .ensemble import l2_normalize
 from .errors import I2PError
-from .manifest import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE
+from .fileio import replace_dir, staging_dir
+from .manifest import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE, RetrievalOptions
 
 DEFAULT_CHUNK_ROWS = 65_536
 
@@ -153,6 +153,36 @@ def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = DEF
     return soft_average(values, rows, targets, temperature)
 
 
+class ScoreWidthError(BankError):
+    """A retrieval tower whose network gives another number of scores than its bank needs."""
+
+
+class RetrievalHead(torch.nn.Module):
+    """A retrieval tower's head: it holds the bank and turns the network's scores into the softmax-weighted mean of
+    the top-k bank targets (unit rows). It has no parameters, so a tower checkpoint holds only the backbone."""
+
+    def __init__(self, options: RetrievalOptions):
+        super().__init__()
+        self.options = options
+        self.bank = Bank.open(options.bank)  # memory-mapped: nothing is read until a query scores it
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, rows) class logits or (B, key_dim) queries -> (B, D) float32 unit embeddings, scored in fp32."""
+        expected = self.options.score_dim
+        if scores.shape[-1] != expected:
+            raise ScoreWidthError(f"the network outputs {tuple(scores.shape)}, expected (1, {expected}) (the bank's "
+                                  "rows or key size)")
+        if scores.is_meta:
+            return torch.empty(len(scores), self.bank.targets.shape[1], device="meta")
+        options = self.options
+        with torch.autocast(scores.device.type, enabled=False):
+            if options.score == "logits":
+                out = retrieve_from_logits(scores.float(), self.bank.targets, options.k, options.temperature)
+            else:
+                out = retrieve(scores.float(), self.bank, options.k, options.temperature)
+        return torch.from_numpy(out).to(scores.device)
+
+
 def read_texts(path: str | Path, column: str | None = None) -> list[str]:
     """Texts from a .txt (one per line), .csv or .parquet file (`column`, default `prompt`); blank ones dropped."""
     path = Path(path)
@@ -186,9 +216,10 @@ def clip_text_embeddings(texts: Sequence[str], arch: str, checkpoint: str | Path
     from open_clip.tokenizer import SimpleTokenizer
     from tqdm.auto import tqdm
 
-    from .towers import _open_clip_config, read_state_dict, strip_prefixes
+    from .backbones import open_clip_config
+    from .checkpoints import read_state_dict, strip_prefixes
 
-    config = _open_clip_config(arch)
+    config = open_clip_config(arch)
     if config["text_cfg"].get("hf_tokenizer_name"):
         raise BankError(f"{arch}: its tokenizer comes from the Hugging Face hub, which is not used here")
     # A normal build: CLIP's attention mask is a buffer only its constructor computes (never in a checkpoint).

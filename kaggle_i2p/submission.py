@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_open, check_writable_file
 from .errors import OutputError
+from .fileio import atomic_open, check_writable_file
 
 HEADER = "imgId_eId,val"
 ROWS_PER_CHUNK = 64  # images formatted per write: about 5 MB of strings at a time, whatever the image count

@@ -71,7 +71,7 @@ def toy_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_manifest() -> Path:
     """The real-weight demo ensemble, built once per session where `--manifest demo` finds it (the hermetic cache)."""
-    from kaggle_i2p.demo_ensemble import build_demo_ensemble
+    from kaggle_i2p.demo.ensemble import build_demo_ensemble
 
     return build_demo_ensemble()
 

@@ -10,11 +10,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_i2p"
 
 # Lower layers first; a module may import its own layer and those below it, never one above.
 LAYERS = {
-    "base": {"errors", "resources", "atomic"},
-    "serving": {"manifest", "towers", "images", "ensemble", "retrieval", "cache", "predict", "submission", "dryrun",
-                "text", "pretrained"},
-    "upstream": {"evaluate", "wheelhouse", "dataset", "training", "train_config", "train_data", "trainer", "export"},
-    "top": {"cli", "demo", "demo_ensemble", "testing", "__init__", "_version"},
+    "base": {"errors", "resources", "fileio", "_validate", "blocks"},
+    "serving": {"manifest", "backbones", "checkpoints", "towers", "images", "ensemble", "retrieval", "cache",
+                "predict", "submission", "dryrun", "text"},
+    "upstream": {"evaluate", "tune", "folds", "wheelhouse", "dataset", "train", "trainer", "export"},
+    "top": {"cli", "demo", "testing", "__init__", "_version"},
 }
 ORDER = list(LAYERS)
 

@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 
 import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.demo_ensemble import build_demo_ensemble, imagenet_phrases
+from kaggle_i2p.demo.ensemble import build_demo_ensemble, imagenet_phrases
 from kaggle_i2p.dryrun import dry_run
 from kaggle_i2p.ensemble import l2_normalize
 from kaggle_i2p.images import decode_image, make_view
 from kaggle_i2p.manifest import ManifestError, load_manifest
-from kaggle_i2p.retrieval import Bank, write_bank
+from kaggle_i2p.retrieval import Bank, RetrievalHead, write_bank
 from kaggle_i2p.towers import build_tower, check_architectures, load_tower
 
 
@@ -31,7 +31,7 @@ def test_demo_beats_the_prior_on_the_sample(demo_manifest):
 
 def test_demo_is_reproducible_and_valid(demo_manifest, tmp_path):
     manifest = load_manifest(demo_manifest)
-    check_architectures(manifest)
+    check_architectures(manifest.towers)
     assert [t.kind for t in manifest.towers] == ["retrieval", "prior"]
     assert manifest.towers[0].retrieval.rows == 1000 and manifest.towers[0].retrieval.k == 10
     again = build_demo_ensemble(tmp_path / "again")
@@ -43,7 +43,8 @@ def test_demo_is_reproducible_and_valid(demo_manifest, tmp_path):
 
 
 def test_manifest_demo_and_dry_run_default(demo_manifest, monkeypatch, capsys, tmp_path, sample_dir):
-    from kaggle_i2p import demo_ensemble, dryrun
+    from kaggle_i2p import dryrun
+    from kaggle_i2p.demo import ensemble as demo_ensemble
 
     monkeypatch.setattr(demo_ensemble, "default_demo_dir", lambda: demo_manifest.parent)
     monkeypatch.setattr(dryrun, "KAGGLE_SAMPLE_DIR", tmp_path / "not-on-kaggle")
@@ -98,6 +99,8 @@ def test_retrieval_tower_in_the_pipeline_equals_a_hand_computation(tmp_path, toy
         towers = []
         for spec in manifest.towers[:2]:
             model, views = load_tower(spec), []
+            assert model.spec is spec and isinstance(model.head, RetrievalHead)  # the head holds the bank
+            model.head = torch.nn.Identity()  # the raw scores, for this independent soft top-k
             for _, res, flip in spec.views:
                 with torch.no_grad():
                     scores = model(make_view(pixels, spec.image, res, hflip=flip))[0].double()
@@ -112,10 +115,10 @@ def test_retrieval_tower_in_the_pipeline_equals_a_hand_computation(tmp_path, toy
                 weights = torch.softmax(values / spec.retrieval.temperature, 0).numpy()
                 views.append(l2_normalize(weights @ bank_rows))
             towers.append(l2_normalize(np.mean(views, axis=0)))
-        mixed = (1.0 * towers[0] + 2.0 * towers[1] + 0.5 * manifest.towers[2].prior) / 3.5
+        mixed = (1.0 * towers[0] + 2.0 * towers[1] + 0.5 * manifest.towers[2].vector) / 3.5
         expected.append(l2_normalize(mixed))
     np.testing.assert_allclose(run.embeddings, np.array(expected), atol=2e-5)
-    np.testing.assert_array_equal(run.tower_embeddings["prior"], np.tile(manifest.towers[2].prior, (7, 1)))
+    np.testing.assert_array_equal(run.tower_embeddings["prior"], np.tile(manifest.towers[2].vector, (7, 1)))
     assert run.summary.n_views == 4 + 2  # the prior costs no forward pass
 
 
@@ -156,7 +159,7 @@ def test_open_clip_cannot_give_logits(tmp_path, toy_manifest):
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({**data, "fallback": str(toy_manifest.parent / "fallback.npy"), "towers": [tower]}))
     with pytest.raises(ManifestError, match="an open_clip image tower gives embeddings, not class logits"):
-        check_architectures(load_manifest(path, check_files=False))
+        check_architectures(load_manifest(path, check_files=False).towers)
 
 
 def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_manifest, tmp_path, sample_dir,

@@ -147,7 +147,7 @@ def test_architecture_checks_resolution_against_patch_size(tmp_path, toy_data):
     data["towers"][1]["library"] = "open_clip"
     manifest = load_manifest(_write(tmp_path, data))  # schema is fine; the arch checks are separate
     with pytest.raises(ManifestError) as info:
-        check_architectures(manifest)
+        check_architectures(manifest.towers)
     message = str(info.value)
     assert ("tower 'toy_timm_vit' (towers[0]).image.resolutions: 100 is not a multiple of the patch size 16 of "
             "test_vit; use 96 or 112") in message
@@ -159,12 +159,12 @@ def test_unknown_timm_arch(tmp_path, toy_data):
     data, _ = toy_data
     data["towers"][0]["arch"] = "vit_hyper_giant_patch3"
     with pytest.raises(ManifestError, match="timm has no model named 'vit_hyper_giant_patch3'"):
-        check_architectures(load_manifest(_write(tmp_path, data)))
+        check_architectures(load_manifest(_write(tmp_path, data)).towers)
 
 
 def test_reference_manifest_validates():
     manifest = load_manifest(ROOT / "weights_manifest.yaml", check_files=False)
-    check_architectures(manifest)  # every arch builds (meta device) and runs at every listed resolution
+    check_architectures(manifest.towers)  # every arch builds (meta device) and runs at every listed resolution
     assert [t.arch for t in manifest.towers] == ["eva02_large_patch14_clip_336", "convnext_xxlarge", "ViT-L-14-336"]
     assert all(str(t.checkpoint).startswith("/kaggle/input/") for t in manifest.towers)
     assert sum(manifest.weights.values()) == pytest.approx(1.0)
@@ -199,9 +199,9 @@ def test_a_manifest_with_every_kind_and_path_field_round_trips_from_another_fold
     import numpy as np
     import yaml
 
-    from kaggle_i2p.manifest import rebase_manifest_paths, write_manifest
+    from kaggle_i2p.fileio import sha256_file
+    from kaggle_i2p.manifest import rebase_manifest_paths, save_manifest, write_manifest
     from kaggle_i2p.retrieval import write_bank
-    from kaggle_i2p.towers import sha256_file
 
     source = tmp_path / "source"
     shutil.copytree(toy_manifest.parent, source)
@@ -223,8 +223,23 @@ def test_a_manifest_with_every_kind_and_path_field_round_trips_from_another_fold
     assert [t.kind for t in copied.towers] == ["regressor", "regressor", "retrieval", "prior"]
     assert copied.towers[1].arch == original.towers[1].arch and copied.towers[2].retrieval.bank == source / "bank"
     assert np.array_equal(copied.towers[0].dim_weights, original.towers[0].dim_weights)
-    assert np.array_equal(copied.towers[3].prior, original.towers[3].prior)
+    assert np.array_equal(copied.towers[3].vector, original.towers[3].vector)
     assert copied.fallback_path.resolve() == original.fallback_path.resolve()
+
+    # The specs write themselves back (Manifest.to_dict / save_manifest), paths relative to the new folder.
+    saved = save_manifest(original, tmp_path / "other" / "saved.yaml")
+    reloaded = load_manifest(tmp_path / "other" / "saved.yaml")
+    assert reloaded.towers == saved.towers == original.towers and reloaded.embedding_dim == original.embedding_dim
+    assert [type(t).__name__ for t in reloaded.towers] == ["RegressorSpec", "RegressorSpec", "RetrievalSpec",
+                                                           "PriorSpec"]
+    assert reloaded.towers[2].retrieval == original.towers[2].retrieval and reloaded.towers[3].views == ()
+    assert np.array_equal(reloaded.towers[0].dim_weights, original.towers[0].dim_weights)
+    assert np.array_equal(reloaded.towers[3].vector, original.towers[3].vector)
+    assert np.array_equal(reloaded.fallback, original.fallback)
+    written = yaml.safe_load((tmp_path / "other" / "saved.yaml").read_text())
+    assert written["towers"][0]["checkpoint"] == "../source/toy_timm_vit.safetensors"  # relative, not absolute
+    assert written["towers"][2]["retrieval"]["bank"] == "../source/bank" and "head" not in written["towers"][2]
+    assert reloaded.to_dict(tmp_path) == original.to_dict(tmp_path)
 
     broken = dict(data, fallback="missing.npy")
     with pytest.raises(ManifestError, match="missing.npy"):

@@ -7,15 +7,15 @@ import torch
 from sklearn.datasets import load_sample_image
 from timm.data import ImageNetInfo
 
-from kaggle_i2p.images import make_view
-from kaggle_i2p.manifest import ImageSpec
-from kaggle_i2p.pretrained import (
+from kaggle_i2p.demo.efficientnet_lite0 import (
     EFFICIENTNET_LITE0_ARCH,
     EFFICIENTNET_LITE0_IMAGE,
     ConversionError,
     convert_positional,
     efficientnet_lite0_state_dict,
 )
+from kaggle_i2p.images import make_view
+from kaggle_i2p.manifest import ImageSpec
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_full_and_read_only_disks_are_refused_before_compute_on_real_tmpfs(sampl
 
 def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                             capsys, no_weights):
-    from kaggle_i2p import atomic, submission
+    from kaggle_i2p import fileio, submission
 
     out = tmp_path / "submission.csv"
     monkeypatch.setattr(submission.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
@@ -200,14 +200,14 @@ def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(out), *CPU]) == 2
     assert "is not writable (Read-only file system)" in capsys.readouterr().err
 
 
 def test_a_late_disk_full_is_one_message_and_the_old_csv_survives(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                                  capsys):
-    from kaggle_i2p import atomic
+    from kaggle_i2p import fileio
 
     out = tmp_path / "submission.csv"
     out.write_text("the old submission")
@@ -226,7 +226,7 @@ def test_a_late_disk_full_is_one_message_and_the_old_csv_survives(sample_images,
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(out), *CPU]) == 2
     err = capsys.readouterr().err
     assert "No space left on device; the old file is unchanged" in err and "Traceback" not in err
@@ -237,7 +237,7 @@ def test_a_late_disk_full_is_one_message_and_the_old_csv_survives(sample_images,
 
 
 def test_commands_without_a_manifest_never_build_the_demo(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import demo_ensemble
+    from kaggle_i2p.demo import ensemble as demo_ensemble
 
     monkeypatch.setattr(demo_ensemble, "build_demo_ensemble", lambda *a, **k: pytest.fail("built the demo"))
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
@@ -330,7 +330,7 @@ def test_devices_and_missing_extras_are_clean_errors(sample_images, toy_manifest
 
 
 def test_demo_weights_not_installed_is_a_clean_error(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import pretrained
+    from kaggle_i2p.demo import efficientnet_lite0 as pretrained
 
     monkeypatch.setenv("KAGGLE_I2P_CACHE", str(tmp_path / "fresh_cache"))
     monkeypatch.setattr(pretrained, "efficientnet_lite0_source", lambda: (_ for _ in ()).throw(
@@ -421,7 +421,7 @@ def test_damaged_shards_and_hash_memo_are_recomputed_with_a_warning(sample_image
 def test_changed_checkpoint_never_serves_stale_outputs(sample_images, toy_manifest, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from kaggle_i2p.towers import sha256_file
+    from kaggle_i2p.fileio import sha256_file
 
     folder = tmp_path / "towers"
     shutil.copytree(toy_manifest.parent, folder)
@@ -644,7 +644,7 @@ def test_tune_out_in_another_folder_rebases_every_path(sample_images, sample_dir
     tuned, original = load_manifest(out), load_manifest(demo_manifest)
     assert tuned.towers[0].retrieval.bank.resolve() == original.towers[0].retrieval.bank.resolve()
     assert tuned.towers[0].checkpoint.resolve() == original.towers[0].checkpoint.resolve()
-    assert np.array_equal(tuned.towers[1].prior, original.towers[1].prior)
+    assert np.array_equal(tuned.towers[1].vector, original.towers[1].vector)
     assert tuned.fallback_path.resolve() == original.fallback_path.resolve()
     assert sum(t.weight for t in tuned.towers) == pytest.approx(1.0)
 
@@ -661,7 +661,7 @@ def test_tune_out_that_cannot_be_written_fails_before_compute(sample_images, sam
 
 
 def test_concurrent_demo_builds_share_one_build_and_incomplete_folders_are_rebuilt(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import demo_ensemble
+    from kaggle_i2p.demo import ensemble as demo_ensemble
 
     builds = []
 
@@ -702,7 +702,7 @@ def test_concurrent_demo_builds_share_one_build_and_incomplete_folders_are_rebui
 def test_api_defaults_have_one_owner():
     import inspect
 
-    from kaggle_i2p import ensemble, manifest, retrieval, text
+    from kaggle_i2p import manifest, retrieval, text, tune
 
     for function in (retrieval.retrieve, retrieval.retrieve_from_logits):
         parameters = inspect.signature(function).parameters
@@ -710,9 +710,9 @@ def test_api_defaults_have_one_owner():
         assert parameters["temperature"].default == manifest.DEFAULT_RETRIEVAL_TEMPERATURE
     assert not hasattr(text, "EMBEDDING_DIM")
     preds = {"a": np.eye(3, dtype=np.float32), "b": np.ones((3, 3), dtype=np.float32)}
-    weights = ensemble.tune_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
+    weights = tune.tune_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
     assert all(type(w) is float for w in weights.values())
-    dims = ensemble.tune_dim_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
+    dims = tune.tune_dim_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
     assert all(isinstance(w, np.ndarray) and w.shape == (3,) for w in dims.values())
 
 
@@ -731,18 +731,18 @@ def test_warnings_are_written_above_the_progress_bars(bad_inputs, toy_manifest, 
 
 
 def test_banks_and_the_demo_get_ordinary_permissions(tmp_path):
-    from kaggle_i2p import demo_ensemble
+    from kaggle_i2p.demo import ensemble as demo_ensemble
     from kaggle_i2p.retrieval import write_bank
 
     old = os.umask(0o022)
     try:
         bank = write_bank(tmp_path / "bank", ["a cat", "a dog"], np.eye(2, 384, dtype=np.float32))
-        staging = kaggle_i2p.atomic.staging_dir(tmp_path / "demo")
+        staging = kaggle_i2p.fileio.staging_dir(tmp_path / "demo")
     finally:
         os.umask(old)
     assert (bank.stat().st_mode & 0o777) == 0o755 and (staging.stat().st_mode & 0o777) == 0o755
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in bank.iterdir())
-    assert demo_ensemble.staging_dir is kaggle_i2p.atomic.staging_dir  # the demo builds in such a folder
+    assert demo_ensemble.staging_dir is kaggle_i2p.fileio.staging_dir  # the demo builds in such a folder
 
 
 def test_readme_lists_every_command():

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kaggle_i2p.checkpoints import strip_prefixes
+from kaggle_i2p.fileio import sha256_file
 from kaggle_i2p.manifest import HeadSpec, load_manifest
-from kaggle_i2p.towers import TowerLoadError, build_head, build_tower, load_tower, sha256_file, strip_prefixes
+from kaggle_i2p.towers import TowerLoadError, build_head, build_tower, load_tower
 
 
 @pytest.fixture

@@ -23,15 +23,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from kaggle_i2p.cli import main
-from kaggle_i2p.export import ExportError, export_checkpoint, read_checkpoint
 from kaggle_i2p.images import decode_image, make_view
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.predict import run_prediction
 from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, build_toy_training_set, toy_training_config
 from kaggle_i2p.towers import at_resolution, build_tower, load_initial_weights
-from kaggle_i2p.train_config import TrainConfigError, load_train_config, parse_train_config
-from kaggle_i2p.train_data import TrainImages, epoch_rows, load_training_data, rank_batches
-from kaggle_i2p.trainer import Trainer, TrainingError, check_stage_architectures, train
+from kaggle_i2p.train.checkpoint import CheckpointError, read_checkpoint
+from kaggle_i2p.train.config import TrainConfigError, load_train_config, parse_train_config
+from kaggle_i2p.train.data import TrainImages, epoch_rows, load_training_data, rank_batches
+from kaggle_i2p.train.export import export_checkpoint
+from kaggle_i2p.train.trainer import Trainer, TrainingError, check_stage_architectures, train
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTABLE = ("seconds", "images_per_s")  # wall-clock fields of the history
@@ -280,12 +281,12 @@ def test_at_resolution_equals_running_the_old_tower_at_that_size(toy_manifest, t
     spec = {s.name: s for s in load_manifest(toy_manifest).towers}[tower_name]
     torch.manual_seed(0)
     tower = build_tower(spec).eval()
-    rebuilt, new_spec = at_resolution(tower, spec, size)
-    assert new_spec.native_resolution == size and rebuilt is not tower
+    rebuilt = at_resolution(tower, size)
+    assert rebuilt.spec.native_resolution == size and rebuilt is not tower and tower.spec is spec
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(rebuilt.eval()(images), tower(images), atol=1e-5)
-    assert at_resolution(rebuilt, new_spec, size)[0] is rebuilt
+    assert at_resolution(rebuilt, size) is rebuilt
 
 
 def test_epoch_rows_take_one_image_per_prompt_and_rank_batches_partition_them(toy_work):
@@ -391,7 +392,7 @@ def test_cli_train_and_export(toy_work, tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     assert main(["export", str(tmp_path / "other.pt"), "--out", str(tmp_path / "exp2")]) == 2
     assert "not a kaggle_i2p training checkpoint" in capsys.readouterr().err
-    with pytest.raises(ExportError):
+    with pytest.raises(CheckpointError):
         read_checkpoint(tmp_path / "nowhere.pt")
 
 
@@ -412,7 +413,7 @@ def test_gradient_accumulation_equals_the_larger_batch(toy_work, tmp_path):
 
 
 def test_precision_choice_and_a_bf16_run(toy_work, tmp_path, monkeypatch):
-    from kaggle_i2p import trainer
+    from kaggle_i2p.train import trainer
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert [trainer.mixed_precision(p, True) for p in ("auto", "fp32", "fp16", "bf16")] == ["fp16", "no", "fp16",

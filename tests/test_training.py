@@ -10,7 +10,7 @@ import torch
 
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.towers import build_tower
-from kaggle_i2p.training import (
+from kaggle_i2p.train.recipe import (
     ModelEMA,
     cosine_embedding_loss,
     freeze_lowest,

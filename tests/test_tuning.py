@@ -12,19 +12,11 @@ import yaml
 
 import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.ensemble import (
-    _groups_of,
-    _torch_score,
-    apply_weights,
-    l2_normalize,
-    mean_cosine,
-    tune_dim_weights,
-    tune_weights,
-)
+from kaggle_i2p.ensemble import l2_normalize, mean_cosine
 from kaggle_i2p.evaluate import (
     TargetError,
     evaluate_run,
-    fold_ids,
+    fold_numbers,
     load_targets,
     tune_run,
     view_predictions,
@@ -32,6 +24,7 @@ from kaggle_i2p.evaluate import (
 )
 from kaggle_i2p.manifest import ManifestError, load_manifest
 from kaggle_i2p.predict import PredictionRun, RunSummary
+from kaggle_i2p.tune import _groups_of, _torch_score, apply_weights, tune_dim_weights, tune_weights
 
 RNG_SEED = 7
 
@@ -84,7 +77,7 @@ def test_out_of_fold_tuned_beats_equal_beats_worst_single():
     preds, target = synthetic()
     manifest = _manifest_stub(preds)
     run = _fake_run(preds)
-    folds = fold_ids(run.ids, 5)
+    folds = fold_numbers(run.ids, 5)
     report, fitted = tune_run(run, manifest, target, folds)
     worst = min(mean_cosine(p, target)[0] for p in preds.values())
     assert report.oof["tuned"] >= report.oof["equal_weights"] >= worst
@@ -118,7 +111,7 @@ def test_tuned_manifest_loads_and_predicts_what_was_tuned(mode, sample_images, t
     manifest = load_manifest(toy_manifest)
     run = kaggle_i2p.run_prediction(sample_images, manifest, **options)
     targets = load_targets(run.ids, prompts_csv=sample_dir / "prompts.csv")
-    folds = fold_ids(run.ids, 3)
+    folds = fold_numbers(run.ids, 3)
     report, fitted = tune_run(run, manifest, targets, folds, per_view=mode == "per_view", per_dim=mode == "per_dim")
     out = write_tuned_manifest(toy_manifest, tmp_path / "elsewhere" / "tuned.yaml", report, fitted)
 
@@ -188,7 +181,7 @@ def test_targets_errors(tmp_path, sample_dir):
 
 def test_fold_column_is_used(tmp_path):
     (tmp_path / "p.csv").write_text("imgId,prompt,fold\na,x,1\nb,y,0\nc,z,1\n")
-    assert fold_ids(["a", "b", "c"], 5, prompts_csv=tmp_path / "p.csv").tolist() == [1, 0, 1]
+    assert fold_numbers(["a", "b", "c"], 5, prompts_csv=tmp_path / "p.csv").tolist() == [1, 0, 1]
 
 
 def test_manifest_checks_view_and_dim_weights(tmp_path, toy_manifest):

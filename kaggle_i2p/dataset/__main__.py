@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import I2PError
+from .generate import DEFAULTS
 from .index import write_image_index
-from .prompts import run_text_steps
+from .layout import IMAGE_FORMATS
+from .prompts import DEDUP_THRESHOLD, GROUP_THRESHOLD, N_FOLDS, run_text_steps
 
 DESCRIPTION = """Build a training set from prompt files, one resumable step at a time (the steps of build_dataset.sh):
 text (collect, clean, semantic dedup, MiniLM targets, grouped folds) -> generate (SD2 images, sharded over ranks) ->
@@ -26,24 +28,25 @@ def main(argv: list[str] | None = None) -> int:
     text = sub.add_parser("text", help="collect, clean, dedup, targets and folds into WORK/index.parquet")
     text.add_argument("sources", nargs="+", help="prompt files: PATH or PATH:COLUMN (txt, csv, parquet)")
     text.add_argument("--work", type=Path, required=True)
-    text.add_argument("--dedup-threshold", type=float, default=0.9)
-    text.add_argument("--group-threshold", type=float, default=0.7)
-    text.add_argument("--folds", type=int, default=5)
+    text.add_argument("--dedup-threshold", type=float, default=DEDUP_THRESHOLD)
+    text.add_argument("--group-threshold", type=float, default=GROUP_THRESHOLD)
+    text.add_argument("--folds", type=int, default=N_FOLDS)
     text.add_argument("--device", default="cpu")
     gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate for more)")
     gen.add_argument("--work", type=Path, required=True)
     gen.add_argument("--model", type=Path, required=True, help="local diffusers Stable Diffusion 2 folder")
-    gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--steps", type=int, default=25, help="DPMSolver++ steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=9.0)
-    gen.add_argument("--image-size", type=int, default=512, help="saved size (the host's images are 512)")
+    gen.add_argument("--images-per-prompt", type=int, default=DEFAULTS.images_per_prompt)
+    gen.add_argument("--steps", type=int, default=DEFAULTS.steps, help="DPMSolver++ steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=DEFAULTS.guidance)
+    gen.add_argument("--image-size", type=int, default=DEFAULTS.image_size,
+                     help="saved size (default: %(default)s, the host's images)")
     gen.add_argument("--render-size", type=int, default=None, help="generation size (default: the model's, 768)")
-    gen.add_argument("--batch-size", type=int, default=4)
-    gen.add_argument("--format", choices=["png", "webp"], default="png")
+    gen.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    gen.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULTS.image_format)
     gen.add_argument("--device", default=None)
     index = sub.add_parser("index", help="write index.parquet and targets.npy for the images on disk")
     index.add_argument("--work", type=Path, required=True)
-    index.add_argument("--format", choices=["png", "webp"], default="png")
+    index.add_argument("--format", choices=IMAGE_FORMATS, default=DEFAULTS.image_format)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

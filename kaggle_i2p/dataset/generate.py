@@ -19,10 +19,25 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..atomic import atomic_open
+from ..fileio import atomic_open
 from .layout import GENERATION, IMAGES, PROMPT_INDEX
 
 log = logging.getLogger("kaggle_i2p")
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The generate step's defaults, in one place (the CLI and build_dataset.sh pass values only when given)."""
+
+    images_per_prompt: int = 1
+    steps: int = 25  # DPMSolver++ steps
+    guidance: float = 9.0
+    image_size: int = 512  # saved size: the host's test images are 512
+    batch_size: int = 4
+    image_format: str = "png"
+
+
+DEFAULTS = GenerationDefaults()
 
 
 @dataclass(frozen=True)
@@ -71,9 +86,10 @@ def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
     return pipe.to(device)
 
 
-def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = 1, steps: int = 25,
-             guidance: float = 9.0, image_size: int = 512, render_size: int | None = None, batch_size: int = 4,
-             image_format: str = "png", device: str | None = None) -> list[Path]:
+def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = DEFAULTS.images_per_prompt,
+             steps: int = DEFAULTS.steps, guidance: float = DEFAULTS.guidance, image_size: int = DEFAULTS.image_size,
+             render_size: int | None = None, batch_size: int = DEFAULTS.batch_size,
+             image_format: str = DEFAULTS.image_format, device: str | None = None) -> list[Path]:
     """Make this rank's share of the missing images under WORK/images; returns the files it wrote."""
     from tqdm.auto import tqdm
 

@@ -14,6 +14,7 @@ PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
 PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt
 INDEX, TARGETS, IMAGES = "index.parquet", "targets.npy", "images"  # one row per generated image
 GENERATION = "generation.json"  # the settings the images were generated with
+IMAGE_FORMATS = ("png", "webp")  # how images are saved: PNG, or lossless WebP
 
 
 def images_per_prompt(work: Path) -> int:

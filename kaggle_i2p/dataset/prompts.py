@@ -15,10 +15,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..atomic import atomic_open, write_parquet
+from ..blocks import blocks
 from ..errors import I2PError
+from ..fileio import atomic_open, write_parquet
+from ..folds import group_fold_numbers
 from ..retrieval import read_texts
 from .layout import CLEAN, DEDUP, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
+
+# The text steps' defaults, in one place (the CLI and build_dataset.sh pass values only when given).
+DEDUP_THRESHOLD = 0.9  # MiniLM cosine to an earlier kept prompt above which a prompt is a duplicate
+GROUP_THRESHOLD = 0.7  # prompts this similar share a group, and so a fold
+N_FOLDS = 5
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -64,11 +71,7 @@ def clean(frame: pd.DataFrame, min_words: int = 3, max_tokens: int = CLIP_CONTEX
     return kept, counts
 
 
-def _blocks(n: int, size: int) -> list[range]:
-    return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def semantic_dedup(embeddings: np.ndarray, threshold: float = 0.9, block: int = 4096,
+def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, block: int = 4096,
                    device: str = "cpu") -> np.ndarray:
     """Keep mask: a prompt is dropped when its cosine to an earlier kept prompt is >= threshold (greedy, in order).
 
@@ -77,7 +80,7 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = 0.9, block: int = 
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
     keep = np.zeros(len(vectors), dtype=bool)
     kept_rows: list[torch.Tensor] = []
-    for rows in _blocks(len(vectors), block):
+    for rows in blocks(len(vectors), block):
         current = vectors[rows.start:rows.stop]
         blocked = torch.zeros(len(current), dtype=torch.bool, device=device)
         for kept in kept_rows:
@@ -93,7 +96,7 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = 0.9, block: int = 
     return keep
 
 
-def similarity_groups(embeddings: np.ndarray, threshold: float = 0.7, block: int = 4096,
+def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, block: int = 4096,
                       device: str = "cpu") -> np.ndarray:
     """Group ids: connected components of the graph 'cosine >= threshold' (union-find over chunked matmuls)."""
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
@@ -105,8 +108,8 @@ def similarity_groups(embeddings: np.ndarray, threshold: float = 0.7, block: int
             i = parent[i]
         return i
 
-    for left in _blocks(len(vectors), block):
-        for right in _blocks(len(vectors), block):
+    for left in blocks(len(vectors), block):
+        for right in blocks(len(vectors), block):
             if right.start < left.start:
                 continue
             pairs = torch.nonzero(vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold)
@@ -122,23 +125,18 @@ class DatasetError(I2PError, ValueError):
     """A dataset step that cannot run as asked (too few prompts for the folds, a missing source file)."""
 
 
-def assign_folds(groups: np.ndarray, n_folds: int = 5) -> np.ndarray:
+def assign_folds(groups: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
     """A fold per row with scikit-learn's GroupKFold: every group lies in exactly one fold."""
     n_groups = len(np.unique(groups))
     if n_folds < 2 or n_groups < n_folds:
         raise DatasetError(f"{n_folds} folds need at least {max(n_folds, 2)} groups of prompts, and the prompts left "
                            f"after cleaning and dedup form {n_groups} ({len(groups)} prompts, grouped at the "
                            "similarity threshold); add prompts or lower FOLDS / --folds (at least 2)")
-    from sklearn.model_selection import GroupKFold
-
-    folds = np.full(len(groups), -1, dtype=int)
-    for fold, (_, held_out) in enumerate(GroupKFold(n_splits=n_folds).split(np.zeros(len(groups)), groups=groups)):
-        folds[held_out] = fold
-    return folds
+    return group_fold_numbers(groups, n_folds)
 
 
-def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: float = 0.9,
-                   group_threshold: float = 0.7, n_folds: int = 5, device: str = "cpu") -> Path:
+def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: float = DEDUP_THRESHOLD,
+                   group_threshold: float = GROUP_THRESHOLD, n_folds: int = N_FOLDS, device: str = "cpu") -> Path:
     """collect -> clean -> dedup -> targets -> folds; each step's output is kept and reused when present."""
     from ..text import embed_prompts
 

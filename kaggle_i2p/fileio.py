@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader, or a run killed mid-write, never sees half a file."""
+"""File helpers: atomic file and folder writes (a reader, or a run killed mid-write, never sees half a file), and
+file hashes and identities."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -83,3 +85,19 @@ def check_writable_file(path: str | Path) -> Path:
         raise OutputError(f"cannot write {path}: folder {existing} is not writable ({err.strerror or err}); "
                           "choose a writable folder for the output") from err
     return existing
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are GB-sized)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_identity(path: str | Path) -> str:
+    """Resolved path, size, modification and status-change times: any rewrite of the file changes it (the ctime
+    cannot be set back, unlike the mtime), so a memoised hash is never served for other content."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"

@@ -14,20 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .manifest import (
+from .._validate import Problems, expand_path, is_number, read_yaml, resolve_file
+from ..manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
+    PRECISIONS,
     ManifestError,
-    TowerSpec,
-    _is_number,
-    _parse_tower,
-    _Problems,
-    _resolve_file,
-    expand_path,
-    read_yaml,
+    ParseContext,
+    RegressorSpec,
+    parse_tower,
 )
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
 DATA_DEFAULTS = {"val_fold": 0, "batch_size": 32, "eval_batch_size": None, "num_workers": 4,
@@ -101,7 +98,7 @@ class TrainConfig:
     output: Path
     seed: int
     cpu: bool
-    tower: TowerSpec
+    tower: RegressorSpec  # its checkpoint is None: export writes it
     init: Path | None  # None: random initialisation (`init: none`)
     data: DataConfig
     loss: LossConfig
@@ -114,7 +111,7 @@ class TrainConfig:
     eval_at_start: bool
 
 
-def _section(raw: Mapping, key: str, defaults: dict, problems: _Problems) -> dict:
+def _section(raw: Mapping, key: str, defaults: dict, problems: Problems) -> dict:
     value = raw.get(key, {}) or {}
     if not isinstance(value, Mapping):
         problems.add(key, f"must be a mapping with keys {', '.join(sorted(defaults))}")
@@ -124,31 +121,31 @@ def _section(raw: Mapping, key: str, defaults: dict, problems: _Problems) -> dic
     return {**defaults, **{k: v for k, v in value.items() if k in defaults}}
 
 
-def _int(value: Any, where: str, problems: _Problems, minimum: int = 0) -> int:
+def _int(value: Any, where: str, problems: Problems, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         problems.add(where, f"{value!r} must be an integer >= {minimum}")
         return minimum
     return value
 
 
-def _number(value: Any, where: str, problems: _Problems, low: float = 0.0, high: float = float("inf"),
+def _number(value: Any, where: str, problems: Problems, low: float = 0.0, high: float = float("inf"),
             high_open: bool = False) -> float:
-    if not _is_number(value) or value < low or value > high or (high_open and value == high):
+    if not is_number(value) or value < low or value > high or (high_open and value == high):
         bound = f"< {high}" if high_open else f"<= {high}"
         problems.add(where, f"{value!r} must be a number >= {low}" + (f" and {bound}" if high != float("inf") else ""))
         return low
     return float(value)
 
 
-def _pair(value: Any, where: str, problems: _Problems) -> tuple[float, float]:
-    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and v > 0 for v in value)
+def _pair(value: Any, where: str, problems: Problems) -> tuple[float, float]:
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) and v > 0 for v in value)
             and value[0] <= value[1]):
         return float(value[0]), float(value[1])
     problems.add(where, f"{value!r} must be [low, high] with 0 < low <= high")
     return 1.0, 1.0
 
 
-def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: _Problems) -> StageConfig | None:
+def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems) -> StageConfig | None:
     where = f"stages[{index}]"
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping, e.g. {epochs: 1, resolution: 224, head_only: true, lr: 1e-3}")
@@ -192,7 +189,7 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
 
 
 def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
-                         problems: _Problems) -> tuple[TowerSpec | None, Path | None]:
+                         problems: Problems) -> tuple[RegressorSpec | None, Path | None]:
     if not isinstance(raw, Mapping):
         problems.add("tower", "is required: a manifest tower entry (name, library, arch, head, image) plus init, "
                               "the local pretrained weights")
@@ -202,17 +199,18 @@ def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
         if key in entry:
             problems.add(f"tower.{key}", "is written by `kaggle-i2p export`, not given to the trainer; remove it")
             entry.pop(key)
-    entry.update(checkpoint="trained.safetensors", weight=1.0)
+    entry["weight"] = 1.0
     image = entry.get("image")
     if isinstance(image, Mapping) and "resolutions" not in image and last_resolution is not None:
         entry["image"] = {**image, "resolutions": [last_resolution]}  # serve at the resolution it finished at
-    spec = _parse_tower(entry, 0, base_dir, problems, check_files=False, label="tower")
+    spec = parse_tower(entry, 0, ParseContext(base_dir, problems, check_files=False, needs_checkpoint=False),
+                       label="tower")
     init: Path | None = None
     if "init" not in raw:
         problems.add("tower.init", "is required: the local file of pretrained weights (an open_clip CLIP checkpoint, "
                                    "a timm state dict, or a kaggle_i2p tower); `init: none` trains from random weights")
     elif raw["init"] != "none":
-        init = _resolve_file(raw["init"], base_dir, "tower.init", problems, "pretrained weights")
+        init = resolve_file(raw["init"], base_dir, "tower.init", problems, "pretrained weights")
     return spec, init
 
 
@@ -220,7 +218,7 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
     """Validate a parsed config mapping; `path` anchors relative paths and names the file in errors."""
     path = Path(path)
     base_dir = path.resolve().parent
-    problems = _Problems()
+    problems = Problems()
     if not isinstance(data, Mapping):
         raise TrainConfigError(path, ["the file must hold a mapping with work, output, tower and stages"])
     for key in sorted(set(data) - TOP_KEYS):

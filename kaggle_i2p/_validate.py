@@ -1,0 +1,85 @@
+"""Validation helpers shared by the manifest and the training config: collect every problem in one pass, read YAML,
+and resolve `${VAR}` / relative paths against the file that names them."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+
+class Problems:
+    """Collects problems so that one validation pass reports all of them, each as `where: message`."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def is_number(x: Any) -> bool:
+    """A finite int or float, not a bool (YAML's `yes` must not pass as 1)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def is_int(x: Any) -> bool:
+    """A whole number, not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_path(raw: str, base_dir: Path) -> Path:
+    """Expand `${VAR}` / `${VAR:-default}` from the environment and resolve relative paths against `base_dir`;
+    an unset variable without a default raises KeyError(name)."""
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise KeyError(name)
+            return default
+        return value
+
+    path = Path(_VAR.sub(substitute, raw)).expanduser()
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))  # `a/../b` names b once
+
+
+def resolve_file(raw: Any, base_dir: Path, where: str, problems: Problems, what: str) -> Path | None:
+    """The existing file `raw` names, or None with the problem (not a string, unset variable, no such file) added."""
+    if not isinstance(raw, str) or not raw.strip():
+        problems.add(where, f"must be a path string to the {what}")
+        return None
+    try:
+        path = expand_path(raw, base_dir)
+    except KeyError as err:
+        problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
+                            f"or write ${{{err.args[0]}:-default}}")
+        return None
+    if not path.is_file():
+        origin = f"expanded from {raw!r}; " if "${" in raw else ""
+        problems.add(where, f"file not found: {path} ({origin}relative paths resolve against the manifest's folder "
+                            f"{base_dir}); attach the dataset that holds it or fix the path")
+        return None
+    return path
+
+
+def read_yaml(path: Path, error: Callable[[Path, list[str]], Exception], missing: str, hint: str = "") -> Any:
+    """A YAML file's data; a missing or unparsable file raises `error(path, [problem])` naming it."""
+    if not path.is_file():
+        raise error(path, [f"{missing}: {path.resolve()}{hint}"])
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise error(path, [f"is not valid YAML: {err}"]) from err
