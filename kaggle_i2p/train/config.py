@@ -21,6 +21,7 @@ from ..manifest import (
     PRECISIONS,
     ManifestError,
     ParseContext,
+    Precision,
     RegressorSpec,
     parse_tower,
 )
@@ -104,7 +105,7 @@ class TrainConfig:
     loss: LossConfig
     ema_decay: float  # 0: no EMA
     ema_warmup: bool
-    precision: str
+    precision: Precision
     stages: tuple[StageConfig, ...]
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
     log_every: int
