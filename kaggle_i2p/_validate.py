@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,12 @@ class Problems:
 
     def add(self, where: str, message: str) -> None:
         self.items.append(f"{where}: {message}")
+
+    def unknown_keys(self, raw: Mapping, allowed: Collection[str], where: str = "", what: str = "key") -> None:
+        """One problem per key of `raw` outside `allowed`, as `where.key: unknown key; allowed: ...` (a top-level
+        key is named alone)."""
+        for key in sorted(set(raw) - set(allowed), key=str):
+            self.add(f"{where}.{key}" if where else str(key), f"unknown {what}; allowed: {', '.join(sorted(allowed))}")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -251,9 +251,7 @@ class NetworkSpec(TowerSpec):
         raise NotImplementedError
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
-        data: dict[str, Any] = {"name": self.name, "library": self.library}
-        if self.kind != RegressorSpec.kind:  # the default kind is left out, as export always wrote it
-            data["kind"] = self.kind
+        data: dict[str, Any] = {"name": self.name, "library": self.library, "kind": self.kind}
         data["arch"] = _path_text(Path(self.arch), out_dir) if self.arch.endswith(".json") else self.arch
         if self.checkpoint is not None:
             data["checkpoint"] = _path_text(self.checkpoint, out_dir)
@@ -292,6 +290,11 @@ class RegressorSpec(NetworkSpec):
     @property
     def head_name(self) -> str:
         return f"{self.head.type} head"
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        data = super().to_dict(out_dir)
+        del data["kind"]  # the default kind, left out as export always wrote it
+        return data
 
     def _output_section(self, out_dir: Path | None) -> dict:
         return {"head": self.head.to_dict()}
@@ -373,8 +376,7 @@ def _parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping like {type: linear} or {type: mlp, hidden: 1024}")
         return HeadSpec()
-    for key in sorted(set(raw) - HEAD_KEYS):
-        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(HEAD_KEYS))}")
+    problems.unknown_keys(raw, HEAD_KEYS, where)
     head_type = raw.get("type", "linear")
     if head_type not in HEAD_TYPES:
         problems.add(f"{where}.type", f"{head_type!r} is not one of {', '.join(HEAD_TYPES)}")
@@ -406,8 +408,7 @@ def _parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
         raw = {}
-    for key in sorted(set(raw) - IMAGE_KEYS):
-        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(IMAGE_KEYS))}")
+    problems.unknown_keys(raw, IMAGE_KEYS, where)
     for key in ("mean", "std", "interpolation", "resize", "resolutions"):
         if key not in raw:
             problems.add(f"{where}.{key}", "is required: preprocessing is never guessed; copy it from the "
@@ -496,8 +497,7 @@ def _parse_weight(raw: Mapping, label: str, problems: Problems) -> float:
 def _parse_prior(raw: Mapping, name: str, label: str, ctx: ParseContext) -> PriorSpec | None:
     """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
     problems, before = ctx.problems, len(ctx.problems)
-    for key in sorted(set(raw) - PRIOR_KEYS):
-        problems.add(f"{label}.{key}", f"unknown key for a prior tower; allowed: {', '.join(sorted(PRIOR_KEYS))}")
+    problems.unknown_keys(raw, PRIOR_KEYS, label, what="key for a prior tower")
     for key in ("vector", "weight"):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
@@ -522,8 +522,7 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping with bank, k, temperature, score")
         return None
-    for key in sorted(set(raw) - RETRIEVAL_KEYS):
-        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(RETRIEVAL_KEYS))}")
+    problems.unknown_keys(raw, RETRIEVAL_KEYS, where)
     k, temperature = raw.get("k", DEFAULT_RETRIEVAL_K), raw.get("temperature", DEFAULT_RETRIEVAL_TEMPERATURE)
     score = raw.get("score", "logits")
     if not (is_int(k) and k >= 1):
@@ -569,6 +568,7 @@ def _parse_retrieval_output(raw: Mapping, label: str, ctx: ParseContext) -> dict
     if "head" in raw:
         ctx.problems.add(f"{label}.head", "a retrieval tower has no head: its scores select bank rows")
     if "retrieval" not in raw:
+        ctx.problems.add(f"{label}.retrieval", "is required")
         return {"retrieval": None}
     return {"retrieval": _parse_retrieval(raw["retrieval"], f"{label}.retrieval", ctx)}
 
@@ -577,11 +577,8 @@ def _parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, cls: 
                    parse_output: Callable[[Mapping, str, ParseContext], dict]) -> NetworkSpec | None:
     """The fields every network tower has, then its kind's own section (`parse_output`)."""
     problems, before = ctx.problems, len(ctx.problems)
-    for key in sorted(set(raw) - NETWORK_KEYS):
-        problems.add(f"{label}.{key}", f"unknown key; allowed: {', '.join(sorted(NETWORK_KEYS))}")
-    required = ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight",
-                *(("retrieval",) if cls is RetrievalSpec else ()))
-    for key in required:
+    problems.unknown_keys(raw, NETWORK_KEYS, label)
+    for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight"):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
     output = parse_output(raw, label, ctx)
@@ -693,8 +690,7 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
     problems = Problems()
     if not isinstance(data, Mapping):
         raise ManifestError(path, ["the file must hold a mapping with embedding_dim, fallback and towers"])
-    for key in sorted(set(data) - TOP_KEYS):
-        problems.add(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    problems.unknown_keys(data, TOP_KEYS, what="top-level key")
 
     embedding_dim = data.get("embedding_dim", DEFAULT_EMBEDDING_DIM)
     if not is_int(embedding_dim) or embedding_dim <= 0:

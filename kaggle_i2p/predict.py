@@ -414,8 +414,9 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     failed = {i: f"unreadable image ({reason})" for i, reason in outputs.errors.items()}
     tower_embeddings = {}
     for spec in setup.active:
-        if not spec.views:  # a constant tower (a prior)
-            tower_embeddings[spec.name] = np.tile(spec.constant(), (n, 1))
+        constant = spec.constant()
+        if constant is not None:  # a tower without views (a prior)
+            tower_embeddings[spec.name] = np.tile(constant, (n, 1))
             continue
         views = outputs.views[spec.name]
         tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())

@@ -117,8 +117,7 @@ def _section(raw: Mapping, key: str, defaults: dict, problems: Problems) -> dict
     if not isinstance(value, Mapping):
         problems.add(key, f"must be a mapping with keys {', '.join(sorted(defaults))}")
         return dict(defaults)
-    for extra in sorted(set(value) - set(defaults)):
-        problems.add(f"{key}.{extra}", f"unknown key; allowed: {', '.join(sorted(defaults))}")
+    problems.unknown_keys(value, defaults, key)
     return {**defaults, **{k: v for k, v in value.items() if k in defaults}}
 
 
@@ -151,8 +150,7 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping, e.g. {epochs: 1, resolution: 224, head_only: true, lr: 1e-3}")
         return None
-    for key in sorted(set(raw) - STAGE_KEYS):
-        problems.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(STAGE_KEYS))}")
+    problems.unknown_keys(raw, STAGE_KEYS, where)
     for key in ("epochs", "resolution"):
         if key not in raw:
             problems.add(f"{where}.{key}", "is required")
@@ -222,8 +220,7 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
     problems = Problems()
     if not isinstance(data, Mapping):
         raise TrainConfigError(path, ["the file must hold a mapping with work, output, tower and stages"])
-    for key in sorted(set(data) - TOP_KEYS):
-        problems.add(key, f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    problems.unknown_keys(data, TOP_KEYS, what="top-level key")
     paths = {}
     for key, what in (("work", "the build_dataset.sh folder (index.parquet, targets.npy)"),
                       ("output", "the folder for checkpoints and metrics")):
