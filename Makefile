@@ -27,8 +27,11 @@ test: setup wheelhouse
 	$(VENV)/bin/ruff check kaggle_i2p tests benchmarks tools
 	$(PY) -m pytest -q
 
+# Every benchmark at sizes that fit a 2-core machine (about 20 minutes); results go in docs/benchmarks.md.
 bench: setup
 	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_train_step.py --batch-size 4
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .ruff_cache .cache

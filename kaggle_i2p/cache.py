@@ -30,7 +30,7 @@ from .manifest import NetworkSpec
 
 log = logging.getLogger("kaggle_i2p")
 
-FORMAT_VERSION = 3  # 3: the tower's identity is its manifest entry (spec.to_dict)
+FORMAT_VERSION = 4  # 3: the tower's identity is its manifest entry; 4: a bank-searching tower stores its queries
 DEFAULT_CHUNK_SIZE = 256
 HASH_MEMO = "checkpoint_sha256.json"
 
@@ -104,7 +104,8 @@ class PredictionCache:
 
     def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int) -> str:
         """Hash of everything that decides a tower's outputs: its manifest entry without its name, weights, file paths
-        and views (views are keyed one by one), plus the checkpoint's and bank's contents.
+        and views (views are keyed one by one), plus the checkpoint's and bank's contents. A tower that searches its
+        bank stores queries, made before the bank pass: its bank, k and search settings are not part of the key.
 
         The batch size is part of it: a batch's values can differ in the last bits with its size, and a resumed run
         must give the bytes of an uninterrupted one.
@@ -118,7 +119,9 @@ class PredictionCache:
         if spec.arch.endswith(".json"):
             entry["arch"] = json.loads(Path(spec.arch).read_text(encoding="utf-8"))
         if "retrieval" in entry:
-            entry["retrieval"]["bank"] = _bank_identity(Path(entry["retrieval"]["bank"]))
+            retrieval = spec.retrieval
+            entry["retrieval"] = ({"score": retrieval.score, "key_dim": retrieval.key_dim} if retrieval.searches_bank
+                                  else {**entry["retrieval"], "bank": _bank_identity(retrieval.bank)})
         identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": self.checkpoint_sha256(spec),
                     "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size}
         return f"{spec.name}-{_digest(identity)}"

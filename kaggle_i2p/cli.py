@@ -46,6 +46,14 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_index_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nlist", type=_whole_number(1), default=None,
+                        help="inverted lists of the index (default: FAISS's guidance for the bank size)")
+    parser.add_argument("--recall-queries", type=Path, default=None,
+                        help=".npy of real queries (e.g. image embeddings) to measure the index's recall on "
+                             "(default: held-out bank rows)")
+
+
 def _add_verify_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-images", action="store_true",
                         help="key cached outputs by each image's content hash, not its size and modification time")
@@ -129,12 +137,34 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
-    from .retrieval import Bank, build_bank
+    from .bankbuild import build_bank
+    from .retrieval import Bank
 
-    bank = Bank.open(build_bank(args.texts, args.out, column=args.column, keys=args.keys, clip_arch=args.clip_arch,
-                                clip_checkpoint=args.clip_checkpoint))
+    out = build_bank(args.texts, args.out, column=args.column, keys=args.keys, clip_arch=args.clip_arch,
+                     clip_checkpoint=args.clip_checkpoint, index=args.index, nlist=args.nlist,
+                     recall_queries=args.recall_queries, shard_rows=args.shard_rows, device=args.device,
+                     batch_size=args.batch_size)
+    if out is None:
+        print(f"this rank's shards are in {args.out}.building; the last rank to finish writes the bank")
+        return 0
+    bank = Bank.open(out)
     print(f"wrote bank {bank.path}: {len(bank)} texts, targets {bank.targets.shape}, "
-          f"keys {None if bank.keys is None else bank.keys.shape}")
+          f"keys {None if bank.keys is None else bank.keys.shape}{_index_line(bank.meta.get('index'))}")
+    return 0
+
+
+def _index_line(entry: dict | None) -> str:
+    if not entry:
+        return ""
+    return (f", index {entry['factory']} (recall@{entry['recall_k']} {entry['recall'][str(entry['nprobe'])]:.3f} at "
+            f"nprobe {entry['nprobe']})")
+
+
+def _cmd_index_bank(args: argparse.Namespace) -> int:
+    from .bankbuild import index_bank
+
+    entry = index_bank(args.bank, nlist=args.nlist, recall_queries=args.recall_queries)
+    print(f"indexed {args.bank}{_index_line(entry)}; recall@{entry['recall_k']} by nprobe: {entry['recall']}")
     return 0
 
 
@@ -176,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaggle-i2p", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kaggle_i2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from .bankbuild import SHARD_ROWS
+    from .bankindex import INDEX_TYPES
 
     predict = sub.add_parser("predict", help="predict a folder of images and write submission.csv")
     predict.add_argument("image_dir", type=Path)
@@ -240,7 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "embeddings, queried by the matching CLIP image tower (score: embedding)")
     bank.add_argument("--clip-arch", default=None, help="open_clip model name or config .json, for --keys clip")
     bank.add_argument("--clip-checkpoint", type=Path, default=None, help="local open_clip checkpoint, for --keys clip")
+    bank.add_argument("--index", choices=INDEX_TYPES, default=None,
+                      help="add a FAISS index of the keys (needs kaggle_i2p[index]), for retrieval.search: index")
+    bank.add_argument("--shard-rows", type=_whole_number(1), default=SHARD_ROWS,
+                      help="texts per resumable shard (default: %(default)s)")
+    bank.add_argument("--device", default=None, help="embedding device (default: this rank's GPU, else cpu)")
+    bank.add_argument("--batch-size", type=_whole_number(1), default=None,
+                      help="texts per embedding batch (default: 1024 on a GPU, 128 on the CPU)")
+    _add_index_options(bank)
     bank.set_defaults(func=_cmd_build_bank)
+
+    index = sub.add_parser("index-bank", help="add (or rebuild) the FAISS IVF-PQ index of a keyed bank")
+    index.add_argument("bank", type=Path)
+    _add_index_options(index)
+    index.set_defaults(func=_cmd_index_bank)
 
     pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")
     pack.add_argument("--out", type=Path, default=Path("dist/wheelhouse"))
@@ -285,6 +330,8 @@ def _kept(args: argparse.Namespace) -> str:
         parts.append(f"{out} was left as it was" if Path(out).is_file() else f"no {out} was written")
     if args.command == "train":
         parts.append("OUTPUT/last.pt holds the last checkpoint: rerun the same command to resume")
+    if args.command == "build-bank":
+        parts.append(f"finished shards are kept in {out}.building: rerun the same command to resume")
     return "; ".join(parts) or "nothing was written"
 
 

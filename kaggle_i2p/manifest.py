@@ -13,6 +13,7 @@ regressing the prompt embedding), `RetrievalSpec` (an image model whose scores s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from .fileio import atomic_open
 
 Library = Literal["timm", "open_clip"]
 Score = Literal["logits", "embedding"]
+Search = Literal["exact", "index"]
 HeadType = Literal["linear", "mlp"]
 HeadNorm = Literal["batchnorm", "layernorm", "none"]
 HeadActivation = Literal["relu", "gelu"]
@@ -38,6 +40,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 LIBRARIES: tuple[str, ...] = get_args(Library)
 SCORES: tuple[str, ...] = get_args(Score)
+SEARCHES: tuple[str, ...] = get_args(Search)
 HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
 HEAD_NORMS: tuple[str, ...] = get_args(HeadNorm)
 HEAD_ACTIVATIONS: tuple[str, ...] = get_args(HeadActivation)
@@ -50,7 +53,7 @@ TOP_KEYS = {"embedding_dim", "fallback", "towers"}
 NETWORK_KEYS = {"name", "kind", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image",
                 "weight", "precision", "dim_weights", "retrieval"}
 PRIOR_KEYS = {"name", "kind", "vector", "weight", "dim_weights"}
-RETRIEVAL_KEYS = {"bank", "k", "temperature", "score"}
+RETRIEVAL_KEYS = {"bank", "k", "temperature", "score", "search", "nprobe", "candidates"}
 HEAD_KEYS = {"type", "hidden", "norm", "activation"}
 IMAGE_KEYS = {"mean", "std", "interpolation", "resize", "resolutions", "hflip", "view_weights"}
 
@@ -145,15 +148,30 @@ class RetrievalOptions:
     score: Score  # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
     rows: int  # read from the bank, not written
     key_dim: int | None  # the bank's key width (None: a class bank without keys)
+    search: Search = "exact"  # embedding scores: one exact pass over the keys, or the bank's FAISS index
+    nprobe: int | None = None  # index search: inverted lists visited per query (None: the bank's measured default)
+    candidates: int | None = None  # index search: rows proposed per query, then scored exactly (None: 8 x k)
 
     @property
     def score_dim(self) -> int:
         """How many scores the network must give: one per bank row (logits), or a query in the keys' space."""
         return self.rows if self.score == "logits" else int(self.key_dim or 0)
 
+    @property
+    def searches_bank(self) -> bool:
+        """Queries in the keys' space: found by one pass over the bank for the whole run, after every image is
+        encoded (logits already score every row, so their top-k is taken per batch)."""
+        return self.score == "embedding"
+
     def to_dict(self, out_dir: Path | None = None) -> dict:
-        return {"bank": _path_text(self.bank, out_dir), "k": self.k, "temperature": self.temperature,
+        data = {"bank": _path_text(self.bank, out_dir), "k": self.k, "temperature": self.temperature,
                 "score": self.score}
+        if self.search != "exact":
+            data["search"] = self.search
+        for option in ("nprobe", "candidates"):
+            if getattr(self, option) is not None:
+                data[option] = getattr(self, option)
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,8 +259,14 @@ class NetworkSpec(TowerSpec):
         """Classifier outputs the backbone must end in (0: its pooled features)."""
         return 0
 
-    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
-        """Width of the backbone + head output before any bank lookup."""
+    @property
+    def bank_search(self) -> RetrievalOptions | None:
+        """The bank searched once per run with this tower's queries (step 6 of a run); None for most towers."""
+        return None
+
+    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        """Width of a forward pass's output, the one the cache stores: the embedding, or the query of a tower that
+        searches its bank once per run."""
         raise NotImplementedError
 
     @property
@@ -284,7 +308,7 @@ class RegressorSpec(NetworkSpec):
     kind: ClassVar[str] = "regressor"
     head: HeadSpec = HeadSpec()
 
-    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
         return embedding_dim
 
     @property
@@ -314,8 +338,12 @@ class RetrievalSpec(NetworkSpec):
     def classes(self) -> int:
         return self.retrieval.rows if self.retrieval.score == "logits" else 0
 
-    def output_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
-        return self.retrieval.score_dim
+    @property
+    def bank_search(self) -> RetrievalOptions | None:
+        return self.retrieval if self.retrieval.searches_bank else None
+
+    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        return self.retrieval.score_dim if self.retrieval.searches_bank else embedding_dim
 
     @property
     def head_name(self) -> str:
@@ -326,8 +354,9 @@ class RetrievalSpec(NetworkSpec):
 
     def _describe_output(self) -> str:
         options = self.retrieval
-        return (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}), k={options.k}, "
-                f"temperature {options.temperature:g}")
+        search = f", {options.search} search" if options.searches_bank else ""
+        return (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}){search}, "
+                f"k={options.k}, temperature {options.temperature:g}")
 
 
 @dataclass(frozen=True)
@@ -551,11 +580,44 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
                                       f"{ctx.embedding_dim})")
     if score == "embedding" and keys is None:
         problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
+    search, nprobe, candidates = _parse_search(raw, where, bank, score, problems)
     return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
                             temperature=float(temperature) if is_number(temperature)
                             else DEFAULT_RETRIEVAL_TEMPERATURE,
                             score=str(score), rows=int(targets.shape[0]),
-                            key_dim=None if keys is None else int(keys.shape[1]))
+                            key_dim=None if keys is None else int(keys.shape[1]), search=search, nprobe=nprobe,
+                            candidates=candidates)
+
+
+def _parse_search(raw: Mapping, where: str, bank: Path, score: Any, problems: Problems
+                  ) -> tuple[Any, int | None, int | None]:
+    """`search`, `nprobe`, `candidates`: an index search needs embedding scores, the bank's index file and FAISS."""
+    from .search import INDEX_FILE  # here: search.py brings torch, which validating a manifest needs only then
+
+    search = raw.get("search", "exact")
+    if search not in SEARCHES:
+        problems.add(f"{where}.search", f"{search!r} is not one of {', '.join(SEARCHES)}")
+        return "exact", None, None
+    numbers = {}
+    for option, meaning in (("nprobe", "inverted lists visited per query"),
+                            ("candidates", "rows the index proposes per query")):
+        value = raw.get(option)
+        if value is not None and not (is_int(value) and value >= 1):
+            problems.add(f"{where}.{option}", f"{value!r} must be an integer >= 1 ({meaning})")
+        elif value is not None and search != "index":
+            problems.add(f"{where}.{option}", "only for search: index")
+        else:
+            numbers[option] = value
+    if search == "index":
+        if score != "embedding":
+            problems.add(f"{where}.search", "an index searches keys: it needs score: embedding")
+        elif not (bank / INDEX_FILE).is_file():
+            problems.add(f"{where}.search", f"{bank} has no {INDEX_FILE}; build the bank with `kaggle-i2p "
+                                            "build-bank --index ivf-pq`, or use search: exact")
+        elif importlib.util.find_spec("faiss") is None:
+            problems.add(f"{where}.search", "an index search needs FAISS, which is not installed: pip install "
+                                            "'kaggle_i2p[index]' (faiss-cpu), or use search: exact")
+    return search, numbers.get("nprobe"), numbers.get("candidates")
 
 
 def _parse_regressor_output(raw: Mapping, label: str, ctx: ParseContext) -> dict:

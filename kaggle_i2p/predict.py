@@ -30,6 +30,7 @@ from .errors import OptionError
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
 from .manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec
 from .resources import DEFAULT_MANIFEST
+from .retrieval import search_bank
 from .submission import check_output_path, submission_frame, write_submission
 from .towers import Tower, load_tower, validate_manifest
 
@@ -250,8 +251,8 @@ class RunOutputs:
         self.setup = setup
         n, dim = setup.n_images, setup.manifest.embedding_dim
         self.views = {s.name: [view.name for view in s.views] for s in setup.with_network}
-        self.values = {s.name: {v: np.full((n, dim), np.nan, dtype=np.float32) for v in self.views[s.name]}
-                       for s in setup.with_network}
+        self.values = {s.name: {v: np.full((n, s.forward_dim(dim)), np.nan, dtype=np.float32)
+                                for v in self.views[s.name]} for s in setup.with_network}
         self.done = {s.name: {v: np.zeros(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
         self.errors: dict[int, str] = {}
         self.notes: dict[int, str] = {}
@@ -407,8 +408,25 @@ def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], runne
         bar.close()
 
 
+def search_banks(setup: RunSetup, outputs: RunOutputs, progress: bool) -> None:
+    """Step 6: each tower that searches its bank turns the queries of every image and view into embeddings with one
+    pass over the bank (or its index); rows without a query (unreadable images) stay NaN."""
+    n, dim = setup.n_images, setup.manifest.embedding_dim
+    for spec in setup.with_network:
+        options = spec.bank_search
+        if options is None:
+            continue
+        views = outputs.views[spec.name]
+        queries = np.concatenate([outputs.values[spec.name][v] for v in views])
+        found = np.isfinite(queries).all(axis=1)
+        embedded = np.full((len(queries), dim), np.nan, dtype=np.float32)
+        embedded[found] = search_bank(options, queries[found], setup.device, progress)
+        for i, view in enumerate(views):
+            outputs.values[spec.name][view] = embedded[i * n:(i + 1) * n]
+
+
 def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-    """Step 6: each tower's output (its TTA views combined, or its constant), then the weighted ensemble; the one
+    """Step 7: each tower's output (its TTA views combined, or its constant), then the weighted ensemble; the one
     place that decides fallbacks: unreadable images, and rows a tower left non-finite even in fp32."""
     manifest, paths, n = setup.manifest, setup.listing.paths, setup.n_images
     failed = {i: f"unreadable image ({reason})" for i, reason in outputs.errors.items()}
@@ -436,7 +454,7 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
 
 def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunner], failed: dict[int, str],
               n_cached: int, seconds: float) -> RunSummary:
-    """Step 7: what the run did, for the closing line and for tests."""
+    """Step 8: what the run did, for the closing line and for tests."""
     ids = setup.listing.ids
     return RunSummary(
         n_images=setup.n_images, towers=[s.name for s in setup.active],
@@ -450,13 +468,14 @@ def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunn
 
 
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
-    """Steps 2-7 of a prepared run: read the cache, plan, load, encode, ensemble, summarise."""
+    """Steps 2-8 of a prepared run: read the cache, plan, load, encode, search the banks, ensemble, summarise."""
     started = time.perf_counter()
     outputs = RunOutputs(setup)
     n_cached = outputs.read_cache()
     plan = outputs.plan()
     runners = load_runners(setup, plan)
     encode(setup, outputs, plan, runners, n_cached, progress)
+    search_banks(setup, outputs, progress)
     embeddings, tower_embeddings, failed = ensemble(setup, outputs)
     summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started)
     return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -145,3 +146,78 @@ def slow_towers(seconds: float) -> None:
         return real(self, images)
 
     Tower.forward = slow
+
+
+def prompt_like_embeddings(n: int, dim: int, seed: int = 0, topics: int | None = None, spread: float = 0.55,
+                           first_row: int = 0) -> np.ndarray:
+    """(n, dim) float32 unit rows clustered as sentence embeddings of prompts are: a shared direction (random pairs
+    have cosine ~0.12), Zipf-sized topics (rows of one topic ~0.69), and per-row noise (`spread`; more noise makes
+    harder queries, such as image embeddings against text keys). Rows depend only on (seed, row), so a bank can be
+    made in chunks (`first_row`) and its held-out queries drawn from the same distribution with another seed."""
+    topics = topics or 4096
+    layout = np.random.default_rng(seed)  # the topic layout: one per seed
+    mean = layout.standard_normal(dim)
+    mean /= np.linalg.norm(mean)
+    centres = layout.standard_normal((topics, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = 1.0 / (np.arange(topics) + 10.0)
+    out = np.empty((n, dim), dtype=np.float32)
+    block = 65_536
+    for start in range(first_row - first_row % block, first_row + n, block):
+        rng = np.random.default_rng([seed, start // block])  # a block's rows, whatever part of it is asked for
+        topic = rng.choice(topics, size=block, p=weights / weights.sum())
+        noise = rng.standard_normal((block, dim)).astype(np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        rows = (0.35 * mean + 0.75 * centres[topic] + spread * noise).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        lo, hi = max(start, first_row), min(start + block, first_row + n)
+        out[lo - first_row:hi - first_row] = rows[lo - start:hi - start]
+    return out
+
+
+def synthetic_bank(folder: str | Path, rows: int, key_dim: int, seed: int = 0, target_dim: int = 384) -> Path:
+    """A bank folder of `rows` prompt-like float16 keys and targets, written in chunks (a 5M-row bank never sits in
+    memory), with texts `text <row>`; as `write_bank` lays it out."""
+    from .retrieval import BANK_MARKER
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(rows, key_dim))
+    targets = np.lib.format.open_memmap(folder / "targets.npy", mode="w+", dtype=np.float16, shape=(rows, target_dim))
+    with open(folder / "texts.txt", "w", encoding="utf-8") as texts:
+        for start in range(0, rows, 262_144):
+            n = min(262_144, rows - start)
+            keys[start:start + n] = prompt_like_embeddings(n, key_dim, seed, first_row=start)
+            targets[start:start + n] = prompt_like_embeddings(n, target_dim, seed + 1, first_row=start)
+            texts.writelines(f"text {i}\n" for i in range(start, start + n))
+    keys.flush()
+    targets.flush()
+    (folder / BANK_MARKER).write_text(json.dumps({"rows": rows, "keys": "synthetic", "seed": seed}))
+    return folder
+
+
+def build_clip_retrieval(folder: str | Path, retrieval: dict, name: str = "clip_retrieval.yaml") -> Path:
+    """A manifest with one tiny open_clip tower that retrieves from a random 300-row bank keyed in its 32-d space
+    (two resolutions, flipped too: four views); the bank and checkpoint are written once per folder and shared."""
+    from .retrieval import write_bank
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny_open_clip_vit.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
+    shutil.copyfile(PRIOR_PATH, folder / "fallback.npy")
+    if not (folder / "texts").exists():
+        rng = np.random.default_rng(0)
+        write_bank(folder / "texts", [f"text {i}" for i in range(300)], rng.standard_normal((300, 384)),
+                   keys=rng.standard_normal((300, 32)))
+    image = {**toy_manifest_dict()["towers"][1]["image"], "hflip": True}
+    data = {"fallback": "fallback.npy", "towers": [
+        {"name": "clip", "kind": "retrieval", "library": "open_clip", "arch": "tiny_open_clip_vit.json",
+         "checkpoint": "clip.safetensors", "image": image, "retrieval": {"bank": "texts", **retrieval},
+         "weight": 1.0}]}
+    path = folder / name
+    spec = parse_manifest(data, path, check_files=False).towers[0]
+    if not spec.checkpoint.exists():
+        torch.manual_seed(3)
+        save_file({k: v.contiguous() for k, v in build_tower(spec).state_dict().items()}, str(spec.checkpoint))
+    write_manifest(data, path)
+    return path

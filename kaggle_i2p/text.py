@@ -31,8 +31,9 @@ def default_model_path() -> Path:
 
 
 @lru_cache(maxsize=2)
-def load_text_model(model_path: str | None = None, device: str | None = None):
-    """A SentenceTransformer from a local folder, with the Hugging Face hub switched off."""
+def load_text_model(model_path: str | None = None, device: str | None = None, half: bool = False):
+    """A SentenceTransformer from a local folder, with the Hugging Face hub switched off (`half`: float16 weights,
+    for large jobs on a GPU)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -47,16 +48,17 @@ def load_text_model(model_path: str | None = None, device: str | None = None):
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in our output
     try:
-        return SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
+        model = SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
+        return model.half() if half else model
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
 
 
 def embed_prompts(prompts: Sequence[str], model_path: str | Path | None = None, batch_size: int = 64,
-                  device: str | None = None, progress: bool = False) -> np.ndarray:
+                  device: str | None = None, progress: bool = False, half: bool = False) -> np.ndarray:
     """(N, 384) float32 unit vectors: the all-MiniLM-L6-v2 embeddings of `prompts`, in order."""
-    model = load_text_model(str(model_path) if model_path else None, device)
+    model = load_text_model(str(model_path) if model_path else None, device, half)
     vectors = model.encode(list(prompts), batch_size=batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=progress)
     return np.asarray(vectors, dtype=np.float32).reshape(len(prompts), -1)

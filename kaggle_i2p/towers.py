@@ -161,8 +161,9 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
             except Exception as err:  # noqa: BLE001
                 problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
                 continue
-            if tuple(out.shape) != (1, embedding_dim):
-                problems.append(f"{label}.head: the network outputs {tuple(out.shape)}, expected (1, {embedding_dim})")
+            expected = spec.forward_dim(embedding_dim)
+            if tuple(out.shape) != (1, expected):
+                problems.append(f"{label}.head: the network outputs {tuple(out.shape)}, expected (1, {expected})")
     return problems
 
 

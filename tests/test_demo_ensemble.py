@@ -18,6 +18,7 @@ from kaggle_i2p.ensemble import l2_normalize
 from kaggle_i2p.images import decode_image, make_view
 from kaggle_i2p.manifest import ManifestError, load_manifest
 from kaggle_i2p.retrieval import Bank, RetrievalHead, write_bank
+from kaggle_i2p.testing import build_clip_retrieval
 from kaggle_i2p.towers import build_tower, check_architectures, load_tower
 
 
@@ -181,3 +182,30 @@ def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_m
     os.utime(targets, ns=(targets.stat().st_atime_ns, targets.stat().st_mtime_ns + 10**9))  # the bank changed
     with pytest.raises(pytest.fail.Exception, match="recomputed"):
         kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)
+
+
+def test_a_bank_searching_tower_caches_its_queries_and_searches_once_per_run(tmp_path, sample_dir, monkeypatch):
+    """The forward passes store queries; the bank is searched once for every image and view together; a new k
+    reuses the cached queries and gives the bytes of an uncached run."""
+    from kaggle_i2p import retrieval
+    from kaggle_i2p.predict import TowerRunner
+
+    first = build_clip_retrieval(tmp_path, {"k": 8, "temperature": 0.1, "score": "embedding"})
+    spec = load_manifest(first).towers[0]
+    assert spec.forward_dim() == 32 and spec.bank_search is spec.retrieval
+    calls = []
+    original = retrieval.nearest
+    monkeypatch.setattr(retrieval, "nearest", lambda q, *a, **kw: calls.append(len(q)) or original(q, *a, **kw))
+    options = {"device": "cpu", "num_workers": 0, "progress": False, "cache_dir": tmp_path / "cache"}
+    run = kaggle_i2p.run_prediction(sample_dir / "images", first, **options)
+    assert spec.n_views == 4 and calls == [7 * 4]  # one search: 7 images x 2 resolutions x 2 flips
+    assert set(run.view_outputs["clip"]) == {v.name for v in spec.views}
+    assert all(v.shape == (7, 384) for v in run.view_outputs["clip"].values())  # embeddings, as for any tower
+
+    second = build_clip_retrieval(tmp_path, {"k": 3, "temperature": 0.1, "score": "embedding"}, "k3.yaml")
+    monkeypatch.setattr(TowerRunner, "forward_view", lambda *a: pytest.fail("recomputed"))
+    cached = kaggle_i2p.run_prediction(sample_dir / "images", second, **options)
+    assert cached.summary.cached_images == 7 and not np.array_equal(cached.embeddings, run.embeddings)
+    monkeypatch.undo()
+    fresh = kaggle_i2p.run_prediction(sample_dir / "images", second, device="cpu", num_workers=0, progress=False)
+    assert np.array_equal(fresh.embeddings, cached.embeddings)

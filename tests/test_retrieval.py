@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kaggle_i2p.ensemble import l2_normalize
-from kaggle_i2p.retrieval import Bank, BankError, retrieve, retrieve_from_logits, soft_average, top_k, write_bank
+from kaggle_i2p.retrieval import Bank, BankError, retrieve, retrieve_from_logits, soft_average, write_bank
+from kaggle_i2p.search import HostToDevice, exact_candidates, nearest, rescore
 
 
 @pytest.fixture
@@ -31,13 +32,83 @@ def test_the_matching_row_comes_back(bank):
     assert bank.texts([456, 123]) == ["text 456", "text 123"] and bank.meta["rows"] == 1000
 
 
-def test_chunked_top_k_equals_brute_force(bank):
-    queries = torch.nn.functional.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), dim=1)
-    values, rows = top_k(queries, bank.keys, k=7, chunk_rows=96)
-    scores = queries @ torch.from_numpy(np.asarray(bank.keys, dtype=np.float32)).T
-    expected_values, expected_rows = scores.topk(7, dim=1)
-    torch.testing.assert_close(values, expected_values)
-    assert torch.equal(rows, expected_rows)
+def _brute_force(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(queries, np.float64) @ np.asarray(keys, np.float64).T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows
+
+
+def _queries(n: int, dim: int, seed: int = 1) -> np.ndarray:
+    return l2_normalize(np.random.default_rng(seed).standard_normal((n, dim)))
+
+
+def test_one_pass_equals_the_per_batch_search_and_brute_force(bank):
+    """One pass over the bank for all queries gives the same bytes as a search per batch of 7 (the old path's
+    shape), and the rows and scores of a float64 brute force."""
+    queries = _queries(100, 32)
+    values, rows = nearest(queries, bank.keys, k=9, chunk_rows=96)
+    batched = [nearest(queries[i:i + 7], bank.keys, k=9, chunk_rows=96) for i in range(0, 100, 7)]
+    assert np.array_equal(values, np.concatenate([v for v, _ in batched]))
+    assert np.array_equal(rows, np.concatenate([r for _, r in batched]))
+    expected_values, expected_rows = _brute_force(queries, bank.keys, 9)
+    assert np.array_equal(rows, expected_rows)
+    np.testing.assert_allclose(values, expected_values, rtol=0, atol=1e-12)
+    at_once = retrieve(queries, bank, k=9, temperature=0.05, chunk_rows=96)
+    per_batch = np.concatenate([retrieve(queries[i:i + 7], bank, k=9, temperature=0.05) for i in range(0, 100, 7)])
+    assert np.array_equal(at_once, per_batch)
+
+
+def test_rescoring_keeps_each_row_once_and_breaks_ties_by_row():
+    keys = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float16)
+    query = np.array([[1.0, 0.0]])
+    values, rows = rescore(query, keys, np.array([[3, 1, 1, -1, 0, 2]]), k=3)
+    assert rows.tolist() == [[0, 1, 3]]  # rows 0 and 1 tie: the lower first; the repeated 1 and the -1 are dropped
+    np.testing.assert_allclose(values, [[1.0, 1.0, 0.6]], atol=1e-3)
+
+
+class CheckedTransfer(HostToDevice):
+    """The CUDA copy protocol, checked on CPU: a host buffer is refilled only after its last copy was waited for, a
+    device buffer is overwritten only after the scoring of its last chunk, and scoring waits for its chunk's copy."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.last_copy: dict[int, object] = {}  # host buffer -> its last copy
+        self.last_scored: dict[int, object] = {}  # device buffer -> the mark after its chunk was scored
+        self.waited: set[int] = set()
+        self.used: object = None
+        self.current = None
+        self.copies = 0
+
+    def copy(self, target, source, after):
+        host, device = source.data_ptr(), target.data_ptr()
+        assert host not in self.last_copy or id(self.last_copy[host]) in self.waited, "host buffer refilled early"
+        assert after is self.last_scored.get(device), "device buffer overwritten before its chunk was scored"
+        target.copy_(source)
+        event = self.last_copy[host] = object()
+        self.current, self.latest, self.copies = device, event, self.copies + 1
+        return event
+
+    def use(self, copied):
+        self.used = copied
+
+    def scored(self):
+        assert self.used is self.latest, "a chunk was scored without waiting for its copy"
+        mark = self.last_scored[self.current] = object()
+        return mark
+
+    def host_wait(self, copied):
+        if copied is not None:
+            self.waited.add(id(copied))
+
+
+def test_the_streaming_protocol_on_cpu(bank):
+    """The CUDA path's double buffering (slots reused over 11 chunks, a short last one) keeps its waits and gives
+    the brute-force rows."""
+    queries = _queries(20, 32, seed=2)
+    transfer = CheckedTransfer()
+    rows = exact_candidates(queries, bank.keys, 6, chunk_rows=96, transfer=transfer)
+    assert transfer.copies == 11  # 1000 rows in chunks of 96
+    assert np.array_equal(np.sort(rows, axis=1), np.sort(_brute_force(queries, bank.keys, 6)[1], axis=1))
 
 
 def test_temperature_interpolates_between_top1_and_the_plain_mean(bank):
@@ -121,7 +192,7 @@ def test_build_bank_from_the_real_prompts_gives_each_prompt_back(tmp_path, sampl
 def test_read_texts_from_txt_csv_and_parquet(tmp_path):
     import pandas as pd
 
-    from kaggle_i2p.retrieval import read_texts
+    from kaggle_i2p.textfiles import TextFileError, read_texts
 
     (tmp_path / "p.txt").write_text("a  cat\n\n a dog \n")
     assert read_texts(tmp_path / "p.txt") == ["a cat", "a dog"]
@@ -129,7 +200,7 @@ def test_read_texts_from_txt_csv_and_parquet(tmp_path):
     assert read_texts(tmp_path / "p.parquet") == ["a red fox", "an owl"]
     (tmp_path / "p.csv").write_text("id,text\n1,a cat\n2,\n")
     assert read_texts(tmp_path / "p.csv", column="text") == ["a cat"]
-    with pytest.raises(BankError, match="no column 'prompt'"):
+    with pytest.raises(TextFileError, match="no column 'prompt'"):
         read_texts(tmp_path / "p.csv")
 
 
@@ -143,9 +214,9 @@ def test_clip_keyed_bank_and_clip_image_retrieval_end_to_end(tmp_path, sample_di
     from safetensors.torch import save_file
 
     import kaggle_i2p
+    from kaggle_i2p.bankbuild import build_bank
     from kaggle_i2p.images import decode_image, make_view
     from kaggle_i2p.manifest import load_manifest
-    from kaggle_i2p.retrieval import build_bank
 
     config_path = toy_manifest.parent / "tiny_open_clip_vit.json"
     config = json.loads(config_path.read_text())
@@ -184,7 +255,7 @@ def test_clip_keyed_bank_and_clip_image_retrieval_end_to_end(tmp_path, sample_di
 
 
 def test_clip_keys_need_a_checkpoint(tmp_path, sample_dir):
-    from kaggle_i2p.retrieval import build_bank
+    from kaggle_i2p.bankbuild import build_bank
 
     with pytest.raises(BankError, match="--keys clip needs --clip-arch and --clip-checkpoint"):
         build_bank(sample_dir / "prompts.csv", tmp_path / "b", keys="clip")

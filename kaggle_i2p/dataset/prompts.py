@@ -19,7 +19,7 @@ from ..blocks import blocks
 from ..errors import I2PError
 from ..fileio import atomic_open, write_parquet
 from ..folds import group_fold_numbers
-from ..retrieval import read_texts
+from ..textfiles import read_texts
 from .layout import CLEAN, DEDUP, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
 
 # The text steps' defaults, in one place (the CLI and build_dataset.sh pass values only when given).

@@ -1,0 +1,81 @@
+"""Texts from the files people keep prompts in: .txt (one per line), .csv or .parquet (one column), read in batches
+so that a 56M-row file never sits in one Python list."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import I2PError
+
+READ_BATCH_ROWS = 65_536
+
+
+class TextFileError(I2PError, ValueError):
+    """A texts file that cannot be read: missing, of another type, or without the column asked for."""
+
+
+def _clean(texts) -> list[str]:
+    """Whitespace collapsed (a text is one line of the bank), blank texts dropped."""
+    cleaned = (" ".join(str(t).split()) for t in texts)
+    return [t for t in cleaned if t]
+
+
+def check_source(path: str | Path, column: str | None = None) -> str | None:
+    """Before any work: the file exists and (CSV/parquet) has the column; returns the column (None for .txt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextFileError(f"texts file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return None
+    column = column or "prompt"
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.ParquetFile(path).schema_arrow.names
+        else:  # anything else is read as CSV (compressed ones too)
+            import pandas as pd
+
+            columns = list(pd.read_csv(path, nrows=0).columns)
+    except ImportError as err:
+        raise TextFileError(f"{path}: reading parquet needs pyarrow (pip install pyarrow): {err}") from err
+    except Exception as err:  # noqa: BLE001 - any parse failure is one message naming the file
+        raise TextFileError(f"{path}: cannot read it as {'parquet' if suffix == '.parquet' else 'CSV'}: "
+                            f"{type(err).__name__}: {err}") from err
+    if column not in columns:
+        raise TextFileError(f"{path}: no column {column!r} (columns: {', '.join(map(str, columns))}); pass --column")
+    return column
+
+
+def iter_text_batches(path: str | Path, column: str | None = None,
+                      batch_rows: int = READ_BATCH_ROWS) -> Iterator[list[str]]:
+    """The file's non-blank texts in order, a batch at a time (a 56M-row file never sits in one list)."""
+    path = Path(path)
+    column = check_source(path, column)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        batch = []
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                batch.append(line)
+                if len(batch) == batch_rows:
+                    yield _clean(batch)
+                    batch = []
+        yield _clean(batch)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=[column]):
+            yield _clean(t for t in record_batch.column(0).to_pylist() if t is not None)
+    else:
+        import pandas as pd
+
+        for frame in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False, chunksize=batch_rows):
+            yield _clean(frame[column])
+
+
+def read_texts(path: str | Path, column: str | None = None) -> list[str]:
+    """Every non-blank text of a .txt, .csv or .parquet file (`column`, default `prompt`), for small files."""
+    return [text for batch in iter_text_batches(path, column) for text in batch]
