@@ -31,7 +31,7 @@ test: setup wheelhouse
 bench: setup
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_retrieval.py
-	$(PY) benchmarks/bench_train_step.py --batch-size 4
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .ruff_cache .cache

@@ -4,8 +4,8 @@
    ~0.12, one topic's rows at ~0.69; `kaggle_i2p.testing.prompt_like_embeddings`), and held-out queries from the
    same topics with more noise (as image embeddings against text keys).
 2. Exact, one pass: all queries against the bank in one streamed pass (`search.nearest`), rescoring included.
-   Baseline, the old path: the same search called per batch of 32 queries, as the retrieval head did per image
-   batch (a few batches are timed; the rate is what counts). Both in row x queries per second.
+   Baseline, the old path: the previous code's search (copied here verbatim) called per batch of 32 queries, as the
+   retrieval head did per image batch (a few batches are timed; the rate is what counts). Both in row x queries/s.
 3. IVF-PQ: an index of the first --index-rows rows, built with `bankindex.build_index`'s code path; recall@32 per
    nprobe against exact search on held-out queries; the time of a search at the default nprobe.
 4. Projection to 56M rows x 16,384 queries (the 4th place's bank, the competition's test set), from measured rates:
@@ -15,7 +15,7 @@
 
 Last line: `exact_rq_per_s=... baseline_rq_per_s=... speedup=... ivfpq_recall_at_32=... projected_56m_16k_min=...
 projected_56m_exact_min=... projected_56m_index_gb=... peak_rss_mb=...`.
-Usage: python benchmarks/bench_retrieval.py [--rows 2000000] [--queries 4096] [--index-rows 1000000]
+Usage: python benchmarks/bench_retrieval.py [--rows 2000000] [--queries 4096] [--index-rows 1000000] [--device cuda]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kaggle_i2p.bankindex import default_nprobe, ivfpq_parameters, measure_recall, train_index
 from kaggle_i2p.retrieval import Bank
@@ -47,19 +48,42 @@ def held_out_queries(n: int, dim: int) -> np.ndarray:
     return prompt_like_embeddings(n, dim, seed=0, spread=0.8, first_row=10**9)
 
 
-def exact_rate(keys: np.ndarray, queries: np.ndarray, k: int = RECALL_K) -> tuple[float, np.ndarray]:
+def exact_rate(keys: np.ndarray, queries: np.ndarray, k: int = RECALL_K, device: str = "cpu"
+               ) -> tuple[float, np.ndarray]:
     """Row x queries per second of one pass for all queries; and the exact top-k rows."""
     started = time.perf_counter()
-    _, rows = nearest(queries, keys, k)
+    _, rows = nearest(queries, keys, k, device)
     return len(keys) * len(queries) / (time.perf_counter() - started), rows
 
 
-def baseline_rate(keys: np.ndarray, queries: np.ndarray, batches: int, k: int = RECALL_K, batch: int = 32) -> float:
-    """The old path: one pass over the bank per batch of 32 queries; `batches` batches timed."""
-    nearest(queries[:batch], keys[:batch * 64], k)  # warm-up
+def old_top_k(queries: torch.Tensor, keys: np.ndarray, k: int, chunk_rows: int = 65_536
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retrieval head's search before this change, verbatim (`retrieval.top_k` at 9ebe2bf): called per batch."""
+    k = min(k, len(keys))
+    best_values = torch.full((len(queries), 0), float("-inf"), device=queries.device)
+    best_rows = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
+    for start in range(0, len(keys), chunk_rows):
+        chunk = torch.from_numpy(np.asarray(keys[start:start + chunk_rows], dtype=np.float32)).to(queries.device)
+        scores = queries.float() @ chunk.T
+        values, rows = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_values = torch.cat([best_values, values], dim=1)
+        merged_rows = torch.cat([best_rows, rows + start], dim=1)
+        best_values, order = merged_values.topk(min(k, merged_values.shape[1]), dim=1)
+        best_rows = merged_rows.gather(1, order)
+        del chunk, scores  # one chunk in memory at a time
+    return best_values, best_rows
+
+
+def baseline_rate(keys: np.ndarray, queries: np.ndarray, batches: int, k: int = RECALL_K, batch: int = 32,
+                  device: str = "cpu") -> float:
+    """The old path: the old code's pass over the whole bank per batch of 32 queries; `batches` batches timed."""
+    queries = torch.from_numpy(queries).to(device)
+    old_top_k(queries[:batch], keys[:batch * 64], k)  # warm-up
     started = time.perf_counter()
     for b in range(batches):
-        nearest(queries[b * batch:(b + 1) * batch], keys, k)
+        old_top_k(queries[b * batch:(b + 1) * batch], keys, k)
+    if queries.device.type == "cuda":
+        torch.cuda.synchronize()
     return len(keys) * batches * batch / (time.perf_counter() - started)
 
 
@@ -88,6 +112,7 @@ def main() -> None:
                         help="inverted lists at --index-rows (FAISS's guidance says 65,536 at 1M, which 2 CPU cores "
                              "cannot train in minutes; 4096 = 4 sqrt(N) keeps the list length of the 56M layout)")
     parser.add_argument("--baseline-batches", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="device of the exact pass and the baseline (cpu, cuda)")
     parser.add_argument("--folder", type=Path, default=None, help="where to write the bank (default: a temp folder)")
     args = parser.parse_args()
 
@@ -98,12 +123,12 @@ def main() -> None:
         print(f"bank: {args.rows:,} x {args.dim} float16 keys, {args.queries} held-out queries "
               f"({time.perf_counter() - started:.0f} s to make)", flush=True)
 
-        exact, _ = exact_rate(bank.keys, queries)
-        print(f"exact, one pass:        {exact:.3g} row-queries/s ({args.rows * args.queries / exact:.1f} s)",
+        exact, _ = exact_rate(bank.keys, queries, device=args.device)
+        print(f"exact, one pass: {exact:.3g} row-queries/s ({args.rows * args.queries / exact:.1f} s)",
               flush=True)
-        baseline = baseline_rate(bank.keys, queries, args.baseline_batches)
-        print(f"baseline, per batch 32: {baseline:.3g} row-queries/s; one pass is {exact / baseline:.2f}x",
-              flush=True)
+        baseline = baseline_rate(bank.keys, queries, args.baseline_batches, device=args.device)
+        print(f"baseline, the old code per batch of 32: {baseline:.3g} row-queries/s; one pass is "
+              f"{exact / baseline:.2f}x", flush=True)
 
         keys = bank.keys[:args.index_rows]
         figures = index_figures(keys, queries, args.nlist)

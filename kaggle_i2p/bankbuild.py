@@ -22,8 +22,8 @@ import numpy as np
 from .bankindex import INDEX_TYPES, build_index
 from .dataset.generate import rank_and_world
 from .ensemble import l2_normalize
-from .fileio import atomic_open, replace_dir, staging_dir
-from .retrieval import BANK_MARKER, Bank, BankError, check_bank_destination
+from .fileio import atomic_open, staging_dir
+from .retrieval import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
 from .search import INDEX_FILE, import_faiss
 from .textfiles import check_source, iter_text_batches
 
@@ -281,11 +281,7 @@ def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, 
             if index is not None:
                 queries = None if recall_queries is None else np.load(recall_queries)
                 meta["index"] = build_index(np.load(staging / "keys.npy", mmap_mode="r"), staging, nlist, queries)
-            (staging / BANK_MARKER).write_text(json.dumps({"rows": rows, **meta}, indent=1))
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()  # an empty folder made for the bank
-            check_bank_destination(out_dir)  # still ours (or absent) after the work
-            replace_dir(staging, out_dir)
+            publish_bank(staging, out_dir, {"rows": rows, **meta})
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

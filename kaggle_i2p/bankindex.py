@@ -163,8 +163,10 @@ def build_index(keys: np.ndarray, out_dir: str | Path, nlist: int | None = None,
     if recall[nprobe] < RECALL_TARGET:
         log.warning("index: recall@%d is %.3f at most (nprobe %d); the target is %.2f: use search: exact or more "
                     "lists", RECALL_K, recall[nprobe], nprobe, RECALL_TARGET)
-    faiss.write_index(index, str(Path(out_dir) / INDEX_FILE))
-    return {"type": "ivf-pq", "factory": params.factory, **asdict(params), "metric": "inner_product",
+    path = Path(out_dir) / INDEX_FILE
+    faiss.write_index(index, str(path))
+    return {"type": "ivf-pq", "rows": len(keys), "dim": keys.shape[1], "bytes": path.stat().st_size,
+            "factory": params.factory, **asdict(params), "metric": "inner_product",
             "candidates_per_k": INDEX_CANDIDATES_PER_K, "recall_k": RECALL_K, "recall_queries": len(recall_queries),
             "recall_query_source": "held-out bank rows" if held_out is not None else "given",
             "recall": {str(n): round(r, 4) for n, r in recall.items()}, "nprobe": nprobe}

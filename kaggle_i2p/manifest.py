@@ -14,6 +14,7 @@ regressing the prompt embedding), `RetrievalSpec` (an image model whose scores s
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -589,6 +590,20 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
                             candidates=candidates)
 
 
+def _stale_index(bank: Path) -> str | None:
+    """Why the bank's index does not belong to its keys (checked before any compute), or None."""
+    from .search import INDEX_FILE
+
+    try:
+        entry = json.loads((bank / "bank.json").read_text(encoding="utf-8")).get("index") or {}
+    except (OSError, ValueError):
+        return "has no entry in bank.json to check it against"
+    keys = np.load(bank / "keys.npy", mmap_mode="r")
+    actual = {"rows": len(keys), "dim": keys.shape[1], "bytes": (bank / INDEX_FILE).stat().st_size}
+    differ = [f"{name} {entry.get(name)} (now {value})" for name, value in actual.items() if entry.get(name) != value]
+    return f"was built for other keys or was changed: bank.json says {', '.join(differ)}" if differ else None
+
+
 def _parse_search(raw: Mapping, where: str, bank: Path, score: Any, problems: Problems
                   ) -> tuple[Any, int | None, int | None]:
     """`search`, `nprobe`, `candidates`: an index search needs embedding scores, the bank's index file and FAISS."""
@@ -614,6 +629,9 @@ def _parse_search(raw: Mapping, where: str, bank: Path, score: Any, problems: Pr
         elif not (bank / INDEX_FILE).is_file():
             problems.add(f"{where}.search", f"{bank} has no {INDEX_FILE}; build the bank with `kaggle-i2p "
                                             "build-bank --index ivf-pq`, or use search: exact")
+        elif (stale := _stale_index(bank)) is not None:
+            problems.add(f"{where}.search", f"{bank}/{INDEX_FILE} {stale}; rebuild it with `kaggle-i2p index-bank "
+                                            f"{bank}`")
         elif importlib.util.find_spec("faiss") is None:
             problems.add(f"{where}.search", "an index search needs FAISS, which is not installed: pip install "
                                             "'kaggle_i2p[index]' (faiss-cpu), or use search: exact")

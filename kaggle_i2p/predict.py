@@ -160,6 +160,12 @@ class TowerRunner:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def release(self) -> None:
+        """Free the tower (and its GPU memory) once every batch is encoded: the bank pass wants the room."""
+        self.tower = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def forward_view(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, r, r) -> (B, D) float32; recomputed in fp32 when reduced precision gives NaN/inf."""
         dtype = AUTOCAST_DTYPES[self.precision]
@@ -475,6 +481,8 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
     plan = outputs.plan()
     runners = load_runners(setup, plan)
     encode(setup, outputs, plan, runners, n_cached, progress)
+    for runner in runners.values():
+        runner.release()
     search_banks(setup, outputs, progress)
     embeddings, tower_embeddings, failed = ensemble(setup, outputs)
     summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started)

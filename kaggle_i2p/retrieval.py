@@ -91,15 +91,21 @@ def write_bank(out_dir: str | Path, texts: Sequence[str], targets: np.ndarray, k
         np.save(staging / "targets.npy", l2_normalize(targets).astype(np.float16))
         if keys is not None:
             np.save(staging / "keys.npy", l2_normalize(keys).astype(np.float16))
-        (staging / BANK_MARKER).write_text(json.dumps({"rows": len(texts), **(meta or {})}, indent=1))
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # an empty folder made for the bank
-        check_bank_destination(out_dir)  # still ours (or absent) after the work
-        replace_dir(staging, out_dir)
+        publish_bank(staging, out_dir, {"rows": len(texts), **(meta or {})})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def publish_bank(staging: Path, out_dir: Path, meta: dict) -> None:
+    """The last step of writing a bank: its bank.json, then the finished staging folder renamed to `out_dir`,
+    replacing only an earlier bank or an empty folder."""
+    (staging / BANK_MARKER).write_text(json.dumps(meta, indent=1))
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # an empty folder made for the bank
+    check_bank_destination(out_dir)  # still ours (or absent) after the work
+    replace_dir(staging, out_dir)
 
 
 def soft_average(values: np.ndarray | torch.Tensor, rows: np.ndarray | torch.Tensor, targets: np.ndarray,

@@ -174,31 +174,49 @@ def _fp32_accumulation(device: torch.device):
 
 def exact_candidates(queries: np.ndarray, keys: np.ndarray, n: int, device: str | torch.device = "cpu",
                      chunk_rows: int = DEFAULT_CHUNK_ROWS, transfer: HostToDevice | None = None,
-                     progress: bool = False) -> np.ndarray:
-    """(Q, n) int64 rows with the highest `queries @ keys.T` scores, from one pass over `keys` for all queries."""
+                     progress: bool = False, query_block: int | None = None) -> np.ndarray:
+    """(Q, n) int64 rows with the highest `queries @ keys.T` scores, from one pass over `keys` for all queries.
+
+    On a CUDA out-of-memory error the pass starts again with half as many queries scored at once (the score block is
+    `query_block` x `chunk_rows`), down to 64; the order of the returned rows is not defined.
+    """
+    device = torch.device(device)
+    n = min(n, len(keys))
+    if len(queries) == 0 or n == 0:
+        return np.zeros((len(queries), n), dtype=np.int64)
+    block = query_block or QUERY_BLOCK.get(device.type, 1024)
+    while True:
+        try:
+            return _one_pass(queries, keys, n, device, chunk_rows, transfer, progress, block)
+        except torch.OutOfMemoryError:
+            if block <= 64:
+                raise
+            block //= 2
+            log.warning("bank pass: out of GPU memory; starting again with %d queries at a time", block)
+            torch.cuda.empty_cache()
+
+
+def _one_pass(queries: np.ndarray, keys: np.ndarray, n: int, device: torch.device, chunk_rows: int,
+              transfer: HostToDevice | None, progress: bool, block: int) -> np.ndarray:
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
     if transfer is None:
         transfer = CudaHostToDevice(device) if device.type == "cuda" else HostToDevice(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(device, dtype)
-    n = min(n, len(keys))
-    if len(q) == 0 or n == 0:
-        return np.zeros((len(q), n), dtype=np.int64)
-    query_blocks = blocks(len(q), QUERY_BLOCK.get(device.type, 1024))
+    query_blocks = blocks(len(q), block)
     best_values = [torch.full((len(b), 0), float("-inf"), device=device, dtype=dtype) for b in query_blocks]
     best_rows = [torch.zeros((len(b), 0), dtype=torch.long, device=device) for b in query_blocks]
-    bar = tqdm(total=len(keys), desc=f"bank pass, {len(q)} queries", unit="row", unit_scale=True,
-               disable=not progress)
     # one score buffer for the whole pass: a fresh 256 MB block per product cost 25% of the CPU time in page faults
     scores = torch.empty(len(query_blocks[0]) * min(chunk_rows, len(keys)), device=device, dtype=dtype)
+    bar = tqdm(total=len(keys), desc=f"bank pass, {len(q)} queries", unit="row", unit_scale=True,
+               disable=not progress)
     with bar, torch.inference_mode(), _fp32_accumulation(device):
         for start, chunk in stream_chunks(keys, chunk_rows, transfer):
             bar.update(len(chunk))
-            for b, block in enumerate(query_blocks):
-                block_scores = scores[:len(block) * len(chunk)].view(len(block), len(chunk))
-                torch.mm(q[block.start:block.stop], chunk.T, out=block_scores)
+            for b, rows_of_block in enumerate(query_blocks):
+                block_scores = scores[:len(rows_of_block) * len(chunk)].view(len(rows_of_block), len(chunk))
+                torch.mm(q[rows_of_block.start:rows_of_block.stop], chunk.T, out=block_scores)
                 values, rows = block_scores.topk(min(n, len(chunk)), dim=1, sorted=False)
                 merged = torch.cat([best_values[b], values], dim=1)
                 best_values[b], order = merged.topk(min(n, merged.shape[1]), dim=1, sorted=False)

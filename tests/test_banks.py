@@ -255,3 +255,38 @@ def test_the_4th_place_blend_validates_and_runs_on_synthetic_weights(tmp_path, s
     path.write_text(yaml.safe_dump(data))
     exact = kaggle_i2p.run_prediction(sample_dir / "images", path, **options)
     assert np.array_equal(exact.embeddings, run.embeddings)
+
+
+def test_a_stale_index_is_a_manifest_problem_before_any_compute(tmp_path):
+    build_clip_retrieval(tmp_path, {"score": "embedding"})
+    index_bank(tmp_path / "texts", nlist=3)
+    path = build_clip_retrieval(tmp_path, {"score": "embedding", "search": "index"}, "indexed.yaml")
+    with open(tmp_path / "texts" / "index.faiss", "ab") as handle:
+        handle.write(b"\0")  # another index file than the one bank.json describes
+    with pytest.raises(ManifestError, match=r"index.faiss was built for other keys or was changed: bank.json says "
+                                            r"bytes \d+ \(now \d+\); rebuild it with `kaggle-i2p index-bank"):
+        load_manifest(path)
+
+
+def test_the_bank_pass_halves_its_query_block_on_out_of_memory(monkeypatch, caplog):
+    import torch
+
+    from kaggle_i2p import search
+
+    keys = prompt_like_embeddings(500, 16).astype(np.float16)
+    queries = prompt_like_embeddings(300, 16, spread=0.8, first_row=10_000)
+    expected = nearest(queries, keys, 5)
+    real_pass, blocks_tried = search._one_pass, []
+
+    def small_memory(queries, keys, n, device, chunk_rows, transfer, progress, block):
+        blocks_tried.append(block)
+        if block > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_pass(queries, keys, n, device, chunk_rows, transfer, progress, block)
+
+    monkeypatch.setattr(search, "_one_pass", small_memory)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    values, rows = nearest(queries, keys, 5)
+    assert blocks_tried == [1024, 512, 256, 128]
+    assert np.array_equal(rows, expected[1]) and np.array_equal(values, expected[0])
+    assert "out of GPU memory; starting again with 128 queries at a time" in caplog.text

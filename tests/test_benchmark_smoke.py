@@ -33,3 +33,20 @@ def test_train_step_benchmark_runs():
     bench = _bench("bench_train_step")
     result = bench.step_time(32, "bf16", 2, 1, torch.device("cpu"), arch="test_vit")
     assert result["resolution"] == 32 and result["precision"] == "bf16" and result["ms_per_step"] > 0
+
+
+def test_retrieval_benchmark_runs(tmp_path):
+    import numpy as np
+
+    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.testing import synthetic_bank
+
+    bench = _bench("bench_retrieval")
+    bank = Bank.open(synthetic_bank(tmp_path / "bank", 3000, 32, target_dim=8))
+    queries = bench.held_out_queries(64, 32)
+    exact, rows = bench.exact_rate(bank.keys, queries, k=8)
+    assert exact > 0 and rows.shape == (64, 8) and (rows >= 0).all()
+    assert bench.baseline_rate(bank.keys, queries, batches=1, k=8) > 0
+    figures = bench.index_figures(bank.keys, queries, nlist=8)
+    assert figures["params"].nlist == 8 and 0 < figures["recall"][figures["nprobe"]] <= 1
+    assert np.isfinite(figures["per_query_s"])
