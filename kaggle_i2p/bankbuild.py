@@ -189,6 +189,8 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
                   keys, text_model_path, clip_arch, clip_checkpoint)
 
     # 4. the last rank to finish assembles the bank
+    if not work.exists() and (out_dir / BANK_MARKER).is_file():
+        return out_dir  # another rank assembled it while this one finished
     if not all(_shard_paths(work, s)[1].is_file() for s in range(n_shards)):
         done = sum(_shard_paths(work, s)[1].is_file() for s in range(n_shards))
         log.warning("rank %d: its shards are done (%d of %d in all); the last rank to finish assembles %s", rank,

@@ -73,3 +73,49 @@ def test_collect_reads_columns_and_records_sources(tmp_path):
     frame = collect([f"{tmp_path / 'a.csv'}:text", str(tmp_path / "b.txt")])
     assert frame.to_dict("records") == [{"prompt": "a red fox in snow", "source": "a.csv"},
                                         {"prompt": "an owl at night", "source": "b.txt"}]
+
+
+def _reference_dedup(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """The greedy definition, one row at a time (the algorithm before it was vectorised)."""
+    keep, kept = np.zeros(len(vectors), dtype=bool), []
+    for i, row in enumerate(vectors):
+        if not kept or (np.asarray(kept) @ row).max() < threshold:
+            keep[i] = True
+            kept.append(row)
+    return keep
+
+
+def _reference_groups(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Connected components by a plain scalar union-find over every pair."""
+    parent = list(range(len(vectors)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in zip(*np.nonzero(vectors @ vectors.T >= threshold), strict=True):
+        root_a, root_b = find(int(a)), find(int(b))
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    return np.unique([find(i) for i in range(len(vectors))], return_inverse=True)[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_dedup_and_groups_match_the_definitions_on_clustered_sets(seed):
+    """1500 prompt-like vectors with chains of planted near-duplicates: the block-wise tensor decisions equal the
+    row-by-row greedy and the scalar union-find, whatever the block size."""
+    from kaggle_i2p.testing import prompt_like_embeddings
+
+    rng = np.random.default_rng(seed)
+    vectors = prompt_like_embeddings(1500, 32, seed=seed, topics=40)
+    for start in rng.choice(1400, 60, replace=False):  # chains: each row a small step from the one before
+        for i in range(start + 1, start + 5):
+            vectors[i] = l2_normalize(vectors[i - 1] + 0.25 * rng.standard_normal(32) / np.sqrt(32))
+    vectors = vectors.astype(np.float32)
+    expected_keep = _reference_dedup(vectors, 0.9)
+    expected_groups = _reference_groups(vectors, 0.8)
+    assert 0 < (~expected_keep).sum() and len(np.unique(expected_groups)) < 1500  # both do something here
+    for block in (4096, 97):
+        assert np.array_equal(semantic_dedup(vectors, threshold=0.9, block=block), expected_keep)
+        assert np.array_equal(similarity_groups(vectors, threshold=0.8, block=block), expected_groups)

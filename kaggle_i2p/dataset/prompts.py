@@ -75,7 +75,8 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
                    device: str = "cpu") -> np.ndarray:
     """Keep mask: a prompt is dropped when its cosine to an earlier kept prompt is >= threshold (greedy, in order).
 
-    Works block by block against the kept set (chunked matmuls on `device`), never an N x N matrix.
+    Works block by block against the kept set (chunked matmuls on `device`), never an N x N matrix, and decides each
+    block's rows with tensor ops (`greedy_keep`), not a loop over its rows.
     """
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
     keep = np.zeros(len(vectors), dtype=bool)
@@ -85,40 +86,60 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
         blocked = torch.zeros(len(current), dtype=torch.bool, device=device)
         for kept in kept_rows:
             blocked |= (current @ kept.T >= threshold).any(dim=1)
-        within = current @ current.T >= threshold  # duplicates inside the block: earlier kept rows win
-        chosen = []
-        for i in range(len(current)):
-            if not blocked[i] and not any(within[i, j] for j in chosen):
-                chosen.append(i)
-        keep[[rows.start + i for i in chosen]] = True
-        if chosen:
+        chosen = greedy_keep(current @ current.T >= threshold, ~blocked)
+        keep[rows.start:rows.stop] = chosen.cpu().numpy()
+        if chosen.any():
             kept_rows.append(current[chosen])
     return keep
 
 
+def greedy_keep(similar: torch.Tensor, open_rows: torch.Tensor) -> torch.Tensor:
+    """The greedy in-order decisions inside a block: row i is kept when it is open and no earlier kept row is
+    similar to it. Decided in rounds of two matrix-vector products: a row is dropped once an earlier similar row is
+    kept, and kept once every earlier similar row is decided and none was kept; the earliest undecided row is always
+    decided, so the rounds end (after as many as the longest chain of similar rows, usually a few)."""
+    earlier = torch.tril(similar, diagonal=-1).float()  # earlier[i, j]: row j comes before row i and is similar
+    undecided, kept = open_rows.clone(), torch.zeros_like(open_rows)
+    while undecided.any():
+        has_kept = (earlier @ kept.float()) > 0
+        waiting = (earlier @ undecided.float()) > 0
+        kept = kept | (undecided & ~has_kept & ~waiting)
+        undecided = undecided & ~has_kept & waiting
+    return kept
+
+
+def _find_roots(parent: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The union-find roots of `rows`, by pointer jumping (every parent is at most its row)."""
+    roots = parent[rows]
+    while True:
+        up = parent[roots]
+        if np.array_equal(up, roots):
+            return roots
+        roots = up
+
+
 def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, block: int = 4096,
                       device: str = "cpu") -> np.ndarray:
-    """Group ids: connected components of the graph 'cosine >= threshold' (union-find over chunked matmuls)."""
+    """Group ids: connected components of the graph 'cosine >= threshold' (chunked matmuls; a vectorised union-find
+    hooks each pair's larger root under its smaller one, so a group's root is its first row)."""
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
     parent = np.arange(len(vectors))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     for left in blocks(len(vectors), block):
         for right in blocks(len(vectors), block):
             if right.start < left.start:
                 continue
             pairs = torch.nonzero(vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold)
-            for a, b in pairs.cpu().numpy():
-                root_a, root_b = find(left.start + int(a)), find(right.start + int(b))
-                if root_a != root_b:
-                    parent[max(root_a, root_b)] = min(root_a, root_b)
-    roots = np.array([find(i) for i in range(len(vectors))])
-    return np.unique(roots, return_inverse=True)[1]  # dense group numbers in order of first appearance's root
+            pairs = pairs.cpu().numpy()
+            a, b = pairs[:, 0] + left.start, pairs[:, 1] + right.start
+            while len(a):
+                root_a, root_b = _find_roots(parent, a), _find_roots(parent, b)
+                parent[a], parent[b] = root_a, root_b  # path compression: the next finds are one step
+                apart = root_a != root_b
+                a, b = a[apart], b[apart]
+                low, high = np.minimum(root_a[apart], root_b[apart]), np.maximum(root_a[apart], root_b[apart])
+                np.minimum.at(parent, high, low)  # several pairs may hook one root: the smallest wins, others retry
+    roots = _find_roots(parent, np.arange(len(parent)))
+    return np.unique(roots, return_inverse=True)[1]  # dense group numbers in order of each group's first row
 
 
 class DatasetError(I2PError, ValueError):
