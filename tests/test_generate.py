@@ -120,6 +120,57 @@ def test_shards_are_disjoint_and_complete(monkeypatch, sample_dir, tmp_path):
     assert jobs[0].seed == prompt_seed("prompt 0", 0) != prompt_seed("prompt 0", 1)
 
 
+def test_two_nodes_on_localhost_make_the_images_of_one_process(tmp_path, tiny_sd, sample_dir):
+    """`torchrun --nnodes 2` with one process per node (a static rendezvous on localhost): the global rank is the
+    shard, and the two nodes together write exactly the bytes of one plain process."""
+    import shutil
+    import socket
+
+    work = tmp_path / "nodes"
+    dataset.run_text_steps([f"{sample_dir / 'prompts.csv'}:prompt"], work, n_folds=3)
+    shutil.copytree(work, tmp_path / "one")
+    step = ["-m", "kaggle_i2p.dataset", "generate", "--model", str(tiny_sd), "--images-per-prompt", "2", "--steps",
+            "2", "--image-size", "24", "--render-size", "32", "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                               "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), *step, "--work", str(work)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, out + err[-3000:]
+        assert f"rank {rank}/2: 7 images, 0 already made" in out + err  # each node made its own half
+    single = subprocess.run([sys.executable, *step, "--work", str(tmp_path / "one")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    names = sorted(p.name for p in (work / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one" / "images").iterdir()) and len(names) == 14
+    for name in names:
+        assert (work / "images" / name).read_bytes() == (tmp_path / "one" / "images" / name).read_bytes()
+
+
+def test_a_slurm_job_array_shards_like_ranks(monkeypatch):
+    from kaggle_i2p.errors import OptionError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_and_world() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")  # sbatch --array=10-16:2: tasks 10, 12, 14, 16
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "14")
+    assert rank_and_world() == (2, 4, 0)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "18")  # outside the array the count describes
+    with pytest.raises(OptionError, match=r"rank 4 of a world of 4 \(from SLURM_ARRAY_TASK_ID"):
+        rank_and_world()
+    monkeypatch.setenv("RANK", "1")  # torchrun inside an array job: its global rank wins
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert rank_and_world() == (1, 2, 0)
+
+
 def test_fp16_pipeline_gets_the_sd2_attention_upcast_and_dpm_solver(tiny_sd):
     """The GPU path's set-up, checked on CPU (no fp16 inference here): fp16 weights, upcast attention, DPMSolver++."""
     from diffusers import DPMSolverMultistepScheduler

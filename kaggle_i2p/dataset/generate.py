@@ -2,8 +2,9 @@
 
 Every (prompt, image number) has its own seed from `zlib.adler32` (a fixed seed for all prompts hurt the 2nd place),
 so any shard layout produces the same images. Rank r of a world of W (from torchrun's or accelerate's RANK and
-WORLD_SIZE) takes jobs r, r+W, r+2W, ...: no duplicates, no gaps. Images that exist are skipped, and each is written
-atomically, so a killed run resumes without redoing or corrupting work.
+WORLD_SIZE, on one node or many, or from a SLURM job array) takes jobs r, r+W, r+2W, ...: no duplicates, no gaps.
+Images that exist are skipped, and each is written atomically, so a killed run resumes without redoing or corrupting
+work.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..errors import OptionError
 from ..fileio import atomic_open
 from .layout import GENERATION, IMAGES, PROMPT_INDEX
 
@@ -66,9 +68,23 @@ def shard(jobs: list[ImageJob], rank: int, world: int) -> list[ImageJob]:
 
 
 def rank_and_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as set by torchrun or accelerate launch; (0, 1, 0) for a plain process."""
+    """(rank, world size, local rank): torchrun's or accelerate's RANK, WORLD_SIZE and LOCAL_RANK (global over
+    nodes: `torchrun --nnodes N --node_rank R ...`); else a SLURM job array's task (`sbatch --array=0-99`: task
+    (SLURM_ARRAY_TASK_ID - MIN) / STEP of SLURM_ARRAY_TASK_COUNT, no torch.distributed needed); else (0, 1, 0)."""
     env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    if "RANK" in env or "WORLD_SIZE" in env:
+        rank, world, local = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+        source = "RANK and WORLD_SIZE"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        rank, world, local = offset // int(env.get("SLURM_ARRAY_TASK_STEP", 1)), int(env["SLURM_ARRAY_TASK_COUNT"]), 0
+        source = "SLURM_ARRAY_TASK_ID, _MIN, _STEP and _COUNT"
+    else:
+        return 0, 1, 0
+    if not 0 <= rank < world:
+        raise OptionError(f"rank {rank} of a world of {world} (from {source}): every rank must be in 0..{world - 1}; "
+                          "check the launcher's settings")
+    return rank, world, local
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
