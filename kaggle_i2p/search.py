@@ -30,13 +30,11 @@ DEFAULT_CHUNK_ROWS = 65_536
 QUERY_BLOCK = {"cpu": 1024, "cuda": 8192}  # queries scored against a chunk at once: a 256 MB / 1 GB score block
 INDEX_FILE = "index.faiss"
 INDEX_CANDIDATES_PER_K = 8  # rows an index proposes per wanted row, scored again exactly (4: recall@32 stalled at 0.94)
+RESCORE_BLOCK = 64  # queries rescored at once: their candidates' keys in float64 (64 x 256 x 1024 x 8 B = 134 MB)
 
 
 class SearchError(I2PError, RuntimeError):
     """A search that cannot run: no FAISS for an index, or an index that does not belong to its keys."""
-
-
-RESCORE_BLOCK = 256  # queries rescored at once: their candidates' keys in float64 (256 x 64 x 1024 x 8 = 134 MB)
 
 
 def rescore(queries: np.ndarray, keys: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
