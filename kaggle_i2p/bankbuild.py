@@ -97,12 +97,6 @@ def clip_embedder(arch: str, checkpoint: str | Path, device: str, batch_size: in
     return embed
 
 
-def clip_text_embeddings(texts: list[str], arch: str, checkpoint: str | Path, batch_size: int = 256,
-                         device: str = "cpu") -> np.ndarray:
-    """Unit CLIP text embeddings of `texts` (see `clip_embedder`)."""
-    return clip_embedder(arch, checkpoint, device, batch_size)(list(texts))
-
-
 # The work folder: a plan and the finished shards -------------------------------------------------------------------
 
 def _work_dir(out_dir: Path) -> Path:
