@@ -155,8 +155,7 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
         if keys == "none":
             raise BankError("an index searches keys: build the bank with --keys minilm or --keys clip")
         import_faiss()
-    if recall_queries is not None and not Path(recall_queries).is_file():
-        raise BankError(f"recall queries not found: {recall_queries} (an .npy of query vectors)")
+    queries = _read_recall_queries(recall_queries)  # read now: a bad file must not wait for the embedding
     out_dir = check_bank_destination(out_dir).resolve()
     source = Path(texts_path).resolve()
     column = check_source(source, column)
@@ -192,7 +191,7 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
         return None
     meta = {"source": str(texts_path), "targets": "all-MiniLM-L6-v2", "keys": keys,
             **({"clip_arch": clip_arch} if keys == "clip" else {})}
-    return _assemble(work, out_dir, plan, n_shards, meta, index, nlist, recall_queries)
+    return _assemble(work, out_dir, plan, n_shards, meta, index, nlist, queries)
 
 
 def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_shards: int, rank: int, world: int,
@@ -232,6 +231,20 @@ def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_sh
                 break
 
 
+def _read_recall_queries(path: str | Path | None, dim: int | None = None) -> np.ndarray | None:
+    """The caller's recall queries: a 2-D .npy (of the keys' width when it is known), or one BankError."""
+    if path is None:
+        return None
+    try:
+        queries = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BankError(f"recall queries {path}: not a readable .npy of query vectors ({err})") from err
+    if queries.ndim != 2 or (dim is not None and queries.shape[1] != dim):
+        raise BankError(f"recall queries {path} have shape {queries.shape}; expected (queries, "
+                        f"{dim or 'key width'})")
+    return queries
+
+
 def _default_device(local_rank: int) -> str:
     import torch
 
@@ -239,7 +252,7 @@ def _default_device(local_rank: int) -> str:
 
 
 def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, index: str | None,
-              nlist: int | None, recall_queries: str | Path | None) -> Path | None:
+              nlist: int | None, recall_queries: np.ndarray | None) -> Path | None:
     """The shards streamed into one bank folder (under a lock: one rank assembles), then the index, then renamed into
     place and the work folder removed."""
     with open(work / "assemble.lock", "w") as lock:
@@ -275,8 +288,8 @@ def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, 
                 array.flush()
             del arrays
             if index is not None:
-                queries = None if recall_queries is None else np.load(recall_queries)
-                meta["index"] = build_index(np.load(staging / "keys.npy", mmap_mode="r"), staging, nlist, queries)
+                meta["index"] = build_index(np.load(staging / "keys.npy", mmap_mode="r"), staging, nlist,
+                                            recall_queries)
             publish_bank(staging, out_dir, {"rows": rows, **meta})
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -293,7 +306,7 @@ def index_bank(bank_path: str | Path, nlist: int | None = None, recall_queries: 
         raise BankError(f"{bank.path}: a bank without keys.npy has nothing to index")
     if not (bank.path / BANK_MARKER).is_file():
         raise BankError(f"{bank.path}: no {BANK_MARKER}; only a bank built by kaggle-i2p is changed in place")
-    queries = None if recall_queries is None else np.load(recall_queries)
+    queries = _read_recall_queries(recall_queries, bank.keys.shape[1])
     staging = staging_dir(bank.path / "index")
     try:
         entry = build_index(bank.keys, staging, nlist, queries)

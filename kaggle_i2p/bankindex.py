@@ -77,8 +77,8 @@ def ivfpq_parameters(rows: int, dim: int, nlist: int | None = None) -> IndexPara
 def _sample_rows(rows: int, n: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """`n` distinct rows in increasing order (read from a memory-mapped file in one sweep)."""
     rng = np.random.default_rng(seed)
-    pool = np.setdiff1d(np.arange(rows), exclude) if exclude is not None and len(exclude) else rows
-    return np.sort(rng.choice(pool, size=min(n, rows if isinstance(pool, int) else len(pool)), replace=False))
+    pool = np.arange(rows) if exclude is None else np.setdiff1d(np.arange(rows), exclude)
+    return np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
 
 
 def _gpu_clustering(faiss, index, dim: int) -> None:

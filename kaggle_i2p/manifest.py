@@ -581,7 +581,7 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
                                       f"{ctx.embedding_dim})")
     if score == "embedding" and keys is None:
         problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
-    search, nprobe, candidates = _parse_search(raw, where, bank, score, problems)
+    search, nprobe, candidates = _parse_search(raw, where, bank, keys, score, problems)
     return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
                             temperature=float(temperature) if is_number(temperature)
                             else DEFAULT_RETRIEVAL_TEMPERATURE,
@@ -590,7 +590,7 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
                             candidates=candidates)
 
 
-def _stale_index(bank: Path) -> str | None:
+def _stale_index(bank: Path, keys: np.ndarray) -> str | None:
     """Why the bank's index does not belong to its keys (checked before any compute), or None."""
     from .search import INDEX_FILE
 
@@ -598,13 +598,12 @@ def _stale_index(bank: Path) -> str | None:
         entry = json.loads((bank / "bank.json").read_text(encoding="utf-8")).get("index") or {}
     except (OSError, ValueError):
         return "has no entry in bank.json to check it against"
-    keys = np.load(bank / "keys.npy", mmap_mode="r")
     actual = {"rows": len(keys), "dim": keys.shape[1], "bytes": (bank / INDEX_FILE).stat().st_size}
     differ = [f"{name} {entry.get(name)} (now {value})" for name, value in actual.items() if entry.get(name) != value]
     return f"was built for other keys or was changed: bank.json says {', '.join(differ)}" if differ else None
 
 
-def _parse_search(raw: Mapping, where: str, bank: Path, score: Any, problems: Problems
+def _parse_search(raw: Mapping, where: str, bank: Path, keys: np.ndarray | None, score: Any, problems: Problems
                   ) -> tuple[Any, int | None, int | None]:
     """`search`, `nprobe`, `candidates`: an index search needs embedding scores, the bank's index file and FAISS."""
     from .search import INDEX_FILE  # here: search.py brings torch, which validating a manifest needs only then
@@ -629,7 +628,7 @@ def _parse_search(raw: Mapping, where: str, bank: Path, score: Any, problems: Pr
         elif not (bank / INDEX_FILE).is_file():
             problems.add(f"{where}.search", f"{bank} has no {INDEX_FILE}; build the bank with `kaggle-i2p "
                                             "build-bank --index ivf-pq`, or use search: exact")
-        elif (stale := _stale_index(bank)) is not None:
+        elif keys is not None and (stale := _stale_index(bank, keys)) is not None:
             problems.add(f"{where}.search", f"{bank}/{INDEX_FILE} {stale}; rebuild it with `kaggle-i2p index-bank "
                                             f"{bank}`")
         elif importlib.util.find_spec("faiss") is None:

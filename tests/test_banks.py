@@ -133,6 +133,10 @@ def test_build_bank_refuses_an_index_without_keys_or_faiss_before_embedding(tmp_
     monkeypatch.setattr(bankbuild, "minilm_embedder", lambda *a: pytest.fail("embedded before refusing"))
     assert main(["build-bank", str(prompts_file), "--out", str(tmp_path / "b"), "--index", "ivf-pq"]) == 2
     assert "an index searches keys" in capsys.readouterr().err
+    (tmp_path / "queries.npy").write_text("not an array")
+    assert main(["build-bank", str(prompts_file), "--out", str(tmp_path / "b"), "--keys", "minilm", "--index",
+                 "ivf-pq", "--recall-queries", str(tmp_path / "queries.npy")]) == 2
+    assert "queries.npy: not a readable .npy of query vectors" in capsys.readouterr().err
     real_import = builtins.__import__
 
     def no_faiss(name, *args, **kwargs):
