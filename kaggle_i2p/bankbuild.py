@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bankindex import INDEX_TYPES, build_index
-from .dataset.generate import rank_and_world
+from .dataset.generate import rank_and_world, rank_device
 from .ensemble import l2_normalize
 from .fileio import atomic_open, staging_dir
 from .retrieval import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
@@ -33,7 +33,7 @@ KEY_KINDS = ("none", "minilm", "clip")
 SHARD_ROWS = 100_000
 WORK_SUFFIX = ".building"
 PLAN_FILE = "plan.json"
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: the storage dtype is part of the plan
 
 
 def shard_texts(batches: Iterator[list[str]], shard_rows: int) -> Iterator[tuple[int, list[str]]]:
@@ -137,12 +137,13 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
                text_model_path: str | Path | None = None, batch_size: int | None = None,
                clip_arch: str | None = None, clip_checkpoint: str | Path | None = None, index: str | None = None,
                nlist: int | None = None, recall_queries: str | Path | None = None, shard_rows: int = SHARD_ROWS,
-               device: str | None = None) -> Path | None:
+               device: str | None = None, dtype: str = "float16") -> Path | None:
     """Embed a text file into a bank folder (see the module docstring). Returns the bank's path, or None when this
     rank finished its shards while others are still embedding (the last one to finish assembles the bank).
 
     Keys: `none` (a classifier's class bank), `minilm` (queried with 384-d vectors) or `clip` (the texts through a
     local CLIP text tower, queried by the matching CLIP image tower). `index`: `ivf-pq` adds a FAISS index.
+    `dtype`: how the vectors are stored (float16 halves a bank; the dataset's targets keep float32).
     """
     # 1. everything that can be wrong, before any text is embedded
     if keys not in KEY_KINDS:
@@ -163,7 +164,8 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
     settings = {"format": PLAN_FORMAT, "source": str(source), "source_size": stat.st_size,
                 "source_mtime_ns": stat.st_mtime_ns, "column": column, "keys": keys, "clip_arch": clip_arch,
                 "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None,
-                "text_model": str(text_model_path) if text_model_path else None, "shard_rows": shard_rows}
+                "text_model": str(text_model_path) if text_model_path else None, "shard_rows": shard_rows,
+                "dtype": np.dtype(dtype).name}
 
     # 2. the plan: how many texts and shards (a counting pass on the first run)
     work = _work_dir(out_dir)
@@ -206,7 +208,7 @@ def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_sh
         return
     rows, shard_rows = plan["rows"], plan["shard_rows"]
     size = {s: min(shard_rows, rows - s * shard_rows) for s in mine}
-    device = device or _default_device(local_rank)
+    device = device or rank_device(local_rank)
     batch_size = batch_size or (1024 if device.startswith("cuda") else 128)
     embed_targets = minilm_embedder(text_model_path, device, batch_size)
     embed_keys = clip_embedder(clip_arch, clip_checkpoint, device, batch_size) if keys == "clip" else None
@@ -215,12 +217,12 @@ def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_sh
               desc=f"rank {rank}/{world} embedding", unit="text", unit_scale=True, position=rank) as bar:
         for number, texts in shard_texts(iter_text_batches(source, column), shard_rows):
             if number in todo:
-                targets = l2_normalize(embed_targets(texts)).astype(np.float16)
+                targets = l2_normalize(embed_targets(texts)).astype(plan["dtype"])
                 arrays = {"targets": targets}
                 if keys == "minilm":
                     arrays["keys"] = targets
                 elif embed_keys is not None:
-                    arrays["keys"] = l2_normalize(embed_keys(texts)).astype(np.float16)
+                    arrays["keys"] = l2_normalize(embed_keys(texts)).astype(plan["dtype"])
                 text_path, array_path = _shard_paths(work, number)
                 with atomic_open(text_path, "w", encoding="utf-8") as handle:
                     handle.writelines(t + "\n" for t in texts)
@@ -245,12 +247,6 @@ def _read_recall_queries(path: str | Path | None, dim: int | None = None) -> np.
     return queries
 
 
-def _default_device(local_rank: int) -> str:
-    import torch
-
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-
-
 def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, index: str | None,
               nlist: int | None, recall_queries: np.ndarray | None) -> Path | None:
     """The shards streamed into one bank folder (under a lock: one rank assembles), then the index, then renamed into
@@ -268,7 +264,7 @@ def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, 
         try:
             with np.load(_shard_paths(work, 0)[1]) as first:
                 widths = {name: first[name].shape[1] for name in first.files}
-            arrays = {name: np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=np.float16,
+            arrays = {name: np.lib.format.open_memmap(staging / f"{name}.npy", mode="w+", dtype=plan["dtype"],
                                                       shape=(rows, width)) for name, width in widths.items()}
             start = 0
             with open(staging / "texts.txt", "w", encoding="utf-8") as texts:

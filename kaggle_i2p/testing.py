@@ -175,6 +175,24 @@ def prompt_like_embeddings(n: int, dim: int, seed: int = 0, topics: int | None =
     return out
 
 
+def plant_near_duplicates(vectors: np.ndarray, fraction: float, cosines: tuple[float, float] = (0.8, 1.0),
+                          seed: int = 0) -> np.ndarray:
+    """Copies of `vectors` where a `fraction` of the rows (never row 0) are replaced by a near-duplicate of a random
+    earlier row at a cosine drawn uniformly from `cosines` (exactly that cosine to its source), as reworded prompts
+    are; a source may itself be a planted row, so chains form as in scraped prompt sets."""
+    rng = np.random.default_rng(seed)
+    out = np.array(vectors, dtype=np.float32)
+    rows = np.sort(rng.choice(np.arange(1, len(out)), size=int(fraction * len(out)), replace=False))
+    sources = (rng.random(len(rows)) * rows).astype(np.int64)  # a random earlier row
+    cosine = rng.uniform(*cosines, size=len(rows)).astype(np.float32)
+    noise = rng.standard_normal((len(rows), out.shape[1])).astype(np.float32)
+    for i, row in enumerate(rows):  # in order: a planted source is planted before it is copied
+        source, other = out[sources[i]], noise[i]
+        other -= (other @ source) * source
+        out[row] = cosine[i] * source + np.sqrt(1.0 - cosine[i] ** 2) * other / np.linalg.norm(other)
+    return out
+
+
 def synthetic_bank(folder: str | Path, rows: int, key_dim: int, seed: int = 0, target_dim: int = 384) -> Path:
     """A bank folder of `rows` prompt-like float16 keys and targets, written in chunks (a 5M-row bank never sits in
     memory), with texts `text <row>`; as `write_bank` lays it out."""

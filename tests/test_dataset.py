@@ -119,3 +119,143 @@ def test_vectorised_dedup_and_groups_match_the_definitions_on_clustered_sets(see
     for block in (4096, 97):
         assert np.array_equal(semantic_dedup(vectors, threshold=0.9, block=block), expected_keep)
         assert np.array_equal(similarity_groups(vectors, threshold=0.8, block=block), expected_groups)
+
+
+def _clustered_with_chains(seed: int, n: int = 1500, dim: int = 32) -> np.ndarray:
+    """Prompt-like vectors with chains of planted near-duplicates (each row a small step from the one before)."""
+    from kaggle_i2p.testing import prompt_like_embeddings
+
+    rng = np.random.default_rng(seed)
+    vectors = prompt_like_embeddings(n, dim, seed=seed, topics=40)
+    for start in rng.choice(n - 100, n // 25, replace=False):
+        for i in range(start + 1, start + 5):
+            vectors[i] = l2_normalize(vectors[i - 1] + 0.25 * rng.standard_normal(dim) / np.sqrt(dim))
+    return vectors.astype(np.float32)
+
+
+def test_ivf_pairs_give_the_exact_answers_when_every_list_is_probed():
+    """With every inverted list probed no pair can be missed: dedup and groups through the IVF pairs equal the exact
+    passes, and the found pairs are exactly the brute-force pairs."""
+    from kaggle_i2p.dataset.pairs import probe_lists, similar_pairs
+
+    vectors = _clustered_with_chains(0)
+    probes = probe_lists(vectors, nlist=8, nprobe=8)
+    a, b = similar_pairs(vectors, probes, 0.8)
+    expected = np.argwhere(np.triu(vectors @ vectors.T >= 0.8, k=1))
+    assert np.array_equal(np.stack([a, b], axis=1), expected)
+    assert np.array_equal(semantic_dedup(vectors, 0.9, probes=probes), semantic_dedup(vectors, 0.9))
+    assert np.array_equal(similarity_groups(vectors, 0.8, probes=probes), similarity_groups(vectors, 0.8))
+
+
+def test_ivf_with_few_probes_agrees_with_exact_and_leakage_is_counted():
+    """One probe of 32 lists misses pairs across list borders: the keep decisions still agree on nearly every row,
+    and `leakage_pairs` counts exactly the similar pairs that cross folds (0 for exact groups)."""
+    from kaggle_i2p.dataset.pairs import leakage_pairs, probe_lists
+
+    vectors = _clustered_with_chains(1, n=3000)
+    probes = probe_lists(vectors, nlist=32, nprobe=1)
+    exact_keep = semantic_dedup(vectors, 0.9)
+    agreement = (semantic_dedup(vectors, 0.9, probes=probes) == exact_keep).mean()
+    assert 0.97 <= agreement < 1.0  # approximate, and close
+    folds = assign_folds(similarity_groups(vectors, 0.8), 5)
+    similar = np.triu(vectors @ vectors.T >= 0.8, k=1)
+    assert leakage_pairs(vectors, folds, 0.8, block=700) == (0, similar.sum())
+    ivf_folds = assign_folds(similarity_groups(vectors, 0.8, probes=probes), 5)
+    expected = int((similar & (ivf_folds[:, None] != ivf_folds[None, :])).sum())
+    assert expected > 0 and leakage_pairs(vectors, ivf_folds, 0.8, block=700) == (expected, similar.sum())
+
+
+def test_greedy_over_pairs_is_the_row_by_row_greedy():
+    """The sparse rounds over a pair list decide as the definition does, on long chains and dense cliques."""
+    from kaggle_i2p.dataset.pairs import greedy_keep_pairs
+
+    vectors = _clustered_with_chains(2, n=800)
+    similar = np.triu(vectors @ vectors.T >= 0.9, k=1)
+    a, b = np.nonzero(similar)
+    assert np.array_equal(greedy_keep_pairs(len(vectors), a, b), _reference_dedup(vectors, 0.9))
+
+
+def _text_sources(tmp_path, sample_dir) -> list[str]:
+    (tmp_path / "extra.txt").write_text("a lighthouse on a cliff during a storm\nan owl asleep on a snowy branch\n"
+                                        "a red bicycle leaning on a brick wall\na bowl of ramen, studio photo\n")
+    return [f"{sample_dir / 'prompts.csv'}:prompt", str(tmp_path / "extra.txt")]
+
+
+def _work_bytes(work) -> dict[str, bytes]:
+    return {name: (work / name).read_bytes() for name in ("dedup.parquet", "prompt_targets.npy",
+                                                          "prompt_index.parquet")}
+
+
+def test_text_step_embeds_in_shards_resumes_after_a_kill_and_ranks_equal_one_process(tmp_path, sample_dir,
+                                                                                      monkeypatch):
+    """The embeddings stream in shards of the clean prompts: a run killed in the third shard redoes only the shards
+    not written; two ranks (run one after the other) share the shards and rank 0 writes the index; all three ways
+    end in the same bytes, and the shard folder is gone."""
+    from kaggle_i2p import bankbuild
+
+    sources = _text_sources(tmp_path, sample_dir)
+    monkeypatch.setattr(dataset.prompts, "EMBED_SHARD_ROWS", 3)
+    whole = tmp_path / "whole"
+    dataset.run_text_steps(sources, whole, n_folds=3)
+    assert not (whole / "embeddings").exists() and not (whole / "embeddings.building").exists()
+
+    seen, kill_at = [], [3]
+    original = bankbuild.minilm_embedder
+
+    def dying_embedder(*args):
+        embed = original(*args)
+
+        def run(texts):
+            seen.append(len(texts))
+            if len(seen) in kill_at:
+                raise KeyboardInterrupt  # Ctrl-C while embedding the third shard
+            return embed(texts)
+        return run
+
+    monkeypatch.setattr(bankbuild, "minilm_embedder", dying_embedder)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        dataset.run_text_steps(sources, resumed, n_folds=3)
+    assert sorted(p.name for p in (resumed / "embeddings.building").glob("*.npz")) == ["shard-000000.npz",
+                                                                                       "shard-000001.npz"]
+    seen.clear()
+    kill_at.clear()
+    dataset.run_text_steps(sources, resumed, n_folds=3)
+    assert seen == [3, 2]  # 11 clean prompts: only shards 2 (3 prompts) and 3 (2) are embedded again
+    assert _work_bytes(resumed) == _work_bytes(whole)
+
+    ranks = tmp_path / "ranks"
+    dataset.prompts.collect_step(sources, ranks, 3)  # rank 0's first steps (rank 1 would wait for them)
+    dataset.prompts.clean_step(ranks)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dataset.run_text_steps(sources, ranks, n_folds=3) is None  # its shards done; rank 0 goes on
+    assert sorted(p.name for p in (ranks / "embeddings.building").glob("*.npz")) == ["shard-000001.npz",
+                                                                                      "shard-000003.npz"]
+    monkeypatch.setenv("RANK", "0")
+    assert dataset.run_text_steps(sources, ranks, n_folds=3) == ranks / "prompt_index.parquet"
+    assert _work_bytes(ranks) == _work_bytes(whole)
+
+
+def test_text_step_with_ivf_search_matches_exact_on_the_sample(tmp_path, sample_dir):
+    """--search ivf runs the same steps through probed inverted lists; on the sample it decides as the exact search
+    (and asking for ivf without FAISS would be refused before any compute: see the CLI test)."""
+    sources = _text_sources(tmp_path, sample_dir)
+    exact = dataset.run_text_steps(sources, tmp_path / "exact", n_folds=3, search="exact")
+    ivf = dataset.run_text_steps(sources, tmp_path / "ivf", n_folds=3, search="ivf", nprobe=1)
+    assert pd.read_parquet(ivf).equals(pd.read_parquet(exact))
+    with pytest.raises(dataset.DatasetError, match="--search 'faiss'"):
+        dataset.run_text_steps(sources, tmp_path / "bad", n_folds=3, search="faiss")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ivf_without_faiss_is_refused_before_any_compute(tmp_path, sample_dir, monkeypatch, capsys):
+    """No FAISS: --search ivf is one clear error (exit 2) before anything is read or written; auto falls back to the
+    exact passes with a warning."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    sources = _text_sources(tmp_path, sample_dir)
+    assert dataset.main(["text", *sources, "--work", str(tmp_path / "w"), "--search", "ivf"]) == 2
+    assert "pip install 'kaggle_i2p[index]'" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert dataset.prompts._choose_search("auto", 10**6, "cpu") == "exact"

@@ -56,24 +56,44 @@ def tiny_sd(tmp_path_factory) -> Path:
     return folder / "pipeline"
 
 
-def _build(work: Path, model: Path, sources: list[str], gpus: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, **SETTINGS, "GPUS": str(gpus), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(["bash", str(ROOT / "build_dataset.sh"), str(work), str(model), *sources],
-                          capture_output=True, text=True, env=env, timeout=600)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def test_build_dataset_two_processes_equal_one(tmp_path, tiny_sd, sample_dir):
+def _build(work: Path, model: Path, sources: list[str], **settings: str) -> subprocess.Popen:
+    env = {**os.environ, **SETTINGS, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **settings}
+    return subprocess.Popen(["bash", str(ROOT / "build_dataset.sh"), str(work), str(model), *sources],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, out + err[-4000:]
+    return out + err
+
+
+def test_build_dataset_on_two_nodes_equals_one_process(tmp_path, tiny_sd, sample_dir):
+    """build_dataset.sh on two "nodes" (two scripts on localhost with NNODES=2, one GPU each): node 1 waits for node
+    0's text steps, each node makes its half, and the rank that finishes last writes the index; the result is the
+    bytes of one process."""
     sources = [f"{sample_dir / 'prompts.csv'}:prompt"]
-    two = _build(tmp_path / "two", tiny_sd, sources, gpus=2)
-    assert two.returncode == 0, two.stdout + two.stderr
-    one = _build(tmp_path / "one", tiny_sd, sources, gpus=1)
-    assert one.returncode == 0, one.stdout + one.stderr
+    port = str(_free_port())
+    nodes = [_build(tmp_path / "two", tiny_sd, sources, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=port) for rank in (1, 0)]
+    logs = [_finish(node) for node in nodes]
+    assert "node 1 waits for node 0's text steps" in logs[0]
+    assert any("every image is made: wrote" in log for log in logs)  # whichever finished last (both, if at once)
+    _finish(_build(tmp_path / "one", tiny_sd, sources))
 
     names_two = sorted(p.name for p in (tmp_path / "two" / "images").iterdir())
     names_one = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
     assert names_two == names_one and len(names_one) == 7 * 2  # no duplicates, no gaps
-    for name in names_one:
-        assert (tmp_path / "two" / "images" / name).read_bytes() == (tmp_path / "one" / "images" / name).read_bytes()
+    for name in [*(f"images/{n}" for n in names_one), "index.parquet", "targets.npy"]:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     first, second = (np.asarray(Image.open(tmp_path / "one" / "images" / n), dtype=int) for n in names_one[:2])
     assert np.abs(first - second).mean() > 5  # other seeds give other images: the comparison above means something
 
@@ -120,36 +140,31 @@ def test_shards_are_disjoint_and_complete(monkeypatch, sample_dir, tmp_path):
     assert jobs[0].seed == prompt_seed("prompt 0", 0) != prompt_seed("prompt 0", 1)
 
 
-def test_two_nodes_on_localhost_make_the_images_of_one_process(tmp_path, tiny_sd, sample_dir):
-    """`torchrun --nnodes 2` with one process per node (a static rendezvous on localhost): the global rank is the
-    shard, and the two nodes together write exactly the bytes of one plain process."""
+def test_a_job_array_makes_the_images_of_one_process_and_its_last_task_writes_the_index(tmp_path, tiny_sd,
+                                                                                         sample_dir):
+    """Two tasks of a SLURM job array (plain processes, no torch.distributed) run the generate step at once: each
+    makes its half, the one that finds every image made writes the index, and the bytes are those of one process."""
     import shutil
-    import socket
 
-    work = tmp_path / "nodes"
+    work = tmp_path / "array"
     dataset.run_text_steps([f"{sample_dir / 'prompts.csv'}:prompt"], work, n_folds=3)
     shutil.copytree(work, tmp_path / "one")
-    step = ["-m", "kaggle_i2p.dataset", "generate", "--model", str(tiny_sd), "--images-per-prompt", "2", "--steps",
-            "2", "--image-size", "24", "--render-size", "32", "--batch-size", "1", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
-                               "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
-                               str(port), *step, "--work", str(work)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for rank, node in enumerate(nodes):
-        out, err = node.communicate(timeout=600)
-        assert node.returncode == 0, out + err[-3000:]
-        assert f"rank {rank}/2: 7 images, 0 already made" in out + err  # each node made its own half
-    single = subprocess.run([sys.executable, *step, "--work", str(tmp_path / "one")], env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    step = [sys.executable, "-m", "kaggle_i2p.dataset", "generate", "--model", str(tiny_sd), "--images-per-prompt",
+            "2", "--steps", "2", "--image-size", "24", "--render-size", "32", "--batch-size", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+           "SLURM_ARRAY_TASK_MIN": "10"}
+    tasks = [subprocess.Popen([*step, "--work", str(work)], env={**env, "SLURM_ARRAY_TASK_ID": str(10 + task)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for task in (0, 1)]
+    logs = [_finish(task) for task in tasks]
+    for rank, log in enumerate(logs):
+        assert f"rank {rank}/2: 7 images, 0 already made" in log  # each task made its own half
+    assert any("every image is made: wrote" in log for log in logs)  # whichever finished last (both, if at once)
+    _finish(subprocess.Popen([*step, "--work", str(tmp_path / "one")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     names = sorted(p.name for p in (work / "images").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "one" / "images").iterdir()) and len(names) == 14
-    for name in names:
-        assert (work / "images" / name).read_bytes() == (tmp_path / "one" / "images" / name).read_bytes()
+    for name in [*(f"images/{n}" for n in names), "index.parquet", "targets.npy"]:
+        assert (work / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
 def test_a_slurm_job_array_shards_like_ranks(monkeypatch):

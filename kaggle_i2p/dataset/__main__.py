@@ -11,9 +11,10 @@ import pandas as pd
 
 from ..errors import I2PError
 from .generate import DEFAULTS
-from .index import write_image_index
+from .index import missing_images, write_image_index
 from .layout import IMAGE_FORMATS
-from .prompts import DEDUP_THRESHOLD, GROUP_THRESHOLD, N_FOLDS, run_text_steps
+from .pairs import NPROBE
+from .prompts import DEDUP_THRESHOLD, EXACT_UP_TO, GROUP_THRESHOLD, N_FOLDS, SEARCHES, run_text_steps
 
 DESCRIPTION = """Build a training set from prompt files, one resumable step at a time (the steps of build_dataset.sh):
 text (collect, clean, semantic dedup, MiniLM targets, grouped folds) -> generate (SD2 images, sharded over ranks) ->
@@ -31,8 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     text.add_argument("--dedup-threshold", type=float, default=DEDUP_THRESHOLD)
     text.add_argument("--group-threshold", type=float, default=GROUP_THRESHOLD)
     text.add_argument("--folds", type=int, default=N_FOLDS)
-    text.add_argument("--device", default="cpu")
-    gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate for more)")
+    text.add_argument("--device", default=None, help="embedding and similarity device (default: the rank's GPU when "
+                      "there is one, else the CPU)")
+    text.add_argument("--search", choices=SEARCHES, default="auto",
+                      help="similar pairs: exact, or ivf (FAISS inverted lists, approximate, for large sets on a CPU); "
+                      f"auto: exact on a GPU or up to {EXACT_UP_TO:,} prompts (default: %(default)s)")
+    text.add_argument("--nprobe", type=int, default=NPROBE, help="lists each prompt probes with --search ivf "
+                      "(default: %(default)s)")
+    text.add_argument("--batch-size", type=int, default=None, help="embedding batch (default: 1024 on a GPU, 128)")
+    gen = sub.add_parser("generate", help="make this rank's missing images (run under torchrun/accelerate or a job "
+                         "array for more); the rank that finds every image made writes the index")
     gen.add_argument("--work", type=Path, required=True)
     gen.add_argument("--model", type=Path, required=True, help="local diffusers Stable Diffusion 2 folder")
     gen.add_argument("--images-per-prompt", type=int, default=DEFAULTS.images_per_prompt)
@@ -63,14 +72,24 @@ def main(argv: list[str] | None = None) -> int:
 def _run_step(args: argparse.Namespace) -> int:
     if args.step == "text":
         path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
-                              args.device)
-        print(f"wrote {path}: {len(pd.read_parquet(path))} prompts")
+                              args.device, args.search, args.nprobe, args.batch_size)
+        if path is None:
+            print("this rank's embedding shards are done; the rank that finishes the last one writes the index")
+        else:
+            print(f"wrote {path}: {len(pd.read_parquet(path))} prompts")
     elif args.step == "generate":
         from .generate import generate
 
         written = generate(args.work, args.model, args.images_per_prompt, args.steps, args.guidance, args.image_size,
                            args.render_size, args.batch_size, args.format, args.device)
         print(f"generated {len(written)} images")
+        missing = missing_images(args.work, args.images_per_prompt, args.format)
+        if missing:  # other ranks (or nodes, or array tasks) are still at work: the last to finish writes the index
+            print(f"{missing} images are still to be made by other ranks; the one that finishes last writes the "
+                  "index")
+        else:
+            path = write_image_index(args.work, args.format)
+            print(f"every image is made: wrote {path}: {len(pd.read_parquet(path))} images")
     else:
         path = write_image_index(args.work, args.format)
         print(f"wrote {path}: {len(pd.read_parquet(path))} images")

@@ -87,6 +87,11 @@ def rank_and_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def rank_device(local_rank: int) -> str:
+    """The device a rank works on when none is given: its own GPU (LOCAL_RANK) when there is one, else the CPU."""
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
 def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
     """A local diffusers StableDiffusionPipeline with DPMSolver++ and, in fp16, the SD2 attention upcast (without it
     the 768-v model makes black images); no safety checker, nothing from the hub."""
@@ -113,9 +118,8 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = D
     rank, world, local_rank = rank_and_world()
     settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "image_size": image_size, "render_size": render_size, "format": image_format}
-    if rank == 0:
-        with atomic_open(work / GENERATION) as handle:
-            json.dump(settings, handle, indent=1)
+    with atomic_open(work / GENERATION) as handle:  # by every rank (the same bytes): array tasks start in any order
+        json.dump(settings, handle, indent=1)
     prompts = pd.read_parquet(work / PROMPT_INDEX)
     out_dir = work / IMAGES
     out_dir.mkdir(exist_ok=True)
@@ -124,8 +128,7 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = D
     log.info("rank %d/%d: %d images, %d already made", rank, world, len(mine), len(mine) - len(todo))
     if not todo:
         return []
-    cuda = torch.cuda.is_available() and device != "cpu"
-    torch_device = torch.device(device or (f"cuda:{local_rank}" if cuda else "cpu"))
+    torch_device = torch.device(device or rank_device(local_rank))
     pipe = load_pipeline(model_dir, torch_device, fp16=torch_device.type == "cuda")
     size = render_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     written = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,15 @@ import pandas as pd
 from ..fileio import atomic_open, write_parquet
 from .generate import image_jobs
 from .layout import IMAGES, INDEX, PROMPT_INDEX, PROMPT_TARGETS, TARGETS, images_per_prompt
+
+
+def missing_images(work: str | Path, per_prompt: int, image_format: str = "png") -> int:
+    """How many of the images the prompt index asks for are not on disk yet (one directory listing, not a stat per
+    image): 0 tells the rank that finishes last that the index can be written."""
+    work = Path(work)
+    made = {entry.name for entry in os.scandir(work / IMAGES)} if (work / IMAGES).is_dir() else set()
+    jobs = image_jobs(pd.read_parquet(work / PROMPT_INDEX, columns=["promptId", "prompt"]), per_prompt)
+    return sum(f"{job.image_id}.{image_format}" not in made for job in jobs)
 
 
 def write_image_index(work: str | Path, image_format: str = "png") -> Path:

@@ -1,8 +1,8 @@
 """The WORK-folder contract of the dataset steps: every file each step reads and writes, by name, in one place.
 
-text: prompts.parquet -> clean.parquet -> dedup.parquet + prompt_targets.npy -> prompt_index.parquet (one row per kept
-prompt); generate: images/ and generation.json; index: index.parquet + targets.npy (one row per generated image), which
-evaluate, tune and the trainer read.
+text: prompts.parquet -> clean.parquet -> embeddings/ -> dedup.parquet + prompt_targets.npy -> prompt_index.parquet
+(one row per kept prompt); generate: images/ and generation.json; index: index.parquet + targets.npy (one row per
+generated image), which evaluate, tune and the trainer read.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
+EMBEDDINGS = "embeddings"  # the clean prompts' MiniLM embeddings, a bank built in shards (removed after dedup)
 PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt
 INDEX, TARGETS, IMAGES = "index.parquet", "targets.npy", "images"  # one row per generated image
 GENERATION = "generation.json"  # the settings the images were generated with

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +21,19 @@ from ..blocks import blocks
 from ..errors import I2PError
 from ..fileio import atomic_open, write_parquet
 from ..folds import group_fold_numbers
+from ..search import import_faiss
 from ..textfiles import read_texts
-from .layout import CLEAN, DEDUP, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
+from .generate import rank_and_world, rank_device
+from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
+from .pairs import NPROBE, dense_groups, greedy_keep_pairs, greedy_rounds, ivf_groups, probe_lists, similar_pairs, union
 
 # The text steps' defaults, in one place (the CLI and build_dataset.sh pass values only when given).
 DEDUP_THRESHOLD = 0.9  # MiniLM cosine to an earlier kept prompt above which a prompt is a duplicate
 GROUP_THRESHOLD = 0.7  # prompts this similar share a group, and so a fold
 N_FOLDS = 5
+SEARCHES = ("auto", "exact", "ivf")
+EMBED_SHARD_ROWS = 100_000  # prompts per embedding shard: the unit of resume and of sharing over ranks
+EXACT_UP_TO = 100_000  # `auto` on a CPU: the exact passes up to this many prompts (a few minutes), ivf above
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -72,12 +80,15 @@ def clean(frame: pd.DataFrame, min_words: int = 3, max_tokens: int = CLIP_CONTEX
 
 
 def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, block: int = 4096,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", probes: np.ndarray | None = None) -> np.ndarray:
     """Keep mask: a prompt is dropped when its cosine to an earlier kept prompt is >= threshold (greedy, in order).
 
-    Works block by block against the kept set (chunked matmuls on `device`), never an N x N matrix, and decides each
-    block's rows with tensor ops (`greedy_keep`), not a loop over its rows.
+    Exact: block by block against the kept set (chunked matmuls on `device`), never an N x N matrix, each block's rows
+    decided with tensor ops (`greedy_keep`). With `probes` (`pairs.probe_lists`), the similar pairs are looked for
+    only within the inverted lists each prompt probes and the same greedy runs over them: for large sets on a CPU.
     """
+    if probes is not None:
+        return greedy_keep_pairs(len(embeddings), *similar_pairs(embeddings, probes, threshold, device))
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
     keep = np.zeros(len(vectors), dtype=bool)
     kept_rows: list[torch.Tensor] = []
@@ -94,34 +105,18 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
 
 
 def greedy_keep(similar: torch.Tensor, open_rows: torch.Tensor) -> torch.Tensor:
-    """The greedy in-order decisions inside a block: row i is kept when it is open and no earlier kept row is
-    similar to it. Decided in rounds of two matrix-vector products: a row is dropped once an earlier similar row is
-    kept, and kept once every earlier similar row is decided and none was kept; the earliest undecided row is always
-    decided, so the rounds end (after as many as the longest chain of similar rows, usually a few)."""
+    """The greedy in-order decisions inside a block (`pairs.greedy_rounds`, with dense matrix-vector products)."""
     earlier = torch.tril(similar, diagonal=-1).float()  # earlier[i, j]: row j comes before row i and is similar
-    undecided, kept = open_rows.clone(), torch.zeros_like(open_rows)
-    while undecided.any():
-        has_kept = (earlier @ kept.float()) > 0
-        waiting = (earlier @ undecided.float()) > 0
-        kept = kept | (undecided & ~has_kept & ~waiting)
-        undecided = undecided & ~has_kept & waiting
-    return kept
-
-
-def _find_roots(parent: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The union-find roots of `rows`, by pointer jumping (every parent is at most its row)."""
-    roots = parent[rows]
-    while True:
-        up = parent[roots]
-        if np.array_equal(up, roots):
-            return roots
-        roots = up
+    return greedy_rounds(lambda mask: earlier @ mask.float() > 0, open_rows)
 
 
 def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, block: int = 4096,
-                      device: str = "cpu") -> np.ndarray:
-    """Group ids: connected components of the graph 'cosine >= threshold' (chunked matmuls; a vectorised union-find
-    hooks each pair's larger root under its smaller one, so a group's root is its first row)."""
+                      device: str = "cpu", probes: np.ndarray | None = None) -> np.ndarray:
+    """Group ids: connected components of the graph 'cosine >= threshold', numbered in order of each group's first
+    row. Exact: chunked matmuls over all block pairs into a vectorised union-find; with `probes`, only the pairs
+    within probed inverted lists (`pairs.ivf_groups`)."""
+    if probes is not None:
+        return ivf_groups(embeddings, probes, threshold, device)
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
     parent = np.arange(len(vectors))
     for left in blocks(len(vectors), block):
@@ -130,16 +125,8 @@ def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD
                 continue
             pairs = torch.nonzero(vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold)
             pairs = pairs.cpu().numpy()
-            a, b = pairs[:, 0] + left.start, pairs[:, 1] + right.start
-            while len(a):
-                root_a, root_b = _find_roots(parent, a), _find_roots(parent, b)
-                parent[a], parent[b] = root_a, root_b  # path compression: the next finds are one step
-                apart = root_a != root_b
-                a, b = a[apart], b[apart]
-                low, high = np.minimum(root_a[apart], root_b[apart]), np.maximum(root_a[apart], root_b[apart])
-                np.minimum.at(parent, high, low)  # several pairs may hook one root: the smallest wins, others retry
-    roots = _find_roots(parent, np.arange(len(parent)))
-    return np.unique(roots, return_inverse=True)[1]  # dense group numbers in order of each group's first row
+            union(parent, pairs[:, 0] + left.start, pairs[:, 1] + right.start)
+    return dense_groups(parent)
 
 
 class DatasetError(I2PError, ValueError):
@@ -157,40 +144,143 @@ def assign_folds(groups: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
 
 
 def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: float = DEDUP_THRESHOLD,
-                   group_threshold: float = GROUP_THRESHOLD, n_folds: int = N_FOLDS, device: str = "cpu") -> Path:
-    """collect -> clean -> dedup -> targets -> folds; each step's output is kept and reused when present."""
-    from ..text import embed_prompts
+                   group_threshold: float = GROUP_THRESHOLD, n_folds: int = N_FOLDS, device: str | None = None,
+                   search: str = "auto", nprobe: int = NPROBE, batch_size: int | None = None) -> Path | None:
+    """collect -> clean -> embed -> dedup -> groups and folds; each step's output is kept and reused when present.
 
+    Under torchrun every rank embeds its shards of the clean prompts; rank 0 goes on with dedup, groups and folds
+    and returns the prompt index, the others return None.
+    `device`: None for the rank's GPU when there is one. `search`: `exact`, `ivf` (similar pairs within probed
+    inverted lists, `pairs.py`) or `auto` (exact on a GPU or up to EXACT_UP_TO prompts, else ivf when FAISS is
+    installed).
+    """
+    # 1. everything that can be wrong, before any compute
     work = Path(work)
     if n_folds < 2:
         raise DatasetError(f"--folds {n_folds}: at least 2 folds are needed (one held out, the rest to train on)")
-    if not (work / PROMPTS).is_file():
-        missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
-        if missing:
-            raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
-        write_parquet(collect(sources), work / PROMPTS)
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / CLEAN).is_file():
-        collected = pd.read_parquet(work / PROMPTS)
-        if len(collected) < n_folds:  # fail before the embedding, not after
-            raise DatasetError(f"{len(collected)} prompts collected from {', '.join(sources)}; {n_folds} folds need "
-                               f"at least {n_folds}: add prompts or lower FOLDS / --folds")
-        kept, dropped = clean(collected)
-        log.info("clean: kept %d, dropped %s", len(kept), dropped)
-        write_parquet(kept, work / CLEAN)
+    if search not in SEARCHES:
+        raise DatasetError(f"--search {search!r}: choose {', '.join(SEARCHES)}")
+    if search == "ivf":
+        import_faiss()
+    rank, _, local_rank = rank_and_world()
+    device = device or rank_device(local_rank)
+
+    # 2. collect and clean: rank 0 (the others wait for its file)
+    if rank == 0:
+        collect_step(sources, work, n_folds)
+        clean_step(work)
+    else:
+        _wait_for(work / CLEAN, "rank 0's clean step")
+
+    # 3. MiniLM embeddings, 4. semantic dedup and the targets
+    probes = None  # the inverted lists of --search ivf, kept for step 5 when step 4 ran in this process
     if not (work / DEDUP).is_file() or not (work / PROMPT_TARGETS).is_file():
-        frame = pd.read_parquet(work / CLEAN)
-        embeddings = embed_prompts(frame["prompt"].tolist(), device=device, progress=True)
-        keep = semantic_dedup(embeddings, dedup_threshold, device=device)
-        log.info("semantic dedup at cosine %.2f: kept %d of %d", dedup_threshold, keep.sum(), len(keep))
-        with atomic_open(work / PROMPT_TARGETS, "wb") as handle:
-            np.save(handle, embeddings[keep])
-        write_parquet(frame[keep].reset_index(drop=True), work / DEDUP)
+        embeddings = embed_step(work, device, batch_size, rank)
+        if embeddings is None:
+            return None  # this rank's shards are done; rank 0 goes on
+        if _choose_search(search, len(embeddings), device) == "ivf":
+            probes = probe_lists(embeddings, nprobe=nprobe)
+        keep = dedup_step(work, embeddings, dedup_threshold, device, probes)
+        probes = None if probes is None else probes[keep]
+        shutil.rmtree(work / EMBEDDINGS, ignore_errors=True)  # the kept rows are in the targets now
+
+    # 5. similarity groups and folds
     if not (work / PROMPT_INDEX).is_file():
-        frame = pd.read_parquet(work / DEDUP)
-        targets = np.load(work / PROMPT_TARGETS)
-        groups = similarity_groups(targets, group_threshold, device=device)
-        frame = frame.assign(promptId=[f"p{i:08d}" for i in range(len(frame))], group=groups,
-                             fold=assign_folds(groups, n_folds))
-        write_parquet(frame[["promptId", "prompt", "source", "group", "fold"]], work / PROMPT_INDEX)
+        folds_step(work, group_threshold, n_folds, device, search, nprobe, probes)
     return work / PROMPT_INDEX
+
+
+def _choose_search(search: str, rows: int, device: str) -> str:
+    """`auto` resolved: exact on a GPU or up to EXACT_UP_TO rows; else ivf when FAISS is installed."""
+    if search != "auto":
+        return search
+    if device.startswith("cuda") or rows <= EXACT_UP_TO:
+        return "exact"
+    try:
+        import_faiss()
+    except I2PError:
+        log.warning("%d prompts on the CPU without FAISS: the exact similarity passes are quadratic (hours at a "
+                    "million); pip install 'kaggle_i2p[index]' for --search ivf", rows)
+        return "exact"
+    return "ivf"
+
+
+def _wait_for(path: Path, what: str) -> None:
+    """Wait for a file another process writes (logged once a minute)."""
+    waited = 0
+    while not path.is_file():
+        if waited % 60 == 0:
+            log.info("waiting for %s (%s)", path, what)
+        time.sleep(1)
+        waited += 1
+
+
+def collect_step(sources: Sequence[str], work: Path, n_folds: int) -> None:
+    """1. The prompts of every source file, with the file each came from."""
+    if (work / PROMPTS).is_file():
+        return
+    missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
+    if missing:
+        raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
+    collected = collect(sources)
+    if len(collected) < n_folds:  # fail before the embedding, not after
+        raise DatasetError(f"{len(collected)} prompts collected from {', '.join(sources)}; {n_folds} folds need "
+                           f"at least {n_folds}: add prompts or lower FOLDS / --folds")
+    write_parquet(collected, work / PROMPTS)
+
+
+def clean_step(work: Path) -> None:
+    """2. Whitespace, length, language and exact duplicates (see `clean`)."""
+    if (work / CLEAN).is_file():
+        return
+    kept, dropped = clean(pd.read_parquet(work / PROMPTS))
+    log.info("clean: kept %d, dropped %s", len(kept), dropped)
+    write_parquet(kept, work / CLEAN)
+
+
+def embed_step(work: Path, device: str, batch_size: int | None, rank: int) -> np.ndarray | None:
+    """3. The MiniLM embeddings of the clean prompts, float32, in row order: built as a bank in shards (streamed,
+    resumable, shared over ranks; see bankbuild). Rank 0 goes on (waiting for the rank that finishes the last shard
+    to assemble them); the others return None once their shards are done."""
+    from ..bankbuild import build_bank
+    from ..retrieval import BANK_MARKER, Bank
+
+    bank = build_bank(work / CLEAN, work / EMBEDDINGS, column="prompt", device=device, batch_size=batch_size,
+                      shard_rows=EMBED_SHARD_ROWS, dtype="float32")
+    if rank != 0:
+        return None
+    if bank is None:
+        _wait_for(work / EMBEDDINGS / BANK_MARKER, "the embeddings, assembled by the rank that finishes last")
+    embeddings = np.array(Bank.open(work / EMBEDDINGS).targets)  # read into memory, once
+    if len(embeddings) != len(pd.read_parquet(work / CLEAN, columns=["prompt"])):
+        raise DatasetError(f"{work / EMBEDDINGS} does not match {work / CLEAN}; remove it and rerun")
+    return embeddings
+
+
+def dedup_step(work: Path, embeddings: np.ndarray, threshold: float, device: str, probes: np.ndarray | None
+               ) -> np.ndarray:
+    """4. Semantic dedup (through the IVF `probes` when given); the kept prompts and their embeddings (the training
+    targets). Returns the keep mask."""
+    keep = semantic_dedup(embeddings, threshold, device=device, probes=probes)
+    log.info("semantic dedup at cosine %.2f (%s): kept %d of %d", threshold, "exact" if probes is None else "ivf",
+             keep.sum(), len(keep))
+    with atomic_open(work / PROMPT_TARGETS, "wb") as handle:
+        np.save(handle, embeddings[keep])
+    write_parquet(pd.read_parquet(work / CLEAN)[keep].reset_index(drop=True), work / DEDUP)
+    return keep
+
+
+def folds_step(work: Path, threshold: float, n_folds: int, device: str, search: str, nprobe: int,
+               probes: np.ndarray | None = None) -> None:
+    """5. Prompt ids, similarity groups and the folds (every group in one fold); `probes`: step 4's inverted lists
+    of the kept rows, when it ran in this process with --search ivf."""
+    frame = pd.read_parquet(work / DEDUP)
+    targets = np.load(work / PROMPT_TARGETS)
+    if probes is None and _choose_search(search, len(targets), device) == "ivf":
+        probes = probe_lists(targets, nprobe=nprobe)
+    groups = similarity_groups(targets, threshold, device=device, probes=probes)
+    log.info("similarity groups at cosine %.2f (%s): %d groups of %d prompts", threshold,
+             "exact" if probes is None else "ivf", groups.max() + 1, len(groups))
+    frame = frame.assign(promptId=[f"p{i:08d}" for i in range(len(frame))], group=groups,
+                         fold=assign_folds(groups, n_folds))
+    write_parquet(frame[["promptId", "prompt", "source", "group", "fold"]], work / PROMPT_INDEX)
