@@ -111,21 +111,28 @@ def similar_pairs(vectors: np.ndarray, probes: np.ndarray, threshold: float, dev
 
 
 def ivf_groups(vectors: np.ndarray, probes: np.ndarray, threshold: float, device: str = "cpu") -> np.ndarray:
-    """Group ids (as `prompts.similarity_groups`) from the pairs that share a probed list. A dense list holds
-    millions of similar pairs, most inside groups already joined: its members are first merged by their current
-    root (one matrix product), so only (row, group) links leave the device."""
+    """Group ids (as `prompts.similarity_groups`) from the pairs that share a probed list (`join_similar`)."""
     parent = np.arange(len(vectors))
     for rows, members, similar in _similar_blocks(vectors, probes, threshold, device):
-        roots, member_group = np.unique(find_roots(parent, members), return_inverse=True)
-        if len(roots) <= vectors.shape[1]:  # the merge costs less than the similarities did
-            by_group = torch.zeros(len(members), len(roots), device=similar.device)
-            by_group[torch.arange(len(members)), torch.from_numpy(member_group).to(similar.device)] = 1
-            hits = torch.nonzero(similar.float() @ by_group > 0).cpu().numpy()
-            union(parent, rows[hits[:, 0]], roots[hits[:, 1]])
-        else:
-            hits = torch.nonzero(similar).cpu().numpy()
-            union(parent, rows[hits[:, 0]], members[hits[:, 1]])
+        join_similar(parent, rows, members, similar, vectors.shape[1])
     return dense_groups(parent)
+
+
+def join_similar(parent: np.ndarray, rows: np.ndarray, members: np.ndarray, similar: torch.Tensor, width: int
+                 ) -> None:
+    """Join the groups of every similar (rows[i], members[j]) pair. When the members already fall in at most `width`
+    groups (the vectors' width: the merge then costs less than the similarities did), the similar matrix is first
+    reduced to (row, group) links by one matrix product on its device: a dense block of prompts holds millions of
+    similar pairs, most inside groups already joined, and only the links leave the device."""
+    roots, member_group = np.unique(find_roots(parent, members), return_inverse=True)
+    if len(roots) <= width:
+        by_group = torch.zeros(len(members), len(roots), device=similar.device)
+        by_group[torch.arange(len(members)), torch.from_numpy(member_group).to(similar.device)] = 1
+        hits = torch.nonzero(similar.float() @ by_group > 0).cpu().numpy()
+        union(parent, rows[hits[:, 0]], roots[hits[:, 1]])
+    else:
+        hits = torch.nonzero(similar).cpu().numpy()
+        union(parent, rows[hits[:, 0]], members[hits[:, 1]])
 
 
 def find_roots(parent: np.ndarray, rows: np.ndarray) -> np.ndarray:

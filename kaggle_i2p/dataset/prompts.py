@@ -25,13 +25,23 @@ from ..search import import_faiss
 from ..textfiles import read_texts
 from .generate import rank_and_world, rank_device
 from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
-from .pairs import NPROBE, dense_groups, greedy_keep_pairs, greedy_rounds, ivf_groups, probe_lists, similar_pairs, union
+from .pairs import (
+    NPROBE,
+    dense_groups,
+    greedy_keep_pairs,
+    greedy_rounds,
+    ivf_groups,
+    join_similar,
+    probe_lists,
+    similar_pairs,
+)
 
 # The text steps' defaults, in one place (the CLI and build_dataset.sh pass values only when given).
 DEDUP_THRESHOLD = 0.9  # MiniLM cosine to an earlier kept prompt above which a prompt is a duplicate
 GROUP_THRESHOLD = 0.7  # prompts this similar share a group, and so a fold
 N_FOLDS = 5
 SEARCHES = ("auto", "exact", "ivf")
+KEPT_CHUNK = 16_384  # exact dedup: kept rows per matrix product
 EMBED_SHARD_ROWS = 100_000  # prompts per embedding shard: the unit of resume and of sharing over ranks
 EXACT_UP_TO = 100_000  # `auto` on a CPU: the exact passes up to this many prompts (a few minutes), ivf above
 
@@ -99,8 +109,11 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
             blocked |= (current @ kept.T >= threshold).any(dim=1)
         chosen = greedy_keep(current @ current.T >= threshold, ~blocked)
         keep[rows.start:rows.stop] = chosen.cpu().numpy()
-        if chosen.any():
-            kept_rows.append(current[chosen])
+        if chosen.any():  # kept rows in chunks of up to KEPT_CHUNK: fewer, larger matrix products
+            if kept_rows and len(kept_rows[-1]) + int(chosen.sum()) <= KEPT_CHUNK:
+                kept_rows[-1] = torch.cat([kept_rows[-1], current[chosen]])
+            else:
+                kept_rows.append(current[chosen])
     return keep
 
 
@@ -113,8 +126,8 @@ def greedy_keep(similar: torch.Tensor, open_rows: torch.Tensor) -> torch.Tensor:
 def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, block: int = 4096,
                       device: str = "cpu", probes: np.ndarray | None = None) -> np.ndarray:
     """Group ids: connected components of the graph 'cosine >= threshold', numbered in order of each group's first
-    row. Exact: chunked matmuls over all block pairs into a vectorised union-find; with `probes`, only the pairs
-    within probed inverted lists (`pairs.ivf_groups`)."""
+    row. Exact: chunked matmuls over all block pairs into a vectorised union-find (`pairs.join_similar`); with
+    `probes`, only the pairs within probed inverted lists (`pairs.ivf_groups`)."""
     if probes is not None:
         return ivf_groups(embeddings, probes, threshold, device)
     vectors = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device)
@@ -123,9 +136,9 @@ def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD
         for right in blocks(len(vectors), block):
             if right.start < left.start:
                 continue
-            pairs = torch.nonzero(vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold)
-            pairs = pairs.cpu().numpy()
-            union(parent, pairs[:, 0] + left.start, pairs[:, 1] + right.start)
+            similar = vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold
+            join_similar(parent, np.arange(left.start, left.stop), np.arange(right.start, right.stop), similar,
+                         vectors.shape[1])
     return dense_groups(parent)
 
 
