@@ -66,10 +66,12 @@ def vit_b_manifest(folder: Path) -> Path:
     return path
 
 
-def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int) -> float:
-    """Seconds for the same towers and views over pre-decoded tensors: the floor the pipeline is measured against."""
+def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int,
+              precision: str | None = None) -> float:
+    """Seconds for the same towers and views over pre-decoded tensors: the floor the pipeline is measured against
+    (`precision` overrides the manifest's, as `--precision` does)."""
     manifest = load_manifest(manifest_path)
-    runners = [TowerRunner(load_tower(s, 384, device), device, resolve_precision(s.precision, device))
+    runners = [TowerRunner(load_tower(s, 384, device), device, precision or resolve_precision(s.precision, device))
                for s in manifest.towers]
     pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths])
 
@@ -90,6 +92,20 @@ def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_
         if device.type == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def fidelity(image_dir: Path, manifest_path: Path, device: torch.device, precision: str, n: int = 8) -> float:
+    """The lowest cosine, over images and views, of `precision`'s outputs to fp32's (the same weights)."""
+    spec = load_manifest(manifest_path).towers[0]
+    pixels = torch.stack([decode_image(p) for p in list_images(image_dir).paths[:n]]).to(device)
+    outputs = {}
+    for name in ("fp32", precision):
+        runner = TowerRunner(load_tower(spec, 384, device), device, name)
+        with torch.inference_mode():
+            outputs[name] = runner.compute_views(pixels, [view.name for view in spec.views])
+    return min(float(torch.nn.functional.cosine_similarity(torch.from_numpy(outputs[precision][view]),
+                                                           torch.from_numpy(outputs["fp32"][view])).min())
+               for view in outputs["fp32"])
 
 
 def pipeline(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int, workers: int,
@@ -172,6 +188,13 @@ def main() -> None:
         print(f"throughput ({device}, ViT-B/16@224, batch {args.batch_size}, {args.workers} workers, "
               f"torch threads {torch.get_num_threads()}): pipeline {args.n / t_pipe:.2f} img/s, "
               f"bare loop {args.n / t_bare:.2f} img/s, ratio {ratio:.3f}", flush=True)
+        precisions = {}
+        if device.type == "cuda":  # autocast against fp16 weights: the faster at fidelity >= 0.9999 is the default
+            for precision in ("fp16", "fp16-weights"):
+                rate = args.n / bare_loop(images, manifest, device, args.batch_size, precision)
+                precisions[precision] = (rate, fidelity(images, manifest, device, precision))
+                print(f"bare loop in {precision}: {rate:.2f} img/s, lowest cosine to fp32 "
+                      f"{precisions[precision][1]:.7f}", flush=True)
 
         build_toy_ensemble(work / "toy")
         small, large = args.rss_sizes
@@ -186,7 +209,9 @@ def main() -> None:
                   f"main + workers N={small} {rss_small['tree_peak_mb']:.0f} MB, N={large} "
                   f"{rss_large['tree_peak_mb']:.0f} MB", flush=True)
         growth, worst = float(np.median(growths)), max(growths)
-    print(f"ratio={ratio:.3f} rss_growth_mb={growth:.1f} max_rss_growth_mb={worst:.1f}")
+    extra = "".join(f" {name.replace('-', '_')}_img_s={rate:.2f} {name.replace('-', '_')}_cosine={cos:.7f}"
+                    for name, (rate, cos) in precisions.items())
+    print(f"ratio={ratio:.3f} rss_growth_mb={growth:.1f} max_rss_growth_mb={worst:.1f}{extra}")
 
 
 if __name__ == "__main__":

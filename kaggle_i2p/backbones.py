@@ -105,7 +105,8 @@ def _resize_open_clip_pos_embed(visual: nn.Module, height: int, width: int) -> d
     """A copy of the visual tower's position embedding resampled for a height x width input."""
     patch_h, patch_w = visual.patch_size if isinstance(visual.patch_size, tuple) else (visual.patch_size,) * 2
     grid = (height // patch_h, width // patch_w)
-    return {"positional_embedding": _open_clip_pos_embed_to_grid(visual.positional_embedding, grid)}
+    stored = visual.positional_embedding  # resampled in fp32 (fp16 weights too: bicubic wants the precision)
+    return {"positional_embedding": _open_clip_pos_embed_to_grid(stored.float(), grid).to(stored.dtype)}
 
 
 def resample_position_embeddings(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,8 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
     parser.add_argument("--workers", type=_whole_number(0), default=None,
                         help="decoding worker processes (default: 2; 0 decodes in the main process)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="override every tower's precision (default: the manifest's; auto = fp16 on CUDA)")
+                        help="override every tower's precision (default: the manifest's; auto = fp16 autocast on "
+                        "CUDA; fp16-weights holds the weights in fp16, norms and heads in fp32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

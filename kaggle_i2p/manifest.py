@@ -37,7 +37,8 @@ HeadNorm = Literal["batchnorm", "layernorm", "none"]
 HeadActivation = Literal["relu", "gelu"]
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 ResizeMode = Literal["squash", "shorter_side_center_crop"]
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
+TrainPrecision = Literal["auto", "fp32", "fp16", "bf16"]  # autocast dtypes (training keeps fp32 weights)
+Precision = Literal[TrainPrecision, "fp16-weights"]  # inference may also hold the weights in fp16
 
 LIBRARIES: tuple[str, ...] = get_args(Library)
 SCORES: tuple[str, ...] = get_args(Score)
@@ -47,7 +48,8 @@ HEAD_NORMS: tuple[str, ...] = get_args(HeadNorm)
 HEAD_ACTIVATIONS: tuple[str, ...] = get_args(HeadActivation)
 INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
-PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest, CLI --precision, training config
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest and CLI --precision
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)  # the training config's
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}

@@ -8,6 +8,7 @@ fallback vector, so the submission is always complete.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -32,12 +33,15 @@ from .manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec
 from .resources import DEFAULT_MANIFEST
 from .retrieval import search_bank
 from .submission import check_output_path, submission_frame, write_submission
-from .towers import Tower, load_tower, validate_manifest
+from .towers import Tower, hold_in_fp16, load_tower, validate_manifest
 
 log = logging.getLogger("kaggle_i2p")
 
 DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+# What a batch is computed in, in order, when the one before gave a non-finite output.
+FALLBACKS = {"fp16-weights": ("fp16-weights", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
+             "fp32": ("fp32",)}
 
 
 @dataclass
@@ -64,7 +68,7 @@ class RunSummary:
 
     def __str__(self) -> str:
         return (f"kaggle_i2p: {self.n_images} images, {len(self.towers)} towers, {self.n_views} views/image, "
-                f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} fp32 recomputes, "
+                f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} recomputes at higher precision, "
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
                 f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
@@ -104,11 +108,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` is fp16 on CUDA (T4/P100 have no bf16) and fp32 on CPU; fp16 on CPU falls back to fp32."""
+    """`auto` is fp16 autocast on CUDA (T4/P100 have no bf16) and fp32 on CPU; fp16 on CPU falls back to fp32."""
     if requested == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
-    if requested == "fp16" and device.type == "cpu":
-        log.info("fp16 autocast on CPU is slow and imprecise; using fp32 (use bf16 for reduced precision on CPU)")
+    if requested in ("fp16", "fp16-weights") and device.type == "cpu":
+        log.info("%s on CPU is slow and imprecise; using fp32 (use bf16 for reduced precision on CPU)", requested)
         return "fp32"
     return requested
 
@@ -130,26 +134,39 @@ def check_options(batch_size: int | None, num_workers: int | None, precision: st
 
 
 class TowerRunner:
-    """Runs one loaded tower over a decoded batch: all its TTA views, precision, fp32 recompute, OOM halving."""
+    """Runs one loaded tower over a decoded batch: all its TTA views, precision and its fallbacks, OOM halving."""
 
     def __init__(self, tower: Tower, device: torch.device, precision: str):
-        self.tower = tower
         self.spec: NetworkSpec = tower.spec
         self.device = device
         self.precision = precision
+        # fp16-weights holds the weights in fp16; a batch that falls back to fp32 uses a copy made on first need
+        self.tower = hold_in_fp16(tower) if precision == "fp16-weights" else tower
+        self._fp32_tower: Tower | None = None
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
         self.nonfinite_recomputes = 0
         self.oom_halvings = 0
 
-    def _forward(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.tower(images).float()
+    def _tower_for(self, level: str) -> Tower:
+        if level == "fp32" and self.precision == "fp16-weights":
+            if self._fp32_tower is None:
+                self._fp32_tower = copy.deepcopy(self.tower).float()
+            return self._fp32_tower
+        return self.tower
 
-    def _forward_chunked(self, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
+        tower = self._tower_for(level)
+        if level == "fp16-weights":
+            return tower(images.half()).float()
+        dtype = AUTOCAST_DTYPES[level]
+        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return tower(images).float()
+
+    def _forward_chunked(self, images: torch.Tensor, level: str) -> torch.Tensor:
         while True:
             chunk = self.max_chunk or len(images)
             try:
-                return torch.cat([self._forward(images[i:i + chunk], dtype) for i in range(0, len(images), chunk)])
+                return torch.cat([self._forward(images[i:i + chunk], level) for i in range(0, len(images), chunk)])
             except torch.OutOfMemoryError:
                 if chunk <= 1:
                     raise
@@ -162,20 +179,21 @@ class TowerRunner:
 
     def release(self) -> None:
         """Free the tower (and its GPU memory) once every batch is encoded: the bank pass wants the room."""
-        self.tower = None
+        self.tower = self._fp32_tower = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def forward_view(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, r, r) -> (B, D) float32; recomputed in fp32 when reduced precision gives NaN/inf."""
-        dtype = AUTOCAST_DTYPES[self.precision]
-        out = self._forward_chunked(images, dtype)
-        if dtype is not None and not torch.isfinite(out).all():
+        """(B, 3, r, r) -> (B, D) float32; a batch with a non-finite output is computed again one step down
+        `FALLBACKS` (fp16 weights -> fp16 autocast -> fp32), each step counted."""
+        levels = FALLBACKS[self.precision]
+        for level, lower in zip(levels, levels[1:], strict=False):
+            out = self._forward_chunked(images, level)
+            if torch.isfinite(out).all():
+                return out
             self.nonfinite_recomputes += 1
-            log.warning("tower %r: non-finite %s output; recomputing the batch in fp32", self.spec.name,
-                        self.precision)
-            out = self._forward_chunked(images, None)
-        return out
+            log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
+        return self._forward_chunked(images, levels[-1])
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
         """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already

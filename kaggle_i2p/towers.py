@@ -273,6 +273,32 @@ def _materialize(meta_tower: Tower, state: Mapping[str, torch.Tensor], embedding
     return tower
 
 
+FP32_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # timm's and open_clip's norms too
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    module._input_dtype = args[0].dtype
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(module._input_dtype)
+
+
+def hold_in_fp16(tower: Tower) -> Tower:
+    """The tower with its backbone's weights in fp16 (in place: half the memory, no per-forward weight casts), for
+    fp16 inputs without autocast. Norm layers stay fp32 (ConvNeXt's LayerNorm overflows in pure fp16): their inputs
+    are cast up and their outputs back. The head stays fp32 on fp32 features, as the regression needs."""
+    tower.backbone.half()
+    for module in tower.backbone.modules():
+        if isinstance(module, FP32_MODULES):
+            module.float()
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            module.register_forward_hook(_output_to_input_dtype)
+    tower.head.register_forward_pre_hook(_inputs_to_fp32)
+    return tower
+
+
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "head_dist.")  # ImageNet classifiers a regressor drops
 
 

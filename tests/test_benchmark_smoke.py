@@ -22,6 +22,8 @@ def test_benchmark_functions_run(tmp_path, toy_manifest):
     device = torch.device("cpu")
     assert bench.bare_loop(images, toy_manifest, device, 2) > 0
     assert bench.pipeline(images, toy_manifest, device, 2, 0, tmp_path / "s.csv") > 0
+    assert bench.bare_loop(images, toy_manifest, device, 2, "fp16-weights") > 0
+    assert 0.999 < bench.fidelity(images, toy_manifest, device, "fp16-weights", n=3) < 1.0 + 1e-6
     assert (tmp_path / "s.csv").stat().st_size > 0
     (tmp_path / "toy").symlink_to(toy_manifest.parent)
     (tmp_path / "imgs3").symlink_to(images)

@@ -184,3 +184,55 @@ def test_predict_embeddings_returns_ids_and_array(sample_images, toy_manifest):
     ids, embeddings = kaggle_i2p.predict_embeddings(sample_images, toy_manifest, device="cpu", num_workers=0,
                                                     progress=False)
     assert ids == SAMPLE_IDS and embeddings.shape == (7, 384)
+
+
+def test_fp16_weights_hold_norms_and_head_in_fp32_and_match_fp32(sample_images, toy_manifest):
+    """fp16-weights: the backbone's weights in fp16 except its norms, the head in fp32; the views agree with fp32
+    (on the CPU here, where half matmuls run too)."""
+    from kaggle_i2p.predict import TowerRunner
+
+    manifest = load_manifest(toy_manifest)
+    images = make_view([decode_image(p) for p in sorted(sample_images.glob("*.png"))[:3]], manifest.towers[0].image,
+                       32)
+    for spec in manifest.towers:
+        reference = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32").forward_view(images)
+        runner = TowerRunner(load_tower(spec), torch.device("cpu"), "fp16-weights")
+        dtypes = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)}
+                  for m in runner.tower.backbone.modules() if list(m.parameters(recurse=False))}
+        assert dtypes["Linear"] == {torch.float16} and dtypes["LayerNorm"] == {torch.float32}
+        assert {p.dtype for p in runner.tower.head.parameters()} == {torch.float32}
+        out = runner.forward_view(images)
+        assert out.dtype == torch.float32 and runner.nonfinite_recomputes == 0
+        cosine = torch.nn.functional.cosine_similarity(out, reference)
+        assert cosine.min() > 0.999 and not torch.equal(out, reference)  # fp16 really ran, and close
+
+
+@pytest.mark.parametrize(("precision", "non_finite_at", "tried"), [
+    ("fp16-weights", set(), ["fp16-weights"]),
+    ("fp16-weights", {"fp16-weights"}, ["fp16-weights", "fp16"]),
+    ("fp16-weights", {"fp16-weights", "fp16"}, ["fp16-weights", "fp16", "fp32"]),
+    ("fp16-weights", {"fp16-weights", "fp16", "fp32"}, ["fp16-weights", "fp16", "fp32"]),
+    ("bf16", {"bf16"}, ["bf16", "fp32"]),
+    ("fp32", {"fp32"}, ["fp32"]),
+])
+def test_precision_falls_back_in_order_and_counts(toy_manifest, precision, non_finite_at, tried):
+    """A batch with a non-finite output is computed again one step down: fp16 weights -> fp16 autocast -> fp32;
+    the fp32 step of an fp16-weights tower runs on an fp32 copy."""
+    from kaggle_i2p.predict import TowerRunner
+
+    spec = load_manifest(toy_manifest).towers[0]
+    runner = TowerRunner(load_tower(spec), torch.device("cpu"), precision)
+    seen, real = [], runner._forward
+
+    def forward(images, level):
+        seen.append(level)
+        out = real(images, level)
+        return out * float("nan") if level in non_finite_at else out
+
+    runner._forward = forward
+    out = runner.forward_view(torch.rand(2, 3, 32, 32))
+    assert seen == tried and runner.nonfinite_recomputes == len(tried) - 1
+    assert torch.isfinite(out).all() == (tried[-1] not in non_finite_at)
+    if precision == "fp16-weights" and "fp32" in tried:
+        assert {p.dtype for p in runner._fp32_tower.parameters()} == {torch.float32}
+        assert next(runner.tower.backbone.parameters()).dtype == torch.float16  # the fp16 tower is kept

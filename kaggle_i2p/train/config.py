@@ -18,11 +18,11 @@ from .._validate import Problems, expand_path, is_number, read_yaml, resolve_fil
 from ..manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
-    PRECISIONS,
+    TRAIN_PRECISIONS,
     ManifestError,
     ParseContext,
-    Precision,
     RegressorSpec,
+    TrainPrecision,
     parse_tower,
 )
 
@@ -105,7 +105,7 @@ class TrainConfig:
     loss: LossConfig
     ema_decay: float  # 0: no EMA
     ema_warmup: bool
-    precision: Precision
+    precision: TrainPrecision
     stages: tuple[StageConfig, ...]
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
     log_every: int
@@ -272,9 +272,9 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
     tower, init = _parse_tower_section(data.get("tower"), base_dir, stages[-1].resolution if stages else None,
                                        problems)
     precision = data.get("precision", "auto")
-    if precision not in PRECISIONS:
-        problems.add("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)} (auto: bf16 where the GPU "
-                                  "has it, else fp16 with a grad scaler; fp32 on a CPU)")
+    if precision not in TRAIN_PRECISIONS:
+        problems.add("precision", f"{precision!r} is not one of {', '.join(TRAIN_PRECISIONS)} (auto: bf16 where the "
+                                  "GPU has it, else fp16 with a grad scaler; fp32 on a CPU)")
     seed = _int(data.get("seed", 0), "seed", problems)
     checkpoint_every = _int(data.get("checkpoint_every", 0), "checkpoint_every", problems)
     log_every = _int(data.get("log_every", 50), "log_every", problems, minimum=1)
