@@ -102,16 +102,17 @@ class PredictionCache:
             checkpoint_sha256.remember(spec.checkpoint, memo[memo_key])
         return memo[memo_key]
 
-    def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int) -> str:
+    def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int,
+                  compiled: bool = False) -> str:
         """Hash of everything that decides a tower's outputs: its manifest entry without its name, weights, file paths
         and views (views are keyed one by one), plus the checkpoint's and bank's contents. A tower that searches its
         bank stores queries, made before the bank pass: its bank, k and search settings are not part of the key.
 
         The batch size is part of it: a batch's values can differ in the last bits with its size, and a resumed run
-        must give the bytes of an uninterrupted one.
+        must give the bytes of an uninterrupted one. So is compiling (its kernels round differently from eager).
         """
         entry = spec.to_dict()
-        for not_output in ("name", "weight", "dim_weights", "checkpoint", "sha256", "precision"):
+        for not_output in ("name", "weight", "dim_weights", "checkpoint", "sha256", "precision", "compile"):
             entry.pop(not_output, None)
         for per_view in ("resolutions", "hflip", "view_weights"):
             entry["image"].pop(per_view, None)
@@ -123,7 +124,8 @@ class PredictionCache:
             entry["retrieval"] = ({"score": retrieval.score, "key_dim": retrieval.key_dim} if retrieval.searches_bank
                                   else {**entry["retrieval"], "bank": _bank_identity(retrieval.bank)})
         identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": self.checkpoint_sha256(spec),
-                    "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size}
+                    "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size,
+                    **({"compiled": True} if compiled else {})}  # absent when eager: older caches stay valid
         return f"{spec.name}-{_digest(identity)}"
 
     def shard_path(self, tower_key: str, view: str, image_keys: list[str]) -> Path:

@@ -44,6 +44,9 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="override every tower's precision (default: the manifest's; auto = fp16 autocast on "
                         "CUDA; fp16-weights holds the weights in fp16, norms and heads in fp32)")
+    parser.add_argument("--compile", action="store_const", const=True, default=None,
+                        help="torch.compile every tower's views, one callable per resolution (CUDA with Triton, "
+                        "compute capability 7.0+; default: the manifest's `compile`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -66,7 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predict_dir(args.image_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                 batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
                 progress=not args.quiet, cache_dir=args.cache_dir, verify_images=args.verify_images,
-                return_frame=False)
+                return_frame=False, compile_views=args.compile)
     return 0
 
 
@@ -79,7 +82,7 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     setup = prepare_run(args.image_dir, args.manifest, device=args.device, batch_size=args.batch_size,
                         num_workers=args.workers, precision=args.precision,
                         cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True,
-                        verify_images=args.verify_images)
+                        verify_images=args.verify_images, compile_views=args.compile)
     ids = list(setup.listing.ids)
     targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets)
     folds = fold_numbers(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
@@ -128,7 +131,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
 
     report = dry_run(args.sample_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                      batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                     check_embeddings=not args.no_embedding_check, progress=not (args.quiet or args.json))
+                     check_embeddings=not args.no_embedding_check, progress=not (args.quiet or args.json),
+                     compile_views=args.compile)
     if args.json:
         print(report.to_json())
     else:

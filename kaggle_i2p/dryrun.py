@@ -112,7 +112,8 @@ def check_target_embeddings(sample_dir: Path, image_ids: list[str], targets: np.
 def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifest | None = None, *,
             out_csv: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
             num_workers: int | None = None, precision: str | None = None, check_embeddings: bool = True,
-            text_model_path: str | Path | None = None, progress: bool = True) -> DryRunReport:
+            text_model_path: str | Path | None = None, progress: bool = True,
+            compile_views: bool | None = None) -> DryRunReport:
     """Predict the sample images, write and check the CSV against sample_submission.csv, and score it.
 
     `manifest` defaults to weights_manifest.yaml on Kaggle and the demo ensemble elsewhere (`demo` names it too).
@@ -128,7 +129,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         check_writable_file(out_csv)  # before the compute, like every output
     manifest = as_manifest(default_manifest() if manifest is None else manifest)
     run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                         precision=precision, progress=progress)
+                         precision=precision, progress=progress, compile_views=compile_views)
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(out_csv) if out_csv else Path(tmp) / "submission.csv"
         write_submission(run.ids, run.embeddings, csv_path)

@@ -54,7 +54,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
 NETWORK_KEYS = {"name", "kind", "library", "arch", "checkpoint", "sha256", "native_resolution", "head", "image",
-                "weight", "precision", "dim_weights", "retrieval"}
+                "weight", "precision", "compile", "dim_weights", "retrieval"}
 PRIOR_KEYS = {"name", "kind", "vector", "weight", "dim_weights"}
 RETRIEVAL_KEYS = {"bank", "k", "temperature", "score", "search", "nprobe", "candidates"}
 HEAD_KEYS = {"type", "hidden", "norm", "activation"}
@@ -249,6 +249,7 @@ class NetworkSpec(TowerSpec):
     sha256: str | None = None
     native_resolution: int | None = None
     precision: Precision = "auto"
+    compile: bool = False  # torch.compile one callable per resolution (CUDA with Triton; see predict.TowerRunner)
 
     @property
     def views(self) -> tuple[View, ...]:
@@ -286,6 +287,8 @@ class NetworkSpec(TowerSpec):
             data["sha256"] = self.sha256
         data.update(self._output_section(out_dir))
         data.update(image=self.image.to_dict(), weight=self.weight, precision=self.precision)
+        if self.compile:
+            data["compile"] = True
         if self.native_resolution is not None:
             data["native_resolution"] = self.native_resolution
         if self.dim_weights_path is not None:
@@ -692,13 +695,16 @@ def _parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, cls: 
     precision = raw.get("precision", "auto")
     if precision not in PRECISIONS:
         problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    compile_views = raw.get("compile", False)
+    if not isinstance(compile_views, bool):
+        problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
     image = _parse_image(raw.get("image"), f"{label}.image", problems)
     dim_weights, dim_weights_path = _parse_dim_weights(raw, label, ctx)
     if len(problems) > before:
         return None
     return cls(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
-               native_resolution=native, precision=precision, **output)
+               native_resolution=native, precision=precision, compile=compile_views, **output)
 
 
 def _parse_checkpoint(raw: Mapping, label: str, ctx: ParseContext) -> Path | None:

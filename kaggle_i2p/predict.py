@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ log = logging.getLogger("kaggle_i2p")
 
 DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+COMPILE_BACKEND = "inductor"  # tests use "eager": the wiring runs, nothing waits on a real compile
+COMPILE_FIDELITY = 0.9999  # the first compiled batch of a resolution against eager: below this cosine, eager
 # What a batch is computed in, in order, when the one before gave a non-finite output.
 FALLBACKS = {"fp16-weights": ("fp16-weights", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
              "fp32": ("fp32",)}
@@ -58,6 +61,7 @@ class RunSummary:
     converted: list[tuple[str, str]] = field(default_factory=list)  # (image id, what the decode changed)
     nonfinite_recomputes: int = 0
     oom_halvings: int = 0
+    compile_seconds: float = 0.0  # the first call of each compiled (tower, resolution): compiling included
     cached_images: int = 0  # images whose every tower x view came from the cache
     cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
     seconds: float = 0.0
@@ -71,6 +75,7 @@ class RunSummary:
                 f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} recomputes at higher precision, "
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
+                f"{f', {self.compile_seconds:.0f} s compiling' if self.compile_seconds else ''}"
                 f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}")
 
@@ -117,6 +122,30 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_compile(requested: bool, device: torch.device) -> bool:
+    """Whether a tower's views are compiled: when asked, on CUDA where Triton runs (compute capability 7.0 and up:
+    a P100 has none). Off on CPU. Where it cannot run, one log line and eager."""
+    if not requested:
+        return False
+    if device.type != "cuda":
+        log.info("compile: off on %s (it is for CUDA; the towers run eager)", device.type)
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7 or not _triton_available():
+        log.info("compile: off on this GPU (compute capability %d.%d%s; Triton needs 7.0 and up); the towers run "
+                 "eager", major, minor, "" if _triton_available() else ", Triton not installed")
+        return False
+    return True
+
+
 def check_options(batch_size: int | None, num_workers: int | None, precision: str | None,
                   cache_chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     """Option values that cannot work are an OptionError before anything runs (never a silent fallback row)."""
@@ -133,16 +162,29 @@ def check_options(batch_size: int | None, num_workers: int | None, precision: st
         raise OptionError(f"cache chunk size {cache_chunk_size!r} must be a whole number >= 1")
 
 
-class TowerRunner:
-    """Runs one loaded tower over a decoded batch: all its TTA views, precision and its fallbacks, OOM halving."""
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Every tower shares `Tower.forward`'s code object, so each (tower, resolution, batch) is one more compiled entry
+    under dynamo's per-code-object limit (8 by default); past it dynamo quietly runs eager."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
 
-    def __init__(self, tower: Tower, device: torch.device, precision: str):
+
+class TowerRunner:
+    """Runs one loaded tower over a decoded batch: all its TTA views, precision and its fallbacks, compiled views,
+    OOM halving."""
+
+    def __init__(self, tower: Tower, device: torch.device, precision: str, compile_views: bool = False):
         self.spec: NetworkSpec = tower.spec
         self.device = device
         self.precision = precision
         # fp16-weights holds the weights in fp16; a batch that falls back to fp32 uses a copy made on first need
         self.tower = hold_in_fp16(tower) if precision == "fp16-weights" else tower
         self._fp32_tower: Tower | None = None
+        self.compile_views = compile_views
+        self._compiled: dict[int, Callable | None] = {}  # per resolution; None: eager (the check failed)
+        self._compiled_rows: dict[int, int] = {}  # the batch a resolution was compiled for (smaller ones padded)
+        self.compile_seconds = 0.0
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
         self.nonfinite_recomputes = 0
         self.oom_halvings = 0
@@ -154,13 +196,45 @@ class TowerRunner:
             return self._fp32_tower
         return self.tower
 
-    def _forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
-        tower = self._tower_for(level)
+    def _run(self, module: Callable, images: torch.Tensor, level: str) -> torch.Tensor:
         if level == "fp16-weights":
-            return tower(images.half()).float()
+            return module(images.half()).float()
         dtype = AUTOCAST_DTYPES[level]
         with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return tower(images).float()
+            return module(images).float()
+
+    def _forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
+        if self.compile_views and level == FALLBACKS[self.precision][0]:
+            return self._compiled_forward(images, level)
+        return self._run(self._tower_for(level), images, level)
+
+    def _compiled_forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
+        """One compiled callable per resolution, static shapes (`dynamic=False`: a module compiled for two sizes went
+        dynamic and ran 40 times slower), a smaller batch padded to the compiled one. The first compiled batch of a
+        resolution is checked against eager: below COMPILE_FIDELITY cosine, that resolution stays eager."""
+        size, rows = images.shape[-1], len(images)
+        if self._compiled.get(size, True) is None:
+            return self._run(self.tower, images, level)
+        target = self._compiled_rows.setdefault(size, rows)
+        if self.max_chunk is not None and self.max_chunk < target:  # halved after an OOM: compile the smaller batch
+            target = self._compiled_rows[size] = self.max_chunk
+        padded = images if rows >= target else torch.cat([images, images.new_zeros(target - rows, *images.shape[1:])])
+        if size in self._compiled:
+            return self._run(self._compiled[size], padded, level)[:rows]
+        _raise_recompile_limit()
+        compiled = torch.compile(self.tower, dynamic=False, backend=COMPILE_BACKEND)
+        started = time.perf_counter()
+        out = self._run(compiled, padded, level)[:rows]
+        self.compile_seconds += time.perf_counter() - started
+        eager = self._run(self.tower, images, level)
+        fidelity = torch.nn.functional.cosine_similarity(out, eager).min()
+        if not bool(fidelity >= COMPILE_FIDELITY):  # NaN fails too
+            log.warning("tower %r at %d px: compiled output differs from eager (lowest cosine %.6f < %g); running "
+                        "it eager", self.spec.name, size, float(fidelity), COMPILE_FIDELITY)
+            self._compiled[size] = None
+            return eager
+        self._compiled[size] = compiled
+        return out
 
     def _forward_chunked(self, images: torch.Tensor, level: str) -> torch.Tensor:
         while True:
@@ -180,6 +254,7 @@ class TowerRunner:
     def release(self) -> None:
         """Free the tower (and its GPU memory) once every batch is encoded: the bank pass wants the room."""
         self.tower = self._fp32_tower = None
+        self._compiled = {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -222,6 +297,7 @@ class RunSetup:
     active: list[TowerSpec]  # towers that take part (weight > 0, or all with include_zero_weight)
     with_network: list[NetworkSpec]  # the active towers that run a network (not constant towers)
     precisions: dict[str, str]
+    compiles: dict[str, bool]  # towers whose views are compiled (asked for, and where Triton runs)
     cache: PredictionCache | None
     tower_keys: dict[str, str]
     image_keys: list[str]
@@ -236,7 +312,7 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                 device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int | None = None,
                 precision: str | None = None, cache_dir: str | Path | None = None,
                 cache_chunk_size: int = DEFAULT_CHUNK_SIZE, include_zero_weight: bool = False,
-                verify_images: bool = False) -> RunSetup:
+                verify_images: bool = False, compile_views: bool | None = None) -> RunSetup:
     """Step 1: check everything that can fail before the first weight loads (options, device, the manifest with
     every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
     check_options(batch_size, num_workers, precision, cache_chunk_size)
@@ -251,12 +327,14 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
             log.info("tower %r has weight 0: not run", spec.name)
     with_network = [s for s in active if isinstance(s, NetworkSpec)]
     precisions = {s.name: resolve_precision(precision or s.precision, device) for s in with_network}
+    compiles = {s.name: resolve_compile(s.compile if compile_views is None else compile_views, device)
+                for s in with_network}
     cache = PredictionCache.open(cache_dir)
-    tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size)
-                  for s in with_network} if cache else {}
+    tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size,
+                                          compiles[s.name]) for s in with_network} if cache else {}
     image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
-    return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, cache,
-                    tower_keys, image_keys, cache_chunk_size)
+    return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
+                    cache, tower_keys, image_keys, cache_chunk_size)
 
 
 class PlannedBatch(NamedTuple):
@@ -403,7 +481,7 @@ def load_runners(setup: RunSetup, plan: list[PlannedBatch]) -> dict[str, TowerRu
     """Step 4: load the towers the plan needs (none when the cache had everything), each in its runner."""
     needed = {name for planned in plan for name in planned.missing}
     return {spec.name: TowerRunner(load_tower(spec, setup.manifest.embedding_dim, setup.device), setup.device,
-                                   setup.precisions[spec.name])
+                                   setup.precisions[spec.name], setup.compiles[spec.name])
             for spec in setup.with_network if spec.name in needed}
 
 
@@ -487,7 +565,8 @@ def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunn
         skipped_files=[(s.name, s.reason) for s in setup.listing.skipped],
         converted=[(ids[i], note) for i, note in sorted(outputs.notes.items())],
         nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()),
-        oom_halvings=sum(r.oom_halvings for r in runners.values()), cached_images=n_cached,
+        oom_halvings=sum(r.oom_halvings for r in runners.values()),
+        compile_seconds=sum(r.compile_seconds for r in runners.values()), cached_images=n_cached,
         cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
 
 
@@ -511,7 +590,8 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFA
                    device: str | torch.device = "auto", batch_size: int | None = None,
                    num_workers: int | None = None, precision: str | None = None, progress: bool = True,
                    cache_dir: str | Path | None = None, cache_chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   include_zero_weight: bool = False, verify_images: bool = False) -> PredictionRun:
+                   include_zero_weight: bool = False, verify_images: bool = False,
+                   compile_views: bool | None = None) -> PredictionRun:
     """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs.
 
     The sorted listing is cut into fixed chunks of `cache_chunk_size` images and batches never cross a chunk, so a
@@ -519,7 +599,8 @@ def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFA
     """
     setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                         precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
-                        include_zero_weight=include_zero_weight, verify_images=verify_images)
+                        include_zero_weight=include_zero_weight, verify_images=verify_images,
+                        compile_views=compile_views)
     return execute(setup, progress)
 
 
@@ -535,7 +616,7 @@ def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                 batch_size: int | None = None, num_workers: int | None = None, *,
                 precision: str | None = None, progress: bool = True, cache_dir: str | Path | None = None,
                 cache_chunk_size: int = DEFAULT_CHUNK_SIZE, verify_images: bool = False,
-                return_frame: bool = True) -> pd.DataFrame | None:
+                return_frame: bool = True, compile_views: bool | None = None) -> pd.DataFrame | None:
     """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame
     (`return_frame=False`: None, sparing the 6.1M-row frame of a 16k-image run).
 
@@ -544,7 +625,7 @@ def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     """
     setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
                         precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
-                        verify_images=verify_images)
+                        verify_images=verify_images, compile_views=compile_views)
     if out_csv is not None:
         check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)
     run = execute(setup, progress)

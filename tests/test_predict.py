@@ -236,3 +236,94 @@ def test_precision_falls_back_in_order_and_counts(toy_manifest, precision, non_f
     if precision == "fp16-weights" and "fp32" in tried:
         assert {p.dtype for p in runner._fp32_tower.parameters()} == {torch.float32}
         assert next(runner.tower.backbone.parameters()).dtype == torch.float16  # the fp16 tower is kept
+
+
+def test_compile_is_gated_by_device_and_triton(monkeypatch, caplog):
+    """Compiling needs CUDA with Triton (compute capability 7.0+): a P100 (6.0) and the CPU run eager, each with one
+    log line; nothing is compiled unless asked."""
+    caplog.set_level(logging.INFO, logger="kaggle_i2p")
+    cuda = torch.device("cuda")
+    assert not predict_module.resolve_compile(False, cuda)
+    assert not predict_module.resolve_compile(True, torch.device("cpu"))
+    monkeypatch.setattr(predict_module, "_triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert not predict_module.resolve_compile(True, cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert predict_module.resolve_compile(True, cuda)
+    monkeypatch.setattr(predict_module, "_triton_available", lambda: False)
+    assert not predict_module.resolve_compile(True, cuda)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compile: off")]
+    assert len(lines) == 3 and "compute capability 6.0" in lines[1] and "Triton not installed" in lines[2]
+
+
+def _compiling_runner(toy_manifest, monkeypatch, perturb: bool = False):
+    """A runner of the toy ViT tower that compiles its views with a fake torch.compile recording each batch size."""
+    from kaggle_i2p.predict import TowerRunner
+
+    calls, real_compile = [], torch.compile
+
+    def fake_compile(module, dynamic=None, backend=None):
+        assert dynamic is False and backend == "eager"
+        inner = real_compile(module, dynamic=False, backend="eager")
+
+        def compiled(images):
+            calls.append((images.shape[-1], len(images)))
+            return -inner(images) if perturb else inner(images)
+        return compiled
+
+    monkeypatch.setattr(predict_module, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    spec = load_manifest(toy_manifest).towers[0]
+    return TowerRunner(load_tower(spec), torch.device("cpu"), "fp32", compile_views=True), spec, calls
+
+
+def test_compiled_views_one_callable_per_resolution_padded_batches_and_the_same_outputs(toy_manifest, monkeypatch):
+    """Each resolution gets its own static-shape callable, compiled for the first batch; a smaller batch is padded
+    to it (no recompile), and the outputs are eager's."""
+    from kaggle_i2p.predict import TowerRunner
+
+    runner, spec, calls = _compiling_runner(toy_manifest, monkeypatch)
+    eager = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32")
+    pixels = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    names = [view.name for view in spec.views]
+    for batch in (pixels, pixels[:2]):
+        got, expected = runner.compute_views(batch, names), eager.compute_views(batch, names)
+        for name in names:
+            np.testing.assert_allclose(got[name], expected[name], atol=1e-5)
+    resolutions = sorted({view.resolution for view in spec.views})
+    assert sorted(runner._compiled) == resolutions and None not in runner._compiled.values()
+    assert {rows for _, rows in calls} == {3}  # the batch of 2 ran padded to the compiled 3
+    assert sorted({size for size, _ in calls}) == resolutions and runner.compile_seconds > 0
+
+
+def test_a_compiled_view_that_differs_from_eager_runs_eager(toy_manifest, monkeypatch, caplog):
+    from kaggle_i2p.predict import TowerRunner
+
+    runner, spec, _ = _compiling_runner(toy_manifest, monkeypatch, perturb=True)
+    eager = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32")
+    pixels = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    names = [view.name for view in spec.views]
+    for _ in range(2):
+        got, expected = runner.compute_views(pixels, names), eager.compute_views(pixels, names)
+        for name in names:
+            np.testing.assert_array_equal(got[name], expected[name])
+    assert set(runner._compiled.values()) == {None}
+    assert sum("compiled output differs from eager" in r.getMessage() for r in caplog.records) == len(
+        {view.resolution for view in spec.views})
+
+
+def test_compile_asked_on_cpu_runs_eager_and_the_manifest_checks_the_field(sample_images, toy_manifest, tmp_path):
+    import yaml
+
+    run = _run(sample_images, toy_manifest, compile_views=True)
+    assert run.summary.compile_seconds == 0 and "compiling" not in str(run.summary)
+    data = yaml.safe_load(toy_manifest.read_text())
+    data["towers"][0]["compile"] = "yes"
+    bad = toy_manifest.parent / "bad_compile.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(kaggle_i2p.manifest.ManifestError, match="compile: 'yes' must be true or false"):
+        load_manifest(bad)
+    data["towers"][0]["compile"] = True
+    bad.write_text(yaml.safe_dump(data))
+    spec = load_manifest(bad).towers[0]
+    assert spec.compile is True and spec.to_dict()["compile"] is True
