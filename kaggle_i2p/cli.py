@@ -126,6 +126,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_run
+
+    plan = plan_run(args.manifest, images=args.images, budget=args.budget, margin=args.margin, device=args.device,
+                    batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
+                    compile_views=args.compile, repeats=args.repeats, sample_dir=args.sample_dir)
+    print(plan.to_json() if args.json else plan.report())
+    return 0
+
+
 def _cmd_dry_run(args: argparse.Namespace) -> int:
     from .dryrun import dry_run
 
@@ -241,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("--no-embedding-check", action="store_true", help="skip embedding prompts.csv")
     _add_run_options(dry, manifest_default=default_manifest(), manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
     dry.set_defaults(func=_cmd_dry_run)
+
+    plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
+                          "budget (and what to drop if not)")
+    plan.add_argument("--images", type=_whole_number(1), default=16_000,
+                      help="images to plan for (default: %(default)s, the hidden test set)")
+    plan.add_argument("--budget", default="9h", help="time the run may take: 9h, 90m, 5400s (default: %(default)s)")
+    plan.add_argument("--margin", type=float, default=0.15, help="share of the budget kept to spare (default: "
+                      "%(default)s)")
+    plan.add_argument("--repeats", type=_whole_number(1), default=3,
+                      help="timed batches per view (default: %(default)s)")
+    plan.add_argument("--sample-dir", type=Path, default=None, help="images to time decoding on (default: the "
+                      "competition sample)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_run_options(plan)
+    plan.set_defaults(func=_cmd_plan)
 
     def labelled(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)

@@ -38,8 +38,9 @@ def test_notebook_executes_and_writes_a_valid_submission(tmp_path, sample_dir, t
     out, printed = _execute(tmp_path, monkeypatch, str(toy_manifest), sample_dir / "images")
     assert check_format(out, sample_dir / "sample_submission.csv").ok
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4 + 2  # one chunk x (4 + 2) views, resumable
-    for expected in ["2 towers from", "kaggle_i2p: 7 images, 2 towers", "7 images, 2688 rows"]:
-        assert expected in printed
+    for expected in ["2 towers from", "plan for 16,000 images on cpu", "toy_open_clip_vit r80:",
+                     "kaggle_i2p: 7 images, 2 towers", "7 images, 2688 rows"]:
+        assert expected in printed  # the public sample: the run is planned first
     values = read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384)
     assert np.allclose(np.linalg.norm(values, axis=1), 1.0, atol=1e-5)
     assert values.shape == sample_targets(sample_dir / "sample_submission.csv")[1].shape
@@ -51,6 +52,7 @@ def test_notebook_with_a_prior_tower_on_the_bad_input_corpus(tmp_path, bad_input
     assert "prior: prior (a constant vector), weight 0.5" in printed
     assert "efficientnet_lite0_imagenet_phrases: retrieval tf_efficientnet_lite0 @ [224]" in printed
     assert f"kaggle_i2p: {n} images, 2 towers" in printed and f"{len(CORPUS_FALLBACK)} fallbacks" in printed
+    assert "plan for" not in printed  # more than the public sample: the run itself
     written = read_submission(out)
     assert len(written) == n * 384 and "ünïcødé_0" in set(written["imgId_eId"])
     values = written["val"].to_numpy(np.float32).reshape(n, 384)
