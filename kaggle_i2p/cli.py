@@ -36,7 +36,8 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
     parser.add_argument("--manifest", default=manifest_default,
                         help=f"weights manifest YAML, or `demo` for the real-weight demo ensemble (default: "
                              f"{manifest_help})")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto", help="auto (every GPU if available: several run data-parallel, "
+                        "one process each), cpu, cuda, cuda:1, or a list cuda:0,cuda:1")
     parser.add_argument("--batch-size", type=_whole_number(1), default=None,
                         help="images per batch (default: 32 CUDA, 8 CPU)")
     parser.add_argument("--workers", type=_whole_number(0), default=None,

@@ -11,8 +11,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +65,7 @@ class RunSummary:
     nonfinite_recomputes: int = 0
     oom_halvings: int = 0
     compile_seconds: float = 0.0  # the first call of each compiled (tower, resolution): compiling included
+    devices: int = 1  # processes that encoded (one per device)
     cached_images: int = 0  # images whose every tower x view came from the cache
     cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
     seconds: float = 0.0
@@ -77,7 +81,8 @@ class RunSummary:
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
                 f"{f', {self.compile_seconds:.0f} s compiling' if self.compile_seconds else ''}"
                 f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
-                f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}")
+                f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}"
+                f"{f' and {self.devices - 1} more device(s)' if self.devices > 1 else ''}")
 
 
 @dataclass
@@ -110,6 +115,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise OptionError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                               "(cuda:0 is the first)")
     return resolved
+
+
+def resolve_devices(device: str | torch.device = "auto") -> tuple[torch.device, ...]:
+    """The devices a run uses: `auto` takes every visible GPU (data-parallel when there are several), a comma list
+    (`cuda:0,cuda:1`) names them; anything else is the one device `resolve_device` gives."""
+    if str(device) == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return tuple(torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count()))
+    names = str(device).split(",")
+    return tuple(resolve_device(name.strip()) for name in names) if len(names) > 1 else (resolve_device(device),)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -302,6 +316,9 @@ class RunSetup:
     tower_keys: dict[str, str]
     image_keys: list[str]
     chunk_size: int
+    devices: tuple[torch.device, ...] = ()  # more than one: data-parallel, one process per device (parallel.py)
+    share: tuple[int, int] = (0, 1)  # (rank, world): this process computes chunks c with c % world == rank
+    temporary_cache: bool = False  # made for a data-parallel run without a cache folder; removed afterwards
 
     @property
     def n_images(self) -> int:
@@ -316,7 +333,8 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     """Step 1: check everything that can fail before the first weight loads (options, device, the manifest with
     every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
     check_options(batch_size, num_workers, precision, cache_chunk_size)
-    device = resolve_device(device)
+    devices = resolve_devices(device)
+    device = devices[0]
     manifest = validate_manifest(manifest, deep=True)
     listing = list_images(image_dir)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
@@ -329,12 +347,13 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     precisions = {s.name: resolve_precision(precision or s.precision, device) for s in with_network}
     compiles = {s.name: resolve_compile(s.compile if compile_views is None else compile_views, device)
                 for s in with_network}
-    cache = PredictionCache.open(cache_dir)
+    temporary_cache = len(devices) > 1 and cache_dir is None  # the devices exchange chunks through a cache
+    cache = PredictionCache.open(tempfile.mkdtemp(prefix="kaggle_i2p_parallel_") if temporary_cache else cache_dir)
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size,
                                           compiles[s.name]) for s in with_network} if cache else {}
     image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
     return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
-                    cache, tower_keys, image_keys, cache_chunk_size)
+                    cache, tower_keys, image_keys, cache_chunk_size, devices, temporary_cache=temporary_cache)
 
 
 class PlannedBatch(NamedTuple):
@@ -383,7 +402,10 @@ class RunOutputs:
     def plan(self) -> list[PlannedBatch]:
         """Step 3: the batches still to compute, on the fixed grid of chunks and batches (so resumed = fresh)."""
         setup, plan = self.setup, []
-        for chunk in blocks(setup.n_images, setup.chunk_size):
+        rank, world = setup.share
+        for number, chunk in enumerate(blocks(setup.n_images, setup.chunk_size)):
+            if number % world != rank:
+                continue  # another process's chunk (data-parallel)
             for start in range(chunk.start, chunk.stop, setup.batch_size):
                 rows = list(range(start, min(start + setup.batch_size, chunk.stop)))
                 missing = {s.name: [v for v in self.views[s.name] if not self.done[s.name][v][rows].all()]
@@ -555,34 +577,48 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
 
 
 def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunner], failed: dict[int, str],
-              n_cached: int, seconds: float) -> RunSummary:
-    """Step 8: what the run did, for the closing line and for tests."""
+              n_cached: int, seconds: float, parallel: Counter | None = None) -> RunSummary:
+    """Step 8: what the run did (the data-parallel processes' counters added), for the closing line and tests."""
     ids = setup.listing.ids
+    parallel = parallel or Counter()
     return RunSummary(
         n_images=setup.n_images, towers=[s.name for s in setup.active],
         n_views=sum(s.n_views for s in setup.with_network), device=str(setup.device), precision=setup.precisions,
         fallbacks=[(ids[i], failed[i]) for i in sorted(failed)],
         skipped_files=[(s.name, s.reason) for s in setup.listing.skipped],
         converted=[(ids[i], note) for i, note in sorted(outputs.notes.items())],
-        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()),
-        oom_halvings=sum(r.oom_halvings for r in runners.values()),
-        compile_seconds=sum(r.compile_seconds for r in runners.values()), cached_images=n_cached,
+        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()) + parallel["nonfinite_recomputes"],
+        oom_halvings=sum(r.oom_halvings for r in runners.values()) + parallel["oom_halvings"],
+        compile_seconds=sum(r.compile_seconds for r in runners.values()) + parallel["compile_seconds"],
+        devices=len(setup.devices) or 1, cached_images=n_cached,
         cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
 
 
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
-    """Steps 2-8 of a prepared run: read the cache, plan, load, encode, search the banks, ensemble, summarise."""
+    """Steps 2-8 of a prepared run: read the cache, (on several devices, encode their shares of the chunks into it,
+    then read it again), plan, load, encode, search the banks, ensemble, summarise."""
     started = time.perf_counter()
-    outputs = RunOutputs(setup)
-    n_cached = outputs.read_cache()
-    plan = outputs.plan()
-    runners = load_runners(setup, plan)
-    encode(setup, outputs, plan, runners, n_cached, progress)
-    for runner in runners.values():
-        runner.release()
-    search_banks(setup, outputs, progress)
-    embeddings, tower_embeddings, failed = ensemble(setup, outputs)
-    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started)
+    try:
+        outputs = RunOutputs(setup)
+        n_cached = outputs.read_cache()
+        parallel = None
+        if len(setup.devices) > 1 and n_cached < setup.n_images:
+            from .parallel import encode_in_parallel
+
+            parallel = encode_in_parallel(setup)
+            outputs = RunOutputs(setup)
+            outputs.read_cache()  # every share the devices finished; what a lost process left is planned below
+        plan = outputs.plan()
+        runners = load_runners(setup, plan)
+        encode(setup, outputs, plan, runners, n_cached, progress)
+        for runner in runners.values():
+            runner.release()
+        search_banks(setup, outputs, progress)
+        embeddings, tower_embeddings, failed = ensemble(setup, outputs)
+    finally:
+        if setup.temporary_cache:
+            shutil.rmtree(setup.cache.root, ignore_errors=True)
+    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started, parallel)
     return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
 
 

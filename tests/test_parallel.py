@@ -1,0 +1,80 @@
+"""Data-parallel encoding: one process per device, whole chunks each, the cache as the exchange; the output is the
+bytes of one device, and a process that fails costs nothing but time (shown here with CPU processes)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+import pytest
+
+from kaggle_i2p import parallel
+from kaggle_i2p.predict import predict_dir, resolve_devices
+
+
+def _predict(images, manifest, out, **options):
+    predict_dir(images, manifest, out_csv=out, num_workers=0, progress=False, batch_size=2, cache_chunk_size=3,
+                return_frame=False, **options)
+    return out.read_bytes()
+
+
+def test_two_processes_write_the_bytes_of_one(sample_images, toy_manifest, tmp_path, caplog):
+    """7 images in chunks of 3: chunks 0 and 2 on the first process, chunk 1 on the second, each spawned; the
+    submission equals a one-process run's byte for byte, with or without a cache folder (a temporary one is made
+    and removed)."""
+    caplog.set_level(logging.INFO, logger="kaggle_i2p")
+    single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
+    shared = _predict(sample_images, toy_manifest, tmp_path / "two.csv", device="cpu,cpu",
+                      cache_dir=tmp_path / "cache")
+    assert shared == single
+    assert "encoding on 2 devices (cpu, cpu)" in caplog.text
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 3 * 6  # 3 chunks x 6 views, written by the two
+    caplog.clear()
+    assert _predict(sample_images, toy_manifest, tmp_path / "three.csv", device="cpu,cpu") == single
+    temporary = caplog.text.split("through the cache at ")[1].split()[0]
+    assert not (tmp_path / temporary).exists()
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor's interface, run in this process; the process of share 1 fails."""
+
+    def __init__(self, max_workers, mp_context):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, function, setup):
+        future = Future()
+        if setup.share[0] == 1:
+            future.set_exception(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        else:
+            future.set_result(function(setup))
+        return future
+
+
+def test_a_failed_process_loses_nothing_its_chunks_are_computed_after(sample_images, toy_manifest, tmp_path,
+                                                                         monkeypatch, caplog):
+    single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", _InProcessPool)
+    shared = _predict(sample_images, toy_manifest, tmp_path / "two.csv", device="cpu,cpu",
+                      cache_dir=tmp_path / "cache")
+    assert shared == single
+    assert "the process on cpu stopped (RuntimeError: CUDA error" in caplog.text
+
+
+def test_devices_auto_takes_every_gpu_and_a_list_names_them(monkeypatch):
+    import torch
+
+    from kaggle_i2p.errors import OptionError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("auto") == (torch.device("cuda:0"), torch.device("cuda:1"))
+    assert resolve_devices("cuda:1") == (torch.device("cuda:1"),)
+    assert resolve_devices("cpu, cpu") == (torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(OptionError, match="only 2 CUDA device"):
+        resolve_devices("cuda:0,cuda:2")
