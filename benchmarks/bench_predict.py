@@ -8,8 +8,13 @@
    rss_growth_mb = main-process peak(2000) - peak(100), the median of 3 interleaved pairs of fresh processes (single
    pairs on this shared machine range from 60 to 480 MB); max_rss_growth_mb is the largest of the 3.
 
-Last line: `ratio=<float> rss_growth_mb=<float> max_rss_growth_mb=<float>`.
-Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu]
+3. On CUDA (`--device cuda`, optionally `--manifest M` for the real ensemble): autocast against fp16 weights (images/s
+   of the bare loop, lowest cosine to fp32); then per tower x view, with the manifest's precision and compile: steady
+   images/s and the first batch apart (`kaggle_i2p.plan.time_views`), FLOPs per image (`torch.utils.flop_counter`),
+   and MFU against an fp16 matmul peak measured in the same run; and the start-up (loading the towers).
+
+Last line: `ratio=<float> rss_growth_mb=<float> max_rss_growth_mb=<float>` (and on CUDA the precision and MFU figures).
+Usage: python benchmarks/bench_predict.py [--n 48] [--device cpu] [--manifest M]
 """
 
 from __future__ import annotations
@@ -108,6 +113,52 @@ def fidelity(image_dir: Path, manifest_path: Path, device: torch.device, precisi
                for view in outputs["fp32"])
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float16, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul on the device, measured (the MFU's denominator)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - started)
+
+
+def flops_per_image(runner: TowerRunner, view: str, pixels: torch.Tensor) -> float:
+    """FLOPs of one image's forward at a view (`torch.utils.flop_counter`, matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        runner.compute_views(pixels[:1], [view])
+    return float(counter.get_total_flops())
+
+
+def tower_rows(manifest_path: Path, device: torch.device, batch_size: int, repeats: int = 3) -> tuple[list, float]:
+    """Per tower x view: (tower, view, images/s, first batch s, FLOPs per image); and the towers' loading seconds."""
+    from kaggle_i2p.plan import time_views, view_shares
+    from kaggle_i2p.predict import resolve_compile
+
+    manifest = load_manifest(manifest_path)
+    pixels = torch.randint(0, 256, (batch_size, 3, 512, 512), dtype=torch.uint8).to(device)
+    rows, loading = [], 0.0
+    for spec in manifest.towers:
+        if not hasattr(spec, "views"):
+            continue
+        started = time.perf_counter()
+        runner = TowerRunner(load_tower(spec, manifest.embedding_dim, device), device,
+                             resolve_precision(spec.precision, device), resolve_compile(spec.compile, device))
+        loading += time.perf_counter() - started
+        for timing in time_views(runner, pixels, repeats, view_shares(manifest)):
+            rows.append((timing.tower, timing.view, timing.images_per_s, timing.first_batch_s,
+                         flops_per_image(runner, timing.view, pixels)))
+        del runner
+    return rows, loading
+
+
 def pipeline(image_dir: Path, manifest_path: Path, device: torch.device, batch_size: int, workers: int,
              out_csv: Path) -> float:
     warm = image_dir.parent / "warm"
@@ -176,6 +227,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rss-sizes", type=int, nargs=2, default=[100, 2000])
     parser.add_argument("--rss-repeats", type=int, default=3)
+    parser.add_argument("--manifest", type=Path, default=None, help="the towers for the per-view rows on CUDA "
+                        "(default: the benchmark's ViT-B/16)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +248,13 @@ def main() -> None:
                 precisions[precision] = (rate, fidelity(images, manifest, device, precision))
                 print(f"bare loop in {precision}: {rate:.2f} img/s, lowest cosine to fp32 "
                       f"{precisions[precision][1]:.7f}", flush=True)
+            peak = matmul_peak(device)
+            rows, loading = tower_rows(args.manifest or manifest, device, args.batch_size)
+            print(f"fp16 matmul peak {peak / 1e12:.0f} TFLOP/s; towers loaded in {loading:.1f} s", flush=True)
+            for tower, view, rate, first, flops in rows:
+                print(f"  {tower} {view}: {rate:.1f} img/s, first batch {first:.1f} s, {flops / 1e9:.1f} GFLOP/img, "
+                      f"MFU {flops * rate / peak:.1%}", flush=True)
+            precisions["mfu_min"] = (min(f * r / peak for _, _, r, _, f in rows), 0.0)
 
         build_toy_ensemble(work / "toy")
         small, large = args.rss_sizes
@@ -209,7 +269,8 @@ def main() -> None:
                   f"main + workers N={small} {rss_small['tree_peak_mb']:.0f} MB, N={large} "
                   f"{rss_large['tree_peak_mb']:.0f} MB", flush=True)
         growth, worst = float(np.median(growths)), max(growths)
-    extra = "".join(f" {name.replace('-', '_')}_img_s={rate:.2f} {name.replace('-', '_')}_cosine={cos:.7f}"
+    extra = "".join(f" mfu_min={rate:.4f}" if name == "mfu_min" else
+                    f" {name.replace('-', '_')}_img_s={rate:.2f} {name.replace('-', '_')}_cosine={cos:.7f}"
                     for name, (rate, cos) in precisions.items())
     print(f"ratio={ratio:.3f} rss_growth_mb={growth:.1f} max_rss_growth_mb={worst:.1f}{extra}")
 

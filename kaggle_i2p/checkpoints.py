@@ -18,19 +18,20 @@ class TowerLoadError(I2PError, RuntimeError):
     """A checkpoint that does not fit its tower, or a file that fails its checksum."""
 
 
-def read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`
-    (`mmap`: memory-mapped, nothing read until used, for files in torch's zip format)."""
+def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`, onto
+    `device` (a GPU reads them straight into its memory, no host copy kept) (`mmap`: memory-mapped, nothing read until
+    used, for files in torch's zip format)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        return load_file(str(path), device=str(device))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except RuntimeError:
         if not mmap:
             raise
-        state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+        state = torch.load(path, map_location=device, weights_only=True)  # the legacy format cannot be mapped
     # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -53,10 +54,10 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return cleaned
 
 
-def read_weights(path: Path, failure: str) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, failure: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """`read_state_dict` + `strip_prefixes`; an unreadable file becomes one TowerLoadError: "{failure} {path}: ..."."""
     try:
-        return strip_prefixes(read_state_dict(path))
+        return strip_prefixes(read_state_dict(path, device=device))
     except TowerLoadError:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable files become one clear error

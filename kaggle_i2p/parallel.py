@@ -23,13 +23,11 @@ COUNTERS = ("nonfinite_recomputes", "oom_halvings", "compile_seconds")
 
 def encode_share(setup) -> dict[str, float]:
     """One process's part (`setup.share`): its planned batches encoded into the cache; its runners' counters."""
-    from .predict import RunOutputs, encode, load_runners
+    from .predict import RunOutputs, encode
 
     outputs = RunOutputs(setup)
     n_cached = outputs.read_cache()
-    plan = outputs.plan()
-    runners = load_runners(setup, plan)
-    encode(setup, outputs, plan, runners, n_cached, progress=False)
+    runners, _ = encode(setup, outputs, outputs.plan(), n_cached, progress=False)
     return {name: sum(getattr(r, name) for r in runners.values()) for name in COUNTERS}
 
 

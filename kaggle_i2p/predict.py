@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class RunSummary:
     oom_halvings: int = 0
     compile_seconds: float = 0.0  # the first call of each compiled (tower, resolution): compiling included
     devices: int = 1  # processes that encoded (one per device)
+    loading_seconds: float = 0.0  # start-up: loading the towers (in the background, while the first batch decoded)
     cached_images: int = 0  # images whose every tower x view came from the cache
     cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
     seconds: float = 0.0
@@ -79,6 +81,7 @@ class RunSummary:
                 f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} recomputes at higher precision, "
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
+                f", {self.loading_seconds:.1f} s loading towers"
                 f"{f', {self.compile_seconds:.0f} s compiling' if self.compile_seconds else ''}"
                 f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}"
@@ -500,25 +503,56 @@ def bound_heap_growth() -> bool:
 
 
 def load_runners(setup: RunSetup, plan: list[PlannedBatch]) -> dict[str, TowerRunner]:
-    """Step 4: load the towers the plan needs (none when the cache had everything), each in its runner."""
+    """Step 4: load the towers the plan needs (none when the cache had everything), each in its runner; the
+    checkpoints are read straight onto the device."""
     needed = {name for planned in plan for name in planned.missing}
     return {spec.name: TowerRunner(load_tower(spec, setup.manifest.embedding_dim, setup.device), setup.device,
                                    setup.precisions[spec.name], setup.compiles[spec.name])
             for spec in setup.with_network if spec.name in needed}
 
 
-def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], runners: dict[str, TowerRunner],
-           n_cached: int, progress: bool) -> None:
-    """Step 5: decode each planned batch once, run every runner over the views it still lacks, store the batch."""
+class _Background:
+    """A call run in a daemon thread (a Ctrl-C does not wait for it); `result()` waits and re-raises its error."""
+
+    def __init__(self, function: Callable, *args):
+        self._result, self._error = None, None
+        self.seconds = 0.0
+        started = time.perf_counter()
+
+        def run() -> None:
+            try:
+                self._result = function(*args)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller by result()
+                self._error = err
+            self.seconds = time.perf_counter() - started
+
+        self._thread = threading.Thread(target=run, name="kaggle_i2p-load-towers", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cached: int, progress: bool
+           ) -> tuple[dict[str, TowerRunner], float]:
+    """Steps 4-5: the towers load in a background thread while the first batches decode (the decoding workers are
+    started first: forking next to a loading thread is not safe); then each planned batch is decoded once, every
+    runner computes the views it still lacks, and the batch is stored. Returns the runners and the loading seconds."""
     if plan:
         bound_heap_growth()
     loader = image_loader(setup.listing.paths, setup.batch_size, setup.num_workers,
                           pin_memory=setup.device.type == "cuda", batches=[planned.rows for planned in plan])
+    batches = iter(loader)  # the decoding workers start now
+    loading = _Background(load_runners, setup, plan)
     bar = tqdm(total=setup.n_images, initial=n_cached, desc=f"{len(setup.with_network)} tower(s)", unit="img",
                disable=not progress)
     try:
         with torch.inference_mode(), _logging_above_bars(progress):
-            for planned, batch in zip(plan, loader, strict=True):
+            for planned, batch in zip(plan, batches, strict=True):
+                runners = loading.result()  # waits for the towers once, at the first batch
                 outputs.record_decoding(batch)
                 pixels = batch.pixels_on(setup.device) if batch.indices else None
                 for name, runner in runners.items():
@@ -530,6 +564,7 @@ def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], runne
                 bar.update(len(planned.rows))
     finally:
         bar.close()
+    return loading.result(), loading.seconds
 
 
 def search_banks(setup: RunSetup, outputs: RunOutputs, progress: bool) -> None:
@@ -577,7 +612,8 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
 
 
 def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunner], failed: dict[int, str],
-              n_cached: int, seconds: float, parallel: Counter | None = None) -> RunSummary:
+              n_cached: int, seconds: float, parallel: Counter | None = None, loading_seconds: float = 0.0
+              ) -> RunSummary:
     """Step 8: what the run did (the data-parallel processes' counters added), for the closing line and tests."""
     ids = setup.listing.ids
     parallel = parallel or Counter()
@@ -590,7 +626,7 @@ def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunn
         nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()) + parallel["nonfinite_recomputes"],
         oom_halvings=sum(r.oom_halvings for r in runners.values()) + parallel["oom_halvings"],
         compile_seconds=sum(r.compile_seconds for r in runners.values()) + parallel["compile_seconds"],
-        devices=len(setup.devices) or 1, cached_images=n_cached,
+        devices=len(setup.devices) or 1, loading_seconds=loading_seconds, cached_images=n_cached,
         cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
 
 
@@ -609,8 +645,7 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
             outputs = RunOutputs(setup)
             outputs.read_cache()  # every share the devices finished; what a lost process left is planned below
         plan = outputs.plan()
-        runners = load_runners(setup, plan)
-        encode(setup, outputs, plan, runners, n_cached, progress)
+        runners, loading_seconds = encode(setup, outputs, plan, n_cached, progress)
         for runner in runners.values():
             runner.release()
         search_banks(setup, outputs, progress)
@@ -618,7 +653,8 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
     finally:
         if setup.temporary_cache:
             shutil.rmtree(setup.cache.root, ignore_errors=True)
-    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started, parallel)
+    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started, parallel,
+                        loading_seconds)
     return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
 
 

@@ -242,7 +242,7 @@ def load_tower(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
     if actual:
         raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
                              f"{spec.sha256}; the file is corrupt or not the one the manifest means")
-    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint")
+    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint", device)
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
     expected = tower.state_dict()

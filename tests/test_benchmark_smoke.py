@@ -24,6 +24,12 @@ def test_benchmark_functions_run(tmp_path, toy_manifest):
     assert bench.pipeline(images, toy_manifest, device, 2, 0, tmp_path / "s.csv") > 0
     assert bench.bare_loop(images, toy_manifest, device, 2, "fp16-weights") > 0
     assert 0.999 < bench.fidelity(images, toy_manifest, device, "fp16-weights", n=3) < 1.0 + 1e-6
+    assert bench.matmul_peak(device, torch.float32, n=128, repeats=2) > 0
+    rows, loading = bench.tower_rows(toy_manifest, device, batch_size=2, repeats=1)
+    assert [(tower, view) for tower, view, *_ in rows][:2] == [("toy_timm_vit", "r64"), ("toy_timm_vit", "r64_flip")]
+    assert all(rate > 0 and flops > 1e5 for *_, rate, _, flops in rows) and loading > 0
+    flops = {view: f for tower, view, _, _, f in rows if tower == "toy_timm_vit"}
+    assert flops["r96"] > 2 * flops["r64"] and flops["r64_flip"] == flops["r64"]  # (96/64)^2 = 2.25 x the tokens
     assert (tmp_path / "s.csv").stat().st_size > 0
     (tmp_path / "toy").symlink_to(toy_manifest.parent)
     (tmp_path / "imgs3").symlink_to(images)

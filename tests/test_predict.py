@@ -327,3 +327,36 @@ def test_compile_asked_on_cpu_runs_eager_and_the_manifest_checks_the_field(sampl
     bad.write_text(yaml.safe_dump(data))
     spec = load_manifest(bad).towers[0]
     assert spec.compile is True and spec.to_dict()["compile"] is True
+
+
+def test_towers_load_in_the_background_while_the_first_batch_decodes(sample_images, toy_manifest, monkeypatch):
+    """The first tower's load waits until an image has been decoded: without the overlap this run would stall for
+    the 60 s the wait allows. Loading errors still reach the caller."""
+    import threading
+
+    from kaggle_i2p import images as images_module
+    from kaggle_i2p.checkpoints import TowerLoadError
+
+    decoded, loaded_in = threading.Event(), []
+    real_decode, real_load = images_module.DecodedImages.__getitem__, predict_module.load_tower
+
+    def decode(self, index):
+        decoded.set()
+        return real_decode(self, index)
+
+    def load(*args, **kwargs):
+        loaded_in.append((threading.current_thread().name, decoded.wait(timeout=60)))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(images_module.DecodedImages, "__getitem__", decode)
+    monkeypatch.setattr(predict_module, "load_tower", load)
+    run = _run(sample_images, toy_manifest)
+    assert loaded_in == [("kaggle_i2p-load-towers", True)] * 2  # both towers, each after a decode had happened
+    assert run.summary.loading_seconds > 0 and "s loading towers" in str(run.summary)
+
+    def broken(*args, **kwargs):
+        raise TowerLoadError("tower 'toy_timm_vit': cannot read checkpoint")
+
+    monkeypatch.setattr(predict_module, "load_tower", broken)
+    with pytest.raises(TowerLoadError, match="cannot read checkpoint"):
+        _run(sample_images, toy_manifest)
