@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 from pathlib import Path
 
@@ -64,9 +65,25 @@ def _add_verify_images(parser: argparse.ArgumentParser) -> None:
                         help="key cached outputs by each image's content hash, not its size and modification time")
 
 
+def _share(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give R/W, this machine's part R of W (0 <= R < W), e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_dir
 
+    if args.share is not None:
+        from .parallel import encode_part
+
+        images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, device=args.device,
+                              batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
+                              progress=not args.quiet, verify_images=args.verify_images, compile_views=args.compile)
+        print(f"kaggle_i2p: part {args.share[0]} of {args.share[1]}: {images} images encoded into {args.cache_dir}; "
+              "when every part is done, `predict` on the same --cache-dir without --share writes the CSV")
+        return 0
     predict_dir(args.image_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                 batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
                 progress=not args.quiet, cache_dir=args.cache_dir, verify_images=args.verify_images,
@@ -230,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="submission.csv", help="output CSV (default: %(default)s)")
     predict.add_argument("--cache-dir", type=Path, default=None,
                          help="store every tower x view output here; a killed run resumes where it stopped")
+    predict.add_argument("--share", type=_share, default=None, metavar="R/W",
+                         help="several machines sharing --cache-dir: encode only this machine's chunks (R of W) "
+                         "and write no CSV; a last `predict` without --share writes it")
     _add_run_options(predict)
     _add_verify_images(predict)
     predict.set_defaults(func=_cmd_predict)

@@ -332,10 +332,15 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                 device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int | None = None,
                 precision: str | None = None, cache_dir: str | Path | None = None,
                 cache_chunk_size: int = DEFAULT_CHUNK_SIZE, include_zero_weight: bool = False,
-                verify_images: bool = False, compile_views: bool | None = None) -> RunSetup:
+                verify_images: bool = False, compile_views: bool | None = None,
+                share: tuple[int, int] = (0, 1)) -> RunSetup:
     """Step 1: check everything that can fail before the first weight loads (options, device, the manifest with
     every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
     check_options(batch_size, num_workers, precision, cache_chunk_size)
+    if not 0 <= share[0] < share[1]:
+        raise OptionError(f"share {share[0]}/{share[1]}: give R/W with 0 <= R < W (this machine's part of W)")
+    if share != (0, 1) and cache_dir is None:
+        raise OptionError("--share needs --cache-dir: a folder every machine writes its chunks into")
     devices = resolve_devices(device)
     device = devices[0]
     manifest = validate_manifest(manifest, deep=True)
@@ -356,7 +361,7 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                                           compiles[s.name]) for s in with_network} if cache else {}
     image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
     return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
-                    cache, tower_keys, image_keys, cache_chunk_size, devices, temporary_cache=temporary_cache)
+                    cache, tower_keys, image_keys, cache_chunk_size, devices, share, temporary_cache)
 
 
 class PlannedBatch(NamedTuple):
@@ -611,50 +616,62 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     return embeddings, tower_embeddings, failed
 
 
-def summarize(setup: RunSetup, outputs: RunOutputs, runners: dict[str, TowerRunner], failed: dict[int, str],
-              n_cached: int, seconds: float, parallel: Counter | None = None, loading_seconds: float = 0.0
-              ) -> RunSummary:
+def summarize(setup: RunSetup, encoded: Encoded, failed: dict[int, str], seconds: float) -> RunSummary:
     """Step 8: what the run did (the data-parallel processes' counters added), for the closing line and tests."""
-    ids = setup.listing.ids
-    parallel = parallel or Counter()
+    ids, runners, parallel = setup.listing.ids, encoded.runners.values(), encoded.parallel
     return RunSummary(
         n_images=setup.n_images, towers=[s.name for s in setup.active],
         n_views=sum(s.n_views for s in setup.with_network), device=str(setup.device), precision=setup.precisions,
         fallbacks=[(ids[i], failed[i]) for i in sorted(failed)],
         skipped_files=[(s.name, s.reason) for s in setup.listing.skipped],
-        converted=[(ids[i], note) for i, note in sorted(outputs.notes.items())],
-        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners.values()) + parallel["nonfinite_recomputes"],
-        oom_halvings=sum(r.oom_halvings for r in runners.values()) + parallel["oom_halvings"],
-        compile_seconds=sum(r.compile_seconds for r in runners.values()) + parallel["compile_seconds"],
-        devices=len(setup.devices) or 1, loading_seconds=loading_seconds, cached_images=n_cached,
+        converted=[(ids[i], note) for i, note in sorted(encoded.outputs.notes.items())],
+        nonfinite_recomputes=sum(r.nonfinite_recomputes for r in runners) + parallel["nonfinite_recomputes"],
+        oom_halvings=sum(r.oom_halvings for r in runners) + parallel["oom_halvings"],
+        compile_seconds=sum(r.compile_seconds for r in runners) + parallel["compile_seconds"],
+        devices=len(setup.devices) or 1, loading_seconds=encoded.loading_seconds, cached_images=encoded.n_cached,
         cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
 
 
+class Encoded(NamedTuple):
+    """Steps 2-5's result: the outputs, the runners that computed, and what to report of them."""
+
+    outputs: RunOutputs
+    runners: dict[str, TowerRunner]
+    n_cached: int  # images whose every output was in the cache when the run began
+    loading_seconds: float
+    parallel: Counter  # the data-parallel processes' counters (empty on one device)
+
+
+def encode_missing(setup: RunSetup, progress: bool = True) -> Encoded:
+    """Steps 2-5: read the cache; on several devices, their shares of the chunks encoded at once into it and the
+    cache read again; then plan what is still missing (all of it, or what a lost process left), load and encode."""
+    outputs = RunOutputs(setup)
+    n_cached = outputs.read_cache()
+    parallel: Counter = Counter()
+    if len(setup.devices) > 1 and outputs.plan():
+        from .parallel import encode_in_parallel
+
+        parallel = encode_in_parallel(setup)
+        outputs = RunOutputs(setup)
+        outputs.read_cache()
+    runners, loading_seconds = encode(setup, outputs, outputs.plan(), n_cached, progress)
+    return Encoded(outputs, runners, n_cached, loading_seconds, parallel)
+
+
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
-    """Steps 2-8 of a prepared run: read the cache, (on several devices, encode their shares of the chunks into it,
-    then read it again), plan, load, encode, search the banks, ensemble, summarise."""
+    """Steps 2-8 of a prepared run: encode what the cache lacks, search the banks, ensemble, summarise."""
     started = time.perf_counter()
     try:
-        outputs = RunOutputs(setup)
-        n_cached = outputs.read_cache()
-        parallel = None
-        if len(setup.devices) > 1 and n_cached < setup.n_images:
-            from .parallel import encode_in_parallel
-
-            parallel = encode_in_parallel(setup)
-            outputs = RunOutputs(setup)
-            outputs.read_cache()  # every share the devices finished; what a lost process left is planned below
-        plan = outputs.plan()
-        runners, loading_seconds = encode(setup, outputs, plan, n_cached, progress)
-        for runner in runners.values():
+        encoded = encode_missing(setup, progress)
+        outputs = encoded.outputs
+        for runner in encoded.runners.values():
             runner.release()
         search_banks(setup, outputs, progress)
         embeddings, tower_embeddings, failed = ensemble(setup, outputs)
     finally:
         if setup.temporary_cache:
             shutil.rmtree(setup.cache.root, ignore_errors=True)
-    summary = summarize(setup, outputs, runners, failed, n_cached, time.perf_counter() - started, parallel,
-                        loading_seconds)
+    summary = summarize(setup, encoded, failed, time.perf_counter() - started)
     return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
 
 

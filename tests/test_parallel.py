@@ -78,3 +78,30 @@ def test_devices_auto_takes_every_gpu_and_a_list_names_them(monkeypatch):
     assert resolve_devices("cpu, cpu") == (torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(OptionError, match="only 2 CUDA device"):
         resolve_devices("cuda:0,cuda:2")
+
+
+def test_machines_sharing_a_cache_folder_split_a_run(sample_images, toy_manifest, tmp_path, monkeypatch, capsys):
+    """Each "machine" encodes its part of the chunks into the shared cache and writes no CSV; the last run without
+    a share loads no tower and writes the bytes of one run. The CLI's `--share R/W` does the same."""
+    from kaggle_i2p import predict as predict_module
+    from kaggle_i2p.cli import main
+
+    single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
+    options = {"device": "cpu", "num_workers": 0, "batch_size": 2, "cache_chunk_size": 3, "progress": False}
+    cache = tmp_path / "shared"
+    assert parallel.encode_part(sample_images, toy_manifest, cache, (1, 2), **options) == 3  # chunk 1
+    assert parallel.encode_part(sample_images, toy_manifest, cache, (0, 2), **options) == 4  # chunks 0 and 2
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("a tower was loaded"))
+        assert _predict(sample_images, toy_manifest, tmp_path / "all.csv", device="cpu", cache_dir=cache) == single
+
+    common = [str(sample_images), "--manifest", str(toy_manifest), "--device", "cpu", "--workers", "0", "--quiet",
+              "--out", str(tmp_path / "never.csv")]
+    assert main(["predict", *common, "--cache-dir", str(tmp_path / "cli"), "--share", "1/2"]) == 0
+    assert "part 1 of 2: 0 images encoded" in capsys.readouterr().out  # 7 images: one chunk, part 0's
+    assert not (tmp_path / "never.csv").exists()
+    assert main(["predict", *common, "--share", "0/2"]) == 2  # no --cache-dir
+    assert "--share needs --cache-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", *common, "--share", "2/2"])
+    assert "give R/W" in capsys.readouterr().err
