@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .bankindex import INDEX_TYPES, build_index
-from .dataset.generate import rank_and_world, rank_device
 from .ensemble import l2_normalize
 from .fileio import atomic_open, staging_dir
+from .ranks import rank_and_world, rank_device
 from .retrieval import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
 from .search import INDEX_FILE, import_faiss
 from .textfiles import check_source, iter_text_batches

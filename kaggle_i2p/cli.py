@@ -76,7 +76,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_dir
 
     if args.share is not None:
-        from .parallel import encode_part
+        from .predict import encode_part
 
         images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, device=args.device,
                               batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,

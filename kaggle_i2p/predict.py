@@ -35,6 +35,7 @@ from .ensemble import combine_towers, combine_views, unusable_rows
 from .errors import OptionError
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
 from .manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec
+from .parallel import device_shares, run_on_devices
 from .resources import DEFAULT_MANIFEST
 from .retrieval import search_bank
 from .submission import check_output_path, submission_frame, write_submission
@@ -649,13 +650,36 @@ def encode_missing(setup: RunSetup, progress: bool = True) -> Encoded:
     n_cached = outputs.read_cache()
     parallel: Counter = Counter()
     if len(setup.devices) > 1 and outputs.plan():
-        from .parallel import encode_in_parallel
-
-        parallel = encode_in_parallel(setup)
+        parallel = run_on_devices(encode_share, device_shares(setup))
         outputs = RunOutputs(setup)
         outputs.read_cache()
     runners, loading_seconds = encode(setup, outputs, outputs.plan(), n_cached, progress)
     return Encoded(outputs, runners, n_cached, loading_seconds, parallel)
+
+
+COUNTERS = ("nonfinite_recomputes", "oom_halvings", "compile_seconds")
+
+
+def encode_share(setup: RunSetup) -> dict[str, float]:
+    """One device's process (`parallel.run_on_devices`): its share of the chunks encoded into the cache; its
+    runners' counters."""
+    outputs = RunOutputs(setup)
+    n_cached = outputs.read_cache()
+    runners, _ = encode(setup, outputs, outputs.plan(), n_cached, progress=False)
+    return {name: sum(getattr(r, name) for r in runners.values()) for name in COUNTERS}
+
+
+def encode_part(image_dir: str | Path, manifest: str | Path | Manifest, cache_dir: str | Path,
+                share: tuple[int, int], *, progress: bool = True, **options) -> int:
+    """One machine's part of a run split over machines that share `cache_dir`: its chunks (c mod W == R) encoded
+    into the cache (over its devices, when it has several), no CSV. A run without a share on the same cache then
+    computes nothing and writes the CSV. Returns the images this part had to compute."""
+    setup = prepare_run(image_dir, manifest, cache_dir=cache_dir, share=share, **options)
+    outputs = RunOutputs(setup)
+    outputs.read_cache()
+    missing = sum(len(planned.rows) for planned in outputs.plan())
+    encode_missing(setup, progress)
+    return missing
 
 
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:

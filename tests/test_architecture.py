@@ -10,9 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_i2p"
 
 # Lower layers first; a module may import its own layer and those below it, never one above.
 LAYERS = {
-    "base": {"errors", "resources", "fileio", "_validate", "blocks"},
+    "base": {"errors", "resources", "fileio", "_validate", "blocks", "ranks"},
     "serving": {"manifest", "backbones", "checkpoints", "towers", "images", "ensemble", "search", "retrieval", "cache",
-                "predict", "submission", "dryrun", "text"},
+                "parallel", "predict", "submission", "dryrun", "plan", "text"},
     "upstream": {"evaluate", "tune", "folds", "wheelhouse", "textfiles", "bankindex", "bankbuild", "dataset", "train",
                  "trainer", "export"},
     "top": {"cli", "demo", "testing", "__init__", "_version"},

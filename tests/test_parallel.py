@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import pytest
 
 from kaggle_i2p import parallel
-from kaggle_i2p.predict import predict_dir, resolve_devices
+from kaggle_i2p.predict import encode_part, predict_dir, resolve_devices
 
 
 def _predict(images, manifest, out, **options):
@@ -89,8 +89,8 @@ def test_machines_sharing_a_cache_folder_split_a_run(sample_images, toy_manifest
     single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
     options = {"device": "cpu", "num_workers": 0, "batch_size": 2, "cache_chunk_size": 3, "progress": False}
     cache = tmp_path / "shared"
-    assert parallel.encode_part(sample_images, toy_manifest, cache, (1, 2), **options) == 3  # chunk 1
-    assert parallel.encode_part(sample_images, toy_manifest, cache, (0, 2), **options) == 4  # chunks 0 and 2
+    assert encode_part(sample_images, toy_manifest, cache, (1, 2), **options) == 3  # chunk 1
+    assert encode_part(sample_images, toy_manifest, cache, (0, 2), **options) == 4  # chunks 0 and 2
     with monkeypatch.context() as patch:
         patch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("a tower was loaded"))
         assert _predict(sample_images, toy_manifest, tmp_path / "all.csv", device="cpu", cache_dir=cache) == single

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import OptionError
 from ..fileio import atomic_open
+from ..ranks import rank_and_world, rank_device
 from .layout import GENERATION, IMAGES, PROMPT_INDEX
 
 log = logging.getLogger("kaggle_i2p")
@@ -65,31 +64,6 @@ def image_jobs(prompts: pd.DataFrame, images_per_prompt: int) -> Iterator[ImageJ
 def shard(jobs: list[ImageJob], rank: int, world: int) -> list[ImageJob]:
     """Rank r's share: jobs r, r + W, r + 2W, ... (balanced; the shares of all ranks are disjoint and complete)."""
     return jobs[rank::world]
-
-
-def rank_and_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank): torchrun's or accelerate's RANK, WORLD_SIZE and LOCAL_RANK (global over
-    nodes: `torchrun --nnodes N --node_rank R ...`); else a SLURM job array's task (`sbatch --array=0-99`: task
-    (SLURM_ARRAY_TASK_ID - MIN) / STEP of SLURM_ARRAY_TASK_COUNT, no torch.distributed needed); else (0, 1, 0)."""
-    env = os.environ
-    if "RANK" in env or "WORLD_SIZE" in env:
-        rank, world, local = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-        source = "RANK and WORLD_SIZE"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        offset = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        rank, world, local = offset // int(env.get("SLURM_ARRAY_TASK_STEP", 1)), int(env["SLURM_ARRAY_TASK_COUNT"]), 0
-        source = "SLURM_ARRAY_TASK_ID, _MIN, _STEP and _COUNT"
-    else:
-        return 0, 1, 0
-    if not 0 <= rank < world:
-        raise OptionError(f"rank {rank} of a world of {world} (from {source}): every rank must be in 0..{world - 1}; "
-                          "check the launcher's settings")
-    return rank, world, local
-
-
-def rank_device(local_rank: int) -> str:
-    """The device a rank works on when none is given: its own GPU (LOCAL_RANK) when there is one, else the CPU."""
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):

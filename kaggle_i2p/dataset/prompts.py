@@ -21,9 +21,9 @@ from ..blocks import blocks
 from ..errors import I2PError
 from ..fileio import atomic_open, write_parquet
 from ..folds import group_fold_numbers
+from ..ranks import rank_and_world, rank_device
 from ..search import import_faiss
 from ..textfiles import read_texts
-from .generate import rank_and_world, rank_device
 from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
 from .pairs import (
     NPROBE,
