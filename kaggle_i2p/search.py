@@ -157,7 +157,7 @@ def stream_chunks(keys: np.ndarray, chunk_rows: int, transfer: HostToDevice, slo
 
 
 @contextmanager
-def _fp32_accumulation(device: torch.device):
+def fp32_accumulation(device: torch.device):
     """float16 products accumulate in float32 (no reduced-precision split-K reductions) while the pass runs."""
     if device.type != "cuda":
         yield
@@ -209,7 +209,7 @@ def _one_pass(queries: np.ndarray, keys: np.ndarray, n: int, device: torch.devic
     scores = torch.empty(len(query_blocks[0]) * min(chunk_rows, len(keys)), device=device, dtype=dtype)
     bar = tqdm(total=len(keys), desc=f"bank pass, {len(q)} queries", unit="row", unit_scale=True,
                disable=not progress)
-    with bar, torch.inference_mode(), _fp32_accumulation(device):
+    with bar, torch.inference_mode(), fp32_accumulation(device):
         for start, chunk in stream_chunks(keys, chunk_rows, transfer):
             bar.update(len(chunk))
             for b, rows_of_block in enumerate(query_blocks):

@@ -259,3 +259,24 @@ def test_ivf_without_faiss_is_refused_before_any_compute(tmp_path, sample_dir, m
     assert dataset.main(["text", *sources, "--work", str(tmp_path / "w"), "--search", "ivf"]) == 2
     assert "pip install 'kaggle_i2p[index]'" in capsys.readouterr().err and not (tmp_path / "w").exists()
     assert dataset.prompts._choose_search("auto", 10**6, "cpu") == "exact"
+
+
+def test_screened_similarities_decide_as_fp32_products(monkeypatch):
+    """The GPU path's logic on the CPU: products screened in bfloat16 (margin 2^-6 for its 8-bit mantissa) with the
+    unsure rows multiplied again in fp32 give the fp32 decisions exactly, also for pairs planted at the threshold
+    +- 1e-3; dedup and groups through the screen equal the definitions."""
+    import torch
+
+    from kaggle_i2p.dataset import pairs
+    from kaggle_i2p.testing import plant_near_duplicates, prompt_like_embeddings
+
+    vectors = plant_near_duplicates(prompt_like_embeddings(1200, 48, seed=3, topics=30), 0.1, (0.899, 0.901), seed=3)
+    x = torch.from_numpy(vectors)
+    expected = {t: (x @ x.T >= t) for t in (0.8, 0.9)}
+    monkeypatch.setitem(pairs.SCREENS, "cpu", (torch.bfloat16, 2**-6))
+    screened = (x.bfloat16() @ x.bfloat16().T).float()
+    assert ((screened >= 0.9) != expected[0.9]).any()  # bfloat16 alone would decide some pairs otherwise
+    for threshold, exact in expected.items():
+        assert torch.equal(pairs.similar(x, x, threshold), exact)
+    assert np.array_equal(semantic_dedup(vectors, 0.9, block=500), _reference_dedup(vectors, 0.9))
+    assert np.array_equal(similarity_groups(vectors, 0.8, block=500), _reference_groups(vectors, 0.8))

@@ -22,7 +22,7 @@ import torch
 
 from ..blocks import blocks
 from ..ensemble import l2_normalize
-from ..search import import_faiss
+from ..search import fp32_accumulation, import_faiss
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -31,6 +31,28 @@ NPROBE = 12  # lists each row probes: 0.998 of the pairs at cosine >= 0.7 on pro
 TRAIN_ROWS_PER_LIST = 32  # k-means sample (FAISS: 30 to 256 per centroid)
 KMEANS_ITERATIONS = 10
 QUERY_CHUNK = 8192  # queries of one list scored at a time (bounds the score matrix)
+
+
+# Similarities on a GPU are screened in fp16 (tensor cores, an order of magnitude above fp32) and only rows with an
+# entry within the screen's error of the threshold are multiplied again in fp32: the decisions are fp32's. For unit
+# rows an fp16 product errs by at most 2 x 2^-11 (each factor rounded) plus the fp32 accumulation's ~384 x 2^-24.
+SCREENS: dict[str, tuple[torch.dtype, float]] = {"cuda": (torch.float16, 2e-3)}
+
+
+def similar(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(len(a), len(b)) bool: cosine >= threshold between unit rows, as fp32 products decide it (screened on devices
+    in SCREENS, see above)."""
+    screen = SCREENS.get(a.device.type)
+    if screen is None:
+        return a @ b.T >= threshold
+    dtype, margin = screen
+    with fp32_accumulation(a.device):
+        scores = (a.to(dtype) @ b.to(dtype).T).float()
+    decided = scores >= threshold + margin
+    unsure = (scores >= threshold - margin).logical_and_(~decided).any(dim=1).nonzero().squeeze(1)
+    if len(unsure):
+        decided[unsure] = a[unsure] @ b.T >= threshold
+    return decided
 
 
 def default_nlist(rows: int) -> int:
@@ -93,7 +115,7 @@ def _similar_blocks(vectors: np.ndarray, probes: np.ndarray, threshold: float, d
         keys = x[torch.from_numpy(members).to(device)]
         for chunk in blocks(len(queries), QUERY_CHUNK):
             rows = queries[chunk.start:chunk.stop]
-            yield rows, members, x[torch.from_numpy(rows).to(device)] @ keys.T >= threshold
+            yield rows, members, similar(x[torch.from_numpy(rows).to(device)], keys, threshold)
 
 
 def similar_pairs(vectors: np.ndarray, probes: np.ndarray, threshold: float, device: str = "cpu"
@@ -101,8 +123,8 @@ def similar_pairs(vectors: np.ndarray, probes: np.ndarray, threshold: float, dev
     """(a, b), a < b: the pairs of rows at cosine >= threshold that share a probed list (each pair once, sorted)."""
     n = len(vectors)
     found = [np.zeros(0, dtype=np.int64)]
-    for rows, members, similar in _similar_blocks(vectors, probes, threshold, device):
-        hits = torch.nonzero(similar).cpu().numpy()
+    for rows, members, close in _similar_blocks(vectors, probes, threshold, device):
+        hits = torch.nonzero(close).cpu().numpy()
         a, b = rows[hits[:, 0]], members[hits[:, 1]]
         apart = a != b
         found.append(np.minimum(a, b)[apart] * n + np.maximum(a, b)[apart])
@@ -113,25 +135,25 @@ def similar_pairs(vectors: np.ndarray, probes: np.ndarray, threshold: float, dev
 def ivf_groups(vectors: np.ndarray, probes: np.ndarray, threshold: float, device: str = "cpu") -> np.ndarray:
     """Group ids (as `prompts.similarity_groups`) from the pairs that share a probed list (`join_similar`)."""
     parent = np.arange(len(vectors))
-    for rows, members, similar in _similar_blocks(vectors, probes, threshold, device):
-        join_similar(parent, rows, members, similar, vectors.shape[1])
+    for rows, members, close in _similar_blocks(vectors, probes, threshold, device):
+        join_similar(parent, rows, members, close, vectors.shape[1])
     return dense_groups(parent)
 
 
-def join_similar(parent: np.ndarray, rows: np.ndarray, members: np.ndarray, similar: torch.Tensor, width: int
+def join_similar(parent: np.ndarray, rows: np.ndarray, members: np.ndarray, close: torch.Tensor, width: int
                  ) -> None:
-    """Join the groups of every similar (rows[i], members[j]) pair. When the members already fall in at most `width`
+    """Join the groups of every close (rows[i], members[j]) pair. When the members already fall in at most `width`
     groups (the vectors' width: the merge then costs less than the similarities did), the similar matrix is first
     reduced to (row, group) links by one matrix product on its device: a dense block of prompts holds millions of
     similar pairs, most inside groups already joined, and only the links leave the device."""
     roots, member_group = np.unique(find_roots(parent, members), return_inverse=True)
     if len(roots) <= width:
-        by_group = torch.zeros(len(members), len(roots), device=similar.device)
-        by_group[torch.arange(len(members)), torch.from_numpy(member_group).to(similar.device)] = 1
-        hits = torch.nonzero(similar.float() @ by_group > 0).cpu().numpy()
+        by_group = torch.zeros(len(members), len(roots), device=close.device)
+        by_group[torch.arange(len(members)), torch.from_numpy(member_group).to(close.device)] = 1
+        hits = torch.nonzero(close.float() @ by_group > 0).cpu().numpy()
         union(parent, rows[hits[:, 0]], roots[hits[:, 1]])
     else:
-        hits = torch.nonzero(similar).cpu().numpy()
+        hits = torch.nonzero(close).cpu().numpy()
         union(parent, rows[hits[:, 0]], members[hits[:, 1]])
 
 
@@ -196,10 +218,10 @@ def leakage_pairs(vectors: np.ndarray, folds: np.ndarray, threshold: float, bloc
         for right in blocks(len(x), block):
             if right.start < left.start:
                 continue
-            similar = x[left.start:left.stop] @ x[right.start:right.stop].T >= threshold
+            close = similar(x[left.start:left.stop], x[right.start:right.stop], threshold)
             if right.start == left.start:
-                similar = torch.triu(similar, diagonal=1)
+                close = torch.triu(close, diagonal=1)
             apart = fold[left.start:left.stop, None] != fold[None, right.start:right.stop]
-            leaked += int((similar & apart).sum())
-            similar_total += int(similar.sum())
+            leaked += int((close & apart).sum())
+            similar_total += int(close.sum())
     return leaked, similar_total

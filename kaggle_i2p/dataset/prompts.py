@@ -33,6 +33,7 @@ from .pairs import (
     ivf_groups,
     join_similar,
     probe_lists,
+    similar,
     similar_pairs,
 )
 
@@ -106,8 +107,8 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
         current = vectors[rows.start:rows.stop]
         blocked = torch.zeros(len(current), dtype=torch.bool, device=device)
         for kept in kept_rows:
-            blocked |= (current @ kept.T >= threshold).any(dim=1)
-        chosen = greedy_keep(current @ current.T >= threshold, ~blocked)
+            blocked |= similar(current, kept, threshold).any(dim=1)
+        chosen = greedy_keep(similar(current, current, threshold), ~blocked)
         keep[rows.start:rows.stop] = chosen.cpu().numpy()
         if chosen.any():  # kept rows in chunks of up to KEPT_CHUNK: fewer, larger matrix products
             if kept_rows and len(kept_rows[-1]) + int(chosen.sum()) <= KEPT_CHUNK:
@@ -117,9 +118,9 @@ def semantic_dedup(embeddings: np.ndarray, threshold: float = DEDUP_THRESHOLD, b
     return keep
 
 
-def greedy_keep(similar: torch.Tensor, open_rows: torch.Tensor) -> torch.Tensor:
+def greedy_keep(close: torch.Tensor, open_rows: torch.Tensor) -> torch.Tensor:
     """The greedy in-order decisions inside a block (`pairs.greedy_rounds`, with dense matrix-vector products)."""
-    earlier = torch.tril(similar, diagonal=-1).float()  # earlier[i, j]: row j comes before row i and is similar
+    earlier = torch.tril(close, diagonal=-1).float()  # earlier[i, j]: row j comes before row i and is similar
     return greedy_rounds(lambda mask: earlier @ mask.float() > 0, open_rows)
 
 
@@ -136,8 +137,8 @@ def similarity_groups(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD
         for right in blocks(len(vectors), block):
             if right.start < left.start:
                 continue
-            similar = vectors[left.start:left.stop] @ vectors[right.start:right.stop].T >= threshold
-            join_similar(parent, np.arange(left.start, left.stop), np.arange(right.start, right.stop), similar,
+            close = similar(vectors[left.start:left.stop], vectors[right.start:right.stop], threshold)
+            join_similar(parent, np.arange(left.start, left.stop), np.arange(right.start, right.stop), close,
                          vectors.shape[1])
     return dense_groups(parent)
 
