@@ -7,7 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -35,6 +35,28 @@ def write_parquet(frame, path: str | Path) -> None:
     """A pandas DataFrame as a parquet file, written atomically (needs pyarrow)."""
     with atomic_open(path, "wb") as handle:
         frame.to_parquet(handle, index=False)
+
+
+def write_parquet_batches(frames: Iterable, path: str | Path, columns: Sequence[str]) -> int:
+    """DataFrames with the same columns streamed into one parquet file, written atomically (an error while they
+    stream leaves no file); returns the rows written."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with atomic_open(path, "wb") as handle:
+        writer = None
+        for frame in frames:
+            table = pa.Table.from_pandas(frame[list(columns)], preserve_index=False)
+            writer = writer or pq.ParquetWriter(handle, table.schema)
+            writer.write_table(table)
+            rows += len(frame)
+        if writer is None:
+            pd.DataFrame({c: pd.Series(dtype=str) for c in columns}).to_parquet(handle, index=False)
+        else:
+            writer.close()
+    return rows
 
 
 def _default_mode(directory: bool) -> int:

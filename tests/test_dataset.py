@@ -62,9 +62,24 @@ def test_text_steps_end_to_end_and_resume(tmp_path, sample_dir, monkeypatch):
     np.testing.assert_allclose(targets, embed_prompts(index["prompt"].tolist()), atol=1e-6)
 
     monkeypatch.setattr(dataset.prompts, "semantic_dedup", lambda *a, **k: pytest.fail("a finished step was redone"))
-    monkeypatch.setattr(dataset.prompts, "collect", lambda *a, **k: pytest.fail("a finished step was redone"))
+    monkeypatch.setattr(dataset.prompts, "iter_collect", lambda *a, **k: pytest.fail("a finished step was redone"))
     (tmp_path / "work" / "prompt_index.parquet").unlink()  # only the last step is missing
     assert pd.read_parquet(dataset.run_text_steps(["unused"], tmp_path / "work", n_folds=3)).equals(index)
+
+
+def test_clean_streams_in_batches_with_the_answer_of_one_frame(tmp_path, monkeypatch):
+    """The clean step reads prompts.parquet in batches; exact duplicates are found across batches (a shared set), so
+    the clean file equals cleaning the whole frame at once."""
+    frame = pd.DataFrame({"prompt": ["a red fox in snow", "an owl at night time", "A red fox in SNOW", "ok",
+                                     "an owl at night time", "a lighthouse in a storm", "a red fox in snow"],
+                          "source": "s"})
+    (tmp_path / "w").mkdir()
+    frame.to_parquet(tmp_path / "w" / "prompts.parquet", index=False)
+    monkeypatch.setattr(dataset.prompts, "CLEAN_BATCH_ROWS", 2)
+    dataset.prompts.clean_step(tmp_path / "w")
+    streamed = pd.read_parquet(tmp_path / "w" / "clean.parquet")
+    assert streamed.equals(clean(frame)[0])
+    assert streamed["prompt"].tolist() == ["a red fox in snow", "an owl at night time", "a lighthouse in a storm"]
 
 
 def test_collect_reads_columns_and_records_sources(tmp_path):

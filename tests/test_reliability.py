@@ -794,6 +794,7 @@ def test_too_few_prompts_for_the_folds_is_one_clear_error(tmp_path, capsys):
     assert dataset.main(["text", str(prompts), "--work", str(tmp_path / "work"), "--folds", "5"]) == 2
     err = capsys.readouterr().err
     assert "2 prompts collected" in err and "5 folds need at least 5" in err
+    assert not (tmp_path / "work" / "prompts.parquet").exists()  # streamed, then refused: no half-made step
     assert dataset.main(["text", str(tmp_path / "nope.csv:prompt"), "--work", str(tmp_path / "w2")]) == 2
     assert "prompt file(s) not found" in capsys.readouterr().err
     with pytest.raises(dataset.DatasetError, match="5 folds need at least 5 groups"):

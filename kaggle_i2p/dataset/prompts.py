@@ -6,11 +6,13 @@ folds). Each step's output is kept in the work folder and reused when present.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,11 @@ import torch
 
 from ..blocks import blocks
 from ..errors import I2PError
-from ..fileio import atomic_open, write_parquet
+from ..fileio import atomic_open, write_parquet, write_parquet_batches
 from ..folds import group_fold_numbers
 from ..ranks import rank_and_world, rank_device
 from ..search import import_faiss
-from ..textfiles import read_texts
+from ..textfiles import iter_text_batches
 from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
 from .pairs import (
     NPROBE,
@@ -43,6 +45,7 @@ GROUP_THRESHOLD = 0.7  # prompts this similar share a group, and so a fold
 N_FOLDS = 5
 SEARCHES = ("auto", "exact", "ivf")
 KEPT_CHUNK = 16_384  # exact dedup: kept rows per matrix product
+CLEAN_BATCH_ROWS = 65_536  # prompts cleaned at a time (the exact-duplicate set spans the batches)
 EMBED_SHARD_ROWS = 100_000  # prompts per embedding shard: the unit of resume and of sharing over ranks
 EXACT_UP_TO = 100_000  # `auto` on a CPU: the exact passes up to this many prompts (a few minutes), ivf above
 
@@ -51,14 +54,21 @@ log = logging.getLogger("kaggle_i2p")
 CLIP_CONTEXT = 77  # tokens, start and end included; SD truncates longer prompts
 
 
-def collect(sources: Sequence[str]) -> pd.DataFrame:
-    """Prompts from files given as `PATH` or `PATH:COLUMN` (txt, csv, parquet), with the file each came from."""
-    frames = []
+def iter_collect(sources: Sequence[str]) -> Iterator[pd.DataFrame]:
+    """Prompts from files given as `PATH` or `PATH:COLUMN` (txt, csv, parquet), with the file each came from, a
+    batch at a time (a 10M-prompt file is never one list)."""
     for source in sources:
         path, _, column = source.partition(":") if not Path(source).exists() else (source, "", "")
-        texts = read_texts(path, column or None)
-        frames.append(pd.DataFrame({"prompt": texts, "source": Path(path).name}))
-        log.info("%s: %d prompts", source, len(texts))
+        count = 0
+        for texts in iter_text_batches(path, column or None):
+            count += len(texts)
+            yield pd.DataFrame({"prompt": texts, "source": Path(path).name})
+        log.info("%s: %d prompts", source, count)
+
+
+def collect(sources: Sequence[str]) -> pd.DataFrame:
+    """`iter_collect` in one frame, for small sets."""
+    frames = list(iter_collect(sources))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"prompt": [], "source": []})
 
 
@@ -68,13 +78,20 @@ def ascii_letter_share(text: str) -> float:
     return sum(c.isascii() for c in letters) / len(letters) if letters else 0.0
 
 
-def clean(frame: pd.DataFrame, min_words: int = 3, max_tokens: int = CLIP_CONTEXT, min_ascii: float = 0.9
-          ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Normalise whitespace and drop empty, too short (< min_words), too long (> max_tokens CLIP tokens with start
-    and end), mostly non-English and exactly repeated prompts (case-insensitive); returns the rest and the counts."""
+@functools.cache
+def _clip_tokenizer():
+    """open_clip's CLIP tokenizer, built once (its BPE tables take a moment)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    tokenizer = SimpleTokenizer()
+    return SimpleTokenizer()
+
+
+def clean(frame: pd.DataFrame, min_words: int = 3, max_tokens: int = CLIP_CONTEXT, min_ascii: float = 0.9,
+          seen: set[str] | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Normalise whitespace and drop empty, too short (< min_words), too long (> max_tokens CLIP tokens with start
+    and end), mostly non-English and exactly repeated prompts (case-insensitive); returns the rest and the counts.
+    `seen`: the lower-cased prompts kept from earlier batches of a stream (updated with this batch's)."""
+    tokenizer = _clip_tokenizer()
     prompts = frame["prompt"].astype(str).map(lambda t: " ".join(t.split()))
     reasons = pd.Series("", index=frame.index)
     reasons[prompts.str.len() == 0] = "empty"
@@ -83,7 +100,11 @@ def clean(frame: pd.DataFrame, min_words: int = 3, max_tokens: int = CLIP_CONTEX
     tokens = prompts.map(lambda t: len(tokenizer.encode(t)) + 2)
     reasons[(reasons == "") & (tokens > max_tokens)] = "too_long"
     reasons[(reasons == "") & (prompts.map(ascii_letter_share) < min_ascii)] = "non_english"
-    reasons[(reasons == "") & prompts.str.lower().duplicated()] = "exact_duplicate"
+    lowered = prompts.str.lower()
+    repeated = lowered.duplicated() | (lowered.isin(seen) if seen else False)
+    reasons[(reasons == "") & repeated] = "exact_duplicate"
+    if seen is not None:
+        seen.update(lowered[reasons == ""])
     counts = {r: int((reasons == r).sum()) for r in ("empty", "too_short", "too_long", "non_english",
                                                       "exact_duplicate")}
     kept = frame.assign(prompt=prompts)[reasons == ""].reset_index(drop=True)
@@ -230,26 +251,43 @@ def _wait_for(path: Path, what: str) -> None:
 
 
 def collect_step(sources: Sequence[str], work: Path, n_folds: int) -> None:
-    """1. The prompts of every source file, with the file each came from."""
+    """1. The prompts of every source file, with the file each came from, streamed into prompts.parquet."""
     if (work / PROMPTS).is_file():
         return
     missing = [s for s in sources if not Path(s).exists() and not Path(s.partition(":")[0]).is_file()]
     if missing:
         raise DatasetError(f"prompt file(s) not found: {', '.join(missing)} (give PATH or PATH:COLUMN)")
-    collected = collect(sources)
-    if len(collected) < n_folds:  # fail before the embedding, not after
-        raise DatasetError(f"{len(collected)} prompts collected from {', '.join(sources)}; {n_folds} folds need "
-                           f"at least {n_folds}: add prompts or lower FOLDS / --folds")
-    write_parquet(collected, work / PROMPTS)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def counted() -> Iterator[pd.DataFrame]:
+        rows = 0
+        for frame in iter_collect(sources):
+            rows += len(frame)
+            yield frame
+        if rows < n_folds:  # fail before the embedding, not after (and leave no prompts.parquet)
+            raise DatasetError(f"{rows} prompts collected from {', '.join(sources)}; {n_folds} folds need at least "
+                               f"{n_folds}: add prompts or lower FOLDS / --folds")
+
+    write_parquet_batches(counted(), work / PROMPTS, ["prompt", "source"])
 
 
 def clean_step(work: Path) -> None:
-    """2. Whitespace, length, language and exact duplicates (see `clean`)."""
+    """2. Whitespace, length, language and exact duplicates (see `clean`), a batch at a time."""
     if (work / CLEAN).is_file():
         return
-    kept, dropped = clean(pd.read_parquet(work / PROMPTS))
-    log.info("clean: kept %d, dropped %s", len(kept), dropped)
-    write_parquet(kept, work / CLEAN)
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    dropped: Counter = Counter()
+
+    def cleaned() -> Iterator[pd.DataFrame]:
+        for batch in pq.ParquetFile(work / PROMPTS).iter_batches(batch_size=CLEAN_BATCH_ROWS):
+            kept, counts = clean(batch.to_pandas(), seen=seen)
+            dropped.update(counts)
+            yield kept
+
+    kept = write_parquet_batches(cleaned(), work / CLEAN, ["prompt", "source"])
+    log.info("clean: kept %d, dropped %s", kept, dict(dropped))
 
 
 def embed_step(work: Path, device: str, batch_size: int | None, rank: int) -> np.ndarray | None:
