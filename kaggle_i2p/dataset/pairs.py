@@ -2,13 +2,14 @@
 search at the threshold inside the lists each prompt probes, scored as matrix products.
 
 The exact dedup and groups (prompts.py) compare every prompt with every earlier one: quadratic, hours for a million
-prompts on a CPU. Here FAISS clusters the unit vectors into about N / 1024 lists (spherical k-means on a sample) and
-finds each row's `nprobe` nearest lists. Row i and row j are compared when i probes j's own list or j probes i's; a
-pair at cosine >= threshold is found unless neither probes the other's list. FAISS's own IVF range search scans
-each query's lists one vector at a time (memory-bound: 3 GFLOP/s on two cores); here the queries of one list are
-scored against its members in one matrix product (BLAS, or the GPU), which costs the same arithmetic at ~10 times
-the rate. The found pairs then decide dedup (`greedy_keep_pairs`, the same greedy in order as the exact pass) and
-groups (connected components), and `leakage_pairs` counts what the groups missed.
+prompts on a CPU. Here FAISS clusters the unit vectors into about N / 256 lists (spherical k-means on a sample, of
+the rows less their mean direction: see `probe_lists`) and finds each row's `nprobe` nearest lists. Row i and row j
+are compared when i probes j's own list or j probes i's; a pair at cosine >= threshold is found unless neither probes
+the other's list. FAISS's own IVF range search scans each query's lists one vector at a time (memory-bound: 3 GFLOP/s
+on two cores); here the queries of one list are scored against its members in one matrix product (BLAS, or the
+GPU), which costs the same arithmetic at ~10 times the rate. The found pairs then decide dedup (`greedy_keep_pairs`,
+the same greedy in order as the exact pass) and groups (connected components), and `leakage_pairs` counts what the
+groups missed.
 """
 
 from __future__ import annotations
