@@ -157,9 +157,10 @@ def resolve_compile(requested: bool, device: torch.device) -> bool:
         log.info("compile: off on %s (it is for CUDA; the towers run eager)", device.type)
         return False
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 7 or not _triton_available():
+    triton = _triton_available()
+    if major < 7 or not triton:
         log.info("compile: off on this GPU (compute capability %d.%d%s; Triton needs 7.0 and up); the towers run "
-                 "eager", major, minor, "" if _triton_available() else ", Triton not installed")
+                 "eager", major, minor, "" if triton else ", Triton not installed")
         return False
     return True
 
@@ -639,6 +640,7 @@ class Encoded(NamedTuple):
     outputs: RunOutputs
     runners: dict[str, TowerRunner]
     n_cached: int  # images whose every output was in the cache when the run began
+    planned: int  # images in the batches that were missing when the run began (its share's, under a share)
     loading_seconds: float
     parallel: Counter  # the data-parallel processes' counters (empty on one device)
 
@@ -648,13 +650,16 @@ def encode_missing(setup: RunSetup, progress: bool = True) -> Encoded:
     cache read again; then plan what is still missing (all of it, or what a lost process left), load and encode."""
     outputs = RunOutputs(setup)
     n_cached = outputs.read_cache()
+    plan = outputs.plan()
+    planned = sum(len(batch.rows) for batch in plan)
     parallel: Counter = Counter()
-    if len(setup.devices) > 1 and outputs.plan():
+    if len(setup.devices) > 1 and plan:
         parallel = run_on_devices(encode_share, device_shares(setup))
         outputs = RunOutputs(setup)
         outputs.read_cache()
-    runners, loading_seconds = encode(setup, outputs, outputs.plan(), n_cached, progress)
-    return Encoded(outputs, runners, n_cached, loading_seconds, parallel)
+        plan = outputs.plan()
+    runners, loading_seconds = encode(setup, outputs, plan, n_cached, progress)
+    return Encoded(outputs, runners, n_cached, planned, loading_seconds, parallel)
 
 
 COUNTERS = ("nonfinite_recomputes", "oom_halvings", "compile_seconds")
@@ -675,11 +680,7 @@ def encode_part(image_dir: str | Path, manifest: str | Path | Manifest, cache_di
     into the cache (over its devices, when it has several), no CSV. A run without a share on the same cache then
     computes nothing and writes the CSV. Returns the images this part had to compute."""
     setup = prepare_run(image_dir, manifest, cache_dir=cache_dir, share=share, **options)
-    outputs = RunOutputs(setup)
-    outputs.read_cache()
-    missing = sum(len(planned.rows) for planned in outputs.plan())
-    encode_missing(setup, progress)
-    return missing
+    return encode_missing(setup, progress).planned
 
 
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:

@@ -304,7 +304,9 @@ def embed_step(work: Path, device: str, batch_size: int | None, rank: int) -> np
     if bank is None:
         _wait_for(work / EMBEDDINGS / BANK_MARKER, "the embeddings, assembled by the rank that finishes last")
     embeddings = np.array(Bank.open(work / EMBEDDINGS).targets)  # read into memory, once
-    if len(embeddings) != len(pd.read_parquet(work / CLEAN, columns=["prompt"])):
+    import pyarrow.parquet as pq
+
+    if len(embeddings) != pq.ParquetFile(work / CLEAN).metadata.num_rows:  # the footer, not 10M strings
         raise DatasetError(f"{work / EMBEDDINGS} does not match {work / CLEAN}; remove it and rerun")
     return embeddings
 
