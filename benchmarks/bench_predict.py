@@ -138,24 +138,16 @@ def flops_per_image(runner: TowerRunner, view: str, pixels: torch.Tensor) -> flo
 
 
 def tower_rows(manifest_path: Path, device: torch.device, batch_size: int, repeats: int = 3) -> tuple[list, float]:
-    """Per tower x view: (tower, view, images/s, first batch s, FLOPs per image); and the towers' loading seconds."""
-    from kaggle_i2p.plan import time_views, view_shares
-    from kaggle_i2p.predict import resolve_compile
+    """Per tower x view: (tower, view, images/s, first batch s, FLOPs per image); and the towers' loading seconds
+    (the planner's own loading and timing, `kaggle_i2p.plan`)."""
+    from kaggle_i2p.plan import load_runners_timed, synthetic_batch, time_views, view_shares
 
     manifest = load_manifest(manifest_path)
-    pixels = torch.randint(0, 256, (batch_size, 3, 512, 512), dtype=torch.uint8).to(device)
-    rows, loading = [], 0.0
-    for spec in manifest.towers:
-        if not hasattr(spec, "views"):
-            continue
-        started = time.perf_counter()
-        runner = TowerRunner(load_tower(spec, manifest.embedding_dim, device), device,
-                             resolve_precision(spec.precision, device), resolve_compile(spec.compile, device))
-        loading += time.perf_counter() - started
-        for timing in time_views(runner, pixels, repeats, view_shares(manifest)):
-            rows.append((timing.tower, timing.view, timing.images_per_s, timing.first_batch_s,
-                         flops_per_image(runner, timing.view, pixels)))
-        del runner
+    runners, loading, _ = load_runners_timed(manifest, device)
+    pixels = synthetic_batch(batch_size, device)
+    rows = [(timing.tower, timing.view, timing.images_per_s, timing.first_batch_s,
+             flops_per_image(runner, timing.view, pixels))
+            for runner in runners for timing in time_views(runner, pixels, repeats, view_shares(manifest))]
     return rows, loading
 
 

@@ -141,6 +141,36 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def load_runners_timed(manifest: Manifest, device: torch.device, precision: str | None = None,
+                       compile_views: bool | None = None, clock: Clock = time.perf_counter) -> tuple[list, float, list]:
+    """Step 1: a runner per weighted network tower, loaded as a run loads it (its checkpoint when the file is there,
+    else random weights of the architecture), with the run's precision and compile; the loading seconds and notes."""
+    from .predict import TowerRunner, resolve_compile, resolve_precision
+    from .towers import build_tower, load_tower
+
+    runners, startup, notes = [], 0.0, []
+    for spec in manifest.towers:
+        if not isinstance(spec, NetworkSpec) or spec.weight <= 0:
+            continue
+        started = clock()
+        if spec.checkpoint is not None and spec.checkpoint.is_file():
+            tower = load_tower(spec, manifest.embedding_dim, device)
+        else:
+            notes.append(f"note: {spec.name}: no checkpoint here, timed with random weights of the same architecture")
+            tower = build_tower(spec, manifest.embedding_dim).to(device).eval().requires_grad_(False)
+        startup += clock() - started
+        runners.append(TowerRunner(tower, device, resolve_precision(precision or spec.precision, device),
+                                   resolve_compile(spec.compile if compile_views is None else compile_views, device)))
+    return runners, startup, notes
+
+
+def synthetic_batch(batch_size: int, device: torch.device) -> torch.Tensor:
+    """A seeded uint8 batch of competition-sized images on the device (what timing needs, not what images hold)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch_size, 3, SAMPLE_SIZE, SAMPLE_SIZE), dtype=torch.uint8,
+                         generator=generator).to(device)
+
+
 def time_views(runner, pixels: torch.Tensor, repeats: int, shares: dict[tuple[str, str], float],
                clock: Clock = time.perf_counter) -> list[ViewTiming]:
     """Step 2 for one tower: each view on `pixels` (a uint8 batch on the device), first batch apart."""
@@ -183,8 +213,8 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, *, images: int 
 
     from .dryrun import default_sample_dir
     from .images import list_images
-    from .predict import DEFAULT_BATCH_SIZE, TowerRunner, resolve_compile, resolve_device, resolve_precision
-    from .towers import build_tower, load_tower, validate_manifest
+    from .predict import DEFAULT_BATCH_SIZE, resolve_device
+    from .towers import validate_manifest
 
     # 1. the options, then the towers loaded as a run loads them
     budget_s = parse_budget(budget)
@@ -196,24 +226,10 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, *, images: int 
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
     shares = view_shares(manifest)
-    notes, runners, startup = [], [], 0.0
-    for spec in manifest.towers:
-        if not isinstance(spec, NetworkSpec) or spec.weight <= 0:
-            continue
-        started = clock()
-        if spec.checkpoint is not None and spec.checkpoint.is_file():
-            tower = load_tower(spec, manifest.embedding_dim, device)
-        else:
-            notes.append(f"note: {spec.name}: no checkpoint here, timed with random weights of the same architecture")
-            tower = build_tower(spec, manifest.embedding_dim).to(device).eval().requires_grad_(False)
-        startup += clock() - started
-        runners.append(TowerRunner(tower, device, resolve_precision(precision or spec.precision, device),
-                                   resolve_compile(spec.compile if compile_views is None else compile_views, device)))
+    runners, startup, notes = load_runners_timed(manifest, device, precision, compile_views, clock)
 
     # 2. every tower x view on synthetic batches
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (batch_size, 3, SAMPLE_SIZE, SAMPLE_SIZE), dtype=torch.uint8,
-                           generator=generator).to(device)
+    pixels = synthetic_batch(batch_size, device)
     timings = [t for runner in runners for t in time_views(runner, pixels, repeats, shares, clock)]
 
     # 3. decoding, 4. the projection
