@@ -86,6 +86,21 @@ def sample_images(tmp_path, sample_dir) -> Path:
 
 # The bad-input corpus: the 7 real sample images plus every kind of file a competitor's folder can hold. Used by the
 # predict, evaluate and notebook tests; `CORPUS` says what each entry must become.
+def dying_embedder(original, seen: list, kill_at: list, error: type[BaseException]):
+    """An embedder factory standing in for `bankbuild.minilm_embedder`: it records each shard's size in `seen` and
+    raises `error` at the calls numbered in `kill_at` (a kill or a Ctrl-C in the middle of a shard)."""
+    def factory(*args):
+        embed = original(*args)
+
+        def run(texts):
+            seen.append(len(texts))
+            if len(seen) in kill_at:
+                raise error
+            return embed(texts)
+        return run
+    return factory
+
+
 CORPUS_FALLBACK = {"zero_bytes": "unreadable image (empty file)", "truncated": None, "random_bytes": None,
                    "huge": None, "float_out_of_range": None}  # None: the decoder's own message
 CORPUS_CONVERTED = {"gray16": "16-bit I;16 pixels scaled to 8 bits", "float01": "float pixels scaled to 8 bits"}

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import dying_embedder
 
 import kaggle_i2p
 from kaggle_i2p import bankbuild, textfiles
@@ -54,20 +55,9 @@ def test_build_bank_streams_in_shards_and_resumes_after_a_kill(tmp_path, prompts
     assert len(bank) == 23 and bank.texts([0, 22]) == [_prompts(23)[0], _prompts(23)[22]]
     assert np.array_equal(np.asarray(bank.keys), np.asarray(bank.targets))
 
-    seen, kill_at = [], [3]
-    original = bankbuild.minilm_embedder
-
-    def dying_embedder(*args):
-        embed = original(*args)
-
-        def run(texts):
-            seen.append(len(texts))
-            if len(seen) in kill_at:
-                raise Killed  # killed while embedding the third shard
-            return embed(texts)
-        return run
-
-    monkeypatch.setattr(bankbuild, "minilm_embedder", dying_embedder)
+    seen, kill_at = [], [3]  # killed while embedding the third shard
+    monkeypatch.setattr(bankbuild, "minilm_embedder",
+                        dying_embedder(bankbuild.minilm_embedder, seen, kill_at, Killed))
     with pytest.raises(Killed):
         build_bank(prompts_file, tmp_path / "resumed", keys="minilm", shard_rows=5)
     work = tmp_path / "resumed.building"

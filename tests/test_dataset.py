@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import dying_embedder
 
 from kaggle_i2p import dataset
 from kaggle_i2p.dataset import assign_folds, clean, collect, semantic_dedup, similarity_groups
@@ -214,20 +215,9 @@ def test_text_step_embeds_in_shards_resumes_after_a_kill_and_ranks_equal_one_pro
     dataset.run_text_steps(sources, whole, n_folds=3)
     assert not (whole / "embeddings").exists() and not (whole / "embeddings.building").exists()
 
-    seen, kill_at = [], [3]
-    original = bankbuild.minilm_embedder
-
-    def dying_embedder(*args):
-        embed = original(*args)
-
-        def run(texts):
-            seen.append(len(texts))
-            if len(seen) in kill_at:
-                raise KeyboardInterrupt  # Ctrl-C while embedding the third shard
-            return embed(texts)
-        return run
-
-    monkeypatch.setattr(bankbuild, "minilm_embedder", dying_embedder)
+    seen, kill_at = [], [3]  # Ctrl-C while embedding the third shard
+    monkeypatch.setattr(bankbuild, "minilm_embedder",
+                        dying_embedder(bankbuild.minilm_embedder, seen, kill_at, KeyboardInterrupt))
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         dataset.run_text_steps(sources, resumed, n_folds=3)
