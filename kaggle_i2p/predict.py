@@ -653,7 +653,10 @@ def encode_missing(setup: RunSetup, progress: bool = True) -> Encoded:
     plan = outputs.plan()
     planned = sum(len(batch.rows) for batch in plan)
     parallel: Counter = Counter()
-    if len(setup.devices) > 1 and plan:
+    if len(setup.devices) > 1 and plan and setup.cache is None:  # the cache folder could not be made (warned)
+        log.warning("several devices exchange their chunks through the cache, which is off: running on %s alone",
+                    setup.device)
+    elif len(setup.devices) > 1 and plan:
         parallel = run_on_devices(encode_share, device_shares(setup))
         outputs = RunOutputs(setup)
         outputs.read_cache()

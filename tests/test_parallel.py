@@ -105,3 +105,13 @@ def test_machines_sharing_a_cache_folder_split_a_run(sample_images, toy_manifest
     with pytest.raises(SystemExit):
         main(["predict", *common, "--share", "2/2"])
     assert "give R/W" in capsys.readouterr().err
+
+
+def test_devices_without_a_usable_cache_run_on_the_first_alone(sample_images, toy_manifest, tmp_path, caplog):
+    """A cache folder that cannot be made is a warning (an optional helper): the devices cannot exchange chunks, so
+    the run goes on on the first device alone, with the same bytes."""
+    single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
+    (tmp_path / "file").write_text("not a folder")
+    shared = _predict(sample_images, toy_manifest, tmp_path / "two.csv", device="cpu,cpu",
+                      cache_dir=tmp_path / "file" / "cache")
+    assert shared == single and "running on cpu alone" in caplog.text
