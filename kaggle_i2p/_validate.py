@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from .fileio import decode_problem
+
 
 class Problems:
     """Collects problems so that one validation pass reports all of them, each as `where: message`."""
@@ -85,7 +87,12 @@ def read_yaml(path: Path, error: Callable[[Path, list[str]], Exception], missing
     """A YAML file's data; a missing or unparsable file raises `error(path, [problem])` naming it."""
     if not path.is_file():
         raise error(path, [f"{missing}: {path.resolve()}{hint}"])
+    data = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(path, [f"{decode_problem(err)}; save the file as UTF-8"]) from err
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise error(path, [f"is not valid YAML: {err}"]) from err

@@ -15,23 +15,25 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .bankindex import INDEX_TYPES, build_index
+from .bankindex import INDEX_TYPES, build_index, index_problem
 from .ensemble import l2_normalize
-from .fileio import atomic_open, staging_dir
+from .fileio import atomic_open, open_npy, staging_dir
 from .ranks import rank_and_world, rank_device
 from .retrieval import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
 from .search import INDEX_FILE, import_faiss
-from .textfiles import check_source, iter_text_batches
+from .textfiles import DEFAULT_ENCODING, check_source, iter_text_batches
 
 log = logging.getLogger("kaggle_i2p")
 
 KEY_KINDS = ("none", "minilm", "clip")
 SHARD_ROWS = 100_000
 WORK_SUFFIX = ".building"
+LOCK_SUFFIX = ".lock"
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 2  # 2: the storage dtype is part of the plan
 
@@ -107,27 +109,72 @@ def _shard_paths(work: Path, number: int) -> tuple[Path, Path]:
     return work / f"shard-{number:06d}.txt", work / f"shard-{number:06d}.npz"
 
 
-def _open_plan(work: Path, plan: dict) -> dict:
-    """The build's plan: written on the first run, and a resumed run must match it (same input and settings)."""
+def _open_plan(work: Path, plan: dict, restart: bool = False) -> dict:
+    """The build's plan: written on the first run, and a resumed run must match it (same input and settings);
+    `restart` discards an unfinished build (only a folder this command made: it holds plan.json)."""
     path = work / PLAN_FILE
-    if work.exists() and not path.is_file():
-        raise BankError(f"{work} exists and is not a build-bank work folder (no {PLAN_FILE}); remove it or choose "
-                        "another --out")
+    if restart and path.is_file():
+        for entry in work.iterdir():
+            if not entry.name.endswith(LOCK_SUFFIX):  # the ranks' locks stay: they are held
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        log.info("build-bank --restart: discarded the unfinished build in %s", work)
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if {k: v for k, v in stored.items() if k in plan} != plan or "rows" not in stored:
-            raise BankError(f"{work} holds a build of another input or other settings ({path}); rerun with those, "
-                            "or remove the folder to start over")
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise BankError(f"{path} is damaged ({err}); rerun with --restart to discard the unfinished build") from err
+        differ = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in plan.items() if stored.get(k) != v]
+        if differ or "rows" not in stored:
+            raise BankError(f"{work} holds an unfinished build of another input or other settings: "
+                            f"{'; '.join(differ) or 'no row count'}. Rerun with those settings to resume it, or add "
+                            "--restart to discard it and start over")
         return stored
     return plan
 
 
-def _count(source: Path, column: str | None) -> int:
+def _ours(work: Path) -> bool:
+    """A work folder this command made: it holds plan.json, or only the ranks' lock files (a first run counting)."""
+    return (work / PLAN_FILE).is_file() or all(p.name.endswith(LOCK_SUFFIX) for p in work.iterdir())
+
+
+@contextmanager
+def _rank_lock(work: Path, rank: int) -> Iterator[None]:
+    """Hold this rank's lock on the work folder for the whole build: a second build-bank into the same --out (the
+    same rank of another command) is refused while this one runs, never interleaved with it."""
+    if work.is_file() or (work.is_dir() and not _ours(work)):
+        raise BankError(f"{work} exists and is not a build-bank work folder (no {PLAN_FILE}); it is never touched: "
+                        "choose another --out, or move that folder away yourself")
+    for attempt in range(3):  # a peer may remove the folder (its build done) between the mkdir and the open
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(work / f"rank-{rank}{LOCK_SUFFIX}", "a")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BankError(f"another build-bank is writing {work.with_name(work.name[:-len(WORK_SUFFIX)])} as rank "
+                            f"{rank} (it holds {handle.name}); wait for it to finish, or give this one another "
+                            "--out") from None
+        yield
+
+
+def _discard_if_empty(work: Path) -> None:
+    """After a failed first step: a work folder with no finished shard is removed, so the corrected command starts
+    clean (a folder with shards is kept for the rerun to resume)."""
+    if work.is_dir() and not any(work.glob("shard-*.npz")) and _ours(work):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _count(source: Path, column: str | None, encoding: str) -> int:
     from tqdm.auto import tqdm
 
     total = 0
     with tqdm(desc="counting texts", unit="text", unit_scale=True) as bar:
-        for batch in iter_text_batches(source, column):
+        for batch in iter_text_batches(source, column, encoding=encoding):
             total += len(batch)
             bar.update(len(batch))
     return total
@@ -137,19 +184,24 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
                text_model_path: str | Path | None = None, batch_size: int | None = None,
                clip_arch: str | None = None, clip_checkpoint: str | Path | None = None, index: str | None = None,
                nlist: int | None = None, recall_queries: str | Path | None = None, shard_rows: int = SHARD_ROWS,
-               device: str | None = None, dtype: str = "float16") -> Path | None:
+               device: str | None = None, dtype: str = "float16", encoding: str = DEFAULT_ENCODING,
+               restart: bool = False) -> Path | None:
     """Embed a text file into a bank folder (see the module docstring). Returns the bank's path, or None when this
     rank finished its shards while others are still embedding (the last one to finish assembles the bank).
 
     Keys: `none` (a classifier's class bank), `minilm` (queried with 384-d vectors) or `clip` (the texts through a
     local CLIP text tower, queried by the matching CLIP image tower). `index`: `ivf-pq` adds a FAISS index.
-    `dtype`: how the vectors are stored (float16 halves a bank; the dataset's targets keep float32).
+    `dtype`: how the vectors are stored (float16 halves a bank; the dataset's targets keep float32). `encoding`: the
+    text file's (UTF-8 unless given). `restart`: discard an unfinished build of other settings in OUT.building.
     """
     # 1. everything that can be wrong, before any text is embedded
     if keys not in KEY_KINDS:
         raise BankError(f"keys {keys!r}: choose {', '.join(KEY_KINDS)}")
     if keys == "clip" and not (clip_arch and clip_checkpoint):
         raise BankError("--keys clip needs --clip-arch and --clip-checkpoint (a local open_clip checkpoint)")
+    for given, what in ((clip_checkpoint, "--clip-checkpoint"), (text_model_path, "the MiniLM model folder")):
+        if given is not None and not Path(given).exists():
+            raise BankError(f"{what} {given}: no such file or folder; give the local path")
     if index is not None:
         if index not in INDEX_TYPES:
             raise BankError(f"index {index!r}: choose {', '.join(INDEX_TYPES)}")
@@ -159,32 +211,52 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
     queries = _read_recall_queries(recall_queries)  # read now: a bad file must not wait for the embedding
     out_dir = check_bank_destination(out_dir).resolve()
     source = Path(texts_path).resolve()
-    column = check_source(source, column)
+    column = check_source(source, column, encoding)
     stat = source.stat()
     settings = {"format": PLAN_FORMAT, "source": str(source), "source_size": stat.st_size,
                 "source_mtime_ns": stat.st_mtime_ns, "column": column, "keys": keys, "clip_arch": clip_arch,
                 "clip_checkpoint": str(clip_checkpoint) if clip_checkpoint else None,
                 "text_model": str(text_model_path) if text_model_path else None, "shard_rows": shard_rows,
-                "dtype": np.dtype(dtype).name}
-
-    # 2. the plan: how many texts and shards (a counting pass on the first run)
+                "dtype": np.dtype(dtype).name, **({"encoding": encoding} if encoding != DEFAULT_ENCODING else {})}
     work = _work_dir(out_dir)
-    plan = _open_plan(work, settings)
+    rank, world, local_rank = rank_and_world()
+    with _rank_lock(work, rank):
+        try:
+            return _build_locked(work, out_dir, settings, source, column, encoding, restart, rank, world,
+                                 local_rank, device, batch_size, keys, text_model_path, clip_arch, clip_checkpoint,
+                                 texts_path, index, nlist, queries)
+        except BaseException:
+            if world == 1:
+                _discard_if_empty(work)
+            raise
+
+
+def _build_locked(work: Path, out_dir: Path, settings: dict, source: Path, column: str | None, encoding: str,
+                  restart: bool, rank: int, world: int, local_rank: int, device: str | None, batch_size: int | None,
+                  keys: str, text_model_path: str | Path | None, clip_arch: str | None,
+                  clip_checkpoint: str | Path | None, texts_path: str | Path, index: str | None, nlist: int | None,
+                  queries: np.ndarray | None) -> Path | None:
+    """Steps 2-4 of `build_bank`, under this rank's lock."""
+    # 2. the plan: how many texts and shards (a counting pass on the first run), and whether they can be indexed
+    plan = _open_plan(work, settings, restart)
     if "rows" not in plan:
-        plan = {**settings, "rows": _count(source, column)}
+        plan = {**settings, "rows": _count(source, column, encoding)}
         if not plan["rows"]:
             raise BankError(f"{source}: no texts")
+        if index is not None and (problem := index_problem(plan["rows"], nlist)) is not None:
+            raise BankError(f"{source}: {problem}")
         with atomic_open(work / PLAN_FILE) as handle:
             json.dump(plan, handle, indent=1)
-    n_shards = -(-plan["rows"] // shard_rows)
+    elif index is not None and (problem := index_problem(plan["rows"], nlist)) is not None:
+        raise BankError(f"{source}: {problem}")
+    n_shards = -(-plan["rows"] // plan["shard_rows"])
 
     # 3. this rank's missing shards, embedded as the input streams past
-    rank, world, local_rank = rank_and_world()
     _embed_shards(source, column, work, plan, n_shards, rank, world, local_rank, device, batch_size,
-                  keys, text_model_path, clip_arch, clip_checkpoint)
+                  keys, text_model_path, clip_arch, clip_checkpoint, encoding)
 
     # 4. the last rank to finish assembles the bank
-    if not work.exists() and (out_dir / BANK_MARKER).is_file():
+    if not (work / PLAN_FILE).is_file() and (out_dir / BANK_MARKER).is_file():
         return out_dir  # another rank assembled it while this one finished
     if not all(_shard_paths(work, s)[1].is_file() for s in range(n_shards)):
         done = sum(_shard_paths(work, s)[1].is_file() for s in range(n_shards))
@@ -199,7 +271,7 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
 def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_shards: int, rank: int, world: int,
                   local_rank: int, device: str | None, batch_size: int | None, keys: str,
                   text_model_path: str | Path | None, clip_arch: str | None,
-                  clip_checkpoint: str | Path | None) -> None:
+                  clip_checkpoint: str | Path | None, encoding: str = DEFAULT_ENCODING) -> None:
     from tqdm.auto import tqdm
 
     mine = range(rank, n_shards, world)
@@ -215,7 +287,7 @@ def _embed_shards(source: Path, column: str | None, work: Path, plan: dict, n_sh
     last = max(todo)
     with tqdm(total=sum(size.values()), initial=sum(size[s] for s in mine if s not in todo),
               desc=f"rank {rank}/{world} embedding", unit="text", unit_scale=True, position=rank) as bar:
-        for number, texts in shard_texts(iter_text_batches(source, column), shard_rows):
+        for number, texts in shard_texts(iter_text_batches(source, column, encoding=encoding), shard_rows):
             if number in todo:
                 targets = l2_normalize(embed_targets(texts)).astype(plan["dtype"])
                 arrays = {"targets": targets}
@@ -237,14 +309,9 @@ def _read_recall_queries(path: str | Path | None, dim: int | None = None) -> np.
     """The caller's recall queries: a 2-D .npy (of the keys' width when it is known), or one BankError."""
     if path is None:
         return None
-    try:
-        queries = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise BankError(f"recall queries {path}: not a readable .npy of query vectors ({err})") from err
-    if queries.ndim != 2 or (dim is not None and queries.shape[1] != dim):
-        raise BankError(f"recall queries {path} have shape {queries.shape}; expected (queries, "
-                        f"{dim or 'key width'})")
-    return queries
+    if not Path(path).is_file():
+        raise BankError(f"recall queries {path}: no such file")
+    return open_npy(path, "recall queries", ndim=2, width=dim)
 
 
 def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, index: str | None,
@@ -284,14 +351,25 @@ def _assemble(work: Path, out_dir: Path, plan: dict, n_shards: int, meta: dict, 
                 array.flush()
             del arrays
             if index is not None:
-                meta["index"] = build_index(np.load(staging / "keys.npy", mmap_mode="r"), staging, nlist,
-                                            recall_queries)
+                meta["index"] = _build_index(np.load(staging / "keys.npy", mmap_mode="r"), staging, nlist,
+                                             recall_queries, work)
             publish_bank(staging, out_dir, {"rows": rows, **meta})
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def _build_index(keys: np.ndarray, staging: Path, nlist: int | None, queries: np.ndarray | None,
+                 work: Path) -> dict:
+    """`build_index`, with a FAISS failure as one BankError that says the embedded shards are kept."""
+    try:
+        return build_index(keys, staging, nlist, queries)
+    except RuntimeError as err:
+        raise BankError(f"FAISS could not build the index ({str(err).strip().splitlines()[-1]}); the embedded "
+                        f"shards are kept in {work}: rerun with another --nlist (or without --index) to finish"
+                        ) from err
 
 
 def index_bank(bank_path: str | Path, nlist: int | None = None, recall_queries: str | Path | None = None) -> dict:
@@ -303,6 +381,8 @@ def index_bank(bank_path: str | Path, nlist: int | None = None, recall_queries: 
     if not (bank.path / BANK_MARKER).is_file():
         raise BankError(f"{bank.path}: no {BANK_MARKER}; only a bank built by kaggle-i2p is changed in place")
     queries = _read_recall_queries(recall_queries, bank.keys.shape[1])
+    if (problem := index_problem(len(bank.keys), nlist, bank.keys.shape[1])) is not None:
+        raise BankError(f"{bank.path}: {problem}")
     staging = staging_dir(bank.path / "index")
     try:
         entry = build_index(bank.keys, staging, nlist, queries)

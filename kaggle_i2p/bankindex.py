@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .ensemble import l2_normalize
+from .fileio import sha256_file
 from .search import INDEX_CANDIDATES_PER_K, INDEX_FILE, exact_candidates, import_faiss, index_candidates, rescore
 
 log = logging.getLogger("kaggle_i2p")
@@ -72,6 +73,27 @@ def ivfpq_parameters(rows: int, dim: int, nlist: int | None = None) -> IndexPara
     pq_bytes = max(b for b in range(1, min(MAX_PQ_BYTES, max(1, dim // 4)) + 1) if dim % b == 0)
     train_rows = min(rows, max(TRAIN_POINTS_PER_LIST * nlist, 256 * 39))  # 256 * 39: the PQ codebooks' minimum
     return IndexParameters(nlist, coarse, pq_bytes, train_rows)
+
+
+PQ_CENTROIDS = 256  # 8-bit product-quantiser codes: each sub-quantiser's k-means needs this many training rows
+
+
+def index_problem(rows: int, nlist: int | None = None, dim: int = 384) -> str | None:
+    """Why an IVF-PQ index of `rows` keys (with `nlist` lists) cannot be trained, or None; asked before any
+    embedding, so a FAISS failure never waits for it."""
+    params = ivfpq_parameters(rows, dim, nlist)
+    trainable = min(params.train_rows, rows - _held_out_count(rows))  # held-out rows measure the recall
+    if trainable < max(params.nlist, PQ_CENTROIDS):
+        return (f"{rows} texts are too few for an index of {params.nlist} lists with {PQ_CENTROIDS}-centroid codes "
+                f"(it trains on {trainable} of them, the rest measure its recall, and needs at least "
+                f"{max(params.nlist, PQ_CENTROIDS)}); leave out --index (an exact search "
+                "is fast at this size) or lower --nlist")
+    return None
+
+
+def _held_out_count(rows: int, n_recall: int = 1000) -> int:
+    """Bank rows kept out of the training sample to measure recall on (when no queries are given)."""
+    return min(n_recall, max(1, rows // 10))
 
 
 def _sample_rows(rows: int, n: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -155,7 +177,7 @@ def build_index(keys: np.ndarray, out_dir: str | Path, nlist: int | None = None,
     params = ivfpq_parameters(len(keys), keys.shape[1], nlist)
     held_out = None
     if recall_queries is None:  # bank rows the quantizers never saw
-        held_out = _sample_rows(len(keys), min(n_recall, max(1, len(keys) // 10)), seed + 1)
+        held_out = _sample_rows(len(keys), _held_out_count(len(keys), n_recall), seed + 1)
         recall_queries = np.asarray(keys[held_out], dtype=np.float32)
     index = train_index(keys, params, seed, exclude=held_out)
     recall = measure_recall(index, keys, recall_queries, own_rows=held_out)
@@ -166,6 +188,7 @@ def build_index(keys: np.ndarray, out_dir: str | Path, nlist: int | None = None,
     path = Path(out_dir) / INDEX_FILE
     faiss.write_index(index, str(path))
     return {"type": "ivf-pq", "rows": len(keys), "dim": keys.shape[1], "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
             "factory": params.factory, **asdict(params), "metric": "inner_product",
             "candidates_per_k": INDEX_CANDIDATES_PER_K, "recall_k": RECALL_K, "recall_queries": len(recall_queries),
             "recall_query_source": "held-out bank rows" if held_out is not None else "given",

@@ -13,3 +13,7 @@ class OptionError(I2PError, ValueError):
 
 class OutputError(I2PError, OSError):
     """An output that cannot be written (a folder where a file goes, a read-only folder, a full disk)."""
+
+
+class InputFileError(I2PError, ValueError):
+    """A file we did not write that cannot be used: truncated, damaged, of the wrong shape, type or text encoding."""

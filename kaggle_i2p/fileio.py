@@ -1,8 +1,10 @@
-"""File helpers: atomic file and folder writes (a reader, or a run killed mid-write, never sees half a file), and
-file hashes and identities."""
+"""File helpers: atomic file and folder writes (a reader, or a run killed mid-write, never sees half a file), file
+hashes and identities, and the checks of files we did not write (.npy headers and sizes, text encodings) that run
+before any compute."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -12,7 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from .errors import OutputError
+from .errors import InputFileError, OutputError
+
+TEMP_NAME_CHARS = 48  # the part of a name its temporary, staging and probe files carry: a 255-byte name stays writable
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name[:TEMP_NAME_CHARS]}."
 
 
 @contextmanager
@@ -20,7 +28,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     """Write to a hidden temporary file beside `path`, renamed over it only when the block completes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -71,7 +79,7 @@ def staging_dir(target: str | Path) -> Path:
     two processes building the same target never share one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".partial", dir=target.parent))
     os.chmod(staging, _default_mode(directory=True))
     return staging
 
@@ -81,17 +89,33 @@ def replace_dir(staging: Path, target: Path) -> None:
     first and removed only after the new one is in place."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".old", dir=target.parent))
         os.rename(target, old / target.name)
     os.rename(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def name_too_long(path: str | Path, folder: str | Path = ".") -> str | None:
+    """Why `path` cannot exist because one of its names is longer than the file system allows, or None."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            return (f"file name too long: {part[:40]!r}... is {size} bytes, and a name in {folder} may have at most "
+                    f"{limit}; choose a shorter name")
+    return None
+
+
 def check_writable_file(path: str | Path) -> Path:
     """Before the work that makes it: `path` must name a file (not a folder) whose nearest existing folder accepts a
     new file. Returns that folder; raises OutputError naming the path and the fix; creates nothing."""
     path = Path(path)
+    if (too_long := name_too_long(path)) is not None:
+        raise OutputError(f"cannot write {str(path)[:120]}: {too_long}")
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give the file's path, e.g. {path / 'submission.csv'}")
     existing = path.parent if str(path.parent) else Path(".")
@@ -99,14 +123,105 @@ def check_writable_file(path: str | Path) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: folder {existing} is not writable ({err.strerror or err}); "
-                          "choose a writable folder for the output") from err
+    probe_folder(existing, f"cannot write {path}: folder {existing}")
     return existing
+
+
+def probe_folder(folder: str | Path, what: str, room: int = 0) -> None:
+    """Prove `folder` accepts a new file and has `room` bytes free: a probe file is written (up to 1 MiB of it) and
+    removed. Raises OutputError starting with `what`, naming the cause and the fix."""
+    folder = Path(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kaggle_i2p.", suffix=".probe", dir=folder)
+        try:
+            os.write(fd, b"\0" * min(room, 1 << 20))
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OutputError(f"{what} is full (no space left on the device); free some space or choose another "
+                              "folder") from err
+        raise OutputError(f"{what} is not writable ({err.strerror or err}); choose a writable folder") from err
+    free = shutil.disk_usage(folder).free
+    if free < room:
+        raise OutputError(f"{what} has {free / 1e6:.1f} MB free and needs up to {room / 1e6:.1f} MB; free some "
+                          "space or choose another folder")
+
+
+# Files we did not write: checked before any compute --------------------------------------------------------------
+
+def npy_header(path: str | Path, what: str) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of a .npy file from its header, after checking that the file holds every byte the header
+    promises and no Python objects; raises InputFileError naming `what` and the file."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(handle)
+            offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise InputFileError(f"{what} {path}: not a readable .npy file ({err}); write it with numpy.save") from err
+    if dtype.hasobject:
+        raise InputFileError(f"{what} {path}: holds Python objects (a pickle), which are never loaded; save a numeric "
+                             "array")
+    needed = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < needed:
+        raise InputFileError(f"{what} {path}: truncated or damaged: {size} bytes, and its header ({shape}, {dtype}) "
+                             f"needs {needed}; copy or build it again")
+    return tuple(shape), dtype
+
+
+def open_npy(path: str | Path, what: str, *, ndim: int | None = None, width: int | None = None,
+             rows: int | None = None, numeric: bool = True, mmap: bool = True):
+    """A .npy array, memory-mapped (or read), after `npy_header`'s checks and the expected rank, width (last axis)
+    and rows; every mismatch is one InputFileError naming the file, its shape and the expected one."""
+    import numpy as np
+
+    shape, dtype = npy_header(path, what)
+    if numeric and dtype.kind not in "fiu":
+        raise InputFileError(f"{what} {path}: holds {dtype} values; expected numbers (float)")
+    expected = (("rows" if rows is None else rows),) + (("D" if width is None else width),) if ndim == 2 else None
+    if (ndim is not None and len(shape) != ndim) or (width is not None and (not shape or shape[-1] != width)) or (
+            rows is not None and (not shape or shape[0] != rows)):
+        want = f"; expected {expected}" if expected else ""
+        raise InputFileError(f"{what} {path}: has shape {shape}{want}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputFileError(f"{what} {path}: cannot be read ({err})") from err
+
+
+def decode_problem(err: UnicodeDecodeError, offset: int = 0, lines: int = 0) -> str:
+    """`is not ENCODING text: byte 0x.. at offset N, line L`, for a message that names the file and the fix;
+    `offset` and `lines`: the bytes and newlines before `err.object`."""
+    data = err.object
+    line = lines + data.count(b"\n", 0, err.start) + 1
+    return f"is not {err.encoding} text: byte {data[err.start]:#04x} at offset {offset + err.start}, line {line}"
+
+
+def first_undecodable(path: str | Path, encoding: str = "utf-8", chunk_bytes: int = 1 << 20) -> str | None:
+    """Where a text file first fails to decode (`decode_problem`'s words), read in chunks; None when all of it
+    decodes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = lines = 0  # bytes and newlines before the current chunk
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            buffered = decoder.getstate()[0]  # an incomplete character held from the last chunk (no newline)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                return decode_problem(err, offset - len(buffered), lines)
+            if not chunk:
+                return None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:

@@ -7,6 +7,7 @@ Decoding happens in DataLoader workers (overlapping compute); a file that cannot
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,16 @@ class ImageListing:
 UNSAFE_ID_CHARACTERS = re.compile(r'[,"\x00-\x1f\x7f]')
 
 
+def _undecodable_at(name: str) -> int | None:
+    """The byte offset of the first undecodable byte of a file name (Python holds them as surrogate escapes), or
+    None when the name is text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return len(os.fsencode(name[:err.start]))
+    return None
+
+
 def _skip_reason(path: Path) -> str | None:
     """Why a folder entry is not an image to predict, or None when it is one."""
     if path.is_symlink() and not path.exists():
@@ -92,6 +103,12 @@ def list_images(image_dir: str | Path) -> ImageListing:
         names = [repr(by_id[k][0].name) for k in unsafe]
         raise ImageListingError(f"{directory}: {len(unsafe)} file name(s) hold a comma, a double quote or a control "
                                 "character, which would break the CSV row `{id}_{e},{value}`; rename them:\n  "
+                                + "\n  ".join(names[:20]) + ("\n  ..." if len(names) > 20 else ""))
+    undecodable = sorted(k for k in by_id if _undecodable_at(k) is not None)
+    if undecodable:
+        names = [f"{os.fsencode(by_id[k][0].name)!r} (byte {_undecodable_at(k)})" for k in undecodable]
+        raise ImageListingError(f"{directory}: {len(undecodable)} file name(s) are not UTF-8 text, so their ids "
+                                "cannot be written into the UTF-8 CSV; rename them (e.g. with `convmv` or by hand):\n  "
                                 + "\n  ".join(names[:20]) + ("\n  ..." if len(names) > 20 else ""))
     if not by_id:
         raise ImageListingError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})"

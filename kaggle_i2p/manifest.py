@@ -26,8 +26,8 @@ import numpy as np
 import yaml
 
 from ._validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
-from .errors import I2PError
-from .fileio import atomic_open
+from .errors import I2PError, InputFileError
+from .fileio import atomic_open, npy_header
 
 Library = Literal["timm", "open_clip"]
 Score = Literal["logits", "embedding"]
@@ -579,23 +579,32 @@ def _parse_retrieval(raw: Any, where: str, ctx: ParseContext) -> RetrievalOption
         problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "
                                       "`kaggle-i2p build-bank`")
         return None
-    targets = np.load(bank / "targets.npy", mmap_mode="r")
-    keys = np.load(bank / "keys.npy", mmap_mode="r") if (bank / "keys.npy").is_file() else None
-    if targets.ndim != 2 or targets.shape[1] != ctx.embedding_dim:
-        problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets.shape}; expected (rows, "
+    try:  # headers and sizes only: a truncated or damaged array is a problem here, never after the compute
+        targets_shape, _ = npy_header(bank / "targets.npy", "bank targets")
+        keys_shape = npy_header(bank / "keys.npy", "bank keys")[0] if (bank / "keys.npy").is_file() else None
+    except InputFileError as err:
+        problems.add(f"{where}.bank", f"{err}; rebuild the bank with `kaggle-i2p build-bank`")
+        return None
+    if len(targets_shape) != 2 or targets_shape[1] != ctx.embedding_dim:
+        problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets_shape}; expected (rows, "
                                       f"{ctx.embedding_dim})")
+    if keys_shape is not None and (len(keys_shape) != 2 or keys_shape[0] != targets_shape[0]):
+        problems.add(f"{where}.bank", f"{bank}/keys.npy has shape {keys_shape}; expected ({targets_shape[0]}, "
+                                      "key width): one row per text")
+        keys_shape = None
+    keys = keys_shape  # (rows, width) of the keys, or None
     if score == "embedding" and keys is None:
         problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
     search, nprobe, candidates = _parse_search(raw, where, bank, keys, score, problems)
     return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
                             temperature=float(temperature) if is_number(temperature)
                             else DEFAULT_RETRIEVAL_TEMPERATURE,
-                            score=str(score), rows=int(targets.shape[0]),
-                            key_dim=None if keys is None else int(keys.shape[1]), search=search, nprobe=nprobe,
+                            score=str(score), rows=int(targets_shape[0]),
+                            key_dim=None if keys is None else int(keys[1]), search=search, nprobe=nprobe,
                             candidates=candidates)
 
 
-def _stale_index(bank: Path, keys: np.ndarray) -> str | None:
+def _stale_index(bank: Path, keys: tuple[int, int]) -> str | None:
     """Why the bank's index does not belong to its keys (checked before any compute), or None."""
     from .search import INDEX_FILE
 
@@ -603,12 +612,16 @@ def _stale_index(bank: Path, keys: np.ndarray) -> str | None:
         entry = json.loads((bank / "bank.json").read_text(encoding="utf-8")).get("index") or {}
     except (OSError, ValueError):
         return "has no entry in bank.json to check it against"
-    actual = {"rows": len(keys), "dim": keys.shape[1], "bytes": (bank / INDEX_FILE).stat().st_size}
+    from .search import index_header_problem
+
+    if (problem := index_header_problem(bank / INDEX_FILE, *keys)) is not None:
+        return problem
+    actual = {"rows": keys[0], "dim": keys[1], "bytes": (bank / INDEX_FILE).stat().st_size}
     differ = [f"{name} {entry.get(name)} (now {value})" for name, value in actual.items() if entry.get(name) != value]
     return f"was built for other keys or was changed: bank.json says {', '.join(differ)}" if differ else None
 
 
-def _parse_search(raw: Mapping, where: str, bank: Path, keys: np.ndarray | None, score: Any, problems: Problems
+def _parse_search(raw: Mapping, where: str, bank: Path, keys: tuple[int, int] | None, score: Any, problems: Problems
                   ) -> tuple[Any, int | None, int | None]:
     """`search`, `nprobe`, `candidates`: an index search needs embedding scores, the bank's index file and FAISS."""
     from .search import INDEX_FILE  # here: search.py brings torch, which validating a manifest needs only then

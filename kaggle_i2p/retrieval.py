@@ -19,7 +19,7 @@ import torch
 
 from .ensemble import l2_normalize
 from .errors import I2PError
-from .fileio import replace_dir, staging_dir
+from .fileio import open_npy, replace_dir, staging_dir
 from .manifest import DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE, RetrievalOptions
 from .search import DEFAULT_CHUNK_ROWS, nearest, read_index
 
@@ -51,16 +51,28 @@ class Bank:
 
     @classmethod
     def open(cls, path: str | Path) -> Bank:
+        """A bank folder's arrays memory-mapped, after checking their headers, sizes and shapes (and bank.json)."""
         path = Path(path)
         if not (path / "targets.npy").is_file():
             raise BankError(f"{path}: not a bank (no targets.npy); build one with `kaggle-i2p build-bank`")
-        targets = np.load(path / "targets.npy", mmap_mode="r")
-        keys = np.load(path / "keys.npy", mmap_mode="r") if (path / "keys.npy").is_file() else None
-        meta = json.loads((path / "bank.json").read_text()) if (path / "bank.json").is_file() else {}
-        if targets.ndim != 2 or (keys is not None and (keys.ndim != 2 or len(keys) != len(targets))):
-            raise BankError(f"{path}: targets {targets.shape} and keys {None if keys is None else keys.shape} "
-                            "must be 2-D with one row per text")
-        return cls(path, targets, keys, meta)
+        targets = open_npy(path / "targets.npy", "bank targets", ndim=2)
+        keys = (open_npy(path / "keys.npy", "bank keys", ndim=2, rows=len(targets))
+                if (path / "keys.npy").is_file() else None)
+        return cls(path, targets, keys, read_bank_meta(path))
+
+
+def read_bank_meta(path: Path) -> dict:
+    """A bank's bank.json ({} when it has none); a damaged one is one BankError naming it."""
+    meta_path = Path(path) / "bank.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BankError(f"{meta_path} is damaged ({err}); rebuild the bank with `kaggle-i2p build-bank`") from err
+    if not isinstance(meta, dict):
+        raise BankError(f"{meta_path} is not a JSON object; rebuild the bank with `kaggle-i2p build-bank`")
+    return meta
 
 
 BANK_MARKER = "bank.json"

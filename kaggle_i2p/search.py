@@ -264,12 +264,50 @@ def import_faiss():
 
 
 def read_index(bank: str | Path) -> object:
-    """A bank's FAISS index, read into memory (its codes: about rows x code bytes)."""
+    """A bank's FAISS index, read into memory (its codes: about rows x code bytes); an unreadable file is one
+    SearchError naming it."""
     faiss = import_faiss()
     path = Path(bank) / INDEX_FILE
     if not path.is_file():
         raise SearchError(f"{bank}: no {INDEX_FILE}; build the bank with `kaggle-i2p build-bank --index ivf-pq`")
-    return faiss.read_index(str(path))
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise SearchError(f"{path} is damaged: FAISS cannot read it ({str(err).strip().splitlines()[-1]}); rebuild "
+                          f"it with `kaggle-i2p index-bank {bank}`") from err
+
+
+IVF_FOURCCS = (b"IwPQ", b"IwPR", b"IwFl", b"IwSh", b"IwSq")  # FAISS's inverted-file index types, as written
+
+
+def index_header_problem(path: Path, rows: int, dim: int) -> str | None:
+    """Why an index file cannot be the IVF index of `rows` keys of width `dim`, from its header (FAISS writes a
+    type code, the width as int32 and the row count as int64 first), or None. Reads 16 bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if len(head) < 16 or head[:4] not in IVF_FOURCCS:
+        return f"is not a FAISS inverted-file index (it starts {head[:4]!r})"
+    width, count = int(np.frombuffer(head[4:8], "<i4")[0]), int(np.frombuffer(head[8:16], "<i8")[0])
+    if (width, count) != (dim, rows):
+        return f"indexes {count} rows of width {width}, and the bank's keys are {rows} x {dim}"
+    return None
+
+
+def index_content_problem(bank: Path, entry: dict) -> str | None:
+    """Deep check of a bank's index: its sha256 against the one bank.json recorded when it was built, or (a bank
+    built before hashes were recorded) a full read by FAISS; None when it is whole."""
+    from .checkpoints import checkpoint_sha256
+
+    path = Path(bank) / INDEX_FILE
+    if entry.get("sha256"):
+        actual = checkpoint_sha256(path)
+        return None if actual == entry["sha256"] else (f"has sha256 {actual}, and bank.json recorded "
+                                                       f"{entry['sha256']} when it was built: it is damaged")
+    try:
+        read_index(bank)
+    except SearchError as err:
+        return str(err)
+    return None
 
 
 def index_candidates(index: object, queries: np.ndarray, n: int, nprobe: int | None) -> np.ndarray:
@@ -278,4 +316,10 @@ def index_candidates(index: object, queries: np.ndarray, n: int, nprobe: int | N
     if nprobe is not None:
         faiss.extract_index_ivf(index).nprobe = int(nprobe)
     _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
-    return rows.astype(np.int64)
+    rows = rows.astype(np.int64)
+    bad = (rows < -1) | (rows >= index.ntotal)
+    if bad.any():  # ids a damaged index invented: dropped (the candidates are scored again exactly anyway)
+        log.warning("index: %d candidate ids outside the bank's %d rows were dropped; rebuild the index with "
+                    "`kaggle-i2p index-bank`", int(bad.sum()), index.ntotal)
+        rows[bad] = -1
+    return rows

@@ -3,12 +3,15 @@ so that a 56M-row file never sits in one Python list."""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import I2PError
+from .fileio import first_undecodable
 
 READ_BATCH_ROWS = 65_536
+DEFAULT_ENCODING = "utf-8"
 
 
 class TextFileError(I2PError, ValueError):
@@ -21,11 +24,22 @@ def _clean(texts) -> list[str]:
     return [t for t in cleaned if t]
 
 
-def check_source(path: str | Path, column: str | None = None) -> str | None:
+def _decode_error(path: Path, encoding: str) -> TextFileError:
+    where = first_undecodable(path, encoding) or f"is not {encoding} text"
+    return TextFileError(f"{path} {where}; pass --encoding with the file's encoding (e.g. --encoding latin-1, "
+                         "cp1252), or convert it to UTF-8")
+
+
+def check_source(path: str | Path, column: str | None = None, encoding: str = DEFAULT_ENCODING) -> str | None:
     """Before any work: the file exists and (CSV/parquet) has the column; returns the column (None for .txt)."""
     path = Path(path)
     if not path.is_file():
         raise TextFileError(f"texts file not found: {path}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise TextFileError(f"--encoding {encoding!r} is not a text encoding Python knows (e.g. utf-8, latin-1, "
+                            "cp1252)") from None
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return None
@@ -38,7 +52,9 @@ def check_source(path: str | Path, column: str | None = None) -> str | None:
         else:  # anything else is read as CSV (compressed ones too)
             import pandas as pd
 
-            columns = list(pd.read_csv(path, nrows=0).columns)
+            columns = list(pd.read_csv(path, nrows=0, encoding=encoding).columns)
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
     except ImportError as err:
         raise TextFileError(f"{path}: reading parquet needs pyarrow (pip install pyarrow): {err}") from err
     except Exception as err:  # noqa: BLE001 - any parse failure is one message naming the file
@@ -49,15 +65,22 @@ def check_source(path: str | Path, column: str | None = None) -> str | None:
     return column
 
 
-def iter_text_batches(path: str | Path, column: str | None = None,
-                      batch_rows: int = READ_BATCH_ROWS) -> Iterator[list[str]]:
-    """The file's non-blank texts in order, a batch at a time (a 56M-row file never sits in one list)."""
+def iter_text_batches(path: str | Path, column: str | None = None, batch_rows: int = READ_BATCH_ROWS,
+                      encoding: str = DEFAULT_ENCODING) -> Iterator[list[str]]:
+    """The file's non-blank texts in order, a batch at a time (a 56M-row file never sits in one list); bytes that
+    are not `encoding` text are one TextFileError naming the file and the byte offset."""
     path = Path(path)
-    column = check_source(path, column)
+    try:
+        yield from _text_batches(path, check_source(path, column, encoding), batch_rows, encoding)
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+
+
+def _text_batches(path: Path, column: str | None, batch_rows: int, encoding: str) -> Iterator[list[str]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         batch = []
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding=encoding) as handle:
             for line in handle:
                 batch.append(line)
                 if len(batch) == batch_rows:
@@ -72,10 +95,11 @@ def iter_text_batches(path: str | Path, column: str | None = None,
     else:
         import pandas as pd
 
-        for frame in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False, chunksize=batch_rows):
+        for frame in pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False, chunksize=batch_rows,
+                                 encoding=encoding):
             yield _clean(frame[column])
 
 
-def read_texts(path: str | Path, column: str | None = None) -> list[str]:
+def read_texts(path: str | Path, column: str | None = None, encoding: str = DEFAULT_ENCODING) -> list[str]:
     """Every non-blank text of a .txt, .csv or .parquet file (`column`, default `prompt`), for small files."""
-    return [text for batch in iter_text_batches(path, column) for text in batch]
+    return [text for batch in iter_text_batches(path, column, encoding=encoding) for text in batch]

@@ -203,6 +203,27 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
     return problems
 
 
+def index_problems(towers: Sequence[tuple[int, TowerSpec]]) -> list[str]:
+    """Every bank index a run will search, checked whole (its sha256 against bank.json's, or read by FAISS), so a
+    damaged index is a manifest problem before any weight loads, never a failure after the encoding."""
+    from .retrieval import BankError, read_bank_meta
+    from .search import index_content_problem
+
+    problems = []
+    for index, spec in towers:
+        options = getattr(spec, "bank_search", None)
+        if options is None or options.search != "index":
+            continue
+        try:
+            problem = index_content_problem(options.bank, read_bank_meta(options.bank).get("index") or {})
+        except (BankError, OSError) as err:
+            problem = str(err)
+        if problem is not None:
+            problems.append(f"{tower_label(index, spec.name)}.retrieval.search: {options.bank}/index.faiss "
+                            f"{problem}; rebuild it with `kaggle-i2p index-bank {options.bank}`")
+    return problems
+
+
 def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = True, deep: bool = False) -> Manifest:
     """Everything that can be checked before weights load, every problem reported at once: the schema and paths,
     each tower's architecture at each resolution, and (`deep`) each checkpoint's sha256, keys and shapes."""
@@ -221,6 +242,7 @@ def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = Tr
     if deep and (check_files or loaded is None):
         broken = {p.split(".", 1)[0] for p in arch_problems}
         problems += checkpoint_problems([(i, s) for i, s in towers if tower_label(i, s.name) not in broken], dim)
+        problems += index_problems(towers)
     if problems or loaded is None:
         raise ManifestError(path, problems)
     return loaded

@@ -95,7 +95,7 @@ def test_a_resumed_build_must_match_its_plan_and_a_foreign_work_folder_is_refuse
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert build_bank(prompts_file, tmp_path / "other", keys="minilm", shard_rows=4) is None
-    with pytest.raises(BankError, match="holds a build of another input or other settings"):
+    with pytest.raises(BankError, match="holds an unfinished build of another input or other settings: keys"):
         build_bank(prompts_file, tmp_path / "other", keys="none", shard_rows=4)
 
 
@@ -126,7 +126,7 @@ def test_build_bank_refuses_an_index_without_keys_or_faiss_before_embedding(tmp_
     (tmp_path / "queries.npy").write_text("not an array")
     assert main(["build-bank", str(prompts_file), "--out", str(tmp_path / "b"), "--keys", "minilm", "--index",
                  "ivf-pq", "--recall-queries", str(tmp_path / "queries.npy")]) == 2
-    assert "queries.npy: not a readable .npy of query vectors" in capsys.readouterr().err
+    assert "queries.npy: not a readable .npy file" in capsys.readouterr().err
     real_import = builtins.__import__
 
     def no_faiss(name, *args, **kwargs):
