@@ -176,7 +176,7 @@ def _cmd_build_bank(args: argparse.Namespace) -> int:
     out = build_bank(args.texts, args.out, column=args.column, keys=args.keys, clip_arch=args.clip_arch,
                      clip_checkpoint=args.clip_checkpoint, index=args.index, nlist=args.nlist,
                      recall_queries=args.recall_queries, shard_rows=args.shard_rows, device=args.device,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, encoding=args.encoding, restart=args.restart)
     if out is None:
         print(f"this rank's shards are in {args.out}.building; the last rank to finish writes the bank")
         return 0
@@ -327,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="add a FAISS index of the keys (needs kaggle_i2p[index]), for retrieval.search: index")
     bank.add_argument("--shard-rows", type=_whole_number(1), default=SHARD_ROWS,
                       help="texts per resumable shard (default: %(default)s)")
+    bank.add_argument("--encoding", default="utf-8",
+                      help="text encoding of a .txt/.csv file, e.g. latin-1 or cp1252 (default: %(default)s; "
+                           "parquet is always UTF-8)")
+    bank.add_argument("--restart", action="store_true",
+                      help="discard an unfinished build in OUT.building (of other settings) and start over")
     bank.add_argument("--device", default=None, help="embedding device (default: this rank's GPU, else cpu)")
     bank.add_argument("--batch-size", type=_whole_number(1), default=None,
                       help="texts per embedding batch (default: 1024 on a GPU, 128 on the CPU)")
@@ -382,7 +387,8 @@ def _kept(args: argparse.Namespace) -> str:
     if args.command == "train":
         parts.append("OUTPUT/last.pt holds the last checkpoint: rerun the same command to resume")
     if args.command == "build-bank":
-        parts.append(f"finished shards are kept in {out}.building: rerun the same command to resume")
+        parts.append(f"finished shards are kept in {out}.building: rerun the same command to resume (or add "
+                     "--restart to start over)")
     return "; ".join(parts) or "nothing was written"
 
 
@@ -392,6 +398,8 @@ def _os_error_message(err: OSError) -> str:
     what = err.strerror or str(err)
     if err.errno == errno.ENOSPC:
         return f"no space left on the device{where}: free some space and rerun (files written whole are kept)"
+    if err.errno == errno.ENAMETOOLONG:
+        return f"file name too long:{where[:160]}; choose a shorter name (at most 255 bytes a name)"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{what}:{where}; choose a folder you can write to"
     return f"{what}:{where}" if where else what

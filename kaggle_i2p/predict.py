@@ -32,7 +32,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .blocks import blocks
 from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, Shard, image_key
 from .ensemble import combine_towers, combine_views, unusable_rows
-from .errors import OptionError
+from .errors import OptionError, OutputError
+from .fileio import probe_folder
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
 from .manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec
 from .parallel import device_shares, run_on_devices
@@ -359,11 +360,48 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                 for s in with_network}
     temporary_cache = len(devices) > 1 and cache_dir is None  # the devices exchange chunks through a cache
     cache = PredictionCache.open(tempfile.mkdtemp(prefix="kaggle_i2p_parallel_") if temporary_cache else cache_dir)
+    cache = check_cache(cache, cache_dir, share, cache_bytes(with_network, manifest.embedding_dim,
+                                                             len(listing.paths), cache_chunk_size, share))
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size,
                                           compiles[s.name]) for s in with_network} if cache else {}
     image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
     return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
                     cache, tower_keys, image_keys, cache_chunk_size, devices, share, temporary_cache)
+
+
+SHARD_OVERHEAD_BYTES = 4096  # a shard's zip and array headers, besides its rows
+ROW_OVERHEAD_BYTES = 200  # per image and shard: its key string, done flag and error text
+
+
+def cache_bytes(towers: list[NetworkSpec], embedding_dim: int, n_images: int, chunk_size: int,
+                share: tuple[int, int] = (0, 1)) -> int:
+    """The most a run's (or one share's) outputs take in the cache: float32 rows per tower x view, plus headers."""
+    rank, world = share
+    mine = sum(len(chunk) for c, chunk in enumerate(blocks(n_images, chunk_size)) if c % world == rank)
+    chunks = -(-mine // chunk_size)
+    per_row = sum(len(t.views) * (4 * t.forward_dim(embedding_dim) + ROW_OVERHEAD_BYTES) for t in towers)
+    return mine * per_row + chunks * sum(len(t.views) for t in towers) * SHARD_OVERHEAD_BYTES
+
+
+def check_cache(cache: PredictionCache | None, cache_dir: str | Path | None, share: tuple[int, int],
+                needed: int) -> PredictionCache | None:
+    """Before any compute, prove the cache folder writable and roomy (a probe file). For a share the cache is the
+    output: a cache that cannot take it is one OutputError. Otherwise it is a helper: it is read but not written
+    to, with one warning."""
+    what = f"the cache folder {cache_dir}"
+    if share != (0, 1):
+        if cache is None:
+            raise OutputError(f"--share {share[0]}/{share[1]}: {what} cannot be made, and a share's outputs go only "
+                              "there; choose a writable --cache-dir")
+        probe_folder(cache.root, f"--share {share[0]}/{share[1]}: {what}", room=needed)
+        return cache
+    if cache is not None:
+        try:
+            probe_folder(cache.root, what, room=needed)
+        except OutputError as err:
+            log.warning("%s; the run goes on, reading the cache but storing nothing in it", err)
+            cache.writable = False
+    return cache
 
 
 class PlannedBatch(NamedTuple):
@@ -683,7 +721,12 @@ def encode_part(image_dir: str | Path, manifest: str | Path | Manifest, cache_di
     into the cache (over its devices, when it has several), no CSV. A run without a share on the same cache then
     computes nothing and writes the CSV. Returns the images this part had to compute."""
     setup = prepare_run(image_dir, manifest, cache_dir=cache_dir, share=share, **options)
-    return encode_missing(setup, progress).planned
+    planned = encode_missing(setup, progress).planned
+    if not setup.cache.writable:  # the disk filled during the part: its outputs are the part's only result
+        raise OutputError(f"part {share[0]} of {share[1]}: the cache folder {cache_dir} stopped taking outputs "
+                          "during the run (see the warning above); what was stored is kept: free some space and "
+                          "rerun the same command to finish this part")
+    return planned
 
 
 def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:

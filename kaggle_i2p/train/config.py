@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._validate import Problems, expand_path, is_number, read_yaml, resolve_file
+from ..dataset.layout import INDEX, TARGETS
 from ..manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
@@ -213,8 +214,9 @@ def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
     return spec, init
 
 
-def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
-    """Validate a parsed config mapping; `path` anchors relative paths and names the file in errors."""
+def parse_train_config(data: Any, path: str | Path, check_files: bool = True) -> TrainConfig:
+    """Validate a parsed config mapping; `path` anchors relative paths and names the file in errors; `check_files`:
+    the work folder must hold the dataset (reported with every other problem, before anything is built)."""
     path = Path(path)
     base_dir = path.resolve().parent
     problems = Problems()
@@ -231,6 +233,12 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
             paths[key] = expand_path(data[key], base_dir)
         except KeyError as err:
             problems.add(key, f"environment variable {err.args[0]} is not set; export it")
+    if check_files and "work" in paths:
+        missing = [name for name in (INDEX, TARGETS) if not (paths["work"] / name).is_file()]
+        if missing:
+            problems.add("work", f"{paths['work']} has no {' or '.join(missing)}: build the dataset first "
+                                 f"(build_dataset.sh, or `python -m kaggle_i2p.dataset index --work {paths['work']}` "
+                                 "once images exist)")
 
     data_raw = _section(data, "data", DATA_DEFAULTS, problems)
     batch_size = _int(data_raw["batch_size"], "data.batch_size", problems, minimum=1)
@@ -287,10 +295,10 @@ def parse_train_config(data: Any, path: str | Path) -> TrainConfig:
         log_every=log_every, eval_at_start=bool(data.get("eval_at_start", True)))
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
+def load_train_config(path: str | Path, check_files: bool = True) -> TrainConfig:
     """Read and validate a training config YAML file; raises TrainConfigError listing every problem."""
     path = Path(path)
-    return parse_train_config(read_yaml(path, TrainConfigError, "config file not found", ""), path)
+    return parse_train_config(read_yaml(path, TrainConfigError, "config file not found", ""), path, check_files)
 
 
 def config_changes(old: Mapping, new: Mapping) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from ..dataset.layout import INDEX, TARGETS
 from ..ensemble import l2_normalize
 from ..errors import I2PError
+from ..fileio import open_npy
 from ..images import decode_image, make_view
 from ..manifest import ImageSpec
 from .config import DataConfig
@@ -67,11 +68,14 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
         index = pd.read_parquet(index_path)
     except ImportError as err:
         raise TrainingDataError(f"{index_path}: reading parquet needs pyarrow (pip install pyarrow)") from err
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise TrainingDataError(f"{index_path}: cannot read it as parquet ({err}); rebuild it with `python -m "
+                                f"kaggle_i2p.dataset index --work {work}`") from err
     missing = {"imgId", "prompt", "path", "fold"} - set(index.columns)
     if missing:
         raise TrainingDataError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}; rebuild it with "
                                 f"`python -m kaggle_i2p.dataset index --work {work}`")
-    targets = np.load(targets_path, allow_pickle=False, mmap_mode="r")  # millions of rows stay on disk
+    targets = open_npy(targets_path, "training targets")  # memory-mapped: millions of rows stay on disk
     if targets.ndim != 2 or len(targets) != len(index):
         raise TrainingDataError(f"{targets_path}: shape {targets.shape} does not align with the {len(index)} rows of "
                                 f"{index_path}; rebuild both with the dataset's index step")

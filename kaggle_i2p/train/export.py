@@ -7,6 +7,7 @@ preprocessing. A ready-to-run `weights_manifest.yaml` (this tower plus the fallb
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
-from ..fileio import atomic_open, sha256_file
+from ..fileio import atomic_open, sha256_file, staging_dir
 from ..manifest import write_manifest
 from ..resources import DEFAULT_MANIFEST, PRIOR_PATH
 from .checkpoint import CheckpointError, read_checkpoint
@@ -40,22 +41,40 @@ class ExportResult:
 EXPORT_MARKER = "# written by kaggle-i2p export; an export into this folder replaces it\n"
 
 
+def _is_export(path: Path) -> bool:
+    """A file `kaggle-i2p export` wrote (a manifest or entry starting with its marker)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read(len(EXPORT_MARKER)) == EXPORT_MARKER
+
+
+def check_export_destination(out_dir: Path, names: list[str]) -> None:
+    """Before anything is written: `out_dir` is new, empty, or a folder an export wrote (its weights_manifest.yaml
+    carries the marker); and no file the export writes would replace a file of the user's."""
+    if out_dir.is_file():
+        raise ExportError(f"--out {out_dir} is a file; give a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    manifest = out_dir / DEFAULT_MANIFEST
+    if not (manifest.is_file() and _is_export(manifest)):
+        raise ExportError(f"--out {out_dir} holds files that `kaggle-i2p export` did not write (it has no "
+                          f"{DEFAULT_MANIFEST} of an export); nothing in it is replaced: choose a new or empty folder")
+    foreign = [n for n in names if n.endswith(".yaml") and (out_dir / n).is_file() and not _is_export(out_dir / n)]
+    if foreign:
+        raise ExportError(f"--out {out_dir}: {', '.join(foreign)} was not written by `kaggle-i2p export` and would be "
+                          "replaced; choose another --out folder or --name")
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
                       resolutions: list[int] | None = None, hflip: bool | None = None,
                       use_ema: bool = True) -> ExportResult:
     """Write OUT/<name>.safetensors (fp16; the EMA weights unless `use_ema` is False or there is no EMA),
     OUT/<name>.yaml (its manifest entry, sha256 included) and OUT/weights_manifest.yaml; resolutions/hflip override
-    the TTA views the tower is served with."""
+    the TTA views the tower is served with.
+
+    Only into a new or empty folder, or one an export wrote. Every file is made in a staging folder beside it and
+    validated there, then moved in (the manifest last): a failed export changes nothing."""
     state = read_checkpoint(checkpoint)
     out_dir = Path(out_dir)
-    manifest_path = out_dir / DEFAULT_MANIFEST
-    if manifest_path.is_file() and not manifest_path.read_text(encoding="utf-8", errors="replace").startswith(
-            EXPORT_MARKER):
-        raise ExportError(f"{manifest_path} exists and was not written by `kaggle-i2p export`; it is never "
-                          "overwritten: choose another --out folder (then add the tower's entry to your manifest)")
-    if out_dir.is_file():
-        raise ExportError(f"--out {out_dir} is a file; give a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
     entry = dict(state["tower"])
     entry["image"] = dict(entry["image"])
     if name is not None:
@@ -64,14 +83,34 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
         entry["image"]["resolutions"] = [int(r) for r in resolutions]
     if hflip is not None:
         entry["image"]["hflip"] = bool(hflip)
-    if entry["arch"].endswith(".json"):  # an open_clip model config travels with the weights
-        config = Path(entry["arch"])
-        shutil.copyfile(config, out_dir / config.name)
+    config = Path(entry["arch"]) if entry["arch"].endswith(".json") else None  # an open_clip config travels along
+    names = [f"{entry['name']}.safetensors", f"{entry['name']}.yaml", DEFAULT_MANIFEST, FALLBACK.name,
+             *([config.name] if config else [])]
+    check_export_destination(out_dir, names)
+    staging = staging_dir(out_dir)
+    try:
+        result = _write_export(state, checkpoint, staging, entry, config, use_ema)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for file_name in names:  # the manifest last: a folder with a manifest is a whole export
+            if file_name != DEFAULT_MANIFEST:
+                os.replace(staging / file_name, out_dir / file_name)
+        os.replace(staging / DEFAULT_MANIFEST, out_dir / DEFAULT_MANIFEST)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out_dir / result.weights.name, out_dir / result.entry.name, out_dir / DEFAULT_MANIFEST,
+                        result.sha256, result.used_ema)
+
+
+def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict, config: Path | None,
+                  use_ema: bool) -> ExportResult:
+    """Every file of an export written into `folder`, the manifest validated there."""
+    if config is not None:
+        shutil.copyfile(config, folder / config.name)
         entry["arch"] = config.name
     used_ema = use_ema and state.get("ema") is not None
     weights = state["ema"] if used_ema else state["model"]
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    weights_path = out_dir / f"{entry['name']}.safetensors"
+    weights_path = folder / f"{entry['name']}.safetensors"
     with atomic_open(weights_path, "wb") as handle:
         handle.write(safetensors_bytes(half, metadata={"source": Path(checkpoint).name,
                                                        "weights": "ema" if used_ema else "model"}))
@@ -79,11 +118,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
     entry = {"name": entry.pop("name"), "library": entry.pop("library"), "arch": entry.pop("arch"),
              "checkpoint": weights_path.name, "sha256": digest, **entry}
     manifest = {"embedding_dim": int(state.get("embedding_dim", 384)), "fallback": FALLBACK.name, "towers": [entry]}
-    shutil.copyfile(FALLBACK, out_dir / FALLBACK.name)
+    shutil.copyfile(FALLBACK, folder / FALLBACK.name)
+    manifest_path = folder / DEFAULT_MANIFEST
     write_manifest(manifest, manifest_path, header=EXPORT_MARKER)  # validated first: fail here, not on Kaggle
-    entry_path = out_dir / f"{entry['name']}.yaml"
+    entry_path = folder / f"{entry['name']}.yaml"
     with atomic_open(entry_path, "w", encoding="utf-8") as handle:  # a tower entry, not a manifest
         handle.write(EXPORT_MARKER)
         yaml.safe_dump(entry, handle, sort_keys=False)
     return ExportResult(weights_path, entry_path, manifest_path, digest, used_ema)
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +40,20 @@ METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 
 class TrainingError(I2PError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """`torch.save` into a temporary file renamed over `path`: a failed write (a full disk) is one TrainingError
+    naming the file, and the previous checkpoint there is kept whole."""
+    try:
+        with atomic_open(path, "wb") as handle:
+            torch.save(state, handle)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as a RuntimeError
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        kept = "the previous checkpoint there is kept" if path.is_file() else "no checkpoint was left there"
+        raise TrainingError(f"cannot write the checkpoint {path} ({getattr(err, 'strerror', None) or err}; "
+                            f"{free / 1e6:.0f} MB free); {kept}: free some space and rerun the same command to "
+                            "resume from the last checkpoint") from err
 
 
 @dataclass
@@ -197,8 +212,7 @@ class Trainer:
         """Write a checkpoint from the main process (atomically); `optimizer` belongs to stage index `stage`."""
         self.accelerator.wait_for_everyone()
         if self.main:
-            with atomic_open(self.output / name, "wb") as handle:
-                torch.save(self._checkpoint_state(optimizer, stage), handle)
+            write_checkpoint(self._checkpoint_state(optimizer, stage), self.output / name)
         self.accelerator.wait_for_everyone()
 
     # --- evaluation ----------------------------------------------------------------------------------------------
