@@ -20,6 +20,16 @@ class Problems:
 
     def __init__(self) -> None:
         self.items: list[str] = []
+        self.unknown = 0  # unknown keys among the items: reported, but they do not stop a tower's deeper checks
+
+    def mark(self) -> tuple[int, int]:
+        """Where the problems stand now, for `blocking_since`."""
+        return len(self.items), self.unknown
+
+    def blocking_since(self, mark: tuple[int, int]) -> bool:
+        """Whether a problem other than an unknown key was added since `mark` (an entry with only unknown keys
+        still parses, so its architecture and checkpoint are checked in the same pass)."""
+        return len(self.items) - mark[0] > self.unknown - mark[1]
 
     def add(self, where: str, message: str) -> None:
         self.items.append(f"{where}: {message}")
@@ -28,6 +38,7 @@ class Problems:
         """One problem per key of `raw` outside `allowed`, as `where.key: unknown key; allowed: ...` (a top-level
         key is named alone)."""
         for key in sorted(set(raw) - set(allowed), key=str):
+            self.unknown += 1
             self.add(f"{where}.{key}" if where else str(key), f"unknown {what}; allowed: {', '.join(sorted(allowed))}")
 
     def __len__(self) -> int:

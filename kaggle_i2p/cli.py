@@ -102,7 +102,8 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
                         cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True,
                         verify_images=args.verify_images, compile_views=args.compile)
     ids = list(setup.listing.ids)
-    targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets)
+    targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets,
+                           embedding_dim=setup.manifest.embedding_dim)
     folds = fold_numbers(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
     run = execute(setup, progress=not (args.quiet or args.json))
     return setup.manifest, run, targets, folds

@@ -16,8 +16,8 @@ import pandas as pd
 import yaml
 
 from .ensemble import l2_normalize, mean_cosine, unusable_rows
-from .errors import I2PError
-from .fileio import atomic_open
+from .errors import I2PError, InputFileError
+from .fileio import atomic_open, first_undecodable, open_npy
 from .folds import kfold_numbers
 from .manifest import Manifest, rebase_manifest_paths, write_manifest
 from .predict import PredictionRun
@@ -41,6 +41,8 @@ def read_prompts(prompts_csv: str | Path) -> pd.DataFrame:
     except ImportError as err:
         raise TargetError(f"{prompts_csv}: reading parquet needs pyarrow: pip install pyarrow "
                           f"(or kaggle_i2p[train]) ({err})") from err
+    except UnicodeDecodeError:
+        raise TargetError(f"{prompts_csv} {first_undecodable(prompts_csv)}; save it as UTF-8") from None
     except (ValueError, OSError) as err:
         raise TargetError(f"{prompts_csv}: cannot read it as a prompts table: {err}") from err
     missing = {"imgId", "prompt"} - set(frame.columns)
@@ -52,19 +54,28 @@ def read_prompts(prompts_csv: str | Path) -> pd.DataFrame:
 
 
 def load_targets(ids: list[str], prompts_csv: str | Path | None = None, targets_npy: str | Path | None = None,
-                 text_model_path: str | Path | None = None) -> np.ndarray:
-    """(N, D) unit targets in `ids` order: embedded prompts, or a .npy already aligned to the sorted ids."""
+                 text_model_path: str | Path | None = None, embedding_dim: int | None = None) -> np.ndarray:
+    """(N, D) unit targets in `ids` order: embedded prompts, or a .npy already aligned to the sorted ids. Checked
+    before any compute: the width (`embedding_dim`, the towers'), and every value finite with a non-zero row."""
     if (prompts_csv is None) == (targets_npy is None):
         raise TargetError("give exactly one of --prompts CSV or --targets NPY")
     if targets_npy is not None:
+        if not Path(targets_npy).is_file():
+            raise TargetError(f"targets file not found: {targets_npy}")
+        width = f", {embedding_dim})" if embedding_dim else ", D)"
         try:
-            targets = np.load(targets_npy, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise TargetError(f"cannot read targets {targets_npy}: {err}") from err
-        if targets.ndim != 2 or targets.shape[0] != len(ids):
-            raise TargetError(f"{targets_npy}: shape {targets.shape}, expected ({len(ids)}, D) aligned to the "
-                              f"{len(ids)} sorted image ids")
-        return l2_normalize(targets)
+            targets = np.asarray(open_npy(targets_npy, "targets", ndim=2, rows=len(ids), width=embedding_dim),
+                                 dtype=np.float64)
+        except InputFileError as err:
+            raise TargetError(f"{err}; the targets must be ({len(ids)}{width} aligned to the {len(ids)} sorted "
+                              "image ids") from err
+        bad = ~np.isfinite(targets).all(axis=1) | ~(np.abs(targets) > 0).any(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            named = ", ".join(f"{r} ({ids[r]})" for r in rows[:5])
+            raise TargetError(f"{targets_npy}: {len(rows)} row(s) are NaN, infinite or all zeros, e.g. rows {named}; "
+                              "every image needs a real target")
+        return l2_normalize(targets).astype(np.float32)
     prompts = read_prompts(prompts_csv)
     absent = [i for i in ids if i not in prompts.index]
     if absent:
@@ -138,10 +149,29 @@ def fold_numbers(ids: list[str], n_folds: int, prompts_csv: str | Path | None = 
     if prompts_csv is not None:
         prompts = read_prompts(prompts_csv)
         if "fold" in prompts.columns:
-            return prompts.loc[ids, "fold"].astype(int).to_numpy()
+            return _fold_column(prompts, ids, prompts_csv)
     if n_folds < 2 or n_folds > len(ids):
         raise TargetError(f"--folds {n_folds} must be between 2 and the number of images ({len(ids)})")
     return kfold_numbers(len(ids), n_folds, seed)
+
+
+def _fold_column(prompts: pd.DataFrame, ids: list[str], prompts_csv: str | Path) -> np.ndarray:
+    """The `fold` column for `ids`: whole numbers, at least two folds (one held out, one to fit on)."""
+    absent = [i for i in ids if i not in prompts.index]
+    if absent:
+        raise TargetError(f"{prompts_csv}: no row for {len(absent)} image(s), e.g. {', '.join(absent[:5])}")
+    raw = prompts.loc[ids, "fold"]
+    numbers = pd.to_numeric(raw, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round())
+    if bad.any():
+        named = ", ".join(f"{i} ({raw[i]!r})" for i in list(raw.index[bad.to_numpy()])[:5])
+        raise TargetError(f"{prompts_csv}: the fold column must hold whole numbers; {int(bad.sum())} row(s) do not, "
+                          f"e.g. {named}")
+    folds = numbers.astype(int).to_numpy()
+    if len(set(folds.tolist())) < 2:
+        raise TargetError(f"{prompts_csv}: the fold column holds one fold ({folds[0]}) for these images; tuning "
+                          "judges out of fold and needs at least 2 (drop the column to split K-fold with --folds)")
+    return folds
 
 
 @dataclass

@@ -55,15 +55,19 @@ def write_parquet_batches(frames: Iterable, path: str | Path, columns: Sequence[
     rows = 0
     with atomic_open(path, "wb") as handle:
         writer = None
-        for frame in frames:
-            table = pa.Table.from_pandas(frame[list(columns)], preserve_index=False)
-            writer = writer or pq.ParquetWriter(handle, table.schema)
-            writer.write_table(table)
-            rows += len(frame)
+        try:
+            for frame in frames:
+                if not len(frame):
+                    continue
+                table = pa.Table.from_pandas(frame[list(columns)], preserve_index=False)
+                writer = writer or pq.ParquetWriter(handle, table.schema)
+                writer.write_table(table)
+                rows += len(frame)
+        finally:  # closed while its file is open, also when the stream fails (else it writes to a closed file)
+            if writer is not None:
+                writer.close()
         if writer is None:
             pd.DataFrame({c: pd.Series(dtype=str) for c in columns}).to_parquet(handle, index=False)
-        else:
-            writer.close()
     return rows
 
 

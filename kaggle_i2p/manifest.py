@@ -531,7 +531,7 @@ def _parse_weight(raw: Mapping, label: str, problems: Problems) -> float:
 
 def _parse_prior(raw: Mapping, name: str, label: str, ctx: ParseContext) -> PriorSpec | None:
     """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
-    problems, before = ctx.problems, len(ctx.problems)
+    problems, before = ctx.problems, ctx.problems.mark()
     problems.unknown_keys(raw, PRIOR_KEYS, label, what="key for a prior tower")
     for key in ("vector", "weight"):
         if key not in raw:
@@ -546,7 +546,7 @@ def _parse_prior(raw: Mapping, name: str, label: str, ctx: ParseContext) -> Prio
                 problems.add(f"{label}.vector", f"{path} {err}")
     weight = _parse_weight(raw, label, problems)
     dim_weights, dim_weights_path = _parse_dim_weights(raw, label, ctx)
-    if len(problems) > before:
+    if problems.blocking_since(before):
         return None
     return PriorSpec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                      vector=vector, vector_path=path)
@@ -673,7 +673,7 @@ def _parse_retrieval_output(raw: Mapping, label: str, ctx: ParseContext) -> dict
 def _parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, cls: type[NetworkSpec],
                    parse_output: Callable[[Mapping, str, ParseContext], dict]) -> NetworkSpec | None:
     """The fields every network tower has, then its kind's own section (`parse_output`)."""
-    problems, before = ctx.problems, len(ctx.problems)
+    problems, before = ctx.problems, ctx.problems.mark()
     problems.unknown_keys(raw, NETWORK_KEYS, label)
     for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight"):
         if key not in raw:
@@ -713,7 +713,7 @@ def _parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, cls: 
         problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
     image = _parse_image(raw.get("image"), f"{label}.image", problems)
     dim_weights, dim_weights_path = _parse_dim_weights(raw, label, ctx)
-    if len(problems) > before:
+    if problems.blocking_since(before):
         return None
     return cls(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,

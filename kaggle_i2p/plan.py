@@ -223,6 +223,8 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, *, images: int 
                           "the margin in [0, 1)")
     device = resolve_device(device)
     manifest = validate_manifest(manifest, check_files=False)
+    sample = Path(sample_dir) if sample_dir else default_sample_dir()  # the images, found before any timing
+    paths = list(list_images(sample / "images" if (sample / "images").is_dir() else sample).paths)
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
     workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
     shares = view_shares(manifest)
@@ -233,7 +235,5 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, *, images: int 
     timings = [t for runner in runners for t in time_views(runner, pixels, repeats, shares, clock)]
 
     # 3. decoding, 4. the projection
-    sample = Path(sample_dir) if sample_dir else default_sample_dir()
-    paths = list(list_images(sample / "images" if (sample / "images").is_dir() else sample).paths)
     decode = time_decoding(paths, batch_size, workers, clock=clock)
     return RunPlan(images, budget_s, margin, startup, decode, timings, str(device), notes)

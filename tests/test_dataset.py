@@ -52,8 +52,8 @@ def test_groups_follow_similarity_transitively_and_never_cross_folds():
 def test_text_steps_end_to_end_and_resume(tmp_path, sample_dir, monkeypatch):
     (tmp_path / "extra.txt").write_text("an astronaut standing on a engaging white rose, amid ivory cherry blossoms\n"
                                         "a lighthouse on a cliff during a storm\n\nok\n")
-    index_path = dataset.run_text_steps([f"{sample_dir / 'prompts.csv'}:prompt", str(tmp_path / "extra.txt")],
-                                        tmp_path / "work", n_folds=3)
+    sources = [f"{sample_dir / 'prompts.csv'}:prompt", str(tmp_path / "extra.txt")]
+    index_path = dataset.run_text_steps(sources, tmp_path / "work", n_folds=3)
     index = pd.read_parquet(index_path)
     assert list(index.columns) == ["promptId", "prompt", "source", "group", "fold"]
     assert len(index) == 8  # 7 sample prompts + the lighthouse; the near-duplicate astronaut and "ok" are gone
@@ -65,7 +65,9 @@ def test_text_steps_end_to_end_and_resume(tmp_path, sample_dir, monkeypatch):
     monkeypatch.setattr(dataset.prompts, "semantic_dedup", lambda *a, **k: pytest.fail("a finished step was redone"))
     monkeypatch.setattr(dataset.prompts, "iter_collect", lambda *a, **k: pytest.fail("a finished step was redone"))
     (tmp_path / "work" / "prompt_index.parquet").unlink()  # only the last step is missing
-    assert pd.read_parquet(dataset.run_text_steps(["unused"], tmp_path / "work", n_folds=3)).equals(index)
+    assert pd.read_parquet(dataset.run_text_steps(sources, tmp_path / "work", n_folds=3)).equals(index)
+    with pytest.raises(dataset.DatasetError, match="holds the text step of .*prompts.csv:prompt, .*extra.txt"):
+        dataset.run_text_steps([str(tmp_path / "extra.txt")], tmp_path / "work", n_folds=3)  # other input: refused
 
 
 def test_clean_streams_in_batches_with_the_answer_of_one_frame(tmp_path, monkeypatch):

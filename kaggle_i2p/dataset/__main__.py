@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     text.add_argument("--dedup-threshold", type=float, default=DEDUP_THRESHOLD)
     text.add_argument("--group-threshold", type=float, default=GROUP_THRESHOLD)
     text.add_argument("--folds", type=int, default=N_FOLDS)
+    text.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.csv prompt files, e.g. latin-1 "
+                      "(default: %(default)s)")
     text.add_argument("--device", default=None, help="embedding and similarity device (default: the rank's GPU when "
                       "there is one, else the CPU)")
     text.add_argument("--search", choices=SEARCHES, default="auto",
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_step(args: argparse.Namespace) -> int:
     if args.step == "text":
         path = run_text_steps(args.sources, args.work, args.dedup_threshold, args.group_threshold, args.folds,
-                              args.device, args.search, args.nprobe, args.batch_size)
+                              args.device, args.search, args.nprobe, args.batch_size, args.encoding)
         if path is None:
             print("this rank's embedding shards are done; the rank that finishes the last one writes the index")
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+TEXT_SETTINGS = "text.json"  # the text step's inputs and settings: a rerun with others is refused, never mixed in
 PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
 EMBEDDINGS = "embeddings"  # the clean prompts' MiniLM embeddings, a bank built in shards (removed after dedup)
 PROMPT_TARGETS, PROMPT_INDEX = "prompt_targets.npy", "prompt_index.parquet"  # one row per kept prompt

@@ -7,6 +7,7 @@ folds). Each step's output is kept in the work folder and reused when present.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import shutil
@@ -25,8 +26,8 @@ from ..fileio import atomic_open, write_parquet, write_parquet_batches
 from ..folds import group_fold_numbers
 from ..ranks import rank_and_world, rank_device
 from ..search import import_faiss
-from ..textfiles import iter_text_batches
-from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS
+from ..textfiles import DEFAULT_ENCODING, iter_text_batches
+from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS, TEXT_SETTINGS
 from .pairs import (
     NPROBE,
     dense_groups,
@@ -54,13 +55,19 @@ log = logging.getLogger("kaggle_i2p")
 CLIP_CONTEXT = 77  # tokens, start and end included; SD truncates longer prompts
 
 
-def iter_collect(sources: Sequence[str]) -> Iterator[pd.DataFrame]:
+def _split_source(source: str) -> tuple[str, str | None]:
+    """`PATH` or `PATH:COLUMN` as (path, column or None); a path that exists as given is never split."""
+    path, _, column = source.partition(":") if not Path(source).exists() else (source, "", "")
+    return path, column or None
+
+
+def iter_collect(sources: Sequence[str], encoding: str = DEFAULT_ENCODING) -> Iterator[pd.DataFrame]:
     """Prompts from files given as `PATH` or `PATH:COLUMN` (txt, csv, parquet), with the file each came from, a
     batch at a time (a 10M-prompt file is never one list)."""
     for source in sources:
-        path, _, column = source.partition(":") if not Path(source).exists() else (source, "", "")
+        path, column = _split_source(source)
         count = 0
-        for texts in iter_text_batches(path, column or None):
+        for texts in iter_text_batches(path, column, encoding=encoding):
             count += len(texts)
             yield pd.DataFrame({"prompt": texts, "source": Path(path).name})
         log.info("%s: %d prompts", source, count)
@@ -178,9 +185,79 @@ def assign_folds(groups: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
     return group_fold_numbers(groups, n_folds)
 
 
+def check_text_options(dedup_threshold: float, group_threshold: float, n_folds: int, search: str, nprobe: int,
+                       batch_size: int | None) -> None:
+    """The text step's options, all checked at once before any file is read."""
+    problems = []
+    for name, value in (("--dedup-threshold", dedup_threshold), ("--group-threshold", group_threshold)):
+        if not (isinstance(value, (int, float)) and 0 < value <= 1):
+            problems.append(f"{name} {value!r}: a cosine similarity in (0, 1], e.g. {DEDUP_THRESHOLD} for dedup and "
+                            f"{GROUP_THRESHOLD} for groups")
+    if not (isinstance(n_folds, int) and n_folds >= 2):
+        problems.append(f"--folds {n_folds}: at least 2 folds are needed (one held out, the rest to train on)")
+    if search not in SEARCHES:
+        problems.append(f"--search {search!r}: choose {', '.join(SEARCHES)}")
+    if not (isinstance(nprobe, int) and nprobe >= 1):
+        problems.append(f"--nprobe {nprobe!r}: a whole number >= 1")
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+        problems.append(f"--batch-size {batch_size!r}: a whole number >= 1")
+    if problems:
+        raise DatasetError("; ".join(problems))
+
+
+def text_settings(sources: Sequence[str], dedup_threshold: float, group_threshold: float, n_folds: int,
+                  encoding: str = DEFAULT_ENCODING) -> dict:
+    """What decides the text step's outputs: each source file (as given, with its size and modification time) and
+    the thresholds and folds."""
+    files = []
+    for source in sources:
+        path, column = _split_source(source)
+        stat = Path(path).stat() if Path(path).is_file() else None
+        files.append({"source": source, "path": str(Path(path).resolve()), "column": column,
+                      "size": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None})
+    return {"sources": files, "dedup_threshold": dedup_threshold, "group_threshold": group_threshold,
+            "folds": n_folds, **({"encoding": encoding} if encoding != DEFAULT_ENCODING else {})}
+
+
+def check_text_settings(work: Path, settings: dict) -> None:
+    """A work folder's text step belongs to one set of inputs and settings (WORK/text.json): a rerun with the same
+    resumes, one with others is refused naming the old ones. A folder from before text.json is checked by its
+    prompts' source file names. Reads only: `record_text_settings` writes."""
+    path = work / TEXT_SETTINGS
+    fix = "rerun with those, or give this input a new --work folder"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DatasetError(f"{path} is damaged ({err}); give this input a new --work folder") from err
+        if stored != settings:
+            old = ", ".join(f["source"] for f in stored.get("sources", []))
+            differ = [k for k in settings if stored.get(k) != settings[k]]
+            raise DatasetError(f"{work} holds the text step of {old or 'other inputs'} (settings differ in "
+                               f"{', '.join(differ)}: a file changed, or other files or thresholds were given); its "
+                               f"prompts, images and targets belong to those: {fix}")
+        return
+    if (work / PROMPTS).is_file():  # made before text.json existed
+        import pyarrow.parquet as pq
+
+        had = sorted(set(pq.read_table(work / PROMPTS, columns=["source"]).column(0).to_pylist()))
+        given = sorted({Path(f["path"]).name for f in settings["sources"]})
+        if had and had != given:
+            raise DatasetError(f"{work} holds the text step of {', '.join(had)}, and this run gives "
+                               f"{', '.join(given)}: {fix}")
+
+
+def record_text_settings(work: Path, settings: dict) -> None:
+    """WORK/text.json, written once the prompts are collected (a failed collect leaves no settings behind)."""
+    if not (work / TEXT_SETTINGS).is_file():
+        with atomic_open(work / TEXT_SETTINGS, "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=1)
+
+
 def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: float = DEDUP_THRESHOLD,
                    group_threshold: float = GROUP_THRESHOLD, n_folds: int = N_FOLDS, device: str | None = None,
-                   search: str = "auto", nprobe: int = NPROBE, batch_size: int | None = None) -> Path | None:
+                   search: str = "auto", nprobe: int = NPROBE, batch_size: int | None = None,
+                   encoding: str = DEFAULT_ENCODING) -> Path | None:
     """collect -> clean -> embed -> dedup -> groups and folds; each step's output is kept and reused when present.
 
     Under torchrun every rank embeds its shards of the clean prompts; rank 0 goes on with dedup, groups and folds
@@ -189,12 +266,9 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
     inverted lists, `pairs.py`) or `auto` (exact on a GPU or up to EXACT_UP_TO prompts, else ivf when FAISS is
     installed).
     """
-    # 1. everything that can be wrong, before any compute
+    # 1. everything that can be wrong, before any file is read or any compute
     work = Path(work)
-    if n_folds < 2:
-        raise DatasetError(f"--folds {n_folds}: at least 2 folds are needed (one held out, the rest to train on)")
-    if search not in SEARCHES:
-        raise DatasetError(f"--search {search!r}: choose {', '.join(SEARCHES)}")
+    check_text_options(dedup_threshold, group_threshold, n_folds, search, nprobe, batch_size)
     if search == "ivf":
         import_faiss()
     rank, _, local_rank = rank_and_world()
@@ -202,7 +276,10 @@ def run_text_steps(sources: Sequence[str], work: str | Path, dedup_threshold: fl
 
     # 2. collect and clean: rank 0 (the others wait for its file)
     if rank == 0:
-        collect_step(sources, work, n_folds)
+        settings = text_settings(sources, dedup_threshold, group_threshold, n_folds, encoding)
+        check_text_settings(work, settings)
+        collect_step(sources, work, n_folds, encoding)
+        record_text_settings(work, settings)
         clean_step(work)
     else:
         _wait_for(work / CLEAN, "rank 0's clean step")
@@ -250,7 +327,7 @@ def _wait_for(path: Path, what: str) -> None:
         waited += 1
 
 
-def collect_step(sources: Sequence[str], work: Path, n_folds: int) -> None:
+def collect_step(sources: Sequence[str], work: Path, n_folds: int, encoding: str = DEFAULT_ENCODING) -> None:
     """1. The prompts of every source file, with the file each came from, streamed into prompts.parquet."""
     if (work / PROMPTS).is_file():
         return
@@ -261,7 +338,7 @@ def collect_step(sources: Sequence[str], work: Path, n_folds: int) -> None:
 
     def counted() -> Iterator[pd.DataFrame]:
         rows = 0
-        for frame in iter_collect(sources):
+        for frame in iter_collect(sources, encoding):
             rows += len(frame)
             yield frame
         if rows < n_folds:  # fail before the embedding, not after (and leave no prompts.parquet)
