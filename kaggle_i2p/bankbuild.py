@@ -225,7 +225,7 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
             return _build_locked(work, out_dir, settings, source, column, encoding, restart, rank, world,
                                  local_rank, device, batch_size, keys, text_model_path, clip_arch, clip_checkpoint,
                                  texts_path, index, nlist, queries)
-        except BaseException:
+        except Exception:  # a failure (not Ctrl-C, whose counted plan is kept for the resume)
             if world == 1:
                 _discard_if_empty(work)
             raise

@@ -5,9 +5,11 @@ before any compute."""
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -78,12 +80,47 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def _owner_tag() -> str:
+    """This process as a staging folder names it: host and pid, so a later process can tell a dead one's folder."""
+    return f"{socket.gethostname()[:16].replace('.', '_')}-{os.getpid()}"
+
+
+def sweep_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging and set-aside folders of `target` (`.NAME.HOST-PID.*.partial` / `.old`) left by a process
+    of this host that is gone (killed mid-build); a live process's folder, or another host's, is never touched.
+    Returns the folders removed."""
+    prefix = _temp_prefix(target.name)
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    for suffix in (".partial", ".old"):
+        for entry in target.parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+            owner = entry.name[len(prefix):].split(".", 1)[0]
+            owner_host, _, pid = owner.rpartition("-")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def staging_dir(target: str | Path) -> Path:
     """A new, uniquely named hidden folder beside `target` with ordinary permissions, for building `target` whole:
-    two processes building the same target never share one."""
+    two processes building the same target never share one, and a killed process's folder is swept by the next."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".partial", dir=target.parent))
+    sweep_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target.name)}{_owner_tag()}.", suffix=".partial",
+                                    dir=target.parent))
     os.chmod(staging, _default_mode(directory=True))
     return staging
 
@@ -93,7 +130,8 @@ def replace_dir(staging: Path, target: Path) -> None:
     first and removed only after the new one is in place."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".old", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target.name)}{_owner_tag()}.", suffix=".old",
+                                    dir=target.parent))
         os.rename(target, old / target.name)
     os.rename(staging, target)
     if old is not None:
@@ -189,10 +227,10 @@ def open_npy(path: str | Path, what: str, *, ndim: int | None = None, width: int
     shape, dtype = npy_header(path, what)
     if numeric and dtype.kind not in "fiu":
         raise InputFileError(f"{what} {path}: holds {dtype} values; expected numbers (float)")
-    expected = (("rows" if rows is None else rows),) + (("D" if width is None else width),) if ndim == 2 else None
     if (ndim is not None and len(shape) != ndim) or (width is not None and (not shape or shape[-1] != width)) or (
             rows is not None and (not shape or shape[0] != rows)):
-        want = f"; expected {expected}" if expected else ""
+        want = f"; expected ({'rows' if rows is None else rows}, {'D' if width is None else width})" if ndim == 2 \
+            else ""
         raise InputFileError(f"{what} {path}: has shape {shape}{want}")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

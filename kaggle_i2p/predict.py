@@ -388,7 +388,7 @@ def check_cache(cache: PredictionCache | None, cache_dir: str | Path | None, sha
     """Before any compute, prove the cache folder writable and roomy (a probe file). For a share the cache is the
     output: a cache that cannot take it is one OutputError. Otherwise it is a helper: it is read but not written
     to, with one warning."""
-    what = f"the cache folder {cache_dir}"
+    what = f"the cache folder {cache.root if cache is not None else cache_dir}"
     if share != (0, 1):
         if cache is None:
             raise OutputError(f"--share {share[0]}/{share[1]}: {what} cannot be made, and a share's outputs go only "

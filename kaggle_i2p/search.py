@@ -304,9 +304,9 @@ def index_content_problem(bank: Path, entry: dict) -> str | None:
         return None if actual == entry["sha256"] else (f"has sha256 {actual}, and bank.json recorded "
                                                        f"{entry['sha256']} when it was built: it is damaged")
     try:
-        read_index(bank)
-    except SearchError as err:
-        return str(err)
+        import_faiss().read_index(str(path))
+    except RuntimeError as err:
+        return f"is damaged: FAISS cannot read it ({str(err).strip().splitlines()[-1]})"
     return None
 
 

@@ -374,21 +374,22 @@ def test_cache_on_a_full_disk_warns_and_the_run_completes(sample_images, toy_man
                                                          caplog):
     reference = kaggle_i2p.run_prediction(sample_images, toy_manifest, **CACHED).embeddings
     out = tmp_path / "submission.csv"
-    if TMPFS:  # a real 16 kB disk for the cache: the hash memo fits, the shards do not
+    if TMPFS:  # a real 16 kB disk for the cache: the shards do not fit, which the probe sees before the compute
         done = _cli_on_tmpfs(tmp_path / "small", "size=16k", "predict", str(sample_images), "--manifest",
                              str(toy_manifest), "--out", str(out), "--cache-dir", str(tmp_path / "small" / "cache"),
                              "--batch-size", "2", *CPU)
         assert done.returncode == 0, done.stderr
-        assert "the run goes on without storing more outputs" in done.stderr and "Traceback" not in done.stderr
-    else:
-        from kaggle_i2p import cache as cache_module
+        assert "MB free and needs up to" in done.stderr and "storing nothing in it" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert np.array_equal(read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384), reference)
+    from kaggle_i2p import cache as cache_module
 
-        def full(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full(*args, **kwargs):  # the disk fills during the run (the probe passed)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(cache_module, "atomic_open", full)
-        kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=out, cache_dir=tmp_path / "cache", **CACHED)
-        assert "the run goes on without storing more outputs" in caplog.text
+    monkeypatch.setattr(cache_module, "atomic_open", full)
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=out, cache_dir=tmp_path / "cache", **CACHED)
+    assert "the run goes on without storing more outputs" in caplog.text
     assert np.array_equal(read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384), reference)
 
 
@@ -812,3 +813,593 @@ def test_heap_growth_is_bounded_on_glibc(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert predict_module.bound_heap_growth() is expected
+
+
+# ==== Issue 20: the newer commands with bad input and faults ========================================================
+
+def _indexed_clip(folder: Path) -> Path:
+    """The tiny CLIP retrieval tower over its 300-row bank, searched through a 3-list index."""
+    from kaggle_i2p.bankbuild import index_bank
+    from kaggle_i2p.testing import build_clip_retrieval
+
+    build_clip_retrieval(folder, {"score": "embedding"})
+    index_bank(folder / "texts", nlist=3)
+    return build_clip_retrieval(folder, {"score": "embedding", "search": "index"}, "indexed.yaml")
+
+
+def _flip(path: Path, start: int, length: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    data[start:start + length] = bytes(b ^ 0xFF for b in data[start:start + length])
+    path.write_bytes(bytes(data))
+
+
+# ---- rule 1: never fail after the compute ---------------------------------------------------------------------------
+
+def test_a_damaged_index_is_a_deep_manifest_problem_before_any_compute(tmp_path, sample_images, capsys, no_weights):
+    manifest = _indexed_clip(tmp_path)
+    index = tmp_path / "texts" / "index.faiss"
+    _flip(index, 16)  # same size: the shallow check cannot see it
+    assert main(["validate-manifest", str(manifest)]) == 0
+    assert main(["validate-manifest", str(manifest), "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert "retrieval.search:" in err and "index.faiss has sha256" in err and "it is damaged" in err
+    assert main(["predict", str(sample_images), "--manifest", str(manifest), "--out", str(tmp_path / "s.csv"),
+                 *CPU]) == 2
+    assert "it is damaged" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+
+    meta = json.loads((tmp_path / "texts" / "bank.json").read_text())
+    del meta["index"]["sha256"]  # a bank indexed before hashes were recorded: FAISS reads it whole
+    (tmp_path / "texts" / "bank.json").write_text(json.dumps(meta))
+    assert main(["validate-manifest", str(manifest), "--deep"]) == 2
+    assert "is damaged: FAISS cannot read it" in capsys.readouterr().err
+
+    _flip(index, 0, 16)  # the header itself: the shallow check reads it
+    assert main(["validate-manifest", str(manifest)]) == 2
+    assert "is not a FAISS inverted-file index" in capsys.readouterr().err
+
+
+def test_an_index_of_other_keys_is_refused_by_its_header(tmp_path):
+    from kaggle_i2p.bankbuild import index_bank
+    from kaggle_i2p.testing import synthetic_bank
+
+    manifest = _indexed_clip(tmp_path)
+    other = synthetic_bank(tmp_path / "other", 300, 16)
+    index_bank(other, nlist=3)
+    shutil.copyfile(other / "index.faiss", tmp_path / "texts" / "index.faiss")
+    with pytest.raises(ManifestError, match=r"indexes 300 rows of width 16, and the bank's keys are 300 x 32"):
+        load_manifest(manifest)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_rows", "pickle", "text"])
+def test_damaged_bank_arrays_are_manifest_problems(tmp_path, damage):
+    manifest = build_clip_retrieval_bank(tmp_path)
+    targets, keys = tmp_path / "texts" / "targets.npy", tmp_path / "texts" / "keys.npy"
+    expected = {"truncated": "bank targets .*targets.npy: truncated or damaged",
+                "wrong_rows": r"keys.npy has shape \(299, 32\); expected \(300, key width\)",
+                "pickle": "holds Python objects",
+                "text": "not a readable .npy file"}[damage]
+    if damage == "truncated":
+        targets.write_bytes(targets.read_bytes()[:-100])
+    elif damage == "wrong_rows":
+        np.save(keys, np.ones((299, 32), dtype=np.float16))
+    elif damage == "pickle":
+        np.save(targets, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    else:
+        targets.write_text("not an array", encoding="utf-8")
+    with pytest.raises(ManifestError, match=expected):
+        load_manifest(manifest)
+    from kaggle_i2p.retrieval import Bank
+
+    if damage != "wrong_rows":
+        with pytest.raises(kaggle_i2p.errors.I2PError):
+            Bank.open(tmp_path / "texts")
+
+
+def build_clip_retrieval_bank(folder: Path) -> Path:
+    from kaggle_i2p.testing import build_clip_retrieval
+
+    return build_clip_retrieval(folder, {"score": "embedding"})
+
+
+def test_a_damaged_bank_json_is_one_error(tmp_path, capsys):
+    build_clip_retrieval_bank(tmp_path)
+    (tmp_path / "texts" / "bank.json").write_bytes(b'{"rows": 30\xe9')
+    assert main(["index-bank", str(tmp_path / "texts")]) == 2
+    assert "bank.json is damaged" in capsys.readouterr().err
+
+
+def test_plan_checks_its_image_folder_before_timing(toy_manifest, tmp_path, monkeypatch, capsys):
+    from kaggle_i2p import plan
+
+    monkeypatch.setattr(plan, "load_runners_timed", lambda *a, **k: pytest.fail("timed before the check"))
+    assert main(["plan", "--manifest", str(toy_manifest), "--sample-dir", str(tmp_path / "nowhere"), *CPU[:4]]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.ones((7, 10), np.float32), r"has shape \(7, 10\); expected \(7, 384\)"),
+    (np.ones((6, 384), np.float32), r"has shape \(6, 384\)"),
+    (np.vstack([np.ones((6, 384)), np.full((1, 384), np.nan)]), r"1 row\(s\) are NaN, infinite or all zeros, e.g. "
+                                                                 r"rows 6 \(f27825b2c\)"),
+    (np.zeros((7, 384)), r"7 row\(s\) are NaN, infinite or all zeros"),
+])
+def test_evaluate_and_tune_check_the_targets_before_compute(sample_images, toy_manifest, tmp_path, capsys, no_weights,
+                                                            bad, message):
+    import re
+
+    targets = tmp_path / "targets.npy"
+    np.save(targets, bad)
+    for command in (["evaluate"], ["tune", "--out", str(tmp_path / "t.yaml")]):
+        assert main([*command, str(sample_images), "--targets", str(targets), "--manifest", str(toy_manifest),
+                     "--no-cache", *CPU]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("folds, message", [
+    (["a", 0, 1, 0, 1, 0, 1], r"the fold column must hold whole numbers; 1 row\(s\) do not, e.g. 20057f34d \('a'\)"),
+    ([0.5, 0, 1, 0, 1, 0, 1], "must hold whole numbers"),
+    ([0] * 7, r"holds one fold \(0\) for these images; tuning judges out of fold and needs at least 2"),
+])
+def test_tune_checks_the_fold_column_before_compute(sample_images, sample_dir, toy_manifest, tmp_path, capsys,
+                                                    no_weights, folds, message):
+    import re
+
+    import pandas as pd
+
+    prompts = pd.read_csv(sample_dir / "prompts.csv").assign(fold=folds)
+    prompts.to_csv(tmp_path / "prompts.csv", index=False)
+    monkeypatch_embed = kaggle_i2p.text.embed_prompts  # noqa: F841 - the real MiniLM embeds the 7 prompts first
+    assert main(["tune", str(sample_images), "--prompts", str(tmp_path / "prompts.csv"), "--manifest",
+                 str(toy_manifest), "--out", str(tmp_path / "t.yaml"), "--no-cache", *CPU]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
+# ---- rule 2: never leave or delete what we should not ---------------------------------------------------------------
+
+def _texts(path: Path, n: int = 40, encoding: str = "utf-8") -> Path:
+    path.write_text("".join(f"a painting of a red fox number {i} in the snow, café {i}\n" for i in range(n)),
+                    encoding=encoding)
+    return path
+
+
+def test_concurrent_build_banks_into_one_out_never_interleave(tmp_path):
+    texts = _texts(tmp_path / "texts.txt", 400)
+    out = tmp_path / "bank"
+    runs = [subprocess.Popen([sys.executable, "-m", "kaggle_i2p.cli", "build-bank", str(texts), "--out", str(out),
+                              "--keys", "minilm", "--shard-rows", "50"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results)[0] == 0, results
+    for code, err in results:
+        assert code == 0 or (code == 2 and "another build-bank is writing" in err and "Traceback" not in err), err
+    assert not (tmp_path / "bank.building").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bank",
+                                                                                                         "texts.txt"]
+    from kaggle_i2p.retrieval import Bank
+
+    bank = Bank.open(out)
+    assert len(bank) == 400 and bank.texts([399]) == ["a painting of a red fox number 399 in the snow, café 399"]
+
+
+def test_a_second_build_bank_is_refused_while_one_holds_the_work_folder(tmp_path, capsys):
+    from kaggle_i2p import bankbuild
+
+    texts = _texts(tmp_path / "texts.txt")
+    with bankbuild._rank_lock(tmp_path / "bank.building", 0):
+        assert main(["build-bank", str(texts), "--out", str(tmp_path / "bank")]) == 2
+        assert "another build-bank is writing" in capsys.readouterr().err
+    assert main(["build-bank", str(texts), "--out", str(tmp_path / "bank")]) == 0
+    assert not (tmp_path / "bank.building").exists()
+
+
+def test_a_failed_build_bank_leaves_a_state_the_next_command_can_use(tmp_path, monkeypatch, capsys):
+    from kaggle_i2p import bankbuild, bankindex
+
+    texts = _texts(tmp_path / "texts.txt")
+    out, work = tmp_path / "bank", tmp_path / "bank.building"
+    # a missing CLIP checkpoint: refused before anything is made
+    assert main(["build-bank", str(texts), "--out", str(out), "--keys", "clip", "--clip-arch", "ViT-B-32",
+                 "--clip-checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "--clip-checkpoint" in capsys.readouterr().err and not work.exists()
+    # too few texts for the index: refused after counting, before embedding
+    real_embedder = bankbuild.minilm_embedder
+    monkeypatch.setattr(bankbuild, "minilm_embedder", lambda *a: pytest.fail("embedded before refusing"))
+    assert main(["build-bank", str(texts), "--out", str(out), "--keys", "minilm", "--index", "ivf-pq"]) == 2
+    assert "40 texts are too few for an index" in capsys.readouterr().err and not work.exists()
+    # FAISS failing at the end: the shards are kept, and the corrected command resumes from them
+    monkeypatch.setattr(bankbuild, "minilm_embedder", real_embedder)
+    monkeypatch.setattr(bankbuild, "index_problem", lambda *a: None)
+    monkeypatch.setattr(bankbuild, "build_index", lambda *a: (_ for _ in ()).throw(RuntimeError("Error: 'nx >= k'")))
+    assert main(["build-bank", str(texts), "--out", str(out), "--keys", "minilm", "--index", "ivf-pq"]) == 2
+    err = capsys.readouterr().err
+    assert "FAISS could not build the index (Error: 'nx >= k')" in err and "shards are kept" in err
+    assert (work / "shard-000000.npz").is_file() and not out.exists()
+    monkeypatch.setattr(bankbuild, "minilm_embedder", lambda *a: pytest.fail("a finished shard was embedded again"))
+    assert main(["build-bank", str(texts), "--out", str(out), "--keys", "minilm"]) == 0  # resumed: same settings
+    assert not work.exists() and len(kaggle_i2p.retrieval.Bank.open(out)) == 40
+    del bankindex  # (the index module is only patched through bankbuild)
+
+
+def test_a_build_of_other_settings_names_them_and_restart_discards_it(tmp_path, monkeypatch, capsys):
+    from kaggle_i2p import bankbuild
+
+    texts = _texts(tmp_path / "texts.txt")
+    out, work = tmp_path / "bank", tmp_path / "bank.building"
+    real_embedder = bankbuild.minilm_embedder
+
+    def dies(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bankbuild, "minilm_embedder", lambda *a: dies)
+    assert main(["build-bank", str(texts), "--out", str(out), "--shard-rows", "10"]) == 130
+    assert (work / "plan.json").is_file()  # interrupted: its plan (and any shards) kept for a resume
+    monkeypatch.setattr(bankbuild, "minilm_embedder", real_embedder)
+    assert main(["build-bank", str(texts), "--out", str(out), "--shard-rows", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "shard_rows 10 (now 20)" in err and "--restart" in err
+    assert main(["build-bank", str(texts), "--out", str(out), "--shard-rows", "20", "--restart"]) == 0
+    assert not work.exists() and len(kaggle_i2p.retrieval.Bank.open(out)) == 40
+
+
+def _toy_training_checkpoint(toy_manifest: Path, path: Path) -> Path:
+    import torch
+
+    from kaggle_i2p.towers import build_tower
+    from kaggle_i2p.train.checkpoint import CHECKPOINT_FORMAT
+
+    spec = load_manifest(toy_manifest).towers[0]
+    tower = {k: v for k, v in spec.to_dict().items() if k not in ("checkpoint", "sha256")}
+    tower["name"] = "toy_trained"
+    torch.save({"format": CHECKPOINT_FORMAT, "tower": tower, "embedding_dim": 384,
+                "model": build_tower(spec).state_dict(), "ema": None}, path)
+    return path
+
+
+def test_export_never_replaces_the_users_files(toy_manifest, tmp_path, capsys):
+    checkpoint = _toy_training_checkpoint(toy_manifest, tmp_path / "best.pt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "toy_trained.yaml").write_text("my notes")
+    np.save(mine / "mean_prompt_embedding.npy", np.ones(3))
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert main(["export", str(checkpoint), "--out", str(mine)]) == 2
+    assert "holds files that `kaggle-i2p export` did not write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(checkpoint), "--out", str(exported)]) == 0
+    assert main(["validate-manifest", str(exported / "weights_manifest.yaml"), "--deep"]) == 0
+    assert main(["export", str(checkpoint), "--out", str(exported)]) == 0  # its own export: replaced
+    (exported / "toy_trained.yaml").write_text("now mine")
+    assert main(["export", str(checkpoint), "--out", str(exported)]) == 2
+    assert "toy_trained.yaml was not written by `kaggle-i2p export`" in capsys.readouterr().err
+    assert (exported / "toy_trained.yaml").read_text() == "now mine"
+
+
+def test_a_failed_export_changes_nothing(toy_manifest, tmp_path, monkeypatch, capsys):
+    from kaggle_i2p.train import export
+
+    checkpoint = _toy_training_checkpoint(toy_manifest, tmp_path / "best.pt")
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "write_manifest", full_disk)
+    assert main(["export", str(checkpoint), "--out", str(out), "--resolutions", "64"]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_concurrent_exports_into_one_folder_leave_one_whole_export(toy_manifest, tmp_path):
+    checkpoint = _toy_training_checkpoint(toy_manifest, tmp_path / "best.pt")
+    out = tmp_path / "exported"
+    runs = [subprocess.Popen([sys.executable, "-m", "kaggle_i2p.cli", "export", str(checkpoint), "--out", str(out)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0], [run.stderr.read() for run in runs]
+    assert main(["validate-manifest", str(out / "weights_manifest.yaml"), "--deep"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_text_step_never_mixes_in_another_input(tmp_path, capsys):
+    from kaggle_i2p import dataset
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("a red fox in the snow, oil painting\na castle above the clouds at dawn\n"
+                     "an astronaut riding a horse on mars\na bowl of ramen, studio photograph\n")
+    second.write_text("a lighthouse on a cliff in a storm\na cat wearing a tiny crown, portrait\n"
+                      "a futuristic city at night, neon lights\na watercolor of cherry blossoms\n")
+    work = tmp_path / "work"
+    assert dataset.main(["text", str(first), "--work", str(work), "--folds", "2", "--dedup-threshold", "0.999"]) == 0
+    assert dataset.main(["text", str(second), "--work", str(work), "--folds", "2", "--dedup-threshold", "0.999"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds the text step of {first}" in err and "new --work folder" in err
+    assert dataset.main(["text", str(first), "--work", str(work), "--folds", "2", "--dedup-threshold", "0.9"]) == 2
+    assert "settings differ in dedup_threshold" in capsys.readouterr().err
+    assert dataset.main(["text", str(first), "--work", str(work), "--folds", "2", "--dedup-threshold", "0.999"]) == 0
+
+    (work / "text.json").unlink()  # a work folder from before text.json: judged by its prompts' sources
+    assert dataset.main(["text", str(second), "--work", str(work), "--folds", "2"]) == 2
+    assert "holds the text step of a.txt, and this run gives b.txt" in capsys.readouterr().err
+
+
+# ---- rule 3: an optional helper is never fatal, a required one never silently off ---------------------------------
+
+def test_a_share_needs_a_writable_roomy_cache_before_compute(sample_images, toy_manifest, tmp_path, monkeypatch,
+                                                            capsys, no_weights):
+    from kaggle_i2p import fileio
+
+    cache = tmp_path / "cache"
+    share = ["predict", str(sample_images), "--manifest", str(toy_manifest), "--cache-dir", str(cache), "--share",
+             "0/2", *CPU]
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
+                                                                                          1000))
+    assert main(share) == 2
+    err = capsys.readouterr().err
+    assert "--share 0/2: the cache folder" in err and "MB free and needs up to" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("loaded before the check"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    assert main(share) == 2
+    assert "is not writable (Read-only file system)" in capsys.readouterr().err
+
+
+def test_a_share_on_a_real_read_only_or_full_cache_is_refused(sample_images, toy_manifest, tmp_path):
+    if not TMPFS:
+        pytest.skip("no mount namespace on this machine; the monkeypatched test above covers the same checks")
+    disk = tmp_path / "disk"
+    for options in ("ro", "size=8k"):
+        run = _cli_on_tmpfs(disk, options, "predict", str(sample_images), "--manifest", str(toy_manifest),
+                            "--cache-dir", str(disk / "cache"), "--share", "0/2", *CPU)
+        assert run.returncode == 2 and "--share 0/2: the cache folder" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and "encoded into" not in run.stdout
+
+
+def test_a_plain_run_reads_a_cache_it_cannot_write(sample_images, toy_manifest, tmp_path, monkeypatch, caplog):
+    from kaggle_i2p import fileio
+
+    cache = tmp_path / "cache"
+    first = kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=None, device="cpu", num_workers=0,
+                                   cache_dir=cache, progress=False)
+    real_mkstemp = fileio.tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if str(dir).startswith(str(cache)):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(predict_module, "load_tower", lambda *a, **k: pytest.fail("the cache was not read"))
+    with caplog.at_level(logging.WARNING, logger="kaggle_i2p"):
+        again = kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=None, device="cpu", num_workers=0,
+                                       cache_dir=cache, progress=False)
+    assert again.equals(first) and "reading the cache but storing nothing in it" in caplog.text
+
+
+def test_a_failed_checkpoint_write_is_one_message_and_keeps_the_previous(tmp_path, monkeypatch):
+    import torch
+
+    from kaggle_i2p.train import trainer
+
+    path = tmp_path / "last.pt"
+    trainer.write_checkpoint({"step": 1}, path)
+    real_save = torch.save
+
+    def disk_fills(state, handle):
+        real_save(state, handle)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(trainer.torch, "save", disk_fills)
+    with pytest.raises(trainer.TrainingError, match=r"cannot write the checkpoint .*last.pt .*file write failed.*; "
+                                                    r"the previous checkpoint there is kept"):
+        trainer.write_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+# ---- rule 4: one message, exit 2, never a traceback ---------------------------------------------------------------
+
+def test_undecodable_image_names_are_refused_before_compute(sample_images, toy_manifest, tmp_path, capsys,
+                                                            no_weights):
+    odd = sample_images / os.fsdecode(b"caf\xe9.png")
+    shutil.copyfile(next(sample_images.glob("*.png")), odd)
+    assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(tmp_path / "s.csv"),
+                 *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "1 file name(s) are not UTF-8 text" in err and r"b'caf\xe9.png' (byte 3)" in err
+    assert "Traceback" not in err and not (tmp_path / "s.csv").exists()
+
+
+def test_a_manifest_or_train_config_that_is_not_utf8_names_the_byte(toy_manifest, tmp_path, capsys):
+    manifest = tmp_path / "latin1.yaml"
+    manifest.write_bytes(toy_manifest.read_bytes() + "# réglé\n".encode("latin-1"))
+    assert main(["validate-manifest", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    lines = toy_manifest.read_bytes().count(b"\n") + 1
+    assert f"is not utf-8 text: byte 0xe9 at offset {len(toy_manifest.read_bytes()) + 3}, line {lines}" in err
+    assert "save the file as UTF-8" in err and "Traceback" not in err
+    config = tmp_path / "train.yaml"
+    config.write_bytes("work: café\n".encode("latin-1"))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "is not utf-8 text: byte 0xe9 at offset 9, line 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_texts_in_another_encoding_are_refused_or_read_with_encoding(tmp_path, suffix, capsys):
+    texts = tmp_path / f"texts{suffix}"
+    lines = [f"a painting of a red fox number {i} in the snow at the café {i}" for i in range(5)]
+    header = "prompt\n" if suffix == ".csv" else ""
+    texts.write_bytes((header + "\n".join(lines) + "\n").encode("latin-1"))
+    out = tmp_path / "bank"
+    assert main(["build-bank", str(texts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    offset = len(header) + lines[0].index("é")
+    assert f"is not utf-8 text: byte 0xe9 at offset {offset}, line {1 + bool(header)}" in err, err
+    assert "--encoding" in err and "Traceback" not in err and not out.exists()
+    assert not (tmp_path / "bank.building").exists()
+    assert main(["build-bank", str(texts), "--out", str(out), "--encoding", "latin-1"]) == 0
+    from kaggle_i2p.retrieval import Bank
+
+    assert Bank.open(out).texts([4]) == [lines[4]]
+    assert main(["build-bank", str(texts), "--out", str(tmp_path / "b2"), "--encoding", "klingon"]) == 2
+    assert "--encoding 'klingon' is not a text encoding" in capsys.readouterr().err
+
+
+def test_an_empty_prompts_file_in_the_text_step_is_one_message(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    run = subprocess.run([sys.executable, "-m", "kaggle_i2p.dataset", "text", str(tmp_path / "empty.txt"), "--work",
+                          str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "0 prompts collected" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr and "closed file" not in run.stderr
+    assert not (tmp_path / "work" / "prompts.parquet").exists() and not (tmp_path / "work" / "text.json").exists()
+
+
+def test_too_long_file_names_say_so(sample_images, toy_manifest, tmp_path, capsys, no_weights):
+    from kaggle_i2p.fileio import atomic_open
+
+    too_long = tmp_path / ("s" * 300 + ".csv")
+    assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(too_long), *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "file name too long" in err and "is 304 bytes" in err and "not writable" not in err
+    longest = tmp_path / ("s" * 251 + ".csv")  # 255 bytes: its temporary file still fits
+    with atomic_open(longest, "w") as handle:
+        handle.write("ok")
+    assert longest.read_text() == "ok"
+
+
+# ---- rule 5: nothing silent, and every problem at once ------------------------------------------------------------
+
+def test_an_unknown_key_does_not_hide_the_towers_other_problems(toy_manifest, tmp_path):
+    folder = tmp_path / "towers"
+    shutil.copytree(toy_manifest.parent, folder)
+    data = yaml.safe_load((folder / toy_manifest.name).read_text())
+    data["towers"][1]["colour"] = "red"
+    data["towers"][1]["image"]["resolutions"] = [70]  # not a multiple of the patch size 16
+    data["towers"][0]["image"]["crop"] = True
+    data["towers"][0]["sha256"] = "ab" * 32
+    manifest = folder / "both.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+    with pytest.raises(ManifestError) as error:
+        kaggle_i2p.towers.validate_manifest(manifest, deep=True)
+    problems = "\n".join(error.value.problems)
+    assert "towers[1]).colour: unknown key" in problems
+    assert "towers[1]).image.resolutions: 70 is not a multiple of the patch size 16" in problems
+    assert "towers[0]).image.crop: unknown key" in problems and "towers[0]).sha256:" in problems
+    assert len(error.value.problems) == 4
+
+
+def test_a_train_config_reports_the_missing_dataset_with_its_other_problems(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"work": "no_such_work", "output": "out", "precision": "fp8",
+                                      "stages": [{"epochs": 1, "resolution": 64}]}))
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "work: " in err and "has no index.parquet or targets.npy" in err and "precision: 'fp8'" in err
+
+
+def test_dataset_options_are_checked_before_any_file_is_read(tmp_path, capsys):
+    from kaggle_i2p import dataset
+
+    missing = str(tmp_path / "never_read.txt")
+    assert dataset.main(["text", missing, "--work", str(tmp_path / "w"), "--folds", "1", "--dedup-threshold",
+                         "1.5", "--nprobe", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--folds 1: at least 2 folds" in err and "--dedup-threshold 1.5" in err and "--nprobe 0" in err
+    assert "not found" not in err and not (tmp_path / "w").exists()
+
+
+# ---- every reader of a file we did not write: truncated, wrong shape, wrong encoding ------------------------------
+
+def _npy_readers(tmp_path: Path):
+    """(name, read(path) -> None) for every reader of a caller's .npy file."""
+    from kaggle_i2p.bankbuild import _read_recall_queries
+    from kaggle_i2p.evaluate import load_targets
+    from kaggle_i2p.manifest import load_fallback
+
+    ids = [f"i{n}" for n in range(4)]
+    return {
+        "targets": lambda p: load_targets(ids, targets_npy=p, embedding_dim=384),
+        "recall queries": lambda p: _read_recall_queries(p, 384),
+        "fallback": lambda p: load_fallback(p, 384),
+    }
+
+
+@pytest.mark.parametrize("reader", ["targets", "recall queries", "fallback"])
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "text"])
+def test_every_npy_reader_refuses_a_damaged_file_with_its_name(tmp_path, reader, damage):
+    path = tmp_path / "input.npy"
+    good = np.ones((4, 384), np.float32) if reader != "fallback" else np.ones(384, np.float32)
+    if damage == "truncated":
+        np.save(path, good)
+        path.write_bytes(path.read_bytes()[:-10])
+    elif damage == "wrong_shape":
+        np.save(path, np.ones((4, 10), np.float32))
+    else:
+        path.write_text("0.1,0.2,0.3\n", encoding="utf-16")
+    with pytest.raises((kaggle_i2p.errors.I2PError, ValueError, OSError)) as error:
+        _npy_readers(tmp_path)[reader](path)
+    message = str(error.value)
+    if reader != "fallback":  # the fallback's message gets its file name from the manifest problem that holds it
+        assert "input.npy" in message, message
+    assert any(w in message for w in ("truncated", "shape", "not a readable .npy", "cannot reshape", "file",
+                                      "expected")), message
+
+
+def test_training_data_readers_refuse_damaged_files(tmp_path):
+    from kaggle_i2p.testing import build_toy_training_set
+    from kaggle_i2p.train.data import TrainingDataError, load_training_data
+
+    work = build_toy_training_set(tmp_path / "work", n_prompts=8, folds=2, size=32)
+    targets = work / "targets.npy"
+    good = targets.read_bytes()
+    targets.write_bytes(good[:-64])
+    with pytest.raises(kaggle_i2p.errors.InputFileError, match="training targets .*truncated or damaged"):
+        load_training_data(work, 0)
+    targets.write_bytes(good)
+    (work / "index.parquet").write_bytes((work / "index.parquet").read_bytes()[:100])
+    with pytest.raises(TrainingDataError, match="cannot read it as parquet"):
+        load_training_data(work, 0)
+
+
+def test_generate_never_mixes_images_of_other_settings(tmp_path):
+    from kaggle_i2p.dataset.generate import check_generation_settings
+    from kaggle_i2p.dataset.layout import images_per_prompt
+
+    work = tmp_path / "work"
+    (work / "images").mkdir(parents=True)
+    settings = {"images_per_prompt": 1, "steps": 25, "guidance": 9.0}
+    (work / "generation.json").write_text(json.dumps(settings))
+    check_generation_settings(work, {**settings, "steps": 16})  # no image yet: any settings may start
+    (work / "images" / "p00000000_0.png").write_bytes(b"png")
+    check_generation_settings(work, settings)  # the same: resumes
+    with pytest.raises(kaggle_i2p.errors.InputFileError, match=r"made with other settings: steps 25 \(now 16\)"):
+        check_generation_settings(work, {**settings, "steps": 16})
+    (work / "generation.json").write_bytes(b'{"images_per_prompt": \xe9')
+    with pytest.raises(kaggle_i2p.errors.InputFileError, match="generation.json is damaged"):
+        images_per_prompt(work)
+
+
+def test_a_killed_processs_staging_folder_is_swept_by_the_next_and_no_other(toy_manifest, tmp_path):
+    from kaggle_i2p import fileio
+
+    checkpoint = _toy_training_checkpoint(toy_manifest, tmp_path / "best.pt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = fileio._owner_tag().rsplit("-", 1)[0]
+    killed = tmp_path / f".exported.{host}-{dead.stdout.strip()}.abcd1234.partial"  # a SIGKILLed export's
+    live = tmp_path / f".exported.{fileio._owner_tag()}.efgh5678.partial"  # a running one's (this process)
+    elsewhere = tmp_path / f".exported.otherhost-{dead.stdout.strip()}.ijkl9012.partial"  # another machine's
+    for folder in (killed, live, elsewhere):
+        folder.mkdir()
+        (folder / "toy_trained.safetensors").write_bytes(b"half written")
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    assert not killed.exists() and live.is_dir() and elsewhere.is_dir()
+    assert main(["validate-manifest", str(tmp_path / "exported" / "weights_manifest.yaml"), "--deep"]) == 0

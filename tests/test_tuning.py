@@ -173,7 +173,7 @@ def test_targets_errors(tmp_path, sample_dir):
     with pytest.raises(TargetError, match="no prompt for 1 image"):
         load_targets(ids, prompts_csv=sample_dir / "prompts.csv")
     np.save(tmp_path / "t.npy", np.ones((3, 384)))
-    with pytest.raises(TargetError, match=r"shape \(3, 384\), expected \(2, D\)"):
+    with pytest.raises(TargetError, match=r"has shape \(3, 384\); expected \(2, D\)"):
         load_targets(ids, targets_npy=tmp_path / "t.npy")
     with pytest.raises(TargetError, match="exactly one of"):
         load_targets(ids)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..errors import InputFileError
 from ..fileio import atomic_open
 from ..ranks import rank_and_world, rank_device
 from .layout import GENERATION, IMAGES, PROMPT_INDEX
@@ -81,6 +82,23 @@ def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
     return pipe.to(device)
 
 
+def check_generation_settings(work: Path, settings: dict) -> None:
+    """Images already made with other settings are never mixed with new ones: a rerun must give the settings in
+    WORK/generation.json (or use a new work folder)."""
+    path, images = work / GENERATION, work / IMAGES
+    if not path.is_file() or not images.is_dir() or not any(images.iterdir()):
+        return  # nothing made yet: any settings may start
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputFileError(f"{path} is damaged ({err}); its images' settings are unknown: move the images away "
+                             "or use a new work folder") from err
+    differ = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in settings.items() if stored.get(k) != v]
+    if differ:
+        raise InputFileError(f"{work / IMAGES} holds images made with other settings: {'; '.join(differ)}; rerun "
+                             "with those to finish them, or use a new work folder")
+
+
 def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = DEFAULTS.images_per_prompt,
              steps: int = DEFAULTS.steps, guidance: float = DEFAULTS.guidance, image_size: int = DEFAULTS.image_size,
              render_size: int | None = None, batch_size: int = DEFAULTS.batch_size,
@@ -92,6 +110,7 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = D
     rank, world, local_rank = rank_and_world()
     settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "image_size": image_size, "render_size": render_size, "format": image_format}
+    check_generation_settings(work, settings)
     with atomic_open(work / GENERATION) as handle:  # by every rank (the same bytes): array tasks start in any order
         json.dump(settings, handle, indent=1)
     prompts = pd.read_parquet(work / PROMPT_INDEX)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputFileError
+
 TEXT_SETTINGS = "text.json"  # the text step's inputs and settings: a rerun with others is refused, never mixed in
 PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"
 EMBEDDINGS = "embeddings"  # the clean prompts' MiniLM embeddings, a bank built in shards (removed after dedup)
@@ -22,4 +24,13 @@ IMAGE_FORMATS = ("png", "webp")  # how images are saved: PNG, or lossless WebP
 def images_per_prompt(work: Path) -> int:
     """How many images per prompt the generate step was run with (1 before it ran)."""
     settings = Path(work) / GENERATION
-    return json.loads(settings.read_text())["images_per_prompt"] if settings.is_file() else 1
+    if not settings.is_file():
+        return 1
+    try:
+        count = json.loads(settings.read_text(encoding="utf-8"))["images_per_prompt"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputFileError(f"{settings} is damaged ({type(err).__name__}: {err}); rerun the generate step with "
+                             "the settings the images were made with, which rewrites it") from err
+    if not (isinstance(count, int) and count >= 1):
+        raise InputFileError(f"{settings}: images_per_prompt {count!r} is not a whole number >= 1")
+    return count
