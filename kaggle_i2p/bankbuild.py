@@ -34,6 +34,7 @@ KEY_KINDS = ("none", "minilm", "clip")
 SHARD_ROWS = 100_000
 WORK_SUFFIX = ".building"
 LOCK_SUFFIX = ".lock"
+INDEX_LOCK = ".index-bank.lock"  # in a bank folder, held while index-bank replaces its index and bank.json
 PLAN_FILE = "plan.json"
 PLAN_FORMAT = 2  # 2: the storage dtype is part of the plan
 
@@ -367,9 +368,9 @@ def _build_index(keys: np.ndarray, staging: Path, nlist: int | None, queries: np
     try:
         return build_index(keys, staging, nlist, queries)
     except RuntimeError as err:
-        raise BankError(f"FAISS could not build the index ({str(err).strip().splitlines()[-1]}); the embedded "
-                        f"shards are kept in {work}: rerun with another --nlist (or without --index) to finish"
-                        ) from err
+        kept = (f"the embedded shards are kept in {work}: rerun with another --nlist (or without --index) to finish"
+                if work.name.endswith(WORK_SUFFIX) else f"{work} is unchanged: rerun with another --nlist")
+        raise BankError(f"FAISS could not build the index ({str(err).strip().splitlines()[-1]}); {kept}") from err
 
 
 def index_bank(bank_path: str | Path, nlist: int | None = None, recall_queries: str | Path | None = None) -> dict:
@@ -383,12 +384,17 @@ def index_bank(bank_path: str | Path, nlist: int | None = None, recall_queries: 
     queries = _read_recall_queries(recall_queries, bank.keys.shape[1])
     if (problem := index_problem(len(bank.keys), nlist, bank.keys.shape[1])) is not None:
         raise BankError(f"{bank.path}: {problem}")
-    staging = staging_dir(bank.path / "index")
-    try:
-        entry = build_index(bank.keys, staging, nlist, queries)
-        (staging / INDEX_FILE).replace(bank.path / INDEX_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    with atomic_open(bank.path / BANK_MARKER) as handle:
-        json.dump({**bank.meta, "index": entry}, handle, indent=1)
+    with open(bank.path / INDEX_LOCK, "a") as lock:  # two index-banks never pair one's index with the other's entry
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BankError(f"another index-bank is indexing {bank.path}; wait for it to finish") from None
+        staging = staging_dir(bank.path / "index")
+        try:
+            entry = _build_index(bank.keys, staging, nlist, queries, bank.path)
+            (staging / INDEX_FILE).replace(bank.path / INDEX_FILE)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_open(bank.path / BANK_MARKER) as handle:
+            json.dump({**bank.meta, "index": entry}, handle, indent=1)
     return entry

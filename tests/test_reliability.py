@@ -1403,3 +1403,36 @@ def test_a_killed_processs_staging_folder_is_swept_by_the_next_and_no_other(toy_
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
     assert not killed.exists() and live.is_dir() and elsewhere.is_dir()
     assert main(["validate-manifest", str(tmp_path / "exported" / "weights_manifest.yaml"), "--deep"]) == 0
+
+
+def test_metrics_are_a_log_a_cut_line_or_a_full_disk_never_stops_training(tmp_path, monkeypatch, caplog):
+    from kaggle_i2p.train import trainer
+
+    (tmp_path / "metrics.jsonl").write_text('{"global_step": 5, "loss": 1.0}\n{"global_step": 9, "lo')
+    with caplog.at_level(logging.WARNING):
+        metrics = trainer.MetricsLog(tmp_path, True, resume_step=10)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"global_step": 5, "loss": 1.0}\n'
+    assert "1 damaged line(s) dropped" in caplog.text
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full)
+    metrics.write({"global_step": 11})
+    metrics.write_epochs([{"epoch": 1}])
+    assert "training goes on without metrics files" in caplog.text
+
+
+def test_two_index_banks_on_one_bank_never_interleave(tmp_path, capsys):
+    import fcntl
+
+    from kaggle_i2p.bankbuild import INDEX_LOCK
+    from kaggle_i2p.testing import synthetic_bank
+
+    bank = synthetic_bank(tmp_path / "bank", 400, 16)
+    with open(bank / INDEX_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert main(["index-bank", str(bank), "--nlist", "2"]) == 2
+        assert "another index-bank is indexing" in capsys.readouterr().err
+    assert main(["index-bank", str(bank), "--nlist", "2"]) == 0
+    assert not [p for p in bank.iterdir() if p.name.endswith(".partial")]

@@ -108,21 +108,55 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and self.jsonl.is_file():
-            kept = [line for line in self.jsonl.read_text().splitlines()
-                    if line.strip() and json.loads(line)["global_step"] <= resume_step]
+            kept = [line for line in self._records() if json.loads(line)["global_step"] <= resume_step]
+        self._guard(self.jsonl, lambda: self._rewrite(kept))
+
+    def _records(self) -> list[str]:
+        """The readable records of metrics.jsonl; a line cut by a kill (or otherwise damaged) is dropped, warned."""
+        kept, dropped = [], 0
+        for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if line.strip() and isinstance(json.loads(line).get("global_step"), int):
+                    kept.append(line)
+                    continue
+            except (ValueError, AttributeError):
+                pass
+            dropped += bool(line.strip())
+        if dropped:
+            log.warning("%s: %d damaged line(s) dropped (a run killed mid-write)", self.jsonl, dropped)
+        return kept
+
+    def _rewrite(self, lines: list[str]) -> None:
         with atomic_open(self.jsonl, "w") as handle:
-            handle.write("".join(line + "\n" for line in kept))
+            handle.write("".join(line + "\n" for line in lines))
+
+    def _guard(self, path: Path, write) -> None:
+        """Metrics are a log: a write that fails (a full disk) warns once, and training goes on."""
+        if not self.enabled:
+            return
+        try:
+            write()
+        except OSError as err:
+            self.enabled = False
+            log.warning("cannot write %s (%s); training goes on without metrics files (checkpoints still hold "
+                        "the history)", path, err.strerror or err)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        def append() -> None:
             with open(self.jsonl, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+        self._guard(self.jsonl, append)
+
     def write_epochs(self, history: list[dict]) -> None:
-        if not self.enabled or not history:
+        if not history:
             return
-        with atomic_open(self.csv, "w", encoding="utf-8") as handle:
-            pd.DataFrame(history).to_csv(handle, index=False, lineterminator="\n")
+
+        def rewrite() -> None:
+            with atomic_open(self.csv, "w", encoding="utf-8") as handle:
+                pd.DataFrame(history).to_csv(handle, index=False, lineterminator="\n")
+
+        self._guard(self.csv, rewrite)
 
 
 class Trainer:
