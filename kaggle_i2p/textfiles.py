@@ -24,8 +24,13 @@ def _clean(texts) -> list[str]:
     return [t for t in cleaned if t]
 
 
+COMPRESSED = (".gz", ".bz2", ".xz", ".zip", ".zst", ".tar")  # pandas reads these: no byte offset to name in them
+
+
 def _decode_error(path: Path, encoding: str) -> TextFileError:
-    where = first_undecodable(path, encoding) or f"is not {encoding} text"
+    compressed = path.suffix.lower() in COMPRESSED
+    where = (None if compressed else first_undecodable(path, encoding)) or (
+        f"is not {encoding} text" + (" once decompressed" if compressed else ""))
     return TextFileError(f"{path} {where}; pass --encoding with the file's encoding (e.g. --encoding latin-1, "
                          "cp1252), or convert it to UTF-8")
 
