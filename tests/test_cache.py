@@ -172,3 +172,23 @@ def test_tower_key_covers_what_decides_outputs(toy_manifest, tmp_path):
     assert cache.tower_key(dataclasses.replace(spec, image=dataclasses.replace(spec.image, resolutions=(64,))),
                            "fp32", 384, 8) == key  # views are keyed one by one, not by the list
     assert cache.tower_key(spec, "fp32", 384, 5) != key  # batch size changes the last bits of a batch's outputs
+
+
+REFERENCE_TOWER_KEYS = {  # the reference manifest's keys (checkpoint hash fixed): a user's 8-hour cache stays valid
+    "eva02_l_336": "eva02_l_336-b2e0eb5d6af6d676918d8b2c",
+    "convnext_xxl": "convnext_xxl-48d10d8465da33cb80fc7b34",
+    "vit_l_14_336": "vit_l_14_336-7b79ed8f9220ceb31c099b74",
+}
+
+
+def test_the_reference_manifests_cache_keys_never_change(tmp_path, monkeypatch):
+    """Restructuring the package (issue 22) must keep every existing cache valid: the keys are pinned here."""
+    from pathlib import Path
+
+    from kaggle_i2p.cache import PredictionCache
+    from kaggle_i2p.manifest import load_manifest
+
+    monkeypatch.setattr(PredictionCache, "checkpoint_sha256", lambda self, spec: "0" * 64)
+    cache = PredictionCache(tmp_path / "cache")
+    manifest = load_manifest(Path(__file__).resolve().parents[1] / "weights_manifest.yaml", check_files=False)
+    assert {s.name: cache.tower_key(s, "fp16", 384, 32) for s in manifest.towers} == REFERENCE_TOWER_KEYS
