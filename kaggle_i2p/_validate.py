@@ -55,6 +55,12 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def setting_changes(stored: Mapping, given: Mapping) -> list[str]:
+    """`key stored (now given)` for every setting of `given` that a folder's recorded settings hold otherwise: the
+    words of a refusal to resume work made with other settings."""
+    return [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in given.items() if stored.get(k) != v]
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

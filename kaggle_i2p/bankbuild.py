@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._validate import setting_changes
 from .bankindex import INDEX_TYPES, build_index, index_problem
 from .ensemble import l2_normalize
 from .fileio import atomic_open, open_npy, staging_dir
@@ -124,7 +125,7 @@ def _open_plan(work: Path, plan: dict, restart: bool = False) -> dict:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise BankError(f"{path} is damaged ({err}); rerun with --restart to discard the unfinished build") from err
-        differ = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in plan.items() if stored.get(k) != v]
+        differ = setting_changes(stored, plan)
         if differ or "rows" not in stored:
             raise BankError(f"{work} holds an unfinished build of another input or other settings: "
                             f"{'; '.join(differ) or 'no row count'}. Rerun with those settings to resume it, or add "
@@ -240,16 +241,16 @@ def _build_locked(work: Path, out_dir: Path, settings: dict, source: Path, colum
     """Steps 2-4 of `build_bank`, under this rank's lock."""
     # 2. the plan: how many texts and shards (a counting pass on the first run), and whether they can be indexed
     plan = _open_plan(work, settings, restart)
-    if "rows" not in plan:
+    counted = "rows" not in plan
+    if counted:
         plan = {**settings, "rows": _count(source, column, encoding)}
         if not plan["rows"]:
             raise BankError(f"{source}: no texts")
-        if index is not None and (problem := index_problem(plan["rows"], nlist)) is not None:
-            raise BankError(f"{source}: {problem}")
+    if index is not None and (problem := index_problem(plan["rows"], nlist)) is not None:
+        raise BankError(f"{source}: {problem}")
+    if counted:
         with atomic_open(work / PLAN_FILE) as handle:
             json.dump(plan, handle, indent=1)
-    elif index is not None and (problem := index_problem(plan["rows"], nlist)) is not None:
-        raise BankError(f"{source}: {problem}")
     n_shards = -(-plan["rows"] // plan["shard_rows"])
 
     # 3. this rank's missing shards, embedded as the input streams past

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .._validate import setting_changes
 from ..errors import InputFileError
 from ..fileio import atomic_open
 from ..ranks import rank_and_world, rank_device
@@ -93,7 +94,7 @@ def check_generation_settings(work: Path, settings: dict) -> None:
     except (OSError, ValueError) as err:
         raise InputFileError(f"{path} is damaged ({err}); its images' settings are unknown: move the images away "
                              "or use a new work folder") from err
-    differ = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in settings.items() if stored.get(k) != v]
+    differ = setting_changes(stored, settings)
     if differ:
         raise InputFileError(f"{work / IMAGES} holds images made with other settings: {'; '.join(differ)}; rerun "
                              "with those to finish them, or use a new work folder")
