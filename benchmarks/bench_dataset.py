@@ -85,7 +85,7 @@ def prompt_texts(n: int, seed: int = 0) -> list[str]:
 
 def embed_rate(n: int, device: str) -> float:
     """Step 4: MiniLM prompts/s (float16 and large batches on a GPU, as the text step runs it)."""
-    from kaggle_i2p.text import embed_prompts
+    from kaggle_i2p.models.text import embed_prompts
 
     cuda = device.startswith("cuda")
     texts = prompt_texts(n)

@@ -10,7 +10,8 @@
 
 3. On CUDA (`--device cuda`, optionally `--manifest M` for the real ensemble): autocast against fp16 weights (images/s
    of the bare loop, lowest cosine to fp32); then per tower x view, with the manifest's precision and compile: steady
-   images/s and the first batch apart (`kaggle_i2p.plan.time_views`), FLOPs per image (`torch.utils.flop_counter`),
+   images/s and the first batch apart (`kaggle_i2p.inference.plan.time_views`), FLOPs per image
+   (`torch.utils.flop_counter`),
    and MFU against an fp16 matmul peak measured in the same run; and the start-up (loading the towers).
 
 Last line: `ratio=<float> rss_growth_mb=<float> max_rss_growth_mb=<float>` (and on CUDA the precision and MFU figures).
@@ -34,12 +35,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import kaggle_i2p
-from kaggle_i2p.ensemble import combine_views
-from kaggle_i2p.images import decode_image, list_images
+from kaggle_i2p.core.ensemble import combine_views
+from kaggle_i2p.inference.images import decode_image, list_images
+from kaggle_i2p.inference.predict import TowerRunner, resolve_device, resolve_precision
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.predict import TowerRunner, resolve_device, resolve_precision
+from kaggle_i2p.models.towers import build_tower, load_tower
 from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, build_toy_ensemble
-from kaggle_i2p.towers import build_tower, load_tower
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> Path:
@@ -139,8 +140,8 @@ def flops_per_image(runner: TowerRunner, view: str, pixels: torch.Tensor) -> flo
 
 def tower_rows(manifest_path: Path, device: torch.device, batch_size: int, repeats: int = 3) -> tuple[list, float]:
     """Per tower x view: (tower, view, images/s, first batch s, FLOPs per image); and the towers' loading seconds
-    (the planner's own loading and timing, `kaggle_i2p.plan`)."""
-    from kaggle_i2p.plan import load_runners_timed, synthetic_batch, time_views, view_shares
+    (the planner's own loading and timing, `kaggle_i2p.inference.plan`)."""
+    from kaggle_i2p.inference.plan import load_runners_timed, synthetic_batch, time_views, view_shares
 
     manifest = load_manifest(manifest_path)
     runners, loading, _ = load_runners_timed(manifest, device)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaggle_i2p.bankindex import default_nprobe, ivfpq_parameters, measure_recall, train_index
-from kaggle_i2p.retrieval import Bank
-from kaggle_i2p.search import INDEX_CANDIDATES_PER_K, nearest
+from kaggle_i2p.bank.folder import Bank
+from kaggle_i2p.bank.index import default_nprobe, ivfpq_parameters, measure_recall, train_index
+from kaggle_i2p.bank.search import INDEX_CANDIDATES_PER_K, nearest
 from kaggle_i2p.testing import prompt_like_embeddings, synthetic_bank
 
 RECALL_K = 32

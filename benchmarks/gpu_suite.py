@@ -89,8 +89,8 @@ def reference_manifest(work: Path, device, smoke: bool) -> Path:
     from safetensors.torch import save_file
 
     from kaggle_i2p.manifest import parse_manifest
+    from kaggle_i2p.models.towers import build_tower
     from kaggle_i2p.testing import build_toy_ensemble
-    from kaggle_i2p.towers import build_tower
 
     if smoke:
         return build_toy_ensemble(work / "toy")
@@ -116,10 +116,10 @@ def precision_rows(manifest_path: Path, device, batch_size: int, images: Path, r
     `auto` is the faster of the two at cosine >= COSINE_GOAL (fp16 autocast when neither)."""
     import torch
 
-    from kaggle_i2p.images import decode_image, list_images
+    from kaggle_i2p.inference.images import decode_image, list_images
+    from kaggle_i2p.inference.predict import TowerRunner
     from kaggle_i2p.manifest import load_manifest
-    from kaggle_i2p.predict import TowerRunner
-    from kaggle_i2p.towers import load_tower
+    from kaggle_i2p.models.towers import load_tower
 
     pixels = torch.stack([decode_image(p) for p in list_images(images).paths[:batch_size]]).to(device)
     rows = {}
@@ -177,9 +177,9 @@ def part_predict(device, smoke: bool, work: Path) -> dict:
 
 def part_compile(device, smoke: bool, work: Path) -> dict:
     """`compile: true` per tower as a run compiles it (gated to CUDA with Triton: elsewhere eager, said so)."""
+    from kaggle_i2p.inference.plan import load_runners_timed, synthetic_batch, time_views, view_shares
+    from kaggle_i2p.inference.predict import resolve_compile
     from kaggle_i2p.manifest import load_manifest
-    from kaggle_i2p.plan import load_runners_timed, synthetic_batch, time_views, view_shares
-    from kaggle_i2p.predict import resolve_compile
 
     batch = 2 if smoke else 32
     manifest = load_manifest(reference_manifest(work, device, smoke))
@@ -202,7 +202,7 @@ def part_compile(device, smoke: bool, work: Path) -> dict:
 def part_retrieval(device, smoke: bool, work: Path) -> dict:
     import torch
 
-    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.bank.folder import Bank
     from kaggle_i2p.testing import synthetic_bank
 
     br, bp = bench("bench_retrieval"), bench("bench_predict")
@@ -242,7 +242,7 @@ def minilm_folder(work: Path) -> tuple[Path, str]:
 
 
 def part_dataset(device, smoke: bool, work: Path) -> dict:
-    from kaggle_i2p.bankbuild import minilm_embedder
+    from kaggle_i2p.bank.build import minilm_embedder
 
     bd = bench("bench_dataset")
     rows = 2_000 if smoke else 400_000

@@ -6,8 +6,10 @@
 """
 
 from ._version import __version__
+from .core import moved
+from .core.registry import register_kind, register_library
+from .inference.predict import PredictionRun, RunSummary, predict_dir, predict_embeddings, run_prediction
 from .manifest import Manifest, ManifestError, load_manifest, register_named_manifest
-from .predict import PredictionRun, RunSummary, predict_dir, predict_embeddings, run_prediction
 
 
 def _demo_manifest():
@@ -18,6 +20,7 @@ def _demo_manifest():
 
 
 register_named_manifest("demo", _demo_manifest)
+moved.install(__name__)  # `kaggle_i2p.towers` and the other old flat names keep working
 
 __all__ = [
     "Manifest",
@@ -28,5 +31,7 @@ __all__ = [
     "load_manifest",
     "predict_dir",
     "predict_embeddings",
+    "register_kind",
+    "register_library",
     "run_prediction",
 ]

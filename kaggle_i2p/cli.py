@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .errors import I2PError
+from .core.errors import I2PError
+from .core.resources import DEFAULT_MANIFEST, default_manifest
 from .manifest import PRECISIONS
-from .resources import DEFAULT_MANIFEST, default_manifest
 
 DEFAULT_CACHE = ".i2p_cache"
 
@@ -73,10 +73,10 @@ def _share(text: str) -> tuple[int, int]:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_dir
+    from .inference.predict import predict_dir
 
     if args.share is not None:
-        from .predict import encode_part
+        from .inference.predict import encode_part
 
         images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, device=args.device,
                               batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
@@ -94,8 +94,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     """Manifest, prediction run over all towers (zero weights too, through the cache), aligned targets and, for tune,
     folds; targets and folds are read before the compute, so a bad prompts file or --folds fails in seconds."""
-    from .evaluate import fold_numbers, load_targets
-    from .predict import execute, prepare_run
+    from .inference.predict import execute, prepare_run
+    from .tuning.evaluate import fold_numbers, load_targets
 
     setup = prepare_run(args.image_dir, args.manifest, device=args.device, batch_size=args.batch_size,
                         num_workers=args.workers, precision=args.precision,
@@ -110,7 +110,7 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .tuning.evaluate import evaluate_run
 
     manifest, run, targets, _ = _labelled_run(args)
     report = evaluate_run(run, manifest, targets)
@@ -119,8 +119,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .evaluate import tune_run, write_tuned_manifest
-    from .fileio import check_writable_file
+    from .core.fileio import check_writable_file
+    from .tuning.evaluate import tune_run, write_tuned_manifest
 
     check_writable_file(args.out)  # before the compute, like every output
     manifest, run, targets, folds = _labelled_run(args, check_folds=True)
@@ -133,7 +133,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .towers import validate_manifest
+    from .models.towers import validate_manifest
 
     manifest = validate_manifest(args.path, check_files=not args.no_file_check, deep=args.deep)
     checked = "schema, files, architectures" if not args.no_file_check else "schema, architectures"
@@ -146,7 +146,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_run
+    from .inference.plan import plan_run
 
     plan = plan_run(args.manifest, images=args.images, budget=args.budget, margin=args.margin, device=args.device,
                     batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
@@ -156,7 +156,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_dry_run(args: argparse.Namespace) -> int:
-    from .dryrun import dry_run
+    from .inference.dryrun import dry_run
 
     report = dry_run(args.sample_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
                      batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
@@ -171,8 +171,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
-    from .bankbuild import build_bank
-    from .retrieval import Bank
+    from .bank.build import build_bank
+    from .bank.folder import Bank
 
     out = build_bank(args.texts, args.out, column=args.column, keys=args.keys, clip_arch=args.clip_arch,
                      clip_checkpoint=args.clip_checkpoint, index=args.index, nlist=args.nlist,
@@ -195,7 +195,7 @@ def _index_line(entry: dict | None) -> str:
 
 
 def _cmd_index_bank(args: argparse.Namespace) -> int:
-    from .bankbuild import index_bank
+    from .bank.build import index_bank
 
     entry = index_bank(args.bank, nlist=args.nlist, recall_queries=args.recall_queries)
     print(f"indexed {args.bank}{_index_line(entry)}; recall@{entry['recall_k']} by nprobe: {entry['recall']}")
@@ -203,7 +203,7 @@ def _cmd_index_bank(args: argparse.Namespace) -> int:
 
 
 def _cmd_pack_wheels(args: argparse.Namespace) -> int:
-    from .wheelhouse import DEFAULT_PROVIDED, pack_wheels
+    from .packaging.wheelhouse import DEFAULT_PROVIDED, pack_wheels
 
     result = pack_wheels(args.out, source=args.source, provided=args.provided or DEFAULT_PROVIDED,
                          extras=args.extras, extra_packages=args.packages, python_version=args.python_version,
@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaggle-i2p", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kaggle_i2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .bankbuild import SHARD_ROWS
-    from .bankindex import INDEX_TYPES
+    from .bank.build import SHARD_ROWS
+    from .bank.index import INDEX_TYPES
 
     predict = sub.add_parser("predict", help="predict a folder of images and write submission.csv")
     predict.add_argument("image_dir", type=Path)

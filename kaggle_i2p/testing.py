@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .core.resources import PRIOR_PATH
 from .manifest import parse_manifest, write_manifest
-from .resources import PRIOR_PATH
-from .towers import Tower, build_tower
+from .models.towers import Tower, build_tower
 
 # Manifest `image` statistics as YAML-friendly lists, from timm's own constants.
 CLIP_MEAN, CLIP_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
@@ -81,7 +81,7 @@ def build_toy_training_set(work: str | Path, n_prompts: int = 48, folds: int = 4
     from PIL import Image
 
     from .dataset.layout import IMAGES, INDEX, TARGETS
-    from .dryrun import bundled_sample_dir, sample_targets
+    from .inference.dryrun import bundled_sample_dir, sample_targets
 
     work = Path(work)
     (work / IMAGES).mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def plant_near_duplicates(vectors: np.ndarray, fraction: float, cosines: tuple[f
 def synthetic_bank(folder: str | Path, rows: int, key_dim: int, seed: int = 0, target_dim: int = 384) -> Path:
     """A bank folder of `rows` prompt-like float16 keys and targets, written in chunks (a 5M-row bank never sits in
     memory), with texts `text <row>`; as `write_bank` lays it out."""
-    from .retrieval import BANK_MARKER
+    from .bank.folder import BANK_MARKER
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def synthetic_bank(folder: str | Path, rows: int, key_dim: int, seed: int = 0, t
 def build_clip_retrieval(folder: str | Path, retrieval: dict, name: str = "clip_retrieval.yaml") -> Path:
     """A manifest with one tiny open_clip tower that retrieves from a random 300-row bank keyed in its 32-d space
     (two resolutions, flipped too: four views); the bank and checkpoint are written once per folder and shared."""
-    from .retrieval import write_bank
+    from .bank.folder import write_bank
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,5 +237,72 @@ def build_clip_retrieval(folder: str | Path, retrieval: dict, name: str = "clip_
     if not spec.checkpoint.exists():
         torch.manual_seed(3)
         save_file({k: v.contiguous() for k, v in build_tower(spec).state_dict().items()}, str(spec.checkpoint))
+    write_manifest(data, path)
+    return path
+
+
+# ---- one tiny example per registered library and kind: tests/test_registries.py runs each through the machinery.
+# A library or kind registered without one fails that test until it gets one here (or, for a plugin, through
+# `TINY_ARCHS[name] = ...` in its own tests).
+
+def _tiny_open_clip(folder: Path) -> str:
+    path = Path(folder) / "tiny_open_clip_vit.json"
+    path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
+    return path.name
+
+
+# library -> a function writing what its tiny arch needs into a folder and returning the arch as a manifest writes it
+TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip": _tiny_open_clip}
+
+
+def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:
+    return {"head": {"type": "mlp", "hidden": 16, "norm": "layernorm", "activation": "gelu"}}
+
+
+def _tiny_retrieval(folder: Path, out_dim: int, embedding_dim: int) -> dict:
+    synthetic_bank(Path(folder) / "bank", rows=40, key_dim=out_dim, target_dim=embedding_dim)
+    return {"kind": "retrieval", "retrieval": {"bank": "bank", "k": 4, "temperature": 0.1, "score": "embedding"}}
+
+
+# network kind -> a function writing what its section needs and returning the entry's kind-specific keys
+TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval}
+
+
+def _tiny_prior(folder: Path, embedding_dim: int) -> dict:
+    vector = prompt_like_embeddings(1, embedding_dim, seed=5)[0]
+    np.save(Path(folder) / "prior_vector.npy", vector)
+    return {"kind": "prior", "vector": "prior_vector.npy"}
+
+
+# constant kinds (no network) -> a function returning a whole entry but its name and weight
+TINY_CONSTANT_ENTRIES: dict[str, object] = {"prior": _tiny_prior}
+
+
+def tiny_tower_manifest(folder: str | Path, library: str, kind: str, seed: int = 0, embedding_dim: int = 384) -> Path:
+    """A one-tower manifest of `kind` on `library`'s tiny arch (two resolutions and a flip), with its random-weight
+    checkpoint; for a constant kind, the library is not used."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PRIOR_PATH, folder / "fallback.npy")
+    if kind in TINY_CONSTANT_ENTRIES:
+        entry = {"name": "tiny", "weight": 1.0, **TINY_CONSTANT_ENTRIES[kind](folder, embedding_dim)}
+    else:
+        arch = TINY_ARCHS[library](folder)
+        from .models.backbones import library as library_named
+
+        lib = library_named(library)
+        with torch.device("meta"):
+            out_dim = lib.build(str(folder / arch) if lib.arch_is_path(arch) else arch, None, 0).out_dim
+        entry = {"name": "tiny", "library": library, "arch": arch, "checkpoint": "tiny.safetensors",
+                 "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                           "resolutions": [64, 96], "hflip": True},
+                 "weight": 1.0, **TINY_NETWORK_ENTRIES[kind](folder, out_dim, embedding_dim)}
+    data = {"embedding_dim": embedding_dim, "fallback": "fallback.npy", "towers": [entry]}
+    path = folder / "tiny_manifest.yaml"
+    spec = parse_manifest(data, path, check_files=False).towers[0]
+    if "checkpoint" in entry:
+        torch.manual_seed(seed)
+        tower = build_tower(spec, embedding_dim)
+        save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(spec.checkpoint))
     write_manifest(data, path)
     return path

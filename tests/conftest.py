@@ -22,7 +22,7 @@ os.environ.pop("KAGGLE_KERNEL_RUN_TYPE", None)
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(_HERMETIC_HOME, ignore_errors=True)
 
-from kaggle_i2p.dryrun import bundled_sample_dir  # noqa: E402 - after HOME is redirected
+from kaggle_i2p.inference.dryrun import bundled_sample_dir  # noqa: E402 - after HOME is redirected
 from kaggle_i2p.testing import build_toy_ensemble  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,16 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_i2p"
 
-# Lower layers first; a module may import its own layer and those below it, never one above.
-LAYERS = {
-    "base": {"errors", "resources", "fileio", "_validate", "blocks", "ranks"},
-    "serving": {"manifest", "backbones", "checkpoints", "towers", "images", "ensemble", "search", "retrieval", "cache",
-                "parallel", "predict", "submission", "dryrun", "plan", "text"},
-    "upstream": {"evaluate", "tune", "folds", "wheelhouse", "textfiles", "bankindex", "bankbuild", "dataset", "train",
-                 "trainer", "export"},
-    "top": {"cli", "demo", "testing", "__init__", "_version"},
-}
-ORDER = list(LAYERS)
+# The layers, lowest first: a module's layer is its folder's; a module may import its own layer and those below it,
+# never one above. The modules directly in kaggle_i2p/ (cli, testing, the package face) and demo/ are the top.
+ORDER = ["core", "manifest", "models", "bank", "kinds", "inference", "tuning", "packaging", "dataset", "train", "top"]
+MAX_TOP_MODULES = 6
 
 
 def _module_name(path: Path) -> str:
@@ -28,8 +22,8 @@ def _module_name(path: Path) -> str:
 
 
 def _layer(module: str) -> str:
-    top = module.split(".")[0]
-    return next(name for name, members in LAYERS.items() if top in members)
+    folder = module.split(".")[0] if "." in module or (PACKAGE / module).is_dir() else "top"
+    return folder if folder in ORDER else "top" if folder == "demo" else folder
 
 
 def _imports() -> dict[str, set[str]]:
@@ -62,7 +56,12 @@ def _imports() -> dict[str, set[str]]:
 
 def test_every_module_has_a_layer():
     for module in _imports():
-        assert _layer(module) in ORDER, module
+        assert _layer(module) in ORDER, f"{module}: its folder is not one of the layers {ORDER}"
+
+
+def test_few_modules_sit_directly_in_the_package():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_MODULES, top
 
 
 def test_no_import_cycle():
@@ -97,3 +96,32 @@ def test_no_import_runs_back_up_the_layers():
 def test_production_never_imports_the_test_fixtures():
     importers = sorted(module for module, targets in _imports().items() if "testing" in targets)
     assert importers == []
+
+
+KIND_USERS = {"train"}  # the trainer trains regressors: it builds their spec
+LIBRARY_USERS = {"bank.build"}  # build-bank's CLIP text tower is open_clip's by definition
+
+
+def test_generic_code_names_no_kind_and_no_library():
+    """Kinds and libraries are found through the registries: only their own folders (and the few users above, each
+    with its reason) import their modules."""
+    libraries = {m for m in _imports() if m.startswith("models.backbones.") and m != "models.backbones.base"}
+    naming = sorted(f"{module} imports {target}" for module, targets in _imports().items() for target in targets
+                    if (target.startswith("kinds.") and not module.startswith("kinds.")
+                        and _layer(module) not in KIND_USERS | {"top"})
+                    or (target in libraries and not module.startswith("models.backbones.")
+                        and module not in LIBRARY_USERS and _layer(module) != "top"))
+    assert naming == []
+
+
+def test_the_old_flat_module_names_still_import_the_same_modules():
+    import importlib
+
+    from kaggle_i2p.core.moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"kaggle_i2p.{old}") is importlib.import_module(f"kaggle_i2p.{new}"), old
+    from kaggle_i2p.export import export_checkpoint, read_checkpoint  # noqa: F401 - documented names
+    from kaggle_i2p.trainer import train  # noqa: F401
+
+    from kaggle_i2p.manifest import HeadSpec, RegressorSpec, RetrievalSpec  # noqa: F401

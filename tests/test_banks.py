@@ -11,13 +11,14 @@ import yaml
 from conftest import dying_embedder
 
 import kaggle_i2p
-from kaggle_i2p import bankbuild, textfiles
-from kaggle_i2p.bankbuild import build_bank, index_bank
-from kaggle_i2p.bankindex import ivfpq_parameters, measure_recall
+from kaggle_i2p.bank import build as bankbuild
+from kaggle_i2p.bank import textfiles
+from kaggle_i2p.bank.build import build_bank, index_bank
+from kaggle_i2p.bank.folder import Bank, BankError, retrieve
+from kaggle_i2p.bank.index import ivfpq_parameters, measure_recall
+from kaggle_i2p.bank.search import nearest, read_index
 from kaggle_i2p.cli import main
 from kaggle_i2p.manifest import ManifestError, load_manifest
-from kaggle_i2p.retrieval import Bank, BankError, retrieve
-from kaggle_i2p.search import nearest, read_index
 from kaggle_i2p.testing import build_clip_retrieval, prompt_like_embeddings, synthetic_bank
 
 SUBJECTS = ["a red fox", "an old lighthouse", "a robot", "a bowl of ramen", "a castle", "a cat astronaut",
@@ -210,9 +211,9 @@ def test_the_4th_place_blend_validates_and_runs_on_synthetic_weights(tmp_path, s
 
     from safetensors.torch import save_file
 
-    from kaggle_i2p.ensemble import combine_towers
+    from kaggle_i2p.core.ensemble import combine_towers
     from kaggle_i2p.manifest import parse_manifest
-    from kaggle_i2p.towers import build_tower, check_architectures
+    from kaggle_i2p.models.towers import build_tower, check_architectures
 
     blend_path = Path(__file__).resolve().parents[1] / "configs" / "blend_4th_place.yaml"
     monkeypatch.setenv("I2P_BANK", str(synthetic_bank(tmp_path / "bank_h14", 1200, 1024)))
@@ -265,7 +266,7 @@ def test_a_stale_index_is_a_manifest_problem_before_any_compute(tmp_path):
 def test_the_bank_pass_halves_its_query_block_on_out_of_memory(monkeypatch, caplog):
     import torch
 
-    from kaggle_i2p import search
+    from kaggle_i2p.bank import search
 
     keys = prompt_like_embeddings(500, 16).astype(np.float16)
     queries = prompt_like_embeddings(300, 16, spread=0.8, first_row=10_000)

@@ -46,7 +46,7 @@ def test_train_step_benchmark_runs():
 def test_retrieval_benchmark_runs(tmp_path):
     import numpy as np
 
-    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.bank.folder import Bank
     from kaggle_i2p.testing import synthetic_bank
 
     bench = _bench("bench_retrieval")

@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import kaggle_i2p
-from kaggle_i2p import predict as predict_module
-from kaggle_i2p.cache import PredictionCache
+from kaggle_i2p.inference import predict as predict_module
+from kaggle_i2p.inference.cache import PredictionCache
+from kaggle_i2p.inference.predict import TowerRunner
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.predict import TowerRunner
 
 OPTIONS = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 2, "cache_chunk_size": 4}
 
@@ -67,7 +67,7 @@ def test_second_run_comes_from_cache_with_identical_bytes(many_images, toy_manif
                         else pytest.fail("images were decoded"))
     second = tmp_path / "second.csv"
     run = kaggle_i2p.run_prediction(many_images, toy_manifest, cache_dir=tmp_path / "cache", **OPTIONS)
-    kaggle_i2p.submission.write_submission(run.ids, run.embeddings, second)
+    kaggle_i2p.inference.submission.write_submission(run.ids, run.embeddings, second)
     assert run.summary.cached_images == 28
     assert plain.read_bytes() == first.read_bytes() == second.read_bytes()
 
@@ -185,10 +185,22 @@ def test_the_reference_manifests_cache_keys_never_change(tmp_path, monkeypatch):
     """Restructuring the package (issue 22) must keep every existing cache valid: the keys are pinned here."""
     from pathlib import Path
 
-    from kaggle_i2p.cache import PredictionCache
+    from kaggle_i2p.inference.cache import PredictionCache
     from kaggle_i2p.manifest import load_manifest
 
     monkeypatch.setattr(PredictionCache, "checkpoint_sha256", lambda self, spec: "0" * 64)
     cache = PredictionCache(tmp_path / "cache")
     manifest = load_manifest(Path(__file__).resolve().parents[1] / "weights_manifest.yaml", check_files=False)
     assert {s.name: cache.tower_key(s, "fp16", 384, 32) for s in manifest.towers} == REFERENCE_TOWER_KEYS
+
+
+def test_a_bank_searching_towers_cache_key_never_changes(tmp_path, monkeypatch):
+    """The retrieval kind's identity (queries: its score and key width, not its bank) as computed before issue 22."""
+    from kaggle_i2p.inference.cache import PredictionCache
+    from kaggle_i2p.manifest import load_manifest
+    from kaggle_i2p.testing import build_clip_retrieval
+
+    monkeypatch.setattr(PredictionCache, "checkpoint_sha256", lambda self, spec: "0" * 64)
+    path = build_clip_retrieval(tmp_path, {"k": 8, "temperature": 0.1, "score": "embedding", "search": "exact"})
+    spec = load_manifest(path).towers[0]
+    assert PredictionCache(tmp_path / "cache").tower_key(spec, "fp16", 384, 32) == "clip-bad18ede268c77019bbcdcf6"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kaggle_i2p.cli import main
+from kaggle_i2p.inference.submission import read_submission
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.submission import read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,8 @@ def test_dry_run_json(toy_manifest, capsys):
 
 def test_dry_run_scores_a_perfect_prediction_as_one(tmp_path, sample_dir, monkeypatch):
     """Feed the true targets through the pipeline's scoring: the mean cosine must be 1."""
-    from kaggle_i2p import dryrun
-    from kaggle_i2p.predict import PredictionRun, RunSummary
+    from kaggle_i2p.inference import dryrun
+    from kaggle_i2p.inference.predict import PredictionRun, RunSummary
 
     ids, targets = dryrun.sample_targets(sample_dir / "sample_submission.csv")
     monkeypatch.setattr(dryrun, "run_prediction", lambda *a, **k: PredictionRun(

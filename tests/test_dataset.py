@@ -8,9 +8,9 @@ import pytest
 from conftest import dying_embedder
 
 from kaggle_i2p import dataset
+from kaggle_i2p.core.ensemble import l2_normalize
 from kaggle_i2p.dataset import assign_folds, clean, collect, semantic_dedup, similarity_groups
-from kaggle_i2p.ensemble import l2_normalize
-from kaggle_i2p.text import embed_prompts
+from kaggle_i2p.models.text import embed_prompts
 
 
 def test_clean_drops_each_kind_with_counts():
@@ -209,7 +209,7 @@ def test_text_step_embeds_in_shards_resumes_after_a_kill_and_ranks_equal_one_pro
     """The embeddings stream in shards of the clean prompts: a run killed in the third shard redoes only the shards
     not written; two ranks (run one after the other) share the shards and rank 0 writes the index; all three ways
     end in the same bytes, and the shard folder is gone."""
-    from kaggle_i2p import bankbuild
+    from kaggle_i2p.bank import build as bankbuild
 
     sources = _text_sources(tmp_path, sample_dir)
     monkeypatch.setattr(dataset.prompts, "EMBED_SHARD_ROWS", 3)

@@ -11,15 +11,16 @@ import yaml
 from safetensors.torch import save_file
 
 import kaggle_i2p
+from kaggle_i2p.bank.folder import Bank, write_bank
 from kaggle_i2p.cli import main
+from kaggle_i2p.core.ensemble import l2_normalize
 from kaggle_i2p.demo.ensemble import build_demo_ensemble, imagenet_phrases
-from kaggle_i2p.dryrun import dry_run
-from kaggle_i2p.ensemble import l2_normalize
-from kaggle_i2p.images import decode_image, make_view
+from kaggle_i2p.inference.dryrun import dry_run
+from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.kinds.retrieval import RetrievalHead
 from kaggle_i2p.manifest import ManifestError, load_manifest
-from kaggle_i2p.retrieval import Bank, RetrievalHead, write_bank
+from kaggle_i2p.models.towers import build_tower, check_architectures, load_tower
 from kaggle_i2p.testing import build_clip_retrieval
-from kaggle_i2p.towers import build_tower, check_architectures, load_tower
 
 
 def test_demo_beats_the_prior_on_the_sample(demo_manifest):
@@ -44,8 +45,8 @@ def test_demo_is_reproducible_and_valid(demo_manifest, tmp_path):
 
 
 def test_manifest_demo_and_dry_run_default(demo_manifest, monkeypatch, capsys, tmp_path, sample_dir):
-    from kaggle_i2p import dryrun
     from kaggle_i2p.demo import ensemble as demo_ensemble
+    from kaggle_i2p.inference import dryrun
 
     monkeypatch.setattr(demo_ensemble, "default_demo_dir", lambda: demo_manifest.parent)
     monkeypatch.setattr(dryrun, "KAGGLE_SAMPLE_DIR", tmp_path / "not-on-kaggle")
@@ -168,7 +169,7 @@ def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_m
     import os
     import shutil
 
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     folder = tmp_path / "demo"
     shutil.copytree(demo_manifest.parent, folder)
@@ -187,12 +188,13 @@ def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_m
 def test_a_bank_searching_tower_caches_its_queries_and_searches_once_per_run(tmp_path, sample_dir, monkeypatch):
     """The forward passes store queries; the bank is searched once for every image and view together; a new k
     reuses the cached queries and gives the bytes of an uncached run."""
-    from kaggle_i2p import retrieval
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.bank import folder as retrieval
+    from kaggle_i2p.inference.predict import TowerRunner
+    from kaggle_i2p.manifest import kind_of
 
     first = build_clip_retrieval(tmp_path, {"k": 8, "temperature": 0.1, "score": "embedding"})
     spec = load_manifest(first).towers[0]
-    assert spec.forward_dim() == 32 and spec.bank_search is spec.retrieval
+    assert spec.forward_dim() == 32 and kind_of(spec).has_step_after_encoding(spec)
     calls = []
     original = retrieval.nearest
     monkeypatch.setattr(retrieval, "nearest", lambda q, *a, **kw: calls.append(len(q)) or original(q, *a, **kw))

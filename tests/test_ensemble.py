@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kaggle_i2p.ensemble import combine_towers, combine_views, l2_normalize, mean_cosine
+from kaggle_i2p.core.ensemble import combine_towers, combine_views, l2_normalize, mean_cosine
 
 
 def test_l2_normalize():

@@ -168,7 +168,7 @@ def test_a_job_array_makes_the_images_of_one_process_and_its_last_task_writes_th
 
 
 def test_a_slurm_job_array_shards_like_ranks(monkeypatch):
-    from kaggle_i2p.errors import OptionError
+    from kaggle_i2p.core.errors import OptionError
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

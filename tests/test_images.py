@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kaggle_i2p.images import ImageListingError, collate_decoded, decode_image, list_images, make_view
+from kaggle_i2p.inference.images import ImageListingError, collate_decoded, decode_image, list_images, make_view
 from kaggle_i2p.manifest import ImageSpec
 
 

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from kaggle_i2p.manifest import ManifestError, load_manifest, parse_manifest
+from kaggle_i2p.models.towers import build_tower, check_architectures
 from kaggle_i2p.testing import toy_manifest_dict
-from kaggle_i2p.towers import build_tower, check_architectures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,9 +199,9 @@ def test_a_manifest_with_every_kind_and_path_field_round_trips_from_another_fold
     import numpy as np
     import yaml
 
-    from kaggle_i2p.fileio import sha256_file
+    from kaggle_i2p.bank.folder import write_bank
+    from kaggle_i2p.core.fileio import sha256_file
     from kaggle_i2p.manifest import rebase_manifest_paths, save_manifest, write_manifest
-    from kaggle_i2p.retrieval import write_bank
 
     source = tmp_path / "source"
     shutil.copytree(toy_manifest.parent, source)

@@ -9,9 +9,9 @@ import pytest
 from conftest import CORPUS_FALLBACK, CORPUS_PREDICTED
 from nbclient import NotebookClient
 
-from kaggle_i2p.dryrun import sample_targets
+from kaggle_i2p.inference.dryrun import sample_targets
+from kaggle_i2p.inference.submission import check_format, read_submission
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.submission import check_format, read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IDS = ["20057f34d", "227ef0887", "92e911621", "a4e1c55a9", "c98f79f71", "d8edf2e40", "f27825b2c"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from kaggle_i2p.wheelhouse import DEFAULT_PROVIDED, installed_closure, wheel_requirements
+from kaggle_i2p.packaging.wheelhouse import DEFAULT_PROVIDED, installed_closure, wheel_requirements
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELHOUSE = ROOT / "dist" / "wheelhouse"

@@ -8,8 +8,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from kaggle_i2p import parallel
-from kaggle_i2p.predict import encode_part, predict_dir, resolve_devices
+from kaggle_i2p.inference import parallel
+from kaggle_i2p.inference.predict import encode_part, predict_dir, resolve_devices
 
 
 def _predict(images, manifest, out, **options):
@@ -69,7 +69,7 @@ def test_a_failed_process_loses_nothing_its_chunks_are_computed_after(sample_ima
 def test_devices_auto_takes_every_gpu_and_a_list_names_them(monkeypatch):
     import torch
 
-    from kaggle_i2p.errors import OptionError
+    from kaggle_i2p.core.errors import OptionError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -83,8 +83,8 @@ def test_devices_auto_takes_every_gpu_and_a_list_names_them(monkeypatch):
 def test_machines_sharing_a_cache_folder_split_a_run(sample_images, toy_manifest, tmp_path, monkeypatch, capsys):
     """Each "machine" encodes its part of the chunks into the shared cache and writes no CSV; the last run without
     a share loads no tower and writes the bytes of one run. The CLI's `--share R/W` does the same."""
-    from kaggle_i2p import predict as predict_module
     from kaggle_i2p.cli import main
+    from kaggle_i2p.inference import predict as predict_module
 
     single = _predict(sample_images, toy_manifest, tmp_path / "one.csv", device="cpu")
     options = {"device": "cpu", "num_workers": 0, "batch_size": 2, "cache_chunk_size": 3, "progress": False}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kaggle_i2p.cli import main
-from kaggle_i2p.errors import OptionError
-from kaggle_i2p.plan import RunPlan, ViewTiming, parse_budget, time_views
+from kaggle_i2p.core.errors import OptionError
+from kaggle_i2p.inference.plan import RunPlan, ViewTiming, parse_budget, time_views
 
 
 def _plan(budget_h: float) -> RunPlan:

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import kaggle_i2p
-from kaggle_i2p import predict as predict_module
-from kaggle_i2p.images import ImageListingError, decode_image, make_view
+from kaggle_i2p.inference import predict as predict_module
+from kaggle_i2p.inference.images import ImageListingError, decode_image, make_view
+from kaggle_i2p.inference.submission import read_submission
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.submission import read_submission
-from kaggle_i2p.towers import Tower, load_tower
+from kaggle_i2p.models.towers import Tower, load_tower
 
 SAMPLE_IDS = ["20057f34d", "227ef0887", "92e911621", "a4e1c55a9", "c98f79f71", "d8edf2e40", "f27825b2c"]
 
@@ -189,7 +189,7 @@ def test_predict_embeddings_returns_ids_and_array(sample_images, toy_manifest):
 def test_fp16_weights_hold_norms_and_head_in_fp32_and_match_fp32(sample_images, toy_manifest):
     """fp16-weights: the backbone's weights in fp16 except its norms, the head in fp32; the views agree with fp32
     (on the CPU here, where half matmuls run too)."""
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     manifest = load_manifest(toy_manifest)
     images = make_view([decode_image(p) for p in sorted(sample_images.glob("*.png"))[:3]], manifest.towers[0].image,
@@ -218,7 +218,7 @@ def test_fp16_weights_hold_norms_and_head_in_fp32_and_match_fp32(sample_images, 
 def test_precision_falls_back_in_order_and_counts(toy_manifest, precision, non_finite_at, tried):
     """A batch with a non-finite output is computed again one step down: fp16 weights -> fp16 autocast -> fp32;
     the fp32 step of an fp16-weights tower runs on an fp32 copy."""
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     spec = load_manifest(toy_manifest).towers[0]
     runner = TowerRunner(load_tower(spec), torch.device("cpu"), precision)
@@ -258,7 +258,7 @@ def test_compile_is_gated_by_device_and_triton(monkeypatch, caplog):
 
 def _compiling_runner(toy_manifest, monkeypatch, perturb: bool = False):
     """A runner of the toy ViT tower that compiles its views with a fake torch.compile recording each batch size."""
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     calls, real_compile = [], torch.compile
 
@@ -280,7 +280,7 @@ def _compiling_runner(toy_manifest, monkeypatch, perturb: bool = False):
 def test_compiled_views_one_callable_per_resolution_padded_batches_and_the_same_outputs(toy_manifest, monkeypatch):
     """Each resolution gets its own static-shape callable, compiled for the first batch; a smaller batch is padded
     to it (no recompile), and the outputs are eager's."""
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     runner, spec, calls = _compiling_runner(toy_manifest, monkeypatch)
     eager = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32")
@@ -297,7 +297,7 @@ def test_compiled_views_one_callable_per_resolution_padded_batches_and_the_same_
 
 
 def test_a_compiled_view_that_differs_from_eager_runs_eager(toy_manifest, monkeypatch, caplog):
-    from kaggle_i2p.predict import TowerRunner
+    from kaggle_i2p.inference.predict import TowerRunner
 
     runner, spec, _ = _compiling_runner(toy_manifest, monkeypatch, perturb=True)
     eager = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32")
@@ -334,8 +334,8 @@ def test_towers_load_in_the_background_while_the_first_batch_decodes(sample_imag
     the 60 s the wait allows. Loading errors still reach the caller."""
     import threading
 
-    from kaggle_i2p import images as images_module
-    from kaggle_i2p.checkpoints import TowerLoadError
+    from kaggle_i2p.inference import images as images_module
+    from kaggle_i2p.models.checkpoints import TowerLoadError
 
     decoded, loaded_in = threading.Event(), []
     real_decode, real_load = images_module.DecodedImages.__getitem__, predict_module.load_tower

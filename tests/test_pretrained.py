@@ -14,7 +14,7 @@ from kaggle_i2p.demo.efficientnet_lite0 import (
     convert_positional,
     efficientnet_lite0_state_dict,
 )
-from kaggle_i2p.images import make_view
+from kaggle_i2p.inference.images import make_view
 from kaggle_i2p.manifest import ImageSpec
 
 

@@ -25,12 +25,12 @@ import yaml
 from conftest import CORPUS_CONVERTED, CORPUS_FALLBACK, CORPUS_PREDICTED, CORPUS_SKIPPED, build_bad_input_corpus
 
 import kaggle_i2p
-from kaggle_i2p import predict as predict_module
 from kaggle_i2p.cli import main
-from kaggle_i2p.errors import OptionError
-from kaggle_i2p.images import ImageListingError
+from kaggle_i2p.core.errors import OptionError
+from kaggle_i2p.inference import predict as predict_module
+from kaggle_i2p.inference.images import ImageListingError
+from kaggle_i2p.inference.submission import read_submission
 from kaggle_i2p.manifest import ManifestError, load_manifest
-from kaggle_i2p.submission import read_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IDS = ["20057f34d", "227ef0887", "92e911621", "a4e1c55a9", "c98f79f71", "d8edf2e40", "f27825b2c"]
@@ -74,7 +74,7 @@ def _cli_on_tmpfs(mountpoint: Path, options: str, *args: str) -> subprocess.Comp
 
 
 def test_build_bank_refuses_a_folder_that_is_not_a_bank(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import text
+    from kaggle_i2p.models import text
 
     texts = tmp_path / "texts.txt"
     texts.write_text("a red apple on a table\na castle in the clouds, oil painting\n")
@@ -133,7 +133,7 @@ def test_bad_input_corpus_is_predicted_or_listed_and_written_in_utf8(bad_inputs,
 def test_high_bit_depth_images_are_scaled_not_clipped(bad_inputs):
     from PIL import Image
 
-    from kaggle_i2p.images import decode_image
+    from kaggle_i2p.inference.images import decode_image
 
     ramp = np.asarray(Image.open(bad_inputs / "gray16.png"), dtype=np.float64)
     pixels = decode_image(bad_inputs / "gray16.png").numpy()
@@ -187,7 +187,8 @@ def test_full_and_read_only_disks_are_refused_before_compute_on_real_tmpfs(sampl
 
 def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                             capsys, no_weights):
-    from kaggle_i2p import fileio, submission
+    from kaggle_i2p.core import fileio
+    from kaggle_i2p.inference import submission
 
     out = tmp_path / "submission.csv"
     monkeypatch.setattr(submission.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
@@ -207,7 +208,7 @@ def test_full_and_read_only_disks_are_refused_before_compute(sample_images, toy_
 
 def test_a_late_disk_full_is_one_message_and_the_old_csv_survives(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                                  capsys):
-    from kaggle_i2p import fileio
+    from kaggle_i2p.core import fileio
 
     out = tmp_path / "submission.csv"
     out.write_text("the old submission")
@@ -254,7 +255,7 @@ def test_the_suite_is_hermetic():
 
 def test_every_entry_point_accepts_demo(sample_images, toy_manifest, monkeypatch, tmp_path):
     from kaggle_i2p import manifest as manifest_module
-    from kaggle_i2p.dryrun import dry_run
+    from kaggle_i2p.inference.dryrun import dry_run
 
     monkeypatch.setitem(manifest_module.NAMED_MANIFESTS, "demo", lambda: toy_manifest)
     options = {"device": "cpu", "num_workers": 0, "progress": False}
@@ -284,7 +285,8 @@ def test_numeric_options_are_validated(sample_images, toy_manifest, options, mes
 
 def test_api_options_are_validated(sample_images, toy_manifest, no_weights):
     for bad in ({"batch_size": -1}, {"batch_size": 0}, {"num_workers": -1}, {"precision": "fp8"},
-                {"device": "gpu"}, {"device": "cuda:7"} if not kaggle_i2p.predict.torch.cuda.is_available() else {}):
+                {"device": "gpu"},
+                {"device": "cuda:7"} if not kaggle_i2p.inference.predict.torch.cuda.is_available() else {}):
         if bad:
             with pytest.raises(OptionError):
                 kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=None, **bad)
@@ -310,7 +312,7 @@ def test_devices_and_missing_extras_are_clean_errors(sample_images, toy_manifest
                                                     capsys):
     import pandas as pd
 
-    if not kaggle_i2p.predict.torch.cuda.is_available():
+    if not kaggle_i2p.inference.predict.torch.cuda.is_available():
         assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--device", "cuda"]) == 2
         assert "no CUDA GPU is visible here" in capsys.readouterr().err
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--device", "gpu"]) == 2
@@ -382,7 +384,7 @@ def test_cache_on_a_full_disk_warns_and_the_run_completes(sample_images, toy_man
         assert "MB free and needs up to" in done.stderr and "storing nothing in it" in done.stderr
         assert "Traceback" not in done.stderr
         assert np.array_equal(read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384), reference)
-    from kaggle_i2p import cache as cache_module
+    from kaggle_i2p.inference import cache as cache_module
 
     def full(*args, **kwargs):  # the disk fills during the run (the probe passed)
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -422,7 +424,7 @@ def test_damaged_shards_and_hash_memo_are_recomputed_with_a_warning(sample_image
 def test_changed_checkpoint_never_serves_stale_outputs(sample_images, toy_manifest, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from kaggle_i2p.fileio import sha256_file
+    from kaggle_i2p.core.fileio import sha256_file
 
     folder = tmp_path / "towers"
     shutil.copytree(toy_manifest.parent, folder)
@@ -604,7 +606,7 @@ def test_schema_and_resolution_problems_are_reported_together(toy_manifest, tmp_
     manifest = folder / "two.yaml"
     manifest.write_text(yaml.safe_dump(data))
     with pytest.raises(ManifestError) as error:
-        kaggle_i2p.towers.validate_manifest(manifest)
+        kaggle_i2p.models.towers.validate_manifest(manifest)
     assert len(error.value.problems) == 2
     assert "towers[0]).weight: -1 is negative" in error.value.problems[0]
     assert "towers[1]).image.resolutions: 70 is not a multiple of the patch size 16" in error.value.problems[1]
@@ -692,7 +694,7 @@ def test_concurrent_demo_builds_share_one_build_and_incomplete_folders_are_rebui
     foreign = tmp_path / "not-ours"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    with pytest.raises(kaggle_i2p.errors.I2PError, match="is not a demo ensemble folder"):
+    with pytest.raises(kaggle_i2p.core.errors.I2PError, match="is not a demo ensemble folder"):
         demo_ensemble.build_demo_ensemble(foreign)
     assert sorted(os.listdir(foreign)) == ["thesis.tex"]
 
@@ -703,12 +705,15 @@ def test_concurrent_demo_builds_share_one_build_and_incomplete_folders_are_rebui
 def test_api_defaults_have_one_owner():
     import inspect
 
-    from kaggle_i2p import manifest, retrieval, text, tune
+    from kaggle_i2p.bank import folder as retrieval
+    from kaggle_i2p.kinds import retrieval as retrieval_kind
+    from kaggle_i2p.models import text
+    from kaggle_i2p.tuning import tune
 
     for function in (retrieval.retrieve, retrieval.retrieve_from_logits):
         parameters = inspect.signature(function).parameters
-        assert parameters["k"].default == manifest.DEFAULT_RETRIEVAL_K
-        assert parameters["temperature"].default == manifest.DEFAULT_RETRIEVAL_TEMPERATURE
+        assert parameters["k"].default == retrieval_kind.DEFAULT_RETRIEVAL_K
+        assert parameters["temperature"].default == retrieval_kind.DEFAULT_RETRIEVAL_TEMPERATURE
     assert not hasattr(text, "EMBEDDING_DIM")
     preds = {"a": np.eye(3, dtype=np.float32), "b": np.ones((3, 3), dtype=np.float32)}
     weights = tune.tune_weights(preds, np.eye(3, dtype=np.float32), restarts=2)
@@ -732,18 +737,18 @@ def test_warnings_are_written_above_the_progress_bars(bad_inputs, toy_manifest, 
 
 
 def test_banks_and_the_demo_get_ordinary_permissions(tmp_path):
+    from kaggle_i2p.bank.folder import write_bank
     from kaggle_i2p.demo import ensemble as demo_ensemble
-    from kaggle_i2p.retrieval import write_bank
 
     old = os.umask(0o022)
     try:
         bank = write_bank(tmp_path / "bank", ["a cat", "a dog"], np.eye(2, 384, dtype=np.float32))
-        staging = kaggle_i2p.fileio.staging_dir(tmp_path / "demo")
+        staging = kaggle_i2p.core.fileio.staging_dir(tmp_path / "demo")
     finally:
         os.umask(old)
     assert (bank.stat().st_mode & 0o777) == 0o755 and (staging.stat().st_mode & 0o777) == 0o755
     assert all((p.stat().st_mode & 0o777) == 0o644 for p in bank.iterdir())
-    assert demo_ensemble.staging_dir is kaggle_i2p.fileio.staging_dir  # the demo builds in such a folder
+    assert demo_ensemble.staging_dir is kaggle_i2p.core.fileio.staging_dir  # the demo builds in such a folder
 
 
 def test_readme_lists_every_command():
@@ -819,7 +824,7 @@ def test_heap_growth_is_bounded_on_glibc(monkeypatch):
 
 def _indexed_clip(folder: Path) -> Path:
     """The tiny CLIP retrieval tower over its 300-row bank, searched through a 3-list index."""
-    from kaggle_i2p.bankbuild import index_bank
+    from kaggle_i2p.bank.build import index_bank
     from kaggle_i2p.testing import build_clip_retrieval
 
     build_clip_retrieval(folder, {"score": "embedding"})
@@ -859,7 +864,7 @@ def test_a_damaged_index_is_a_deep_manifest_problem_before_any_compute(tmp_path,
 
 
 def test_an_index_of_other_keys_is_refused_by_its_header(tmp_path):
-    from kaggle_i2p.bankbuild import index_bank
+    from kaggle_i2p.bank.build import index_bank
     from kaggle_i2p.testing import synthetic_bank
 
     manifest = _indexed_clip(tmp_path)
@@ -888,10 +893,10 @@ def test_damaged_bank_arrays_are_manifest_problems(tmp_path, damage):
         targets.write_text("not an array", encoding="utf-8")
     with pytest.raises(ManifestError, match=expected):
         load_manifest(manifest)
-    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.bank.folder import Bank
 
     if damage != "wrong_rows":
-        with pytest.raises(kaggle_i2p.errors.I2PError):
+        with pytest.raises(kaggle_i2p.core.errors.I2PError):
             Bank.open(tmp_path / "texts")
 
 
@@ -909,7 +914,7 @@ def test_a_damaged_bank_json_is_one_error(tmp_path, capsys):
 
 
 def test_plan_checks_its_image_folder_before_timing(toy_manifest, tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import plan
+    from kaggle_i2p.inference import plan
 
     monkeypatch.setattr(plan, "load_runners_timed", lambda *a, **k: pytest.fail("timed before the check"))
     assert main(["plan", "--manifest", str(toy_manifest), "--sample-dir", str(tmp_path / "nowhere"), *CPU[:4]]) == 2
@@ -949,7 +954,7 @@ def test_tune_checks_the_fold_column_before_compute(sample_images, sample_dir, t
 
     prompts = pd.read_csv(sample_dir / "prompts.csv").assign(fold=folds)
     prompts.to_csv(tmp_path / "prompts.csv", index=False)
-    monkeypatch_embed = kaggle_i2p.text.embed_prompts  # noqa: F841 - the real MiniLM embeds the 7 prompts first
+    monkeypatch_embed = kaggle_i2p.models.text.embed_prompts  # noqa: F841 - the real MiniLM embeds the 7 prompts first
     assert main(["tune", str(sample_images), "--prompts", str(tmp_path / "prompts.csv"), "--manifest",
                  str(toy_manifest), "--out", str(tmp_path / "t.yaml"), "--no-cache", *CPU]) == 2
     err = capsys.readouterr().err
@@ -976,14 +981,14 @@ def test_concurrent_build_banks_into_one_out_never_interleave(tmp_path):
         assert code == 0 or (code == 2 and "another build-bank is writing" in err and "Traceback" not in err), err
     assert not (tmp_path / "bank.building").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bank",
                                                                                                          "texts.txt"]
-    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.bank.folder import Bank
 
     bank = Bank.open(out)
     assert len(bank) == 400 and bank.texts([399]) == ["a painting of a red fox number 399 in the snow, café 399"]
 
 
 def test_a_second_build_bank_is_refused_while_one_holds_the_work_folder(tmp_path, capsys):
-    from kaggle_i2p import bankbuild
+    from kaggle_i2p.bank import build as bankbuild
 
     texts = _texts(tmp_path / "texts.txt")
     with bankbuild._rank_lock(tmp_path / "bank.building", 0):
@@ -994,7 +999,8 @@ def test_a_second_build_bank_is_refused_while_one_holds_the_work_folder(tmp_path
 
 
 def test_a_failed_build_bank_leaves_a_state_the_next_command_can_use(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import bankbuild, bankindex
+    from kaggle_i2p.bank import build as bankbuild
+    from kaggle_i2p.bank import index as bankindex
 
     texts = _texts(tmp_path / "texts.txt")
     out, work = tmp_path / "bank", tmp_path / "bank.building"
@@ -1017,12 +1023,12 @@ def test_a_failed_build_bank_leaves_a_state_the_next_command_can_use(tmp_path, m
     assert (work / "shard-000000.npz").is_file() and not out.exists()
     monkeypatch.setattr(bankbuild, "minilm_embedder", lambda *a: pytest.fail("a finished shard was embedded again"))
     assert main(["build-bank", str(texts), "--out", str(out), "--keys", "minilm"]) == 0  # resumed: same settings
-    assert not work.exists() and len(kaggle_i2p.retrieval.Bank.open(out)) == 40
+    assert not work.exists() and len(kaggle_i2p.bank.folder.Bank.open(out)) == 40
     del bankindex  # (the index module is only patched through bankbuild)
 
 
 def test_a_build_of_other_settings_names_them_and_restart_discards_it(tmp_path, monkeypatch, capsys):
-    from kaggle_i2p import bankbuild
+    from kaggle_i2p.bank import build as bankbuild
 
     texts = _texts(tmp_path / "texts.txt")
     out, work = tmp_path / "bank", tmp_path / "bank.building"
@@ -1039,13 +1045,13 @@ def test_a_build_of_other_settings_names_them_and_restart_discards_it(tmp_path, 
     err = capsys.readouterr().err
     assert "shard_rows 10 (now 20)" in err and "--restart" in err
     assert main(["build-bank", str(texts), "--out", str(out), "--shard-rows", "20", "--restart"]) == 0
-    assert not work.exists() and len(kaggle_i2p.retrieval.Bank.open(out)) == 40
+    assert not work.exists() and len(kaggle_i2p.bank.folder.Bank.open(out)) == 40
 
 
 def _toy_training_checkpoint(toy_manifest: Path, path: Path) -> Path:
     import torch
 
-    from kaggle_i2p.towers import build_tower
+    from kaggle_i2p.models.towers import build_tower
     from kaggle_i2p.train.checkpoint import CHECKPOINT_FORMAT
 
     spec = load_manifest(toy_manifest).towers[0]
@@ -1132,7 +1138,7 @@ def test_the_text_step_never_mixes_in_another_input(tmp_path, capsys):
 
 def test_a_share_needs_a_writable_roomy_cache_before_compute(sample_images, toy_manifest, tmp_path, monkeypatch,
                                                             capsys, no_weights):
-    from kaggle_i2p import fileio
+    from kaggle_i2p.core import fileio
 
     cache = tmp_path / "cache"
     share = ["predict", str(sample_images), "--manifest", str(toy_manifest), "--cache-dir", str(cache), "--share",
@@ -1165,7 +1171,7 @@ def test_a_share_on_a_real_read_only_or_full_cache_is_refused(sample_images, toy
 
 
 def test_a_plain_run_reads_a_cache_it_cannot_write(sample_images, toy_manifest, tmp_path, monkeypatch, caplog):
-    from kaggle_i2p import fileio
+    from kaggle_i2p.core import fileio
 
     cache = tmp_path / "cache"
     first = kaggle_i2p.predict_dir(sample_images, toy_manifest, out_csv=None, device="cpu", num_workers=0,
@@ -1247,7 +1253,7 @@ def test_texts_in_another_encoding_are_refused_or_read_with_encoding(tmp_path, s
     assert "--encoding" in err and "Traceback" not in err and not out.exists()
     assert not (tmp_path / "bank.building").exists()
     assert main(["build-bank", str(texts), "--out", str(out), "--encoding", "latin-1"]) == 0
-    from kaggle_i2p.retrieval import Bank
+    from kaggle_i2p.bank.folder import Bank
 
     assert Bank.open(out).texts([4]) == [lines[4]]
     assert main(["build-bank", str(texts), "--out", str(tmp_path / "b2"), "--encoding", "klingon"]) == 2
@@ -1264,7 +1270,7 @@ def test_an_empty_prompts_file_in_the_text_step_is_one_message(tmp_path):
 
 
 def test_too_long_file_names_say_so(sample_images, toy_manifest, tmp_path, capsys, no_weights):
-    from kaggle_i2p.fileio import atomic_open
+    from kaggle_i2p.core.fileio import atomic_open
 
     too_long = tmp_path / ("s" * 300 + ".csv")
     assert main(["predict", str(sample_images), "--manifest", str(toy_manifest), "--out", str(too_long), *CPU]) == 2
@@ -1289,7 +1295,7 @@ def test_an_unknown_key_does_not_hide_the_towers_other_problems(toy_manifest, tm
     manifest = folder / "both.yaml"
     manifest.write_text(yaml.safe_dump(data))
     with pytest.raises(ManifestError) as error:
-        kaggle_i2p.towers.validate_manifest(manifest, deep=True)
+        kaggle_i2p.models.towers.validate_manifest(manifest, deep=True)
     problems = "\n".join(error.value.problems)
     assert "towers[1]).colour: unknown key" in problems
     assert "towers[1]).image.resolutions: 70 is not a multiple of the patch size 16" in problems
@@ -1321,9 +1327,9 @@ def test_dataset_options_are_checked_before_any_file_is_read(tmp_path, capsys):
 
 def _npy_readers(tmp_path: Path):
     """(name, read(path) -> None) for every reader of a caller's .npy file."""
-    from kaggle_i2p.bankbuild import _read_recall_queries
-    from kaggle_i2p.evaluate import load_targets
+    from kaggle_i2p.bank.build import _read_recall_queries
     from kaggle_i2p.manifest import load_fallback
+    from kaggle_i2p.tuning.evaluate import load_targets
 
     ids = [f"i{n}" for n in range(4)]
     return {
@@ -1345,7 +1351,7 @@ def test_every_npy_reader_refuses_a_damaged_file_with_its_name(tmp_path, reader,
         np.save(path, np.ones((4, 10), np.float32))
     else:
         path.write_text("0.1,0.2,0.3\n", encoding="utf-16")
-    with pytest.raises((kaggle_i2p.errors.I2PError, ValueError, OSError)) as error:
+    with pytest.raises((kaggle_i2p.core.errors.I2PError, ValueError, OSError)) as error:
         _npy_readers(tmp_path)[reader](path)
     message = str(error.value)
     if reader != "fallback":  # the fallback's message gets its file name from the manifest problem that holds it
@@ -1362,7 +1368,7 @@ def test_training_data_readers_refuse_damaged_files(tmp_path):
     targets = work / "targets.npy"
     good = targets.read_bytes()
     targets.write_bytes(good[:-64])
-    with pytest.raises(kaggle_i2p.errors.InputFileError, match="training targets .*truncated or damaged"):
+    with pytest.raises(kaggle_i2p.core.errors.InputFileError, match="training targets .*truncated or damaged"):
         load_training_data(work, 0)
     targets.write_bytes(good)
     (work / "index.parquet").write_bytes((work / "index.parquet").read_bytes()[:100])
@@ -1381,15 +1387,15 @@ def test_generate_never_mixes_images_of_other_settings(tmp_path):
     check_generation_settings(work, {**settings, "steps": 16})  # no image yet: any settings may start
     (work / "images" / "p00000000_0.png").write_bytes(b"png")
     check_generation_settings(work, settings)  # the same: resumes
-    with pytest.raises(kaggle_i2p.errors.InputFileError, match=r"made with other settings: steps 25 \(now 16\)"):
+    with pytest.raises(kaggle_i2p.core.errors.InputFileError, match=r"made with other settings: steps 25 \(now 16\)"):
         check_generation_settings(work, {**settings, "steps": 16})
     (work / "generation.json").write_bytes(b'{"images_per_prompt": \xe9')
-    with pytest.raises(kaggle_i2p.errors.InputFileError, match="generation.json is damaged"):
+    with pytest.raises(kaggle_i2p.core.errors.InputFileError, match="generation.json is damaged"):
         images_per_prompt(work)
 
 
 def test_a_killed_processs_staging_folder_is_swept_by_the_next_and_no_other(toy_manifest, tmp_path):
-    from kaggle_i2p import fileio
+    from kaggle_i2p.core import fileio
 
     checkpoint = _toy_training_checkpoint(toy_manifest, tmp_path / "best.pt")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -1426,7 +1432,7 @@ def test_metrics_are_a_log_a_cut_line_or_a_full_disk_never_stops_training(tmp_pa
 def test_two_index_banks_on_one_bank_never_interleave(tmp_path, capsys):
     import fcntl
 
-    from kaggle_i2p.bankbuild import INDEX_LOCK
+    from kaggle_i2p.bank.build import INDEX_LOCK
     from kaggle_i2p.testing import synthetic_bank
 
     bank = synthetic_bank(tmp_path / "bank", 400, 16)

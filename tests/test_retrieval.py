@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_i2p.ensemble import l2_normalize
-from kaggle_i2p.retrieval import Bank, BankError, retrieve, retrieve_from_logits, soft_average, write_bank
-from kaggle_i2p.search import HostToDevice, exact_candidates, nearest, rescore
+from kaggle_i2p.bank.folder import Bank, BankError, retrieve, retrieve_from_logits, soft_average, write_bank
+from kaggle_i2p.bank.search import HostToDevice, exact_candidates, nearest, rescore
+from kaggle_i2p.core.ensemble import l2_normalize
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_bank_errors(tmp_path):
 def test_build_bank_from_the_real_prompts_gives_each_prompt_back(tmp_path, sample_dir, capsys):
     """A MiniLM-keyed bank of the sample prompts, queried with sample_submission's targets, returns each target."""
     from kaggle_i2p.cli import main
-    from kaggle_i2p.dryrun import sample_targets
+    from kaggle_i2p.inference.dryrun import sample_targets
 
     assert main(["build-bank", str(sample_dir / "prompts.csv"), "--out", str(tmp_path / "prompts_bank"),
                  "--keys", "minilm"]) == 0
@@ -192,7 +192,7 @@ def test_build_bank_from_the_real_prompts_gives_each_prompt_back(tmp_path, sampl
 def test_read_texts_from_txt_csv_and_parquet(tmp_path):
     import pandas as pd
 
-    from kaggle_i2p.textfiles import TextFileError, read_texts
+    from kaggle_i2p.bank.textfiles import TextFileError, read_texts
 
     (tmp_path / "p.txt").write_text("a  cat\n\n a dog \n")
     assert read_texts(tmp_path / "p.txt") == ["a cat", "a dog"]
@@ -214,8 +214,8 @@ def test_clip_keyed_bank_and_clip_image_retrieval_end_to_end(tmp_path, sample_di
     from safetensors.torch import save_file
 
     import kaggle_i2p
-    from kaggle_i2p.bankbuild import build_bank
-    from kaggle_i2p.images import decode_image, make_view
+    from kaggle_i2p.bank.build import build_bank
+    from kaggle_i2p.inference.images import decode_image, make_view
     from kaggle_i2p.manifest import load_manifest
 
     config_path = toy_manifest.parent / "tiny_open_clip_vit.json"
@@ -255,7 +255,7 @@ def test_clip_keyed_bank_and_clip_image_retrieval_end_to_end(tmp_path, sample_di
 
 
 def test_clip_keys_need_a_checkpoint(tmp_path, sample_dir):
-    from kaggle_i2p.bankbuild import build_bank
+    from kaggle_i2p.bank.build import build_bank
 
     with pytest.raises(BankError, match="--keys clip needs --clip-arch and --clip-checkpoint"):
         build_bank(sample_dir / "prompts.csv", tmp_path / "b", keys="clip")

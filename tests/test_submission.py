@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from kaggle_i2p.dryrun import sample_targets
-from kaggle_i2p.submission import check_format, read_submission, submission_frame, write_submission
+from kaggle_i2p.inference.dryrun import sample_targets
+from kaggle_i2p.inference.submission import check_format, read_submission, submission_frame, write_submission
 
 
 def test_writing_the_sample_values_reproduces_the_sample_file_byte_for_byte(tmp_path, sample_dir):

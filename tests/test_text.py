@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_i2p.dryrun import sample_targets
-from kaggle_i2p.text import embed_prompts
+from kaggle_i2p.inference.dryrun import sample_targets
+from kaggle_i2p.models.text import embed_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kaggle_i2p.checkpoints import strip_prefixes
-from kaggle_i2p.fileio import sha256_file
+from kaggle_i2p.core.fileio import sha256_file
+from kaggle_i2p.kinds.regressor import build_head
 from kaggle_i2p.manifest import HeadSpec, load_manifest
-from kaggle_i2p.towers import TowerLoadError, build_head, build_tower, load_tower
+from kaggle_i2p.models.checkpoints import strip_prefixes
+from kaggle_i2p.models.towers import TowerLoadError, build_tower, load_tower
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_foreign_keys_get_a_hint(tmp_path, specs):
     state = {k.replace("backbone.", "visual."): v for k, v in load_file(str(spec.checkpoint)).items()}
     path = tmp_path / "foreign.safetensors"
     save_file(state, str(path))
-    with pytest.raises(TowerLoadError, match="hint: tower checkpoints hold the keys of kaggle_i2p.towers.Tower"):
+    with pytest.raises(TowerLoadError, match="hint: tower checkpoints hold the keys of kaggle_i2p.models.towers.Tower"):
         load_tower(dataclasses.replace(spec, checkpoint=path))
 
 
@@ -162,7 +163,7 @@ def test_fp16_checkpoint_loads_into_fp32_weights(tmp_path, specs):
 
 def test_constructor_only_buffers_fall_back_to_a_normal_build(tmp_path, specs, monkeypatch):
     """A tower with a non-persistent buffer (like EVA's rotary tables) must not keep it on the meta device."""
-    from kaggle_i2p import towers
+    from kaggle_i2p.models import towers
 
     spec = specs["toy_timm_vit"]
     real_build = towers.build_tower

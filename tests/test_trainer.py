@@ -23,11 +23,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from kaggle_i2p.cli import main
-from kaggle_i2p.images import decode_image, make_view
+from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.inference.predict import run_prediction
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.predict import run_prediction
+from kaggle_i2p.models.towers import at_resolution, build_tower, load_initial_weights
 from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, build_toy_training_set, toy_training_config
-from kaggle_i2p.towers import at_resolution, build_tower, load_initial_weights
 from kaggle_i2p.train.checkpoint import CheckpointError, read_checkpoint
 from kaggle_i2p.train.config import TrainConfigError, load_train_config, parse_train_config
 from kaggle_i2p.train.data import TrainImages, epoch_rows, load_training_data, rank_batches

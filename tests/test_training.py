@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.towers import build_tower
+from kaggle_i2p.models.towers import build_tower
 from kaggle_i2p.train.recipe import (
     ModelEMA,
     cosine_embedding_loss,

@@ -12,8 +12,10 @@ import yaml
 
 import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.ensemble import l2_normalize, mean_cosine
-from kaggle_i2p.evaluate import (
+from kaggle_i2p.core.ensemble import l2_normalize, mean_cosine
+from kaggle_i2p.inference.predict import PredictionRun, RunSummary
+from kaggle_i2p.manifest import ManifestError, load_manifest
+from kaggle_i2p.tuning.evaluate import (
     TargetError,
     evaluate_run,
     fold_numbers,
@@ -22,9 +24,7 @@ from kaggle_i2p.evaluate import (
     view_predictions,
     write_tuned_manifest,
 )
-from kaggle_i2p.manifest import ManifestError, load_manifest
-from kaggle_i2p.predict import PredictionRun, RunSummary
-from kaggle_i2p.tune import _groups_of, _torch_score, apply_weights, tune_dim_weights, tune_weights
+from kaggle_i2p.tuning.tune import _groups_of, _torch_score, apply_weights, tune_dim_weights, tune_weights
 
 RNG_SEED = 7
 

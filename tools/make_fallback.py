@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_i2p.ensemble import l2_normalize
-from kaggle_i2p.text import embed_prompts
+from kaggle_i2p.core.ensemble import l2_normalize
+from kaggle_i2p.models.text import embed_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "kaggle_i2p" / "data" / "prior_prompts.txt"

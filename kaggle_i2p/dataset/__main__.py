@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import I2PError
+from ..core.errors import I2PError
 from .generate import DEFAULTS
 from .index import missing_images, write_image_index
 from .layout import IMAGE_FORMATS

@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .._validate import setting_changes
-from ..errors import InputFileError
-from ..fileio import atomic_open
-from ..ranks import rank_and_world, rank_device
+from ..core.errors import InputFileError
+from ..core.fileio import atomic_open
+from ..core.ranks import rank_and_world, rank_device
+from ..core.validate import setting_changes
 from .layout import GENERATION, IMAGES, PROMPT_INDEX
 
 log = logging.getLogger("kaggle_i2p")

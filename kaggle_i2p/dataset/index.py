@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..fileio import atomic_open, write_parquet
+from ..core.fileio import atomic_open, write_parquet
 from .generate import image_jobs
 from .layout import IMAGES, INDEX, PROMPT_INDEX, PROMPT_TARGETS, TARGETS, images_per_prompt
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import InputFileError
+from ..core.errors import InputFileError
 
 TEXT_SETTINGS = "text.json"  # the text step's inputs and settings: a rerun with others is refused, never mixed in
 PROMPTS, CLEAN, DEDUP = "prompts.parquet", "clean.parquet", "dedup.parquet"

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from ..blocks import blocks
-from ..ensemble import l2_normalize
-from ..search import fp32_accumulation, import_faiss
+from ..bank.search import fp32_accumulation, import_faiss
+from ..core.blocks import blocks
+from ..core.ensemble import l2_normalize
 
 log = logging.getLogger("kaggle_i2p")
 

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..blocks import blocks
-from ..errors import I2PError
-from ..fileio import atomic_open, write_parquet, write_parquet_batches
-from ..folds import group_fold_numbers
-from ..ranks import rank_and_world, rank_device
-from ..search import import_faiss
-from ..textfiles import DEFAULT_ENCODING, iter_text_batches
+from ..bank.search import import_faiss
+from ..bank.textfiles import DEFAULT_ENCODING, iter_text_batches
+from ..core.blocks import blocks
+from ..core.errors import I2PError
+from ..core.fileio import atomic_open, write_parquet, write_parquet_batches
+from ..core.ranks import rank_and_world, rank_device
+from ..tuning.folds import group_fold_numbers
 from .layout import CLEAN, DEDUP, EMBEDDINGS, PROMPT_INDEX, PROMPT_TARGETS, PROMPTS, TEXT_SETTINGS
 from .pairs import (
     NPROBE,
@@ -371,8 +371,8 @@ def embed_step(work: Path, device: str, batch_size: int | None, rank: int) -> np
     """3. The MiniLM embeddings of the clean prompts, float32, in row order: built as a bank in shards (streamed,
     resumable, shared over ranks; see bankbuild). Rank 0 goes on (waiting for the rank that finishes the last shard
     to assemble them); the others return None once their shards are done."""
-    from ..bankbuild import build_bank
-    from ..retrieval import BANK_MARKER, Bank
+    from ..bank.build import build_bank
+    from ..bank.folder import BANK_MARKER, Bank
 
     bank = build_bank(work / CLEAN, work / EMBEDDINGS, column="prompt", device=device, batch_size=batch_size,
                       shard_rows=EMBED_SHARD_ROWS, dtype="float32")

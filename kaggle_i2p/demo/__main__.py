@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..dryrun import dry_run
+from ..inference.dryrun import dry_run
 from .ensemble import build_demo_ensemble
 
 

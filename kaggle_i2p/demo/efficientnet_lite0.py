@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import I2PError
+from ..core.errors import I2PError
 
 EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
 # Its training preprocessing (TF "lite" models: inputs scaled to [-1, 1]), as manifest `image` fields.

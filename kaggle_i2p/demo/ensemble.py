@@ -17,11 +17,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..errors import I2PError
-from ..fileio import replace_dir, staging_dir
+from ..bank.folder import write_bank
+from ..core.errors import I2PError
+from ..core.fileio import replace_dir, staging_dir
+from ..core.resources import PRIOR_PATH
 from ..manifest import write_manifest
-from ..resources import PRIOR_PATH
-from ..retrieval import write_bank
 from .efficientnet_lite0 import EFFICIENTNET_LITE0_ARCH, EFFICIENTNET_LITE0_IMAGE, efficientnet_lite0_state_dict
 
 DEMO_VERSION = 1
@@ -69,7 +69,7 @@ def is_complete(out_dir: Path) -> bool:
 
 def _write_demo_files(staging: Path) -> None:
     """The demo's files: converted weights, the phrase bank embedded with MiniLM, the prior, the manifest."""
-    from ..text import embed_prompts
+    from ..models.text import embed_prompts
 
     save_file({f"backbone.{k}": v.contiguous() for k, v in efficientnet_lite0_state_dict().items()},
               str(staging / "efficientnet_lite0.safetensors"))

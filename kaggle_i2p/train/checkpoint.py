@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import I2PError
+from ..core.errors import I2PError
 
 CHECKPOINT_FORMAT = "kaggle_i2p.train/1"
 

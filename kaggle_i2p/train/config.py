@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._validate import Problems, expand_path, is_number, read_yaml, resolve_file
+from ..core.validate import Problems, expand_path, is_number, read_yaml, resolve_file
 from ..dataset.layout import INDEX, TARGETS
+from ..kinds.regressor import RegressorSpec
 from ..manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
     TRAIN_PRECISIONS,
     ManifestError,
     ParseContext,
-    RegressorSpec,
     TrainPrecision,
     parse_tower,
 )

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.ensemble import l2_normalize
+from ..core.errors import I2PError
+from ..core.fileio import open_npy
 from ..dataset.layout import INDEX, TARGETS
-from ..ensemble import l2_normalize
-from ..errors import I2PError
-from ..fileio import open_npy
-from ..images import decode_image, make_view
+from ..inference.images import decode_image, make_view
 from ..manifest import ImageSpec
 from .config import DataConfig
 

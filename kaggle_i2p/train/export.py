@@ -15,9 +15,10 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
-from ..fileio import atomic_open, sha256_file, staging_dir
+from ..core.fileio import atomic_open, sha256_file, staging_dir
+from ..core.resources import DEFAULT_MANIFEST, PRIOR_PATH
 from ..manifest import write_manifest
-from ..resources import DEFAULT_MANIFEST, PRIOR_PATH
+from ..models.backbones import library
 from .checkpoint import CheckpointError, read_checkpoint
 
 FALLBACK = PRIOR_PATH
@@ -83,7 +84,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
         entry["image"]["resolutions"] = [int(r) for r in resolutions]
     if hflip is not None:
         entry["image"]["hflip"] = bool(hflip)
-    config = Path(entry["arch"]) if entry["arch"].endswith(".json") else None  # an open_clip config travels along
+    # a model-config file (open_clip's .json) travels along: its library says whether `arch` is one
+    config = Path(entry["arch"]) if library(entry["library"]).arch_is_path(entry["arch"]) else None
     names = [f"{entry['name']}.safetensors", f"{entry['name']}.yaml", DEFAULT_MANIFEST, FALLBACK.name,
              *([config.name] if config else [])]
     check_export_destination(out_dir, names)

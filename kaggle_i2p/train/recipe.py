@@ -1,7 +1,7 @@
 """Training building blocks (the winners' recipe): layer-wise LR decay, partial freezing, EMA, loss, schedule.
 
-Layers are found by parameter name, for the towers kaggle_i2p builds: timm ViT/EVA (`blocks.N`), timm and open_clip
-ConvNeXt (`stages.S.blocks.B`, with each stage's downsample before its first block) and open_clip ViT
+Layers come from the tower's library (`BackboneLibrary.block_of`, `is_embedding`): timm ViT/EVA (`blocks.N`), timm
+and open_clip ConvNeXt (`stages.S.blocks.B`, with each stage's downsample before its first block) and open_clip ViT
 (`transformer.resblocks.N`). Layer 0 is the embedding side (patch/stem, position and class embeddings), layers
 1..L are the blocks in order, and layer L+1 is everything after them (final norm, projection) plus the head.
 """
@@ -10,42 +10,26 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import torch
 from torch import nn
 
-EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "reg_token", "stem", "conv1", "class_embedding",
-                   "positional_embedding", "ln_pre", "rope")
-_BLOCK_PATTERNS = (
-    re.compile(r"\.stages\.(\d+)\.blocks\.(\d+)\."),  # ConvNeXt blocks
-    re.compile(r"\.stages\.(\d+)\.(downsample)\."),  # ConvNeXt downsampling, before the stage's first block
-    re.compile(r"\.(?:blocks|resblocks)\.(\d+)\."),  # ViT / EVA / open_clip transformer blocks
-)
-
-
-def _block_key(name: str) -> tuple[int, int] | None:
-    for pattern in _BLOCK_PATTERNS:
-        match = pattern.search(name)
-        if match:
-            groups = match.groups()
-            if len(groups) == 1:
-                return 0, int(groups[0])
-            return int(groups[0]), -1 if groups[1] == "downsample" else int(groups[1])
-    return None
-
+BACKBONE = "backbone."  # a tower's backbone parameters; the rest is its head
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """{parameter name: layer id} and the number of blocks L (ids run 0..L+1)."""
+    """{parameter name: layer id} and the number of blocks L (ids run 0..L+1), for a tower: its library says which
+    block each backbone parameter sits in and which belong to the input side."""
+    lib = model.library
     names = [name for name, _ in model.named_parameters()]
-    keys = sorted({key for name in names if (key := _block_key(name)) is not None})
+    blocks = {name: lib.block_of(name[len(BACKBONE):]) for name in names if name.startswith(BACKBONE)}
+    keys = sorted({key for key in blocks.values() if key is not None})
     position = {key: i + 1 for i, key in enumerate(keys)}
     ids = {}
     for name in names:
-        key = _block_key(name)
+        key = blocks.get(name)
         if key is not None:
             ids[name] = position[key]
-        elif name.startswith("backbone.") and any(part in name for part in EMBEDDING_NAMES):
+        elif name in blocks and lib.is_embedding(name[len(BACKBONE):]):
             ids[name] = 0
         else:
             ids[name] = len(keys) + 1  # final norm, projection, head
@@ -56,12 +40,12 @@ def llrd_param_groups(model: nn.Module, lr: float, layer_decay: float, weight_de
     """AdamW parameter groups: lr x layer_decay ** (L + 1 - layer id); no weight decay on biases, norms, embeddings
     (1-D tensors and position/class tokens). Frozen parameters are left out."""
     ids, n_blocks = layer_ids(model)
+    lib = model.library
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim <= 1 or any(t in name for t in ("pos_embed", "cls_token", "positional_embedding",
-                                                               "class_embedding"))
+        no_decay = param.ndim <= 1 or (name.startswith(BACKBONE) and lib.skips_weight_decay(name[len(BACKBONE):]))
         key = (ids[name], no_decay)
         if key not in groups:
             scale = layer_decay ** (n_blocks + 1 - ids[name])

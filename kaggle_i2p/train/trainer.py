@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..ensemble import mean_cosine
-from ..errors import I2PError
-from ..fileio import atomic_open
-from ..manifest import RegressorSpec
-from ..towers import at_resolution, build_tower, check_architectures, load_initial_weights, tower_from_state
+from ..core.ensemble import mean_cosine
+from ..core.errors import I2PError
+from ..core.fileio import atomic_open
+from ..kinds.regressor import RegressorSpec
+from ..models.towers import at_resolution, build_tower, check_architectures, load_initial_weights, tower_from_state
 from .checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from .config import StageConfig, TrainConfig, TrainConfigError, config_changes, load_train_config
 from .data import TrainImages, epoch_rows, load_training_data, loader, rank_batches

@@ -1,0 +1,155 @@
+"""A prediction cache that makes long runs resumable: every tower x view output is stored as it is made.
+
+Layout: `<root>/<tower key>/<view>/<chunk key>.npz`, one shard per fixed chunk of the sorted image listing, written
+atomically after every batch, so a kill loses at most the batch in flight. A shard holds the chunk's raw float32
+outputs, a `done` mask per row and the per-row decode errors; a resumed run computes only the rows not done, with
+the same batch boundaries, so cached and fresh runs give the same bytes.
+
+The tower key hashes everything that decides the tower's outputs: the checkpoint file's own sha256 (memoised by path,
+size, modification and status-change time, never taken from the manifest on trust), arch, head, preprocessing,
+precision and batch size. The chunk key hashes the chunk's image identities: id, size and modification time, or
+with `verify_images` the content's sha256 (an image rewritten with the same size and modification time is only
+caught that way).
+
+The cache is an optional helper: a shard that cannot be read is recomputed with a warning naming it, and a cache that
+cannot be written (full disk, read-only folder) is switched off with one warning while the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..core.fileio import atomic_open, file_identity, sha256_file
+from ..manifest import NetworkSpec, identity_dict, kind_of
+from ..models.backbones import library
+from ..models.checkpoints import checkpoint_sha256
+
+log = logging.getLogger("kaggle_i2p")
+
+FORMAT_VERSION = 4  # 3: the tower's identity is its manifest entry; 4: a bank-searching tower stores its queries
+DEFAULT_CHUNK_SIZE = 256
+HASH_MEMO = "checkpoint_sha256.json"
+
+
+def image_key(path: Path, verify: bool = False) -> str:
+    """An image's identity for the cache: id, size and modification time, or id and content sha256 (`verify`)."""
+    if verify:
+        return f"{path.stem}:sha256:{sha256_file(path)}"
+    stat = path.stat()
+    return f"{path.stem}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _digest(payload: object, length: int = 24) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+class Shard:
+    """One chunk's outputs of one tower x view: (n, D) float32, rows done, and per-row decode errors."""
+
+    def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str]):
+        self.outputs, self.done, self.errors = outputs, done, errors
+
+
+class PredictionCache:
+    """Shards of raw per-view tower outputs under `root`, keyed by tower identity, view and image chunk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.writable = True
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._hashes_path = self.root / HASH_MEMO
+
+    @classmethod
+    def open(cls, root: str | Path | None) -> PredictionCache | None:
+        """The cache at `root`, or None (with a warning) when it cannot be made: the run goes on without it."""
+        if root is None:
+            return None
+        try:
+            return cls(root)
+        except OSError as err:
+            log.warning("cache %s cannot be used (%s); running without a cache", root, err.strerror or err)
+            return None
+
+    def _read_memo(self) -> dict:
+        if not self._hashes_path.is_file():
+            return {}
+        try:
+            memo = json.loads(self._hashes_path.read_text(encoding="utf-8"))
+            if isinstance(memo, dict) and all(isinstance(v, str) for v in memo.values()):
+                return memo
+            raise ValueError("not a mapping of hashes")
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            log.warning("cache: %s is damaged (%s); hashing the checkpoints again", self._hashes_path, err)
+            return {}
+
+    def checkpoint_sha256(self, spec: NetworkSpec) -> str:
+        """The checkpoint file's sha256, memoised in the cache by path, size, modification and status-change time."""
+        memo_key = file_identity(spec.checkpoint)
+        memo = self._read_memo()
+        if memo_key not in memo:
+            memo[memo_key] = checkpoint_sha256(spec.checkpoint)
+            self._write(self._hashes_path, "w", lambda handle: json.dump(memo, handle, indent=1, sort_keys=True))
+        else:
+            checkpoint_sha256.remember(spec.checkpoint, memo[memo_key])
+        return memo[memo_key]
+
+    def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int,
+                  compiled: bool = False) -> str:
+        """Hash of everything that decides a tower's outputs: its manifest entry without the fields marked as not
+        changing them (name, weight, file paths, the views, keyed one by one), plus the checkpoint's contents and
+        what the kind adds (`TowerKind.cache_identity`: a classifier-retriever's bank files).
+
+        The batch size is part of it: a batch's values can differ in the last bits with its size, and a resumed run
+        must give the bytes of an uninterrupted one. So is compiling (its kernels round differently from eager).
+        """
+        entry = identity_dict(type(spec), spec.to_dict())  # the fields marked as not changing outputs left out
+        entry["kind"] = spec.kind
+        entry["arch"] = library(spec.library).arch_identity(spec.arch)  # a config file by its content
+        entry = kind_of(spec).cache_identity(spec, entry)
+        identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": self.checkpoint_sha256(spec),
+                    "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size,
+                    **({"compiled": True} if compiled else {})}  # absent when eager: older caches stay valid
+        return f"{spec.name}-{_digest(identity)}"
+
+    def shard_path(self, tower_key: str, view: str, image_keys: list[str]) -> Path:
+        return self.root / tower_key / view / f"{_digest(image_keys, 32)}.npz"
+
+    def load(self, tower_key: str, view: str, image_keys: list[str]) -> Shard | None:
+        """The stored shard of these images (complete or partial), or None; an unreadable shard is None + a warning."""
+        path = self.shard_path(tower_key, view, image_keys)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if data["keys"].tolist() != image_keys:
+                    return None
+                outputs = data["outputs"].astype(np.float32, copy=False)
+                done, errors = data["done"].astype(bool), data["errors"].tolist()
+            if outputs.shape[0] != len(image_keys) or done.shape != (len(image_keys),) or len(errors) != len(done):
+                raise ValueError("its arrays disagree in length")
+            return Shard(outputs, done, errors)
+        except Exception as err:  # noqa: BLE001 - a damaged shard (truncated, flipped, emptied) is recomputed
+            log.warning("cache: %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
+            return None
+
+    def save(self, tower_key: str, view: str, image_keys: list[str], shard: Shard) -> None:
+        """Store a chunk's shard atomically; a write failure switches the cache off with one warning."""
+        self._write(self.shard_path(tower_key, view, image_keys), "wb", lambda handle: np.savez(
+            handle, keys=np.array(image_keys), outputs=np.asarray(shard.outputs, dtype=np.float32),
+            done=np.asarray(shard.done, dtype=bool), errors=np.array(shard.errors, dtype=str)))
+
+    def _write(self, path: Path, mode: str, write) -> None:
+        if not self.writable:
+            return
+        try:
+            with atomic_open(path, mode) as handle:
+                write(handle)
+        except OSError as err:
+            self.writable = False
+            log.warning("cache: cannot write %s (%s); the run goes on without storing more outputs", path,
+                        err.strerror or err)

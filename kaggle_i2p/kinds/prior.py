@@ -1,0 +1,65 @@
+"""The prior kind: a constant tower, the same unit vector (e.g. the mean prompt embedding) for every image; no views,
+no network."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..core.registry import register_kind
+from ..core.validate import resolve_file
+from ..manifest.fields import entry_field, entry_keys
+from ..manifest.parse import ParseContext, load_fallback, parse_dim_weights, parse_weight
+from ..manifest.schema import TowerKind, TowerSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorSpec(TowerSpec):
+    """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image; no views, no network."""
+
+    kind: ClassVar[str] = "prior"
+    vector: np.ndarray = entry_field(written=False, repr=False, compare=False)
+    vector_path: Path = entry_field(key="vector", path=True)
+
+    def constant(self) -> np.ndarray:
+        return self.vector
+
+    def describe(self) -> str:
+        return f"prior (a constant vector), weight {self.weight:g}"
+
+
+class PriorKind(TowerKind):
+    """A vector read once from a .npy; the ensemble gives it to every image."""
+
+    name = "prior"
+    spec = PriorSpec
+
+    def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> PriorSpec | None:
+        """A constant tower: the same unit vector (e.g. the mean prompt embedding) for every image."""
+        problems, before = ctx.problems, ctx.problems.mark()
+        problems.unknown_keys(raw, entry_keys(PriorSpec), label, what="key for a prior tower")
+        for key in ("vector", "weight"):
+            if key not in raw:
+                problems.add(f"{label}.{key}", "is required")
+        vector, path = None, None
+        if "vector" in raw:
+            path = resolve_file(raw["vector"], ctx.base_dir, f"{label}.vector", problems, "prior vector (.npy)")
+            if path is not None:
+                try:
+                    vector = load_fallback(path, ctx.embedding_dim)
+                except (ValueError, OSError) as err:
+                    problems.add(f"{label}.vector", f"{path} {err}")
+        weight = parse_weight(raw, label, problems)
+        dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
+        if problems.blocking_since(before):
+            return None
+        return PriorSpec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
+                         vector=vector, vector_path=path)
+
+
+
+PRIOR = register_kind(PriorKind())

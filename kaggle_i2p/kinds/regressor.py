@@ -1,0 +1,114 @@
+"""The regressor kind: an image model with a head (Linear, or Linear-norm-activation-Linear) regressing the prompt
+embedding. The default kind: an entry without `kind:` is one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
+
+from ..core.registry import register_kind
+from ..core.validate import Problems
+from ..manifest.fields import entry_field, entry_keys
+from ..manifest.parse import ParseContext, parse_network
+from ..manifest.schema import NetworkSpec, TowerKind
+
+HeadType = Literal["linear", "mlp"]
+HeadNorm = Literal["batchnorm", "layernorm", "none"]
+HeadActivation = Literal["relu", "gelu"]
+HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
+HEAD_NORMS: tuple[str, ...] = get_args(HeadNorm)
+HEAD_ACTIVATIONS: tuple[str, ...] = get_args(HeadActivation)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The regression head on top of the backbone's pooled features: `linear`, or `mlp` (Linear-norm-act-Linear)."""
+
+    type: HeadType = "linear"
+    hidden: int | None = None
+    norm: HeadNorm = "batchnorm"
+    activation: HeadActivation = "relu"
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """As a manifest's `head:` section (`parse_head`'s input); a linear head is its type alone."""
+        if self.type == "linear":
+            return {"type": "linear"}
+        return {"type": self.type, "hidden": self.hidden, "norm": self.norm, "activation": self.activation}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressorSpec(NetworkSpec):
+    """An image model with a head regressing the prompt embedding."""
+
+    kind: ClassVar[str] = "regressor"
+    head: HeadSpec = entry_field(HeadSpec(), section=HeadSpec)
+
+    @property
+    def head_name(self) -> str:
+        return f"{self.head.type} head"
+
+
+HEAD_KEYS = entry_keys(HeadSpec)
+
+
+def parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping like {type: linear} or {type: mlp, hidden: 1024}")
+        return HeadSpec()
+    problems.unknown_keys(raw, HEAD_KEYS, where)
+    head_type = raw.get("type", "linear")
+    if head_type not in HEAD_TYPES:
+        problems.add(f"{where}.type", f"{head_type!r} is not one of {', '.join(HEAD_TYPES)}")
+    hidden = raw.get("hidden")
+    if head_type == "mlp" and not (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0):
+        problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024")
+    if head_type == "linear" and hidden is not None:
+        problems.add(f"{where}.hidden", "a linear head has no hidden size; remove it or use type: mlp")
+    norm = raw.get("norm", "batchnorm")
+    if norm not in HEAD_NORMS:
+        problems.add(f"{where}.norm", f"{norm!r} is not one of {', '.join(HEAD_NORMS)}")
+    activation = raw.get("activation", "relu")
+    if activation not in HEAD_ACTIVATIONS:
+        problems.add(f"{where}.activation", f"{activation!r} is not one of {', '.join(HEAD_ACTIVATIONS)}")
+    return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation)
+
+
+
+def build_head(in_dim: int, spec: HeadSpec, out_dim: int):  # noqa: ANN201 - an nn.Module; torch loads lazily
+    """The regression head the manifest declares: Linear, or Linear -> norm -> activation -> Linear."""
+    from torch import nn
+
+    if spec.type == "linear":
+        return nn.Linear(in_dim, out_dim)
+    assert spec.hidden is not None
+    norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "none": lambda _: nn.Identity()}[spec.norm]
+    activation = {"relu": nn.ReLU, "gelu": nn.GELU}[spec.activation]
+    return nn.Sequential(nn.Linear(in_dim, spec.hidden), norm(spec.hidden), activation(),
+                         nn.Linear(spec.hidden, out_dim))
+
+
+class RegressorKind(TowerKind):
+    """A backbone's pooled features through the regression head."""
+
+    name = "regressor"
+    spec = RegressorSpec
+    reported_keys = frozenset({"retrieval"})
+
+    def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> RegressorSpec | None:
+        return parse_network(raw, name, label, ctx, self, self._parse_head_section)
+
+    @staticmethod
+    def _parse_head_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:
+        if "retrieval" in raw:
+            ctx.problems.add(f"{label}.retrieval", "only for kind: retrieval")
+        return {"head": parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", ctx.problems)}
+
+    def build_head(self, spec: RegressorSpec, in_dim: int, embedding_dim: int):  # noqa: ANN201
+        return build_head(in_dim, spec.head, embedding_dim)
+
+
+REGRESSOR = register_kind(RegressorKind())

@@ -1,0 +1,344 @@
+"""Reading a manifest: `load_manifest` parses and validates a file completely (schema, paths, weights, the fallback
+vector) before any model code runs, reporting every problem at once, each naming the tower, the field and the fix.
+
+The parts every tower kind shares live here (`parse_network`, `parse_image`, `parse_weight`, `parse_dim_weights`);
+each kind's own section is parsed by its module in `kaggle_i2p.kinds`, found through the kind registry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.registry import KINDS, LIBRARIES
+from ..core.validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
+from .fields import entry_keys
+from .schema import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_EMBEDDING_DIM,
+    DEFAULT_KIND,
+    INTERPOLATIONS,
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    PRECISIONS,
+    RESIZE_MODES,
+    TOP_KEYS,
+    ImageSpec,
+    Manifest,
+    ManifestError,
+    NetworkSpec,
+    ParseContext,
+    TowerSpec,
+    tower_label,
+)
+
+IMAGE_KEYS = entry_keys(ImageSpec)
+
+
+def _parse_triplet(raw: Any, where: str, problems: Problems, positive: bool) -> tuple[float, float, float]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 3 and all(is_number(v) for v in raw):
+        if positive and any(v <= 0 for v in raw):
+            problems.add(where, f"{list(raw)} must be three positive numbers")
+        return tuple(float(v) for v in raw)  # type: ignore[return-value]
+    problems.add(where, "must be a list of three numbers (per RGB channel, on the 0-1 scale), "
+                        "e.g. [0.48145466, 0.4578275, 0.40821073] for OpenAI CLIP")
+    return (0.0, 0.0, 0.0) if not positive else (1.0, 1.0, 1.0)
+
+
+def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
+        raw = {}
+    problems.unknown_keys(raw, IMAGE_KEYS, where)
+    for key in ("mean", "std", "interpolation", "resize", "resolutions"):
+        if key not in raw:
+            problems.add(f"{where}.{key}", "is required: preprocessing is never guessed; copy it from the "
+                                           "training config of this checkpoint")
+    mean = _parse_triplet(raw.get("mean"), f"{where}.mean", problems, positive=False) if "mean" in raw else (0, 0, 0)
+    std = _parse_triplet(raw.get("std"), f"{where}.std", problems, positive=True) if "std" in raw else (1, 1, 1)
+    interpolation = raw.get("interpolation", "bicubic")
+    if "interpolation" in raw and interpolation not in INTERPOLATIONS:
+        problems.add(f"{where}.interpolation", f"{interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    resize = raw.get("resize", "squash")
+    if "resize" in raw and resize not in RESIZE_MODES:
+        problems.add(f"{where}.resize", f"{resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    resolutions = raw.get("resolutions", [])
+    if isinstance(resolutions, int) and not isinstance(resolutions, bool):
+        resolutions = [resolutions]
+    good: list[int] = []
+    if "resolutions" in raw:
+        if not isinstance(resolutions, (list, tuple)) or not resolutions:
+            problems.add(f"{where}.resolutions", "must be a non-empty list of image sizes in pixels, e.g. [336, 448]")
+        else:
+            for r in resolutions:
+                if not isinstance(r, int) or isinstance(r, bool) or not MIN_RESOLUTION <= r <= MAX_RESOLUTION:
+                    problems.add(f"{where}.resolutions", f"{r!r} must be an integer between {MIN_RESOLUTION} and "
+                                                         f"{MAX_RESOLUTION}")
+                elif r in good:
+                    problems.add(f"{where}.resolutions", f"{r} is listed twice; each TTA view once")
+                else:
+                    good.append(r)
+    hflip = raw.get("hflip", False)
+    if not isinstance(hflip, bool):
+        problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
+        hflip = False
+    spec = ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
+                     hflip=hflip)
+    raw_view_weights = raw.get("view_weights")
+    if raw_view_weights is None:
+        return spec
+    names = [view.name for view in spec.views]
+    if not isinstance(raw_view_weights, Mapping):
+        problems.add(f"{where}.view_weights", f"must map view names ({', '.join(names)}) to weights >= 0")
+        return spec
+    for name in sorted(set(raw_view_weights) - set(names)):
+        problems.add(f"{where}.view_weights.{name}", f"is not a view of this tower; its views are {', '.join(names)}")
+    for name in names:
+        if not is_number(raw_view_weights.get(name)) or raw_view_weights[name] < 0:
+            problems.add(f"{where}.view_weights.{name}", "needs a weight >= 0 for every view")
+    values = [raw_view_weights.get(n) for n in names]
+    if all(is_number(v) and v >= 0 for v in values):
+        if sum(values) <= 0:
+            problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
+        return replace(spec, view_weights={n: float(v) for n, v in zip(names, values, strict=True)})
+    return spec
+
+
+
+def parse_dim_weights(raw: Mapping, label: str, ctx: ParseContext) -> tuple[np.ndarray | None, Path | None]:
+    """An entry's optional `dim_weights` (.npy of per-dimension multipliers) and the file it came from."""
+    if raw.get("dim_weights") is None:
+        return None, None
+    where, problems, dim = f"{label}.dim_weights", ctx.problems, ctx.embedding_dim
+    path = resolve_file(raw["dim_weights"], ctx.base_dir, where, problems, "per-dimension weights (.npy)")
+    if path is None:
+        return None, None
+    try:
+        weights = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+    except (OSError, ValueError) as err:
+        problems.add(where, f"cannot read {path}: {err}")
+        return None, None
+    if weights.shape != (dim,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        problems.add(where, f"{path} must hold {dim} finite weights >= 0, not all zero (kaggle-i2p tune --per-dim)")
+        return None, None
+    return weights, path
+
+
+def parse_weight(raw: Mapping, label: str, problems: Problems) -> float:
+    weight = raw.get("weight")
+    if "weight" in raw and not is_number(weight):
+        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
+        return 0.0
+    if is_number(weight) and weight < 0:
+        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
+                                        "(use 0 to switch a tower off)")
+    return float(weight) if is_number(weight) else 0.0
+
+
+
+def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: Any,
+                  output: Callable[[Mapping, str, ParseContext], dict]) -> NetworkSpec | None:
+    """The fields every network tower has, then its kind's own section (`output`), into `kind.spec`."""
+    problems, before = ctx.problems, ctx.problems.mark()
+    problems.unknown_keys(raw, entry_keys(kind.spec) | kind.reported_keys, label)
+    for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight"):
+        if key not in raw:
+            problems.add(f"{label}.{key}", "is required")
+    section = output(raw, label, ctx)
+
+    library = raw.get("library")
+    if "library" in raw and library not in LIBRARIES:
+        problems.add(f"{label}.library", LIBRARIES.unknown(library))
+    arch = raw.get("arch")
+    if "arch" in raw and (not isinstance(arch, str) or not arch):
+        examples = ", ".join(f"{lib.arch_example} ({lib.name})" for lib in LIBRARIES if lib.arch_example)
+        problems.add(f"{label}.arch", f"must be a model name of the tower's library, e.g. {examples}")
+    elif isinstance(arch, str):
+        arch = _parse_arch_file(arch, library, label, ctx)
+
+    checkpoint = parse_checkpoint(raw, label, ctx)
+    sha256 = raw.get("sha256")
+    if isinstance(sha256, (int, float)) and not isinstance(sha256, bool):
+        problems.add(f"{label}.sha256", "YAML read this unquoted value as a number (an all-digit or exponent-like "
+                                        "hash); put the 64 hex digits in quotes: sha256: \"...\"")
+    elif sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
+    native = raw.get("native_resolution")
+    if native is not None and not (is_int(native) and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
+        problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
+                                                   "position embeddings were trained at, or left out")
+    weight = parse_weight(raw, label, problems)
+    precision = raw.get("precision", _default(NetworkSpec, "precision"))
+    if precision not in PRECISIONS:
+        problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    compile_views = raw.get("compile", _default(NetworkSpec, "compile"))
+    if not isinstance(compile_views, bool):
+        problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
+    image = parse_image(raw.get("image"), f"{label}.image", problems)
+    dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
+    if problems.blocking_since(before):
+        return None
+    return kind.spec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
+                     library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
+                     native_resolution=native, precision=precision, compile=compile_views, **section)
+
+
+def _default(cls: type, name: str) -> Any:
+    """A spec field's default: the one place it is written."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext) -> str:
+    """An `arch` its library reads as a model-config file, resolved against the manifest's folder; a file's suffix
+    under a library that reads no such file is a problem naming the libraries that do."""
+    readers = [lib.name for lib in LIBRARIES if lib.arch_is_path(arch)]
+    if library in LIBRARIES and LIBRARIES.get(library).arch_is_path(arch):
+        resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, f"{library} model config")
+        return str(resolved) if resolved else arch
+    if readers:
+        suffix = Path(arch).suffix
+        ctx.problems.add(f"{label}.arch", f"a {suffix} model config is only supported for library: "
+                                          f"{', '.join(readers)}")
+    return arch
+
+
+def parse_checkpoint(raw: Mapping, label: str, ctx: ParseContext) -> Path | None:
+    if "checkpoint" not in raw:
+        return None
+    raw_ckpt = raw["checkpoint"]
+    if isinstance(raw_ckpt, str) and not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
+        ctx.problems.add(f"{label}.checkpoint", f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
+        return None
+    if ctx.check_files:
+        return resolve_file(raw_ckpt, ctx.base_dir, f"{label}.checkpoint", ctx.problems, "tower weights")
+    if not isinstance(raw_ckpt, str) or not raw_ckpt.strip():
+        ctx.problems.add(f"{label}.checkpoint", "must be a path string to the tower weights")
+        return None
+    try:
+        return expand_path(raw_ckpt, ctx.base_dir)
+    except KeyError:
+        return Path(raw_ckpt)  # not checked here: the variable may be set where the files are
+
+
+
+def parse_tower(raw: Any, index: int, ctx: ParseContext, label: str | None = None) -> TowerSpec | None:
+    """One manifest tower entry as its kind's spec; None (with the problems added to `ctx`) when it has any problem."""
+    if not isinstance(raw, Mapping):
+        ctx.problems.add(label or f"towers[{index}]", "must be a mapping (name, library, arch, checkpoint, head, "
+                                                      "image, weight)")
+        return None
+    name = raw.get("name")
+    label = label or tower_label(index, name)
+    named = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]+", name or "")
+    if not named:
+        ctx.problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
+                                          "and caches)")
+    kind = raw.get("kind", DEFAULT_KIND)
+    if kind not in KINDS:
+        ctx.problems.add(f"{label}.kind", KINDS.unknown(kind))
+        return None
+    spec = KINDS.get(kind).parse(raw, str(name), label, ctx)
+    return spec if named else None
+
+
+def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
+    """Load the fallback vector (.npy), check it, and return it L2-normalised as float32."""
+    vec = np.load(path, allow_pickle=False)
+    vec = np.asarray(vec, dtype=np.float64).reshape(-1)
+    if vec.shape != (embedding_dim,):
+        raise ValueError(f"has shape {vec.shape}, expected ({embedding_dim},)")
+    if not np.isfinite(vec).all():
+        raise ValueError("contains NaN or inf")
+    norm = np.linalg.norm(vec)
+    if norm < 1e-6:
+        raise ValueError("is (almost) all zeros; use a mean prompt embedding, never zeros")
+    return (vec / norm).astype(np.float32)
+
+
+def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Manifest:
+    """Validate an already-parsed manifest mapping; `path` anchors relative paths and names the file in errors."""
+    path = Path(path)
+    base_dir = path.resolve().parent
+    problems = Problems()
+    if not isinstance(data, Mapping):
+        raise ManifestError(path, ["the file must hold a mapping with embedding_dim, fallback and towers"])
+    problems.unknown_keys(data, TOP_KEYS, what="top-level key")
+
+    embedding_dim = data.get("embedding_dim", DEFAULT_EMBEDDING_DIM)
+    if not is_int(embedding_dim) or embedding_dim <= 0:
+        problems.add("embedding_dim", f"{embedding_dim!r} must be a positive integer (384 for all-MiniLM-L6-v2)")
+        embedding_dim = DEFAULT_EMBEDDING_DIM
+
+    fallback, fallback_path = None, None
+    if "fallback" not in data:
+        problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
+                                 "images that cannot be read")
+    else:
+        fallback_path = resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
+        if fallback_path is not None:
+            try:
+                fallback = load_fallback(fallback_path, embedding_dim)
+            except (ValueError, OSError) as err:
+                problems.add("fallback", f"{fallback_path} {err}")
+
+    towers_raw = data.get("towers")
+    if not isinstance(towers_raw, list) or not towers_raw:
+        problems.add("towers", "must be a non-empty list of towers")
+        towers_raw = []
+    ctx = ParseContext(base_dir, problems, check_files, embedding_dim)
+    clean = [(index, spec) for index, raw in enumerate(towers_raw)
+             if (spec := parse_tower(raw, index, ctx)) is not None]
+
+    entries = [raw for raw in towers_raw if isinstance(raw, Mapping)]
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(towers_raw):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if isinstance(name, str) and name in seen:
+            problems.add(f"{tower_label(index, name)}.name",
+                         f"duplicates towers[{seen[name]}]; every tower needs its own name")
+        if isinstance(name, str):
+            seen.setdefault(name, index)
+    weights = [raw.get("weight") for raw in entries]
+    if entries and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
+        problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")
+
+    if problems.items:
+        raise ManifestError(path, problems.items, clean, embedding_dim)
+    return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
+                    towers=tuple(spec for _, spec in clean))
+
+
+
+# Named manifests (`demo`) resolve to a file made on first use; the package registers its builders at import.
+NAMED_MANIFESTS: dict[str, Callable[[], Path]] = {}
+
+
+def register_named_manifest(name: str, build: Callable[[], Path]) -> None:
+    """Let `name` stand for the manifest file that `build()` returns (made on first use)."""
+    NAMED_MANIFESTS[name] = build
+
+
+def resolve_manifest(manifest: str | Path) -> Path:
+    """A manifest path; a registered name (`demo`) is built on first use and its file returned."""
+    builder = NAMED_MANIFESTS.get(str(manifest))
+    return Path(builder()) if builder is not None else Path(manifest)
+
+
+def as_manifest(manifest: str | Path | Manifest) -> Manifest:
+    """A Manifest as it is, or the manifest file at that path (or of that name, e.g. `demo`), loaded and validated."""
+    return manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest YAML file (or a named one, e.g. `demo`); raises ManifestError listing every
+    problem."""
+    path = resolve_manifest(path)
+    return parse_manifest(read_yaml(path, ManifestError, "manifest file not found", "; pass --manifest PATH"), path,
+                          check_files=check_files)
+

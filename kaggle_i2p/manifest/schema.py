@@ -1,0 +1,269 @@
+"""What a manifest holds: the spec classes every tower kind builds on, their field marks, the validated `Manifest`,
+and `TowerKind`, the questions generic code asks a kind (its module in `kaggle_i2p.kinds` answers them).
+
+A tower is one of the registered kinds (`kaggle_i2p.core.registry.KINDS`): the package's own are `regressor` (an
+image model with a head regressing the prompt embedding), `retrieval` (an image model whose scores select texts of a
+bank) and `prior` (a constant vector, no views).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, get_args
+
+import numpy as np
+
+from ..core.errors import I2PError
+from ..core.registry import KINDS, LIBRARIES
+from ..core.validate import Problems
+from .fields import entry_dict, entry_field
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+    from torch import nn
+
+
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+ResizeMode = Literal["squash", "shorter_side_center_crop"]
+TrainPrecision = Literal["auto", "fp32", "fp16", "bf16"]  # autocast dtypes (training keeps fp32 weights)
+Precision = Literal[TrainPrecision, "fp16-weights"]  # inference may also hold the weights in fp16
+
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest and CLI --precision
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)  # the training config's
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+TOP_KEYS = {"embedding_dim", "fallback", "towers"}
+DEFAULT_KIND = "regressor"  # an entry without `kind:`
+LEADING_KEYS = ("name", "library", "kind", "arch", "checkpoint", "sha256")  # written first, as people write them
+DEFAULT_EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
+
+
+class ManifestError(I2PError, ValueError):
+    """A manifest that cannot be used; the message lists every problem found, one per line."""
+
+    def __init__(self, path: str | Path, problems: list[str], clean_towers: list | None = None,
+                 embedding_dim: int = DEFAULT_EMBEDDING_DIM):
+        self.path = str(path)
+        self.problems = problems
+        self.clean_towers: list[tuple[int, TowerSpec]] = clean_towers or []  # parsed without a problem of their own
+        self.embedding_dim = embedding_dim
+        super().__init__(f"{self.path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class View(NamedTuple):
+    """One TTA view of a tower: its name (r336, r336_flip), input resolution and whether it is mirrored."""
+
+    name: str
+    resolution: int
+    flip: bool
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a decoded uint8 image becomes this tower's input: resize, normalise, TTA resolutions and flip. The views
+    are keyed one by one in the cache, so they are not part of the tower's identity."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Interpolation
+    resize: ResizeMode
+    resolutions: tuple[int, ...] = entry_field(identity=False)
+    hflip: bool = entry_field(False, identity=False)
+    view_weights: dict[str, float] | None = entry_field(None, identity=False)  # by view name; None = equal
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        """Every TTA view, in order: each resolution, then its mirror when `hflip`."""
+        return tuple(View(f"r{r}_flip" if flip else f"r{r}", r, flip) for r in self.resolutions
+                     for flip in ((False, True) if self.hflip else (False,)))
+
+    @property
+    def n_views(self) -> int:
+        return len(self.views)
+
+    def view_weight_list(self) -> list[float]:
+        """One weight per view, in `views` order (equal unless `view_weights` says otherwise)."""
+        return [1.0 if self.view_weights is None else self.view_weights[view.name] for view in self.views]
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """As a manifest's `image:` section (`parse_image`'s input)."""
+        return entry_dict(self, out_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TowerSpec:
+    """What every tower of the ensemble has: a name, an ensemble weight, optional per-dimension weights.
+
+    The kinds are subclasses, each in its module under `kaggle_i2p.kinds`; their fields are marked (`entry_field`),
+    and the entry's keys, its writing, path rebasing and the cache's identity are derived from the marks.
+    """
+
+    kind: ClassVar[str]
+    name: str = entry_field(identity=False)
+    weight: float = entry_field(identity=False)
+    dim_weights: np.ndarray | None = entry_field(None, written=False, repr=False, compare=False)  # the multipliers
+    dim_weights_path: Path | None = entry_field(None, key="dim_weights", path=True, identity=False)  # their .npy
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        """The TTA views whose forward passes make this tower's output (none for a constant tower)."""
+        return ()
+
+    @property
+    def n_views(self) -> int:
+        return len(self.views)
+
+    def view_weight_list(self) -> list[float]:
+        return []
+
+    def constant(self) -> np.ndarray | None:
+        """The unit vector a tower without views gives every image (a prior's); None for a tower that computes."""
+        return None
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """The manifest entry that parses back to this spec; paths relative to `out_dir` (absolute when None)."""
+        data = entry_dict(self, out_dir, self._arch_is_path)
+        if self.kind != DEFAULT_KIND:
+            data["kind"] = self.kind
+        first = [key for key in LEADING_KEYS if key in data]  # what a reader looks for first, then the rest
+        return {key: data[key] for key in [*first, *(k for k in data if k not in first)]}
+
+    def _arch_is_path(self, arch: str) -> bool:
+        return False
+
+    def describe(self) -> str:
+        """One line for `validate-manifest`."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkSpec(TowerSpec):
+    """A tower that runs an image model: a registered library's backbone, its checkpoint and its preprocessing."""
+
+    library: str
+    arch: str = entry_field(path="arch")  # a model name, or (a library that reads files) a config file's path
+    checkpoint: Path | None = entry_field(path=True, identity=False)  # None only for a tower still being trained
+    sha256: str | None = entry_field(None, identity=False)
+    image: ImageSpec = entry_field(section=ImageSpec)
+    native_resolution: int | None = None
+    precision: Precision = entry_field("auto", identity=False)
+    compile: bool = entry_field(False, sparse=True, identity=False)  # torch.compile one callable per resolution
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        return self.image.views
+
+    def view_weight_list(self) -> list[float]:
+        return self.image.view_weight_list()
+
+    def _arch_is_path(self, arch: str) -> bool:
+        return self.library in LIBRARIES and LIBRARIES.get(self.library).arch_is_path(arch)
+
+    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        """Width of a forward pass's output, the one the cache stores: the embedding, unless the kind's step after
+        encoding makes the embedding from something else (a retrieval tower's queries)."""
+        return embedding_dim
+
+    @property
+    def head_name(self) -> str:
+        """What sits on the backbone, for messages: `mlp head`, `retrieval head`."""
+        raise NotImplementedError
+
+    def _describe_output(self) -> str:
+        return self.head_name
+
+    def describe(self) -> str:
+        return (f"{self.library} {self.arch}, {self._describe_output()}, resolutions {list(self.image.resolutions)}"
+                f"{' + hflip' if self.image.hflip else ''}, weight {self.weight:g}, {self.checkpoint}")
+
+
+@dataclass(frozen=True)
+class ParseContext:
+    """What a tower's parser needs besides its entry: where paths resolve, where problems go, what to check."""
+
+    base_dir: Path
+    problems: Problems
+    check_files: bool = True
+    embedding_dim: int = DEFAULT_EMBEDDING_DIM
+    needs_checkpoint: bool = True  # False for the trainer's tower, whose checkpoint is written by export
+
+
+class TowerKind:
+    """A tower kind: its spec class, its manifest parser, and its answers to what generic code asks. A kind is one
+    module under `kaggle_i2p.kinds` (or a plugin's) that subclasses this and registers an instance."""
+
+    name: ClassVar[str]
+    spec: ClassVar[type[TowerSpec]]
+    reported_keys: ClassVar[frozenset[str]] = frozenset()  # other kinds' keys this kind's parser words itself
+
+    def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> TowerSpec | None:
+        """The entry as this kind's spec; None (its problems added to `ctx`) when it has any problem."""
+        raise NotImplementedError
+
+    def backbone_outputs(self, spec: NetworkSpec) -> int:
+        """The classifier outputs the backbone must end in (0: its pooled features)."""
+        return 0
+
+    def build_head(self, spec: NetworkSpec, in_dim: int, embedding_dim: int) -> nn.Module:
+        """The module on the backbone's output."""
+        raise NotImplementedError(f"a {self.name} tower runs no network")
+
+    def deep_problems(self, spec: TowerSpec, label: str) -> list[str]:
+        """What `validate-manifest --deep` checks besides the checkpoint (files read whole), one line each."""
+        return []
+
+    def cache_identity(self, spec: NetworkSpec, entry: dict) -> dict:
+        """The tower's identity for the cache, from its entry without the fields that do not change its outputs."""
+        return entry
+
+    def has_step_after_encoding(self, spec: NetworkSpec) -> bool:
+        """Whether this tower's forward outputs become embeddings only after every image is encoded."""
+        return False
+
+    def after_encoding(self, spec: NetworkSpec, outputs: np.ndarray, device: str | torch.device,
+                       progress: bool) -> np.ndarray:
+        """The step after encoding: (rows, forward_dim) outputs of every image and view (finite rows only) to
+        (rows, embedding_dim) unit embeddings, all at once (a retrieval tower's one pass over its bank)."""
+        raise NotImplementedError
+
+
+def kind_of(spec: TowerSpec) -> TowerKind:
+    """The registered kind of a spec."""
+    return KINDS.get(spec.kind)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: towers in declaration order, the fallback unit vector, the output dimension."""
+
+    path: Path
+    embedding_dim: int
+    fallback_path: Path
+    fallback: np.ndarray = field(repr=False, compare=False)
+    towers: tuple[TowerSpec, ...]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight for t in self.towers}
+
+    @property
+    def dim_weights(self) -> dict[str, np.ndarray]:
+        return {t.name: t.dim_weights for t in self.towers if t.dim_weights is not None}
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        """The manifest as data that parses back to it; paths relative to `out_dir` (absolute when None)."""
+        from .fields import path_text
+
+        return {"embedding_dim": self.embedding_dim, "fallback": path_text(self.fallback_path, out_dir),
+                "towers": [tower.to_dict(out_dir) for tower in self.towers]}
+
+
+def tower_label(index: int, name: object) -> str:
+    """How every problem names a tower: `tower 'vit' (towers[2])`, or `towers[2]` when it has no usable name."""
+    return f"tower {name!r} (towers[{index}])" if isinstance(name, str) and name else f"towers[{index}]"

@@ -1,0 +1,114 @@
+"""What generic code asks a model library, as one class: a library is a subclass, registered in
+`kaggle_i2p.core.registry.LIBRARIES` (timm's `register_model` and `pretrained_cfg`, open_clip's adapters).
+
+A library builds its backbones offline (random weights: timm `pretrained=False`, open_clip with no pretrained tag)
+and answers every library-specific question the towers, the trainer, the cache and the manifest have: the position
+grid and how to resample it, the patch size, the layer of a parameter for layer-wise LR decay, which checkpoint
+layouts it knows and which classifier to drop, and whether an `arch` names a file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PosEmbedForSize = Callable[["nn.Module", int, int], dict[str, "torch.Tensor"]]
+
+
+class Backbone(NamedTuple):
+    """A built backbone: the module, the width of what it outputs, and for fixed-grid ViTs (open_clip) the function
+    that resamples its position embeddings for another input size, with the size they are laid out for."""
+
+    module: nn.Module
+    out_dim: int
+    pos_embed_for_size: PosEmbedForSize | None = None
+    native_size: int | None = None
+
+
+# Layer-wise LR decay: the block a parameter sits in, by the names the libraries' models give their blocks.
+CONVNEXT_BLOCKS = (re.compile(r"\.stages\.(\d+)\.blocks\.(\d+)\."),  # ConvNeXt blocks
+                   re.compile(r"\.stages\.(\d+)\.(downsample)\."))  # its downsampling, before the stage's 1st block
+TRANSFORMER_BLOCKS = (re.compile(r"\.(?:blocks|resblocks)\.(\d+)\."),)  # ViT / EVA / open_clip transformer blocks
+
+
+class BackboneLibrary:
+    """One model library. Subclasses set `name` and implement `build`; the rest has defaults that fit a library
+    whose backbones take any input size and keep no position grid."""
+
+    name: ClassVar[str]
+    arch_example: ClassVar[str] = ""  # for messages: a model name users of this library would write
+    arch_file_suffixes: ClassVar[tuple[str, ...]] = ()  # an `arch` ending so is a model-config file (it travels)
+    block_patterns: ClassVar[tuple[re.Pattern, ...]] = CONVNEXT_BLOCKS + TRANSFORMER_BLOCKS
+    embedding_names: ClassVar[tuple[str, ...]] = ()  # parameter names of layer 0 (stem, patch and position embeddings)
+    no_weight_decay_names: ClassVar[tuple[str, ...]] = ()  # tokens and position embeddings AdamW leaves alone
+    classifier_prefixes: ClassVar[tuple[str, ...]] = ()  # an ImageNet classifier's keys, dropped from initial weights
+
+    def build(self, arch: str, native_resolution: int | None, classes: int) -> Backbone:
+        """The backbone with random weights: `classes` outputs, or (0) its pooled features; nothing downloaded."""
+        raise NotImplementedError
+
+    # --- the manifest's questions
+    def arch_is_path(self, arch: str) -> bool:
+        """Whether `arch` names a model-config file (resolved, rebased and copied with the manifest)."""
+        return bool(self.arch_file_suffixes) and arch.endswith(self.arch_file_suffixes)
+
+    def arch_identity(self, arch: str) -> Any:
+        """What the cache hashes for `arch`: the name, or a config file's content (its path may move)."""
+        if self.arch_is_path(arch):
+            import json
+
+            return json.loads(Path(arch).read_text(encoding="utf-8"))
+        return arch
+
+    # --- the towers' questions
+    def patch_size(self, backbone: nn.Module) -> int | None:
+        """The patch size of a ViT-style backbone (input sizes must be multiples of it), else None."""
+        return None
+
+    def position_grid(self, backbone: nn.Module) -> tuple[int, int] | None:
+        """The patch grid the backbone's absolute position embeddings are laid out for; None: no such tie (a
+        convnet runs at any size as it is)."""
+        return None
+
+    def native_size(self, backbone: nn.Module) -> int | None:
+        """The input size the position embeddings are laid out for (ViTs), else None."""
+        grid, patch = self.position_grid(backbone), self.patch_size(backbone)
+        return None if grid is None or patch is None else int(grid[0]) * patch
+
+    def resample_position_embeddings(self, state: Mapping[str, torch.Tensor], backbone: nn.Module
+                                     ) -> dict[str, torch.Tensor]:
+        """`state` (backbone keys) with position embeddings of another grid resampled to `backbone`'s, by the
+        library's own function; other tensors as given."""
+        return dict(state)
+
+    # --- the trainer's questions
+    def block_of(self, name: str) -> tuple[int, int] | None:
+        """The (stage, block) a backbone parameter sits in, ordered from the input up; None outside the blocks."""
+        dotted = f".{name}"
+        for pattern in self.block_patterns:
+            match = pattern.search(dotted)
+            if match:
+                groups = match.groups()
+                if len(groups) == 1:
+                    return 0, int(groups[0])
+                return int(groups[0]), -1 if groups[1] == "downsample" else int(groups[1])
+        return None
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether a backbone parameter belongs to layer 0 (the input side, before every block)."""
+        return any(part in name for part in self.embedding_names)
+
+    def skips_weight_decay(self, name: str) -> bool:
+        """Whether AdamW leaves this backbone parameter undecayed besides 1-D tensors (tokens, positions)."""
+        return any(part in name for part in self.no_weight_decay_names)
+
+    # --- initial weights for training
+    def unwrap_checkpoint(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A pretrained file in one of the layouts this library writes, as backbone keys; notes on what was done."""
+        return state, []

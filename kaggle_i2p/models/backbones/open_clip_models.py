@@ -1,0 +1,117 @@
+"""open_clip as a model library: an image tower by registered config name or from a model-config `.json`, built
+offline (no pretrained tag); its ViTs get their position embeddings resampled by open_clip's `resize_pos_embed`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...core.registry import register_library
+from .base import Backbone, BackboneLibrary
+
+
+def open_clip_config(arch: str) -> dict:
+    """An open_clip model config: by registered name, or read from a model-config .json file."""
+    import open_clip
+
+    if arch.endswith(".json"):
+        return json.loads(Path(arch).read_text(encoding="utf-8"))
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"open_clip has no model config named {arch!r} (open_clip {open_clip.__version__}); "
+                         "see open_clip.list_models(), or give the path of a model-config .json")
+    return config
+
+
+def _pos_embed_to_grid(positional_embedding: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """open_clip's own `resize_pos_embed` (class token kept, the patch grid resampled)."""
+    from open_clip.model import resize_pos_embed
+
+    target = nn.Module()
+    target.visual = nn.Module()
+    target.visual.grid_size = tuple(grid)
+    state = {"visual.positional_embedding": positional_embedding}
+    resize_pos_embed(state, target)
+    return state["visual.positional_embedding"]
+
+
+def _patch(visual: nn.Module) -> tuple[int, int]:
+    size = visual.patch_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def resize_for_input(visual: nn.Module, height: int, width: int) -> dict[str, torch.Tensor]:
+    """A copy of the visual tower's position embedding resampled for a height x width input."""
+    patch_h, patch_w = _patch(visual)
+    stored = visual.positional_embedding  # resampled in fp32 (fp16 weights too: bicubic wants the precision)
+    grid = (height // patch_h, width // patch_w)
+    return {"positional_embedding": _pos_embed_to_grid(stored.float(), grid).to(stored.dtype)}
+
+
+class OpenClipLibrary(BackboneLibrary):
+    """open_clip image towers (ViT, and timm-trunk ConvNeXt)."""
+
+    name = "open_clip"
+    arch_example = "ViT-L-14-336"
+    arch_file_suffixes = (".json",)
+    # its own ViT's names, and those of the timm trunks it wraps (`trunk.*`)
+    embedding_names = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed", "pos_embed",
+                       "cls_token", "reg_token", "stem", "rope")
+    no_weight_decay_names = ("positional_embedding", "class_embedding", "pos_embed", "cls_token")
+
+    def build(self, arch: str, native_resolution: int | None, classes: int) -> Backbone:
+        """An open_clip image tower (its embedding); ViTs get a position-embedding resampler for other sizes."""
+        from open_clip.model import _build_vision_tower
+        from open_clip.transformer import VisionTransformer
+
+        if classes:
+            raise ValueError("an open_clip image tower gives embeddings, not class logits: use score: embedding "
+                             "with a bank whose keys are the matching CLIP text embeddings")
+        config = open_clip_config(arch)
+        vision_cfg = dict(config["vision_cfg"])
+        if native_resolution is not None:
+            vision_cfg["image_size"] = native_resolution
+        visual = _build_vision_tower(config["embed_dim"], vision_cfg, quick_gelu=config.get("quick_gelu", False))
+        if not isinstance(visual, VisionTransformer):  # timm-trunk (ConvNeXt) towers run at any size as they are
+            return Backbone(visual, int(config["embed_dim"]))
+        size = vision_cfg.get("image_size", 224)
+        return Backbone(visual, int(config["embed_dim"]), resize_for_input, size if isinstance(size, int) else size[0])
+
+    def patch_size(self, backbone: nn.Module) -> int | None:
+        if hasattr(backbone, "positional_embedding") and hasattr(backbone, "patch_size"):
+            return int(_patch(backbone)[0])
+        trunk = getattr(getattr(backbone, "trunk", None), "patch_embed", None)  # a timm-trunk ViT
+        size = getattr(trunk, "patch_size", None)
+        return None if size is None else int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def position_grid(self, backbone: nn.Module) -> tuple[int, int] | None:
+        grid = getattr(backbone, "grid_size", None)
+        if grid is None or "positional_embedding" not in dict(backbone.named_parameters()):
+            return None
+        return int(grid[0]), int(grid[1])
+
+    def resample_position_embeddings(self, state: Mapping[str, torch.Tensor], backbone: nn.Module
+                                     ) -> dict[str, torch.Tensor]:
+        """open_clip ViT `positional_embedding` (1 + gh * gw, C) resampled by open_clip's `resize_pos_embed`."""
+        out = dict(state)
+        grid = self.position_grid(backbone)
+        value = state.get("positional_embedding")
+        if value is None or grid is None or tuple(backbone.positional_embedding.shape) == tuple(value.shape):
+            return out
+        out["positional_embedding"] = _pos_embed_to_grid(value, grid)
+        return out
+
+    def unwrap_checkpoint(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A full CLIP checkpoint (`visual.*` beside the text tower) as its visual tower's keys."""
+        if not any(k.startswith("visual.") for k in state):
+            return state, []
+        dropped = sum(not k.startswith("visual.") for k in state)
+        visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        return visual, [f"an open_clip CLIP checkpoint: its visual tower ({dropped} text-side tensors left out)"]
+
+
+OPEN_CLIP = register_library(OpenClipLibrary())

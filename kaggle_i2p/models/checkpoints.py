@@ -1,0 +1,133 @@
+"""Checkpoint files: read a state dict offline (safetensors, or torch's `weights_only` loader), read only its keys and
+shapes, check its sha256 (hashed once per process per file), and describe how its keys differ from a model's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..core.errors import I2PError
+from ..core.fileio import file_identity, sha256_file
+
+WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "module")
+
+
+class TowerLoadError(I2PError, RuntimeError):
+    """A checkpoint that does not fit its tower, or a file that fails its checksum."""
+
+
+def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`, onto
+    `device` (a GPU reads them straight into its memory, no host copy kept) (`mmap`: memory-mapped, nothing read until
+    used, for files in torch's zip format)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        state = torch.load(path, map_location=device, weights_only=True)  # the legacy format cannot be mapped
+    # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
+    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping):
+        raise TowerLoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP's leading `module.` and `torch.compile`'s `_orig_mod.` (at any depth) from checkpoint keys."""
+    cleaned = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        while key.startswith("module."):
+            key = key[len("module."):]
+        cleaned[key] = value
+    return cleaned
+
+
+def read_weights(path: Path, failure: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """`read_state_dict` + `strip_prefixes`; an unreadable file becomes one TowerLoadError: "{failure} {path}: ..."."""
+    try:
+        return strip_prefixes(read_state_dict(path, device=device))
+    except TowerLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
+        raise TowerLoadError(f"{failure} {path}: {err}") from err
+
+
+def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's keys (prefixes stripped) with meta tensors of their shapes, read without loading weights:
+    the safetensors header, or a memory-mapped torch file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        return strip_prefixes({k: torch.empty(shape, device="meta") for k, shape in shapes.items()})
+    state = read_state_dict(path, mmap=True)
+    return strip_prefixes({k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()})
+
+
+class FileHashes:
+    """sha256 of files, memoised in this process by `file_identity`: the deep manifest check, the cache key and the
+    load all hash a GB checkpoint once."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        key = file_identity(path)
+        if key not in self._memo:
+            self._memo[key] = sha256_file(Path(path))
+        return self._memo[key]
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Take a hash memoised elsewhere (the cache's file) for this path as it is now."""
+        self._memo[file_identity(path)] = digest
+
+
+checkpoint_sha256 = FileHashes()
+
+
+def sha256_mismatch(path: Path, expected: str | None) -> str | None:
+    """The file's sha256 when it is not `expected`, else None (also when nothing is expected)."""
+    if not expected:
+        return None
+    actual = checkpoint_sha256(path)
+    return None if actual.lower() == expected.lower() else actual
+
+
+def key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 8) -> list[str]:
+    """How a checkpoint's keys and shapes differ from a model's, one line each (empty when they fit), with hints."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape))
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:limit]) + (" ..." if len(missing) > limit
+                                                                                        else ""))
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:limit])
+                     + (" ..." if len(unexpected) > limit else ""))
+    for key in mismatched[:limit]:
+        lines.append(f"shape mismatch {key}: checkpoint {tuple(got[key].shape)}, model {tuple(expected[key].shape)}")
+    if missing and unexpected and all(not k.startswith(("backbone.", "head.")) for k in unexpected[:limit]):
+        lines.append("hint: tower checkpoints hold the keys of kaggle_i2p.models.towers.Tower (backbone.*, head.*); "
+                     "export with `kaggle-i2p export` or rename the keys")
+    if any(k.startswith("backbone.pos_embed") or k.startswith("backbone.positional_embedding") for k in mismatched):
+        lines.append("hint: the position embeddings were trained at another size; set native_resolution")
+    return lines
+
+
+def under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose keys start with `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,323 @@
+"""Towers: a vision backbone plus its kind's head, mapping an image batch to (B, 384) prompt embeddings.
+
+A `Tower` carries its spec (as timm attaches `pretrained_cfg`), so whoever runs it needs the tower alone. The backbone
+comes from the spec's library (`kaggle_i2p.core.registry.LIBRARIES`), the head from its kind (`KINDS`): a regressor's
+Linear/MLP, a retrieval tower's head holding its bank. Everything is built offline and the weights come only from the
+manifest's local checkpoint. Running at a resolution other than the checkpoint's uses the libraries' own
+position-embedding resampling, which each library module owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import EntryFieldError
+from ..manifest import (
+    DEFAULT_EMBEDDING_DIM,
+    Manifest,
+    ManifestError,
+    NetworkSpec,
+    TowerSpec,
+    kind_of,
+    load_manifest,
+    tower_label,
+)
+from .backbones import BackboneLibrary, PosEmbedForSize, library
+from .checkpoints import (
+    TowerLoadError,
+    checkpoint_shapes,
+    key_diff,
+    read_weights,
+    sha256_mismatch,
+    under,
+)
+
+
+class Tower(nn.Module):
+    """backbone -> head, carrying its spec; its `state_dict()` (`backbone.*`, `head.*`) is the checkpoint format."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, spec: NetworkSpec,
+                 pos_embed_for_size: PosEmbedForSize | None = None, native_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+        # open_clip ViTs have fixed-size position embeddings: for other sizes, a resampled copy is swapped in
+        # functionally (the stored parameter never changes), cached per size and parameter version.
+        self._pos_embed_for_size = pos_embed_for_size
+        self._native_size = native_size
+        self._pos_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @property
+    def library(self) -> BackboneLibrary:
+        """The library the backbone comes from, which answers what generic code asks of it."""
+        return library(self.spec.library)
+
+    def _backbone_params_for(self, height: int, width: int) -> dict[str, torch.Tensor] | None:
+        if self._pos_embed_for_size is None or (height, width) == (self._native_size, self._native_size):
+            return None
+        pos = self.backbone.positional_embedding
+        key = (height, width, pos.device, pos.dtype, pos._version, pos.data_ptr())
+        if key not in self._pos_cache:
+            self._pos_cache = {key: self._pos_embed_for_size(self.backbone, height, width)}
+        return self._pos_cache[key]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        override = self._backbone_params_for(images.shape[-2], images.shape[-1])
+        if override is None:
+            features = self.backbone(images)
+        else:
+            features = torch.func.functional_call(self.backbone, override, (images,), strict=False)
+        return self.head(features)
+
+
+def build_tower(spec: TowerSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> Tower:
+    """Build the tower's architecture with random weights, touching no network and no checkpoint."""
+    if not isinstance(spec, NetworkSpec):
+        raise ValueError(f"tower {spec.name!r} is a {spec.kind}: a constant vector, no network")
+    kind = kind_of(spec)
+    backbone = library(spec.library).build(spec.arch, spec.native_resolution, kind.backbone_outputs(spec))
+    head = kind.build_head(spec, backbone.out_dim, embedding_dim)
+    return Tower(backbone.module, head, spec, backbone.pos_embed_for_size, backbone.native_size)
+
+
+def at_resolution(tower: Tower, resolution: int, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> Tower:
+    """The same weights rebuilt natively at `resolution`, position embeddings resampled once (the 2nd place's
+    224 -> 336/448 step); its spec says the new native resolution. Convnets and towers already there come back
+    unchanged."""
+    spec, lib = tower.spec, tower.library
+    if lib.position_grid(tower.backbone) is None or spec.native_resolution == resolution or (
+            spec.native_resolution is None and lib.native_size(tower.backbone) == resolution):
+        return tower
+    new_spec = replace(spec, native_resolution=resolution)
+    with torch.device("meta"):
+        new = build_tower(new_spec, embedding_dim)
+    backbone_state = lib.resample_position_embeddings(tower.backbone.state_dict(), new.backbone)
+    state = {**{f"backbone.{k}": v for k, v in backbone_state.items()},
+             **{f"head.{k}": v for k, v in tower.head.state_dict().items()}}
+    new = _materialize(new, state, embedding_dim)
+    parameter = next(tower.parameters())
+    return new.to(parameter.device).train(tower.training)
+
+
+def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
+                          embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> list[str]:
+    """Build each (index, tower) that runs a network on the meta device (no memory, no weights) and run it at every
+    resolution.
+
+    Catches unknown archs, resolutions that are not multiples of the patch size or that the arch cannot run at, and
+    head/feature mismatches, before any checkpoint is read; one line per problem, naming the tower and field.
+    """
+    problems: list[str] = []
+    for index, spec in towers:
+        if not isinstance(spec, NetworkSpec):
+            continue
+        label = tower_label(index, spec.name)
+        try:
+            with torch.device("meta"):
+                tower = build_tower(spec, embedding_dim)
+        except Exception as err:  # noqa: BLE001 - any build failure is reported as a manifest problem
+            problems.append(f"{label}.arch: cannot build {spec.library} model {spec.arch!r}: {err}")
+            continue
+        patch = tower.library.patch_size(tower.backbone)
+        for res in spec.image.resolutions:
+            if patch and res % patch:
+                lower, upper = (res // patch) * patch, (res // patch + 1) * patch
+                problems.append(f"{label}.image.resolutions: {res} is not a multiple of the patch size {patch} of "
+                                f"{spec.arch}; use {lower} or {upper}")
+                continue
+            try:
+                with torch.no_grad():
+                    out = tower.eval()(torch.empty(1, 3, res, res, device="meta"))
+            except EntryFieldError as err:  # the kind's own check, naming its field
+                problems.append(f"{label}.{err.field}: {err}")
+                continue
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
+                continue
+            expected = spec.forward_dim(embedding_dim)
+            if tuple(out.shape) != (1, expected):
+                problems.append(f"{label}.head: the network outputs {tuple(out.shape)}, expected (1, {expected})")
+    return problems
+
+
+def check_architectures(towers: Sequence[TowerSpec], embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+                        source: str | Path = "manifest") -> None:
+    """`architecture_problems` for these towers; raises ManifestError (naming `source`) listing each problem."""
+    problems = architecture_problems(list(enumerate(towers)), embedding_dim)
+    if problems:
+        raise ManifestError(source, problems)
+
+
+def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
+                        embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> list[str]:
+    """Every checkpoint hashed (against the manifest's sha256) and its keys and shapes matched against the tower
+    built on the meta device, all towers at once, before any weights load."""
+    problems = []
+    for index, spec in towers:
+        if not isinstance(spec, NetworkSpec):
+            continue
+        label = tower_label(index, spec.name)
+        try:
+            actual = sha256_mismatch(spec.checkpoint, spec.sha256)
+            if actual:
+                problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
+                                f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+                continue
+            shapes = checkpoint_shapes(spec.checkpoint)
+        except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
+            problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
+            continue
+        with torch.device("meta"):
+            expected = build_tower(spec, embedding_dim).state_dict()
+        diff = key_diff(expected, shapes)
+        if diff:
+            problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
+                            f"{spec.head_name}:\n      " + "\n      ".join(diff))
+    return problems
+
+
+def kind_problems(towers: Sequence[tuple[int, TowerSpec]]) -> list[str]:
+    """What each tower's kind checks deeply besides the checkpoint (a retrieval bank's index, read whole)."""
+    return [problem for index, spec in towers
+            for problem in kind_of(spec).deep_problems(spec, tower_label(index, spec.name))]
+
+
+def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = True, deep: bool = False) -> Manifest:
+    """Everything that can be checked before weights load, every problem reported at once: the schema and paths,
+    each tower's architecture at each resolution, and (`deep`) each checkpoint's sha256, keys and shapes."""
+    if isinstance(manifest, Manifest):
+        loaded, path, problems = manifest, manifest.path, []
+        towers, dim = list(enumerate(manifest.towers)), manifest.embedding_dim
+    else:
+        try:
+            loaded = load_manifest(manifest, check_files=check_files)
+            path, problems, towers, dim = loaded.path, [], list(enumerate(loaded.towers)), loaded.embedding_dim
+        except ManifestError as err:  # keep going with the towers that parsed cleanly
+            loaded, path, problems = None, err.path, list(err.problems)
+            towers, dim = err.clean_towers, err.embedding_dim
+    arch_problems = architecture_problems(towers, dim)
+    problems += arch_problems
+    if deep and (check_files or loaded is None):
+        broken = {p.split(".", 1)[0] for p in arch_problems}
+        problems += checkpoint_problems([(i, s) for i, s in towers if tower_label(i, s.name) not in broken], dim)
+        problems += kind_problems(towers)
+    if problems or loaded is None:
+        raise ManifestError(path, problems)
+    return loaded
+
+
+def _has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def load_tower(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+               device: str | torch.device = "cpu") -> Tower:
+    """Build the tower and load its checkpoint strictly (after checksum and prefix stripping); eval mode.
+
+    The architecture is built on the meta device and the checkpoint's tensors are assigned to it, so no time goes
+    into a random initialisation that would be overwritten (15 s for ConvNeXt-XXL on a CPU). Towers with buffers
+    that only their constructor computes (EVA's rotary tables) are built normally instead.
+    """
+    actual = sha256_mismatch(spec.checkpoint, spec.sha256)
+    if actual:
+        raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
+                             f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint", device)
+    with torch.device("meta"):
+        tower = build_tower(spec, embedding_dim)
+    expected = tower.state_dict()
+    problems = key_diff(expected, state)
+    if problems:
+        raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint} does not match "
+                             f"{spec.library} {spec.arch} + {spec.head_name}:\n  " + "\n  ".join(problems))
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # an fp16 export still gives fp32 weights
+    return _materialize(tower, state, embedding_dim).to(device).eval().requires_grad_(False)
+
+
+def tower_from_state(spec: NetworkSpec, state: Mapping[str, torch.Tensor],
+                     embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> Tower:
+    """The tower holding exactly `state` (strict), built without a random initialisation."""
+    with torch.device("meta"):
+        tower = build_tower(spec, embedding_dim)
+    return _materialize(tower, state, embedding_dim)
+
+
+def _materialize(meta_tower: Tower, state: Mapping[str, torch.Tensor], embedding_dim: int) -> Tower:
+    """A tower built on the meta device, made real by assigning `state` to it; towers with buffers that only their
+    constructor computes (EVA's rotary tables) are built normally and loaded instead."""
+    meta_tower.load_state_dict(state, strict=True, assign=True)
+    if not _has_meta_tensors(meta_tower):
+        return meta_tower
+    tower = build_tower(meta_tower.spec, embedding_dim)
+    tower.load_state_dict(state, strict=True)
+    return tower
+
+
+FP32_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)  # timm's and open_clip's norms too
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    module._input_dtype = args[0].dtype
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(module._input_dtype)
+
+
+def hold_in_fp16(tower: Tower) -> Tower:
+    """The tower with its backbone's weights in fp16 (in place: half the memory, no per-forward weight casts), for
+    fp16 inputs without autocast. Norm layers stay fp32 (ConvNeXt's LayerNorm overflows in pure fp16): their inputs
+    are cast up and their outputs back. The head stays fp32 on fp32 features, as the regression needs."""
+    tower.backbone.half()
+    for module in tower.backbone.modules():
+        if isinstance(module, FP32_MODULES):
+            module.float()
+            module.register_forward_pre_hook(_inputs_to_fp32)
+            module.register_forward_hook(_output_to_input_dtype)
+    tower.head.register_forward_pre_hook(_inputs_to_fp32)
+    return tower
+
+
+def load_initial_weights(tower: Tower, path: str | Path) -> list[str]:
+    """Load a local pretrained file into a tower about to be trained; returns notes on what was done.
+
+    Accepted layouts: a bare backbone state dict (timm), a full open_clip CLIP checkpoint (its `visual.*` part is
+    used), or a kaggle_i2p Tower checkpoint (`backbone.*` and `head.*`, e.g. to continue from an export). Position
+    embeddings of another grid are resampled; a backbone key missing from the file is an error, and an ImageNet
+    classifier in it is dropped.
+    """
+    path = Path(path)
+    state = read_weights(path, "cannot read initial weights")
+    notes = []
+    head_state = {}
+    if any(k.startswith("backbone.") for k in state):
+        head_state, state = under(state, "head."), under(state, "backbone.")
+        notes.append("a kaggle_i2p tower checkpoint: backbone" + (" and head" if head_state else ""))
+    else:  # the layouts the library writes (open_clip's whole CLIP model, a bare timm state dict)
+        state, unwrapped = tower.library.unwrap_checkpoint(state)
+        notes += unwrapped
+    expected = tower.backbone.state_dict()
+    prefixes = tower.library.classifier_prefixes
+    classifier = sorted(k for k in state if k not in expected and prefixes and k.startswith(prefixes))
+    if classifier:
+        notes.append(f"dropped the file's classifier ({', '.join(classifier[:4])})")
+        state = {k: v for k, v in state.items() if k not in classifier}
+    state = tower.library.resample_position_embeddings(state, tower.backbone)
+    problems = key_diff(expected, state)
+    if problems:
+        raise TowerLoadError(f"initial weights {path} do not fit the backbone:\n  " + "\n  ".join(problems)
+                             + "\n  fix: check tower.library/arch/native_resolution against the file")
+    tower.backbone.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    if head_state:
+        try:
+            tower.head.load_state_dict(head_state, strict=True)
+        except RuntimeError as err:
+            raise TowerLoadError(f"initial weights {path}: the head does not fit tower.head: {err}") from err
+    return notes

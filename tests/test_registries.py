@@ -1,0 +1,120 @@
+"""Every registered library and kind through the machinery, parametrised over the registries (timm's
+`test_models.py` over `list_models()`): a library or kind registered without a tiny example in
+`kaggle_i2p.testing` fails here until it has one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import kaggle_i2p
+from kaggle_i2p.core.ensemble import combine_views
+from kaggle_i2p.core.registry import KINDS, LIBRARIES
+from kaggle_i2p.inference.cache import PredictionCache
+from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.manifest import NetworkSpec, kind_of, load_manifest, save_manifest
+from kaggle_i2p.models.backbones import library
+from kaggle_i2p.models.towers import build_tower, load_initial_weights, load_tower, validate_manifest
+from kaggle_i2p.testing import TINY_ARCHS, TINY_CONSTANT_ENTRIES, TINY_NETWORK_ENTRIES, tiny_tower_manifest
+
+LIBRARY_NAMES = LIBRARIES.names()
+KIND_NAMES = KINDS.names()
+NETWORK_KINDS = tuple(k for k in KIND_NAMES if k not in TINY_CONSTANT_ENTRIES)
+PAIRS = [(lib, kind) for lib in LIBRARY_NAMES for kind in NETWORK_KINDS] + [
+    (LIBRARY_NAMES[0], kind) for kind in TINY_CONSTANT_ENTRIES]
+
+
+def test_every_registered_library_and_kind_has_a_tiny_example():
+    assert set(LIBRARY_NAMES) <= set(TINY_ARCHS), "add the library's tiny arch to kaggle_i2p.testing.TINY_ARCHS"
+    assert set(KIND_NAMES) <= set(TINY_NETWORK_ENTRIES) | set(TINY_CONSTANT_ENTRIES), \
+        "add the kind's tiny entry to kaggle_i2p.testing"
+
+
+@pytest.mark.parametrize("name", LIBRARY_NAMES)
+def test_a_library_builds_on_the_meta_device_and_answers_for_its_grid(name, tmp_path):
+    lib = library(name)
+    arch = TINY_ARCHS[name](tmp_path)
+    arch = str(tmp_path / arch) if lib.arch_is_path(arch) else arch
+    with torch.device("meta"):
+        built = lib.build(arch, None, 0)
+        at_96 = lib.build(arch, 96, 0)
+    assert built.out_dim > 0 and all(p.is_meta for p in built.module.parameters())
+    grid, patch = lib.position_grid(built.module), lib.patch_size(built.module)
+    if grid is not None:  # a ViT: its native size is its grid times its patch, and a new native size moves it
+        assert lib.native_size(built.module) == grid[0] * patch
+        assert lib.native_size(at_96.module) == 96 and lib.position_grid(at_96.module) == (96 // patch,) * 2
+    assert lib.arch_identity(arch) is not None
+    names = [n for n, _ in built.module.named_parameters()]
+    blocks = [lib.block_of(n) for n in names]
+    assert any(b is not None for b in blocks), "no parameter sits in a block: layer-wise LR decay would be flat"
+    assert any(lib.is_embedding(n) for n in names), "no parameter is on the input side (layer 0)"
+
+
+@pytest.mark.parametrize("name", LIBRARY_NAMES)
+def test_a_library_loads_its_own_checkpoint_format(name, tmp_path):
+    manifest = load_manifest(tiny_tower_manifest(tmp_path, name, NETWORK_KINDS[0]))
+    spec = manifest.towers[0]
+    loaded = load_tower(spec)
+    torch.manual_seed(0)
+    expected = build_tower(spec).state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    # a pretrained file as the library writes it (a bare backbone, or its own wrapping) starts a training run
+    fresh = build_tower(spec)
+    backbone = {k: v.clone() for k, v in loaded.backbone.state_dict().items()}
+    save_file(backbone, str(tmp_path / "pretrained.safetensors"))
+    load_initial_weights(fresh, tmp_path / "pretrained.safetensors")
+    assert all(torch.equal(fresh.backbone.state_dict()[k], v) for k, v in backbone.items())
+
+
+@pytest.mark.parametrize(("name", "kind"), PAIRS)
+def test_a_manifest_entry_round_trips_and_rebases(name, kind, tmp_path):
+    path = tiny_tower_manifest(tmp_path / "here", name, kind)
+    manifest = validate_manifest(path, deep=True)
+    spec = manifest.towers[0]
+    assert spec.kind == kind and kind_of(spec) is KINDS.get(kind)
+    moved = save_manifest(manifest, tmp_path / "there" / "deeper" / "m.yaml")
+    assert moved.towers[0] == spec and moved.towers[0].to_dict() == spec.to_dict()
+    assert load_manifest(tmp_path / "there" / "deeper" / "m.yaml").towers[0].to_dict(tmp_path) == spec.to_dict(
+        tmp_path)
+
+
+@pytest.mark.parametrize(("name", "kind"), [p for p in PAIRS if p[1] in NETWORK_KINDS])
+def test_a_cache_key_is_stable_and_moves_only_with_what_changes_outputs(name, kind, tmp_path):
+    path = tiny_tower_manifest(tmp_path / "a", name, kind)
+    cache = PredictionCache(tmp_path / "cache")
+    spec = load_manifest(path).towers[0]
+    key = cache.tower_key(spec, "fp32", 384, 8)
+    moved = save_manifest(load_manifest(path), tmp_path / "b" / "m.yaml").towers[0]  # the same files, elsewhere
+    assert cache.tower_key(moved, "fp32", 384, 8) == key
+    from dataclasses import replace
+
+    assert cache.tower_key(replace(spec, weight=0.25, name=spec.name), "fp32", 384, 8) == key
+    other_image = replace(spec, image=replace(spec.image, mean=(0.4, 0.4, 0.4)))
+    assert cache.tower_key(other_image, "fp32", 384, 8) != key
+    assert cache.tower_key(spec, "fp32", 384, 16) != key
+
+
+@pytest.mark.parametrize(("name", "kind"), PAIRS)
+def test_a_prediction_on_the_kaggle_sample_is_the_towers_own_forward(name, kind, tmp_path, sample_dir):
+    path = tiny_tower_manifest(tmp_path, name, kind)
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=3)
+    spec = load_manifest(path).towers[0]
+    if not isinstance(spec, NetworkSpec):
+        expected = np.tile(spec.constant(), (len(run.ids), 1))
+    else:
+        tower = load_tower(spec)
+        pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
+        views = []
+        with torch.no_grad():
+            for view in spec.views:
+                views.append(tower(make_view(pixels, spec.image, view.resolution, view.flip)).numpy())
+        owner = kind_of(spec)
+        if owner.has_step_after_encoding(spec):
+            after = owner.after_encoding(spec, np.concatenate(views), "cpu", False)
+            views = np.split(after, len(spec.views))
+        expected = combine_views(views, spec.view_weight_list())
+    np.testing.assert_allclose(run.tower_embeddings["tiny"], expected, atol=2e-5)
+    assert np.allclose(np.linalg.norm(run.embeddings, axis=1), 1.0, atol=1e-5)
