@@ -3,13 +3,31 @@
     import kaggle_i2p
     kaggle_i2p.predict_dir("/kaggle/input/stable-diffusion-image-to-prompts/images",
                            manifest="weights_manifest.yaml", out_csv="/kaggle/working/submission.csv")
+
+The prediction API (`predict_dir`, `run_prediction`, ...) is imported on first use, so `import kaggle_i2p` and
+`kaggle-i2p --help` load no torch.
 """
+
+from importlib import import_module
+from typing import Any
 
 from ._version import __version__
 from .core import moved
 from .core.registry import register_kind, register_library
-from .inference.predict import PredictionRun, RunSummary, predict_dir, predict_embeddings, run_prediction
 from .manifest import Manifest, ManifestError, load_manifest, register_named_manifest
+
+_LAZY = {"PredictionRun": "inference.predict", "RunSummary": "inference.predict", "predict_dir": "inference.predict",
+         "predict_embeddings": "inference.predict", "run_prediction": "inference.predict",
+         "RunOptions": "inference.options"}
+
+
+def __getattr__(name: str) -> Any:
+    """The prediction API, imported when first asked for."""
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in moved.MOVED:  # `kaggle_i2p.towers` as an attribute, as it was when this package imported it
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _demo_manifest():
@@ -26,6 +44,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "PredictionRun",
+    "RunOptions",
     "RunSummary",
     "__version__",
     "load_manifest",

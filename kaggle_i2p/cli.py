@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .bank import INDEX_TYPES, SHARD_ROWS
 from .core.errors import I2PError
 from .core.resources import DEFAULT_MANIFEST, default_manifest
 from .manifest import PRECISIONS
@@ -52,6 +53,18 @@ def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | No
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _run_options(args: argparse.Namespace, **values):  # noqa: ANN202 - a RunOptions; imported when a command runs
+    """The run options `_add_run_options` declared (and the cache and image checks where the command has them),
+    as the one `RunOptions` every entry point takes."""
+    from .inference.options import RunOptions
+
+    cache_dir = None if getattr(args, "no_cache", False) else getattr(args, "cache_dir", None)
+    return RunOptions.of(device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+                         precision=args.precision, compile_views=args.compile, cache_dir=cache_dir,
+                         verify_images=getattr(args, "verify_images", False),
+                         progress=not (args.quiet or getattr(args, "json", False)), **values)
+
+
 def _add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nlist", type=_whole_number(1), default=None,
                         help="inverted lists of the index (default: FAISS's guidance for the bank size)")
@@ -72,23 +85,48 @@ def _share(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _parser_predict(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser("predict", help="predict a folder of images and write submission.csv")
+    predict.add_argument("image_dir", type=Path)
+    predict.add_argument("--out", default="submission.csv", help="output CSV (default: %(default)s)")
+    predict.add_argument("--cache-dir", type=Path, default=None,
+                         help="store every tower x view output here; a killed run resumes where it stopped")
+    predict.add_argument("--share", type=_share, default=None, metavar="R/W",
+                         help="several machines sharing --cache-dir: encode only this machine's chunks (R of W) "
+                         "and write no CSV; a last `predict` without --share writes it")
+    _add_run_options(predict)
+    _add_verify_images(predict)
+    predict.set_defaults(func=_cmd_predict)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference.predict import predict_dir
 
     if args.share is not None:
         from .inference.predict import encode_part
 
-        images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, device=args.device,
-                              batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                              progress=not args.quiet, verify_images=args.verify_images, compile_views=args.compile)
+        images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, _run_options(args))
         print(f"kaggle_i2p: part {args.share[0]} of {args.share[1]}: {images} images encoded into {args.cache_dir}; "
               "when every part is done, `predict` on the same --cache-dir without --share writes the CSV")
         return 0
-    predict_dir(args.image_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
-                batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                progress=not args.quiet, cache_dir=args.cache_dir, verify_images=args.verify_images,
-                return_frame=False, compile_views=args.compile)
+    predict_dir(args.image_dir, args.manifest, args.out, _run_options(args), return_frame=False)
     return 0
+
+
+def _labelled_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """The arguments evaluate and tune share: labelled images, their targets, the cache."""
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("image_dir", type=Path)
+    targets = command.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--prompts", type=Path, help="CSV with imgId, prompt (and optionally fold) columns")
+    targets.add_argument("--targets", type=Path, help=".npy of (N, 384) targets aligned to the sorted image ids")
+    command.add_argument("--json", action="store_true", help="print one JSON object")
+    command.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE),
+                         help="prediction cache (default: %(default)s); reruns compute only what is missing")
+    command.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    _add_run_options(command)
+    _add_verify_images(command)
+    return command
 
 
 def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
@@ -97,16 +135,19 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     from .inference.predict import execute, prepare_run
     from .tuning.evaluate import fold_numbers, load_targets
 
-    setup = prepare_run(args.image_dir, args.manifest, device=args.device, batch_size=args.batch_size,
-                        num_workers=args.workers, precision=args.precision,
-                        cache_dir=None if args.no_cache else args.cache_dir, include_zero_weight=True,
-                        verify_images=args.verify_images, compile_views=args.compile)
+    options = _run_options(args)
+    setup = prepare_run(args.image_dir, args.manifest, options, include_zero_weight=True)
     ids = list(setup.listing.ids)
     targets = load_targets(ids, prompts_csv=args.prompts, targets_npy=args.targets,
                            embedding_dim=setup.manifest.embedding_dim)
     folds = fold_numbers(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
-    run = execute(setup, progress=not (args.quiet or args.json))
+    run = execute(setup, options.progress)
     return setup.manifest, run, targets, folds
+
+
+def _parser_evaluate(sub: argparse._SubParsersAction) -> None:
+    evaluate = _labelled_parser(sub, "evaluate", "score each tower, view and the ensemble on labelled images")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -116,6 +157,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_run(run, manifest, targets)
     print(report.to_json() if args.json else report)
     return 0
+
+
+def _parser_tune(sub: argparse._SubParsersAction) -> None:
+    tune = _labelled_parser(sub, "tune", "tune ensemble weights with scipy, judged out of fold, and write a tuned "
+                                         "manifest")
+    tune.add_argument("--out", type=Path, required=True, help="where to write the tuned manifest")
+    tune.add_argument("--folds", type=_whole_number(2), default=5,
+                      help="K for K-fold (ignored when --prompts has a fold column)")
+    mode = tune.add_mutually_exclusive_group()
+    mode.add_argument("--per-view", action="store_true", help="tune a weight per tower x TTA view")
+    mode.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
+    tune.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -132,6 +185,17 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_validate(sub: argparse._SubParsersAction) -> None:
+    validate = sub.add_parser("validate-manifest", help="check a manifest without loading any weights")
+    validate.add_argument("path", type=Path)
+    validate.add_argument("--no-file-check", action="store_true",
+                          help="do not require checkpoint files to exist (e.g. a Kaggle manifest checked locally)")
+    validate.add_argument("--deep", action="store_true",
+                          help="also hash every checkpoint and match its keys and shapes to the tower (headers only, "
+                               "no weights loaded); predict always does this before loading")
+    validate.set_defaults(func=_cmd_validate)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .models.towers import validate_manifest
 
@@ -145,29 +209,81 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_plan(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
+                          "budget (and what to drop if not)")
+    plan.add_argument("--images", type=_whole_number(1), default=16_000,
+                      help="images to plan for (default: %(default)s, the hidden test set)")
+    plan.add_argument("--budget", default="9h", help="time the run may take: 9h, 90m, 5400s (default: %(default)s)")
+    plan.add_argument("--margin", type=float, default=0.15, help="share of the budget kept to spare (default: "
+                      "%(default)s)")
+    plan.add_argument("--repeats", type=_whole_number(1), default=3,
+                      help="timed batches per view (default: %(default)s)")
+    plan.add_argument("--sample-dir", type=Path, default=None, help="images to time decoding on (default: the "
+                      "competition sample)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_run_options(plan)
+    plan.set_defaults(func=_cmd_plan)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .inference.plan import plan_run
 
-    plan = plan_run(args.manifest, images=args.images, budget=args.budget, margin=args.margin, device=args.device,
-                    batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                    compile_views=args.compile, repeats=args.repeats, sample_dir=args.sample_dir)
+    plan = plan_run(args.manifest, _run_options(args), images=args.images, budget=args.budget, margin=args.margin,
+                    repeats=args.repeats, sample_dir=args.sample_dir)
     print(plan.to_json() if args.json else plan.report())
     return 0
+
+
+def _parser_dry_run(sub: argparse._SubParsersAction) -> None:
+    dry = sub.add_parser("dry-run", help="predict the competition sample and check format and score")
+    dry.add_argument("--sample-dir", type=Path, default=None,
+                     help="folder with images/, sample_submission.csv, prompts.csv (default: the Kaggle input when "
+                          "attached, else the sample bundled in the package)")
+    dry.add_argument("--out", default=None, help="also keep the dry-run CSV here")
+    dry.add_argument("--json", action="store_true", help="print one JSON object")
+    dry.add_argument("--no-embedding-check", action="store_true", help="skip embedding prompts.csv")
+    _add_run_options(dry, manifest_default=default_manifest(), manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
+    dry.set_defaults(func=_cmd_dry_run)
 
 
 def _cmd_dry_run(args: argparse.Namespace) -> int:
     from .inference.dryrun import dry_run
 
-    report = dry_run(args.sample_dir, manifest=args.manifest, out_csv=args.out, device=args.device,
-                     batch_size=args.batch_size, num_workers=args.workers, precision=args.precision,
-                     check_embeddings=not args.no_embedding_check, progress=not (args.quiet or args.json),
-                     compile_views=args.compile)
+    report = dry_run(args.sample_dir, args.manifest, _run_options(args), out_csv=args.out,
+                     check_embeddings=not args.no_embedding_check)
     if args.json:
         print(report.to_json())
     else:
         print(report.summary)
         print(report)
     return 0 if report.format_ok else 1
+
+
+def _parser_build_bank(sub: argparse._SubParsersAction) -> None:
+    bank = sub.add_parser("build-bank", help="embed a text/CSV/parquet file of prompts into a retrieval bank")
+    bank.add_argument("texts", type=Path)
+    bank.add_argument("--out", type=Path, required=True)
+    bank.add_argument("--column", default=None, help="text column of a CSV/parquet file (default: prompt)")
+    bank.add_argument("--keys", choices=["none", "minilm", "clip"], default="none",
+                      help="none: a classifier's class bank; minilm: query with 384-d vectors; clip: CLIP text "
+                           "embeddings, queried by the matching CLIP image tower (score: embedding)")
+    bank.add_argument("--clip-arch", default=None, help="open_clip model name or config .json, for --keys clip")
+    bank.add_argument("--clip-checkpoint", type=Path, default=None, help="local open_clip checkpoint, for --keys clip")
+    bank.add_argument("--index", choices=INDEX_TYPES, default=None,
+                      help="add a FAISS index of the keys (needs kaggle_i2p[index]), for retrieval.search: index")
+    bank.add_argument("--shard-rows", type=_whole_number(1), default=SHARD_ROWS,
+                      help="texts per resumable shard (default: %(default)s)")
+    bank.add_argument("--encoding", default="utf-8",
+                      help="text encoding of a .txt/.csv file, e.g. latin-1 or cp1252 (default: %(default)s; "
+                           "parquet is always UTF-8)")
+    bank.add_argument("--restart", action="store_true",
+                      help="discard an unfinished build in OUT.building (of other settings) and start over")
+    bank.add_argument("--device", default=None, help="embedding device (default: this rank's GPU, else cpu)")
+    bank.add_argument("--batch-size", type=_whole_number(1), default=None,
+                      help="texts per embedding batch (default: 1024 on a GPU, 128 on the CPU)")
+    _add_index_options(bank)
+    bank.set_defaults(func=_cmd_build_bank)
 
 
 def _cmd_build_bank(args: argparse.Namespace) -> int:
@@ -194,12 +310,34 @@ def _index_line(entry: dict | None) -> str:
             f"nprobe {entry['nprobe']})")
 
 
+def _parser_index_bank(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index-bank", help="add (or rebuild) the FAISS IVF-PQ index of a keyed bank")
+    index.add_argument("bank", type=Path)
+    _add_index_options(index)
+    index.set_defaults(func=_cmd_index_bank)
+
+
 def _cmd_index_bank(args: argparse.Namespace) -> int:
     from .bank.build import index_bank
 
     entry = index_bank(args.bank, nlist=args.nlist, recall_queries=args.recall_queries)
     print(f"indexed {args.bank}{_index_line(entry)}; recall@{entry['recall_k']} by nprobe: {entry['recall']}")
     return 0
+
+
+def _parser_pack_wheels(sub: argparse._SubParsersAction) -> None:
+    pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")
+    pack.add_argument("--out", type=Path, default=Path("dist/wheelhouse"))
+    pack.add_argument("--source", type=Path, default=None, help="kaggle_i2p source tree (default: this checkout)")
+    pack.add_argument("--provided", nargs="*", default=None,
+                      help="packages the target image already has; they and their dependencies are not packed "
+                           "(default: torch torchvision numpy pillow)")
+    pack.add_argument("--extras", nargs="*", default=[], help="kaggle_i2p extras to pack too, e.g. text")
+    pack.add_argument("--packages", nargs="*", default=[], help="further requirements to pack (pip syntax)")
+    pack.add_argument("--python-version", default=None, help="target Python, e.g. 3.10 (default: this one)")
+    pack.add_argument("--platform", action="append", default=None,
+                      help="target platform tag, repeatable, e.g. manylinux2014_x86_64 (default: this machine)")
+    pack.set_defaults(func=_cmd_pack_wheels)
 
 
 def _cmd_pack_wheels(args: argparse.Namespace) -> int:
@@ -210,6 +348,15 @@ def _cmd_pack_wheels(args: argparse.Namespace) -> int:
                          platforms=args.platform)
     print(result)
     return 0
+
+
+def _parser_train(sub: argparse._SubParsersAction) -> None:
+    trainer = sub.add_parser("train", help="fine-tune a vision tower on a build_dataset.sh folder (resumes by itself; "
+                                           "multi-GPU: accelerate launch -m kaggle_i2p.cli train ...)")
+    trainer.add_argument("--config", type=Path, required=True, help="training config YAML (see docs/training.md)")
+    trainer.add_argument("--restart", action="store_true",
+                         help="ignore OUTPUT/last.pt and start over (default: resume it)")
+    trainer.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -226,6 +373,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a training checkpoint as an fp16 tower + its manifest entry")
+    export.add_argument("checkpoint", type=Path, help="OUTPUT/best.pt or OUTPUT/last.pt")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--name", default=None, help="tower name (default: the config's)")
+    export.add_argument("--resolutions", type=int, nargs="+", default=None,
+                        help="TTA resolutions to serve at (default: the config's tower.image.resolutions)")
+    export.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="add flipped views")
+    export.add_argument("--raw-weights", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(func=_cmd_export)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .train import export_checkpoint
 
@@ -236,143 +395,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = (_parser_predict, _parser_validate, _parser_dry_run, _parser_plan, _parser_evaluate, _parser_tune,
+            _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train, _parser_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, each command's arguments from the parser function beside it; nothing heavy is
+    imported until a command runs."""
     parser = argparse.ArgumentParser(prog="kaggle-i2p", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kaggle_i2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .bank.build import SHARD_ROWS
-    from .bank.index import INDEX_TYPES
-
-    predict = sub.add_parser("predict", help="predict a folder of images and write submission.csv")
-    predict.add_argument("image_dir", type=Path)
-    predict.add_argument("--out", default="submission.csv", help="output CSV (default: %(default)s)")
-    predict.add_argument("--cache-dir", type=Path, default=None,
-                         help="store every tower x view output here; a killed run resumes where it stopped")
-    predict.add_argument("--share", type=_share, default=None, metavar="R/W",
-                         help="several machines sharing --cache-dir: encode only this machine's chunks (R of W) "
-                         "and write no CSV; a last `predict` without --share writes it")
-    _add_run_options(predict)
-    _add_verify_images(predict)
-    predict.set_defaults(func=_cmd_predict)
-
-    validate = sub.add_parser("validate-manifest", help="check a manifest without loading any weights")
-    validate.add_argument("path", type=Path)
-    validate.add_argument("--no-file-check", action="store_true",
-                          help="do not require checkpoint files to exist (e.g. a Kaggle manifest checked locally)")
-    validate.add_argument("--deep", action="store_true",
-                          help="also hash every checkpoint and match its keys and shapes to the tower (headers only, "
-                               "no weights loaded); predict always does this before loading")
-    validate.set_defaults(func=_cmd_validate)
-
-    dry = sub.add_parser("dry-run", help="predict the competition sample and check format and score")
-    dry.add_argument("--sample-dir", type=Path, default=None,
-                     help="folder with images/, sample_submission.csv, prompts.csv (default: the Kaggle input when "
-                          "attached, else the sample bundled in the package)")
-    dry.add_argument("--out", default=None, help="also keep the dry-run CSV here")
-    dry.add_argument("--json", action="store_true", help="print one JSON object")
-    dry.add_argument("--no-embedding-check", action="store_true", help="skip embedding prompts.csv")
-    _add_run_options(dry, manifest_default=default_manifest(), manifest_help=f"{DEFAULT_MANIFEST} on Kaggle, else demo")
-    dry.set_defaults(func=_cmd_dry_run)
-
-    plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
-                          "budget (and what to drop if not)")
-    plan.add_argument("--images", type=_whole_number(1), default=16_000,
-                      help="images to plan for (default: %(default)s, the hidden test set)")
-    plan.add_argument("--budget", default="9h", help="time the run may take: 9h, 90m, 5400s (default: %(default)s)")
-    plan.add_argument("--margin", type=float, default=0.15, help="share of the budget kept to spare (default: "
-                      "%(default)s)")
-    plan.add_argument("--repeats", type=_whole_number(1), default=3,
-                      help="timed batches per view (default: %(default)s)")
-    plan.add_argument("--sample-dir", type=Path, default=None, help="images to time decoding on (default: the "
-                      "competition sample)")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_run_options(plan)
-    plan.set_defaults(func=_cmd_plan)
-
-    def labelled(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("image_dir", type=Path)
-        targets = command.add_mutually_exclusive_group(required=True)
-        targets.add_argument("--prompts", type=Path, help="CSV with imgId, prompt (and optionally fold) columns")
-        targets.add_argument("--targets", type=Path, help=".npy of (N, 384) targets aligned to the sorted image ids")
-        command.add_argument("--json", action="store_true", help="print one JSON object")
-        command.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE),
-                             help="prediction cache (default: %(default)s); reruns compute only what is missing")
-        command.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-        _add_run_options(command)
-        _add_verify_images(command)
-        return command
-
-    evaluate = labelled("evaluate", "score each tower, view and the ensemble on labelled images")
-    evaluate.set_defaults(func=_cmd_evaluate)
-
-    tune = labelled("tune", "tune ensemble weights with scipy, judged out of fold, and write a tuned manifest")
-    tune.add_argument("--out", type=Path, required=True, help="where to write the tuned manifest")
-    tune.add_argument("--folds", type=_whole_number(2), default=5,
-                      help="K for K-fold (ignored when --prompts has a fold column)")
-    mode = tune.add_mutually_exclusive_group()
-    mode.add_argument("--per-view", action="store_true", help="tune a weight per tower x TTA view")
-    mode.add_argument("--per-dim", action="store_true", help="tune 384 weights per tower, regularised to per-tower")
-    tune.set_defaults(func=_cmd_tune)
-
-    bank = sub.add_parser("build-bank", help="embed a text/CSV/parquet file of prompts into a retrieval bank")
-    bank.add_argument("texts", type=Path)
-    bank.add_argument("--out", type=Path, required=True)
-    bank.add_argument("--column", default=None, help="text column of a CSV/parquet file (default: prompt)")
-    bank.add_argument("--keys", choices=["none", "minilm", "clip"], default="none",
-                      help="none: a classifier's class bank; minilm: query with 384-d vectors; clip: CLIP text "
-                           "embeddings, queried by the matching CLIP image tower (score: embedding)")
-    bank.add_argument("--clip-arch", default=None, help="open_clip model name or config .json, for --keys clip")
-    bank.add_argument("--clip-checkpoint", type=Path, default=None, help="local open_clip checkpoint, for --keys clip")
-    bank.add_argument("--index", choices=INDEX_TYPES, default=None,
-                      help="add a FAISS index of the keys (needs kaggle_i2p[index]), for retrieval.search: index")
-    bank.add_argument("--shard-rows", type=_whole_number(1), default=SHARD_ROWS,
-                      help="texts per resumable shard (default: %(default)s)")
-    bank.add_argument("--encoding", default="utf-8",
-                      help="text encoding of a .txt/.csv file, e.g. latin-1 or cp1252 (default: %(default)s; "
-                           "parquet is always UTF-8)")
-    bank.add_argument("--restart", action="store_true",
-                      help="discard an unfinished build in OUT.building (of other settings) and start over")
-    bank.add_argument("--device", default=None, help="embedding device (default: this rank's GPU, else cpu)")
-    bank.add_argument("--batch-size", type=_whole_number(1), default=None,
-                      help="texts per embedding batch (default: 1024 on a GPU, 128 on the CPU)")
-    _add_index_options(bank)
-    bank.set_defaults(func=_cmd_build_bank)
-
-    index = sub.add_parser("index-bank", help="add (or rebuild) the FAISS IVF-PQ index of a keyed bank")
-    index.add_argument("bank", type=Path)
-    _add_index_options(index)
-    index.set_defaults(func=_cmd_index_bank)
-
-    pack = sub.add_parser("pack-wheels", help="build the offline wheelhouse to upload as a Kaggle dataset")
-    pack.add_argument("--out", type=Path, default=Path("dist/wheelhouse"))
-    pack.add_argument("--source", type=Path, default=None, help="kaggle_i2p source tree (default: this checkout)")
-    pack.add_argument("--provided", nargs="*", default=None,
-                      help="packages the target image already has; they and their dependencies are not packed "
-                           "(default: torch torchvision numpy pillow)")
-    pack.add_argument("--extras", nargs="*", default=[], help="kaggle_i2p extras to pack too, e.g. text")
-    pack.add_argument("--packages", nargs="*", default=[], help="further requirements to pack (pip syntax)")
-    pack.add_argument("--python-version", default=None, help="target Python, e.g. 3.10 (default: this one)")
-    pack.add_argument("--platform", action="append", default=None,
-                      help="target platform tag, repeatable, e.g. manylinux2014_x86_64 (default: this machine)")
-    pack.set_defaults(func=_cmd_pack_wheels)
-
-    trainer = sub.add_parser("train", help="fine-tune a vision tower on a build_dataset.sh folder (resumes by itself; "
-                                           "multi-GPU: accelerate launch -m kaggle_i2p.cli train ...)")
-    trainer.add_argument("--config", type=Path, required=True, help="training config YAML (see docs/training.md)")
-    trainer.add_argument("--restart", action="store_true",
-                         help="ignore OUTPUT/last.pt and start over (default: resume it)")
-    trainer.set_defaults(func=_cmd_train)
-
-    export = sub.add_parser("export", help="write a training checkpoint as an fp16 tower + its manifest entry")
-    export.add_argument("checkpoint", type=Path, help="OUTPUT/best.pt or OUTPUT/last.pt")
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--name", default=None, help="tower name (default: the config's)")
-    export.add_argument("--resolutions", type=int, nargs="+", default=None,
-                        help="TTA resolutions to serve at (default: the config's tower.image.resolutions)")
-    export.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="add flipped views")
-    export.add_argument("--raw-weights", action="store_true", help="export the raw weights instead of the EMA")
-    export.set_defaults(func=_cmd_export)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 

@@ -125,3 +125,9 @@ def test_the_old_flat_module_names_still_import_the_same_modules():
     from kaggle_i2p.trainer import train  # noqa: F401
 
     from kaggle_i2p.manifest import HeadSpec, RegressorSpec, RetrievalSpec  # noqa: F401
+
+
+def test_every_folder_of_the_package_is_a_package():
+    """A folder without __init__.py imports from a checkout but is left out of the wheel (find_packages)."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file()) == []

@@ -76,3 +76,18 @@ def test_dry_run_format_failure_exits_nonzero(tmp_path, sample_dir, toy_manifest
                  "--workers", "0", "--no-embedding-check", "--quiet"])
     out = capsys.readouterr().out
     assert code == 1 and "format vs sample_submission.csv: FAILED" in out and "2304 rows, expected 2688" in out
+
+
+def test_help_imports_nothing_heavy():
+    """`kaggle-i2p --help` (and building the parser) loads no torch, timm, open_clip or pandas."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kaggle_i2p.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'pandas', 'faiss') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    for command in ("predict", "build-bank", "train", "tune"):
+        shown = subprocess.run([sys.executable, "-m", "kaggle_i2p.cli", command, "--help"], capture_output=True,
+                               text=True, timeout=120)
+        assert shown.returncode == 0 and f"usage: kaggle-i2p {command}" in shown.stdout

@@ -360,3 +360,23 @@ def test_towers_load_in_the_background_while_the_first_batch_decodes(sample_imag
     monkeypatch.setattr(predict_module, "load_tower", broken)
     with pytest.raises(TowerLoadError, match="cannot read checkpoint"):
         _run(sample_images, toy_manifest)
+
+
+def test_run_options_are_one_value_and_their_names_work_too(sample_images, toy_manifest, tmp_path):
+    """`RunOptions` or its fields by name give the same run; an unknown name is one OptionError naming them all."""
+    import pytest
+
+    import kaggle_i2p
+    from kaggle_i2p import RunOptions
+    from kaggle_i2p.core.errors import OptionError
+
+    options = RunOptions(device="cpu", num_workers=0, batch_size=3, progress=False)
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, tmp_path / "a.csv", options, return_frame=False)
+    kaggle_i2p.predict_dir(sample_images, toy_manifest, tmp_path / "b.csv", device="cpu", num_workers=0,
+                           batch_size=3, progress=False, return_frame=False)
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    with pytest.raises(OptionError, match="unknown run option.*batchsize.*the options are device, batch_size"):
+        kaggle_i2p.run_prediction(sample_images, toy_manifest, batchsize=3)
+    assert RunOptions.of(options, batch_size=5) == RunOptions(device="cpu", num_workers=0, batch_size=5,
+                                                             progress=False)
+    assert RunOptions().batch_size_on("cuda") == 32 and RunOptions().batch_size_on("mps") == 8

@@ -24,15 +24,15 @@ from ..core.ensemble import l2_normalize
 from ..core.fileio import atomic_open, open_npy, staging_dir
 from ..core.ranks import rank_and_world, rank_device
 from ..core.validate import setting_changes
+from . import INDEX_TYPES, SHARD_ROWS
 from .folder import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
-from .index import INDEX_TYPES, build_index, index_problem
+from .index import build_index, index_problem
 from .search import INDEX_FILE, import_faiss
 from .textfiles import DEFAULT_ENCODING, check_source, iter_text_batches
 
 log = logging.getLogger("kaggle_i2p")
 
 KEY_KINDS = ("none", "minilm", "clip")
-SHARD_ROWS = 100_000
 WORK_SUFFIX = ".building"
 LOCK_SUFFIX = ".lock"
 INDEX_LOCK = ".index-bank.lock"  # in a bank folder, held while index-bank replaces its index and bank.json

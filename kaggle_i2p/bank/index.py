@@ -28,7 +28,6 @@ from .search import INDEX_CANDIDATES_PER_K, INDEX_FILE, exact_candidates, import
 
 log = logging.getLogger("kaggle_i2p")
 
-INDEX_TYPES = ("ivf-pq",)
 RECALL_K = 32
 RECALL_TARGET = 0.95
 RECALL_MARGIN = 0.01  # a recall measured on ~1000 queries is an estimate: the default nprobe keeps this to spare

@@ -11,6 +11,7 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from ..core.errors import I2PError
 from ..core.fileio import check_writable_file
 from ..core.resources import DATA_DIR, KAGGLE_SAMPLE_DIR, default_manifest
 from ..manifest import Manifest, as_manifest
+from .options import RunOptions
 from .predict import RunSummary, run_prediction
 from .submission import check_format, read_submission, write_submission
 
@@ -109,15 +111,14 @@ def check_target_embeddings(sample_dir: Path, image_ids: list[str], targets: np.
     return float(np.abs(embedded - targets).max()), "all-MiniLM-L6-v2"
 
 
-def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifest | None = None, *,
-            out_csv: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
-            num_workers: int | None = None, precision: str | None = None, check_embeddings: bool = True,
-            text_model_path: str | Path | None = None, progress: bool = True,
-            compile_views: bool | None = None) -> DryRunReport:
+def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifest | None = None,
+            options: RunOptions | None = None, *, out_csv: str | Path | None = None, check_embeddings: bool = True,
+            text_model_path: str | Path | None = None, **values: Any) -> DryRunReport:
     """Predict the sample images, write and check the CSV against sample_submission.csv, and score it.
 
     `manifest` defaults to weights_manifest.yaml on Kaggle and the demo ensemble elsewhere (`demo` names it too).
     """
+    options = RunOptions.of(options, **values)
     sample_dir = Path(sample_dir) if sample_dir else default_sample_dir()
     sample_csv = sample_dir / "sample_submission.csv"
     image_dir = sample_dir / "images"
@@ -128,8 +129,7 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
     if out_csv is not None:
         check_writable_file(out_csv)  # before the compute, like every output
     manifest = as_manifest(default_manifest() if manifest is None else manifest)
-    run = run_prediction(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                         precision=precision, progress=progress, compile_views=compile_views)
+    run = run_prediction(image_dir, manifest, options)
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(out_csv) if out_csv else Path(tmp) / "submission.csv"
         write_submission(run.ids, run.embeddings, csv_path)

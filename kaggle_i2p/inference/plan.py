@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..core.errors import OptionError
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec
+from .options import RunOptions
 
 Clock = Callable[[], float]
 TEST_IMAGES = 16_000  # the hidden test set, about
@@ -204,31 +206,29 @@ def time_decoding(paths: Sequence[Path], batch_size: int, workers: int, images: 
     return images / max(clock() - started, 1e-9)
 
 
-def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, *, images: int = TEST_IMAGES,
-             budget: str | float = "9h", margin: float = MARGIN, device: str = "auto", batch_size: int | None = None,
-             num_workers: int | None = None, precision: str | None = None, compile_views: bool | None = None,
-             repeats: int = 3, sample_dir: str | Path | None = None, clock: Clock = time.perf_counter) -> RunPlan:
-    """Steps 1-4 (see the module docstring)."""
-    import os
-
+def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, options: RunOptions | None = None, *,
+             images: int = TEST_IMAGES, budget: str | float = "9h", margin: float = MARGIN, repeats: int = 3,
+             sample_dir: str | Path | None = None, clock: Clock = time.perf_counter, **values: Any) -> RunPlan:
+    """Steps 1-4 (see the module docstring); `options` as a run's (device, batch size, workers, precision,
+    compile), so the plan times what the run will do."""
     from ..models.towers import validate_manifest
     from .dryrun import default_sample_dir
     from .images import list_images
-    from .predict import DEFAULT_BATCH_SIZE, resolve_device
+    from .predict import resolve_device
 
     # 1. the options, then the towers loaded as a run loads them
     budget_s = parse_budget(budget)
     if images < 1 or repeats < 1 or not 0 <= margin < 1:
         raise OptionError(f"images {images}, repeats {repeats} and margin {margin}: images and repeats at least 1, "
                           "the margin in [0, 1)")
-    device = resolve_device(device)
+    options = RunOptions.of(options, **values)
+    device = resolve_device(options.device)
     manifest = validate_manifest(manifest, check_files=False)
     sample = Path(sample_dir) if sample_dir else default_sample_dir()  # the images, found before any timing
     paths = list(list_images(sample / "images" if (sample / "images").is_dir() else sample).paths)
-    batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
-    workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
+    batch_size, workers = options.batch_size_on(device.type), options.workers()
     shares = view_shares(manifest)
-    runners, startup, notes = load_runners_timed(manifest, device, precision, compile_views, clock)
+    runners, startup, notes = load_runners_timed(manifest, device, options.precision, options.compile_views, clock)
 
     # 2. every tower x view on synthetic batches
     pixels = synthetic_batch(batch_size, device)

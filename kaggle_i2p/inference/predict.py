@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,16 +34,16 @@ from ..core.ensemble import combine_towers, combine_views, unusable_rows
 from ..core.errors import OptionError, OutputError
 from ..core.fileio import probe_folder
 from ..core.resources import DEFAULT_MANIFEST
-from ..manifest import PRECISIONS, Manifest, NetworkSpec, TowerSpec, kind_of
+from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
 from ..models.towers import Tower, hold_in_fp16, load_tower, validate_manifest
-from .cache import DEFAULT_CHUNK_SIZE, PredictionCache, Shard, image_key
+from .cache import PredictionCache, Shard, image_key
 from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
+from .options import RunOptions
 from .parallel import device_shares, run_on_devices
 from .submission import check_output_path, submission_frame, write_submission
 
 log = logging.getLogger("kaggle_i2p")
 
-DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 COMPILE_BACKEND = "inductor"  # tests use "eager": the wiring runs, nothing waits on a real compile
 COMPILE_FIDELITY = 0.9999  # the first compiled batch of a resolution against eager: below this cosine, eager
@@ -163,22 +163,6 @@ def resolve_compile(requested: bool, device: torch.device) -> bool:
                  "eager", major, minor, "" if triton else ", Triton not installed")
         return False
     return True
-
-
-def check_options(batch_size: int | None, num_workers: int | None, precision: str | None,
-                  cache_chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-    """Option values that cannot work are an OptionError before anything runs (never a silent fallback row)."""
-    def whole(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if batch_size is not None and not (whole(batch_size) and batch_size >= 1):
-        raise OptionError(f"batch size {batch_size!r} must be a whole number >= 1 (or left out for the default)")
-    if num_workers is not None and not (whole(num_workers) and num_workers >= 0):
-        raise OptionError(f"workers {num_workers!r} must be a whole number >= 0 (0 decodes in the main process)")
-    if precision is not None and precision not in PRECISIONS:
-        raise OptionError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if not (whole(cache_chunk_size) and cache_chunk_size >= 1):
-        raise OptionError(f"cache chunk size {cache_chunk_size!r} must be a whole number >= 1")
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -330,32 +314,29 @@ class RunSetup:
         return len(self.listing.ids)
 
 
-def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST, *,
-                device: str | torch.device = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                precision: str | None = None, cache_dir: str | Path | None = None,
-                cache_chunk_size: int = DEFAULT_CHUNK_SIZE, include_zero_weight: bool = False,
-                verify_images: bool = False, compile_views: bool | None = None,
-                share: tuple[int, int] = (0, 1)) -> RunSetup:
+def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
+                options: RunOptions | None = None, *, include_zero_weight: bool = False,
+                share: tuple[int, int] = (0, 1), **values: Any) -> RunSetup:
     """Step 1: check everything that can fail before the first weight loads (options, device, the manifest with
     every checkpoint's hash, keys and shapes, the image ids) and open the cache."""
-    check_options(batch_size, num_workers, precision, cache_chunk_size)
+    options = RunOptions.of(options, **values)
+    cache_dir, cache_chunk_size = options.cache_dir, options.cache_chunk_size
     if not 0 <= share[0] < share[1]:
         raise OptionError(f"share {share[0]}/{share[1]}: give R/W with 0 <= R < W (this machine's part of W)")
     if share != (0, 1) and cache_dir is None:
         raise OptionError("--share needs --cache-dir: a folder every machine writes its chunks into")
-    devices = resolve_devices(device)
+    devices = resolve_devices(options.device)
     device = devices[0]
     manifest = validate_manifest(manifest, deep=True)
     listing = list_images(image_dir)
-    batch_size = batch_size or DEFAULT_BATCH_SIZE.get(device.type, 8)
-    num_workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
+    batch_size, num_workers = options.batch_size_on(device.type), options.workers()
     active = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: not run", spec.name)
     with_network = [s for s in active if isinstance(s, NetworkSpec)]
-    precisions = {s.name: resolve_precision(precision or s.precision, device) for s in with_network}
-    compiles = {s.name: resolve_compile(s.compile if compile_views is None else compile_views, device)
+    precisions = {s.name: resolve_precision(options.precision or s.precision, device) for s in with_network}
+    compiles = {s.name: resolve_compile(s.compile if options.compile_views is None else options.compile_views, device)
                 for s in with_network}
     temporary_cache = len(devices) > 1 and cache_dir is None  # the devices exchange chunks through a cache
     cache = PredictionCache.open(tempfile.mkdtemp(prefix="kaggle_i2p_parallel_") if temporary_cache else cache_dir)
@@ -363,7 +344,7 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
                                                              len(listing.paths), cache_chunk_size, share))
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size,
                                           compiles[s.name]) for s in with_network} if cache else {}
-    image_keys = [image_key(p, verify_images) for p in listing.paths] if cache else []
+    image_keys = [image_key(p, options.verify_images) for p in listing.paths] if cache else []
     return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
                     cache, tower_keys, image_keys, cache_chunk_size, devices, share, temporary_cache)
 
@@ -716,12 +697,13 @@ def encode_share(setup: RunSetup) -> dict[str, float]:
 
 
 def encode_part(image_dir: str | Path, manifest: str | Path | Manifest, cache_dir: str | Path,
-                share: tuple[int, int], *, progress: bool = True, **options) -> int:
+                share: tuple[int, int], options: RunOptions | None = None, **values: Any) -> int:
     """One machine's part of a run split over machines that share `cache_dir`: its chunks (c mod W == R) encoded
     into the cache (over its devices, when it has several), no CSV. A run without a share on the same cache then
     computes nothing and writes the CSV. Returns the images this part had to compute."""
-    setup = prepare_run(image_dir, manifest, cache_dir=cache_dir, share=share, **options)
-    planned = encode_missing(setup, progress).planned
+    options = RunOptions.of(options, **{**values, "cache_dir": cache_dir})
+    setup = prepare_run(image_dir, manifest, options, share=share)
+    planned = encode_missing(setup, options.progress).planned
     if not setup.cache.writable:  # the disk filled during the part: its outputs are the part's only result
         raise OutputError(f"part {share[0]} of {share[1]}: the cache folder {cache_dir} stopped taking outputs "
                           "during the run (see the warning above); what was stored is kept: free some space and "
@@ -746,22 +728,19 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
     return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
 
 
-def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST, *,
-                   device: str | torch.device = "auto", batch_size: int | None = None,
-                   num_workers: int | None = None, precision: str | None = None, progress: bool = True,
-                   cache_dir: str | Path | None = None, cache_chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   include_zero_weight: bool = False, verify_images: bool = False,
-                   compile_views: bool | None = None) -> PredictionRun:
+def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
+                   options: RunOptions | None = None, *, include_zero_weight: bool = False,
+                   **values: Any) -> PredictionRun:
     """Predict every image in `image_dir` with the manifest's ensemble; the full result with per-tower outputs.
+    `options` (a `RunOptions`) or its fields by name: device, batch_size, num_workers, precision, compile_views,
+    cache_dir, cache_chunk_size, verify_images, progress.
 
     The sorted listing is cut into fixed chunks of `cache_chunk_size` images and batches never cross a chunk, so a
     run resumed from `cache_dir` after a kill computes exactly the batches that were missing and gives the same bytes.
     """
-    setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                        precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
-                        include_zero_weight=include_zero_weight, verify_images=verify_images,
-                        compile_views=compile_views)
-    return execute(setup, progress)
+    options = RunOptions.of(options, **values)
+    setup = prepare_run(image_dir, manifest, options, include_zero_weight=include_zero_weight)
+    return execute(setup, options.progress)
 
 
 def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
@@ -772,20 +751,17 @@ def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = 
 
 
 def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
-                out_csv: str | Path | None = "submission.csv", device: str | torch.device = "auto",
-                batch_size: int | None = None, num_workers: int | None = None, *,
-                precision: str | None = None, progress: bool = True, cache_dir: str | Path | None = None,
-                cache_chunk_size: int = DEFAULT_CHUNK_SIZE, verify_images: bool = False,
-                return_frame: bool = True, compile_views: bool | None = None) -> pd.DataFrame | None:
+                out_csv: str | Path | None = "submission.csv", options: RunOptions | None = None, *,
+                return_frame: bool = True, **values: Any) -> pd.DataFrame | None:
     """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame
-    (`return_frame=False`: None, sparing the 6.1M-row frame of a 16k-image run).
+    (`return_frame=False`: None, sparing the 6.1M-row frame of a 16k-image run). `options` as for `run_prediction`.
 
     The output path is checked (a file path, a writable folder, room for the CSV) before any weights load. With
     `cache_dir`, every tower x view output is stored as it is made: a killed run resumes where it stopped.
     """
-    setup = prepare_run(image_dir, manifest, device=device, batch_size=batch_size, num_workers=num_workers,
-                        precision=precision, cache_dir=cache_dir, cache_chunk_size=cache_chunk_size,
-                        verify_images=verify_images, compile_views=compile_views)
+    options = RunOptions.of(options, **values)
+    progress = options.progress
+    setup = prepare_run(image_dir, manifest, options)
     if out_csv is not None:
         check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)
     run = execute(setup, progress)

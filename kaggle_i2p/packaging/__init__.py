@@ -1,0 +1,1 @@
+"""The offline install for Kaggle: the wheelhouse."""

@@ -1,0 +1,1 @@
+"""Scores and tuning on labelled images: evaluate, the scipy tuner, folds."""
