@@ -47,6 +47,16 @@ def entry_keys(cls: type) -> frozenset[str]:
     return frozenset(keys | ({"kind"} if hasattr(cls, "kind") else set()))
 
 
+def defaults_of(cls: type) -> dict[str, Any]:
+    """{key: default} of a config section's written fields (tuples as the lists YAML gives), for filling in a
+    section that leaves some out."""
+    out = {}
+    for field, mark in written_fields(cls):
+        value = _default(field)
+        out[mark["key"]] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def path_text(path: Path | str, out_dir: Path | None) -> str:
     """How a resolved path is written into a manifest in `out_dir`: relative to it (absolute when not given)."""
     return str(path) if out_dir is None else os.path.relpath(path, out_dir)

@@ -26,20 +26,15 @@ from ..manifest import (
     TrainPrecision,
     parse_tower,
 )
+from ..manifest.fields import defaults_of, entry_field, written_fields
 
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
-DATA_DEFAULTS = {"val_fold": 0, "batch_size": 32, "eval_batch_size": None, "num_workers": 4,
-                 "crop_scale": [0.8, 1.0], "crop_ratio": [0.9, 1.1], "color_jitter": 0.0, "hflip": False,
-                 "max_val_images": None}
-LOSS_DEFAULTS = {"margin": 0.0, "negative_weight": 0.0, "mse_weight": 0.0}
 OPTIM_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.75, "betas": [0.9, 0.999], "warmup": 0.05,
                   "min_lr_scale": 0.01, "grad_clip": 1.0, "accumulation": 1}
 EMA_DEFAULTS = {"decay": 0.9998, "warmup": True}
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
               "layer_decay", "warmup", "min_lr_scale"}
-# Keys that change how a run is operated, not what it computes: a resumed run may change them.
-OPERATIONAL = {("data", "num_workers"), ("data", "eval_batch_size"), ("checkpoint_every",), ("log_every",)}
 
 
 class TrainConfigError(ManifestError):
@@ -48,26 +43,35 @@ class TrainConfigError(ManifestError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which rows train and validate, batch sizes, and the light augmentation (crop/jitter; flip off by default)."""
+    """Which rows train and validate, batch sizes, and the light augmentation (crop/jitter; flip off by default).
+    Its fields are the `data:` section's keys and defaults; identity=False marks what only operates a run (a resumed
+    run may change it)."""
 
-    val_fold: int
-    batch_size: int
-    eval_batch_size: int
-    num_workers: int
-    crop_scale: tuple[float, float]
-    crop_ratio: tuple[float, float]
-    color_jitter: float
-    hflip: bool
-    max_val_images: int | None
+    val_fold: int = 0
+    batch_size: int = 32
+    eval_batch_size: int | None = entry_field(None, identity=False)  # None: twice the batch size
+    num_workers: int = entry_field(4, identity=False)
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    color_jitter: float = 0.0
+    hflip: bool = False
+    max_val_images: int | None = None
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Cosine embedding loss: 1 - cos to the target, optional in-batch negatives over `margin`, optional MSE."""
+    """Cosine embedding loss: 1 - cos to the target, optional in-batch negatives over `margin`, optional MSE; its
+    fields are the `loss:` section's keys and defaults."""
 
-    margin: float
-    negative_weight: float
-    mse_weight: float
+    margin: float = 0.0
+    negative_weight: float = 0.0
+    mse_weight: float = 0.0
+
+
+DATA_DEFAULTS, LOSS_DEFAULTS = defaults_of(DataConfig), defaults_of(LossConfig)
+# Keys that change how a run is operated, not what it computes: a resumed run may change them.
+OPERATIONAL = {("data", m["key"]) for _, m in written_fields(DataConfig) if not m["identity"]} | {
+    ("checkpoint_every",), ("log_every",)}
 
 
 @dataclass(frozen=True)
