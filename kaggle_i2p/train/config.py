@@ -30,9 +30,6 @@ from ..manifest.fields import defaults_of, entry_field, written_fields
 
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
-OPTIM_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.05, "layer_decay": 0.75, "betas": [0.9, 0.999], "warmup": 0.05,
-                  "min_lr_scale": 0.01, "grad_clip": 1.0, "accumulation": 1}
-EMA_DEFAULTS = {"decay": 0.9998, "warmup": True}
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
               "layer_decay", "warmup", "min_lr_scale"}
 
@@ -68,7 +65,31 @@ class LossConfig:
     mse_weight: float = 0.0
 
 
+@dataclass(frozen=True)
+class OptimSection:
+    """The `optim:` section's keys and defaults: AdamW and its schedule, inherited by every stage (a stage may set
+    its own lr, weight_decay, layer_decay, warmup and min_lr_scale)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.05  # a fraction of the stage's steps if < 1, else a number of steps
+    min_lr_scale: float = 0.01
+    grad_clip: float = 1.0
+    accumulation: int = 1
+
+
+@dataclass(frozen=True)
+class EmaSection:
+    """The `ema:` section's keys and defaults (decay 0: no EMA)."""
+
+    decay: float = 0.9998
+    warmup: bool = True
+
+
 DATA_DEFAULTS, LOSS_DEFAULTS = defaults_of(DataConfig), defaults_of(LossConfig)
+OPTIM_DEFAULTS, EMA_DEFAULTS = defaults_of(OptimSection), defaults_of(EmaSection)
 # Keys that change how a run is operated, not what it computes: a resumed run may change them.
 OPERATIONAL = {("data", m["key"]) for _, m in written_fields(DataConfig) if not m["identity"]} | {
     ("checkpoint_every",), ("log_every",)}
