@@ -36,8 +36,9 @@ from safetensors.torch import save_file
 
 import kaggle_i2p
 from kaggle_i2p.core.ensemble import combine_views
+from kaggle_i2p.inference.devices import resolve_device, resolve_precision
 from kaggle_i2p.inference.images import decode_image, list_images
-from kaggle_i2p.inference.predict import TowerRunner, resolve_device, resolve_precision
+from kaggle_i2p.inference.runner import TowerRunner
 from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.models.towers import build_tower, load_tower
 from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, build_toy_ensemble

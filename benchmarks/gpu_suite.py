@@ -117,7 +117,7 @@ def precision_rows(manifest_path: Path, device, batch_size: int, images: Path, r
     import torch
 
     from kaggle_i2p.inference.images import decode_image, list_images
-    from kaggle_i2p.inference.predict import TowerRunner
+    from kaggle_i2p.inference.runner import TowerRunner
     from kaggle_i2p.manifest import load_manifest
     from kaggle_i2p.models.towers import load_tower
 
@@ -177,8 +177,8 @@ def part_predict(device, smoke: bool, work: Path) -> dict:
 
 def part_compile(device, smoke: bool, work: Path) -> dict:
     """`compile: true` per tower as a run compiles it (gated to CUDA with Triton: elsewhere eager, said so)."""
+    from kaggle_i2p.inference.devices import resolve_compile
     from kaggle_i2p.inference.plan import load_runners_timed, synthetic_batch, time_views, view_shares
-    from kaggle_i2p.inference.predict import resolve_compile
     from kaggle_i2p.manifest import load_manifest
 
     batch = 2 if smoke else 32

@@ -9,7 +9,8 @@ from concurrent.futures import Future
 import pytest
 
 from kaggle_i2p.inference import parallel
-from kaggle_i2p.inference.predict import encode_part, predict_dir, resolve_devices
+from kaggle_i2p.inference.devices import resolve_devices
+from kaggle_i2p.inference.predict import encode_part, predict_dir
 
 
 def _predict(images, manifest, out, **options):

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import kaggle_i2p
+from kaggle_i2p.inference import devices as devices_module
 from kaggle_i2p.inference import predict as predict_module
+from kaggle_i2p.inference import runner as runner_module
 from kaggle_i2p.inference.images import ImageListingError, decode_image, make_view
 from kaggle_i2p.inference.submission import read_submission
 from kaggle_i2p.manifest import load_manifest
@@ -243,15 +245,15 @@ def test_compile_is_gated_by_device_and_triton(monkeypatch, caplog):
     log line; nothing is compiled unless asked."""
     caplog.set_level(logging.INFO, logger="kaggle_i2p")
     cuda = torch.device("cuda")
-    assert not predict_module.resolve_compile(False, cuda)
-    assert not predict_module.resolve_compile(True, torch.device("cpu"))
-    monkeypatch.setattr(predict_module, "_triton_available", lambda: True)
+    assert not devices_module.resolve_compile(False, cuda)
+    assert not devices_module.resolve_compile(True, torch.device("cpu"))
+    monkeypatch.setattr(devices_module, "_triton_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    assert not predict_module.resolve_compile(True, cuda)
+    assert not devices_module.resolve_compile(True, cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert predict_module.resolve_compile(True, cuda)
-    monkeypatch.setattr(predict_module, "_triton_available", lambda: False)
-    assert not predict_module.resolve_compile(True, cuda)
+    assert devices_module.resolve_compile(True, cuda)
+    monkeypatch.setattr(devices_module, "_triton_available", lambda: False)
+    assert not devices_module.resolve_compile(True, cuda)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compile: off")]
     assert len(lines) == 3 and "compute capability 6.0" in lines[1] and "Triton not installed" in lines[2]
 
@@ -271,7 +273,7 @@ def _compiling_runner(toy_manifest, monkeypatch, perturb: bool = False):
             return -inner(images) if perturb else inner(images)
         return compiled
 
-    monkeypatch.setattr(predict_module, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(runner_module, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(torch, "compile", fake_compile)
     spec = load_manifest(toy_manifest).towers[0]
     return TowerRunner(load_tower(spec), torch.device("cpu"), "fp32", compile_views=True), spec, calls

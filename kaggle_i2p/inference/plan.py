@@ -148,7 +148,8 @@ def load_runners_timed(manifest: Manifest, device: torch.device, precision: str 
     """Step 1: a runner per weighted network tower, loaded as a run loads it (its checkpoint when the file is there,
     else random weights of the architecture), with the run's precision and compile; the loading seconds and notes."""
     from ..models.towers import build_tower, load_tower
-    from .predict import TowerRunner, resolve_compile, resolve_precision
+    from .devices import resolve_compile, resolve_precision
+    from .runner import TowerRunner
 
     runners, startup, notes = [], 0.0, []
     for spec in manifest.towers:
@@ -212,9 +213,9 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, options: RunOpt
     """Steps 1-4 (see the module docstring); `options` as a run's (device, batch size, workers, precision,
     compile), so the plan times what the run will do."""
     from ..models.towers import validate_manifest
+    from .devices import resolve_device
     from .dryrun import default_sample_dir
     from .images import list_images
-    from .predict import resolve_device
 
     # 1. the options, then the towers loaded as a run loads them
     budget_s = parse_budget(budget)

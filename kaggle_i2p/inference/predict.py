@@ -8,7 +8,6 @@ fallback vector, so the submission is always complete.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -35,22 +34,16 @@ from ..core.errors import OptionError, OutputError
 from ..core.fileio import probe_folder
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
-from ..models.towers import Tower, hold_in_fp16, load_tower, validate_manifest
+from ..models.towers import load_tower, validate_manifest
 from .cache import PredictionCache, Shard, image_key
-from .images import DecodedBatch, ImageListing, image_loader, list_images, make_view
+from .devices import resolve_compile, resolve_device, resolve_devices, resolve_precision  # noqa: F401 - as before
+from .images import DecodedBatch, ImageListing, image_loader, list_images
 from .options import RunOptions
 from .parallel import device_shares, run_on_devices
+from .runner import TowerRunner
 from .submission import check_output_path, submission_frame, write_submission
 
 log = logging.getLogger("kaggle_i2p")
-
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
-COMPILE_BACKEND = "inductor"  # tests use "eager": the wiring runs, nothing waits on a real compile
-COMPILE_FIDELITY = 0.9999  # the first compiled batch of a resolution against eager: below this cosine, eager
-# What a batch is computed in, in order, when the one before gave a non-finite output.
-FALLBACKS = {"fp16-weights": ("fp16-weights", "fp16", "fp32"), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32"),
-             "fp32": ("fp32",)}
-
 
 @dataclass
 class RunSummary:
@@ -98,194 +91,6 @@ class PredictionRun:
     tower_embeddings: dict[str, np.ndarray]  # each tower's TTA result, (N, D) unit rows
     view_outputs: dict[str, dict[str, np.ndarray]]  # tower -> view name -> raw (N, D) forward outputs
     summary: RunSummary
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` means CUDA when available, else CPU; an unknown device or a CUDA device without a GPU is an
-    OptionError, raised before anything loads."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise OptionError(f"device {str(device)!r} is not a device: use auto, cpu, cuda or cuda:N") from err
-    if resolved.type not in ("cpu", "cuda"):
-        raise OptionError(f"device {str(device)!r}: kaggle_i2p runs on cpu or cuda (cuda:N); use auto, cpu or cuda")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"device {str(device)!r}: no CUDA GPU is visible here (torch.cuda.is_available() is "
-                              "False); use --device cpu, or auto to take the GPU when there is one")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise OptionError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-                              "(cuda:0 is the first)")
-    return resolved
-
-
-def resolve_devices(device: str | torch.device = "auto") -> tuple[torch.device, ...]:
-    """The devices a run uses: `auto` takes every visible GPU (data-parallel when there are several), a comma list
-    (`cuda:0,cuda:1`) names them; anything else is the one device `resolve_device` gives."""
-    if str(device) == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        return tuple(torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count()))
-    names = str(device).split(",")
-    return tuple(resolve_device(name.strip()) for name in names) if len(names) > 1 else (resolve_device(device),)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` is fp16 autocast on CUDA (T4/P100 have no bf16) and fp32 on CPU; fp16 on CPU falls back to fp32."""
-    if requested == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if requested in ("fp16", "fp16-weights") and device.type == "cpu":
-        log.info("%s on CPU is slow and imprecise; using fp32 (use bf16 for reduced precision on CPU)", requested)
-        return "fp32"
-    return requested
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_compile(requested: bool, device: torch.device) -> bool:
-    """Whether a tower's views are compiled: when asked, on CUDA where Triton runs (compute capability 7.0 and up:
-    a P100 has none). Off on CPU. Where it cannot run, one log line and eager."""
-    if not requested:
-        return False
-    if device.type != "cuda":
-        log.info("compile: off on %s (it is for CUDA; the towers run eager)", device.type)
-        return False
-    major, minor = torch.cuda.get_device_capability(device)
-    triton = _triton_available()
-    if major < 7 or not triton:
-        log.info("compile: off on this GPU (compute capability %d.%d%s; Triton needs 7.0 and up); the towers run "
-                 "eager", major, minor, "" if triton else ", Triton not installed")
-        return False
-    return True
-
-
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Every tower shares `Tower.forward`'s code object, so each (tower, resolution, batch) is one more compiled entry
-    under dynamo's per-code-object limit (8 by default); past it dynamo quietly runs eager."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
-
-
-class TowerRunner:
-    """Runs one loaded tower over a decoded batch: all its TTA views, precision and its fallbacks, compiled views,
-    OOM halving."""
-
-    def __init__(self, tower: Tower, device: torch.device, precision: str, compile_views: bool = False):
-        self.spec: NetworkSpec = tower.spec
-        self.device = device
-        self.precision = precision
-        # fp16-weights holds the weights in fp16; a batch that falls back to fp32 uses a copy made on first need
-        self.tower = hold_in_fp16(tower) if precision == "fp16-weights" else tower
-        self._fp32_tower: Tower | None = None
-        self.compile_views = compile_views
-        self._compiled: dict[int, Callable | None] = {}  # per resolution; None: eager (the check failed)
-        self._compiled_rows: dict[int, int] = {}  # the batch a resolution was compiled for (smaller ones padded)
-        self.compile_seconds = 0.0
-        self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
-        self.nonfinite_recomputes = 0
-        self.oom_halvings = 0
-
-    def _tower_for(self, level: str) -> Tower:
-        if level == "fp32" and self.precision == "fp16-weights":
-            if self._fp32_tower is None:
-                self._fp32_tower = copy.deepcopy(self.tower).float()
-            return self._fp32_tower
-        return self.tower
-
-    def _run(self, module: Callable, images: torch.Tensor, level: str) -> torch.Tensor:
-        if level == "fp16-weights":
-            return module(images.half()).float()
-        dtype = AUTOCAST_DTYPES[level]
-        with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return module(images).float()
-
-    def _forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
-        if self.compile_views and level == FALLBACKS[self.precision][0]:
-            return self._compiled_forward(images, level)
-        return self._run(self._tower_for(level), images, level)
-
-    def _compiled_forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
-        """One compiled callable per resolution, static shapes (`dynamic=False`: a module compiled for two sizes went
-        dynamic and ran 40 times slower), a smaller batch padded to the compiled one. The first compiled batch of a
-        resolution is checked against eager: below COMPILE_FIDELITY cosine, that resolution stays eager."""
-        size, rows = images.shape[-1], len(images)
-        if self._compiled.get(size, True) is None:
-            return self._run(self.tower, images, level)
-        target = self._compiled_rows.setdefault(size, rows)
-        if self.max_chunk is not None and self.max_chunk < target:  # halved after an OOM: compile the smaller batch
-            target = self._compiled_rows[size] = self.max_chunk
-        padded = images if rows >= target else torch.cat([images, images.new_zeros(target - rows, *images.shape[1:])])
-        if size in self._compiled:
-            return self._run(self._compiled[size], padded, level)[:rows]
-        _raise_recompile_limit()
-        compiled = torch.compile(self.tower, dynamic=False, backend=COMPILE_BACKEND)
-        started = time.perf_counter()
-        out = self._run(compiled, padded, level)[:rows]
-        self.compile_seconds += time.perf_counter() - started
-        eager = self._run(self.tower, images, level)
-        fidelity = torch.nn.functional.cosine_similarity(out, eager).min()
-        if not bool(fidelity >= COMPILE_FIDELITY):  # NaN fails too
-            log.warning("tower %r at %d px: compiled output differs from eager (lowest cosine %.6f < %g); running "
-                        "it eager", self.spec.name, size, float(fidelity), COMPILE_FIDELITY)
-            self._compiled[size] = None
-            return eager
-        self._compiled[size] = compiled
-        return out
-
-    def _forward_chunked(self, images: torch.Tensor, level: str) -> torch.Tensor:
-        while True:
-            chunk = self.max_chunk or len(images)
-            try:
-                return torch.cat([self._forward(images[i:i + chunk], level) for i in range(0, len(images), chunk)])
-            except torch.OutOfMemoryError:
-                if chunk <= 1:
-                    raise
-                self.max_chunk = max(1, chunk // 2)
-                self.oom_halvings += 1
-                log.warning("tower %r: out of memory at batch %d; retrying with %d", self.spec.name, chunk,
-                            self.max_chunk)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-
-    def release(self) -> None:
-        """Free the tower (and its GPU memory) once every batch is encoded: the bank pass wants the room."""
-        self.tower = self._fp32_tower = None
-        self._compiled = {}
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def forward_view(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, r, r) -> (B, D) float32; a batch with a non-finite output is computed again one step down
-        `FALLBACKS` (fp16 weights -> fp16 autocast -> fp32), each step counted."""
-        levels = FALLBACKS[self.precision]
-        for level, lower in zip(levels, levels[1:], strict=False):
-            out = self._forward_chunked(images, level)
-            if torch.isfinite(out).all():
-                return out
-            self.nonfinite_recomputes += 1
-            log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
-        return self._forward_chunked(images, levels[-1])
-
-    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
-        """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
-        turned its scores into the soft top-k bank average); each resolution is resized once, whatever the order."""
-        resized: dict[int, torch.Tensor] = {}
-        outputs = {}
-        for view in self.spec.views:
-            if view.name not in view_names:
-                continue
-            if view.resolution not in resized:
-                resized = {view.resolution: make_view(pixels, self.spec.image, view.resolution)}  # one size held
-            images = resized[view.resolution]
-            outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
-        return outputs
 
 
 @dataclass
