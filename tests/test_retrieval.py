@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kaggle_i2p.bank.folder import Bank, BankError, retrieve, retrieve_from_logits, soft_average, write_bank
 from kaggle_i2p.bank.search import HostToDevice, exact_candidates, nearest, rescore
@@ -259,3 +260,55 @@ def test_clip_keys_need_a_checkpoint(tmp_path, sample_dir):
 
     with pytest.raises(BankError, match="--keys clip needs --clip-arch and --clip-checkpoint"):
         build_bank(sample_dir / "prompts.csv", tmp_path / "b", keys="clip")
+
+
+def test_inverse_weighting_is_the_knn_notebooks(bank):
+    """weighting: inverse gives the public kNN-regression notebook's 1 / ((1 - cos) ** 6 + 1e-4) over the top k."""
+    from kaggle_i2p.bank.folder import neighbour_weights
+
+    cosines = np.array([[0.99, 0.9, 0.5, 1.0 + 1e-7]])
+    expected = 1.0 / (np.clip(1.0 - cosines, 0, None) ** 6 + 1e-4)
+    np.testing.assert_allclose(neighbour_weights(cosines, weighting="inverse"), expected / expected.sum(), rtol=1e-12)
+    queries = _queries(5, 32, seed=4)
+    values, rows = _brute_force(queries, bank.keys, 100)
+    weights = 1.0 / ((1.0 - values) ** 6 + 1e-4)
+    targets = np.asarray(bank.targets, dtype=np.float64)
+    notebook = l2_normalize(np.einsum("bk,bkd->bd", weights, targets[rows]))
+    np.testing.assert_allclose(retrieve(queries, bank, k=100, weighting="inverse"), notebook, atol=1e-6)
+    softmax = retrieve(queries, bank, k=100, temperature=0.05)
+    assert np.abs(softmax - notebook).max() > 1e-3  # the two weightings differ
+    with pytest.raises(ValueError, match="power > 0 and eps > 0"):
+        neighbour_weights(cosines, weighting="inverse", power=0)
+
+
+def test_a_towers_inverse_weighting_is_validated_written_and_served(tmp_path, sample_dir):
+    """The manifest's weighting: validated with the fix, written only when not the default, served through the bank
+    pass, and (queries being what the cache stores) outside the tower's cache key."""
+    import kaggle_i2p
+    from kaggle_i2p.inference.cache import PredictionCache
+    from kaggle_i2p.manifest import ManifestError, load_manifest
+    from kaggle_i2p.testing import build_clip_retrieval
+
+    inverse = build_clip_retrieval(tmp_path, {"k": 50, "score": "embedding", "weighting": "inverse", "power": 4},
+                                   "inverse.yaml")
+    softmax = build_clip_retrieval(tmp_path, {"k": 50, "temperature": 0.05, "score": "embedding"}, "softmax.yaml")
+    spec = load_manifest(inverse).towers[0]
+    entry = spec.to_dict()["retrieval"]
+    assert entry["weighting"] == "inverse" and entry["power"] == 4 and "eps" not in entry
+    assert "weighting" not in load_manifest(softmax).towers[0].to_dict()["retrieval"]
+    cache = PredictionCache(tmp_path / "cache")
+    assert cache.tower_key(spec, "fp32", 384, 8) == cache.tower_key(load_manifest(softmax).towers[0], "fp32", 384, 8)
+    options = {"device": "cpu", "num_workers": 0, "progress": False, "cache_dir": tmp_path / "cache"}
+    a = kaggle_i2p.run_prediction(sample_dir / "images", inverse, **options)
+    b = kaggle_i2p.run_prediction(sample_dir / "images", softmax, **options)
+    assert b.summary.cached_images == 7 and not np.allclose(a.embeddings, b.embeddings, atol=1e-4)
+    for bad, message in [({"weighting": "cubic"}, "weighting: 'cubic' is not one of softmax, inverse"),
+                         ({"power": 3}, "power: only for weighting: inverse"),
+                         ({"weighting": "inverse", "eps": -1}, "eps: -1 must be a number > 0"),
+                         ({"weighting": "inverse", "score": "logits"}, "inverse weighs cosines: it needs score: "
+                                                                       "embedding")]:
+        data = yaml.safe_load(softmax.read_text())
+        data["towers"][0]["retrieval"].update(bad)
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+            load_manifest(tmp_path / "bad.yaml")

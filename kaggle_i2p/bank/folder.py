@@ -23,6 +23,8 @@ from ..core.fileio import open_npy, replace_dir, staging_dir
 from .search import DEFAULT_CHUNK_ROWS, nearest
 
 DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE = 10, 1.0  # the soft top-k when not given
+WEIGHTINGS = ("softmax", "inverse")  # softmax(score / temperature), or 1 / ((1 - cos) ** power + eps)
+DEFAULT_INVERSE_POWER, DEFAULT_INVERSE_EPS = 6.0, 1e-4  # the public kNN-regression notebook's
 
 
 class BankError(I2PError, ValueError):
@@ -121,14 +123,31 @@ def publish_bank(staging: Path, out_dir: Path, meta: dict) -> None:
     replace_dir(staging, out_dir)
 
 
+def neighbour_weights(values: np.ndarray, temperature: float = DEFAULT_RETRIEVAL_TEMPERATURE,
+                      weighting: str = "softmax", power: float = DEFAULT_INVERSE_POWER,
+                      eps: float = DEFAULT_INVERSE_EPS) -> np.ndarray:
+    """(B, k) float64 weights summing to 1 per row, from the k scores: softmax(values / temperature), or (`inverse`,
+    for cosines) 1 / ((1 - cos) ** power + eps) as the public kNN-regression notebook weighs its top rows."""
+    values = np.asarray(values, dtype=np.float64)
+    if weighting == "softmax":
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        scaled = values / temperature
+        weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    elif weighting == "inverse":
+        if power <= 0 or eps <= 0:
+            raise ValueError("inverse weighting needs power > 0 and eps > 0")
+        weights = 1.0 / (np.clip(1.0 - values, 0.0, None) ** power + eps)  # a cosine a hair above 1 is distance 0
+    else:
+        raise ValueError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
 def soft_average(values: np.ndarray | torch.Tensor, rows: np.ndarray | torch.Tensor, targets: np.ndarray,
-                 temperature: float) -> np.ndarray:
-    """Unit (B, D): the softmax(values / temperature)-weighted mean of the targets' rows (only those rows are read)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0")
-    values = torch.as_tensor(values).double().cpu().numpy() / temperature
-    weights = np.exp(values - values.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
+                 temperature: float = DEFAULT_RETRIEVAL_TEMPERATURE, weighting: str = "softmax",
+                 power: float = DEFAULT_INVERSE_POWER, eps: float = DEFAULT_INVERSE_EPS) -> np.ndarray:
+    """Unit (B, D): the `neighbour_weights`-weighted mean of the targets' rows (only those rows are read)."""
+    weights = neighbour_weights(torch.as_tensor(values).double().cpu().numpy(), temperature, weighting, power, eps)
     rows = np.maximum(torch.as_tensor(rows).cpu().numpy(), 0)  # a missing row (-1) has weight 0
     unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
     gathered = np.asarray(targets[unique], dtype=np.float64)[inverse].reshape(*rows.shape, -1)
@@ -138,16 +157,18 @@ def soft_average(values: np.ndarray | torch.Tensor, rows: np.ndarray | torch.Ten
 def retrieve(queries: np.ndarray | torch.Tensor, bank: Bank, k: int = DEFAULT_RETRIEVAL_K,
              temperature: float = DEFAULT_RETRIEVAL_TEMPERATURE, device: str | torch.device = "cpu",
              index: object | None = None, nprobe: int | None = None, candidates: int | None = None,
-             chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False) -> np.ndarray:
-    """Embed queries (rows in the keys' space) as the soft top-k average of the bank's targets: one pass over the
-    bank for all of them (or its FAISS `index`), the top k scored exactly (`search.nearest`)."""
+             chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False, weighting: str = "softmax",
+             power: float = DEFAULT_INVERSE_POWER, eps: float = DEFAULT_INVERSE_EPS) -> np.ndarray:
+    """Embed queries (rows in the keys' space) as the weighted top-k average of the bank's targets: one pass over
+    the bank for all of them (or its FAISS `index`), the top k scored exactly (`search.nearest`), then weighted by
+    their cosines (`neighbour_weights`)."""
     if bank.keys is None:
         raise BankError(f"{bank.path}: this bank has no keys.npy to score queries against; it is a class bank "
                         "(use retrieve_from_logits)")
     queries = l2_normalize(torch.as_tensor(queries).float().cpu().numpy())
     values, rows = nearest(queries, bank.keys, k, device, index=index, nprobe=nprobe, candidates=candidates,
                            chunk_rows=chunk_rows, progress=progress)
-    return soft_average(values, rows, bank.targets, temperature)
+    return soft_average(values, rows, bank.targets, temperature, weighting, power, eps)
 
 
 def retrieve_from_logits(logits: torch.Tensor, targets: np.ndarray, k: int = DEFAULT_RETRIEVAL_K,

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 from ..bank.folder import (
+    DEFAULT_INVERSE_EPS,
+    DEFAULT_INVERSE_POWER,
     DEFAULT_RETRIEVAL_K,
     DEFAULT_RETRIEVAL_TEMPERATURE,
+    WEIGHTINGS,
     Bank,
     BankError,
     read_bank_meta,
@@ -56,6 +59,9 @@ class RetrievalOptions:
     search: Search = entry_field("exact", sparse=True)  # embedding scores: one exact pass, or the bank's FAISS index
     nprobe: int | None = None  # index search: inverted lists visited per query (None: the bank's measured default)
     candidates: int | None = None  # index search: rows proposed per query, then scored exactly (None: 8 x k)
+    weighting: str = entry_field("softmax", sparse=True)  # softmax(score / temperature), or inverse (cosines)
+    power: float = entry_field(DEFAULT_INVERSE_POWER, sparse=True)  # inverse: 1 / ((1 - cos) ** power + eps)
+    eps: float = entry_field(DEFAULT_INVERSE_EPS, sparse=True)
 
     @property
     def score_dim(self) -> int:
@@ -91,8 +97,10 @@ class RetrievalSpec(NetworkSpec):
     def _describe_output(self) -> str:
         options = self.retrieval
         search = f", {options.search} search" if options.searches_bank else ""
+        weighting = (f"inverse weighting (power {options.power:g}, eps {options.eps:g})"
+                     if options.weighting == "inverse" else f"temperature {options.temperature:g}")
         return (f"retrieval by {options.score} over {options.rows} bank rows ({options.bank}){search}, "
-                f"k={options.k}, temperature {options.temperature:g}")
+                f"k={options.k}, {weighting}")
 
 
 class ScoreWidthError(BankError, EntryFieldError):
@@ -136,7 +144,8 @@ def search_bank(options: RetrievalOptions, queries: np.ndarray, device: str | to
         index = read_index(bank.path)
         nprobe = nprobe or bank.meta.get("index", {}).get("nprobe")
     return retrieve(queries, bank, options.k, options.temperature, device, index=index, nprobe=nprobe,
-                    candidates=options.candidates, progress=progress)
+                    candidates=options.candidates, progress=progress, weighting=options.weighting,
+                    power=options.power, eps=options.eps)
 
 
 def bank_identity(bank: Path) -> dict:
@@ -246,12 +255,34 @@ def parse_retrieval_section(raw: Any, where: str, ctx: ParseContext) -> Retrieva
     if score == "embedding" and keys is None:
         problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
     search, nprobe, candidates = _parse_search(raw, where, bank, keys, score, problems)
+    weighting, power, eps = _parse_weighting(raw, where, score, problems)
     return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
                             temperature=float(temperature) if is_number(temperature)
                             else DEFAULT_RETRIEVAL_TEMPERATURE,
                             score=str(score), rows=int(targets_shape[0]),
                             key_dim=None if keys is None else int(keys[1]), search=search, nprobe=nprobe,
-                            candidates=candidates)
+                            candidates=candidates, weighting=weighting, power=power, eps=eps)
+
+
+def _parse_weighting(raw: Mapping, where: str, score: Any, problems: Problems) -> tuple[str, float, float]:
+    """`weighting` (softmax, or inverse for cosines) and the inverse weighting's `power` and `eps`."""
+    weighting = raw.get("weighting", "softmax")
+    if weighting not in WEIGHTINGS:
+        problems.add(f"{where}.weighting", f"{weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        weighting = "softmax"
+    if weighting == "inverse" and score != "embedding":
+        problems.add(f"{where}.weighting", "inverse weighs cosines: it needs score: embedding (class logits are no "
+                                           "cosines; use softmax with a temperature)")
+    values = {}
+    for option, default in (("power", DEFAULT_INVERSE_POWER), ("eps", DEFAULT_INVERSE_EPS)):
+        value = raw.get(option, default)
+        if option in raw and weighting != "inverse":
+            problems.add(f"{where}.{option}", "only for weighting: inverse")
+        elif not (is_number(value) and value > 0):
+            problems.add(f"{where}.{option}", f"{value!r} must be a number > 0")
+            value = default
+        values[option] = float(value)
+    return weighting, values["power"], values["eps"]
 
 
 def _stale_index(bank: Path, keys: tuple[int, int]) -> str | None:
