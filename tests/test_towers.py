@@ -180,3 +180,39 @@ def test_constructor_only_buffers_fall_back_to_a_normal_build(tmp_path, specs, m
     with torch.no_grad():
         torch.testing.assert_close(tower(torch.zeros(1, 3, 64, 64)), _reference_output(spec, torch.zeros(1, 3, 64, 64)),
                                    rtol=0, atol=0)
+
+
+def test_heads_without_bias_and_deeper_mlps_serve_their_own_forward(tmp_path, sample_dir):
+    """`bias: false` (the output Linear without a bias, as the 5th place's heads) and `hidden: [a, b]` (a deeper MLP)
+    load a checkpoint saved by plain torch modules of that shape, and predict that module's own outputs."""
+    import numpy as np
+    import yaml
+    from safetensors.torch import save_file
+
+    import kaggle_i2p
+    from kaggle_i2p.core.ensemble import combine_views
+    from kaggle_i2p.inference.images import decode_image, make_view
+    from kaggle_i2p.testing import tiny_tower_manifest
+
+    for head, keys, absent in [({"type": "linear", "bias": False}, {"head.weight"}, "head.bias"),
+                               ({"type": "mlp", "hidden": [24, 12], "norm": "layernorm", "activation": "gelu",
+                                 "bias": False}, {"head.0.bias", "head.3.weight", "head.3.bias", "head.6.weight"},
+                                "head.6.bias")]:
+        folder = tmp_path / head["type"]
+        path = tiny_tower_manifest(folder, "timm", "regressor")
+        data = yaml.safe_load(path.read_text())
+        data["towers"][0]["head"] = head
+        path.write_text(yaml.safe_dump(data))
+        spec = load_manifest(path, check_files=False).towers[0]
+        assert spec.to_dict()["head"] == head
+        torch.manual_seed(1)
+        tower = build_tower(spec)
+        state = {k: v.contiguous() for k, v in tower.state_dict().items()}
+        assert keys <= set(state) and absent not in state  # the output Linear has no bias
+        save_file(state, str(spec.checkpoint))
+        run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False)
+        pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
+        with torch.no_grad():
+            views = [tower.eval()(make_view(pixels, spec.image, v.resolution, v.flip)).numpy() for v in spec.views]
+        np.testing.assert_allclose(run.embeddings, combine_views(views), atol=2e-5)
+        assert np.dot(run.embeddings[0], run.embeddings[1]) < 0.9999  # the image decides the output

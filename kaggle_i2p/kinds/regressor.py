@@ -24,18 +24,33 @@ HEAD_ACTIVATIONS: tuple[str, ...] = get_args(HeadActivation)
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The regression head on top of the backbone's pooled features: `linear`, or `mlp` (Linear-norm-act-Linear)."""
+    """The regression head on top of the backbone's pooled features: `linear`, or `mlp` (Linear-norm-act, once per
+    hidden size, then the output Linear); `bias: false` leaves the output Linear without a bias (the 5th place's
+    `Linear(n, 384, bias=False)`)."""
 
     type: HeadType = "linear"
-    hidden: int | None = None
+    hidden: int | tuple[int, ...] | None = None  # one hidden size, or several for a deeper MLP
     norm: HeadNorm = "batchnorm"
     activation: HeadActivation = "relu"
+    bias: bool = True
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """The hidden layers' widths, input side first (none for a linear head)."""
+        if self.hidden is None:
+            return ()
+        return (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
-        """As a manifest's `head:` section (`parse_head`'s input); a linear head is its type alone."""
-        if self.type == "linear":
-            return {"type": "linear"}
-        return {"type": self.type, "hidden": self.hidden, "norm": self.norm, "activation": self.activation}
+        """As a manifest's `head:` section (`parse_head`'s input); a linear head is its type alone, and `bias` is
+        written only when off."""
+        data: dict[str, Any] = {"type": "linear"}
+        if self.type != "linear":
+            hidden = self.hidden if isinstance(self.hidden, int) else list(self.hidden_sizes)
+            data = {"type": self.type, "hidden": hidden, "norm": self.norm, "activation": self.activation}
+        if not self.bias:
+            data["bias"] = False
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +79,13 @@ def parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
     if head_type not in HEAD_TYPES:
         problems.add(f"{where}.type", f"{head_type!r} is not one of {', '.join(HEAD_TYPES)}")
     hidden = raw.get("hidden")
-    if head_type == "mlp" and not (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0):
-        problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024")
+    if isinstance(hidden, list):
+        hidden = tuple(hidden)
+    sizes = (hidden,) if not isinstance(hidden, tuple) else hidden
+    if head_type == "mlp" and not (sizes and all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                 for h in sizes)):
+        problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024, or a "
+                                        "list of them for a deeper MLP, e.g. hidden: [1024, 512]")
     if head_type == "linear" and hidden is not None:
         problems.add(f"{where}.hidden", "a linear head has no hidden size; remove it or use type: mlp")
     norm = raw.get("norm", "batchnorm")
@@ -74,21 +94,28 @@ def parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
     activation = raw.get("activation", "relu")
     if activation not in HEAD_ACTIVATIONS:
         problems.add(f"{where}.activation", f"{activation!r} is not one of {', '.join(HEAD_ACTIVATIONS)}")
-    return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation)
+    bias = raw.get("bias", True)
+    if not isinstance(bias, bool):
+        problems.add(f"{where}.bias", f"{bias!r} must be true or false (false: the output Linear has no bias)")
+        bias = True
+    return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation, bias=bias)
 
 
 
 def build_head(in_dim: int, spec: HeadSpec, out_dim: int):  # noqa: ANN201 - an nn.Module; torch loads lazily
-    """The regression head the manifest declares: Linear, or Linear -> norm -> activation -> Linear."""
+    """The regression head the manifest declares: Linear, or (Linear -> norm -> activation) per hidden size ->
+    Linear."""
     from torch import nn
 
     if spec.type == "linear":
-        return nn.Linear(in_dim, out_dim)
-    assert spec.hidden is not None
+        return nn.Linear(in_dim, out_dim, bias=spec.bias)
     norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "none": lambda _: nn.Identity()}[spec.norm]
     activation = {"relu": nn.ReLU, "gelu": nn.GELU}[spec.activation]
-    return nn.Sequential(nn.Linear(in_dim, spec.hidden), norm(spec.hidden), activation(),
-                         nn.Linear(spec.hidden, out_dim))
+    layers, width = [], in_dim
+    for hidden in spec.hidden_sizes:  # keys head.0, head.3, head.6, ...: one hidden size keeps the 0/3 layout
+        layers += [nn.Linear(width, hidden), norm(hidden), activation()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out_dim, bias=spec.bias))
 
 
 class RegressorKind(TowerKind):
