@@ -134,10 +134,10 @@ def test_bad_fallback(tmp_path, toy_data, vector, fragment):
 def test_bad_head_and_checkpoint_suffix(tmp_path, toy_data):
     data, _ = toy_data
     data["towers"][0]["head"] = {"type": "mlp"}
-    data["towers"][1]["checkpoint"] = "weights.ckpt"
+    data["towers"][1]["checkpoint"] = "weights.onnx"
     message = _problems(tmp_path, data)
     assert "head.hidden: an mlp head needs a positive integer hidden size" in message
-    assert "checkpoint: 'weights.ckpt' must end in one of .safetensors, .pt, .pth, .bin" in message
+    assert "checkpoint: 'weights.onnx' must end in one of .safetensors, .pt, .pth, .bin, .ckpt" in message
 
 
 def test_architecture_checks_resolution_against_patch_size(tmp_path, toy_data):

@@ -41,6 +41,7 @@ from .schema import (
     TOP_KEYS,
     TRAIN_PRECISIONS,
     ImageSpec,
+    KeyRules,
     Manifest,
     ManifestError,
     NetworkSpec,
@@ -77,8 +78,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CHECKPOINT_SUFFIXES", "DEFAULT_EMBEDDING_DIM", "DEFAULT_KIND", "IMAGE_KEYS", "INTERPOLATIONS", "MAX_RESOLUTION",
     "MIN_RESOLUTION", "NAMED_MANIFESTS", "PRECISIONS", "RESIZE_MODES", "TOP_KEYS", "TRAIN_PRECISIONS", "ImageSpec",
-    "Manifest", "ManifestError", "NetworkSpec", "ParseContext", "Precision", "TowerKind", "TowerSpec", "TrainPrecision",
-    "View",
+    "KeyRules", "Manifest", "ManifestError", "NetworkSpec", "ParseContext", "Precision", "TowerKind", "TowerSpec",
+    "TrainPrecision", "View",
     "as_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict", "kind_of", "load_fallback",
     "load_manifest", "parse_dim_weights", "parse_image", "parse_manifest", "parse_network", "parse_tower",
     "parse_weight", "path_text", "rebase_manifest_paths", "register_named_manifest", "resolve_manifest",

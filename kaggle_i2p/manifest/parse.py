@@ -29,6 +29,7 @@ from .schema import (
     RESIZE_MODES,
     TOP_KEYS,
     ImageSpec,
+    KeyRules,
     Manifest,
     ManifestError,
     NetworkSpec,
@@ -181,11 +182,37 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
         problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
     image = parse_image(raw.get("image"), f"{label}.image", problems)
     dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
+    key_rules = parse_key_rules(raw.get("checkpoint_keys"), f"{label}.checkpoint_keys", problems)
     if problems.blocking_since(before):
         return None
     return kind.spec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                      library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
-                     native_resolution=native, precision=precision, compile=compile_views, **section)
+                     native_resolution=native, precision=precision, compile=compile_views,
+                     checkpoint_keys=key_rules, **section)
+
+
+def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None:
+    """`checkpoint_keys: {strip: [prefix, ...], rename: {old: new, ...}, ignore: [prefix, ...]}`, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping like {strip: [model.], rename: {fc.: head.}, ignore: [text.]}")
+        return None
+    problems.unknown_keys(raw, entry_keys(KeyRules), where)
+    lists = {}
+    for key in ("strip", "ignore"):
+        value = raw.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+            problems.add(f"{where}.{key}", f"{raw.get(key)!r} must be a list of key prefixes, e.g. [model.]")
+            value = []
+        lists[key] = tuple(value)
+    rename = raw.get("rename")
+    if rename is not None and not (isinstance(rename, Mapping) and rename
+                                   and all(isinstance(k, str) and k and isinstance(v, str) for k, v in rename.items())):
+        problems.add(f"{where}.rename", f"{rename!r} must map old key prefixes to new ones, e.g. {{fc.: head.}}")
+        rename = None
+    return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"])
 
 
 def _default(cls: type, name: str) -> Any:

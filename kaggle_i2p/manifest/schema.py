@@ -35,7 +35,7 @@ INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest and CLI --precision
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)  # the training config's
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # .ckpt: Lightning's
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
 DEFAULT_KIND = "regressor"  # an entry without `kind:`
@@ -93,6 +93,20 @@ class ImageSpec:
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         """As a manifest's `image:` section (`parse_image`'s input)."""
+        return entry_dict(self, out_dir)
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """A tower entry's `checkpoint_keys`: how a checkpoint saved by other code maps onto the tower's keys, applied in
+    this order: keys under an `ignore` prefix dropped (counted), a leading `strip` prefix removed, a leading
+    `rename` prefix replaced (`{fc.: head.}`). Loading stays strict: every tower key must then be filled."""
+
+    strip: tuple[str, ...] = entry_field((), sparse=True)
+    rename: dict[str, str] | None = None
+    ignore: tuple[str, ...] = entry_field((), sparse=True)
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
         return entry_dict(self, out_dir)
 
 
@@ -154,6 +168,7 @@ class NetworkSpec(TowerSpec):
     native_resolution: int | None = None
     precision: Precision = entry_field("auto", identity=False)
     compile: bool = entry_field(False, sparse=True, identity=False)  # torch.compile one callable per resolution
+    checkpoint_keys: KeyRules | None = entry_field(None, section=KeyRules, identity=False)  # the file's own names
 
     @property
     def views(self) -> tuple[View, ...]:

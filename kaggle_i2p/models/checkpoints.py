@@ -131,3 +131,83 @@ def key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tenso
 def under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of `state` whose keys start with `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def apply_key_rules(state: Mapping[str, torch.Tensor], strip: tuple[str, ...] = (),
+                    rename: Mapping[str, str] | None = None, ignore: tuple[str, ...] = ()
+                    ) -> tuple[dict[str, torch.Tensor], int]:
+    """A manifest's `checkpoint_keys` applied to a checkpoint's keys, in this order: keys starting with an `ignore`
+    prefix dropped (counted), a leading `strip` prefix removed, a leading `rename` prefix replaced."""
+    out, ignored = {}, 0
+    for key, value in state.items():
+        if ignore and key.startswith(tuple(ignore)):
+            ignored += 1
+            continue
+        for prefix in strip:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        for old, new in (rename or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out, ignored
+
+
+def _fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:
+    return set(expected) == set(state)
+
+
+def fit_layout(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
+               classifier_prefixes: tuple[str, ...] = (), unwrap=None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A checkpoint in one of the layouts people save towers in, as a tower's `backbone.*`/`head.*` keys; the state
+    as given, and None, when it fits already or no known layout makes it fit (the caller reports the difference).
+
+    Layouts tried, each must fill every expected key exactly: Lightning's `model.` prefix; a bare backbone (timm's
+    keys) with its library's classifier as the head (`head.`, `fc.`, ...); the library's own wrapping (`unwrap`:
+    open_clip's whole CLIP file, its `visual.*`), with the rest left out."""
+    if _fits(expected, state):
+        return state, None
+    candidates: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for prefix in ("model.", "net.", "tower."):
+        if all(k.startswith(prefix) for k in state):
+            candidates.append((f"keys under `{prefix}` (a Lightning or wrapper module)",
+                               {k[len(prefix):]: v for k, v in state.items()}))
+    bases = [("", state)] + [(note, s) for note, s in candidates]
+    for note, base in list(bases):
+        bare = {}
+        for key, value in base.items():
+            if f"backbone.{key}" in expected:
+                bare[f"backbone.{key}"] = value
+            else:
+                prefix = next((p for p in classifier_prefixes if key.startswith(p)), None)
+                bare[f"head.{key[len(prefix):]}" if prefix else key] = value
+        candidates.append(((note + "; " if note else "") + "a bare backbone with its classifier as the head", bare))
+        if unwrap is not None:
+            inner, notes = unwrap(dict(base))
+            if notes:
+                candidates.append(((note + "; " if note else "") + "; ".join(notes),
+                                   {f"backbone.{k}": v for k, v in inner.items()}))
+    for note, candidate in candidates:
+        if _fits(expected, candidate):
+            return candidate, note
+    return state, None
+
+
+def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """A `checkpoint_keys` entry that would make `got` fit `expected` by renaming one leading prefix, if one does."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if not missing or len(missing) != len(unexpected):
+        return None
+    for cut in range(1, 4):  # the first 1-3 dotted parts of the unexpected keys, against the missing ones'
+        old = {".".join(k.split(".")[:cut]) + "." for k in unexpected}
+        if len(old) != 1:
+            continue
+        (old_prefix,) = old
+        for new_prefix in {m[:len(m) - len(u) + len(old_prefix)] for m, u in zip(missing, unexpected, strict=True)
+                           if m.endswith(u[len(old_prefix):])}:
+            renamed = {new_prefix + k[len(old_prefix):] for k in unexpected}
+            if renamed == set(missing):
+                return f"checkpoint_keys: {{rename: {{'{old_prefix}': '{new_prefix}'}}}}"
+    return None

@@ -9,6 +9,7 @@ position-embedding resampling, which each library module owns.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,12 +31,17 @@ from ..manifest import (
 from .backbones import BackboneLibrary, PosEmbedForSize, library
 from .checkpoints import (
     TowerLoadError,
+    apply_key_rules,
     checkpoint_shapes,
+    fit_layout,
     key_diff,
     read_weights,
     sha256_mismatch,
+    suggest_key_rules,
     under,
 )
+
+log = logging.getLogger("kaggle_i2p")
 
 
 class Tower(nn.Module):
@@ -175,11 +181,35 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
             continue
         with torch.device("meta"):
             expected = build_tower(spec, embedding_dim).state_dict()
+        shapes, _ = fit_checkpoint(spec, expected, shapes)
         diff = key_diff(expected, shapes)
         if diff:
             problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
-                            f"{spec.head_name}:\n      " + "\n      ".join(diff))
+                            f"{spec.head_name}:\n      " + "\n      ".join(_with_fix(diff, expected, shapes)))
     return problems
+
+
+def fit_checkpoint(spec: NetworkSpec, expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A checkpoint's tensors under the tower's keys: the entry's `checkpoint_keys` first, then the layouts people
+    save towers in (`checkpoints.fit_layout`: Lightning's `model.`, a bare backbone with its library's classifier
+    as the head, the library's own wrapping); notes on what was done. Strictness is the caller's `key_diff`."""
+    notes = []
+    rules = spec.checkpoint_keys
+    if rules is not None:
+        state, ignored = apply_key_rules(state, rules.strip, rules.rename, rules.ignore)
+        notes.append("checkpoint_keys applied" + (f", {ignored} key(s) ignored" if ignored else ""))
+    lib = library(spec.library)
+    state, layout = fit_layout(expected, state, lib.classifier_prefixes, lib.unwrap_checkpoint)
+    if layout:
+        notes.append(f"read as {layout}")
+    return state, notes
+
+
+def _with_fix(diff: list[str], expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> list[str]:
+    """The key differences, and the `checkpoint_keys` that would fix them when one prefix rename does."""
+    rules = suggest_key_rules(expected, got)
+    return diff + ([f"fix: add `{rules}` to the tower's entry"] if rules else [])
 
 
 def kind_problems(towers: Sequence[tuple[int, TowerSpec]]) -> list[str]:
@@ -232,10 +262,14 @@ def load_tower(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
     expected = tower.state_dict()
+    state, notes = fit_checkpoint(spec, expected, state)
     problems = key_diff(expected, state)
     if problems:
         raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint} does not match "
-                             f"{spec.library} {spec.arch} + {spec.head_name}:\n  " + "\n  ".join(problems))
+                             f"{spec.library} {spec.arch} + {spec.head_name}:\n  "
+                             + "\n  ".join(_with_fix(problems, expected, state)))
+    for note in notes:
+        log.info("tower %r: %s: %s", spec.name, spec.checkpoint, note)
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # an fp16 export still gives fp32 weights
     return _materialize(tower, state, embedding_dim).to(device).eval().requires_grad_(False)
 
