@@ -36,7 +36,7 @@ from ..core.errors import EntryFieldError, InputFileError
 from ..core.fileio import npy_header
 from ..core.registry import register_kind
 from ..core.validate import Problems, expand_path, is_int, is_number
-from ..manifest.fields import entry_field, entry_keys
+from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import DEFAULT_EMBEDDING_DIM, NetworkSpec, TowerKind
 
@@ -75,8 +75,6 @@ class RetrievalOptions:
         return self.score == "embedding"
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
-        from ..manifest.fields import entry_dict
-
         return entry_dict(self, out_dir)
 
 

@@ -62,6 +62,11 @@ def path_text(path: Path | str, out_dir: Path | None) -> str:
     return str(path) if out_dir is None else os.path.relpath(path, out_dir)
 
 
+def default_of(cls: type, name: str) -> Any:
+    """A spec field's default, by field name: the one place it is written."""
+    return _default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
 def _default(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default

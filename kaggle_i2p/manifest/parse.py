@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.registry import KINDS, LIBRARIES
 from ..core.validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
-from .fields import entry_keys
+from .fields import default_of, entry_keys
 from .schema import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_EMBEDDING_DIM,
@@ -35,6 +35,7 @@ from .schema import (
     NetworkSpec,
     ParseContext,
     TowerSpec,
+    arch_is_path,
     tower_label,
 )
 
@@ -174,10 +175,10 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
         problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
                                                    "position embeddings were trained at, or left out")
     weight = parse_weight(raw, label, problems)
-    precision = raw.get("precision", _default(NetworkSpec, "precision"))
+    precision = raw.get("precision", default_of(NetworkSpec, "precision"))
     if precision not in PRECISIONS:
         problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-    compile_views = raw.get("compile", _default(NetworkSpec, "compile"))
+    compile_views = raw.get("compile", default_of(NetworkSpec, "compile"))
     if not isinstance(compile_views, bool):
         problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
     image = parse_image(raw.get("image"), f"{label}.image", problems)
@@ -215,16 +216,11 @@ def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None
     return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"])
 
 
-def _default(cls: type, name: str) -> Any:
-    """A spec field's default: the one place it is written."""
-    return next(f.default for f in fields(cls) if f.name == name)
-
-
 def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext) -> str:
     """An `arch` its library reads as a model-config file, resolved against the manifest's folder; a file's suffix
     under a library that reads no such file is a problem naming the libraries that do."""
     readers = [lib.name for lib in LIBRARIES if lib.arch_is_path(arch)]
-    if library in LIBRARIES and LIBRARIES.get(library).arch_is_path(arch):
+    if arch_is_path(library, arch):
         resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, f"{library} model config")
         return str(resolved) if resolved else arch
     if readers:

@@ -17,7 +17,7 @@ import numpy as np
 from ..core.errors import I2PError
 from ..core.registry import KINDS, LIBRARIES
 from ..core.validate import Problems
-from .fields import entry_dict, entry_field
+from .fields import entry_dict, entry_field, path_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -178,7 +178,7 @@ class NetworkSpec(TowerSpec):
         return self.image.view_weight_list()
 
     def _arch_is_path(self, arch: str) -> bool:
-        return self.library in LIBRARIES and LIBRARIES.get(self.library).arch_is_path(arch)
+        return arch_is_path(self.library, arch)
 
     def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
         """Width of a forward pass's output, the one the cache stores: the embedding, unless the kind's step after
@@ -248,6 +248,12 @@ class TowerKind:
         raise NotImplementedError
 
 
+def arch_is_path(library: object, arch: str) -> bool:
+    """Whether the registered library `library` reads `arch` as a model-config file (False for one not registered):
+    the one question the parser, the writer and path rebasing ask."""
+    return library in LIBRARIES and LIBRARIES.get(library).arch_is_path(arch)
+
+
 def kind_of(spec: TowerSpec) -> TowerKind:
     """The registered kind of a spec."""
     return KINDS.get(spec.kind)
@@ -273,8 +279,6 @@ class Manifest:
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         """The manifest as data that parses back to it; paths relative to `out_dir` (absolute when None)."""
-        from .fields import path_text
-
         return {"embedding_dim": self.embedding_dim, "fallback": path_text(self.fallback_path, out_dir),
                 "towers": [tower.to_dict(out_dir) for tower in self.towers]}
 

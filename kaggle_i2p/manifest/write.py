@@ -12,10 +12,10 @@ from typing import Any
 import yaml
 
 from ..core.fileio import atomic_open
-from ..core.registry import KINDS, LIBRARIES
+from ..core.registry import KINDS
 from .fields import path_keys
 from .parse import parse_manifest
-from .schema import DEFAULT_KIND, Manifest
+from .schema import DEFAULT_KIND, Manifest, arch_is_path
 
 
 def _rebase(raw: str, source_dir: Path, out_dir: Path) -> str:
@@ -46,8 +46,7 @@ def _rebase_entry(entry: dict, cls: type, source_dir: Path, out_dir: Path) -> No
         value = entry.get(key)
         if section is not None and isinstance(value, dict):
             _rebase_entry(value, section, source_dir, out_dir)
-        elif isinstance(value, str) and (path is True or (path == "arch" and library in LIBRARIES
-                                                          and LIBRARIES.get(library).arch_is_path(value))):
+        elif isinstance(value, str) and (path is True or (path == "arch" and arch_is_path(library, value))):
             entry[key] = _rebase(value, source_dir, out_dir)
 
 

@@ -3,7 +3,7 @@ shapes, check its sha256 (hashed once per process per file), and describe how it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -159,40 +159,48 @@ def _fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
     return set(expected) == set(state)
 
 
+WRAPPER_MODULE_PREFIXES = ("model.", "net.", "tower.")  # a Lightning module's, or a wrapper module's, attribute
+
+
 def fit_layout(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
                classifier_prefixes: tuple[str, ...] = (), unwrap=None) -> tuple[dict[str, torch.Tensor], str | None]:
-    """A checkpoint in one of the layouts people save towers in, as a tower's `backbone.*`/`head.*` keys; the state
-    as given, and None, when it fits already or no known layout makes it fit (the caller reports the difference).
+    """A checkpoint in one of the layouts people save towers in, as a tower's `backbone.*`/`head.*` keys, with a
+    note naming the layout; the state as given and None when it fits already or no known layout makes it fit (the
+    caller reports the difference).
 
-    Layouts tried, each must fill every expected key exactly: Lightning's `model.` prefix; a bare backbone (timm's
-    keys) with its library's classifier as the head (`head.`, `fc.`, ...); the library's own wrapping (`unwrap`:
-    open_clip's whole CLIP file, its `visual.*`), with the rest left out."""
+    Each layout must fill every expected key exactly. Under every key a wrapper module's prefix (Lightning's
+    `model.`, `net.`, `tower.`) or none, tried in turn: a bare backbone (timm's keys) with its library's classifier as
+    the head (`head.`, `fc.`, ...); the library's own wrapping (`unwrap`: open_clip's whole CLIP file, its
+    `visual.*`), the rest left out."""
     if _fits(expected, state):
         return state, None
-    candidates: list[tuple[str, dict[str, torch.Tensor]]] = []
-    for prefix in ("model.", "net.", "tower."):
-        if all(k.startswith(prefix) for k in state):
-            candidates.append((f"keys under `{prefix}` (a Lightning or wrapper module)",
-                               {k[len(prefix):]: v for k, v in state.items()}))
-    bases = [("", state)] + [(note, s) for note, s in candidates]
-    for note, base in list(bases):
-        bare = {}
-        for key, value in base.items():
-            if f"backbone.{key}" in expected:
-                bare[f"backbone.{key}"] = value
-            else:
-                prefix = next((p for p in classifier_prefixes if key.startswith(p)), None)
-                bare[f"head.{key[len(prefix):]}" if prefix else key] = value
-        candidates.append(((note + "; " if note else "") + "a bare backbone with its classifier as the head", bare))
-        if unwrap is not None:
-            inner, notes = unwrap(dict(base))
-            if notes:
-                candidates.append(((note + "; " if note else "") + "; ".join(notes),
-                                   {f"backbone.{k}": v for k, v in inner.items()}))
-    for note, candidate in candidates:
+    for candidate, note in _layouts(expected, state, classifier_prefixes, unwrap):
         if _fits(expected, candidate):
             return candidate, note
     return state, None
+
+
+def _layouts(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...],
+             unwrap) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+    """The candidate layouts of `fit_layout`, made one at a time (the first that fits ends the search)."""
+    bases = [(state, "")] + [({k[len(prefix):]: v for k, v in state.items()},
+                              f"keys under `{prefix}` (a Lightning or wrapper module); ")
+                             for prefix in WRAPPER_MODULE_PREFIXES if all(k.startswith(prefix) for k in state)]
+    for base, under_prefix in bases:
+        if under_prefix:
+            yield base, under_prefix.rstrip("; ")
+        bare = {}
+        for key, value in base.items():
+            classifier = next((p for p in classifier_prefixes if key.startswith(p)), None)
+            if f"backbone.{key}" in expected or classifier is None:
+                bare[f"backbone.{key}" if f"backbone.{key}" in expected else key] = value
+            else:
+                bare[f"head.{key[len(classifier):]}"] = value
+        yield bare, under_prefix + "a bare backbone with its classifier as the head"
+        if unwrap is not None:
+            inner, notes = unwrap(dict(base))
+            if notes:
+                yield {f"backbone.{k}": v for k, v in inner.items()}, under_prefix + "; ".join(notes)
 
 
 def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:

@@ -11,7 +11,7 @@ def library(name: str) -> BackboneLibrary:
 
 
 def build_backbone(library_name: str, arch: str, native_resolution: int | None = None, classes: int = 0) -> Backbone:
-    """The library's backbone with random weights."""
+    """The library's backbone with random weights (`kaggle_i2p.backbones.build_backbone`, as it always was)."""
     return library(library_name).build(arch, native_resolution, classes)
 
 
