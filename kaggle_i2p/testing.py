@@ -251,8 +251,48 @@ def _tiny_open_clip(folder: Path) -> str:
     return path.name
 
 
+_HF_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 64, "patch_size": 16}
+
+
+def tiny_hf_config(family: str) -> dict:
+    """A tiny transformers config (as `config.json` holds it) of one family: clip, clip_vision, siglip, blip2, vit,
+    dinov2, convnext, swin."""
+    import transformers as hf
+
+    qformer = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+               "cross_attention_frequency": 1}
+    opt = {"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "ffn_dim": 64, "num_attention_heads": 2,
+           "vocab_size": 64, "word_embed_proj_dim": 32}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    configs = {
+        "clip_vision": lambda: hf.CLIPVisionConfig(**_HF_VISION, projection_dim=24),
+        "clip": lambda: hf.CLIPConfig(vision_config=_HF_VISION, text_config=text, projection_dim=24),
+        "siglip": lambda: hf.SiglipVisionConfig(**_HF_VISION),
+        "blip2": lambda: hf.Blip2Config(vision_config=_HF_VISION, qformer_config=qformer, text_config=opt,
+                                        num_query_tokens=4),
+        "vit": lambda: hf.ViTConfig(**_HF_VISION),
+        "dinov2": lambda: hf.Dinov2Config(**_HF_VISION),
+        "convnext": lambda: hf.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
+        "swin": lambda: hf.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                      window_size=4),
+    }
+    return configs[family]().to_dict()
+
+
+def write_tiny_hf_model(folder: str | Path, family: str) -> Path:
+    """A model folder holding a tiny transformers config (`config.json`), as `save_pretrained` leaves it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(tiny_hf_config(family), indent=1))
+    return folder
+
+
 # library -> a function writing what its tiny arch needs into a folder and returning the arch as a manifest writes it
-TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip": _tiny_open_clip}
+TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip": _tiny_open_clip,
+                                 "transformers": lambda folder: write_tiny_hf_model(
+                                     Path(folder) / "tiny_hf_clip", "clip_vision").name}
 
 
 def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:

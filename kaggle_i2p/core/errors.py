@@ -24,3 +24,8 @@ class EntryFieldError(I2PError, ValueError):
     (`field`), so the check names `tower 'x' (towers[i]).FIELD` like every other manifest problem."""
 
     field: str = "arch"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        if field is not None:
+            self.field = field

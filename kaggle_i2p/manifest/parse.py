@@ -174,6 +174,7 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
     if native is not None and not (is_int(native) and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
         problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
                                                    "position embeddings were trained at, or left out")
+    features, options = parse_backbone_choices(raw, library, label, problems)
     weight = parse_weight(raw, label, problems)
     precision = raw.get("precision", default_of(NetworkSpec, "precision"))
     if precision not in PRECISIONS:
@@ -188,8 +189,25 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
         return None
     return kind.spec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                      library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
-                     native_resolution=native, precision=precision, compile=compile_views,
+                     native_resolution=native, features=features, backbone=options, precision=precision,
+                     compile=compile_views,
                      checkpoint_keys=key_rules, **section)
+
+
+def parse_backbone_choices(raw: Mapping, library: Any, label: str, problems: Problems
+                           ) -> tuple[str | None, dict | None]:
+    """An entry's `features` (what the backbone hands the head) and `backbone:` options, checked by its library."""
+    features, options = raw.get("features"), raw.get("backbone")
+    if features is not None and not (isinstance(features, str) and features):
+        problems.add(f"{label}.features", f"{features!r} must be a name, e.g. pooled or logits")
+        features = None
+    if options is not None and not (isinstance(options, Mapping) and all(isinstance(k, str) for k in options)):
+        problems.add(f"{label}.backbone", f"{options!r} must map option names to values, e.g. {{global_pool: token}}")
+        options = None
+    if library in LIBRARIES:
+        for field, problem in LIBRARIES.get(library).option_problems(features, options):
+            problems.add(f"{label}.{field}", problem)
+    return features, dict(options) if options else None
 
 
 def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None:
@@ -217,12 +235,24 @@ def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None
 
 
 def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext) -> str:
-    """An `arch` its library reads as a model-config file, resolved against the manifest's folder; a file's suffix
-    under a library that reads no such file is a problem naming the libraries that do."""
-    readers = [lib.name for lib in LIBRARIES if lib.arch_is_path(arch)]
+    """An `arch` its library reads as a model-config file (or a folder holding one), resolved against the
+    manifest's folder; a file's suffix under a library that reads no such file is a problem naming the libraries
+    that do."""
     if arch_is_path(library, arch):
-        resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, f"{library} model config")
+        lib = LIBRARIES.get(library)
+        folder_file = lib.arch_folder_file
+        if folder_file and not arch.endswith(lib.arch_file_suffixes):
+            try:
+                folder = expand_path(arch, ctx.base_dir)
+            except KeyError:
+                folder = None
+            if folder is not None and folder.is_dir():
+                arch = str(folder / folder_file)
+        what = f"{library} model config ({folder_file} or the folder holding it; nothing is downloaded)" \
+            if folder_file else f"{library} model config"
+        resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, what)
         return str(resolved) if resolved else arch
+    readers = [lib.name for lib in LIBRARIES if lib.arch_file_suffixes and arch.endswith(lib.arch_file_suffixes)]
     if readers:
         suffix = Path(arch).suffix
         ctx.problems.add(f"{label}.arch", f"a {suffix} model config is only supported for library: "

@@ -166,6 +166,8 @@ class NetworkSpec(TowerSpec):
     sha256: str | None = entry_field(None, identity=False)
     image: ImageSpec = entry_field(section=ImageSpec)
     native_resolution: int | None = None
+    features: str | None = None  # what the backbone hands the head, by its library's choices (None: its default)
+    backbone: dict | None = entry_field(None, key="backbone")  # the library's build options (timm: global_pool ...)
     precision: Precision = entry_field("auto", identity=False)
     compile: bool = entry_field(False, sparse=True, identity=False)  # torch.compile one callable per resolution
     checkpoint_keys: KeyRules | None = entry_field(None, section=KeyRules, identity=False)  # the file's own names

@@ -163,44 +163,69 @@ WRAPPER_MODULE_PREFIXES = ("model.", "net.", "tower.")  # a Lightning module's, 
 
 
 def fit_layout(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
-               classifier_prefixes: tuple[str, ...] = (), unwrap=None) -> tuple[dict[str, torch.Tensor], str | None]:
+               classifier_prefixes: tuple[str, ...] = (), library_layouts=None
+               ) -> tuple[dict[str, torch.Tensor], str | None]:
     """A checkpoint in one of the layouts people save towers in, as a tower's `backbone.*`/`head.*` keys, with a
     note naming the layout; the state as given and None when it fits already or no known layout makes it fit (the
     caller reports the difference).
 
     Each layout must fill every expected key exactly. Under every key a wrapper module's prefix (Lightning's
-    `model.`, `net.`, `tower.`) or none, tried in turn: a bare backbone (timm's keys) with its library's classifier as
-    the head (`head.`, `fc.`, ...); the library's own wrapping (`unwrap`: open_clip's whole CLIP file, its
-    `visual.*`), the rest left out."""
+    `model.`, `net.`, `tower.`) or none, tried in turn: the backbone as it is or nested under one or two attributes
+    (`vision.`, `clip.vision_model.`, HF's `vit.`), with the head under its own name or the library's classifier
+    (`head.`, `fc.`, `classifier.`); then the library's own layouts (`library_layouts(state, backbone_keys)`:
+    open_clip's whole CLIP file, HF's whole CLIP or BLIP-2 model), the rest of such a file left out."""
     if _fits(expected, state):
         return state, None
-    for candidate, note in _layouts(expected, state, classifier_prefixes, unwrap):
+    for candidate, note in _layouts(expected, state, classifier_prefixes, library_layouts):
         if _fits(expected, candidate):
             return candidate, note
     return state, None
 
 
 def _layouts(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...],
-             unwrap) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+             library_layouts) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
     """The candidate layouts of `fit_layout`, made one at a time (the first that fits ends the search)."""
+    backbone_keys = {k[len("backbone."):] for k in expected if k.startswith("backbone.")}
     bases = [(state, "")] + [({k[len(prefix):]: v for k, v in state.items()},
                               f"keys under `{prefix}` (a Lightning or wrapper module); ")
                              for prefix in WRAPPER_MODULE_PREFIXES if all(k.startswith(prefix) for k in state)]
     for base, under_prefix in bases:
         if under_prefix:
             yield base, under_prefix.rstrip("; ")
-        bare = {}
-        for key, value in base.items():
-            classifier = next((p for p in classifier_prefixes if key.startswith(p)), None)
-            if f"backbone.{key}" in expected or classifier is None:
-                bare[f"backbone.{key}" if f"backbone.{key}" in expected else key] = value
-            else:
-                bare[f"head.{key[len(classifier):]}"] = value
-        yield bare, under_prefix + "a bare backbone with its classifier as the head"
-        if unwrap is not None:
-            inner, notes = unwrap(dict(base))
-            if notes:
-                yield {f"backbone.{k}": v for k, v in inner.items()}, under_prefix + "; ".join(notes)
+        for nest in ["", *_nested_prefixes(base, backbone_keys)]:
+            inner = {k[len(nest):] if nest and k.startswith(nest) else k: v for k, v in base.items()}
+            where = under_prefix + (f"the backbone under `{nest}`, " if nest else "a bare backbone, ")
+            yield _bare(inner, expected, classifier_prefixes), where + "the head beside it"
+            if library_layouts is not None:
+                head = {k: v for k, v in _bare(inner, expected, classifier_prefixes).items() if k.startswith("head.")}
+                for part, note in library_layouts(dict(inner), backbone_keys):
+                    yield {**{f"backbone.{k}": v for k, v in part.items()}, **head}, where + note
+
+
+def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+          classifier_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Backbone keys under `backbone.`, a classifier's (`fc.`, ...) as the head's, the rest as they are."""
+    out = {}
+    for key, value in state.items():
+        classifier = next((p for p in classifier_prefixes if key.startswith(p)), None)
+        if f"backbone.{key}" in expected or classifier is None:
+            out[f"backbone.{key}" if f"backbone.{key}" in expected else key] = value
+        else:
+            out[f"head.{key[len(classifier):]}"] = value
+    return out
+
+
+def _nested_prefixes(state: Mapping[str, torch.Tensor], backbone_keys: set[str], limit: int = 6) -> list[str]:
+    """The leading one- and two-part prefixes (`vision.`, `clip.vision_model.`) under which this file's keys are a
+    backbone's, most keys first: only those that uncover at least one backbone key."""
+    counts: dict[str, int] = {}
+    for key in state:
+        parts = key.split(".")
+        for cut in (1, 2):
+            if len(parts) > cut and ".".join(parts[cut:]) in backbone_keys:
+                prefix = ".".join(parts[:cut]) + "."
+                counts[prefix] = counts.get(prefix, 0) + 1
+    return sorted(counts, key=lambda p: (-counts[p], p))[:limit]
 
 
 def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:

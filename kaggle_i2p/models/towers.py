@@ -87,7 +87,8 @@ def build_tower(spec: TowerSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> 
     if not isinstance(spec, NetworkSpec):
         raise ValueError(f"tower {spec.name!r} is a {spec.kind}: a constant vector, no network")
     kind = kind_of(spec)
-    backbone = library(spec.library).build(spec.arch, spec.native_resolution, kind.backbone_outputs(spec))
+    backbone = library(spec.library).build_for(spec.arch, spec.native_resolution, kind.backbone_outputs(spec),
+                                               spec.features, spec.backbone)
     head = kind.build_head(spec, backbone.out_dim, embedding_dim)
     return Tower(backbone.module, head, spec, backbone.pos_embed_for_size, backbone.native_size)
 
@@ -127,6 +128,9 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
         try:
             with torch.device("meta"):
                 tower = build_tower(spec, embedding_dim)
+        except EntryFieldError as err:  # the library's own check, naming its field (`features`, `backbone.x`)
+            problems.append(f"{label}.{err.field}: {err}")
+            continue
         except Exception as err:  # noqa: BLE001 - any build failure is reported as a manifest problem
             problems.append(f"{label}.arch: cannot build {spec.library} model {spec.arch!r}: {err}")
             continue
@@ -200,7 +204,7 @@ def fit_checkpoint(spec: NetworkSpec, expected: Mapping[str, torch.Tensor], stat
         state, ignored = apply_key_rules(state, rules.strip, rules.rename, rules.ignore)
         notes.append("checkpoint_keys applied" + (f", {ignored} key(s) ignored" if ignored else ""))
     lib = library(spec.library)
-    state, layout = fit_layout(expected, state, lib.classifier_prefixes, lib.unwrap_checkpoint)
+    state, layout = fit_layout(expected, state, lib.classifier_prefixes, lib.checkpoint_layouts)
     if layout:
         notes.append(f"read as {layout}")
     return state, notes

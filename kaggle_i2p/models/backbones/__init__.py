@@ -10,9 +10,10 @@ def library(name: str) -> BackboneLibrary:
     return LIBRARIES.get(name)
 
 
-def build_backbone(library_name: str, arch: str, native_resolution: int | None = None, classes: int = 0) -> Backbone:
+def build_backbone(library_name: str, arch: str, native_resolution: int | None = None, classes: int = 0,
+                   features: str | None = None, options: dict | None = None) -> Backbone:
     """The library's backbone with random weights (`kaggle_i2p.backbones.build_backbone`, as it always was)."""
-    return library(library_name).build(arch, native_resolution, classes)
+    return library(library_name).build_for(arch, native_resolution, classes, features, options)
 
 
 __all__ = ["Backbone", "BackboneLibrary", "PosEmbedForSize", "build_backbone", "library", "register_library"]

@@ -10,7 +10,7 @@ layouts it knows and which classifier to drop, and whether an `arch` names a fil
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -44,14 +44,39 @@ class BackboneLibrary:
     name: ClassVar[str]
     arch_example: ClassVar[str] = ""  # for messages: a model name users of this library would write
     arch_file_suffixes: ClassVar[tuple[str, ...]] = ()  # an `arch` ending so is a model-config file (it travels)
+    arch_folder_file: ClassVar[str | None] = None  # an `arch` naming a folder means this file in it (config.json)
     block_patterns: ClassVar[tuple[re.Pattern, ...]] = CONVNEXT_BLOCKS + TRANSFORMER_BLOCKS
     embedding_names: ClassVar[tuple[str, ...]] = ()  # parameter names of layer 0 (stem, patch and position embeddings)
     no_weight_decay_names: ClassVar[tuple[str, ...]] = ()  # tokens and position embeddings AdamW leaves alone
     classifier_prefixes: ClassVar[tuple[str, ...]] = ()  # an ImageNet classifier's keys, dropped from initial weights
+    # What the backbone may hand the head (`features:` in an entry); the first is what it gives when not told.
+    feature_choices: ClassVar[tuple[str, ...]] = ()
+    option_keys: ClassVar[dict[str, str]] = {}  # the entry's `backbone:` options this library takes, with a hint each
 
-    def build(self, arch: str, native_resolution: int | None, classes: int) -> Backbone:
-        """The backbone with random weights: `classes` outputs, or (0) its pooled features; nothing downloaded."""
+    def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
+        """The backbone with random weights: `classes` outputs, or (0) its pooled features; nothing downloaded.
+        `choices` holds the entry's `features` and `options` (its `backbone:` section) when it sets them; a library
+        that declares none is called without them."""
         raise NotImplementedError
+
+    def build_for(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
+                  options: Mapping[str, Any] | None = None) -> Backbone:
+        """`build`, passing `features` and `options` only when the entry sets them (a plugin written before they
+        existed takes three arguments)."""
+        choices = {k: v for k, v in (("features", features), ("options", options)) if v}
+        return self.build(arch, native_resolution, classes, **choices)
+
+    def option_problems(self, features: str | None, options: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+        """(field, problem) for an entry's `features` and `backbone:` options this library does not take, checked
+        when the manifest is read (what only a build can tell is reported by the architecture check)."""
+        problems = []
+        if features is not None and features not in self.feature_choices:
+            known = ", ".join(self.feature_choices) or "none: leave `features` out"
+            problems.append(("features", f"{features!r} is not what a {self.name} backbone gives; choices: {known}"))
+        for key in sorted(set(options or {}) - set(self.option_keys)):
+            known = "; ".join(f"{k} ({hint})" for k, hint in self.option_keys.items()) or "none"
+            problems.append((f"backbone.{key}", f"is not a {self.name} backbone option; options: {known}"))
+        return problems
 
     # --- the manifest's questions
     def arch_is_path(self, arch: str) -> bool:
@@ -112,3 +137,12 @@ class BackboneLibrary:
     def unwrap_checkpoint(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """A pretrained file in one of the layouts this library writes, as backbone keys; notes on what was done."""
         return state, []
+
+    def checkpoint_layouts(self, state: dict[str, torch.Tensor], backbone_keys: set[str]
+                           ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+        """Candidate readings of a serving checkpoint as backbone keys, in the layouts this library's own code
+        writes (a whole multimodal model, of which the tower uses the image side), each with a note; the tower's
+        loader keeps the first that fills every key exactly."""
+        inner, notes = self.unwrap_checkpoint(state)
+        if notes:
+            yield inner, "; ".join(notes)

@@ -3,17 +3,48 @@ embeddings at every forward (`dynamic_img_size`) and, for a new native size, by 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ...core.errors import EntryFieldError
 from ...core.registry import register_library
 from .base import Backbone, BackboneLibrary
 
 
 def _patch_embed(backbone: nn.Module) -> nn.Module | None:
     return getattr(backbone, "patch_embed", None)
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EntryFieldError(f"{value!r} must be a positive integer", field)
+    return value
+
+
+def _model_kwargs(options: Mapping) -> dict:
+    extra = options.get("model_kwargs") or {}
+    if not isinstance(extra, Mapping):
+        raise EntryFieldError(f"{extra!r} must map timm.create_model keywords to values", "backbone.model_kwargs")
+    reserved = sorted({"pretrained", "num_classes", "global_pool", "img_size"} & set(extra))
+    if reserved:
+        raise EntryFieldError(f"{', '.join(reserved)} are set by the entry's own fields, not here",
+                              "backbone.model_kwargs")
+    return dict(extra)
+
+
+def _drop_final_norm(model: nn.Module) -> None:
+    """No norm after the last block (`norm`, `fc_norm`, a ConvNeXt head's `norm`), as a model trained without one."""
+    for owner, name in ((model, "norm"), (model, "fc_norm"), (getattr(model, "head", None), "norm")):
+        if isinstance(getattr(owner, name, None), nn.Module):
+            setattr(owner, name, nn.Identity())
+
+
+def _cls_mean_head(self: nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """The class token beside the mean of the patch tokens (register tokens left out): twice the width."""
+    return torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
 
 
 class TimmLibrary(BackboneLibrary):
@@ -25,15 +56,37 @@ class TimmLibrary(BackboneLibrary):
     no_weight_decay_names = ("pos_embed", "cls_token")
     classifier_prefixes = ("head.", "fc.", "classifier.", "head_dist.")
 
-    def build(self, arch: str, native_resolution: int | None, classes: int) -> Backbone:
-        """A timm model with `classes` outputs (0: its pooled features); ViTs resample position embeddings per
-        input."""
+    feature_choices = ("pooled", "logits")  # logits: its classifier's outputs feed the head (the 111th place)
+    option_keys = {
+        "global_pool": "timm's pooling (avg, token, avgmax, max, map, ...) or cls_mean: the class token "
+                       "concatenated with the mean of the patch tokens (the 5th place's EVA02)",
+        "final_norm": "false: no norm after the last block, as trained",
+        "num_classes": "the classifier's outputs for features: logits (the arch's default when left out)",
+        "model_kwargs": "any other timm.create_model keyword the training code passed, e.g. {class_token: false}",
+    }
+
+    def build(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
+              options: Mapping | None = None) -> Backbone:
+        """A timm model with `classes` outputs (0: its pooled features, or its classifier's for `features: logits`);
+        ViTs resample position embeddings per input; `options` as the entry's `backbone:` section says."""
         import timm
 
         if not timm.is_model(arch):
             raise ValueError(f"timm has no model named {arch!r} (timm {timm.__version__}); "
                              "check the spelling with timm.list_models('*pattern*')")
-        kwargs: dict = {"pretrained": False, "num_classes": classes}
+        options = dict(options or {})
+        kwargs: dict = {"pretrained": False, "num_classes": classes, **_model_kwargs(options)}
+        logits = features == "logits"
+        if logits:
+            if classes:
+                raise EntryFieldError("features: logits feeds a head; this tower's kind wants the classes itself",
+                                      "features")
+            kwargs.pop("num_classes")
+            if options.get("num_classes") is not None:
+                kwargs["num_classes"] = _positive_int(options["num_classes"], "backbone.num_classes")
+        pool = options.get("global_pool")
+        if pool is not None:
+            kwargs["global_pool"] = "token" if pool == "cls_mean" else pool
         if native_resolution is not None:
             kwargs["img_size"] = native_resolution
         try:  # ViT-style models resample their position embeddings to the input size at every forward
@@ -42,7 +95,16 @@ class TimmLibrary(BackboneLibrary):
             if "dynamic_img_size" not in str(err):
                 raise
             model = timm.create_model(arch, **kwargs)  # convolutional: any input size works as it is
-        return Backbone(model, int(model.num_classes if classes else model.num_features))
+        if options.get("final_norm") is False:
+            _drop_final_norm(model)
+        width = int(model.num_classes if classes or logits else model.num_features)
+        if pool == "cls_mean":
+            if logits or not hasattr(model, "num_prefix_tokens"):
+                raise EntryFieldError(f"cls_mean pools a ViT's tokens into the head's input; {arch} "
+                                      f"{'feeds a classifier' if logits else 'has no tokens'}", "backbone.global_pool")
+            model.forward_head = types.MethodType(_cls_mean_head, model)
+            width *= 2
+        return Backbone(model, width)
 
     def patch_size(self, backbone: nn.Module) -> int | None:
         size = getattr(_patch_embed(backbone), "patch_size", None)
