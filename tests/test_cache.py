@@ -188,7 +188,7 @@ def test_the_reference_manifests_cache_keys_never_change(tmp_path, monkeypatch):
     from kaggle_i2p.inference.cache import PredictionCache
     from kaggle_i2p.manifest import load_manifest
 
-    monkeypatch.setattr(PredictionCache, "checkpoint_sha256", lambda self, spec: "0" * 64)
+    monkeypatch.setattr(PredictionCache, "weights_sha256", lambda self, spec, dim: "0" * 64)
     cache = PredictionCache(tmp_path / "cache")
     manifest = load_manifest(Path(__file__).resolve().parents[1] / "weights_manifest.yaml", check_files=False)
     assert {s.name: cache.tower_key(s, "fp16", 384, 32) for s in manifest.towers} == REFERENCE_TOWER_KEYS
@@ -200,7 +200,7 @@ def test_a_bank_searching_towers_cache_key_never_changes(tmp_path, monkeypatch):
     from kaggle_i2p.manifest import load_manifest
     from kaggle_i2p.testing import build_clip_retrieval
 
-    monkeypatch.setattr(PredictionCache, "checkpoint_sha256", lambda self, spec: "0" * 64)
+    monkeypatch.setattr(PredictionCache, "weights_sha256", lambda self, spec, dim: "0" * 64)
     path = build_clip_retrieval(tmp_path, {"k": 8, "temperature": 0.1, "score": "embedding", "search": "exact"})
     spec = load_manifest(path).towers[0]
     assert PredictionCache(tmp_path / "cache").tower_key(spec, "fp16", 384, 32) == "clip-bad18ede268c77019bbcdcf6"

@@ -109,11 +109,60 @@ def test_checkpoint_keys_map_what_no_layout_knows_and_a_mismatch_names_the_fix(t
     assert load_manifest(path).towers[0].to_dict()["checkpoint_keys"] == {
         "strip": ["encoder."], "rename": {"w_head.": "head."}, "ignore": ["aux."]}
 
-    renamed = {k.replace("head.", "dense0.") if k.startswith("head.") else k: v for k, v in state.items()}
-    save_file(renamed, str(tmp_path / "dense.safetensors"))
-    _with(path, "dense.safetensors", checkpoint_keys=None)
+    renamed = {k.replace("head.", "head.0.") if k.startswith("head.") else k: v for k, v in state.items()}
+    save_file(renamed, str(tmp_path / "sequential.safetensors"))  # the head inside an nn.Sequential
+    _with(path, "sequential.safetensors", checkpoint_keys=None)
     data = yaml.safe_load(path.read_text())
     data["towers"][0].pop("checkpoint_keys")
     path.write_text(yaml.safe_dump(data))
     assert main(["validate-manifest", "--deep", str(path)]) == 2
-    assert "fix: add `checkpoint_keys: {rename: {'dense0.': 'head.'}}` to the tower's entry" in capsys.readouterr().err
+    assert "fix: add `checkpoint_keys: {rename: {'head.0.': 'head.'}}` to the tower's entry" in capsys.readouterr().err
+
+
+def test_a_head_under_its_own_name_is_found_by_its_keys(tiny, tmp_path, sample_dir):
+    """`dense0.`, `linear.`, `w_head.`: the keys beside the backbone that are exactly the head's are the head."""
+    path, state, canonical = tiny
+    for name in ("dense0", "linear", "w_head"):
+        saved = {k.replace("head.", f"{name}.", 1) if k.startswith("head.") else k[len("backbone."):]: v
+                 for k, v in state.items()}  # a bare backbone beside its head
+        save_file(saved, str(tmp_path / f"{name}.safetensors"))
+        _with(path, f"{name}.safetensors")
+        np.testing.assert_array_equal(_serve(path, sample_dir), canonical)
+
+
+def test_the_cache_key_is_the_same_however_the_weights_were_wrapped(tiny, tmp_path, sample_dir):
+    """Lightning, DDP in a wrapper dict, a bare backbone + fc, checkpoint_keys, and the tower's own file: one key, so
+    a cache made from one serves the others; other weights give another key; what was left out is in the summary."""
+    from kaggle_i2p.inference.cache import PredictionCache
+
+    path, state, canonical = tiny
+    cache = PredictionCache(tmp_path / "cache")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 1}, tmp_path / "a.ckpt")
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "b.pth")
+    save_file({k.replace("head.", "fc.", 1) if k.startswith("head.") else k[len("backbone."):]: v
+               for k, v in state.items()}, str(tmp_path / "c.safetensors"))
+    save_file({**{f"enc.{k}": v for k, v in state.items()}, "aux.scale": torch.ones(2)},
+              str(tmp_path / "d.safetensors"))
+    keys = {}
+    for name, rules in (("tiny.safetensors", None), ("a.ckpt", None), ("b.pth", None), ("c.safetensors", None),
+                        ("d.safetensors", {"strip": ["enc."], "ignore": ["aux."]})):
+        _with(path, name, **({"checkpoint_keys": rules} if rules else {}))
+        spec = load_manifest(path).towers[0]
+        keys[name] = cache.tower_key(spec, "fp32", 384, 4)
+    assert len(set(keys.values())) == 1, keys
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=4, cache_dir=tmp_path / "cache")
+    assert run.summary.cached_images == 0 and run.summary.keys_left_out == {"tiny": 1}
+    assert "1 checkpoint key(s) left out (tiny 1)" in str(run.summary)
+    _with(path, "a.ckpt")
+    data = yaml.safe_load(path.read_text())
+    data["towers"][0].pop("checkpoint_keys")
+    path.write_text(yaml.safe_dump(data))
+    again = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                      batch_size=4, cache_dir=tmp_path / "cache")
+    assert again.summary.cached_images == len(again.ids)  # d.safetensors' cache serves the Lightning file
+    np.testing.assert_array_equal(again.embeddings, canonical)
+    other = {k: v + 0.01 if k.startswith("head.") else v for k, v in state.items()}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in other.items()}}, tmp_path / "e.ckpt")
+    _with(path, "e.ckpt")
+    assert cache.tower_key(load_manifest(path).towers[0], "fp32", 384, 4) != keys["a.ckpt"]

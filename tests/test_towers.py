@@ -84,12 +84,15 @@ def test_mismatched_checkpoint_gives_readable_diff(tmp_path, specs):
 
 def test_foreign_keys_get_a_hint(tmp_path, specs):
     spec = specs["toy_timm_vit"]
-    state = {k.replace("backbone.", "visual.").replace("head.", "w_out."): v
-             for k, v in load_file(str(spec.checkpoint)).items()}  # a head no layout knows (`visual.` alone is one)
-    path = tmp_path / "foreign.safetensors"
-    save_file(state, str(path))
+    canonical = load_file(str(spec.checkpoint))
+    renamed = {k.replace("backbone.", "visual.").replace("head.", "w_out."): v for k, v in canonical.items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))  # a head under a name of its own: found by its keys
+    loaded = load_tower(dataclasses.replace(spec, checkpoint=tmp_path / "renamed.safetensors")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in canonical.items())
+    foreign = {k.replace("blocks.", "layers."): v for k, v in renamed.items()}  # no layout knows `layers.`
+    save_file(foreign, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(TowerLoadError, match="hint: tower checkpoints hold the keys of kaggle_i2p.models.towers.Tower"):
-        load_tower(dataclasses.replace(spec, checkpoint=path))
+        load_tower(dataclasses.replace(spec, checkpoint=tmp_path / "foreign.safetensors"))
 
 
 def test_sha256_is_checked(specs):

@@ -5,8 +5,10 @@ atomically after every batch, so a kill loses at most the batch in flight. A sha
 outputs, a `done` mask per row and the per-row decode errors; a resumed run computes only the rows not done, with
 the same batch boundaries, so cached and fresh runs give the same bytes.
 
-The tower key hashes everything that decides the tower's outputs: the checkpoint file's own sha256 (memoised by path,
-size, modification and status-change time, never taken from the manifest on trust), arch, head, preprocessing,
+The tower key hashes everything that decides the tower's outputs: the weights' sha256 (the checkpoint file's own, or
+for a file saved in another layout that of its tensors under the tower's keys, so however the same weights were wrapped
+they share one cache; memoised by path, size, modification and status-change time, never taken from the manifest on
+trust), arch, head, preprocessing,
 precision and batch size. The chunk key hashes the chunk's image identities: id, size and modification time, or
 with `verify_images` the content's sha256 (an image rewritten with the same size and modification time is only
 caught that way).
@@ -28,6 +30,7 @@ from ..core.fileio import atomic_open, file_identity, sha256_file
 from ..manifest import NetworkSpec, identity_dict, kind_of
 from ..models.backbones import library
 from ..models.checkpoints import checkpoint_sha256
+from ..models.towers import tower_weights_sha256
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -98,6 +101,17 @@ class PredictionCache:
             checkpoint_sha256.remember(spec.checkpoint, memo[memo_key])
         return memo[memo_key]
 
+    def weights_sha256(self, spec: NetworkSpec, embedding_dim: int) -> str:
+        """The tower's weights' sha256 (`towers.tower_weights_sha256`: the file's own, or the same for any wrapping of
+        the same weights), memoised in the cache by the file's identity and the entry that reads it."""
+        memo_key = f"{file_identity(spec.checkpoint)} as {_digest(spec.to_dict())}"
+        memo = self._read_memo()
+        if memo_key not in memo:
+            digest = tower_weights_sha256(spec, embedding_dim, lambda path: self.checkpoint_sha256(spec))
+            memo = {**self._read_memo(), memo_key: digest}
+            self._write(self._hashes_path, "w", lambda handle: json.dump(memo, handle, indent=1, sort_keys=True))
+        return memo[memo_key]
+
     def tower_key(self, spec: NetworkSpec, precision: str, embedding_dim: int, batch_size: int,
                   compiled: bool = False) -> str:
         """Hash of everything that decides a tower's outputs: its manifest entry without the fields marked as not
@@ -111,7 +125,8 @@ class PredictionCache:
         entry["kind"] = spec.kind
         entry["arch"] = library(spec.library).arch_identity(spec.arch)  # a config file by its content
         entry = kind_of(spec).cache_identity(spec, entry)
-        identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": self.checkpoint_sha256(spec),
+        weights = self.weights_sha256(spec, embedding_dim)
+        identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": weights,
                     "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size,
                     **({"compiled": True} if compiled else {})}  # absent when eager: older caches stay valid
         return f"{spec.name}-{_digest(identity)}"

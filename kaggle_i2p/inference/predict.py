@@ -34,7 +34,7 @@ from ..core.errors import OptionError, OutputError
 from ..core.fileio import probe_folder
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
-from ..models.towers import load_tower, validate_manifest
+from ..models.towers import checkpoint_fit, load_tower, validate_manifest
 from .cache import PredictionCache, Shard, image_key
 from .devices import resolve_compile, resolve_device, resolve_devices, resolve_precision  # noqa: F401 - as before
 from .images import DecodedBatch, ImageListing, image_loader, list_images
@@ -64,7 +64,14 @@ class RunSummary:
     loading_seconds: float = 0.0  # start-up: loading the towers (in the background, while the first batch decoded)
     cached_images: int = 0  # images whose every tower x view came from the cache
     cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
+    keys_left_out: dict[str, int] = field(default_factory=dict)  # per tower: checkpoint keys ignored or not its own
     seconds: float = 0.0
+
+    def _left_out(self) -> str:
+        if not self.keys_left_out:
+            return ""
+        towers = ", ".join(f"{name} {n}" for name, n in sorted(self.keys_left_out.items()))
+        return f", {sum(self.keys_left_out.values())} checkpoint key(s) left out ({towers})"
 
     @property
     def images_per_second(self) -> float:
@@ -76,6 +83,7 @@ class RunSummary:
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
                 f", {self.loading_seconds:.1f} s loading towers"
+                f"{self._left_out()}"
                 f"{f', {self.compile_seconds:.0f} s compiling' if self.compile_seconds else ''}"
                 f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}"
@@ -113,6 +121,7 @@ class RunSetup:
     devices: tuple[torch.device, ...] = ()  # more than one: data-parallel, one process per device (parallel.py)
     share: tuple[int, int] = (0, 1)  # (rank, world): this process computes chunks c with c % world == rank
     temporary_cache: bool = False  # made for a data-parallel run without a cache folder; removed afterwards
+    keys_left_out: dict[str, int] = field(default_factory=dict)  # per tower: its file's keys no tower key takes
 
     @property
     def n_images(self) -> int:
@@ -150,8 +159,9 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     tower_keys = {s.name: cache.tower_key(s, precisions[s.name], manifest.embedding_dim, batch_size,
                                           compiles[s.name]) for s in with_network} if cache else {}
     image_keys = [image_key(p, options.verify_images) for p in listing.paths] if cache else []
+    left_out = {s.name: n for s in with_network if (n := checkpoint_fit(s, manifest.embedding_dim).left_out)}
     return RunSetup(manifest, listing, device, batch_size, num_workers, active, with_network, precisions, compiles,
-                    cache, tower_keys, image_keys, cache_chunk_size, devices, share, temporary_cache)
+                    cache, tower_keys, image_keys, cache_chunk_size, devices, share, temporary_cache, left_out)
 
 
 SHARD_OVERHEAD_BYTES = 4096  # a shard's zip and array headers, besides its rows
@@ -455,7 +465,8 @@ def summarize(setup: RunSetup, encoded: Encoded, failed: dict[int, str], seconds
         oom_halvings=sum(r.oom_halvings for r in runners) + parallel["oom_halvings"],
         compile_seconds=sum(r.compile_seconds for r in runners) + parallel["compile_seconds"],
         devices=len(setup.devices) or 1, loading_seconds=encoded.loading_seconds, cached_images=encoded.n_cached,
-        cache_failed=setup.cache is not None and not setup.cache.writable, seconds=seconds)
+        cache_failed=setup.cache is not None and not setup.cache.writable, keys_left_out=setup.keys_left_out,
+        seconds=seconds)
 
 
 class Encoded(NamedTuple):

@@ -77,6 +77,38 @@ def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
     return strip_prefixes({k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()})
 
 
+def file_keys(path: Path) -> set[str] | None:
+    """The keys a checkpoint file holds at its top level, nothing unwrapped or stripped (None when its top level is
+    not a flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    return set(state)
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of the safetensors file (no metadata) holding exactly these tensors: the same weights give the same
+    digest whichever file and layout they were read from."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    try:
+        data = save(tensors)
+    except RuntimeError:  # tensors sharing memory (tied weights) are saved as copies
+        data = save({k: v.clone() for k, v in tensors.items()})
+    return hashlib.sha256(data).hexdigest()
+
+
 class FileHashes:
     """sha256 of files, memoised in this process by `file_identity`: the deep manifest check, the cache key and the
     load all hash a GB checkpoint once."""
@@ -204,7 +236,8 @@ def _layouts(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor
 
 def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
           classifier_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Backbone keys under `backbone.`, a classifier's (`fc.`, ...) as the head's, the rest as they are."""
+    """Backbone keys under `backbone.`, a classifier's (`fc.`, ...) as the head's, the rest as they are; when the rest
+    sit under one other name (`linear.`, `w_head.`, `dense0.`) that holds exactly the head's keys, that is the head."""
     out = {}
     for key, value in state.items():
         classifier = next((p for p in classifier_prefixes if key.startswith(p)), None)
@@ -212,6 +245,15 @@ def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor
             out[f"backbone.{key}" if f"backbone.{key}" in expected else key] = value
         else:
             out[f"head.{key[len(classifier):]}"] = value
+    rest = [k for k in out if k not in expected]
+    heads = {k.split(".", 1)[0] for k in rest if "." in k}
+    missing = {k for k in expected if k.startswith("head.") and k not in out}
+    if len(heads) == 1 and len(rest) == len(missing) and all("." in k for k in rest):
+        (name,) = heads
+        renamed = {f"head.{k[len(name) + 1:]}": k for k in rest}
+        if set(renamed) == missing:
+            for new, old in renamed.items():
+                out[new] = out.pop(old)
     return out
 
 

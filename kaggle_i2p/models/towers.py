@@ -9,15 +9,17 @@ position-embedding resampling, which each library module owns.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.errors import EntryFieldError
+from ..core.fileio import file_identity
 from ..manifest import (
     DEFAULT_EMBEDDING_DIM,
     Manifest,
@@ -33,12 +35,14 @@ from .checkpoints import (
     TowerLoadError,
     apply_key_rules,
     checkpoint_shapes,
+    file_keys,
     fit_layout,
     key_diff,
     read_weights,
     sha256_mismatch,
     suggest_key_rules,
     under,
+    weights_sha256,
 )
 
 log = logging.getLogger("kaggle_i2p")
@@ -179,18 +183,57 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
                 problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
                                 f"{spec.sha256}; the file is corrupt or not the one the manifest means")
                 continue
-            shapes = checkpoint_shapes(spec.checkpoint)
+            fit = checkpoint_fit(spec, embedding_dim)
         except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
             problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
             continue
+        if fit.problems:
+            problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
+                            f"{spec.head_name}:\n      " + "\n      ".join(fit.problems))
+    return problems
+
+
+@dataclass(frozen=True)
+class CheckpointFit:
+    """How a checkpoint file's keys become its tower's, decided from the file's keys and shapes alone."""
+
+    problems: tuple[str, ...]  # the key differences no layout resolves, with the fix when one rename makes it fit
+    notes: tuple[str, ...]  # what was done: checkpoint_keys applied, the layout it was recognised as
+    left_out: int  # the file's keys no tower key takes: ignored by rule, a whole CLIP file's text tower
+    as_saved: bool  # the file holds exactly the tower's keys at its top level (`kaggle-i2p export`'s format)
+
+
+_FITS: dict[str, CheckpointFit] = {}
+
+
+def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> CheckpointFit:
+    """`fit_checkpoint` on the file's keys and shapes against the tower built on the meta device; memoised per file
+    (path, size, times) and entry, so the deep check, the cache key and the run summary read the file's keys once."""
+    memo = json.dumps([file_identity(spec.checkpoint), spec.to_dict(), embedding_dim], sort_keys=True, default=str)
+    if memo not in _FITS:
+        shapes = checkpoint_shapes(spec.checkpoint)
         with torch.device("meta"):
             expected = build_tower(spec, embedding_dim).state_dict()
-        shapes, _ = fit_checkpoint(spec, expected, shapes)
-        diff = key_diff(expected, shapes)
-        if diff:
-            problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
-                            f"{spec.head_name}:\n      " + "\n      ".join(_with_fix(diff, expected, shapes)))
-    return problems
+        fitted, notes = fit_checkpoint(spec, expected, shapes)
+        diff = key_diff(expected, fitted)
+        _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
+                                    0 if diff else len(shapes) - len(fitted),
+                                    not diff and file_keys(spec.checkpoint) == set(expected))
+    return _FITS[memo]
+
+
+def tower_weights_sha256(spec: NetworkSpec, embedding_dim: int, file_sha256: Callable[[Path], str]) -> str:
+    """The sha256 naming a tower's weights (the cache's key): the checkpoint file's own when the file holds exactly the
+    tower's keys, else that of the tensors under the tower's keys (`checkpoints.weights_sha256`), which is the same
+    however the file was wrapped (Lightning, DDP, a bare backbone, `checkpoint_keys`) and equals the file's own sha256
+    for a metadata-free safetensors file of the tower's keys. A wrapped file is read whole once for it."""
+    fit = checkpoint_fit(spec, embedding_dim)
+    if fit.as_saved or fit.problems:  # a file that does not fit is refused before this matters
+        return file_sha256(spec.checkpoint)
+    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint")
+    with torch.device("meta"):
+        expected = build_tower(spec, embedding_dim).state_dict()
+    return weights_sha256(fit_checkpoint(spec, expected, state)[0])
 
 
 def fit_checkpoint(spec: NetworkSpec, expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor]

@@ -4,7 +4,7 @@ embeddings at every forward (`dynamic_img_size`) and, for a new native size, by 
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ def _model_kwargs(options: Mapping) -> dict:
     return dict(extra)
 
 
+FINAL_NORMS = ("norm.", "fc_norm.", "head.norm.")  # the norms after the last block, by timm's names
+
+
 def _drop_final_norm(model: nn.Module) -> None:
     """No norm after the last block (`norm`, `fc_norm`, a ConvNeXt head's `norm`), as a model trained without one."""
     for owner, name in ((model, "norm"), (model, "fc_norm"), (getattr(model, "head", None), "norm")):
@@ -45,6 +48,18 @@ def _drop_final_norm(model: nn.Module) -> None:
 def _cls_mean_head(self: nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
     """The class token beside the mean of the patch tokens (register tokens left out): twice the width."""
     return torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+def _create(arch: str, kwargs: dict) -> nn.Module:
+    """timm.create_model offline; ViT-style models resample their position embeddings at every forward."""
+    import timm
+
+    try:
+        return timm.create_model(arch, dynamic_img_size=True, **kwargs)
+    except TypeError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        return timm.create_model(arch, **kwargs)  # convolutional: any input size works as it is
 
 
 class TimmLibrary(BackboneLibrary):
@@ -89,12 +104,13 @@ class TimmLibrary(BackboneLibrary):
             kwargs["global_pool"] = "token" if pool == "cls_mean" else pool
         if native_resolution is not None:
             kwargs["img_size"] = native_resolution
-        try:  # ViT-style models resample their position embeddings to the input size at every forward
-            model = timm.create_model(arch, dynamic_img_size=True, **kwargs)
-        except TypeError as err:
-            if "dynamic_img_size" not in str(err):
-                raise
-            model = timm.create_model(arch, **kwargs)  # convolutional: any input size works as it is
+        try:
+            model = _create(arch, kwargs)
+        except Exception as err:
+            if pool == "cls_mean":  # built with token pooling, which only models with a class token have
+                raise EntryFieldError(f"cls_mean pools a ViT's class and patch tokens; {arch} has no tokens "
+                                      f"({err})", "backbone.global_pool") from err
+            raise
         if options.get("final_norm") is False:
             _drop_final_norm(model)
         width = int(model.num_classes if classes or logits else model.num_features)
@@ -105,6 +121,29 @@ class TimmLibrary(BackboneLibrary):
             model.forward_head = types.MethodType(_cls_mean_head, model)
             width *= 2
         return Backbone(model, width)
+
+    def option_problems(self, features: str | None, options: Mapping | None) -> list[tuple[str, str]]:
+        """The base checks, and each option's type: global_pool a name, final_norm true or false."""
+        problems = super().option_problems(features, options)
+        options = options or {}
+        if "global_pool" in options and not (isinstance(options["global_pool"], str) and options["global_pool"]):
+            problems.append(("backbone.global_pool", f"{options['global_pool']!r} must be a pooling name such as "
+                                                     "avg, token or cls_mean"))
+        if "final_norm" in options and not isinstance(options["final_norm"], bool):
+            problems.append(("backbone.final_norm", f"{options['final_norm']!r} must be true or false"))
+        if "num_classes" in options and features != "logits":
+            problems.append(("backbone.num_classes", "only with features: logits (the classifier feeds the head)"))
+        return problems
+
+    def checkpoint_layouts(self, state: dict[str, torch.Tensor], backbone_keys: set[str]
+                           ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+        """A file that holds a final norm this tower does not apply (`final_norm: false`, or an EVA trained from
+        `forward_features` with its `fc_norm` unused): the backbone's keys, the unused norm's left out."""
+        unused = [k for k in state if k.startswith(FINAL_NORMS) and k not in backbone_keys]
+        if unused:
+            yield ({k: v for k, v in state.items() if k in backbone_keys},
+                   f"{len(unused)} weights of a final norm the tower does not apply left out "
+                   f"({', '.join(sorted({k.rsplit('.', 1)[0] for k in unused}))})")
 
     def patch_size(self, backbone: nn.Module) -> int | None:
         size = getattr(_patch_embed(backbone), "patch_size", None)
