@@ -226,7 +226,27 @@ def image_loader(paths: Sequence[Path], batch_size: int, num_workers: int, pin_m
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
 
 
+def area_weights(n_in: int, n_out: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n_out, n_in) weights of OpenCV's INTER_AREA along one axis: each output pixel covers n_in / n_out input
+    pixels and takes each by the part of it covered (a box filter downscaling; enlarging, a pixel straddling two
+    takes both by their share, as OpenCV's own enlarging INTER_AREA does)."""
+    scale = n_in / n_out
+    edges = torch.arange(n_out + 1, dtype=torch.float64, device=device) * scale
+    starts = torch.arange(n_in, dtype=torch.float64, device=device)
+    covered = (torch.minimum(edges[1:, None], starts + 1) - torch.maximum(edges[:-1, None], starts)).clamp_(min=0)
+    return (covered / covered.sum(dim=1, keepdim=True)).float()
+
+
+def _resize_area(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """INTER_AREA as two matrix products, one per axis (exact, any scale factor, on the images' device)."""
+    rows = area_weights(images.shape[-2], size[0], images.device)
+    cols = area_weights(images.shape[-1], size[1], images.device)
+    return rows @ images @ cols.T
+
+
 def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    if interpolation == "area":
+        return _resize_area(images, size)
     antialias = interpolation in ("bilinear", "bicubic")
     return F.interpolate(images, size=size, mode=interpolation, antialias=antialias,
                          align_corners=False if antialias else None)
@@ -245,8 +265,9 @@ def _resize_one_batch(images: torch.Tensor, spec: ImageSpec, resolution: int) ->
 
 
 def make_view(pixels: torch.Tensor | Sequence[torch.Tensor], spec: ImageSpec, resolution: int,
-              hflip: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) or a list of (3, H, W) -> normalised float (B, 3, r, r) as the tower expects.
+              hflip: bool = False, dtype: torch.dtype = torch.float32, norm: int = 0) -> torch.Tensor:
+    """uint8 (B, 3, H, W) or a list of (3, H, W) -> normalised float (B, 3, r, r) as the tower expects, under the
+    tower's `norm`-th normalisation (`ImageSpec.normalisations`).
 
     Resizing is antialiased (like PIL) and clamped to the 0-255 range a uint8 pipeline would keep.
     """
@@ -255,8 +276,7 @@ def make_view(pixels: torch.Tensor | Sequence[torch.Tensor], spec: ImageSpec, re
     else:
         resized = torch.cat([_resize_one_batch(p.unsqueeze(0).float(), spec, resolution) for p in pixels])
     device = resized.device
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255.0 for v in spec.normalisations[norm])
     view = (resized.clamp_(0.0, 255.0) - mean) / std
     if hflip:
         view = view.flip(-1)

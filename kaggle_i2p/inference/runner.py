@@ -136,15 +136,17 @@ class TowerRunner:
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
         """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
-        turned its scores into the soft top-k bank average); each resolution is resized once, whatever the order."""
-        resized: dict[int, torch.Tensor] = {}
+        turned its scores into the soft top-k bank average); each resolution is resized once per normalisation,
+        whatever the order."""
+        resized: dict[tuple[int, int], torch.Tensor] = {}
         outputs = {}
         for view in self.spec.views:
             if view.name not in view_names:
                 continue
-            if view.resolution not in resized:
-                resized = {view.resolution: make_view(pixels, self.spec.image, view.resolution)}  # one size held
-            images = resized[view.resolution]
+            if (view.resolution, view.norm) not in resized:  # one held at a time
+                resized = {(view.resolution, view.norm): make_view(pixels, self.spec.image, view.resolution,
+                                                                   norm=view.norm)}
+            images = resized[(view.resolution, view.norm)]
             outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
         return outputs
 

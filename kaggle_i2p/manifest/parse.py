@@ -52,17 +52,42 @@ def _parse_triplet(raw: Any, where: str, problems: Problems, positive: bool) -> 
     return (0.0, 0.0, 0.0) if not positive else (1.0, 1.0, 1.0)
 
 
+def _parse_norms(raw: Mapping, where: str, problems: Problems) -> tuple | None:
+    """`norms: [{mean, std}, ...]`: every normalisation, each a TTA view (instead of the section's mean/std)."""
+    if "mean" in raw or "std" in raw:
+        problems.add(f"{where}.norms", "lists every normalisation, the first included: leave mean and std out")
+    value = raw["norms"]
+    if not isinstance(value, list) or not value or not all(isinstance(n, Mapping) for n in value):
+        problems.add(f"{where}.norms", f"{value!r} must be a list of {{mean: [r, g, b], std: [r, g, b]}}, one per "
+                                       "normalisation, e.g. CLIP's and ImageNet's")
+        return None
+    norms = []
+    for i, norm in enumerate(value):
+        problems.unknown_keys(norm, frozenset({"mean", "std"}), f"{where}.norms[{i}]")
+        for key in ("mean", "std"):
+            if key not in norm:
+                problems.add(f"{where}.norms[{i}].{key}", "is required")
+        norms.append((_parse_triplet(norm.get("mean", [0, 0, 0]), f"{where}.norms[{i}].mean", problems, False),
+                      _parse_triplet(norm.get("std", [1, 1, 1]), f"{where}.norms[{i}].std", problems, True)))
+    if len(set(norms)) < len(norms):
+        problems.add(f"{where}.norms", "lists a normalisation twice; each view once")
+    return tuple(norms)
+
+
 def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
         raw = {}
     problems.unknown_keys(raw, IMAGE_KEYS, where)
-    for key in ("mean", "std", "interpolation", "resize", "resolutions"):
+    norms = _parse_norms(raw, where, problems) if "norms" in raw else None
+    for key in ("interpolation", "resize", "resolutions") + (() if "norms" in raw else ("mean", "std")):
         if key not in raw:
             problems.add(f"{where}.{key}", "is required: preprocessing is never guessed; copy it from the "
                                            "training config of this checkpoint")
     mean = _parse_triplet(raw.get("mean"), f"{where}.mean", problems, positive=False) if "mean" in raw else (0, 0, 0)
     std = _parse_triplet(raw.get("std"), f"{where}.std", problems, positive=True) if "std" in raw else (1, 1, 1)
+    if norms:
+        mean, std = norms[0]
     interpolation = raw.get("interpolation", "bicubic")
     if "interpolation" in raw and interpolation not in INTERPOLATIONS:
         problems.add(f"{where}.interpolation", f"{interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
@@ -90,7 +115,7 @@ def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
         problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
         hflip = False
     spec = ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
-                     hflip=hflip)
+                     hflip=hflip, norms=norms)
     raw_view_weights = raw.get("view_weights")
     if raw_view_weights is None:
         return spec

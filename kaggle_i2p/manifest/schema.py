@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-Interpolation = Literal["bicubic", "bilinear", "nearest"]
+Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]  # area: OpenCV's INTER_AREA
 ResizeMode = Literal["squash", "shorter_side_center_crop"]
 TrainPrecision = Literal["auto", "fp32", "fp16", "bf16"]  # autocast dtypes (training keeps fp32 weights)
 Precision = Literal[TrainPrecision, "fp16-weights"]  # inference may also hold the weights in fp16
@@ -56,31 +56,51 @@ class ManifestError(I2PError, ValueError):
         super().__init__(f"{self.path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+Triplet = tuple[float, float, float]
+
+
 class View(NamedTuple):
-    """One TTA view of a tower: its name (r336, r336_flip), input resolution and whether it is mirrored."""
+    """One TTA view of a tower: its name (r336, r336_flip, r336_n2 for the second normalisation), input resolution,
+    whether it is mirrored, and which of the tower's normalisations it uses."""
 
     name: str
     resolution: int
     flip: bool
+    norm: int = 0  # index into ImageSpec.normalisations
+
+
+def view_name(resolution: int, flip: bool, norm: int = 0) -> str:
+    """r336, r336_flip; views of the second and later normalisations r336_n2, r336_n2_flip."""
+    return f"r{resolution}{f'_n{norm + 1}' if norm else ''}{'_flip' if flip else ''}"
 
 
 @dataclass(frozen=True)
 class ImageSpec:
     """How a decoded uint8 image becomes this tower's input: resize, normalise, TTA resolutions and flip. The views
-    are keyed one by one in the cache, so they are not part of the tower's identity."""
+    are keyed one by one in the cache, so they are not part of the tower's identity.
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    `norms` (the 4th place's TTA: every image under two mean/std pairs, averaged) lists every normalisation, each a
+    view of its own on the same weights; then `mean`/`std` are the first's, and the entry writes `norms` alone."""
+
+    mean: Triplet
+    std: Triplet
     interpolation: Interpolation
     resize: ResizeMode
     resolutions: tuple[int, ...] = entry_field(identity=False)
     hflip: bool = entry_field(False, identity=False)
     view_weights: dict[str, float] | None = entry_field(None, identity=False)  # by view name; None = equal
+    norms: tuple[tuple[Triplet, Triplet], ...] | None = entry_field(None)  # (mean, std) of each normalisation
+
+    @property
+    def normalisations(self) -> tuple[tuple[Triplet, Triplet], ...]:
+        """(mean, std) of each normalisation, in view order: `norms`, or the entry's one mean/std."""
+        return self.norms or ((self.mean, self.std),)
 
     @property
     def views(self) -> tuple[View, ...]:
-        """Every TTA view, in order: each resolution, then its mirror when `hflip`."""
-        return tuple(View(f"r{r}_flip" if flip else f"r{r}", r, flip) for r in self.resolutions
+        """Every TTA view, in order: each resolution, under each normalisation, then its mirror when `hflip`."""
+        return tuple(View(view_name(r, flip, k), r, flip, k) for r in self.resolutions
+                     for k in range(len(self.normalisations))
                      for flip in ((False, True) if self.hflip else (False,)))
 
     @property
@@ -92,8 +112,12 @@ class ImageSpec:
         return [1.0 if self.view_weights is None else self.view_weights[view.name] for view in self.views]
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
-        """As a manifest's `image:` section (`parse_image`'s input)."""
-        return entry_dict(self, out_dir)
+        """As a manifest's `image:` section (`parse_image`'s input): with `norms`, those instead of mean/std."""
+        data = entry_dict(self, out_dir)
+        if self.norms:
+            del data["mean"], data["std"]
+            data["norms"] = [{"mean": list(mean), "std": list(std)} for mean, std in self.norms]
+        return data
 
 
 @dataclass(frozen=True)
