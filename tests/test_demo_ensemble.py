@@ -103,9 +103,9 @@ def test_retrieval_tower_in_the_pipeline_equals_a_hand_computation(tmp_path, toy
             model, views = load_tower(spec), []
             assert model.spec is spec and isinstance(model.head, RetrievalHead)  # the head holds the bank
             model.head = torch.nn.Identity()  # the raw scores, for this independent soft top-k
-            for _, res, flip in spec.views:
+            for view in spec.views:
                 with torch.no_grad():
-                    scores = model(make_view(pixels, spec.image, res, hflip=flip))[0].double()
+                    scores = model(make_view(pixels, spec.image, view.resolution, hflip=view.flip))[0].double()
                 if spec.retrieval.score == "logits":
                     values, rows = scores.topk(5)
                     bank_rows = classes[rows.numpy()]
