@@ -289,10 +289,43 @@ def write_tiny_hf_model(folder: str | Path, family: str) -> Path:
     return folder
 
 
+class TinyProgram(torch.nn.Module):
+    """A tiny conv trunk giving 24 pooled features at any size: what the program libraries' examples hold."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, 2, 1), torch.nn.GELU(),
+                                         torch.nn.Conv2d(12, 24, 3, 2, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images).mean(dim=(2, 3))
+
+
+def write_tiny_program(path: Path, library: str = "export") -> Path:
+    """`TinyProgram` saved as `library` saves it: torch.export with a dynamic batch and size, or traced TorchScript."""
+    import warnings
+
+    model, example = TinyProgram().eval(), torch.randn(2, 3, 64, 64)
+    path = Path(path)
+    if library == "export":
+        dim = torch.export.Dim
+        dims = {"images": {0: dim("batch"), 2: dim("h", min=16, max=1024), 3: dim("w", min=16, max=1024)}}
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dims), str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.trace(model, example).save(str(path))
+    return path
+
+
 # library -> a function writing what its tiny arch needs into a folder and returning the arch as a manifest writes it
 TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip": _tiny_open_clip,
                                  "transformers": lambda folder: write_tiny_hf_model(
-                                     Path(folder) / "tiny_hf_clip", "clip_vision").name}
+                                     Path(folder) / "tiny_hf_clip", "clip_vision").name,
+                                 "export": lambda folder: write_tiny_program(Path(folder) / "tiny.pt2").name,
+                                 "torchscript": lambda folder: write_tiny_program(Path(folder) / "tiny.pt",
+                                                                                  "torchscript").name}
 
 
 def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:

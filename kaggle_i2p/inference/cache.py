@@ -103,7 +103,10 @@ class PredictionCache:
 
     def weights_sha256(self, spec: NetworkSpec, embedding_dim: int) -> str:
         """The tower's weights' sha256 (`towers.tower_weights_sha256`: the file's own, or the same for any wrapping of
-        the same weights), memoised in the cache by the file's identity and the entry that reads it."""
+        the same weights), memoised in the cache by the file's identity and the entry that reads it. A program tower
+        without a checkpoint has none of its own: its program's content is the `arch` identity."""
+        if spec.checkpoint is None:
+            return tower_weights_sha256(spec, embedding_dim, lambda path: "")
         memo_key = f"{file_identity(spec.checkpoint)} as {_digest(spec.to_dict())}"
         memo = self._read_memo()
         if memo_key not in memo:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
+from ..core.errors import EntryFieldError
 from ..core.registry import register_kind
 from ..core.validate import Problems
 from ..manifest.fields import entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import NetworkSpec, TowerKind
 
-HeadType = Literal["linear", "mlp"]
+HeadType = Literal["linear", "mlp", "none"]  # none: the backbone's output is the embedding (an exported tower)
 HeadNorm = Literal["batchnorm", "layernorm", "none"]
 HeadActivation = Literal["relu", "gelu"]
 HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
@@ -44,8 +45,8 @@ class HeadSpec:
     def to_dict(self, out_dir: Path | None = None) -> dict:
         """As a manifest's `head:` section (`parse_head`'s input); a linear head is its type alone, and `bias` is
         written only when off."""
-        data: dict[str, Any] = {"type": "linear"}
-        if self.type != "linear":
+        data: dict[str, Any] = {"type": self.type if self.type == "none" else "linear"}
+        if self.type == "mlp":
             hidden = self.hidden if isinstance(self.hidden, int) else list(self.hidden_sizes)
             data = {"type": self.type, "hidden": hidden, "norm": self.norm, "activation": self.activation}
         if not self.bias:
@@ -86,8 +87,8 @@ def parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
                                                  for h in sizes)):
         problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024, or a "
                                         "list of them for a deeper MLP, e.g. hidden: [1024, 512]")
-    if head_type == "linear" and hidden is not None:
-        problems.add(f"{where}.hidden", "a linear head has no hidden size; remove it or use type: mlp")
+    if head_type in ("linear", "none") and hidden is not None:
+        problems.add(f"{where}.hidden", f"a {head_type} head has no hidden size; remove it or use type: mlp")
     norm = raw.get("norm", "batchnorm")
     if norm not in HEAD_NORMS:
         problems.add(f"{where}.norm", f"{norm!r} is not one of {', '.join(HEAD_NORMS)}")
@@ -107,6 +108,11 @@ def build_head(in_dim: int, spec: HeadSpec, out_dim: int):  # noqa: ANN201 - an 
     Linear."""
     from torch import nn
 
+    if spec.type == "none":
+        if in_dim != out_dim:
+            raise EntryFieldError(f"type none hands the backbone's output on as the embedding, but it is {in_dim} "
+                                  f"wide, not {out_dim}; give the head a type", "head.type")
+        return nn.Identity()
     if spec.type == "linear":
         return nn.Linear(in_dim, out_dim, bias=spec.bias)
     norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm, "none": lambda _: nn.Identity()}[spec.norm]

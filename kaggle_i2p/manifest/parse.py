@@ -8,7 +8,7 @@ each kind's own section is parsed by its module in `kaggle_i2p.kinds`, found thr
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -173,7 +173,10 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
     """The fields every network tower has, then its kind's own section (`output`), into `kind.spec`."""
     problems, before = ctx.problems, ctx.problems.mark()
     problems.unknown_keys(raw, entry_keys(kind.spec) | kind.reported_keys, label)
-    for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint else ()), "image", "weight"):
+    library = raw.get("library")
+    program = isinstance(library, str) and library in LIBRARIES and LIBRARIES.get(library).holds_weights
+    for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint and not program else ()), "image",
+                "weight"):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
     section = output(raw, label, ctx)
@@ -185,8 +188,9 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
     if "arch" in raw and (not isinstance(arch, str) or not arch):
         examples = ", ".join(f"{lib.arch_example} ({lib.name})" for lib in LIBRARIES if lib.arch_example)
         problems.add(f"{label}.arch", f"must be a model name of the tower's library, e.g. {examples}")
-    elif isinstance(arch, str):
-        arch = _parse_arch_file(arch, library, label, ctx)
+    image = parse_image(raw.get("image"), f"{label}.image", problems)
+    if isinstance(arch, str):
+        arch = _parse_arch_file(arch, library, label, ctx, image.resolutions if image else ())
 
     checkpoint = parse_checkpoint(raw, label, ctx)
     sha256 = raw.get("sha256")
@@ -195,6 +199,10 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
                                         "hash); put the 64 hex digits in quotes: sha256: \"...\"")
     elif sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
         problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
+    elif sha256 is not None and checkpoint is None and isinstance(arch, str) and library in LIBRARIES \
+            and image is not None and len(LIBRARIES.get(library).arch_files(arch, image.resolutions)) > 1:
+        problems.add(f"{label}.sha256", "checks one file, and this tower's programs are one per resolution (each "
+                                        "one's content is in the cache key): remove it")
     native = raw.get("native_resolution")
     if native is not None and not (is_int(native) and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
         problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
@@ -207,7 +215,6 @@ def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: 
     compile_views = raw.get("compile", default_of(NetworkSpec, "compile"))
     if not isinstance(compile_views, bool):
         problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
-    image = parse_image(raw.get("image"), f"{label}.image", problems)
     dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
     key_rules = parse_key_rules(raw.get("checkpoint_keys"), f"{label}.checkpoint_keys", problems)
     if problems.blocking_since(before):
@@ -259,10 +266,10 @@ def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None
     return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"])
 
 
-def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext) -> str:
-    """An `arch` its library reads as a model-config file (or a folder holding one), resolved against the
-    manifest's folder; a file's suffix under a library that reads no such file is a problem naming the libraries
-    that do."""
+def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext, resolutions: Sequence[int]) -> str:
+    """An `arch` its library reads as a file (a model config, a folder holding one, or a program per resolution),
+    resolved against the manifest's folder; a file's suffix under a library that reads no such file is a problem
+    naming the libraries that do."""
     if arch_is_path(library, arch):
         lib = LIBRARIES.get(library)
         folder_file = lib.arch_folder_file
@@ -274,9 +281,17 @@ def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext) -> 
             if folder is not None and folder.is_dir():
                 arch = str(folder / folder_file)
         what = f"{library} model config ({folder_file} or the folder holding it; nothing is downloaded)" \
-            if folder_file else f"{library} model config"
-        resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, what)
-        return str(resolved) if resolved else arch
+            if folder_file else f"{library} model config" if not lib.holds_weights else f"{library} program"
+        files = lib.arch_files(arch, resolutions or (0,))
+        if len(files) == 1 and files[0] == arch:
+            resolved = resolve_file(arch, ctx.base_dir, f"{label}.arch", ctx.problems, what)
+            return str(resolved) if resolved else arch
+        if Path(files[0]).parent != Path(arch).parent:
+            ctx.problems.add(f"{label}.arch", f"{arch!r}: only the file name may vary with the resolution")
+            return arch
+        found = [resolve_file(f, ctx.base_dir, f"{label}.arch", ctx.problems, f"{what} of one resolution")
+                 for f in files]
+        return str(found[0].parent / Path(arch).name) if all(found) else arch
     readers = [lib.name for lib in LIBRARIES if lib.arch_file_suffixes and arch.endswith(lib.arch_file_suffixes)]
     if readers:
         suffix = Path(arch).suffix

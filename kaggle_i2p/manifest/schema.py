@@ -206,6 +206,16 @@ class NetworkSpec(TowerSpec):
     def _arch_is_path(self, arch: str) -> bool:
         return arch_is_path(self.library, arch)
 
+    @property
+    def weights_file(self) -> Path | None:
+        """The one file `sha256` checks: the checkpoint, or a program tower's program (its library's
+        `holds_weights`) when it has no checkpoint; None for one program per resolution (each is hashed in the cache
+        key, and `sha256` is refused)."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        files = LIBRARIES.get(self.library).arch_files(self.arch, self.image.resolutions)
+        return Path(files[0]) if len(files) == 1 else None
+
     def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
         """Width of a forward pass's output, the one the cache stores: the embedding, unless the kind's step after
         encoding makes the embedding from something else (a retrieval tower's queries)."""
@@ -221,7 +231,8 @@ class NetworkSpec(TowerSpec):
 
     def describe(self) -> str:
         return (f"{self.library} {self.arch}, {self._describe_output()}, resolutions {list(self.image.resolutions)}"
-                f"{' + hflip' if self.image.hflip else ''}, weight {self.weight:g}, {self.checkpoint}")
+                f"{' + hflip' if self.image.hflip else ''}, weight {self.weight:g}, "
+                f"{self.checkpoint if self.checkpoint is not None else 'weights in the program'}")
 
 
 @dataclass(frozen=True)

@@ -178,9 +178,9 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
             continue
         label = tower_label(index, spec.name)
         try:
-            actual = sha256_mismatch(spec.checkpoint, spec.sha256)
+            actual = sha256_mismatch(spec.weights_file, spec.sha256)
             if actual:
-                problems.append(f"{label}.sha256: {spec.checkpoint} has sha256 {actual}, the manifest says "
+                problems.append(f"{label}.sha256: {spec.weights_file} has sha256 {actual}, the manifest says "
                                 f"{spec.sha256}; the file is corrupt or not the one the manifest means")
                 continue
             fit = checkpoint_fit(spec, embedding_dim)
@@ -209,11 +209,15 @@ _FITS: dict[str, CheckpointFit] = {}
 def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> CheckpointFit:
     """`fit_checkpoint` on the file's keys and shapes against the tower built on the meta device; memoised per file
     (path, size, times) and entry, so the deep check, the cache key and the run summary read the file's keys once."""
-    memo = json.dumps([file_identity(spec.checkpoint), spec.to_dict(), embedding_dim], sort_keys=True, default=str)
+    source = None if spec.checkpoint is None else file_identity(spec.checkpoint)
+    memo = json.dumps([source, spec.to_dict(), embedding_dim], sort_keys=True, default=str)
     if memo not in _FITS:
-        shapes = checkpoint_shapes(spec.checkpoint)
         with torch.device("meta"):
             expected = build_tower(spec, embedding_dim).state_dict()
+        if spec.checkpoint is None:  # a program tower: the program holds the weights, the head must have none
+            _FITS[memo] = CheckpointFit(_no_checkpoint(expected), (), 0, True)
+            return _FITS[memo]
+        shapes = checkpoint_shapes(spec.checkpoint)
         fitted, notes = fit_checkpoint(spec, expected, shapes)
         diff = key_diff(expected, fitted)
         _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
@@ -222,11 +226,25 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
     return _FITS[memo]
 
 
+def _no_checkpoint(expected: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """A tower without a checkpoint is only right when it has no keys of its own (a program with `head: none`)."""
+    if not expected:
+        return ()
+    return (f"no checkpoint, but the tower's head has {len(expected)} key(s) of its own ("
+            f"{', '.join(sorted(expected)[:4])}): add `checkpoint:` with them, or `head: {{type: none}}` when the "
+            "program gives the embedding itself",)
+
+
+NO_CHECKPOINT = "none: the weights are the program's"
+
+
 def tower_weights_sha256(spec: NetworkSpec, embedding_dim: int, file_sha256: Callable[[Path], str]) -> str:
     """The sha256 naming a tower's weights (the cache's key): the checkpoint file's own when the file holds exactly the
     tower's keys, else that of the tensors under the tower's keys (`checkpoints.weights_sha256`), which is the same
     however the file was wrapped (Lightning, DDP, a bare backbone, `checkpoint_keys`) and equals the file's own sha256
     for a metadata-free safetensors file of the tower's keys. A wrapped file is read whole once for it."""
+    if spec.checkpoint is None:  # a program tower whose program holds every weight (the cache keys its content)
+        return NO_CHECKPOINT
     fit = checkpoint_fit(spec, embedding_dim)
     if fit.as_saved or fit.problems:  # a file that does not fit is refused before this matters
         return file_sha256(spec.checkpoint)
@@ -301,11 +319,12 @@ def load_tower(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
     into a random initialisation that would be overwritten (15 s for ConvNeXt-XXL on a CPU). Towers with buffers
     that only their constructor computes (EVA's rotary tables) are built normally instead.
     """
-    actual = sha256_mismatch(spec.checkpoint, spec.sha256)
+    actual = sha256_mismatch(spec.weights_file, spec.sha256)
     if actual:
-        raise TowerLoadError(f"tower {spec.name!r}: {spec.checkpoint} has sha256 {actual}, manifest says "
+        raise TowerLoadError(f"tower {spec.name!r}: {spec.weights_file} has sha256 {actual}, manifest says "
                              f"{spec.sha256}; the file is corrupt or not the one the manifest means")
-    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint", device)
+    state = {} if spec.checkpoint is None else read_weights(spec.checkpoint,
+                                                            f"tower {spec.name!r}: cannot read checkpoint", device)
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
     expected = tower.state_dict()

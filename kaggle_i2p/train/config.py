@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.registry import LIBRARIES
 from ..core.validate import Problems, expand_path, is_number, read_yaml, resolve_file
 from ..dataset.layout import INDEX, TARGETS
 from ..kinds.regressor import RegressorSpec
@@ -230,6 +231,11 @@ def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
         entry["image"] = {**image, "resolutions": [last_resolution]}  # serve at the resolution it finished at
     spec = parse_tower(entry, 0, ParseContext(base_dir, problems, check_files=False, needs_checkpoint=False),
                        label="tower")
+    if spec is not None and LIBRARIES.get(spec.library).holds_weights:
+        problems.add("tower.library", f"library: {spec.library} serves a program as saved; it is not trained here "
+                                      "(its weights are the program file's): train in the code that made it, then "
+                                      "export again")
+        spec = None
     init: Path | None = None
     if "init" not in raw:
         problems.add("tower.init", "is required: the local file of pretrained weights (an open_clip CLIP checkpoint, "

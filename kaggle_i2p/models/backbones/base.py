@@ -10,7 +10,7 @@ layouts it knows and which classifier to drop, and whether an `arch` names a fil
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -52,6 +52,7 @@ class BackboneLibrary:
     # What the backbone may hand the head (`features:` in an entry); the first is what it gives when not told.
     feature_choices: ClassVar[tuple[str, ...]] = ()
     option_keys: ClassVar[dict[str, str]] = {}  # the entry's `backbone:` options this library takes, with a hint each
+    holds_weights: ClassVar[bool] = False  # the `arch` file holds the backbone's weights (an exported program)
 
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
         """The backbone with random weights: `classes` outputs, or (0) its pooled features; nothing downloaded.
@@ -82,6 +83,11 @@ class BackboneLibrary:
     def arch_is_path(self, arch: str) -> bool:
         """Whether `arch` names a model-config file (resolved, rebased and copied with the manifest)."""
         return bool(self.arch_file_suffixes) and arch.endswith(self.arch_file_suffixes)
+
+    def arch_files(self, arch: str, resolutions: Sequence[int]) -> tuple[str, ...]:
+        """The files an `arch` path names for a tower run at `resolutions` (one, unless a library reads one file per
+        resolution, as `library: export` with `{resolution}` in its name)."""
+        return (arch,)
 
     def arch_identity(self, arch: str) -> Any:
         """What the cache hashes for `arch`: the name, or a config file's content (its path may move)."""

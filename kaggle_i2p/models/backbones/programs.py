@@ -1,0 +1,285 @@
+"""Exported programs as backbones: `library: export` (a `torch.export` ExportedProgram saved with
+`torch.export.save`, `.pt2`) and `library: torchscript` (a `torch.jit.trace` / `torch.jit.script` file). They serve any
+tower its own code could export: fused backbones, custom heads, a patch-stride trick, the whole image -> 384 tower.
+
+The program is the model: its code and weights are the file `arch` names, so the tower's own keys are only those of a
+head on top (`head: {type: none}` when the program gives the embedding itself, and then no `checkpoint`). The program
+must take a float (B, 3, H, W) batch of any batch size; sizes other than the one it was made at work only when it was
+exported with dynamic height and width (`torch.export.Dim`) or its traced code is size-generic; otherwise `arch` names
+one program per resolution with `{resolution}` in its file name (`eva_{resolution}.pt2`: eva_224.pt2, eva_336.pt2),
+each run on its own views, all one tower (one normalised mean over its views). The architecture check
+runs it on fake tensors (shapes only, no compute) at every view's resolution and two batch sizes, so a program that
+cannot run a view fails before any weight is used.
+
+What each format executes: an ExportedProgram runs no Python, only the ATen graph in the file; TorchScript runs the
+TorchScript code saved in the file (its own interpreter, no Python). Pickled models stay refused everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...core.errors import EntryFieldError
+from ...core.fileio import file_identity
+from ...core.registry import register_library
+from ..checkpoints import checkpoint_sha256
+from .base import Backbone, BackboneLibrary
+
+PROBE_SIZE = 224  # the size a program that does not say its own is first run at, to read its output's width
+
+
+def _fake_run(program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The program's output shape for an input of `shape`, on fake tensors: shapes only, nothing computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        out = program(torch.empty(shape, device="cpu"))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the program returns a {type(out).__name__}, not one (B, D) tensor")
+    return tuple(out.shape)
+
+
+def program_format(path: Path) -> str:
+    """What a `.pt`/`.pt2` file holds, read from its zip directory alone: "export" (torch.export.save),
+    "torchscript" (torch.jit.save), "pickle" (torch.save of a module or a state dict) or "unknown"."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return "unknown"
+    if "archive_format" in names:
+        return "export"
+    if "constants.pkl" in names and any(name.startswith("code/") for name in names):
+        return "torchscript"
+    return "pickle" if "data.pkl" in names else "unknown"
+
+
+FORMAT_ADVICE = {
+    "export": "it is a torch.export program: use library: export",
+    "torchscript": "it is a TorchScript file: use library: torchscript",
+    "pickle": ("it is a torch.save pickle, which is never unpickled here (it would run code): save the model's "
+               "state_dict and serve it with its library (timm, open_clip, transformers), or export it with "
+               "torch.export.save"),
+    "unknown": "it is not a zip archive as torch.export.save and torch.jit.save write",
+}
+
+
+RESOLUTION = "{resolution}"  # in a program's file name: one program per view resolution
+
+
+class ProgramBackbone(nn.Module):
+    """A loaded program as a backbone: one program, or one per resolution (`{resolution}` in `arch`), run on the
+    images' own size. Programs are held outside the module tree, so their weights are never the tower's keys (they
+    are the program files'); each moves to the device of the images it is given, once."""
+
+    def __init__(self, arch: str, programs: dict[int | None, Any], library: ProgramLibrary):
+        super().__init__()
+        self.__dict__["programs"] = programs  # not submodules: no state_dict keys, no .to() of our own
+        self.arch, self._library = arch, library
+
+    def _program(self, size: int) -> tuple[int | None, Path]:
+        """Which program runs images of this size (its key in `programs`, loaded now if new), and its file."""
+        if RESOLUTION not in self.arch:
+            return None, Path(self.arch)
+        path = self._library.resolution_file(self.arch, size)
+        if size not in self.programs:
+            if not path.is_file():
+                raise ValueError(f"no program for resolution {size}: {path} not found (one file per resolution "
+                                 f"the tower lists, named as {Path(self.arch).name})")
+            self.programs[size] = self._library.program(path)
+        return size, path
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        key, path = self._program(images.shape[-1])
+        program = self.programs[key]
+        if images.is_meta:  # the architecture check: the shape it would give, at this size and another batch size
+            return torch.empty(self._library.output_shape(program, tuple(images.shape), path), device="meta")
+        if self._library.device_of(program) != images.device:
+            program = self.programs[key] = self._library.to_device(program, images.device, path)
+        return program(images.float())  # autocast, when on, still casts its ops
+
+
+class ProgramLibrary(BackboneLibrary):
+    """What both program formats share: `arch` is the program file (or one per resolution), whose weights are the
+    backbone's."""
+
+    holds_weights: ClassVar[bool] = True
+    shape_hint: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # the format's own name, for messages
+    _loaded: dict[str, Any]
+
+    def __init__(self) -> None:
+        self._loaded = {}  # by file identity: the checks and the load read a program once per process
+
+    def arch_is_path(self, arch: str) -> bool:
+        return True
+
+    @staticmethod
+    def resolution_file(arch: str, resolution: int) -> Path:
+        """The program file of one resolution, for an `arch` with `{resolution}` in its name."""
+        return Path(arch.replace(RESOLUTION, str(resolution)))
+
+    def arch_files(self, arch: str, resolutions: Sequence[int]) -> tuple[str, ...]:
+        if RESOLUTION not in arch:
+            return (arch,)
+        return tuple(str(self.resolution_file(arch, r)) for r in sorted(set(resolutions)))
+
+    def resolution_files(self, arch: str) -> dict[int, Path]:
+        """Every file on disk an `arch` with `{resolution}` names, by resolution."""
+        name = Path(arch).name
+        head, tail = name.split(RESOLUTION, 1)
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+        folder = Path(arch).parent
+        found = {int(m.group(1)): p for p in folder.iterdir() if (m := pattern.fullmatch(p.name))} \
+            if folder.is_dir() else {}
+        return dict(sorted(found.items()))
+
+    def arch_identity(self, arch: str) -> Any:
+        """The program file's sha256 (its code and weights are the tower's); with `{resolution}`, every such file's."""
+        if RESOLUTION not in arch:
+            return {"program_sha256": checkpoint_sha256(Path(arch))}
+        return {"program_sha256": {str(r): checkpoint_sha256(p) for r, p in self.resolution_files(arch).items()}}
+
+    def program(self, path: Path) -> Any:
+        """The program in `path` on the CPU, read once per process (the checks and the run share it)."""
+        key = file_identity(path)
+        if key not in self._loaded:
+            with torch.device("cpu"):
+                self._loaded[key] = self.load(path)
+        return self._loaded[key]
+
+    def load(self, path: Path) -> Any:
+        """The program read from `path` onto the CPU; a file of another format is one message saying which."""
+        found = program_format(path)
+        if found != self.name:
+            raise ValueError(f"{path.name} is not a {self.label} file: {FORMAT_ADVICE[found]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's concern
+            return self.read(path)
+
+    def read(self, path: Path) -> Any:
+        """The program in `path`, a file of this format."""
+        raise NotImplementedError
+
+    def device_of(self, program: Any) -> torch.device:
+        tensor = next(iter(program.state_dict().values()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
+        """The program on `device` (the CPU copy dropped from the memo: one copy held)."""
+        self._loaded.pop(file_identity(path), None)
+        return program.to(device)
+
+    def static_size(self, program: Any) -> tuple[int, int] | None:
+        """The (H, W) the program was made for when it takes no other, else None (unknown or dynamic)."""
+        return None
+
+    def output_shape(self, program: Any, shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
+        """The program's output shape for `shape`, checked at one more batch size (a run's last batch is smaller);
+        a size or batch it cannot take is one clear error."""
+        outcomes: dict[int, tuple[int, ...] | Exception] = {}
+        for batch in (shape[0], shape[0] + 1):
+            try:
+                outcomes[batch] = _fake_run(program, (batch, *shape[1:]))
+            except Exception as err:  # noqa: BLE001 - whatever the program raises is the user's message
+                outcomes[batch] = err
+        failed = {b: e for b, e in outcomes.items() if isinstance(e, Exception)}
+        if failed:
+            batch, err = next(iter(failed.items()))
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            ran = [b for b in outcomes if b not in failed]
+            what = f"takes a batch of {ran[0]} but not of {batch}" if ran else "does not run"
+            raise ValueError(f"{path.name} {what} ({first}). {self.shape_hint}") from err
+        out = outcomes[shape[0]]
+        if len(out) != 2 or out[0] != shape[0]:
+            raise ValueError(f"{path.name} returns {out} for a batch of {shape[0]}: a tower's program returns "
+                             "(B, D) features or embeddings")
+        return out
+
+    def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
+        """The program(s) `arch` names, the width read from one's output on fake tensors (no compute)."""
+        if classes:
+            raise EntryFieldError(f"a {self.name} program gives its own output; this tower's kind wants {classes} "
+                                  "class logits from its backbone", "kind")
+        if RESOLUTION in arch:  # one program per resolution: the width is read from the first; the rest load as used
+            files = self.resolution_files(arch)
+            if not files:
+                raise EntryFieldError(f"no file named as {Path(arch).name} in {Path(arch).parent}", "arch")
+            size, path = next(iter(files.items()))
+            programs: dict[int | None, Any] = {size: self.program(path)}
+            height = width = size
+        else:
+            path = Path(arch)
+            programs = {None: self.program(path)}
+            size = native_resolution or self.static_size(programs[None]) or PROBE_SIZE
+            height, width = (size, size) if isinstance(size, int) else size
+        try:
+            out = _fake_run(next(iter(programs.values())), (2, 3, height, width))
+        except Exception as err:
+            raise EntryFieldError(f"{path.name} does not run on a (2, 3, {height}, {width}) batch ({err}); set "
+                                  "native_resolution to the size it was made at", "native_resolution") from err
+        return Backbone(ProgramBackbone(arch, programs, self), int(out[-1]))
+
+
+class ExportLibrary(ProgramLibrary):
+    """`torch.export` programs (`.pt2`): an ATen graph and its weights, no Python."""
+
+    name = "export"
+    label = "torch.export"
+    arch_example = "towers/eva02_l.pt2"
+    shape_hint = ("Export it with a dynamic batch and, for other sizes, dynamic height and width: "
+                  "torch.export.export(model, (x,), dynamic_shapes={'x': {0: Dim('batch'), 2: 14 * Dim('h'), "
+                  "3: 14 * Dim('w')}}); or export one program per resolution and name them in arch with {resolution} "
+                  "(tower_{resolution}.pt2)")
+
+    def read(self, path: Path) -> Any:
+        with path.open("rb") as handle:  # a buffer: export takes any name, not only *.pt2, without a warning
+            program = torch.export.load(handle)
+        module = program.module()
+        module.__dict__["_i2p_exported"] = program  # kept to move it with export's own device pass
+        return module
+
+    def static_size(self, program: Any) -> tuple[int, int] | None:
+        exported = program.__dict__["_i2p_exported"]
+        inputs = [n for n in exported.graph.nodes if n.op == "placeholder"
+                  and n.name in exported.graph_signature.user_inputs]
+        value = inputs[0].meta.get("val") if len(inputs) == 1 else None
+        if value is None or value.ndim != 4:
+            raise ValueError("a tower's program takes one (B, 3, H, W) image batch")
+        height, width = value.shape[2], value.shape[3]
+        return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+    def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
+        """export's own device pass: the graph's device arguments move with the weights."""
+        from torch.export.passes import move_to_device_pass
+
+        self._loaded.pop(file_identity(path), None)
+        moved = move_to_device_pass(program.__dict__["_i2p_exported"], device)
+        module = moved.module()
+        module.__dict__["_i2p_exported"] = moved
+        return module
+
+
+class TorchScriptLibrary(ProgramLibrary):
+    """`torch.jit` files: TorchScript code and its weights, run by TorchScript's interpreter."""
+
+    name = "torchscript"
+    label = "TorchScript"
+    arch_example = "towers/clip_traced.pt"
+    shape_hint = ("A traced program is made for its trace's sizes: trace one per resolution and name them in arch "
+                  "with {resolution} (tower_{resolution}.pt), or list only the resolution it was traced at")
+
+    def read(self, path: Path) -> Any:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+EXPORT = register_library(ExportLibrary())
+TORCHSCRIPT = register_library(TorchScriptLibrary())
