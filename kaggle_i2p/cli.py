@@ -1,5 +1,5 @@
-"""The `kaggle-i2p` command line: predict, validate-manifest, dry-run, evaluate, tune, build-bank, pack-wheels, train,
-export."""
+"""The `kaggle-i2p` command line: predict, validate-manifest, inspect, dry-run, evaluate, tune, build-bank,
+pack-wheels, train, export."""
 
 from __future__ import annotations
 
@@ -209,6 +209,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser("inspect", help="read a checkpoint your own code saved (keys and shapes only) and print "
+                                             "the manifest tower entry that serves it")
+    inspect.add_argument("checkpoint", type=Path, help="a .safetensors/.pt/.pth/.bin/.ckpt state dict (any wrapper), "
+                                                       "or an exported .pt2 / TorchScript program")
+    inspect.add_argument("--library", default=None, help="only this model library (default: every registered one)")
+    inspect.add_argument("--arch", default=None, help="the architecture the training code built (a timm or "
+                                                      "open_clip name, an HF config.json), when inspect cannot tell")
+    inspect.add_argument("--name", default=None, help="the tower's name (default: the file's stem)")
+    inspect.add_argument("--embedding-dim", type=_whole_number(1), default=384, help="the head's output width")
+    inspect.add_argument("--append", type=Path, default=None, metavar="MANIFEST",
+                         help="add the entry to this manifest (validated with --deep first, written atomically)")
+    inspect.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .models.recognise import append_entry, inspect_checkpoint
+
+    found = inspect_checkpoint(args.checkpoint, embedding_dim=args.embedding_dim, library=args.library,
+                               arch=args.arch, name=args.name)
+    print(found.text(), end="")
+    if args.append is not None:
+        append_entry(found, args.append)
+        print(f"# added tower {found.entry['name']!r} to {args.append}; `kaggle-i2p validate-manifest --deep` passes")
+    return 0
+
+
 def _parser_plan(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
                           "budget (and what to drop if not)")
@@ -395,8 +422,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_parser_predict, _parser_validate, _parser_dry_run, _parser_plan, _parser_evaluate, _parser_tune,
-            _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train, _parser_export)
+COMMANDS = (_parser_predict, _parser_validate, _parser_inspect, _parser_dry_run, _parser_plan, _parser_evaluate,
+            _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train, _parser_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

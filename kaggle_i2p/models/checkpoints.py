@@ -3,6 +3,7 @@ shapes, check its sha256 (hashed once per process per file), and describe how it
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,6 +19,21 @@ class TowerLoadError(I2PError, RuntimeError):
     """A checkpoint that does not fit its tower, or a file that fails its checksum."""
 
 
+def program_format(path: Path) -> str:
+    """What a `.pt`/`.pt2` file holds, read from its zip directory alone: "export" (torch.export.save),
+    "torchscript" (torch.jit.save), "pickle" (torch.save of a module or a state dict) or "unknown"."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return "unknown"
+    if "archive_format" in names:
+        return "export"
+    if "constants.pkl" in names and any(name.startswith("code/") for name in names):
+        return "torchscript"
+    return "pickle" if "data.pkl" in names else "unknown"
+
+
 def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`, onto
     `device` (a GPU reads them straight into its memory, no host copy kept) (`mmap`: memory-mapped, nothing read until
@@ -26,6 +42,10 @@ def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device =
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(device))
+    program = program_format(path)
+    if program in ("export", "torchscript"):  # torch.load would hand a TorchScript file to torch.jit.load
+        raise TowerLoadError(f"{path}: is a {program} program, not a state dict: serve it as `library: {program}` "
+                             "with `arch:` naming it")
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except RuntimeError:

@@ -31,6 +31,31 @@ class Backbone(NamedTuple):
     native_size: int | None = None
 
 
+Shapes = Mapping[str, tuple[int, ...]]  # a checkpoint's keys and shapes, as `inspect` reads them (no weights)
+
+
+class Candidate(NamedTuple):
+    """A reading of a checkpoint a library proposes (`BackboneLibrary.propose`): the entry's backbone fields, what
+    the family is, its usual preprocessing, and notes on what the keys cannot tell. `inspect` keeps the first whose
+    whole entry the file fits."""
+
+    entry: dict  # library, arch, and any of native_resolution, features, backbone
+    family: str  # e.g. "timm ViT vit_base_patch16_224, width 768, 12 blocks, patch 16, grid 14x14"
+    image: dict  # the family's usual mean, std and interpolation
+    notes: tuple[str, ...] = ()
+
+
+def key_prefix(shapes: Shapes, suffix: str) -> str | None:
+    """The shortest prefix under which the file has `suffix` (`model.backbone.` for a nested stem), or None."""
+    found = [k[: -len(suffix)] for k in shapes if k == suffix or k.endswith(f".{suffix}")]
+    return min(found, key=len) if found else None
+
+
+def under_prefix(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The file's keys under `prefix`, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
 # Layer-wise LR decay: the block a parameter sits in, by the names the libraries' models give their blocks.
 CONVNEXT_BLOCKS = (re.compile(r"\.stages\.(\d+)\.blocks\.(\d+)\."),  # ConvNeXt blocks
                    re.compile(r"\.stages\.(\d+)\.(downsample)\."))  # its downsampling, before the stage's 1st block
@@ -96,6 +121,14 @@ class BackboneLibrary:
 
             return json.loads(Path(arch).read_text(encoding="utf-8"))
         return arch
+
+    # --- inspect's question
+    def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
+                ) -> Iterator[Candidate]:
+        """Readings of a checkpoint's `shapes` as this library's backbone, most likely first (none: not one of its
+        families). `head_in` is the width the file's head takes (None: no head found); `source` the file, for
+        configs saved beside it; `arch`, when the user names it, the only architecture to consider."""
+        return iter(())
 
     # --- the towers' questions
     def patch_size(self, backbone: nn.Module) -> int | None:

@@ -4,14 +4,17 @@ offline (no pretrained tag); its ViTs get their position embeddings resampled by
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary
+from .base import Backbone, BackboneLibrary, Candidate, Shapes, key_prefix, under_prefix
+
+CLIP_IMAGE = {"mean": [0.4815, 0.4578, 0.4082], "std": [0.2686, 0.2613, 0.2758], "interpolation": "bicubic"}
 
 
 def open_clip_config(arch: str) -> dict:
@@ -112,6 +115,91 @@ class OpenClipLibrary(BackboneLibrary):
         dropped = sum(not k.startswith("visual.") for k in state)
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         return visual, [f"an open_clip CLIP checkpoint: its visual tower ({dropped} text-side tensors left out)"]
+
+
+    # --- inspect
+    def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
+                ) -> Iterator[Candidate]:
+        """An open_clip ViT (`conv1`, `transformer.resblocks`) or timm-trunk tower (`trunk.`, `head.proj`), alone or
+        in a whole CLIP file: the registered configs (and model-config .json files beside the file) whose vision
+        side has its width, depth, patch and output width; a position grid of another size as native_resolution."""
+        vit = key_prefix(shapes, "conv1.weight")
+        trunk = key_prefix(shapes, "trunk.stem.0.weight")
+        if vit is None and trunk is None:
+            return
+        prefix = vit if vit is not None else trunk
+        visual = under_prefix(shapes, prefix)
+        for name, config in _configs(source, arch):
+            vision = config.get("vision_cfg", {})
+            if vit is not None:
+                found = _vit_fit(visual, vision, int(config.get("embed_dim", 0)))
+            else:
+                found = _trunk_fit(visual, vision)
+            if found is None:
+                continue
+            native, text = found
+            entry = {"library": "open_clip", "arch": name, **({"native_resolution": native} if native else {})}
+            size = native or _size(vision)
+            image = {**CLIP_IMAGE, **_preprocess(config), "resolutions": [size]}
+            yield Candidate(entry, f"open_clip {text} ({name}), output {config.get('embed_dim')}, {size} px"
+                            + (f", under `{prefix}`" if prefix else ""), image)
+
+
+def _size(vision: Mapping) -> int:
+    size = vision.get("image_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _preprocess(config: Mapping) -> dict:
+    cfg = config.get("preprocess_cfg") or {}
+    return {k: [round(float(v), 4) for v in cfg[k]] for k in ("mean", "std") if k in cfg}
+
+
+def _configs(source: Path, arch: str | None) -> Iterator[tuple[str, dict]]:
+    """(arch, config): the one named, else model-config .json files beside the file, then every registered one."""
+    import open_clip
+
+    if arch is not None:
+        yield arch, open_clip_config(arch)
+        return
+    for path in sorted(source.parent.glob("*.json")):
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("vision_cfg"), dict):
+            yield str(path), config
+    for name in open_clip.list_models():
+        yield name, open_clip.get_model_config(name)
+
+
+def _vit_fit(visual: Shapes, vision: Mapping, embed_dim: int) -> tuple[int | None, str] | None:
+    """(native size if not the config's, description) when an open_clip ViT config has the keys' shapes."""
+    conv = visual.get("conv1.weight")
+    layers = {int(m.group(1)) for k in visual if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))}
+    if conv is None or not layers or "timm_model_name" in vision:
+        return None
+    width, patch = conv[0], conv[-1]
+    proj = visual.get("proj")
+    if (vision.get("width"), vision.get("layers"), vision.get("patch_size")) != (width, max(layers) + 1, patch) or \
+            (proj is not None and proj[-1] != embed_dim):
+        return None
+    tokens = visual.get("positional_embedding", (0,))[0]
+    grid = int(round(max(tokens - 1, 0) ** 0.5))
+    native = grid * patch
+    return (None if native == _size(vision) else native), (f"ViT, width {width}, {max(layers) + 1} blocks, patch "
+                                                            f"{patch}, grid {grid}")
+
+
+def _trunk_fit(visual: Shapes, vision: Mapping) -> tuple[None, str] | None:
+    """A timm-trunk config (ConvNeXt-XXL) whose trunk name has the stem's width; the deep check confirms the rest."""
+    from .timm_models import CONVNEXT_WIDTHS
+
+    name = vision.get("timm_model_name")
+    width = visual["trunk.stem.0.weight"][0]
+    if not isinstance(name, str) or not any(f"_{w}" in name for w in CONVNEXT_WIDTHS.get(width, ())):
+        return None
+    return None, f"timm trunk {name}, stem width {width}"
 
 
 OPEN_CLIP = register_library(OpenClipLibrary())

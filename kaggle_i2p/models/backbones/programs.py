@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
-import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,8 +29,8 @@ from torch import nn
 from ...core.errors import EntryFieldError
 from ...core.fileio import file_identity
 from ...core.registry import register_library
-from ..checkpoints import checkpoint_sha256
-from .base import Backbone, BackboneLibrary
+from ..checkpoints import checkpoint_sha256, program_format
+from .base import Backbone, BackboneLibrary, Candidate, Shapes
 
 PROBE_SIZE = 224  # the size a program that does not say its own is first run at, to read its output's width
 
@@ -45,21 +44,6 @@ def _fake_run(program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"the program returns a {type(out).__name__}, not one (B, D) tensor")
     return tuple(out.shape)
-
-
-def program_format(path: Path) -> str:
-    """What a `.pt`/`.pt2` file holds, read from its zip directory alone: "export" (torch.export.save),
-    "torchscript" (torch.jit.save), "pickle" (torch.save of a module or a state dict) or "unknown"."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {name.split("/", 1)[-1] for name in archive.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return "unknown"
-    if "archive_format" in names:
-        return "export"
-    if "constants.pkl" in names and any(name.startswith("code/") for name in names):
-        return "torchscript"
-    return "pickle" if "data.pkl" in names else "unknown"
 
 
 FORMAT_ADVICE = {
@@ -203,6 +187,18 @@ class ProgramLibrary(BackboneLibrary):
             raise ValueError(f"{path.name} returns {out} for a batch of {shape[0]}: a tower's program returns "
                              "(B, D) features or embeddings")
         return out
+
+    def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
+                ) -> Iterator[Candidate]:
+        """The file itself, when it is a program of this format (its width the deep check reads)."""
+        if program_format(source) != self.name:
+            return
+        static = self.static_size(self.program(source))
+        size = static[0] if static else PROBE_SIZE
+        yield Candidate({"library": self.name, "arch": str(source)}, f"a {self.label} program", {
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic",
+            "resolutions": [size]}, ("the program's preprocessing is its training code's: mean/std above are "
+                                     "ImageNet's placeholders",))
 
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
         """The program(s) `arch` names, the width read from one's output on fake tensors (no compute)."""

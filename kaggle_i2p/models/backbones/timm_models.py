@@ -3,15 +3,17 @@ embeddings at every forward (`dynamic_img_size`) and, for a new native size, by 
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary
+from .base import Backbone, BackboneLibrary, Candidate, Shapes, key_prefix, under_prefix
 
 
 def _patch_embed(backbone: nn.Module) -> nn.Module | None:
@@ -69,7 +71,7 @@ class TimmLibrary(BackboneLibrary):
     arch_example = "eva02_large_patch14_clip_336"
     embedding_names = ("patch_embed", "pos_embed", "cls_token", "reg_token", "stem", "conv1", "rope")
     no_weight_decay_names = ("pos_embed", "cls_token")
-    classifier_prefixes = ("head.", "fc.", "classifier.", "head_dist.")
+    classifier_prefixes = ("head.fc.", "head.", "fc.", "classifier.", "head_dist.")  # ConvNeXt's first
 
     feature_choices = ("pooled", "logits")  # logits: its classifier's outputs feed the head (the 111th place)
     option_keys = {
@@ -169,6 +171,157 @@ class TimmLibrary(BackboneLibrary):
         out["pos_embed"] = resample_abs_pos_embed(value.float(), new_size=list(backbone.patch_embed.grid_size),
                                                   num_prefix_tokens=prefix).to(value.dtype)
         return out
+
+
+    # --- inspect
+    def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
+                ) -> Iterator[Candidate]:
+        """A ViT / EVA / DeiT, ConvNeXt or Swin found by its stem's keys; the timm names of its width built on the
+        meta device and kept when their keys and shapes are the file's (a depth the file has, as model_kwargs);
+        then its pooling, final norm and logits as the head's width and the file's keys say."""
+        found = _signature(shapes)
+        if found is None:
+            return
+        family, prefix, width, depth = found
+        backbone = under_prefix(shapes, prefix)
+        names = [arch] if arch else _names(family, width, backbone)
+        built = [m for m in (_match(n, family, backbone, depth) for n in names) if m is not None]
+        matches = sorted((m for m in built if not m[4]), key=lambda m: (bool(m[1]), m[3] is not None, len(m[0]), m[0]))
+        same = [m[0] for m in matches[1:] if m[1] == matches[0][1]] if matches else []
+        if not matches and built:  # the closest name, so the deep check names the keys that differ
+            closest = min(built, key=lambda m: (len(m[4]), len(m[0])))
+            if len(closest[4]) <= max(3, len(backbone) // 10):
+                matches = [closest]
+                same = [f"the file lacks or reshapes {len(closest[4])} of {closest[0]}'s keys: "
+                        f"{', '.join(closest[4][:4])}"]
+        for name, kwargs, model, native, _ in matches[:3]:
+            yield from _readings(name, kwargs, model, native, family, backbone, prefix, head_in, same)
+
+
+def _signature(shapes: Shapes) -> tuple[str, str, int, object] | None:
+    """(family, key prefix, width, depth) of a timm backbone among the file's keys, or None."""
+    prefix = key_prefix(shapes, "stem.0.weight")
+    if prefix is not None and any(k.startswith(f"{prefix}stages.0.") for k in shapes):
+        return "ConvNeXt", prefix, shapes[f"{prefix}stem.0.weight"][0], _stage_depths(shapes, prefix, "stages")
+    prefix = key_prefix(shapes, "patch_embed.proj.weight")
+    if prefix is None or len(shapes[f"{prefix}patch_embed.proj.weight"]) != 4:
+        return None
+    width = shapes[f"{prefix}patch_embed.proj.weight"][0]
+    if any(k.startswith(f"{prefix}layers.0.blocks.") for k in shapes):
+        return "Swin", prefix, width, _stage_depths(shapes, prefix, "layers")
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(rf"{re.escape(prefix)}blocks\.(\d+)\.", k))}
+    if not blocks:
+        return None
+    return "ViT", prefix, width, max(blocks) + 1  # EVA, DeiT, ... too: the names built tell them apart
+
+
+def _stage_depths(shapes: Shapes, prefix: str, stages: str) -> tuple[int, ...]:
+    found: dict[int, set[int]] = {}
+    for key in shapes:
+        if m := re.match(rf"{re.escape(prefix)}{stages}\.(\d+)\.blocks\.(\d+)\.", key):
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return tuple(max(found[s]) + 1 for s in sorted(found))
+
+
+VIT_WIDTHS = {192: "tiny", 384: "small", 512: "medium", 768: "base", 1024: "large", 1152: "so400m", 1280: "huge",
+              1408: "giant", 1664: "gigantic"}
+CONVNEXT_WIDTHS = {40: ("atto",), 48: ("femto",), 64: ("pico",), 80: ("nano",), 96: ("tiny", "small"),
+                   128: ("base",), 192: ("large",), 256: ("xlarge",), 384: ("xxlarge",)}
+SWIN_WIDTHS = {96: ("tiny", "small"), 128: ("base",), 192: ("large",)}
+MAX_NAMES = 40  # timm names built per inspection (on the meta device: no memory, no compute)
+
+
+def _names(family: str, width: int, backbone: Shapes) -> list[str]:
+    """The timm names of this family and width (by timm's size words), and its tiny test models."""
+    import timm
+
+    if family == "ViT":
+        patch = backbone["patch_embed.proj.weight"][-1]
+        word = VIT_WIDTHS.get(width)
+        names = timm.list_models(f"*_{word}_patch{patch}_*") + timm.list_models(f"*_{word}_patch{patch}") \
+            if word else []
+    elif family == "ConvNeXt":
+        names = [n for w in CONVNEXT_WIDTHS.get(width, ()) for n in timm.list_models(f"convnext*_{w}*")]
+    else:
+        names = [n for w in SWIN_WIDTHS.get(width, ()) for n in timm.list_models(f"swin*_{w}_*")]
+    return list(dict.fromkeys(names))[:MAX_NAMES] + timm.list_models("test_*")
+
+
+def _match(name: str, family: str, backbone: Shapes, depth: object
+           ) -> tuple[str, dict, nn.Module, int | None, list[str]] | None:
+    """(name, model_kwargs, the model on meta, the file's native size if not the name's, how many of its keys the
+    file lacks or shapes otherwise: none when it is this timm model, final norms and position-embedding length aside);
+    None when it does not build or its position embeddings are not the file's width."""
+    kwargs: dict = {}
+    for _ in range(2):
+        try:
+            with torch.device("meta"):
+                model = _create(name, {"pretrained": False, "num_classes": 0, **kwargs})
+        except Exception:  # noqa: BLE001 - a name that does not build so is not this file's
+            return None
+        keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = _depth(keys, family)
+        if got == depth or kwargs:
+            break
+        kwargs = {"depth": depth} if family == "ViT" else {"depths": list(depth)}
+    checked = {k: v for k, v in keys.items() if not k.startswith(FINAL_NORMS) and k != "pos_embed"}
+    differ = sorted(k for k, v in checked.items() if backbone.get(k) != v)
+    if "pos_embed" in keys:
+        stored = backbone.get("pos_embed")
+        if stored is None or stored[-1] != keys["pos_embed"][-1]:
+            return None
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+        grid = int(round((stored[1] - prefix) ** 0.5))
+        native = grid * int(model.patch_embed.patch_size[0])
+        return name, kwargs, model, None if native == int(model.patch_embed.img_size[0]) else native, differ
+    return name, kwargs, model, None, differ
+
+
+def _depth(keys: Shapes, family: str) -> object:
+    if family == "ViT":
+        blocks = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
+        return max(blocks) + 1 if blocks else 0
+    return _stage_depths(keys, "", "stages" if family == "ConvNeXt" else "layers")
+
+
+def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, family: str, backbone: Shapes,
+              prefix: str, head_in: int | None, same: list[str]) -> Iterator[Candidate]:
+    """One matched name's readings: logits or cls_mean as the head's width says, then each pooling and final norm."""
+    width = int(model.num_features)
+    classifier = backbone.get("head.weight") or backbone.get("head.fc.weight")
+    base: dict = {"library": "timm", "arch": name}
+    if native is not None:
+        base["native_resolution"] = native
+    options: dict = {"model_kwargs": kwargs} if kwargs else {}
+    fixed: dict = {}
+    if head_in and classifier and classifier[0] == head_in and classifier[1] == width:
+        base["features"] = "logits"
+        fixed = {"num_classes": head_in}
+    elif head_in == 2 * width and hasattr(model, "num_prefix_tokens"):
+        fixed = {"global_pool": "cls_mean"}
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    size = native or int((cfg.get("input_size") or (3, 224, 224))[-1])
+    image = {"mean": [round(float(v), 4) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
+             "std": [round(float(v), 4) for v in cfg.get("std", (0.229, 0.224, 0.225))],
+             "interpolation": cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear")
+             else "bicubic", "resolutions": [size]}
+    grid = f", grid {size // int(model.patch_embed.patch_size[0])}" if "pos_embed" in backbone else ""
+    depth = _depth(backbone, family)
+    family = "EVA" if name.startswith("eva") else family
+    text = (f"timm {family} {name}{' ' + str(kwargs) if kwargs else ''}, width {width}, "
+            f"{depth} {'blocks' if isinstance(depth, int) else 'blocks per stage'}{grid} ({size} px)"
+            + (f", under `{prefix}`" if prefix else ""))
+    if same and same[0].startswith("the file lacks"):
+        notes: tuple[str, ...] = tuple(same)
+    else:
+        notes = (f"also the same keys: {', '.join(same[:4])} (what keys cannot show may differ: a _quickgelu "
+                 "variant's activation, an _rms variant's norm; pass --arch to choose)",) if same else ()
+    pools = [{}] if "global_pool" in fixed or "num_classes" in fixed else [{}, {"global_pool": "avg"},
+                                                                          {"global_pool": "token"}]
+    for pool in pools:
+        for norm in ({}, {"final_norm": False}):
+            chosen = {**options, **fixed, **pool, **norm}
+            yield Candidate({**base, **({"backbone": chosen} if chosen else {})}, text, image, notes)
 
 
 TIMM = register_library(TimmLibrary())

@@ -31,7 +31,7 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary
+from .base import Backbone, BackboneLibrary, Candidate, Shapes
 
 VISION_SIDE = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # whole model -> its vision config
 FOREIGN_PREFIXES = ("text_model.", "text_projection", "logit_scale", "logit_bias", "language_model.",
@@ -221,6 +221,61 @@ class TransformersLibrary(BackboneLibrary):
             used = {k: v for k, v in inner.items() if k in backbone_keys}
             yield used, (f"a whole transformers model: its image side ({len(state) - len(used)} tensors of the "
                          "file left out)")
+
+
+    # --- inspect
+    def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
+                ) -> Iterator[Candidate]:
+        """An HF image model (CLIP, SigLIP, BLIP-2, ViT, DINOv2, ConvNeXt, Swin) by its embeddings' keys, built
+        from the config.json `save_pretrained` wrote beside the file (or `arch`); each of its family's outputs in
+        turn, the one its keys fit kept. Without a config, one message: the keys cannot say the attention heads."""
+        if not any(k.endswith(HF_KEYS) or ".embeddings.patch_embedding" in k for k in shapes):
+            return
+        path = config_path(arch) if arch else next((p for p in (source.parent / "config.json",) if p.is_file()), None)
+        if path is None:
+            raise EntryFieldError("an HF transformers image model, whose config.json (written beside the weights by "
+                                  "save_pretrained) inspect needs, since the keys do not hold its attention heads: "
+                                  "put it beside the file or pass --arch CONFIG", "arch")
+        config = read_config(path)
+        vision = _vision_config(config)
+        size = getattr(vision, "image_size", 224)
+        size = int(size if isinstance(size, int) else size[0])
+        image = {**_preprocessor(path.parent, config.model_type), "resolutions": [size]}
+        family = (f"transformers {config.model_type} ({type(config).__name__}), width "
+                  f"{getattr(vision, 'hidden_size', '?')}, {getattr(vision, 'num_hidden_layers', '?')} layers, "
+                  f"patch {getattr(vision, 'patch_size', '?')}, {size} px")
+        choices = {"blip-2": ("query_mean", "pooled"), "clip": ("pooled", "image_embeds"),
+                   "clip_vision_model": ("pooled", "image_embeds")}.get(config.model_type, ("pooled", "cls", "mean"))
+        for features in choices:
+            note = () if len(choices) < 3 else ("features: pooled, cls and mean have the same keys; set the one "
+                                                "trained (pooled: the model's pooler_output)",)
+            yield Candidate({"library": "transformers", "arch": str(path), "features": features},
+                            f"{family}, features {features}", image, note)
+
+
+HF_KEYS = ("embeddings.patch_embedding.weight", "embeddings.patch_embeddings.projection.weight", "query_tokens",
+           "embeddings.patch_embeddings.weight")
+HF_IMAGE = {"siglip": ([0.5] * 3, [0.5] * 3), "clip": ([0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758]),
+            "blip-2": ([0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758])}
+RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json holds them
+
+
+def _preprocessor(folder: Path, model_type: str) -> dict:
+    """mean, std and interpolation from the preprocessor_config.json beside the config, else the family's usual."""
+    family = next((k for k in HF_IMAGE if model_type.startswith(k)), None)
+    mean, std = HF_IMAGE.get(family, ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    image = {"mean": mean, "std": std, "interpolation": "bicubic"}
+    path = folder / "preprocessor_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    if isinstance(data.get("image_mean"), list) and isinstance(data.get("image_std"), list):
+        image |= {"mean": [round(float(v), 4) for v in data["image_mean"]],
+                  "std": [round(float(v), 4) for v in data["image_std"]]}
+    if data.get("resample") in RESAMPLE:
+        image["interpolation"] = RESAMPLE[data["resample"]]
+    return image
 
 
 TRANSFORMERS = register_library(TransformersLibrary())

@@ -1,0 +1,262 @@
+"""`kaggle-i2p inspect CKPT`: a checkpoint a user's own code saved, read as a tower entry from its keys and shapes
+alone (no weight read). How a user brings a tower.
+
+1. Read the keys and shapes (`checkpoints.checkpoint_shapes`: safetensors header, or a memory-mapped torch file;
+   Lightning's and other wrappers unwrapped), or recognise an exported program.
+2. Find the head: a Linear to the embedding width, or an MLP ending in one (its layers renamed to ours when its
+   indices differ, as a Dropout between them shifts them), or none.
+3. Ask every registered library for its readings of the rest (`BackboneLibrary.propose`: timm ViT/EVA/ConvNeXt/Swin,
+   open_clip ViT/ConvNeXt, HF CLIP/SigLIP/BLIP-2 from the config saved beside the file, exported programs).
+4. Keep the first reading whose whole entry the file fits (`towers.checkpoint_fit`, the same check `validate-manifest
+   --deep` makes, every key filled); say what the keys cannot tell (mean/std, resize, the head's activation).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import EntryFieldError, I2PError
+from ..core.registry import LIBRARIES
+from ..core.resources import PRIOR_PATH
+from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
+from .backbones.base import Candidate, Shapes
+from .checkpoints import checkpoint_shapes
+from .towers import checkpoint_fit, validate_manifest
+
+# Keys inside a backbone's blocks are never the tower's head, whatever their shape (a ViT-S is 384 wide).
+BLOCK_KEY = re.compile(r"(^|\.)(blocks|resblocks|layers?|stages|encoder|trunk|transformer)\.")
+
+RESIZE_CHOICES = ("squash (resize the whole image to the square, as most trainers did)",
+                  "center_crop (shorter side to the size, then the centre)")
+INTERPOLATIONS = "bicubic (timm, open_clip, HF CLIP), bilinear (torchvision's default), area (OpenCV's INTER_AREA)"
+
+
+class InspectError(I2PError, ValueError):
+    """A file inspect cannot read as a tower: it names what it found and what to pass."""
+
+
+@dataclass(frozen=True)
+class HeadGuess:
+    """One reading of the file's head: the entry's `head:`, the width it takes, its keys, and the renames (an
+    MLP's layer indices to ours) it needs."""
+
+    head: dict
+    in_dim: int | None
+    keys: frozenset[str]
+    rename: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+
+
+@dataclass
+class Inspection:
+    """What inspect found: the tower entry (paths absolute), what it recognised, and what the user must confirm."""
+
+    entry: dict
+    found: list[str]
+    ask: list[str]
+
+    def text(self) -> str:
+        """The entry as YAML under comments saying what was recognised and what to confirm."""
+        lines = [f"# {line}" for line in self.found]
+        if self.ask:
+            lines.append("# Not in the file; confirm as trained (the usual values are filled in):")
+            lines += [f"#   {line}" for line in self.ask]
+        body = yaml.safe_dump([self.entry], sort_keys=False, default_flow_style=None, width=120)
+        return "\n".join(lines) + "\n" + body
+
+
+def head_guesses(shapes: Shapes, embedding_dim: int) -> list[HeadGuess]:
+    """Readings of the file's head, most specific first: each Linear (or MLP ending in one) to the embedding width
+    outside the backbone's blocks, then none (the backbone gives the embedding)."""
+    guesses = []
+    for key, shape in sorted(shapes.items(), key=lambda item: (item[0].count("."), item[0])):
+        if not (key.endswith(".weight") and len(shape) == 2 and shape[0] == embedding_dim) or BLOCK_KEY.search(key):
+            continue
+        module = key[: -len(".weight")]
+        parent, _, last = module.rpartition(".")
+        guess = _mlp_guess(shapes, parent, int(last), embedding_dim) if last.isdigit() and parent else None
+        if guess is None:
+            bias = f"{module}.bias" in shapes
+            guess = HeadGuess({"type": "linear", **({} if bias else {"bias": False})}, shape[1],
+                              frozenset({key, f"{module}.bias"} & set(shapes)),
+                              text=f"Linear({shape[1]} -> {embedding_dim}{'' if bias else ', no bias'}) `{module}`")
+        guesses.append(guess)
+    guesses.append(HeadGuess({"type": "none"}, None, frozenset(), text="none: the backbone gives the embedding"))
+    return guesses
+
+
+def _mlp_guess(shapes: Shapes, parent: str, last: int, embedding_dim: int) -> HeadGuess | None:
+    """An nn.Sequential head under `parent` (Linear, norm, activation per hidden size, then the output Linear) as
+    our MLP head, with the renames its layer indices need; None when it is not one."""
+    layers: dict[int, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if key.startswith(f"{parent}."):
+            index, _, name = key[len(parent) + 1:].partition(".")
+            if not index.isdigit() or "." in name:
+                return None
+            layers.setdefault(int(index), {})[name] = shape
+    linears = [i for i in sorted(layers) if len(layers[i].get("weight", ())) == 2]
+    norms = [i for i in sorted(layers) if i not in linears]
+    kinds = {"batchnorm" if "running_mean" in layers[i] else "layernorm" for i in norms}
+    if not linears or linears[-1] != last or len(kinds) > 1 or (norms and len(norms) != len(linears) - 1):
+        return None
+    hidden = [layers[i]["weight"][0] for i in linears[:-1]]
+    bias = "bias" in layers[last]
+    ours = {i: 3 * h for h, i in enumerate(linears[:-1])} | {i: 3 * h + 1 for h, i in enumerate(norms)}
+    ours[last] = 3 * len(hidden)
+    rename = {f"{parent}.{i}.": f"{parent}.{j}." for i, j in sorted(ours.items()) if i != j}
+    keys = frozenset(k for k in shapes if k.startswith(f"{parent}."))
+    first = layers[linears[0]]["weight"][1]
+    if not hidden:
+        head = {"type": "linear", **({} if bias else {"bias": False})}
+        return HeadGuess(head, first, keys, rename, f"Linear({first} -> {embedding_dim}) `{parent}.{last}`")
+    norm = kinds.pop() if kinds else "none"
+    head = {"type": "mlp", "hidden": hidden[0] if len(hidden) == 1 else hidden, "norm": norm, "activation": "relu",
+            **({} if bias else {"bias": False})}
+    widths = " -> ".join(str(w) for w in [first, *hidden, embedding_dim])
+    return HeadGuess(head, first, keys, rename, f"MLP {widths} with {norm} `{parent}`")
+
+
+def describe_file(path: Path) -> str:
+    """How the file holds its tensors: flat, or inside a wrapper (Lightning's `state_dict`, `{'model': ...}`)."""
+    if path.suffix == ".safetensors":
+        return "a safetensors file"
+    import torch
+
+    try:
+        top = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - only for the description; the keys were read already
+        return f"a {path.suffix} file"
+    if not isinstance(top, Mapping) or all(isinstance(v, torch.Tensor) for v in top.values()):
+        return f"a flat {path.suffix} state dict"
+    wrapper = next((k for k in ("state_dict", "model", "ema", "model_ema", "module") if isinstance(top.get(k),
+                                                                                                  Mapping)), "?")
+    lightning = any(k.startswith("pytorch-lightning") or k in ("lr_schedulers", "callbacks") for k in top)
+    return f"{'a Lightning checkpoint' if lightning else 'a wrapped checkpoint'} (tensors under `{wrapper}`)"
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        return {k: tuple(v.shape) for k, v in checkpoint_shapes(path).items()}
+    except Exception:  # noqa: BLE001 - not a state dict: perhaps a program, which its library recognises
+        return {}
+
+
+def _entry(candidate: Candidate, head: HeadGuess, source: Path, name: str) -> dict:
+    """The whole tower entry of one reading."""
+    lib = LIBRARIES.get(candidate.entry["library"])
+    entry: dict[str, Any] = {"name": name, **candidate.entry}
+    if not lib.holds_weights or head.head["type"] != "none":
+        entry["checkpoint"] = str(source)
+    if head.rename:
+        entry["checkpoint_keys"] = {"rename": dict(head.rename)}
+    entry["head"] = head.head
+    entry["image"] = {**candidate.image, "resize": "squash"}
+    entry["weight"] = 1.0
+    return {k: entry[k] for k in ("name", "library", "arch", "checkpoint", "native_resolution", "features",
+                                  "backbone", "checkpoint_keys", "head", "image", "weight") if k in entry}
+
+
+def _fit(entry: dict, embedding_dim: int, folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(problems, notes) of the file against one whole entry; None when the entry itself does not parse."""
+    data = {"embedding_dim": embedding_dim, "fallback": str(PRIOR_PATH), "towers": [entry]}
+    try:
+        spec = parse_manifest(data, folder / "inspect.yaml").towers[0]
+        fit = checkpoint_fit(spec, embedding_dim)
+    except Exception:  # noqa: BLE001 - a reading its library cannot build (timm asserts) is not this file's
+        return None
+    return fit.problems, fit.notes
+
+
+def _readings(shapes: Shapes, heads: list[HeadGuess], source: Path, library: str | None, arch: str | None
+              ) -> Iterator[tuple[Candidate, HeadGuess]]:
+    libraries = [LIBRARIES.get(library)] if library else list(LIBRARIES)
+    for head in heads:
+        rest = {k: v for k, v in shapes.items() if k not in head.keys}
+        for lib in libraries:
+            for candidate in lib.propose(rest, head.in_dim, source, arch):
+                yield candidate, head
+
+
+def inspect_checkpoint(path: str | Path, *, embedding_dim: int = DEFAULT_EMBEDDING_DIM, library: str | None = None,
+                       arch: str | None = None, name: str | None = None) -> Inspection:
+    """The tower entry a checkpoint (or exported program) fits, found from its keys and shapes; InspectError naming
+    what was found when none fits."""
+    source = Path(path).resolve()
+    if not source.is_file():
+        raise InspectError(f"{path}: file not found")
+    if library is not None and library not in LIBRARIES:
+        raise InspectError(f"--library: {LIBRARIES.unknown(library)}")
+    shapes = _read_shapes(source)
+    heads = head_guesses(shapes, embedding_dim)
+    name = name or re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "tower"
+    closest: tuple[int, str, list[str]] | None = None
+    try:
+        for candidate, head in _readings(shapes, heads, source, library, arch):
+            entry = _entry(candidate, head, source, name)
+            result = _fit(entry, embedding_dim, source.parent)
+            if result is None:
+                continue
+            problems, notes = result
+            if not problems:
+                return _inspection(entry, candidate, head, notes, source, shapes, embedding_dim)
+            if closest is None or len(problems) < closest[0]:
+                closest = (len(problems), candidate.family, list(candidate.notes or problems))
+    except EntryFieldError as err:  # a library that recognised the family and needs something only the user has
+        raise InspectError(f"{source.name}: {err}") from err
+    what = f"{len(shapes)} tensors" if shapes else "no state dict and no program"
+    if closest is None:
+        raise InspectError(f"{source.name} ({describe_file(source) if shapes else 'unreadable'}, {what}) is not a "
+                           f"family inspect knows; pass --library and --arch (the model the training code built)")
+    raise InspectError(f"{source.name}: closest reading {closest[1]}, but its keys do not fit:\n  - "
+                       + "\n  - ".join(closest[2][:8]) + "\npass --arch with the model the training code built")
+
+
+def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], source: Path,
+                shapes: Shapes, embedding_dim: int) -> Inspection:
+    found = [f"{source.name}: {describe_file(source) if shapes else 'a program file'}"
+             + (f", {len(shapes)} tensors" if shapes else ""),
+             candidate.family, f"head: {head.text}" + (" (its layers renamed to ours)" if head.rename else ""),
+             *(f"loaded as: {n.removeprefix('read as ')}" for n in notes)]
+    ask = [f"image.mean / image.std: {candidate.image['mean']} / {candidate.image['std']} (the family's usual; "
+           "CLIP's [0.4815, 0.4578, 0.4082] / [0.2686, 0.2613, 0.2758], ImageNet's [0.485, 0.456, 0.406] / "
+           "[0.229, 0.224, 0.225], SigLIP's 0.5 / 0.5)",
+           f"image.resize: squash; or {RESIZE_CHOICES[1]}",
+           f"image.interpolation: {candidate.image.get('interpolation')}; choices {INTERPOLATIONS}",
+           f"image.resolutions: {candidate.image.get('resolutions')} (add more for multi-resolution TTA)",
+           *candidate.notes]
+    if head.head.get("type") == "mlp":
+        ask.append("head.activation: relu (the keys cannot tell relu from gelu)")
+    return Inspection(entry, found, ask)
+
+
+def append_entry(inspection: Inspection, manifest: str | Path) -> Path:
+    """The entry added to a manifest file (its paths relative to the manifest's folder), written atomically after the
+    whole manifest, the new tower included, passes `validate-manifest --deep`."""
+    import os
+
+    from ..core.validate import read_yaml
+    from ..manifest.write import write_manifest
+
+    path = Path(manifest)
+    data = read_yaml(path, ManifestError, "manifest file not found", "; pass an existing manifest to --append")
+    if not isinstance(data, dict) or not isinstance(data.get("towers"), list):
+        raise InspectError(f"{path}: not a manifest (a mapping with a towers list)")
+    names = {t.get("name") for t in data["towers"] if isinstance(t, Mapping)}
+    if inspection.entry["name"] in names:
+        raise InspectError(f"{path}: already has a tower named {inspection.entry['name']!r}; pass --name")
+    entry = dict(inspection.entry)
+    for key in ("checkpoint", "arch"):  # the files, relative to the manifest's folder as a manifest writes them
+        if key in entry and Path(entry[key]).is_absolute() and Path(entry[key]).exists():
+            entry[key] = os.path.relpath(entry[key], path.resolve().parent)
+    candidate = {**data, "towers": [*data["towers"], entry]}
+    checked = parse_manifest(candidate, path)
+    validate_manifest(checked, deep=True)
+    write_manifest(candidate, path)
+    return path
