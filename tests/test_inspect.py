@@ -221,3 +221,31 @@ def test_append_refuses_a_name_the_manifest_has_and_leaves_it_as_it_was(tmp_path
     assert manifest.read_bytes() == before
     found = inspect_checkpoint(tmp_path / "c.pth", name="second")
     assert found.entry["name"] == "second" and "convnext_atto" in found.text()
+
+
+@pytest.mark.parametrize(("build", "extra", "want"), [
+    (lambda: ("model.", timm.create_model("eva02_large_patch14_clip_336", num_classes=0, global_pool="token")),
+     {"head.weight": (384, 2048)}, ("timm", "eva02_large_patch14_clip_336", {"global_pool": "cls_mean"})),
+    (lambda: ("", timm.create_model("convnext_xxlarge", num_classes=384)), {}, ("timm", "convnext_xxlarge", None)),
+    (lambda: ("visual.", __import__("kaggle_i2p.models.backbones.open_clip_models", fromlist=["x"]).OPEN_CLIP.build(
+        "ViT-L-14-336", None, 0).module), {"token_embedding.weight": (49408, 768), "head.weight": (384, 768)},
+     ("open_clip", "ViT-L-14-336", None)),
+])
+def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeypatch, build, extra, want):
+    """The 5th place's EVA02-L (CLS+mean), a ConvNeXt-XXL with timm's classifier as the head, a whole open_clip
+    ViT-L/14-336 file: their real keys and shapes (built on the meta device: 300M+ parameters, no file of that size
+    in a test), read as the file would be."""
+    import kaggle_i2p.models.recognise as recognise
+    import kaggle_i2p.models.towers as towers
+
+    with torch.device("meta"):
+        prefix, model = build()
+        shapes = {f"{prefix}{k}": tuple(v.shape) for k, v in model.state_dict().items()} | extra
+    monkeypatch.setattr(recognise, "_read_shapes", lambda path: dict(shapes))
+    monkeypatch.setattr(recognise, "describe_file", lambda path: "a state dict")
+    monkeypatch.setattr(towers, "checkpoint_shapes", lambda path: {k: torch.empty(v, device="meta")
+                                                                   for k, v in shapes.items()})
+    monkeypatch.setattr(towers, "file_keys", lambda path: set(shapes))
+    (tmp_path / "big.pth").write_bytes(b"")
+    entry = inspect_checkpoint(tmp_path / "big.pth").entry
+    assert (entry["library"], entry["arch"], entry.get("backbone")) == want

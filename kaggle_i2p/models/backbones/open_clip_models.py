@@ -129,15 +129,16 @@ class OpenClipLibrary(BackboneLibrary):
             return
         prefix = vit if vit is not None else trunk
         visual = under_prefix(shapes, prefix)
-        for name, config in _configs(source, arch):
+        fits = []
+        for order, (name, config) in enumerate(_configs(source, arch)):
             vision = config.get("vision_cfg", {})
-            if vit is not None:
-                found = _vit_fit(visual, vision, int(config.get("embed_dim", 0)))
-            else:
-                found = _trunk_fit(visual, vision)
-            if found is None:
-                continue
-            native, text = found
+            found = _vit_fit(visual, vision, int(config.get("embed_dim", 0))) if vit is not None \
+                else _trunk_fit(visual, vision)
+            if found is not None:  # a config beside the file first, then no native override, then the plainest name
+                fits.append(((order >= 0 and name.endswith(".json")) is False, found[0] is not None, len(name),
+                             name, config, found))
+        for *_, name, config, (native, text) in sorted(fits, key=lambda f: f[:4]):
+            vision = config.get("vision_cfg", {})
             entry = {"library": "open_clip", "arch": name, **({"native_resolution": native} if native else {})}
             size = native or _size(vision)
             image = {**CLIP_IMAGE, **_preprocess(config), "resolutions": [size]}
