@@ -129,7 +129,7 @@ def test_a_whole_open_clip_file_with_its_model_config_beside_it(tmp_path, sample
     assert entry["library"] == "open_clip" and entry["arch"] == "tiny_clip.json"
 
 
-@pytest.mark.parametrize("family", ["clip_vision", "blip2"])
+@pytest.mark.parametrize("family", ["clip_vision", "siglip", "blip2"])
 def test_hf_towers_with_the_config_save_pretrained_wrote_beside_them(tmp_path, sample_dir, capsys, family):
     data = tiny_hf_config(family)
     config = hf.CONFIG_MAPPING[data["model_type"]].from_dict(data)
@@ -142,6 +142,11 @@ def test_hf_towers_with_the_config_save_pretrained_wrote_beside_them(tmp_path, s
 
         def features(model, images):
             return model.get_qformer_features(pixel_values=images, interpolate_pos_encoding=True).mean(dim=1)
+    elif family == "siglip":
+        inner, width = hf.SiglipVisionModel(config), config.hidden_size
+
+        def features(model, images):
+            return model(pixel_values=images, interpolate_pos_encoding=True).pooler_output
     else:
         inner, width = hf.CLIPVisionModelWithProjection(config), config.projection_dim
 
@@ -150,7 +155,7 @@ def test_hf_towers_with_the_config_save_pretrained_wrote_beside_them(tmp_path, s
     model = _image_dependent(Wrapped(inner, nn.Linear(width, 384), features, names=("vision", "fc")))
     torch.save(model.state_dict(), folder / "tower.pth")
     entry = _served(tmp_path, folder / "tower.pth", sample_dir, model, capsys)
-    assert entry["features"] == ("query_mean" if family == "blip2" else "image_embeds")
+    assert entry["features"] == {"blip2": "query_mean", "siglip": "pooled"}.get(family, "image_embeds")
     assert entry["arch"] == "model/config.json"
 
 
@@ -227,6 +232,8 @@ def test_append_refuses_a_name_the_manifest_has_and_leaves_it_as_it_was(tmp_path
     (lambda: ("model.", timm.create_model("eva02_large_patch14_clip_336", num_classes=0, global_pool="token")),
      {"head.weight": (384, 2048)}, ("timm", "eva02_large_patch14_clip_336", {"global_pool": "cls_mean"})),
     (lambda: ("", timm.create_model("convnext_xxlarge", num_classes=384)), {}, ("timm", "convnext_xxlarge", None)),
+    (lambda: ("net.", timm.create_model("swin_base_patch4_window7_224", num_classes=0)),
+     {"fc.weight": (384, 1024), "fc.bias": (384,)}, ("timm", "swin_base_patch4_window7_224", None)),
     (lambda: ("visual.", __import__("kaggle_i2p.models.backbones.open_clip_models", fromlist=["x"]).OPEN_CLIP.build(
         "ViT-L-14-336", None, 0).module), {"token_embedding.weight": (49408, 768), "head.weight": (384, 768)},
      ("open_clip", "ViT-L-14-336", None)),

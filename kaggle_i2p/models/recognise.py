@@ -33,7 +33,7 @@ from .towers import checkpoint_fit, validate_manifest
 BLOCK_KEY = re.compile(r"(^|\.)(blocks|resblocks|layers?|stages|encoder|trunk|transformer)\.")
 
 RESIZE_CHOICES = ("squash (resize the whole image to the square, as most trainers did)",
-                  "center_crop (shorter side to the size, then the centre)")
+                  "shorter_side_center_crop (shorter side to the size, then the centre, as CLIP's transform)")
 INTERPOLATIONS = "bicubic (timm, open_clip, HF CLIP), bilinear (torchvision's default), area (OpenCV's INTER_AREA)"
 
 
