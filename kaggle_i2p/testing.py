@@ -328,6 +328,40 @@ TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip":
                                                                                   "torchscript").name}
 
 
+TINY_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "painting", "city", "night", "forest", "by",
+              "artstation", "portrait", "sky", "castle", "river", "golden", "hour", "highly", "detailed", "oil",
+              "canvas", "neon", "street", "rain", "mountain", "sunset", "fantasy", "art", "digital", "concept"]
+
+
+def write_tiny_captioner(folder: str | Path, family: str = "blip", seed: int = 0) -> Path:
+    """A tiny transformers captioner as `save_pretrained` leaves it (config.json, model.safetensors, and the
+    processor's tokenizer beside them), random weights: blip, git or vision-encoder-decoder (ViT + BERT)."""
+    import transformers as hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
+    words += [f"w{i}" for i in range(64 - len(words))]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    hf.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "vocab_size": 64}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, **ids}
+    torch.manual_seed(seed)
+    if family == "blip":
+        config = hf.BlipConfig(vision_config=_HF_VISION, text_config={**text, "sep_token_id": 3,
+                                                                       "encoder_hidden_size": 32})
+        model = hf.BlipForConditionalGeneration(config)
+    elif family == "git":
+        model = hf.GitForCausalLM(hf.GitConfig(vision_config=_HF_VISION, **text))
+    else:
+        config = hf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            hf.ViTConfig(**_HF_VISION), hf.BertConfig(**text, is_decoder=True, add_cross_attention=True))
+        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
+        model = hf.VisionEncoderDecoderModel(config)
+    model.save_pretrained(str(folder))
+    return folder
+
+
 def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:
     return {"head": {"type": "mlp", "hidden": 16, "norm": "layernorm", "activation": "gelu"}}
 
@@ -337,8 +371,18 @@ def _tiny_retrieval(folder: Path, out_dim: int, embedding_dim: int) -> dict:
     return {"kind": "retrieval", "retrieval": {"bank": "bank", "k": 4, "temperature": 0.1, "score": "embedding"}}
 
 
+def _tiny_caption(folder: Path, out_dim: int, embedding_dim: int) -> dict:
+    """A tiny BLIP captioner (its own arch: a caption tower's library must give captions) and the real MiniLM."""
+    from .models.text import default_model_path
+
+    write_tiny_captioner(Path(folder) / "tiny_blip")
+    return {"kind": "caption", "arch": "tiny_blip", "backbone": {"generate": {"max_new_tokens": 6}},
+            "caption": {"text_model": str(default_model_path())}}
+
+
 # network kind -> a function writing what its section needs and returning the entry's kind-specific keys
-TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval}
+TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval,
+                                           "caption": _tiny_caption}
 
 
 def _tiny_prior(folder: Path, embedding_dim: int) -> dict:

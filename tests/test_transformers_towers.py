@@ -189,3 +189,33 @@ def test_an_hf_arch_is_a_local_config_and_bad_choices_name_their_field(tmp_path,
 
     assert library("transformers").arch_identity(spec.arch) == json.loads((tmp_path / "b" / "hf_vit" /
                                                                            "config.json").read_text())
+
+
+def test_a_vit_saved_by_save_pretrained_keeps_its_older_key_names_and_is_read(tmp_path, sample_dir):
+    """transformers 5's ViT names its keys `attention.k_proj`; save_pretrained (and transformers 4) write
+    `attention.attention.key`: the library reads them through transformers' own renamings."""
+    config = _config("vit")
+    torch.manual_seed(0)
+    model = hf.ViTModel(config).eval()
+    model.save_pretrained(str(tmp_path / "hf_vit"))
+    from safetensors import safe_open
+
+    assert any(".attention.attention.key." in k for k in safe_open(str(tmp_path / "hf_vit" / "model.safetensors"),
+                                                                      "pt").keys())
+    head = nn.Linear(config.hidden_size, 384)
+    torch.save({f"fc.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
+    from safetensors.torch import load_file
+
+    state = {**load_file(str(tmp_path / "hf_vit" / "model.safetensors")),
+             **{f"fc.{k}": v for k, v in head.state_dict().items()}}
+    torch.save(state, tmp_path / "tower.pth")
+    path = _manifest(tmp_path, "vit", "tower.pth", [64], features="pooled")
+    assert main(["validate-manifest", "--deep", str(path)]) == 0
+    got = _serve(path, sample_dir)
+    spec = load_manifest(path).towers[0]
+    ids = sorted(p.stem for p in (sample_dir / "images").iterdir())
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in ids]
+    with torch.no_grad():
+        want = head(model(pixel_values=make_view(pixels, spec.image, 64)).pooler_output).numpy()
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert (np.sum(got * want, axis=1) >= 0.9999).all()

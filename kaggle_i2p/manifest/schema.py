@@ -253,6 +253,8 @@ class TowerKind:
     name: ClassVar[str]
     spec: ClassVar[type[TowerSpec]]
     reported_keys: ClassVar[frozenset[str]] = frozenset()  # other kinds' keys this kind's parser words itself
+    # what its backbone must give, when only some libraries' backbones can (a caption tower's captions)
+    backbone_features: ClassVar[str | None] = None
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> TowerSpec | None:
         """The entry as this kind's spec; None (its problems added to `ctx`) when it has any problem."""

@@ -265,7 +265,7 @@ def fit_checkpoint(spec: NetworkSpec, expected: Mapping[str, torch.Tensor], stat
         state, ignored = apply_key_rules(state, rules.strip, rules.rename, rules.ignore)
         notes.append("checkpoint_keys applied" + (f", {ignored} key(s) ignored" if ignored else ""))
     lib = library(spec.library)
-    state, layout = fit_layout(expected, state, lib.classifier_prefixes, lib.checkpoint_layouts)
+    state, layout = fit_layout(expected, state, lib.classifier_prefixes, lib.layouts_for(spec.arch))
     if layout:
         notes.append(f"read as {layout}")
     return state, notes

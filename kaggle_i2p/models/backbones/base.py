@@ -177,6 +177,12 @@ class BackboneLibrary:
         """A pretrained file in one of the layouts this library writes, as backbone keys; notes on what was done."""
         return state, []
 
+    def layouts_for(self, arch: str) -> Callable[[dict[str, torch.Tensor], set[str]],
+                                                 Iterator[tuple[dict[str, torch.Tensor], str]]]:
+        """`checkpoint_layouts` for one architecture (a library whose readings depend on the model, as transformers'
+        own key renamings do, binds it here)."""
+        return self.checkpoint_layouts
+
     def checkpoint_layouts(self, state: dict[str, torch.Tensor], backbone_keys: set[str]
                            ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
         """Candidate readings of a serving checkpoint as backbone keys, in the layouts this library's own code

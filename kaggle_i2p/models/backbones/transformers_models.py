@@ -18,6 +18,7 @@ read by the layouts below. Other input sizes use the model's own position interp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -109,6 +110,134 @@ def _features_forward(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return _select(output, self._i2p_features)
 
 
+# BLIP-2's generate (image tokens in the prompt, OPT or Flan-T5) is not served yet: it needs its processor's tokens
+CAPTIONERS = {"blip": "BlipForConditionalGeneration", "git": "GitForCausalLM",
+              "vision-encoder-decoder": "VisionEncoderDecoderModel"}
+INTERPOLATING_CAPTIONERS = ("blip",)  # generate resamples its position embeddings: any resolution
+# HF generate's keywords an entry may set (`backbone: {generate: {...}}`); sampling is left out: same images, same text
+GENERATE_KEYS = {"max_new_tokens": int, "min_new_tokens": int, "num_beams": int, "repetition_penalty": float,
+                 "length_penalty": float, "no_repeat_ngram_size": int}
+DEFAULT_GENERATE = {"max_new_tokens": 30, "num_beams": 1}
+
+
+BYTES_PER_TOKEN = 32  # the caption's UTF-8 width per new token (longer texts are cut at a character boundary)
+
+
+def tokenizer_for(arch: str | Path) -> Any:
+    """The tokenizer saved beside a captioner's config (`save_pretrained` of its processor), read offline."""
+    from transformers import AutoTokenizer
+
+    folder = config_path(arch).parent
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise EntryFieldError(f"no tokenizer beside {config_path(arch).name} in {folder} ({err}); save the "
+                              "captioner's processor there with save_pretrained", "arch") from err
+
+
+def _vision_part(model: nn.Module) -> nn.Module:
+    """The image encoder of a captioner: what the meta-device check runs at each resolution."""
+    for name in ("vision_model", "encoder"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return getattr(model, name)
+    return model.git.image_encoder  # GIT
+
+
+def caption_bytes(texts: list[str], width: int) -> torch.Tensor:
+    """Texts as a (B, width) uint8 tensor of their UTF-8 bytes, zero-padded: how a captioner hands its captions on."""
+    out = torch.zeros(len(texts), width, dtype=torch.uint8)
+    for row, text in enumerate(texts):
+        data = text.encode("utf-8")[:width]
+        out[row, :len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out
+
+
+def _caption_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any
+                     ) -> torch.Tensor:
+    """The captions of an image batch, generated deterministically and decoded (the prompt left out), as UTF-8
+    bytes (B, width). On the meta device (the architecture check) only the image encoder runs, for its shapes.
+    Called as the model (by its own `generate`, with token ids), it is the model's own forward."""
+    if args or kwargs:
+        images = {"pixel_values": pixel_values} if pixel_values is not None else {}
+        return type(self).forward(self, *args, **images, **kwargs)
+    images = pixel_values
+    options = self._i2p_generate
+    width = BYTES_PER_TOKEN * options["max_new_tokens"]
+    interpolate = {"interpolate_pos_encoding": True} if self._i2p_interpolates else {}
+    if images.is_meta:  # the others run at their native size only, which this check then enforces
+        _vision_part(self)(pixel_values=images, **interpolate)
+        return torch.zeros(len(images), width, dtype=torch.uint8, device="meta")
+    extra: dict = {}
+    prompt, echo = self._i2p_prompt_ids, self._i2p_prompt_echo
+    if prompt:
+        ids = torch.tensor([prompt] * len(images), device=images.device)
+        extra = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = type(self).generate(self, pixel_values=images, do_sample=False, **options, **extra, **interpolate)
+    out = out[:, echo:]  # the output starts with the prompt: the caption is the rest
+    texts = [t.strip() for t in self._i2p_tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return caption_bytes(texts, width).to(images.device)
+
+
+def _prompt_ids(model_type: str, tokenizer: Any, prompt: str) -> tuple[list[int], int]:
+    """A caption prompt's input ids as the family's processor makes them, and how many leading output tokens echo
+    it: BLIP's `[CLS] prompt [SEP]` (its generate drops the `[SEP]`), GIT's `[CLS] prompt`."""
+    if not prompt:
+        return [], 0
+    if model_type == "blip":
+        ids = tokenizer(prompt)["input_ids"]
+        return ids, len(ids) - 1
+    if model_type == "git":
+        ids = [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return ids, len(ids)
+    raise EntryFieldError(f"a prompt is supported for BLIP and GIT captioners, not {model_type}", "backbone.prompt")
+
+
+def saved_as_tied(model: nn.Module) -> nn.Module:
+    """The model's tied weights (a language model's output layer sharing its input embeddings) as
+    `save_pretrained` writes them: under their first name only. Its state dict leaves the aliases out, and loading
+    fills them from their source, so a file with one copy fits strictly and the served weights stay tied."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        source = first.setdefault(id(tensor), name)
+        if source != name:
+            aliases[name] = source
+    if not aliases:
+        return model
+
+    def drop(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
+        for alias in aliases:
+            state.pop(prefix + alias, None)
+
+    def fill(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+        for alias, source in aliases.items():
+            if prefix + alias not in state and prefix + source in state:
+                state[prefix + alias] = state[prefix + source]
+
+    model.register_state_dict_post_hook(drop)
+    model.register_load_state_dict_pre_hook(fill)
+    return model
+
+
+def _captioner(config: Any, options: Mapping, arch: str) -> nn.Module:
+    """The HF captioner its config describes (random weights, its own keys), its forward giving its captions."""
+    import transformers
+
+    model_type = config.model_type
+    model = getattr(transformers, CAPTIONERS[model_type])(config)
+    tokenizer = tokenizer_for(arch)
+    prompt = options.get("prompt") or ""
+    model._i2p_generate = {**DEFAULT_GENERATE, **dict(options.get("generate") or {})}
+    model._i2p_tokenizer = tokenizer
+    model._i2p_interpolates = model_type in INTERPOLATING_CAPTIONERS
+    model._i2p_prompt_ids, model._i2p_prompt_echo = _prompt_ids(model_type, tokenizer, prompt)
+    # generate reads the forward's signature to choose its inputs (cache, positions): it sees the model's own
+    forward = functools.wraps(type(model).forward)(lambda self, *args, **kwargs: _caption_forward(self, *args,
+                                                                                                   **kwargs))
+    model.forward = types.MethodType(forward, model)
+    return saved_as_tied(model)
+
+
 def _serve(model: nn.Module, features: str) -> nn.Module:
     """The HF model itself (its keys unchanged), its forward returning `features` as a (B, width) tensor."""
     takes = inspect.signature(type(model).forward).parameters
@@ -125,7 +254,12 @@ class TransformersLibrary(BackboneLibrary):
     arch_example = "clip-vit-large-patch14/config.json"
     arch_file_suffixes = (".json",)
     arch_folder_file = "config.json"
-    feature_choices = ("pooled", "image_embeds", "query_mean", "cls", "mean")
+    feature_choices = ("pooled", "image_embeds", "query_mean", "cls", "mean", "caption")
+    option_keys = {
+        "generate": "with features: caption, HF generate's decoding: max_new_tokens (30), num_beams (1: greedy), "
+                    "repetition_penalty, length_penalty, no_repeat_ngram_size, min_new_tokens (no sampling)",
+        "prompt": "with features: caption, a text the caption starts from (e.g. 'a picture of'), kept out of it",
+    }
     embedding_names = ("embeddings", "pre_layrnorm", "query_tokens")
     no_weight_decay_names = ("class_embedding", "position_embedding", "query_tokens", "position_ids")
     classifier_prefixes = ("classifier.", "head.", "fc.")
@@ -138,6 +272,30 @@ class TransformersLibrary(BackboneLibrary):
             if match:
                 return (stage, int(match[1])) if stage is not None else (int(match[1]), int(match[2]))
         return None
+
+    def option_problems(self, features: str | None, options: Mapping | None) -> list[tuple[str, str]]:
+        """The base checks; `generate` and `prompt` only for a captioner, each generate keyword of its type."""
+        problems = super().option_problems(features, options)
+        options = options or {}
+        for key in ("generate", "prompt"):
+            if key in options and features != "caption":
+                problems.append((f"backbone.{key}", "only for a caption tower (features: caption)"))
+        generate = options.get("generate")
+        if generate is not None and not isinstance(generate, Mapping):
+            problems.append(("backbone.generate", f"{generate!r} must map generate keywords to values, e.g. "
+                                                  "{max_new_tokens: 30, num_beams: 3}"))
+        for key, value in (generate.items() if isinstance(generate, Mapping) else ()):
+            kind = GENERATE_KEYS.get(key)
+            if kind is None:
+                problems.append((f"backbone.generate.{key}", f"is not one of {', '.join(GENERATE_KEYS)} (decoding "
+                                                             "is deterministic: no sampling)"))
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and (
+                    not isinstance(value, int) or value < 1)) or value <= 0:
+                problems.append((f"backbone.generate.{key}", f"{value!r} must be a positive "
+                                                             f"{'integer' if kind is int else 'number'}"))
+        if "prompt" in options and not isinstance(options["prompt"], str):
+            problems.append(("backbone.prompt", f"{options['prompt']!r} must be a text"))
+        return problems
 
     def arch_is_path(self, arch: str) -> bool:
         """Every transformers `arch` is a local file or folder: the hub is never asked."""
@@ -156,6 +314,11 @@ class TransformersLibrary(BackboneLibrary):
         model_type = config.model_type
         if native_resolution is not None:
             _vision_config(config).image_size = native_resolution
+        if features == "caption":
+            if model_type not in CAPTIONERS:
+                raise EntryFieldError(f"model_type {model_type} is not a captioner; captioners: "
+                                      f"{', '.join(CAPTIONERS)}", "features")
+            return Backbone(_captioner(config, options or {}, arch), 0)
         if model_type == "blip-2":
             features = features or "query_mean"
             if features == "query_mean":
@@ -209,6 +372,28 @@ class TransformersLibrary(BackboneLibrary):
         size = getattr(_vision_config(config), "patch_size", None) if config is not None else None
         return int(size) if isinstance(size, int) else None
 
+    def layouts_for(self, arch: str) -> Any:
+        """The layouts below, and each again with transformers' own renamings of its older key names (a file that
+        transformers 4 saved, or that `save_pretrained` wrote: ViT's `attention.attention.key` is transformers 5's
+        `attention.k_proj`)."""
+        renamings = _renamings(str(config_path(arch)))
+
+        def layouts(state: dict[str, torch.Tensor], backbone_keys: set[str]
+                    ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
+            yield from self.checkpoint_layouts(state, backbone_keys)
+            if not renamings:
+                return
+            from transformers.core_model_loading import apply_renamings
+
+            renamed = {apply_renamings(k, renamings): v for k, v in state.items()}
+            if renamed != state:  # the backbone's part (the head, beside it, is the caller's)
+                yield ({k: v for k, v in renamed.items() if k in backbone_keys},
+                       "its keys as transformers renames them on loading")
+                for part, note in self.checkpoint_layouts(renamed, backbone_keys):
+                    yield part, f"{note}, its keys as transformers renames them on loading"
+
+        return layouts
+
     def checkpoint_layouts(self, state: dict[str, torch.Tensor], backbone_keys: set[str]
                            ) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
         """A whole CLIP / SigLIP / BLIP-2 file (text tower, language model): the image side this tower uses, saved
@@ -251,6 +436,33 @@ class TransformersLibrary(BackboneLibrary):
                                                 "trained (pooled: the model's pooler_output)",)
             yield Candidate({"library": "transformers", "arch": str(path), "features": features},
                             f"{family}, features {features}", image, note)
+
+
+@functools.lru_cache(maxsize=16)
+def _renamings(config_file: str) -> list:
+    """transformers' own key renamings for the model a config describes (what `from_pretrained` applies to older
+    names), read from the model built on the meta device; none when it has none or cannot be built."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        config = read_config(config_file)
+        model_type = config.model_type
+        with torch.device("meta"):
+            if model_type in CAPTIONERS:
+                import transformers
+
+                model = getattr(transformers, CAPTIONERS[model_type])(config)
+            elif model_type == "blip-2":
+                model = Blip2QueryTower(config)
+            else:
+                model = TransformersLibrary._model(config, "pooled")
+        found = []
+        for module in ([model] if not isinstance(model, Blip2QueryTower) else [model.vision_model, model.qformer]):
+            found += [c for c in get_model_conversion_mapping(module, add_legacy=True) if isinstance(c, WeightRenaming)]
+        return found
+    except Exception:  # noqa: BLE001 - no renamings: the file is read by the other layouts
+        return []
 
 
 HF_KEYS = ("embeddings.patch_embedding.weight", "embeddings.patch_embeddings.projection.weight", "query_tokens",

@@ -1,0 +1,155 @@
+"""The caption kind: an image captioner whose text is embedded by all-MiniLM-L6-v2, the third path of this
+competition (the 7th place's GIT, the 4th place's CoCa captions, the public BLIP notebooks).
+
+The captioner is its library's (`library: transformers`, `features: caption`: BLIP, GIT, VisionEncoderDecoder;
+decoding in its `backbone: {generate: ..., prompt: ...}` options), and hands its captions
+on as UTF-8 bytes; this kind's head decodes them and embeds them with the MiniLM folder the entry names (checked by
+sha256). The texts of the last batch stay on the head (`CaptionHead.texts`). An empty caption is no prompt: its row
+is left non-finite, so the run writes the fallback for it and lists it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..core.fileio import sha256_file
+from ..core.registry import register_kind
+from ..core.validate import resolve_file
+from ..manifest.fields import entry_dict, entry_field, entry_keys
+from ..manifest.parse import ParseContext, parse_network
+from ..manifest.schema import NetworkSpec, TowerKind
+
+TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a sentence-transformers folder's weights file
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """A caption tower's `caption:` section: the text model that embeds its captions."""
+
+    text_model: Path = entry_field(path=True)  # a local sentence-transformers folder of all-MiniLM-L6-v2
+    text_model_sha256: str | None = None  # of the folder's weights file (model.safetensors)
+
+    @property
+    def weights_file(self) -> Path:
+        """The text model's weights file, which `text_model_sha256` checks and the cache key names."""
+        return next((self.text_model / n for n in TEXT_WEIGHTS if (self.text_model / n).is_file()),
+                    self.text_model / TEXT_WEIGHTS[0])
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        return entry_dict(self, out_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionSpec(NetworkSpec):
+    """A captioner whose captions, embedded by MiniLM, are the tower's output: no head of its own."""
+
+    kind: ClassVar[str] = "caption"
+    caption: CaptionOptions = entry_field(section=CaptionOptions)
+
+    @property
+    def head_name(self) -> str:
+        return "caption -> all-MiniLM-L6-v2"
+
+    def _describe_output(self) -> str:
+        generate = dict((self.backbone or {}).get("generate") or {})
+        return f"captions ({', '.join(f'{k} {v}' for k, v in generate.items()) or 'greedy'}) -> MiniLM"
+
+
+class CaptionHead(torch.nn.Module):
+    """Captions (UTF-8 bytes, one row each) -> their all-MiniLM-L6-v2 embeddings (B, 384), unit float32; an empty
+    caption's row NaN (the run's fallback, listed). No parameters: the text model is held outside the tower's keys."""
+
+    def __init__(self, options: CaptionOptions, embedding_dim: int):
+        super().__init__()
+        self.options, self.embedding_dim = options, embedding_dim
+        self.texts: list[str] = []  # the last batch's captions
+
+    def forward(self, captions: torch.Tensor) -> torch.Tensor:
+        if captions.is_meta:
+            return torch.empty(len(captions), self.embedding_dim, device="meta")
+        from ..models.text import embed_prompts
+
+        rows = captions.to("cpu", torch.uint8).numpy()
+        self.texts = [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore").strip() for row in rows]
+        out = torch.full((len(rows), self.embedding_dim), float("nan"))
+        kept = [i for i, text in enumerate(self.texts) if text]
+        if kept:
+            device = str(captions.device) if captions.device.type == "cuda" else None
+            vectors = embed_prompts([self.texts[i] for i in kept], self.options.text_model, device=device)
+            out[kept] = torch.from_numpy(vectors)
+        return out.to(captions.device)
+
+
+class CaptionKind(TowerKind):
+    """A captioner's text, embedded by all-MiniLM-L6-v2."""
+
+    name = "caption"
+    spec = CaptionSpec
+    reported_keys = frozenset({"head"})
+    backbone_features = "caption"
+
+    def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> CaptionSpec | None:
+        raw = {"features": "caption", **raw}  # a captioner's features are its captions
+        if raw["features"] != "caption":
+            ctx.problems.add(f"{label}.features", "a caption tower's backbone gives captions: leave features out")
+        return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    @staticmethod
+    def _parse_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:
+        if "head" in raw:
+            ctx.problems.add(f"{label}.head", "a caption tower has no head: its captions are embedded by MiniLM")
+        section = raw.get("caption")
+        where = f"{label}.caption"
+        if not isinstance(section, Mapping):
+            ctx.problems.add(where, "is required: {text_model: FOLDER} (a local sentence-transformers folder of "
+                                    "all-MiniLM-L6-v2; on Kaggle an attached dataset)")
+            return {"caption": None}
+        ctx.problems.unknown_keys(section, entry_keys(CaptionOptions), where)
+        folder = section.get("text_model")
+        path = None
+        if isinstance(folder, str) and ctx.check_files:
+            found = resolve_file(f"{folder}/modules.json", ctx.base_dir, f"{where}.text_model", ctx.problems,
+                                 "sentence-transformers folder (its modules.json)")
+            path = found.parent if found else None
+        elif isinstance(folder, str):
+            path = Path(folder)
+        else:
+            ctx.problems.add(f"{where}.text_model", "is required: the all-MiniLM-L6-v2 folder")
+        digest = section.get("text_model_sha256")
+        if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+            ctx.problems.add(f"{where}.text_model_sha256", "must be 64 hex digits (`sha256sum model.safetensors`)")
+            digest = None
+        return {"caption": CaptionOptions(text_model=path, text_model_sha256=digest) if path else None}
+
+    def build_head(self, spec: CaptionSpec, in_dim: int, embedding_dim: int) -> CaptionHead:
+        return CaptionHead(spec.caption, embedding_dim)
+
+    def deep_problems(self, spec: CaptionSpec, label: str) -> list[str]:
+        """The text model's weights file against its sha256, before any weight loads."""
+        options = spec.caption
+        if not options.text_model_sha256:
+            return []
+        weights = options.weights_file
+        if not weights.is_file():
+            return [f"{label}.caption.text_model: {options.text_model} holds no {' or '.join(TEXT_WEIGHTS)}"]
+        actual = sha256_file(weights)
+        if actual.lower() != options.text_model_sha256.lower():
+            return [f"{label}.caption.text_model_sha256: {weights} has sha256 {actual}, the manifest says "
+                    f"{options.text_model_sha256}; the folder is not the all-MiniLM-L6-v2 the manifest means"]
+        return []
+
+    def cache_identity(self, spec: CaptionSpec, entry: dict) -> dict:
+        """The captions' embedding depends on the text model: its weights file by size and modification time."""
+        weights = spec.caption.weights_file
+        stat = weights.stat() if weights.is_file() else None
+        entry = {k: v for k, v in entry.items() if k != "caption"}
+        return {**entry, "text_model": [weights.name, stat.st_size, stat.st_mtime_ns] if stat else None}
+
+
+CAPTION = register_kind(CaptionKind())

