@@ -91,6 +91,9 @@ def _parser_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", default="submission.csv", help="output CSV (default: %(default)s)")
     predict.add_argument("--cache-dir", type=Path, default=None,
                          help="store every tower x view output here; a killed run resumes where it stopped")
+    predict.add_argument("--captions-out", type=Path, default=None, metavar="CSV",
+                         help="also write each caption tower's caption of each image and view "
+                              "(imgId,tower,view,caption)")
     predict.add_argument("--share", type=_share, default=None, metavar="R/W",
                          help="several machines sharing --cache-dir: encode only this machine's chunks (R of W) "
                          "and write no CSV; a last `predict` without --share writes it")
@@ -109,7 +112,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"kaggle_i2p: part {args.share[0]} of {args.share[1]}: {images} images encoded into {args.cache_dir}; "
               "when every part is done, `predict` on the same --cache-dir without --share writes the CSV")
         return 0
-    predict_dir(args.image_dir, args.manifest, args.out, _run_options(args), return_frame=False)
+    predict_dir(args.image_dir, args.manifest, args.out, _run_options(args), return_frame=False,
+                captions_out=args.captions_out)
     return 0
 
 

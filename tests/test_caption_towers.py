@@ -147,3 +147,54 @@ def test_the_text_models_sha256_is_checked_and_keys_the_cache(tmp_path):
     spec = load_manifest(path).towers[0]
     key = PredictionCache(tmp_path / "c").tower_key(spec, "fp32", 384, 4)
     assert "text_model" in str(spec.to_dict()) and key.startswith("blip-")
+
+
+def test_captions_out_and_an_interrupted_run_resumed_from_the_cache(tmp_path, sample_dir, monkeypatch, capsys):
+    """`predict --captions-out` writes each image's caption per view; a run stopped after two batches resumes from
+    the cache (captions included) to the bytes of an uninterrupted one, computing only the batches it lacked."""
+    from kaggle_i2p.inference.runner import TowerRunner
+
+    path = _manifest(tmp_path, "git", resolutions=(64,), backbone={"generate": {"max_new_tokens": 5}},
+                     image={"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                            "resolutions": [64], "hflip": True})
+    args = ["predict", str(sample_dir / "images"), "--manifest", str(path), "--device", "cpu", "--workers", "0",
+            "--batch-size", "2", "--quiet"]
+    plain, captions = tmp_path / "plain.csv", tmp_path / "captions.csv"
+    assert main([*args, "--out", str(plain), "--captions-out", str(captions)]) == 0
+    table = __import__("pandas").read_csv(captions)
+    assert list(table.columns) == ["imgId", "tower", "view", "caption"] and len(table) == 7 * 2
+    assert set(table["view"]) == {"r64", "r64_flip"} and table["caption"].str.len().min() > 0
+    spec = load_manifest(path).towers[0]
+    ids = sorted(p.stem for p in (sample_dir / "images").iterdir())
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in ids]
+    own = _own_captions(tmp_path, "git", pixels, spec, {"max_new_tokens": 5})
+    assert table[table["view"] == "r64"]["caption"].tolist() == own[0]
+
+    real, calls, stop = TowerRunner.compute_views, [], [True]
+
+    def stop_at_the_third_batch(self, pixels, views):
+        calls.append(len(pixels))
+        if len(calls) == 3 and stop[0]:
+            raise KeyboardInterrupt
+        return real(self, pixels, views)
+
+    monkeypatch.setattr(TowerRunner, "compute_views", stop_at_the_third_batch)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        kaggle_i2p.predict_dir(sample_dir / "images", path, out_csv=tmp_path / "x.csv", cache_dir=cache,
+                               device="cpu", num_workers=0, batch_size=2, progress=False, cache_chunk_size=2)
+    calls.clear()
+    stop[0] = False
+    resumed, resumed_captions = tmp_path / "resumed.csv", tmp_path / "resumed_captions.csv"
+    kaggle_i2p.predict_dir(sample_dir / "images", path, out_csv=resumed, cache_dir=cache, device="cpu",
+                           num_workers=0, batch_size=2, progress=False, cache_chunk_size=2,
+                           captions_out=resumed_captions)
+    assert resumed.read_bytes() == plain.read_bytes() and resumed_captions.read_bytes() == captions.read_bytes()
+    assert len(calls) == 2  # 4 batches in all: the 2 stored before the stop came from the cache
+
+
+def test_captions_out_without_a_caption_tower_is_refused_before_any_compute(tmp_path, sample_dir, capsys,
+                                                                             toy_manifest):
+    assert main(["predict", str(sample_dir / "images"), "--manifest", str(toy_manifest), "--device", "cpu",
+                 "--out", str(tmp_path / "s.csv"), "--captions-out", str(tmp_path / "c.csv"), "--quiet"]) == 2
+    assert "no caption tower" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()

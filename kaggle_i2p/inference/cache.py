@@ -52,10 +52,11 @@ def _digest(payload: object, length: int = 24) -> str:
 
 
 class Shard:
-    """One chunk's outputs of one tower x view: (n, D) float32, rows done, and per-row decode errors."""
+    """One chunk's outputs of one tower x view: (n, D) float32, rows done, per-row decode errors, and for a tower
+    that makes texts (a caption tower) its text per row."""
 
-    def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str]):
-        self.outputs, self.done, self.errors = outputs, done, errors
+    def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str], texts: list[str] | None = None):
+        self.outputs, self.done, self.errors, self.texts = outputs, done, errors, texts
 
 
 class PredictionCache:
@@ -148,18 +149,21 @@ class PredictionCache:
                     return None
                 outputs = data["outputs"].astype(np.float32, copy=False)
                 done, errors = data["done"].astype(bool), data["errors"].tolist()
-            if outputs.shape[0] != len(image_keys) or done.shape != (len(image_keys),) or len(errors) != len(done):
+                texts = data["texts"].tolist() if "texts" in data.files else None
+            if outputs.shape[0] != len(image_keys) or done.shape != (len(image_keys),) or len(errors) != len(done) \
+                    or (texts is not None and len(texts) != len(done)):
                 raise ValueError("its arrays disagree in length")
-            return Shard(outputs, done, errors)
+            return Shard(outputs, done, errors, texts)
         except Exception as err:  # noqa: BLE001 - a damaged shard (truncated, flipped, emptied) is recomputed
             log.warning("cache: %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
             return None
 
     def save(self, tower_key: str, view: str, image_keys: list[str], shard: Shard) -> None:
         """Store a chunk's shard atomically; a write failure switches the cache off with one warning."""
+        texts = {} if shard.texts is None else {"texts": np.array(shard.texts, dtype=str)}
         self._write(self.shard_path(tower_key, view, image_keys), "wb", lambda handle: np.savez(
             handle, keys=np.array(image_keys), outputs=np.asarray(shard.outputs, dtype=np.float32),
-            done=np.asarray(shard.done, dtype=bool), errors=np.array(shard.errors, dtype=str)))
+            done=np.asarray(shard.done, dtype=bool), errors=np.array(shard.errors, dtype=str), **texts))
 
     def _write(self, path: Path, mode: str, write) -> None:
         if not self.writable:

@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..core.blocks import blocks
 from ..core.ensemble import combine_towers, combine_views, unusable_rows
 from ..core.errors import OptionError, OutputError
-from ..core.fileio import probe_folder
+from ..core.fileio import check_writable_file, probe_folder
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
 from ..models.towers import checkpoint_fit, load_tower, validate_manifest
@@ -41,7 +41,7 @@ from .images import DecodedBatch, ImageListing, image_loader, list_images
 from .options import RunOptions
 from .parallel import device_shares, run_on_devices
 from .runner import TowerRunner
-from .submission import check_output_path, submission_frame, write_submission
+from .submission import check_output_path, submission_frame, write_captions, write_submission
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -99,6 +99,7 @@ class PredictionRun:
     tower_embeddings: dict[str, np.ndarray]  # each tower's TTA result, (N, D) unit rows
     view_outputs: dict[str, dict[str, np.ndarray]]  # tower -> view name -> raw (N, D) forward outputs
     summary: RunSummary
+    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # caption tower -> view -> text per image
 
 
 @dataclass
@@ -220,6 +221,8 @@ class RunOutputs:
         self.done = {s.name: {v: np.zeros(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
         self.errors: dict[int, str] = {}
         self.notes: dict[int, str] = {}
+        self.texts = {s.name: {v: [""] * n for v in self.views[s.name]} for s in setup.with_network
+                      if kind_of(s).makes_texts}  # a caption tower's caption per image and view
 
     def read_cache(self) -> int:
         """Step 2: take every stored shard (complete or partial); returns how many images need no compute."""
@@ -233,8 +236,12 @@ class RunOutputs:
                     shard = setup.cache.load(setup.tower_keys[spec.name], view, keys)
                     if shard is None:
                         continue
+                    if spec.name in self.texts and shard.texts is None:
+                        continue  # stored before texts were kept: computed again, texts and all
                     self.values[spec.name][view][chunk.start:chunk.stop] = shard.outputs
                     self.done[spec.name][view][chunk.start:chunk.stop] = shard.done
+                    if shard.texts is not None and spec.name in self.texts:
+                        self.texts[spec.name][view][chunk.start:chunk.stop] = shard.texts
                     self.errors.update({chunk.start + i: e for i, e in enumerate(shard.errors) if e})
         every = np.ones(setup.n_images, dtype=bool)
         for spec in setup.with_network:
@@ -268,10 +275,14 @@ class RunOutputs:
                 self.notes[index] = note
                 log.warning("%s: %s", paths[index], note)
 
-    def store(self, planned: PlannedBatch, name: str, view: str, indices: list[int], out: np.ndarray) -> None:
-        """One tower x view's outputs of a batch; every row of the batch is done (unreadable ones stay NaN)."""
+    def store(self, planned: PlannedBatch, name: str, view: str, indices: list[int], out: np.ndarray,
+              texts: list[str] | None = None) -> None:
+        """One tower x view's outputs of a batch (and its texts, for a tower that makes them); every row of the
+        batch is done (unreadable ones stay NaN, their text empty)."""
         if len(indices):
             self.values[name][view][indices] = out
+            for index, text in zip(indices, texts or (), strict=False):
+                self.texts[name][view][index] = text
         self.done[name][view][planned.rows] = True
 
     def flush(self, planned: PlannedBatch) -> None:
@@ -284,8 +295,9 @@ class RunOutputs:
         errors = [self.errors.get(i, "") for i in chunk]
         for name, views in planned.missing.items():
             for view in views:
+                texts = self.texts[name][view][chunk.start:chunk.stop] if name in self.texts else None
                 shard = Shard(self.values[name][view][chunk.start:chunk.stop],
-                              self.done[name][view][chunk.start:chunk.stop], errors)
+                              self.done[name][view][chunk.start:chunk.stop], errors, texts)
                 setup.cache.save(setup.tower_keys[name], view, keys, shard)
 
 
@@ -399,7 +411,7 @@ def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cac
                     view_names = planned.missing.get(name, [])
                     computed = runner.compute_views(pixels, view_names) if pixels is not None and view_names else {}
                     for view in view_names:
-                        outputs.store(planned, name, view, batch.indices, computed.get(view))
+                        outputs.store(planned, name, view, batch.indices, computed.get(view), runner.texts.get(view))
                 outputs.flush(planned)
                 bar.update(len(planned.rows))
     finally:
@@ -541,7 +553,8 @@ def execute(setup: RunSetup, progress: bool = True) -> PredictionRun:
         if setup.temporary_cache:
             shutil.rmtree(setup.cache.root, ignore_errors=True)
     summary = summarize(setup, encoded, failed, time.perf_counter() - started)
-    return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary)
+    return PredictionRun(list(setup.listing.ids), embeddings, tower_embeddings, outputs.values, summary,
+                         outputs.texts)
 
 
 def run_prediction(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
@@ -568,23 +581,32 @@ def predict_embeddings(image_dir: str | Path, manifest: str | Path | Manifest = 
 
 def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT_MANIFEST,
                 out_csv: str | Path | None = "submission.csv", options: RunOptions | None = None, *,
-                return_frame: bool = True, **values: Any) -> pd.DataFrame | None:
+                return_frame: bool = True, captions_out: str | Path | None = None,
+                **values: Any) -> pd.DataFrame | None:
     """Predict a folder of images and write the Kaggle submission CSV; returns the submission as a DataFrame
     (`return_frame=False`: None, sparing the 6.1M-row frame of a 16k-image run). `options` as for `run_prediction`.
 
     The output path is checked (a file path, a writable folder, room for the CSV) before any weights load. With
     `cache_dir`, every tower x view output is stored as it is made: a killed run resumes where it stopped.
+    `captions_out`: also write what each caption tower read in each image (`imgId,tower,view,caption`).
     """
     options = RunOptions.of(options, **values)
     progress = options.progress
     setup = prepare_run(image_dir, manifest, options)
     if out_csv is not None:
         check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)
+    if captions_out is not None:
+        if not any(kind_of(s).makes_texts for s in setup.with_network):
+            raise OptionError(f"--captions-out {captions_out}: the manifest has no caption tower to read captions "
+                              "from (kind: caption); leave it out")
+        check_writable_file(captions_out)
     run = execute(setup, progress)
-    ids, embeddings, summary = run.ids, run.embeddings, run.summary
+    ids, embeddings, summary, texts = run.ids, run.embeddings, run.summary, run.texts
     del run  # per-view outputs are not needed past this point; free them before the CSV and the DataFrame
     if out_csv is not None:
         write_submission(ids, embeddings, out_csv)
+    if captions_out is not None:
+        write_captions(ids, texts, captions_out)
     if progress:
         print(summary, flush=True)
         if out_csv is not None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..manifest import NetworkSpec
+from ..manifest import NetworkSpec, kind_of
 from ..models.towers import Tower, hold_in_fp16
 from .images import make_view
 
@@ -52,6 +52,8 @@ class TowerRunner:
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
         self.nonfinite_recomputes = 0
         self.oom_halvings = 0
+        self.kind = kind_of(self.spec)
+        self.texts: dict[str, list[str]] = {}  # a text-making tower's texts of the last `compute_views`, per view
 
     def _tower_for(self, level: str) -> Tower:
         if level == "fp32" and self.precision == "fp16-weights":
@@ -127,11 +129,15 @@ class TowerRunner:
         `FALLBACKS` (fp16 weights -> fp16 autocast -> fp32), each step counted."""
         levels = FALLBACKS[self.precision]
         for level, lower in zip(levels, levels[1:], strict=False):
+            if self.kind.makes_texts:
+                self._take_texts()  # a batch computed again makes its texts again
             out = self._forward_chunked(images, level)
             if torch.isfinite(out).all():
                 return out
             self.nonfinite_recomputes += 1
             log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
+        if self.kind.makes_texts:
+            self._take_texts()
         return self._forward_chunked(images, levels[-1])
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
@@ -148,6 +154,16 @@ class TowerRunner:
                                                                    norm=view.norm)}
             images = resized[(view.resolution, view.norm)]
             outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
+            if self.kind.makes_texts:
+                self.texts[view.name] = self._take_texts()
         return outputs
+
+    def _take_texts(self) -> list[str]:
+        """The texts of the last attempt of a view (an earlier attempt's, at another precision, forgotten)."""
+        texts = []
+        for tower in (self.tower, self._fp32_tower):
+            if tower is not None:
+                texts = self.kind.take_texts(tower) or texts
+        return texts
 
 

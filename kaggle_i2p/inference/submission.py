@@ -7,7 +7,7 @@ sample_submission.csv is), so reading the file back gives exactly the predicted 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,3 +121,18 @@ def check_format(submission_csv: str | Path, sample_csv: str | Path) -> FormatCh
         if not np.isfinite(values).all():
             problems.append(f"{int((~np.isfinite(values)).sum())} value(s) are empty, NaN or inf")
     return FormatCheck(ok=not problems, problems=problems)
+
+
+def write_captions(ids: Sequence[str], texts: Mapping[str, Mapping[str, Sequence[str]]], out_csv: str | Path) -> Path:
+    """What each caption tower read in each image: `imgId,tower,view,caption`, one row per image, tower and view,
+    in submission order; written whole or not at all."""
+    import pandas as pd
+
+    rows = [(image_id, tower, view, captions[i]) for tower, views in texts.items()
+            for view, captions in views.items() for i, image_id in enumerate(ids)]
+    rows.sort(key=lambda row: row[0])  # ids first (stable: towers, then views, in manifest order)
+    frame = pd.DataFrame(rows, columns=["imgId", "tower", "view", "caption"])
+    with atomic_open(Path(out_csv), "w", encoding="utf-8", newline="\n") as handle:
+        frame.to_csv(handle, index=False)
+    return Path(out_csv)
+

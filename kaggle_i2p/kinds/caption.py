@@ -68,7 +68,7 @@ class CaptionHead(torch.nn.Module):
     def __init__(self, options: CaptionOptions, embedding_dim: int):
         super().__init__()
         self.options, self.embedding_dim = options, embedding_dim
-        self.texts: list[str] = []  # the last batch's captions
+        self.texts: list[str] = []  # the captions of the forwards since `CaptionKind.take_texts` last took them
 
     def forward(self, captions: torch.Tensor) -> torch.Tensor:
         if captions.is_meta:
@@ -76,12 +76,13 @@ class CaptionHead(torch.nn.Module):
         from ..models.text import embed_prompts
 
         rows = captions.to("cpu", torch.uint8).numpy()
-        self.texts = [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore").strip() for row in rows]
+        texts = [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore").strip() for row in rows]
+        self.texts += texts
         out = torch.full((len(rows), self.embedding_dim), float("nan"))
-        kept = [i for i, text in enumerate(self.texts) if text]
+        kept = [i for i, text in enumerate(texts) if text]
         if kept:
             device = str(captions.device) if captions.device.type == "cuda" else None
-            vectors = embed_prompts([self.texts[i] for i in kept], self.options.text_model, device=device)
+            vectors = embed_prompts([texts[i] for i in kept], self.options.text_model, device=device)
             out[kept] = torch.from_numpy(vectors)
         return out.to(captions.device)
 
@@ -93,6 +94,11 @@ class CaptionKind(TowerKind):
     spec = CaptionSpec
     reported_keys = frozenset({"head"})
     backbone_features = "caption"
+    makes_texts = True
+
+    def take_texts(self, tower: torch.nn.Module) -> list[str]:
+        texts, tower.head.texts = tower.head.texts, []
+        return texts
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> CaptionSpec | None:
         raw = {"features": "caption", **raw}  # a captioner's features are its captions

@@ -280,6 +280,12 @@ class TowerKind:
         """Whether this tower's forward outputs become embeddings only after every image is encoded."""
         return False
 
+    makes_texts: ClassVar[bool] = False  # its forward also makes a text per image (a caption tower's captions)
+
+    def take_texts(self, tower: nn.Module) -> list[str]:
+        """The texts the tower's forwards made since the last call, one per image, in order; then forgotten."""
+        return []
+
     def after_encoding(self, spec: NetworkSpec, outputs: np.ndarray, device: str | torch.device,
                        progress: bool) -> np.ndarray:
         """The step after encoding: (rows, forward_dim) outputs of every image and view (finite rows only) to
