@@ -380,9 +380,50 @@ def _tiny_caption(folder: Path, out_dim: int, embedding_dim: int) -> dict:
             "caption": {"text_model": str(default_model_path())}}
 
 
+TINY_PHRASES = {"medium": ["an oil painting", "a photograph", "a watercolor", "a 3d render", "a sketch"],
+                "artist": ["greg rutkowski", "alphonse mucha", "studio ghibli", "monet", "artgerm"],
+                "flavor": ["trending on artstation", "highly detailed", "cinematic lighting", "4k", "dramatic"]}
+
+
+def write_tiny_interrogator(folder: str | Path, seed: int = 0) -> dict:
+    """A tiny whole open_clip CLIP file (its visual tower is the image tower, its text tower scores candidates),
+    phrase banks built from it by build-bank (keys clip), and the real MiniLM: an interrogator's entry keys."""
+    import open_clip
+
+    from .bank.build import build_bank
+    from .models.text import default_model_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "tiny_clip.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(**{k: v for k, v in TINY_OPEN_CLIP_CONFIG.items() if k != "quick_gelu"})
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "tiny_clip.safetensors"))
+    for slot, phrases in TINY_PHRASES.items():
+        (folder / f"{slot}.txt").write_text("\n".join(phrases) + "\n", encoding="utf-8")
+        build_bank(folder / f"{slot}.txt", folder / "phrases" / slot, keys="clip", clip_arch=str(config),
+                   clip_checkpoint=folder / "tiny_clip.safetensors", device="cpu", dtype="float32")
+    return {"kind": "interrogator", "library": "open_clip", "arch": config.name,
+            "checkpoint": "tiny_clip.safetensors",
+            "interrogator": {"phrase_banks": "phrases", "templates": ["{medium} by {artist}, {flavor}",
+                                                                      "{medium}, {flavor}"],
+                             "clip_arch": config.name, "clip_checkpoint": "tiny_clip.safetensors",
+                             "text_model": str(default_model_path()), "top": 3}}
+
+
+def _tiny_interrogator(folder: Path, out_dim: int, embedding_dim: int) -> dict:
+    entry = write_tiny_interrogator(folder)
+    del entry["checkpoint"]  # the image tower's own file, tiny.safetensors; the whole CLIP file scores texts
+    return entry
+
+
+_tiny_caption.library = "transformers"  # each names the one library its tiny example runs with
+_tiny_interrogator.library = "open_clip"
+
 # network kind -> a function writing what its section needs and returning the entry's kind-specific keys
 TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval,
-                                           "caption": _tiny_caption}
+                                           "caption": _tiny_caption, "interrogator": _tiny_interrogator}
 
 
 def _tiny_prior(folder: Path, embedding_dim: int) -> dict:

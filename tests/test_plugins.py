@@ -169,4 +169,4 @@ def test_an_installed_plugin_is_found_through_its_entry_points(tmp_path, sample_
                              "print(json.dumps([LIBRARIES.names(), KINDS.names()]))"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert json.loads(listed.stdout) == [["timm", "open_clip", "transformers", "export", "torchscript", "meanrgb"],
-                                         ["regressor", "retrieval", "prior", "caption", "anchored"]]
+                                         ["regressor", "retrieval", "prior", "caption", "interrogator", "anchored"]]

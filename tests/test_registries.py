@@ -22,8 +22,8 @@ from kaggle_i2p.testing import TINY_ARCHS, TINY_CONSTANT_ENTRIES, TINY_NETWORK_E
 LIBRARY_NAMES = LIBRARIES.names()
 KIND_NAMES = KINDS.names()
 NETWORK_KINDS = tuple(k for k in KIND_NAMES if k not in TINY_CONSTANT_ENTRIES)
-PAIRS = [(lib, kind) for lib in LIBRARY_NAMES for kind in NETWORK_KINDS  # a kind needing features its libraries'
-         if KINDS.get(kind).backbone_features in (None, *LIBRARIES.get(lib).feature_choices)] + [
+PAIRS = [(lib, kind) for lib in LIBRARY_NAMES for kind in NETWORK_KINDS  # a kind's tiny example may name its library
+         if getattr(TINY_NETWORK_ENTRIES.get(kind), "library", lib) == lib] + [
     (LIBRARY_NAMES[0], kind) for kind in TINY_CONSTANT_ENTRIES]
 
 

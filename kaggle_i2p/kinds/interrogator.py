@@ -1,0 +1,249 @@
+"""The interrogator kind: the CLIP-interrogator composition (the public notebook at 0.458, and the 4th place's
+templates x the top phrases of each component bank). The tower's CLIP image embedding scores the phrases of each
+bank (mediums, artists, flavors, movements, ...: `build-bank --keys clip`), templates join the top phrases of every
+bank into candidate prompts, the CLIP text tower scores the candidates against the image, and the best candidate (or
+the mean of the top ones) is embedded by all-MiniLM-L6-v2.
+
+1. Forward passes give unit CLIP image embeddings (cached per image and view, as a retrieval tower's queries).
+2. After encoding, `interrogate` runs once over every query of the run: per bank the `top` phrases by cosine; per
+   template and rank r < `top`, the template filled with each bank's r-th phrase; each distinct candidate text
+   through the CLIP text tower once; the candidates ranked by cosine to the image; the best (`pick: best`) or the
+   `mean_of` best (`pick: mean`, the mean of their MiniLM vectors) as the tower's embedding.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args
+
+import numpy as np
+import torch
+
+from ..bank.folder import Bank, BankError
+from ..core.registry import register_kind
+from ..core.validate import expand_path, is_int, resolve_file
+from ..manifest.fields import entry_dict, entry_field, entry_keys
+from ..manifest.parse import ParseContext, parse_network
+from ..manifest.schema import DEFAULT_EMBEDDING_DIM, NetworkSpec, TowerKind
+
+Pick = Literal["best", "mean"]
+PICKS: tuple[str, ...] = get_args(Pick)
+CLIP_TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class InterrogatorOptions:
+    """An interrogator tower's `interrogator:` section."""
+
+    phrase_banks: Path = entry_field(path=True)  # a folder of banks, one per slot: medium/, artist/, flavor/, ...
+    templates: tuple[str, ...]  # e.g. "{medium} by {artist}, {flavor}": slots are the banks' folder names
+    clip_arch: str  # the open_clip model (name, or a model-config .json) of the CLIP text tower
+    clip_checkpoint: Path = entry_field(path=True)  # its whole CLIP checkpoint, as build-bank --keys clip read it
+    text_model: Path = entry_field(path=True)  # the all-MiniLM-L6-v2 folder
+    top: int = entry_field(8, sparse=True)  # phrases per bank, and candidates per template
+    pick: Pick = entry_field("best", sparse=True)
+    mean_of: int = entry_field(4, sparse=True)  # pick: mean averages this many best candidates
+    key_dim: int = entry_field(0, written=False)  # the banks' CLIP width, read from them
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The bank names the templates use, in first-use order."""
+        found: dict[str, None] = {}
+        for template in self.templates:
+            for _, name, _, _ in string.Formatter().parse(template):
+                if name:
+                    found.setdefault(name)
+        return tuple(found)
+
+    def to_dict(self, out_dir: Path | None = None) -> dict:
+        return entry_dict(self, out_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterrogatorSpec(NetworkSpec):
+    """A CLIP image tower whose embedding composes a prompt from phrase banks: no head of its own."""
+
+    kind: ClassVar[str] = "interrogator"
+    interrogator: InterrogatorOptions = entry_field(section=InterrogatorOptions)
+
+    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
+        return self.interrogator.key_dim
+
+    @property
+    def head_name(self) -> str:
+        return "interrogator (no parameters)"
+
+    def _describe_output(self) -> str:
+        options = self.interrogator
+        return (f"interrogator over {', '.join(options.slots)} ({len(options.templates)} templates x top "
+                f"{options.top}, pick {options.pick})")
+
+
+class QueryHead(torch.nn.Module):
+    """The unit CLIP image embedding: the interrogation runs once per run, after every image is encoded."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def candidates(options: InterrogatorOptions, phrases: Mapping[str, list[str]]) -> list[str]:
+    """One query's candidate prompts: each template at each rank r filled with every bank's r-th phrase, in order,
+    each distinct text once."""
+    out: dict[str, None] = {}
+    for rank in range(options.top):
+        for template in options.templates:
+            filled = template.format(**{slot: phrases[slot][min(rank, len(phrases[slot]) - 1)]
+                                        for slot in options.slots})
+            out.setdefault(re.sub(r"\s+", " ", filled).strip(" ,"))
+    return list(out)
+
+
+def interrogate(options: InterrogatorOptions, queries: np.ndarray, device: str | torch.device = "cpu"
+                ) -> tuple[np.ndarray, list[str]]:
+    """Every query of the run (unit CLIP image embeddings) -> (unit MiniLM embeddings, the picked prompts)."""
+    from ..bank.build import clip_embedder
+    from ..models.text import embed_prompts
+
+    device = str(device)
+    queries = np.asarray(queries, dtype=np.float32)
+    top_phrases: dict[str, list[list[str]]] = {}
+    for slot in options.slots:
+        bank = Bank.open(options.phrase_banks / slot)
+        keys = np.asarray(bank.keys, dtype=np.float32)
+        scores = queries @ keys.T
+        k = min(options.top, len(keys))
+        rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        texts = dict(zip(np.unique(rows).tolist(), bank.texts(np.unique(rows).tolist()), strict=True))
+        top_phrases[slot] = [[texts[int(r)] for r in row] for row in rows]
+    per_query = [candidates(options, {slot: top_phrases[slot][i] for slot in options.slots})
+                 for i in range(len(queries))]
+    distinct = sorted({text for texts in per_query for text in texts})
+    clip = clip_embedder(options.clip_arch, options.clip_checkpoint, device, CLIP_TEXT_BATCH)
+    text_keys = dict(zip(distinct, clip(distinct), strict=True)) if distinct else {}
+    chosen: list[list[str]] = []
+    for query, texts in zip(queries, per_query, strict=True):
+        scores = np.array([float(text_keys[t] @ query) for t in texts])
+        order = np.argsort(-scores, kind="stable")
+        chosen.append([texts[i] for i in order[:1 if options.pick == "best" else options.mean_of]])
+    picked = sorted({t for texts in chosen for t in texts})
+    vectors = dict(zip(picked, embed_prompts(picked, options.text_model,
+                                             device=device if device.startswith("cuda") else None), strict=True))
+    out = np.stack([np.mean([vectors[t] for t in texts], axis=0) for texts in chosen]) if chosen else \
+        np.zeros((0, DEFAULT_EMBEDDING_DIM), np.float32)
+    out /= np.linalg.norm(out, axis=1, keepdims=True) if len(out) else 1
+    return out.astype(np.float32), [texts[0] for texts in chosen]
+
+
+class InterrogatorKind(TowerKind):
+    """A CLIP image embedding composing a prompt from phrase banks, embedded by MiniLM."""
+
+    name = "interrogator"
+    spec = InterrogatorSpec
+    reported_keys = frozenset({"head"})
+
+    def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> InterrogatorSpec | None:
+        return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    @staticmethod
+    def _parse_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:
+        problems, where = ctx.problems, f"{label}.interrogator"
+        if "head" in raw:
+            problems.add(f"{label}.head", "an interrogator has no head: its image embedding picks phrases")
+        section = raw.get("interrogator")
+        if not isinstance(section, Mapping):
+            problems.add(where, "is required: {phrase_banks, templates, clip_arch, clip_checkpoint, text_model}")
+            return {"interrogator": None}
+        problems.unknown_keys(section, entry_keys(InterrogatorOptions), where)
+        templates = section.get("templates")
+        if not (isinstance(templates, list) and templates and all(isinstance(t, str) and t for t in templates)):
+            problems.add(f"{where}.templates", "must be a list of texts with {slot} fields, e.g. "
+                                               "['{medium} by {artist}, {flavor}']")
+            templates = []
+        numbers = {}
+        for key, default, low in (("top", 8, 1), ("mean_of", 4, 1)):
+            value = section.get(key, default)
+            if not (is_int(value) and value >= low):
+                problems.add(f"{where}.{key}", f"{value!r} must be an integer >= {low}")
+                value = default
+            numbers[key] = int(value)
+        pick = section.get("pick", "best")
+        if pick not in PICKS:
+            problems.add(f"{where}.pick", f"{pick!r} is not one of {', '.join(PICKS)}")
+            pick = "best"
+        clip_arch = section.get("clip_arch")
+        if not (isinstance(clip_arch, str) and clip_arch):
+            problems.add(f"{where}.clip_arch", "is required: the open_clip model of the CLIP text tower (the one "
+                                               "the phrase banks were built with)")
+            clip_arch = ""
+        elif clip_arch.endswith(".json"):
+            clip_arch = str(expand_path(clip_arch, ctx.base_dir))
+        paths: dict[str, Path | None] = {}
+        for key, what in (("clip_checkpoint", "whole open_clip CLIP checkpoint"),
+                          ("text_model", "all-MiniLM-L6-v2 folder (its modules.json)")):
+            value = section.get(key)
+            target = f"{value}/modules.json" if key == "text_model" and isinstance(value, str) else value
+            found = resolve_file(target, ctx.base_dir, f"{where}.{key}", problems, what) if ctx.check_files \
+                else (expand_path(value, ctx.base_dir) if isinstance(value, str) else None)
+            paths[key] = (found.parent if key == "text_model" and ctx.check_files and found else found)
+        folder, key_dim = _parse_banks(section.get("phrase_banks"), templates, where, ctx)
+        if None in paths.values() or folder is None or not templates:
+            return {"interrogator": None}
+        return {"interrogator": InterrogatorOptions(
+            phrase_banks=folder, templates=tuple(templates), clip_arch=clip_arch, top=numbers["top"], pick=pick,
+            mean_of=numbers["mean_of"], key_dim=key_dim, **paths)}
+
+    def backbone_outputs(self, spec: InterrogatorSpec) -> int:
+        return 0
+
+    def build_head(self, spec: InterrogatorSpec, in_dim: int, embedding_dim: int) -> QueryHead:
+        if in_dim != spec.interrogator.key_dim:
+            from ..core.errors import EntryFieldError
+
+            raise EntryFieldError(f"the image tower gives {in_dim}-d embeddings and the phrase banks' CLIP keys are "
+                                  f"{spec.interrogator.key_dim}-d: use the CLIP the banks were built with",
+                                  "interrogator.phrase_banks")
+        return QueryHead()
+
+    def cache_identity(self, spec: InterrogatorSpec, entry: dict) -> dict:
+        """The queries are the image tower's alone: the banks, templates and text towers are applied after."""
+        return {**{k: v for k, v in entry.items() if k != "interrogator"}, "key_dim": spec.interrogator.key_dim}
+
+    def has_step_after_encoding(self, spec: InterrogatorSpec) -> bool:
+        return True
+
+    def after_encoding(self, spec: InterrogatorSpec, outputs: np.ndarray, device: str | torch.device,
+                       progress: bool) -> np.ndarray:
+        return interrogate(spec.interrogator, outputs, device)[0]
+
+
+def _parse_banks(raw: Any, templates: list, where: str, ctx: ParseContext) -> tuple[Path | None, int]:
+    """The phrase-bank folder: one bank with CLIP keys per slot the templates name, all of one key width."""
+    problems = ctx.problems
+    if not isinstance(raw, str):
+        problems.add(f"{where}.phrase_banks", "is required: a folder holding one bank per slot (medium/, artist/, "
+                                              "...), each from `kaggle-i2p build-bank --keys clip`")
+        return None, 0
+    folder = expand_path(raw, ctx.base_dir)
+    slots = InterrogatorOptions(folder, tuple(templates), "", folder, folder).slots if templates else ()
+    widths = set()
+    for slot in slots:
+        try:
+            bank = Bank.open(folder / slot)
+        except BankError as err:
+            problems.add(f"{where}.templates", f"slot {{{slot}}} needs the bank {folder / slot}: {err}")
+            continue
+        if bank.keys is None:
+            problems.add(f"{where}.phrase_banks", f"{folder / slot} has no keys: build it with --keys clip")
+            continue
+        widths.add(int(bank.keys.shape[1]))
+    if len(widths) > 1:
+        problems.add(f"{where}.phrase_banks", f"the banks' keys have widths {sorted(widths)}: build them all with "
+                                              "one CLIP")
+    return folder, (widths.pop() if len(widths) == 1 else 0)
+
+
+INTERROGATOR = register_kind(InterrogatorKind())

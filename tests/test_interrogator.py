@@ -1,0 +1,88 @@
+"""The interrogator kind (issue 24): a tiny whole open_clip CLIP file serves as the image tower and its text tower
+scores the candidates; phrase banks built from it by build-bank; the picked prompt is checked against a hand
+computation with open_clip's own encoders (top phrases per bank, templates x ranks, the best candidate or the mean
+of the best), embedded by the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import kaggle_i2p
+from kaggle_i2p.cli import main
+from kaggle_i2p.core.resources import PRIOR_PATH
+from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.manifest import load_manifest
+from kaggle_i2p.models.text import embed_prompts
+from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CONFIG, TINY_PHRASES, write_tiny_interrogator
+
+
+def _manifest(folder, **section):
+    entry = write_tiny_interrogator(folder)
+    entry["interrogator"].update(section)
+    (folder / "fallback.npy").write_bytes(PRIOR_PATH.read_bytes())
+    tower = {"name": "interrogator", **entry, "weight": 1.0,
+             "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                       "resolutions": [64]}}
+    path = folder / "m.yaml"
+    path.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": "fallback.npy", "towers": [tower]}))
+    return path
+
+
+def _by_hand(folder, sample_dir, ids, spec, pick: str, mean_of: int, top: int = 3) -> np.ndarray:
+    clip = open_clip.model.CLIP(**TINY_OPEN_CLIP_CONFIG).eval()
+    clip.load_state_dict(load_file(str(folder / "tiny_clip.safetensors")))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer()
+
+    def text(texts):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(clip.encode_text(tokenizer(texts)), dim=-1).numpy()
+
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in ids]
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(clip.encode_image(make_view(pixels, spec.image, 64)), dim=-1).numpy()
+    phrase_keys = {slot: text(phrases) for slot, phrases in TINY_PHRASES.items()}
+    out = []
+    for image in images:
+        best = {slot: [TINY_PHRASES[slot][i] for i in np.argsort(-(keys @ image), kind="stable")[:top]]
+                for slot, keys in phrase_keys.items()}
+        candidates = []
+        for rank in range(top):
+            for made in (f"{best['medium'][rank]} by {best['artist'][rank]}, {best['flavor'][rank]}",
+                         f"{best['medium'][rank]}, {best['flavor'][rank]}"):
+                if made not in candidates:
+                    candidates.append(made)
+        scores = text(candidates) @ image
+        chosen = [candidates[i] for i in np.argsort(-scores, kind="stable")[:1 if pick == "best" else mean_of]]
+        vector = embed_prompts(chosen).mean(axis=0)
+        out.append(vector / np.linalg.norm(vector))
+    return np.array(out)
+
+
+@pytest.mark.parametrize(("pick", "mean_of"), [("best", 4), ("mean", 3)])
+def test_the_interrogator_picks_what_the_clip_scores_say(tmp_path, sample_dir, pick, mean_of):
+    path = _manifest(tmp_path, pick=pick, mean_of=mean_of)
+    assert main(["validate-manifest", "--deep", str(path)]) == 0
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=3)
+    want = _by_hand(tmp_path, sample_dir, run.ids, load_manifest(path).towers[0], pick, mean_of)
+    np.testing.assert_allclose(run.embeddings, want, atol=2e-5)
+    assert len({tuple(np.round(row, 4)) for row in run.embeddings}) > 1  # the phrases follow the image
+
+
+@pytest.mark.parametrize(("section", "field", "message"), [
+    ({"templates": ["{medium} by {painter}"]}, "templates", "slot {painter} needs the bank"),
+    ({"templates": []}, "templates", "must be a list"),
+    ({"pick": "first"}, "pick", "not one of best, mean"),
+    ({"top": 0}, "top", "integer >= 1"),
+    ({"clip_checkpoint": "missing.pt"}, "clip_checkpoint", "file not found"),
+])
+def test_interrogator_options_that_cannot_work_are_one_message(tmp_path, capsys, section, field, message):
+    path = _manifest(tmp_path, **section)
+    assert main(["validate-manifest", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"(towers[0]).interrogator.{field}" in err and message in err and "Traceback" not in err, err
