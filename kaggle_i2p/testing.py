@@ -362,6 +362,34 @@ def write_tiny_captioner(folder: str | Path, family: str = "blip", seed: int = 0
     return folder
 
 
+TINY_COCA_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "embed_cls": True,
+                 "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+}
+
+
+def write_tiny_coca(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny open_clip CoCa (model-config .json and its whole safetensors file, as open_clip saves it), every
+    weight drawn at random so its greedy captions vary; returns (config, checkpoint)."""
+    from open_clip.coca_model import CoCa
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "tiny_coca.json"
+    config.write_text(json.dumps(TINY_COCA_CONFIG, indent=1))
+    torch.manual_seed(seed)
+    model = CoCa(**TINY_COCA_CONFIG)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny_coca.safetensors"))
+    return config, folder / "tiny_coca.safetensors"
+
+
 def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:
     return {"head": {"type": "mlp", "hidden": 16, "norm": "layernorm", "activation": "gelu"}}
 

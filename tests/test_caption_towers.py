@@ -198,3 +198,44 @@ def test_captions_out_without_a_caption_tower_is_refused_before_any_compute(tmp_
     assert main(["predict", str(sample_dir / "images"), "--manifest", str(toy_manifest), "--device", "cpu",
                  "--out", str(tmp_path / "s.csv"), "--captions-out", str(tmp_path / "c.csv"), "--quiet"]) == 2
     assert "no caption tower" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+
+
+def test_a_coca_caption_is_its_own_decoder_read_greedily(tmp_path, sample_dir):
+    """open_clip's CoCa `generate` needs a transformers class 5.x removed; the tower decodes greedily with CoCa's
+    own forward, as that generate's loop does, and must equal that loop run by hand."""
+    import open_clip
+    from open_clip.coca_model import CoCa
+    from safetensors.torch import load_file
+
+    from kaggle_i2p.testing import TINY_COCA_CONFIG, write_tiny_coca
+
+    config, checkpoint = write_tiny_coca(tmp_path)
+    (tmp_path / "fallback.npy").write_bytes(PRIOR_PATH.read_bytes())
+    tower = {"name": "coca", "kind": "caption", "library": "open_clip", "arch": config.name,
+             "checkpoint": checkpoint.name, "backbone": {"generate": {"max_new_tokens": 6}},
+             "caption": {"text_model": str(default_model_path())}, "weight": 1.0,
+             "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                       "resolutions": [64], "hflip": True}}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": "fallback.npy", "towers": [tower]}))
+    assert main(["validate-manifest", "--deep", str(path)]) == 0
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=3)
+    model = CoCa(**TINY_COCA_CONFIG).eval()
+    model.load_state_dict(load_file(str(checkpoint)))
+    spec = load_manifest(path).towers[0]
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
+    views = []
+    for view in spec.views:
+        images = make_view(pixels, spec.image, 64, view.flip)
+        text = torch.full((len(images), 1), 49406)
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model(images, text, output_labels=False)["logits"][:, -1]
+                text = torch.cat([text, logits.argmax(-1)[:, None]], dim=1)
+        captions = [open_clip.decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip()
+                    for row in text]
+        assert all(captions)
+        assert captions == run.texts["coca"][view.name]
+        views.append(embed_prompts(captions))
+    np.testing.assert_allclose(run.embeddings, combine_views(views, spec.view_weight_list()), atol=2e-5)

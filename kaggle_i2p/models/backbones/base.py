@@ -45,6 +45,20 @@ class Candidate(NamedTuple):
     notes: tuple[str, ...] = ()
 
 
+BYTES_PER_TOKEN = 32  # a caption's UTF-8 width per new token (a longer text is cut, at a character on decoding)
+
+
+def caption_bytes(texts: list[str], width: int) -> torch.Tensor:
+    """Texts as a (B, width) uint8 tensor of their UTF-8 bytes, zero-padded: how a captioner hands its captions on."""
+    import torch
+
+    out = torch.zeros(len(texts), width, dtype=torch.uint8)
+    for row, text in enumerate(texts):
+        data = text.encode("utf-8")[:width]
+        out[row, :len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out
+
+
 def key_prefix(shapes: Shapes, suffix: str) -> str | None:
     """The shortest prefix under which the file has `suffix` (`model.backbone.` for a nested stem), or None."""
     found = [k[: -len(suffix)] for k in shapes if k == suffix or k.endswith(f".{suffix}")]

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary, Candidate, Shapes, key_prefix, under_prefix
+from .base import BYTES_PER_TOKEN, Backbone, BackboneLibrary, Candidate, Shapes, caption_bytes, key_prefix, under_prefix
 
 CLIP_IMAGE = {"mean": [0.4815, 0.4578, 0.4082], "std": [0.2686, 0.2613, 0.2758], "interpolation": "bicubic"}
 
@@ -66,8 +67,29 @@ class OpenClipLibrary(BackboneLibrary):
                        "cls_token", "reg_token", "stem", "rope")
     no_weight_decay_names = ("positional_embedding", "class_embedding", "pos_embed", "cls_token")
 
-    def build(self, arch: str, native_resolution: int | None, classes: int) -> Backbone:
-        """An open_clip image tower (its embedding); ViTs get a position-embedding resampler for other sizes."""
+    feature_choices = ("embedding", "caption")
+    option_keys = {"generate": "with features: caption (a CoCa model), greedy decoding: max_new_tokens (30), "
+                               "repetition_penalty"}
+
+    def option_problems(self, features: str | None, options: Mapping | None) -> list[tuple[str, str]]:
+        problems = super().option_problems(features, options)
+        generate = (options or {}).get("generate")
+        if generate is not None and features != "caption":
+            problems.append(("backbone.generate", "only for a caption tower (a CoCa model)"))
+        for key, value in (generate.items() if isinstance(generate, Mapping) else ()):
+            if key not in COCA_GENERATE:
+                problems.append((f"backbone.generate.{key}", f"is not one of {', '.join(COCA_GENERATE)} (CoCa is "
+                                                             "decoded greedily here: open_clip's beam search needs a "
+                                                             "transformers API that 5.x removed)"))
+            elif isinstance(value, bool) or not isinstance(value, COCA_GENERATE[key]) or value <= 0 or (
+                    key == "max_new_tokens" and not isinstance(value, int)):
+                problems.append((f"backbone.generate.{key}", f"{value!r} must be a positive number"))
+        return problems
+
+    def build(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
+              options: Mapping | None = None) -> Backbone:
+        """An open_clip image tower (its embedding); ViTs get a position-embedding resampler for other sizes. With
+        `features: caption`, a whole CoCa model whose forward gives its greedy captions."""
         from open_clip.model import _build_vision_tower
         from open_clip.transformer import VisionTransformer
 
@@ -75,6 +97,8 @@ class OpenClipLibrary(BackboneLibrary):
             raise ValueError("an open_clip image tower gives embeddings, not class logits: use score: embedding "
                              "with a bank whose keys are the matching CLIP text embeddings")
         config = open_clip_config(arch)
+        if features == "caption":
+            return Backbone(_coca(config, arch, options or {}), 0)
         vision_cfg = dict(config["vision_cfg"])
         if native_resolution is not None:
             vision_cfg["image_size"] = native_resolution
@@ -144,6 +168,54 @@ class OpenClipLibrary(BackboneLibrary):
             image = {**CLIP_IMAGE, **_preprocess(config), "resolutions": [size]}
             yield Candidate(entry, f"open_clip {text} ({name}), output {config.get('embed_dim')}, {size} px"
                             + (f", under `{prefix}`" if prefix else ""), image)
+
+
+COCA_GENERATE = {"max_new_tokens": (int,), "repetition_penalty": (int, float)}
+
+
+def _coca(config: Mapping, arch: str, options: Mapping) -> nn.Module:
+    """A whole open_clip CoCa model (its keys open_clip's own), its forward giving greedy captions as UTF-8 bytes."""
+    import types
+
+    from open_clip.coca_model import CoCa
+
+    if "multimodal_cfg" not in config:
+        raise EntryFieldError(f"{arch} is not a CoCa model (no multimodal_cfg): only CoCa captions", "features")
+    model = CoCa(**{k: v for k, v in config.items() if k in ("embed_dim", "multimodal_cfg", "text_cfg",
+                                                              "vision_cfg", "quick_gelu")})
+    model._i2p_generate = {"max_new_tokens": 30, "repetition_penalty": 1.0, **dict(options.get("generate") or {})}
+    model.forward = types.MethodType(_coca_captions, model)
+    return model
+
+
+def _coca_captions(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding with CoCa's own text decoder, one token at a time from `<start_of_text>` to
+    `<end_of_text>` (open_clip's `generate` samples or calls a removed transformers API); on the meta device only
+    the image encoder runs, for its shapes."""
+    from open_clip.tokenizer import SimpleTokenizer, decode
+
+    steps, penalty = int(self._i2p_generate["max_new_tokens"]), float(self._i2p_generate["repetition_penalty"])
+    width = BYTES_PER_TOKEN * steps
+    latent, embs = self._encode_image(images)
+    if images.is_meta:
+        return torch.zeros(len(images), width, dtype=torch.uint8, device="meta")
+    tokenizer = SimpleTokenizer()
+    sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
+    text = torch.full((len(images), 1), sot, dtype=torch.long, device=images.device)
+    done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    for _ in range(steps):
+        logits = self.text_decoder(embs, self._encode_text(text)[1])[:, -1].float()
+        if penalty != 1.0:  # as transformers' repetition penalty: seen tokens' logits shrunk towards (or past) 0
+            seen = torch.gather(logits, 1, text)
+            logits.scatter_(1, text, torch.where(seen < 0, seen * penalty, seen / penalty))
+        token = torch.where(done, torch.full_like(done, eot, dtype=torch.long), logits.argmax(dim=-1))
+        text = torch.cat([text, token[:, None]], dim=1)
+        done |= token == eot
+        if bool(done.all()):
+            break
+    texts = [decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip()
+             for row in text]
+    return caption_bytes(texts, width).to(images.device)
 
 
 def _size(vision: Mapping) -> int:

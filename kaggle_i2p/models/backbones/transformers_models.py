@@ -32,7 +32,7 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary, Candidate, Shapes
+from .base import BYTES_PER_TOKEN, Backbone, BackboneLibrary, Candidate, Shapes, caption_bytes
 
 VISION_SIDE = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # whole model -> its vision config
 FOREIGN_PREFIXES = ("text_model.", "text_projection", "logit_scale", "logit_bias", "language_model.",
@@ -120,7 +120,6 @@ GENERATE_KEYS = {"max_new_tokens": int, "min_new_tokens": int, "num_beams": int,
 DEFAULT_GENERATE = {"max_new_tokens": 30, "num_beams": 1}
 
 
-BYTES_PER_TOKEN = 32  # the caption's UTF-8 width per new token (longer texts are cut at a character boundary)
 
 
 def tokenizer_for(arch: str | Path) -> Any:
@@ -141,15 +140,6 @@ def _vision_part(model: nn.Module) -> nn.Module:
         if isinstance(getattr(model, name, None), nn.Module):
             return getattr(model, name)
     return model.git.image_encoder  # GIT
-
-
-def caption_bytes(texts: list[str], width: int) -> torch.Tensor:
-    """Texts as a (B, width) uint8 tensor of their UTF-8 bytes, zero-padded: how a captioner hands its captions on."""
-    out = torch.zeros(len(texts), width, dtype=torch.uint8)
-    for row, text in enumerate(texts):
-        data = text.encode("utf-8")[:width]
-        out[row, :len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    return out
 
 
 def _caption_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any
