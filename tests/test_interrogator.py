@@ -33,7 +33,7 @@ def _manifest(folder, **section):
     return path
 
 
-def _by_hand(folder, sample_dir, ids, spec, pick: str, mean_of: int, top: int = 3) -> np.ndarray:
+def _by_hand(folder, sample_dir, ids, spec, pick: str, mean_of: int, top: int = 3, base=None) -> np.ndarray:
     clip = open_clip.model.CLIP(**TINY_OPEN_CLIP_CONFIG).eval()
     clip.load_state_dict(load_file(str(folder / "tiny_clip.safetensors")))
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
@@ -47,13 +47,15 @@ def _by_hand(folder, sample_dir, ids, spec, pick: str, mean_of: int, top: int = 
         images = torch.nn.functional.normalize(clip.encode_image(make_view(pixels, spec.image, 64)), dim=-1).numpy()
     phrase_keys = {slot: text(phrases) for slot, phrases in TINY_PHRASES.items()}
     out = []
-    for image in images:
+    templates = spec.interrogator.templates
+    for number, image in enumerate(images):
         best = {slot: [TINY_PHRASES[slot][i] for i in np.argsort(-(keys @ image), kind="stable")[:top]]
                 for slot, keys in phrase_keys.items()}
         candidates = []
         for rank in range(top):
-            for made in (f"{best['medium'][rank]} by {best['artist'][rank]}, {best['flavor'][rank]}",
-                         f"{best['medium'][rank]}, {best['flavor'][rank]}"):
+            for template in templates:
+                made = template.format(base=base[number] if base else "", medium=best["medium"][rank],
+                                       artist=best["artist"][rank], flavor=best["flavor"][rank])
                 if made not in candidates:
                     candidates.append(made)
         scores = text(candidates) @ image
@@ -74,7 +76,35 @@ def test_the_interrogator_picks_what_the_clip_scores_say(tmp_path, sample_dir, p
     assert len({tuple(np.round(row, 4)) for row in run.embeddings}) > 1  # the phrases follow the image
 
 
+def test_the_base_caption_comes_from_a_caption_tower_of_the_manifest(tmp_path, sample_dir):
+    """The CLIP interrogator's recipe: a caption, then the phrases; the caption tower's own captions fill {base}."""
+    from kaggle_i2p.models.text import default_model_path
+    from kaggle_i2p.testing import write_tiny_captioner
+
+    path = _manifest(tmp_path, base="blip", templates=["{base}, {medium}, {flavor}", "{base} by {artist}"])
+    data = yaml.safe_load(path.read_text())
+    write_tiny_captioner(tmp_path / "blip", "blip")
+    data["towers"].append({"name": "blip", "kind": "caption", "library": "transformers", "arch": "blip",
+                           "checkpoint": "blip/model.safetensors", "weight": 0.5,
+                           "backbone": {"generate": {"max_new_tokens": 4}},
+                           "caption": {"text_model": str(default_model_path())},
+                           "image": data["towers"][0]["image"]})
+    path.write_text(yaml.safe_dump(data))
+    run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                    batch_size=3)
+    base = run.texts["blip"]["r64"]
+    assert all(base)
+    want = _by_hand(tmp_path, sample_dir, run.ids, load_manifest(path).towers[0], "best", 4, base=base)
+    np.testing.assert_allclose(run.tower_embeddings["interrogator"], want, atol=2e-5)
+
+    data["towers"][1]["weight"] = 0  # a base caption from a tower that does not run: refused up front
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate-manifest", str(path)]) == 2
+
+
 @pytest.mark.parametrize(("section", "field", "message"), [
+    ({"templates": ["{base}, {medium}"]}, "templates", "{base} needs base"),
+    ({"base": "nobody"}, "base", "must name a caption tower"),
     ({"templates": ["{medium} by {painter}"]}, "templates", "slot {painter} needs the bank"),
     ({"templates": []}, "templates", "must be a list"),
     ({"pick": "first"}, "pick", "not one of best, mean"),

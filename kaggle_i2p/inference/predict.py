@@ -430,7 +430,13 @@ def after_encoding(setup: RunSetup, outputs: RunOutputs, progress: bool) -> None
         views = outputs.views[spec.name]
         stored = np.concatenate([outputs.values[spec.name][v] for v in views])
         found = np.isfinite(stored).all(axis=1)
-        embedded = kind.after_encoding(spec, stored[found], setup.device, progress)
+        source = kind.text_source(spec)
+        if source is None:
+            embedded = kind.after_encoding(spec, stored[found], setup.device, progress)
+        else:  # another tower's texts, its first view's, one per image, repeated for each of this tower's views
+            texts = outputs.texts[source][outputs.views[source][0]] * len(views)
+            embedded = kind.after_encoding(spec, stored[found], setup.device, progress,
+                                           texts=[t for t, keep in zip(texts, found, strict=True) if keep])
         rows = np.full((len(stored), dim), np.nan, dtype=np.float32)
         rows[found] = embedded
         for i, view in enumerate(views):

@@ -47,6 +47,7 @@ class InterrogatorOptions:
     top: int = entry_field(8, sparse=True)  # phrases per bank, and candidates per template
     pick: Pick = entry_field("best", sparse=True)
     mean_of: int = entry_field(4, sparse=True)  # pick: mean averages this many best candidates
+    base: str | None = None  # a caption tower of the manifest whose caption fills {base} (the CLIP interrogator's)
     key_dim: int = entry_field(0, written=False)  # the banks' CLIP width, read from them
 
     @property
@@ -55,7 +56,7 @@ class InterrogatorOptions:
         found: dict[str, None] = {}
         for template in self.templates:
             for _, name, _, _ in string.Formatter().parse(template):
-                if name:
+                if name and name != "base":
                     found.setdefault(name)
         return tuple(found)
 
@@ -90,21 +91,22 @@ class QueryHead(torch.nn.Module):
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
-def candidates(options: InterrogatorOptions, phrases: Mapping[str, list[str]]) -> list[str]:
-    """One query's candidate prompts: each template at each rank r filled with every bank's r-th phrase, in order,
-    each distinct text once."""
+def candidates(options: InterrogatorOptions, phrases: Mapping[str, list[str]], base: str = "") -> list[str]:
+    """One query's candidate prompts: each template at each rank r filled with every bank's r-th phrase (and the
+    base caption), in order, each distinct text once."""
     out: dict[str, None] = {}
     for rank in range(options.top):
         for template in options.templates:
-            filled = template.format(**{slot: phrases[slot][min(rank, len(phrases[slot]) - 1)]
-                                        for slot in options.slots})
+            filled = template.format(base=base, **{slot: phrases[slot][min(rank, len(phrases[slot]) - 1)]
+                                                   for slot in options.slots})
             out.setdefault(re.sub(r"\s+", " ", filled).strip(" ,"))
     return list(out)
 
 
-def interrogate(options: InterrogatorOptions, queries: np.ndarray, device: str | torch.device = "cpu"
-                ) -> tuple[np.ndarray, list[str]]:
-    """Every query of the run (unit CLIP image embeddings) -> (unit MiniLM embeddings, the picked prompts)."""
+def interrogate(options: InterrogatorOptions, queries: np.ndarray, device: str | torch.device = "cpu",
+                base: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every query of the run (unit CLIP image embeddings), with each one's base caption -> (unit MiniLM
+    embeddings, the picked prompts)."""
     from ..bank.build import clip_embedder
     from ..models.text import embed_prompts
 
@@ -119,8 +121,8 @@ def interrogate(options: InterrogatorOptions, queries: np.ndarray, device: str |
         rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         texts = dict(zip(np.unique(rows).tolist(), bank.texts(np.unique(rows).tolist()), strict=True))
         top_phrases[slot] = [[texts[int(r)] for r in row] for row in rows]
-    per_query = [candidates(options, {slot: top_phrases[slot][i] for slot in options.slots})
-                 for i in range(len(queries))]
+    per_query = [candidates(options, {slot: top_phrases[slot][i] for slot in options.slots},
+                            base[i] if base else "") for i in range(len(queries))]
     distinct = sorted({text for texts in per_query for text in texts})
     clip = clip_embedder(options.clip_arch, options.clip_checkpoint, device, CLIP_TEXT_BATCH)
     text_keys = dict(zip(distinct, clip(distinct), strict=True)) if distinct else {}
@@ -189,12 +191,18 @@ class InterrogatorKind(TowerKind):
             found = resolve_file(target, ctx.base_dir, f"{where}.{key}", problems, what) if ctx.check_files \
                 else (expand_path(value, ctx.base_dir) if isinstance(value, str) else None)
             paths[key] = (found.parent if key == "text_model" and ctx.check_files and found else found)
+        base = section.get("base")
+        if base is not None and not (isinstance(base, str) and base):
+            problems.add(f"{where}.base", f"{base!r} must be the name of a caption tower of this manifest")
+            base = None
+        if base is None and any("{base}" in t for t in templates):
+            problems.add(f"{where}.templates", "{base} needs base: the caption tower whose caption fills it")
         folder, key_dim = _parse_banks(section.get("phrase_banks"), templates, where, ctx)
         if None in paths.values() or folder is None or not templates:
             return {"interrogator": None}
         return {"interrogator": InterrogatorOptions(
             phrase_banks=folder, templates=tuple(templates), clip_arch=clip_arch, top=numbers["top"], pick=pick,
-            mean_of=numbers["mean_of"], key_dim=key_dim, **paths)}
+            mean_of=numbers["mean_of"], base=base, key_dim=key_dim, **paths)}
 
     def backbone_outputs(self, spec: InterrogatorSpec) -> int:
         return 0
@@ -215,9 +223,12 @@ class InterrogatorKind(TowerKind):
     def has_step_after_encoding(self, spec: InterrogatorSpec) -> bool:
         return True
 
+    def text_source(self, spec: InterrogatorSpec) -> str | None:
+        return spec.interrogator.base
+
     def after_encoding(self, spec: InterrogatorSpec, outputs: np.ndarray, device: str | torch.device,
-                       progress: bool) -> np.ndarray:
-        return interrogate(spec.interrogator, outputs, device)[0]
+                       progress: bool, texts: list[str] | None = None) -> np.ndarray:
+        return interrogate(spec.interrogator, outputs, device, texts)[0]
 
 
 def _parse_banks(raw: Any, templates: list, where: str, ctx: ParseContext) -> tuple[Path | None, int]:

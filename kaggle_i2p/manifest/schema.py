@@ -282,6 +282,11 @@ class TowerKind:
 
     makes_texts: ClassVar[bool] = False  # its forward also makes a text per image (a caption tower's captions)
 
+    def text_source(self, spec: NetworkSpec) -> str | None:
+        """The tower (by name) whose texts this tower's step after encoding reads (an interrogator's base
+        caption), or None; the manifest checks it is a text-making tower that runs."""
+        return None
+
     def take_texts(self, tower: nn.Module) -> list[str]:
         """The texts the tower's forwards made since the last call, one per image, in order; then forgotten."""
         return []
