@@ -239,3 +239,12 @@ def test_a_coca_caption_is_its_own_decoder_read_greedily(tmp_path, sample_dir):
         assert captions == run.texts["coca"][view.name]
         views.append(embed_prompts(captions))
     np.testing.assert_allclose(run.embeddings, combine_views(views, spec.view_weight_list()), atol=2e-5)
+
+
+def test_the_dry_run_checks_the_caption_towers_text_model_against_the_sample(tmp_path, sample_dir):
+    """The MiniLM folder a caption tower embeds with reproduces sample_submission.csv from prompts.csv."""
+    from kaggle_i2p.inference.dryrun import dry_run
+
+    path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    report = dry_run(sample_dir, path, device="cpu", num_workers=0, progress=False)
+    assert report.format_ok and report.embedding_check_ok and report.embedding_check_max_abs_diff < 1e-5

@@ -20,7 +20,7 @@ from ..core.ensemble import mean_cosine
 from ..core.errors import I2PError
 from ..core.fileio import check_writable_file
 from ..core.resources import DATA_DIR, KAGGLE_SAMPLE_DIR, default_manifest
-from ..manifest import Manifest, as_manifest
+from ..manifest import Manifest, NetworkSpec, as_manifest, kind_of
 from .options import RunOptions
 from .predict import RunSummary, run_prediction
 from .submission import check_format, read_submission, write_submission
@@ -145,8 +145,18 @@ def dry_run(sample_dir: str | Path | None = None, manifest: str | Path | Manifes
         per_image = {i: float(s) for i, s in zip(image_ids, per_row, strict=True)}
 
     diff, note = (None, "not requested")
-    if check_embeddings:
-        diff, note = check_target_embeddings(sample_dir, image_ids, targets, text_model_path)
+    if check_embeddings:  # the text model given (or installed), and every one the manifest's towers embed with
+        folders = list(dict.fromkeys([text_model_path, *(folder for spec in manifest.towers
+                                                         if isinstance(spec, NetworkSpec)
+                                                         for folder in kind_of(spec).text_models(spec))]))
+        for folder in folders:
+            found, why = check_target_embeddings(sample_dir, image_ids, targets, folder)
+            if found is None:
+                diff, note = None, why
+                break
+            diff = found if diff is None else max(diff, found)
+            note = "all-MiniLM-L6-v2" + (f" ({len(folders)} folders: the manifest's towers' too)"
+                                         if len(folders) > 1 else "")
     return DryRunReport(
         sample_dir=str(sample_dir), manifest=str(manifest.path), submission_csv=str(out_csv) if out_csv else "",
         n_images=len(run.ids), format_ok=fmt.ok, format_problems=fmt.problems, mean_cosine=mean,

@@ -96,6 +96,9 @@ class CaptionKind(TowerKind):
     backbone_features = "caption"
     makes_texts = True
 
+    def text_models(self, spec: CaptionSpec) -> list[Path]:
+        return [spec.caption.text_model]
+
     def take_texts(self, tower: torch.nn.Module) -> list[str]:
         texts, tower.head.texts = tower.head.texts, []
         return texts

@@ -223,6 +223,9 @@ class InterrogatorKind(TowerKind):
     def has_step_after_encoding(self, spec: InterrogatorSpec) -> bool:
         return True
 
+    def text_models(self, spec: InterrogatorSpec) -> list[Path]:
+        return [spec.interrogator.text_model]
+
     def text_source(self, spec: InterrogatorSpec) -> str | None:
         return spec.interrogator.base
 

@@ -282,6 +282,11 @@ class TowerKind:
 
     makes_texts: ClassVar[bool] = False  # its forward also makes a text per image (a caption tower's captions)
 
+    def text_models(self, spec: NetworkSpec) -> list[Path]:
+        """The all-MiniLM-L6-v2 folders this tower embeds texts with (a caption tower's), which the dry-run checks
+        against sample_submission.csv."""
+        return []
+
     def text_source(self, spec: NetworkSpec) -> str | None:
         """The tower (by name) whose texts this tower's step after encoding reads (an interrogator's base
         caption), or None; the manifest checks it is a text-making tower that runs."""
