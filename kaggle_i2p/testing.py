@@ -335,7 +335,8 @@ TINY_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "painting", "city
 
 def write_tiny_captioner(folder: str | Path, family: str = "blip", seed: int = 0) -> Path:
     """A tiny transformers captioner as `save_pretrained` leaves it (config.json, model.safetensors, and the
-    processor's tokenizer beside them), random weights: blip, git or vision-encoder-decoder (ViT + BERT)."""
+    processor's tokenizer beside them), random weights: blip, blip2 (OPT), blip2_t5, git or
+    vision-encoder-decoder (ViT + BERT)."""
     import transformers as hf
 
     folder = Path(folder)
@@ -353,11 +354,26 @@ def write_tiny_captioner(folder: str | Path, family: str = "blip", seed: int = 0
         model = hf.BlipForConditionalGeneration(config)
     elif family == "git":
         model = hf.GitForCausalLM(hf.GitConfig(vision_config=_HF_VISION, **text))
+    elif family == "blip2":  # OPT's decoder under the Q-Former's 4 queries, its image token the vocab's last
+        data = tiny_hf_config("blip2")
+        data["text_config"].update(bos_token_id=2, eos_token_id=3, pad_token_id=0)
+        config = hf.CONFIG_MAPPING["blip-2"].from_dict({**data, "image_token_index": 63})
+        model = hf.Blip2ForConditionalGeneration(config)
+    elif family == "blip2_t5":  # Flan-T5 under the Q-Former: the prompt goes to its encoder
+        data = tiny_hf_config("blip2")
+        data["text_config"] = {"model_type": "t5", "vocab_size": 64, "d_model": 32, "d_kv": 16, "d_ff": 64,
+                               "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "pad_token_id": 0,
+                               "eos_token_id": 3, "decoder_start_token_id": 0}
+        config = hf.CONFIG_MAPPING["blip-2"].from_dict({**data, "image_token_index": 63})
+        model = hf.Blip2ForConditionalGeneration(config)
     else:
         config = hf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
             hf.ViTConfig(**_HF_VISION), hf.BertConfig(**text, is_decoder=True, add_cross_attention=True))
         config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
         model = hf.VisionEncoderDecoderModel(config)
+    if family.startswith("blip2"):
+        for parameter in model.parameters():  # drawn wide: a tiny random OPT otherwise repeats one token
+            torch.nn.init.normal_(parameter, std=0.3)
     model.save_pretrained(str(folder))
     return folder
 

@@ -25,7 +25,8 @@ from kaggle_i2p.models.text import default_model_path, embed_prompts
 from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, write_tiny_captioner
 
 CLASSES = {"blip": hf.BlipForConditionalGeneration, "git": hf.GitForCausalLM,
-           "ved": hf.VisionEncoderDecoderModel}
+           "ved": hf.VisionEncoderDecoderModel, "blip2": hf.Blip2ForConditionalGeneration,
+           "blip2_t5": hf.Blip2ForConditionalGeneration}
 
 
 def _manifest(folder, family: str, resolutions=(64, 96), **entry):
@@ -47,14 +48,22 @@ def _own_captions(folder, family: str, pixels, spec, generate: dict, prompt: str
     captions = []
     for view in spec.views:
         images = make_view(pixels, spec.image, view.resolution, view.flip)
-        extra = {"interpolate_pos_encoding": True} if family == "blip" else {}
+        extra = {"interpolate_pos_encoding": True} if family in ("blip", "blip2", "blip2_t5") else {}
         if prompt:  # as each family's processor makes a prompt: BLIP's [CLS] p [SEP], GIT's [CLS] p
             ids = tokenizer(prompt)["input_ids"] if family == "blip" else \
                 [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            if family == "blip2":  # its processor: one image token per query, then bos and the prompt
+                ids = [63] * 4 + [2, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            if family == "blip2_t5":  # one image token per query, then the prompt as the tokenizer ends it
+                ids = [63] * 4 + tokenizer(prompt)["input_ids"]
             extra["input_ids"] = torch.tensor([ids] * len(images))
+        if family == "blip2_t5" and not prompt:  # as its processor makes an empty text: image tokens, then </s>
+            extra["input_ids"] = torch.tensor([[63] * 4 + tokenizer("")["input_ids"]] * len(images))
         with torch.no_grad():
             out = model.generate(pixel_values=images, do_sample=False, **generate, **extra)
-        if prompt:
+        if family == "blip2":  # OPT echoes what it was given: the image tokens and bos (and the prompt)
+            out = out[:, len(ids) if prompt else 5:]
+        elif prompt and family != "blip2_t5":  # T5's decoder echoes nothing
             out = out[:, len(ids) - (family == "blip"):]  # BLIP's generate drops the prompt's [SEP]
         captions.append([t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)])
     return captions
@@ -66,6 +75,10 @@ def _own_captions(folder, family: str, pixels, spec, generate: dict, prompt: str
     ("git", {"max_new_tokens": 6, "num_beams": 2, "repetition_penalty": 1.3}, "", (64,)),
     ("git", {"max_new_tokens": 4}, "a painting of", (64,)),
     ("ved", {"max_new_tokens": 6}, "", (64,)),
+    ("blip2", {"max_new_tokens": 5}, "", (64, 96)),
+    ("blip2", {"max_new_tokens": 4, "num_beams": 2}, "a photo of", (64,)),
+    ("blip2_t5", {"max_new_tokens": 5}, "", (64,)),
+    ("blip2_t5", {"max_new_tokens": 4}, "a photo of", (64,)),
 ])
 def test_a_captioners_vector_is_minilm_of_its_own_generate(tmp_path, sample_dir, family, generate, prompt,
                                                            resolutions):
@@ -121,7 +134,7 @@ def test_the_head_decodes_captions_and_keeps_the_texts():
     ({"caption": {}}, "caption.text_model", "is required"),
     ({"caption": {"text_model": "nowhere"}}, "caption.text_model", "file not found"),
     ({"library": "timm", "arch": "test_vit"}, "features", "not what a timm backbone gives"),
-    ({"family": "ved", "backbone": {"prompt": "a"}}, "backbone.prompt", "BLIP and GIT"),
+    ({"family": "ved", "backbone": {"prompt": "a"}}, "backbone.prompt", "BLIP, BLIP-2 and GIT"),
     ({"family": "git", "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic",
                                  "resize": "squash", "resolutions": [96]}}, "image.resolutions", "96"),
     ({"caption": {"text_model": str(default_model_path()), "text_model_sha256": "0" * 64}},

@@ -110,10 +110,9 @@ def _features_forward(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return _select(output, self._i2p_features)
 
 
-# BLIP-2's generate (image tokens in the prompt, OPT or Flan-T5) is not served yet: it needs its processor's tokens
-CAPTIONERS = {"blip": "BlipForConditionalGeneration", "git": "GitForCausalLM",
-              "vision-encoder-decoder": "VisionEncoderDecoderModel"}
-INTERPOLATING_CAPTIONERS = ("blip",)  # generate resamples its position embeddings: any resolution
+CAPTIONERS = {"blip": "BlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
+              "git": "GitForCausalLM", "vision-encoder-decoder": "VisionEncoderDecoderModel"}
+INTERPOLATING_CAPTIONERS = ("blip", "blip-2")  # generate resamples their position embeddings: any resolution
 # HF generate's keywords an entry may set (`backbone: {generate: {...}}`); sampling is left out: same images, same text
 GENERATE_KEYS = {"max_new_tokens": int, "min_new_tokens": int, "num_beams": int, "repetition_penalty": float,
                  "length_penalty": float, "no_repeat_ngram_size": int}
@@ -168,9 +167,18 @@ def _caption_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, 
     return caption_bytes(texts, width).to(images.device)
 
 
-def _prompt_ids(model_type: str, tokenizer: Any, prompt: str) -> tuple[list[int], int]:
+def _prompt_ids(model_type: str, tokenizer: Any, prompt: str, config: Any = None) -> tuple[list[int], int]:
     """A caption prompt's input ids as the family's processor makes them, and how many leading output tokens echo
-    it: BLIP's `[CLS] prompt [SEP]` (its generate drops the `[SEP]`), GIT's `[CLS] prompt`."""
+    it: BLIP's `[CLS] prompt [SEP]` (its generate drops the `[SEP]`), GIT's `[CLS] prompt`, BLIP-2's image tokens
+    (one per query) then the language model's `bos prompt` (a decoder-only model echoes them all; Flan-T5 reads them
+    in its encoder and echoes none)."""
+    if model_type == "blip-2":
+        images = [config.image_token_index] * config.num_query_tokens
+        if config.text_config.is_encoder_decoder:  # Flan-T5: the prompt as its tokenizer ends it, to the encoder
+            return images + tokenizer(prompt)["input_ids"], 0
+        words = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        ids = images + [config.text_config.bos_token_id, *words]  # OPT: bos, then the prompt
+        return ids, len(ids)
     if not prompt:
         return [], 0
     if model_type == "blip":
@@ -179,7 +187,8 @@ def _prompt_ids(model_type: str, tokenizer: Any, prompt: str) -> tuple[list[int]
     if model_type == "git":
         ids = [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
         return ids, len(ids)
-    raise EntryFieldError(f"a prompt is supported for BLIP and GIT captioners, not {model_type}", "backbone.prompt")
+    raise EntryFieldError(f"a prompt is supported for BLIP, BLIP-2 and GIT captioners, not {model_type}",
+                          "backbone.prompt")
 
 
 def saved_as_tied(model: nn.Module) -> nn.Module:
@@ -220,7 +229,7 @@ def _captioner(config: Any, options: Mapping, arch: str) -> nn.Module:
     model._i2p_generate = {**DEFAULT_GENERATE, **dict(options.get("generate") or {})}
     model._i2p_tokenizer = tokenizer
     model._i2p_interpolates = model_type in INTERPOLATING_CAPTIONERS
-    model._i2p_prompt_ids, model._i2p_prompt_echo = _prompt_ids(model_type, tokenizer, prompt)
+    model._i2p_prompt_ids, model._i2p_prompt_echo = _prompt_ids(model_type, tokenizer, prompt, config)
     # generate reads the forward's signature to choose its inputs (cache, positions): it sees the model's own
     forward = functools.wraps(type(model).forward)(lambda self, *args, **kwargs: _caption_forward(self, *args,
                                                                                                    **kwargs))
