@@ -32,6 +32,32 @@ TINY_OPEN_CLIP_CONFIG = {
 }
 
 
+def assert_served_as_own_forward(model: torch.nn.Module, manifest: str | Path, image_dir: str | Path,
+                                 batch_size: int = 3, distinct: float = 0.999) -> np.ndarray:
+    """Serve a one-tower manifest on `image_dir` and assert its vectors are `model`'s own forward on the same views,
+    TTA-combined (cosine >= 0.9999 per image), and that they depend on the image (the first two images' cosine below
+    `distinct`); returns the served vectors."""
+    import kaggle_i2p
+
+    from .core.ensemble import combine_views
+    from .inference.images import decode_image, make_view
+    from .manifest import load_manifest
+
+    image_dir = Path(image_dir)
+    spec = load_manifest(manifest).towers[0]
+    got = kaggle_i2p.run_prediction(image_dir, manifest, device="cpu", num_workers=0, progress=False,
+                                    batch_size=batch_size).embeddings
+    ids = sorted(p.stem for p in image_dir.iterdir())
+    pixels = [decode_image(image_dir / f"{i}.png") for i in ids]
+    with torch.no_grad():
+        views = [model.eval()(make_view(pixels, spec.image, v.resolution, v.flip, norm=v.norm)).numpy()
+                 for v in spec.views]
+    want = combine_views(views, spec.view_weight_list())
+    assert (np.sum(got * want, axis=1) >= 0.9999).all(), np.sum(got * want, axis=1)
+    assert np.dot(got[0], got[1]) < distinct
+    return got
+
+
 def toy_manifest_dict() -> dict:
     """The toy ensemble as manifest data (paths relative to the manifest's folder)."""
     return {

@@ -261,3 +261,13 @@ def test_the_dry_run_checks_the_caption_towers_text_model_against_the_sample(tmp
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     report = dry_run(sample_dir, path, device="cpu", num_workers=0, progress=False)
     assert report.format_ok and report.embedding_check_ok and report.embedding_check_max_abs_diff < 1e-5
+
+
+def test_plan_times_a_caption_towers_generation_and_says_so(tmp_path, capsys):
+    path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    assert main(["plan", "--manifest", str(path), "--device", "cpu", "--repeats", "1", "--workers", "0",
+                 "--json"]) == 0
+    plan = __import__("json").loads(capsys.readouterr().out)
+    assert [(v["tower"], v["view"]) for v in plan["views"]] == [("blip", "r64")]
+    assert plan["views"][0]["images_per_s"] > 0
+    assert any("text generation" in note for note in plan["notes"])

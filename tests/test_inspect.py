@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -15,14 +14,10 @@ import transformers as hf
 import yaml
 from torch import nn
 
-import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.core.ensemble import combine_views
 from kaggle_i2p.core.resources import PRIOR_PATH
-from kaggle_i2p.inference.images import decode_image, make_view
-from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.models.recognise import head_guesses, inspect_checkpoint
-from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, tiny_hf_config
+from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, assert_served_as_own_forward, tiny_hf_config
 
 EVA = "eva02_tiny_patch14_224"
 
@@ -69,16 +64,7 @@ def _served(tmp_path, checkpoint, sample_dir, model: nn.Module, capsys, *extra: 
     entry = yaml.safe_load(manifest.read_text())["towers"][0]
     assert not entry.get("checkpoint", "x").startswith("/")  # relative to the manifest, as manifests are written
     assert main(["validate-manifest", "--deep", str(manifest)]) == 0
-    spec = load_manifest(manifest).towers[0]
-    got = kaggle_i2p.run_prediction(sample_dir / "images", manifest, device="cpu", num_workers=0, progress=False,
-                                    batch_size=4).embeddings
-    ids = sorted(p.stem for p in (sample_dir / "images").iterdir())
-    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in ids]
-    with torch.no_grad():
-        views = [model.eval()(make_view(pixels, spec.image, v.resolution, v.flip)).numpy() for v in spec.views]
-    want = combine_views(views, spec.view_weight_list())
-    assert (np.sum(got * want, axis=1) >= 0.9999).all()
-    assert np.dot(got[0], got[1]) < 0.9999
+    assert_served_as_own_forward(model, manifest, sample_dir / "images", batch_size=4, distinct=0.9999)
     return entry
 
 

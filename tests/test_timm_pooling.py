@@ -14,11 +14,8 @@ from torch import nn
 
 import kaggle_i2p
 from kaggle_i2p.cli import main
-from kaggle_i2p.core.ensemble import combine_views
 from kaggle_i2p.core.resources import PRIOR_PATH
-from kaggle_i2p.inference.images import decode_image, make_view
-from kaggle_i2p.manifest import load_manifest
-from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD
+from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, assert_served_as_own_forward
 
 EVA = "eva02_tiny_patch14_224"
 
@@ -85,19 +82,9 @@ def _manifest(folder, arch: str, checkpoint: str, resolutions, **entry):
 
 
 def _check(model: nn.Module, path, sample_dir) -> np.ndarray:
-    """Serve the manifest; assert it equals the model's own forward on the same views, and depends on the image."""
+    """The deep check passes; the served vectors are the model's own forward, and depend on the image."""
     assert main(["validate-manifest", "--deep", str(path)]) == 0
-    spec = load_manifest(path).towers[0]
-    got = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
-                                    batch_size=4).embeddings
-    ids = sorted(p.stem for p in (sample_dir / "images").iterdir())
-    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in ids]
-    with torch.no_grad():
-        views = [model(make_view(pixels, spec.image, v.resolution, v.flip)).numpy() for v in spec.views]
-    want = combine_views(views, spec.view_weight_list())
-    assert (np.sum(got * want, axis=1) >= 0.9999).all()
-    assert np.dot(got[0], got[1]) < 0.999
-    return got
+    return assert_served_as_own_forward(model, path, sample_dir / "images", batch_size=4)
 
 
 @pytest.mark.parametrize("global_pool", ["avg", "token"])

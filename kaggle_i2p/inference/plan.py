@@ -28,7 +28,7 @@ import torch
 
 from ..core.errors import OptionError
 from ..core.resources import DEFAULT_MANIFEST
-from ..manifest import Manifest, NetworkSpec
+from ..manifest import Manifest, NetworkSpec, kind_of
 from .options import RunOptions
 
 Clock = Callable[[], float]
@@ -230,6 +230,14 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, options: RunOpt
     batch_size, workers = options.batch_size_on(device.type), options.workers()
     shares = view_shares(manifest)
     runners, startup, notes = load_runners_timed(manifest, device, options.precision, options.compile_views, clock)
+    for runner in runners:  # what a forward's time means for these towers, and what it leaves out
+        name, kind = runner.spec.name, kind_of(runner.spec)
+        if kind.makes_texts:
+            notes.append(f"note: {name}: its views' times are text generation (far slower than a forward), "
+                         "timed on synthetic images: real captions may stop earlier or later")
+        if kind.has_step_after_encoding(runner.spec):
+            notes.append(f"note: {name}: its step after encoding (a bank pass, or the interrogator's candidate "
+                         "texts through CLIP) is not timed here; it runs once, after every image")
 
     # 2. every tower x view on synthetic batches
     pixels = synthetic_batch(batch_size, device)
