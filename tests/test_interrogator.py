@@ -97,14 +97,17 @@ def test_the_base_caption_comes_from_a_caption_tower_of_the_manifest(tmp_path, s
     want = _by_hand(tmp_path, sample_dir, run.ids, load_manifest(path).towers[0], "best", 4, base=base)
     np.testing.assert_allclose(run.tower_embeddings["interrogator"], want, atol=2e-5)
 
-    data["towers"][1]["weight"] = 0  # a base caption from a tower that does not run: refused up front
+    data["towers"][1]["weight"] = 0  # weighted out of the ensemble, it still runs for the base captions
     path.write_text(yaml.safe_dump(data))
-    assert main(["validate-manifest", str(path)]) == 2
+    again = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                      batch_size=3)
+    np.testing.assert_allclose(again.embeddings, want, atol=2e-5)  # the interrogator alone
 
 
 @pytest.mark.parametrize(("section", "field", "message"), [
     ({"templates": ["{base}, {medium}"]}, "templates", "{base} needs base"),
     ({"base": "nobody"}, "base", "must name a caption tower"),
+    ({"base": "interrogator"}, "base", "must name a caption tower"),
     ({"templates": ["{medium} by {painter}"]}, "templates", "slot {painter} needs the bank"),
     ({"templates": []}, "templates", "must be a list"),
     ({"pick": "first"}, "pick", "not one of best, mean"),
@@ -116,3 +119,32 @@ def test_interrogator_options_that_cannot_work_are_one_message(tmp_path, capsys,
     assert main(["validate-manifest", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"(towers[0]).interrogator.{field}" in err and message in err and "Traceback" not in err, err
+
+
+def test_caption_and_interrogator_towers_are_scored_and_tuned_like_any(tmp_path, sample_dir, capsys):
+    """evaluate scores each of them on the sample's prompts; tune weights them and writes a manifest that loads."""
+    import json
+
+    from kaggle_i2p.models.text import default_model_path
+    from kaggle_i2p.testing import write_tiny_captioner
+
+    path = _manifest(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    write_tiny_captioner(tmp_path / "blip", "blip")
+    data["towers"] += [{"name": "blip", "kind": "caption", "library": "transformers", "arch": "blip",
+                        "checkpoint": "blip/model.safetensors", "weight": 0.5,
+                        "backbone": {"generate": {"max_new_tokens": 4}},
+                        "caption": {"text_model": str(default_model_path())}, "image": data["towers"][0]["image"]},
+                       {"name": "prior", "kind": "prior", "vector": "fallback.npy", "weight": 0.5}]
+    path.write_text(yaml.safe_dump(data))
+    common = ["--prompts", str(sample_dir / "prompts.csv"), "--manifest", str(path), "--device", "cpu",
+              "--workers", "0"]
+    assert main(["evaluate", str(sample_dir / "images"), *common, "--json", "--no-cache"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores["per_tower"]) == {"interrogator", "blip", "prior"}
+    assert all(-1 <= s <= 1 for s in scores["per_tower"].values())
+    out = tmp_path / "tuned.yaml"
+    assert main(["tune", str(sample_dir / "images"), *common, "--out", str(out), "--folds", "2", "--no-cache"]) == 0
+    tuned = load_manifest(out)
+    assert [t.kind for t in tuned.towers] == ["interrogator", "caption", "prior"]
+    assert sum(t.weight for t in tuned.towers) == pytest.approx(1.0)

@@ -146,9 +146,12 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     listing = list_images(image_dir)
     batch_size, num_workers = options.batch_size_on(device.type), options.workers()
     active = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
+    sources = {kind_of(t).text_source(t) for t in active if isinstance(t, NetworkSpec)}  # towers others read
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
-            log.info("tower %r has weight 0: not run", spec.name)
+            log.info("tower %r has weight 0: %s", spec.name,
+                     "run only for the texts another tower reads" if spec.name in sources else "not run")
+    active = [t for t in manifest.towers if t in active or t.name in sources]
     with_network = [s for s in active if isinstance(s, NetworkSpec)]
     precisions = {s.name: resolve_precision(options.precision or s.precision, device) for s in with_network}
     compiles = {s.name: resolve_compile(s.compile if options.compile_views is None else options.compile_views, device)

@@ -401,11 +401,10 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
     for index, spec in clean:  # a tower reading another's texts (an interrogator's base caption)
         source = kind_of(spec).text_source(spec) if isinstance(spec, NetworkSpec) else None
         other = by_name.get(source) if source is not None else None
-        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).makes_texts
-                                       and other.weight > 0):
+        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).makes_texts):
             problems.add(f"{tower_label(index, spec.name)}.{spec.kind}.base",
-                         f"{source!r} must name a caption tower of this manifest with a weight > 0 (it runs to "
-                         "give the texts)")
+                         f"{source!r} must name a caption tower of this manifest (it runs for its texts, whatever "
+                         "its weight)")
     weights = [raw.get("weight") for raw in entries]
     if entries and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
         problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")

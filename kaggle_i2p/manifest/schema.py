@@ -289,7 +289,7 @@ class TowerKind:
 
     def text_source(self, spec: NetworkSpec) -> str | None:
         """The tower (by name) whose texts this tower's step after encoding reads (an interrogator's base
-        caption), or None; the manifest checks it is a text-making tower that runs."""
+        caption), or None; the manifest checks it is a text-making tower, and a run runs it whatever its weight."""
         return None
 
     def take_texts(self, tower: nn.Module) -> list[str]:
