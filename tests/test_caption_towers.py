@@ -271,3 +271,37 @@ def test_plan_times_a_caption_towers_generation_and_says_so(tmp_path, capsys):
     assert [(v["tower"], v["view"]) for v in plan["views"]] == [("blip", "r64")]
     assert plan["views"][0]["images_per_s"] > 0
     assert any("text generation" in note for note in plan["notes"])
+
+
+def test_coca_beam_search_finds_a_caption_at_least_as_likely_as_greedy(tmp_path):
+    """One beam is greedy; three beams find a caption whose length-normalised log-probability under CoCa's own
+    forward is no lower than greedy's."""
+    from open_clip.coca_model import CoCa
+    from open_clip.tokenizer import SimpleTokenizer
+    from safetensors.torch import load_file
+
+    from kaggle_i2p.models.backbones.open_clip_models import _beam_search, _greedy
+    from kaggle_i2p.testing import TINY_COCA_CONFIG, write_tiny_coca
+
+    _, checkpoint = write_tiny_coca(tmp_path, seed=1)
+    model = CoCa(**TINY_COCA_CONFIG).eval()
+    model.load_state_dict(load_file(str(checkpoint)))
+    sot, eot = SimpleTokenizer().encoder["<start_of_text>"], SimpleTokenizer().encoder["<end_of_text>"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, embs = model._encode_image(torch.randn(3, 3, 64, 64))
+        greedy = _greedy(model, embs, sot, eot, 6, 1.0)
+        one = _beam_search(model, embs, sot, eot, 6, 1.0, 1, 1.0)
+        three = _beam_search(model, embs, sot, eot, 6, 1.0, 3, 1.0)
+
+    def score(i, tokens):  # the mean log-probability of the caption's tokens after <start_of_text>
+        with torch.no_grad():
+            logits = model.text_decoder(embs[i:i + 1], model._encode_text(tokens[None, :-1])[1])[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return float(logp[torch.arange(len(tokens) - 1), tokens[1:]].sum()) / (len(tokens) - 1)
+
+    for i in range(3):
+        end = (greedy[i] == eot).nonzero()
+        tokens = greedy[i][: int(end[0]) + 1] if len(end) else greedy[i]
+        assert torch.equal(one[i][:len(tokens)], tokens)
+        assert score(i, three[i]) >= score(i, tokens) - 1e-5

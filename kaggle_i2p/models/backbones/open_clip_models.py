@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,10 +80,8 @@ class OpenClipLibrary(BackboneLibrary):
         for key, value in (generate.items() if isinstance(generate, Mapping) else ()):
             if key not in COCA_GENERATE:
                 problems.append((f"backbone.generate.{key}", f"is not one of {', '.join(COCA_GENERATE)} (CoCa is "
-                                                             "decoded greedily here: open_clip's beam search needs a "
-                                                             "transformers API that 5.x removed)"))
-            elif isinstance(value, bool) or not isinstance(value, COCA_GENERATE[key]) or value <= 0 or (
-                    key == "max_new_tokens" and not isinstance(value, int)):
+                                                             "decoded here, deterministically, by its own decoder)"))
+            elif isinstance(value, bool) or not isinstance(value, COCA_GENERATE[key]) or value <= 0:
                 problems.append((f"backbone.generate.{key}", f"{value!r} must be a positive number"))
         return problems
 
@@ -170,7 +169,8 @@ class OpenClipLibrary(BackboneLibrary):
                             + (f", under `{prefix}`" if prefix else ""), image)
 
 
-COCA_GENERATE = {"max_new_tokens": (int,), "repetition_penalty": (int, float)}
+COCA_GENERATE = {"max_new_tokens": (int,), "repetition_penalty": (int, float), "num_beams": (int,),
+                 "length_penalty": (int, float)}
 
 
 def _coca(config: Mapping, arch: str, options: Mapping) -> nn.Module:
@@ -183,39 +183,107 @@ def _coca(config: Mapping, arch: str, options: Mapping) -> nn.Module:
         raise EntryFieldError(f"{arch} is not a CoCa model (no multimodal_cfg): only CoCa captions", "features")
     model = CoCa(**{k: v for k, v in config.items() if k in ("embed_dim", "multimodal_cfg", "text_cfg",
                                                               "vision_cfg", "quick_gelu")})
-    model._i2p_generate = {"max_new_tokens": 30, "repetition_penalty": 1.0, **dict(options.get("generate") or {})}
+    model._i2p_generate = {"max_new_tokens": 30, "repetition_penalty": 1.0, "num_beams": 1, "length_penalty": 1.0,
+                           **dict(options.get("generate") or {})}
     model.forward = types.MethodType(_coca_captions, model)
     return model
 
 
+def _penalised(logits: torch.Tensor, text: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logits of tokens already in the text shrunk towards (or past) zero."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, 1, text)
+    return logits.scatter(1, text, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
 def _coca_captions(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Greedy decoding with CoCa's own text decoder, one token at a time from `<start_of_text>` to
-    `<end_of_text>` (open_clip's `generate` samples or calls a removed transformers API); on the meta device only
-    the image encoder runs, for its shapes."""
+    """Captions decoded with CoCa's own text decoder from `<start_of_text>` to `<end_of_text>`: greedy, or beam
+    search (`num_beams`, scores divided by length ** `length_penalty`), deterministic either way (open_clip 3.3's
+    `generate` samples, or calls a transformers class 5.x removed). On the meta device only the image encoder runs,
+    for its shapes."""
     from open_clip.tokenizer import SimpleTokenizer, decode
 
-    steps, penalty = int(self._i2p_generate["max_new_tokens"]), float(self._i2p_generate["repetition_penalty"])
+    options = self._i2p_generate
+    steps = int(options["max_new_tokens"])
     width = BYTES_PER_TOKEN * steps
-    latent, embs = self._encode_image(images)
+    _, embs = self._encode_image(images)
     if images.is_meta:
         return torch.zeros(len(images), width, dtype=torch.uint8, device="meta")
     tokenizer = SimpleTokenizer()
     sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
-    text = torch.full((len(images), 1), sot, dtype=torch.long, device=images.device)
-    done = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+    beams = int(options["num_beams"])
+    search = _greedy if beams == 1 else _beam_search
+    rows = search(self, embs, sot, eot, steps, float(options["repetition_penalty"]), beams,
+                  float(options["length_penalty"]))
+    texts = [decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip() for row in rows]
+    return caption_bytes(texts, width).to(images.device)
+
+
+def _next_logits(model: nn.Module, embs: torch.Tensor, text: torch.Tensor, penalty: float) -> torch.Tensor:
+    return _penalised(model.text_decoder(embs, model._encode_text(text)[1])[:, -1].float(), text, penalty)
+
+
+def _greedy(model: nn.Module, embs: torch.Tensor, sot: int, eot: int, steps: int, penalty: float, *_: Any
+            ) -> list[torch.Tensor]:
+    """The most likely next token, every step, until each row's `<end_of_text>`."""
+    text = torch.full((len(embs), 1), sot, dtype=torch.long, device=embs.device)
+    done = torch.zeros(len(embs), dtype=torch.bool, device=embs.device)
     for _ in range(steps):
-        logits = self.text_decoder(embs, self._encode_text(text)[1])[:, -1].float()
-        if penalty != 1.0:  # as transformers' repetition penalty: seen tokens' logits shrunk towards (or past) 0
-            seen = torch.gather(logits, 1, text)
-            logits.scatter_(1, text, torch.where(seen < 0, seen * penalty, seen / penalty))
-        token = torch.where(done, torch.full_like(done, eot, dtype=torch.long), logits.argmax(dim=-1))
+        token = torch.where(done, torch.full_like(done, eot, dtype=torch.long),
+                            _next_logits(model, embs, text, penalty).argmax(dim=-1))
         text = torch.cat([text, token[:, None]], dim=1)
         done |= token == eot
         if bool(done.all()):
             break
-    texts = [decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip()
-             for row in text]
-    return caption_bytes(texts, width).to(images.device)
+    return list(text)
+
+
+def _beam_search(model: nn.Module, embs: torch.Tensor, sot: int, eot: int, steps: int, penalty: float, beams: int,
+                 length_penalty: float) -> list[torch.Tensor]:
+    """Per image the `beams` best partial captions by summed log-probability; a caption ends at `<end_of_text>`
+    and is kept by its score / length ** length_penalty; the best kept (or, with none, the best partial) wins."""
+    count, device = len(embs), embs.device
+    embs = embs.repeat_interleave(beams, dim=0)
+    text = torch.full((count * beams, 1), sot, dtype=torch.long, device=device)
+    scores = torch.full((count, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam to start: the others would repeat it
+    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(count)]
+    for step in range(1, steps + 1):
+        logp = torch.log_softmax(_next_logits(model, embs, text, penalty), dim=-1)
+        total = (scores[:, :, None] + logp.view(count, beams, -1)).view(count, -1)
+        best, index = total.topk(2 * beams, dim=1)
+        vocab = logp.shape[-1]
+        rows, new_scores = [], torch.full((count, beams), float("-inf"), device=device)
+        for image in range(count):
+            kept = 0
+            for value, flat in zip(best[image].tolist(), index[image].tolist(), strict=True):
+                beam, token = divmod(flat, vocab)
+                source = text[image * beams + beam]
+                if value == float("-inf"):
+                    break
+                if token == eot:
+                    finished[image].append((value / (step ** length_penalty), torch.cat([source, source.new_tensor(
+                        [eot])])))
+                    continue
+                rows.append(torch.cat([source, source.new_tensor([token])]))
+                new_scores[image, kept] = value
+                kept += 1
+                if kept == beams:
+                    break
+            while kept < beams:  # fewer live candidates than beams: dead rows keep the shape
+                rows.append(torch.cat([text[image * beams], text.new_tensor([eot])]))
+                kept += 1
+        text, scores = torch.stack(rows), new_scores
+        if all(len(f) >= beams for f in finished):
+            break
+    out = []
+    for image in range(count):
+        if not finished[image]:  # none ended in time: the best partial caption, scored the same way
+            beam = int(scores[image].argmax())
+            finished[image].append((float(scores[image, beam]), text[image * beams + beam]))
+        out.append(max(finished[image], key=lambda item: item[0])[1])
+    return out
 
 
 def _size(vision: Mapping) -> int:
