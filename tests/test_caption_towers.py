@@ -305,3 +305,45 @@ def test_coca_beam_search_finds_a_caption_at_least_as_likely_as_greedy(tmp_path)
         tokens = greedy[i][: int(end[0]) + 1] if len(end) else greedy[i]
         assert torch.equal(one[i][:len(tokens)], tokens)
         assert score(i, three[i]) >= score(i, tokens) - 1e-5
+
+
+KILLABLE_CAPTIONS = """
+import sys
+import kaggle_i2p
+from kaggle_i2p.testing import slow_towers
+
+slow_towers(0.3)
+kaggle_i2p.predict_dir(sys.argv[1], sys.argv[2], out_csv=sys.argv[3], cache_dir=sys.argv[4], device="cpu",
+                       num_workers=0, batch_size=1, cache_chunk_size=1, progress=False, captions_out=sys.argv[5])
+"""
+
+
+def test_a_killed_run_with_a_caption_tower_resumes_to_the_same_bytes(tmp_path, sample_dir):
+    """SIGKILL part-way (after 3 of 7 chunks are stored), then the same command: the submission and the captions
+    are the bytes of an uninterrupted run (the interrupted-run test above counts what is computed again)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _manifest(tmp_path, "git", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    cache, images = tmp_path / "cache", sample_dir / "images"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_CAPTIONS, str(images), str(path),
+                                str(tmp_path / "killed.csv"), str(cache), str(tmp_path / "killed_captions.csv")],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(cache.rglob("[!.]*.npz"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    stored = len(list(cache.rglob("[!.]*.npz")))
+    assert 3 <= stored < 7 and not (tmp_path / "killed.csv").exists()
+
+    options = {"device": "cpu", "num_workers": 0, "batch_size": 1, "cache_chunk_size": 1, "progress": False}
+    kaggle_i2p.predict_dir(images, path, out_csv=tmp_path / "resumed.csv", cache_dir=cache,
+                           captions_out=tmp_path / "resumed_captions.csv", **options)
+    kaggle_i2p.predict_dir(images, path, out_csv=tmp_path / "plain.csv", captions_out=tmp_path / "plain_captions.csv",
+                           **options)
+    assert (tmp_path / "resumed.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    assert (tmp_path / "resumed_captions.csv").read_bytes() == (tmp_path / "plain_captions.csv").read_bytes()
