@@ -19,9 +19,11 @@ Parts (GPU sizes; `--smoke` runs the same code at tiny sizes on the CPU, in `mak
   pipeline (the text encoder replaced by fixed prompt embeddings in both).
 - train: training steps of ViT-B/16 in fp16 and bf16 at 224 and 336.
 - compile: `compile: true` per tower, its compile seconds, the first-batch check against eager, steady images/s.
+- caption: a BLIP-base-sized caption tower (random weights) through run_prediction in fp32 and fp16 autocast:
+  captioned images/s in each, and how many fp16 captions equal the fp32 ones.
 
 Last line: `parts_ok=N parts=M` and the headline figures as key=value.
-Usage: python benchmarks/gpu_suite.py [--out DIR] [--smoke] [--parts predict,train] [--budget 470]
+Usage: python benchmarks/gpu_suite.py [--out DIR] [--smoke] [--parts predict,train] [--budget 495]
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COSINE_GOAL = 0.9999  # the lowest cosine to fp32 at which a reduced precision may be `auto`
 # Seconds per part on a GPU, in the order they run; the total stays inside the 8-minute call with start-ups.
-BUDGETS = {"env": 25, "predict": 150, "retrieval": 40, "dataset": 50, "generate": 60, "train": 40, "compile": 105}
+BUDGETS = {"env": 25, "predict": 140, "retrieval": 40, "dataset": 50, "generate": 60, "train": 40, "compile": 95,
+           "caption": 45}
 SMOKE_BUDGET = 60  # seconds per part with --smoke (each takes a few)
 SHARED = "GPU_SUITE_SHARED"  # environment: a folder every part may reuse (the reference towers' random weights)
 
@@ -323,8 +326,53 @@ def part_train(device, smoke: bool, work: Path) -> dict:
     return {"arch": options.get("arch", bt.ARCH), "batch_size": options["batch_size"], "rows": rows}
 
 
+def part_caption(device, smoke: bool, work: Path) -> dict:
+    """A caption tower as a run serves it: generation batched on the device, fp32 against fp16 autocast."""
+    import transformers as hf
+    import yaml
+
+    import kaggle_i2p
+    from kaggle_i2p.core.resources import PRIOR_PATH
+    from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD, write_tiny_captioner
+
+    bp = bench("bench_predict")
+    folder = write_tiny_captioner(work / "blip", "blip")  # its tokenizer; then the weights at the size asked
+    if not smoke:  # BLIP-base's widths (vision 768 x 12 at 384, text 768 x 12); a 64-word vocabulary
+        text = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "vocab_size": 64, "sep_token_id": 3,
+                "encoder_hidden_size": 768}
+        vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "image_size": 384, "patch_size": 16}
+        hf.BlipForConditionalGeneration(hf.BlipConfig(vision_config=vision, text_config=text)).save_pretrained(
+            str(folder))
+    size, count, tokens, batch = (64, 4, 4, 2) if smoke else (384, 64, 20, 32)
+    images = bp.make_images(work / "images", count)
+    minilm, minilm_kind = minilm_folder(work)
+    (work / "fallback.npy").write_bytes(PRIOR_PATH.read_bytes())
+    figures = {"images": count, "batch_size": batch, "max_new_tokens": tokens, "minilm": minilm_kind}
+    texts = {}
+    for precision in ("fp32", "fp16"):
+        tower = {"name": "blip", "kind": "caption", "library": "transformers", "arch": "blip",
+                 "checkpoint": "blip/model.safetensors", "precision": precision, "weight": 1.0,
+                 "backbone": {"generate": {"max_new_tokens": tokens}}, "caption": {"text_model": str(minilm)},
+                 "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
+                           "resolutions": [size]}}
+        manifest = work / f"caption_{precision}.yaml"
+        manifest.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": "fallback.npy", "towers": [tower]}))
+        kaggle_i2p.run_prediction(images, manifest, device=str(device), num_workers=0, progress=False,
+                                  batch_size=batch)  # warm-up: weights read, kernels chosen
+        started = time.perf_counter()
+        run = kaggle_i2p.run_prediction(images, manifest, device=str(device), num_workers=0, progress=False,
+                                        batch_size=batch)
+        _sync(device)
+        figures[f"{precision}_img_s"] = count / (time.perf_counter() - started)
+        texts[precision] = run.texts["blip"][f"r{size}"]
+    figures["fp16_captions_equal_fp32"] = sum(a == b for a, b in zip(texts["fp16"], texts["fp32"], strict=True))
+    return figures
+
+
 PARTS = {"env": part_env, "predict": part_predict, "retrieval": part_retrieval, "dataset": part_dataset,
-         "generate": part_generate, "train": part_train, "compile": part_compile}
+         "generate": part_generate, "train": part_train, "compile": part_compile, "caption": part_caption}
 
 
 # ---- one part in this process -----------------------------------------------------------------------------------
@@ -469,7 +517,7 @@ def main() -> int:
                         help="where gpu_suite.json and gpu_suite.md go (default: $OUT, else gpu_suite_out)")
     parser.add_argument("--smoke", action="store_true", help="the same code at tiny sizes on the CPU")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated (default: all, in this order)")
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds for the whole suite (default: 470)")
+    parser.add_argument("--budget", type=float, default=495.0, help="seconds for the whole suite (default: 495)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one part, in a process of its own
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 # The GPU suite on a bare GPU machine (the device tool's): install the carried pure-Python wheels (.whl/, made here
 # with `make gpu-wheels`), put this checkout on the path, and run every part within its budget.
 # Figures: $OUT/gpu_suite.json and $OUT/gpu_suite.md (OUT defaults to ./gpu_suite_out).
-# Usage: bash benchmarks/gpu_suite.sh [--parts predict,train] [--budget 470]
+# Usage: bash benchmarks/gpu_suite.sh [--parts predict,train] [--budget 495]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # module:distribution, installed from the carried wheels only where the machine lacks the module (its own stay)

@@ -94,7 +94,7 @@ def test_gpu_suite_smoke_runs_every_part_and_writes_its_reports(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     failed = {name: entry.get("reason") for name, entry in report["parts"].items() if entry["status"] != "ok"}
     assert not failed and list(report["parts"]) == ["env", "predict", "retrieval", "dataset", "generate", "train",
-                                                    "compile"], failed
+                                                    "compile", "caption"], failed
     parts = {name: entry["figures"] for name, entry in report["parts"].items()}
     assert parts["predict"]["pipeline_img_s"] > 0 and parts["predict"]["startup_s"] > 0
     assert {row["tower"] for row in parts["predict"]["views"]} == {"toy_timm_vit", "toy_open_clip_vit"}
@@ -105,10 +105,11 @@ def test_gpu_suite_smoke_runs_every_part_and_writes_its_reports(tmp_path):
     assert parts["dataset"]["minilm_prompts_per_s"] > 0
     assert parts["generate"]["ours_s_per_image"] > 0 and parts["train"]["rows"][0]["ms_per_step"] > 0
     assert set(parts["compile"]["towers"]) == {"toy_timm_vit", "toy_open_clip_vit"}
+    assert parts["caption"]["fp32_img_s"] > 0 and parts["caption"]["fp16_captions_equal_fp32"] == 4  # CPU: fp32
     assert all(goal["measured"] is not None for goal in report["goals"])
     markdown = (tmp_path / "out" / "gpu_suite.md").read_text()
     assert markdown.startswith("### GPU suite,") and "| goal | target | measured | met |" in markdown
-    assert run.stdout.strip().splitlines()[-1].startswith("parts_ok=7 parts=7 ensemble_img_s=")
+    assert run.stdout.strip().splitlines()[-1].startswith("parts_ok=8 parts=8 ensemble_img_s=")
 
 
 def test_gpu_suite_reports_a_part_that_fails_and_goes_on(tmp_path, monkeypatch):
