@@ -478,3 +478,29 @@ def test_missing_accelerate_is_one_clear_error(toy_work, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed
     with pytest.raises(TrainingError, match=r"pip install 'kaggle_i2p\[train\]'"):
         train(_config(tmp_path, toy_work))
+
+
+def test_optimizers_by_name_from_timm_keep_the_layer_decayed_groups(toy_work, tmp_path, monkeypatch):
+    """optim.optimizer (and a stage's own, as the 5th place's MADGRAD then another for the last stage): timm's
+    optimizer over our groups, every group's lr kept; an unknown name is a config error naming the field."""
+    from kaggle_i2p.train import recipe, trainer
+
+    built = []
+    real = recipe.make_optimizer
+
+    def recording(groups, name, lr, betas):
+        optimizer = real(groups, name, lr, betas)
+        built.append((type(optimizer).__name__, [g["lr"] for g in optimizer.param_groups], [g["lr"] for g in groups]))
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", recording)
+    stages = [{"name": "ft", "epochs": 2, "resolution": 32, "lr": 1e-2},
+              {"name": "last", "epochs": 1, "resolution": 32, "optimizer": "lamb", "lr": 1e-3}]
+    result = train(_config(tmp_path, toy_work, optim={"optimizer": "madgrad", "layer_decay": 0.8}, stages=stages))
+    assert [name for name, *_ in built] == ["MADGRAD", "Lamb"]
+    assert all(got == pytest.approx(want) and len(set(want)) > 2 for _, got, want in built)  # LLRD: many lrs
+    history = result.history
+    assert history[-1]["val_cosine"] > history[0]["val_cosine"] + 0.15  # it trains (random init, no LP stage)
+    with pytest.raises(TrainConfigError, match=r"stages\[0\]\.optimizer: 'adamx' is not an optimizer timm knows"):
+        parse_train_config(toy_training_config(toy_work, tmp_path / "o", stages=[
+            {"epochs": 1, "resolution": 32, "optimizer": "adamx"}]), tmp_path / "c.yaml")

@@ -32,6 +32,7 @@ from ..manifest.fields import defaults_of, entry_field, written_fields
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
+              "optimizer",
               "layer_decay", "warmup", "min_lr_scale"}
 
 
@@ -71,6 +72,7 @@ class OptimSection:
     """The `optim:` section's keys and defaults: AdamW and its schedule, inherited by every stage (a stage may set
     its own lr, weight_decay, layer_decay, warmup and min_lr_scale)."""
 
+    optimizer: str = "adamw"  # any of timm's optimizers by name (timm.optim.list_optimizers()): madgrad, lamb, ...
     lr: float = 1e-4
     weight_decay: float = 0.05
     layer_decay: float = 0.75
@@ -103,6 +105,7 @@ class StageConfig:
     name: str
     epochs: int
     resolution: int
+    optimizer: str  # adamw (torch's), or any of timm's by name
     head_only: bool
     freeze_lowest: int
     batch_size: int
@@ -172,6 +175,22 @@ def _pair(value: Any, where: str, problems: Problems) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+def optimizer_problem(name: Any) -> str | None:
+    """Why `name` is no optimizer a stage can use, or None: torch's AdamW, or one of timm's that needs no package
+    we do not have (bitsandbytes' are refused unless it is installed)."""
+    import importlib.util
+
+    import timm.optim
+
+    known = timm.optim.list_optimizers()
+    if not isinstance(name, str) or name not in known:
+        return (f"{name!r} is not an optimizer timm knows; e.g. adamw (default), madgrad, lamb, lion, adan, "
+                "adafactor (timm.optim.list_optimizers() lists all)")
+    if name.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        return f"{name} needs bitsandbytes, which is not installed"
+    return None
+
+
 def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems) -> StageConfig | None:
     where = f"stages[{index}]"
     if not isinstance(raw, Mapping):
@@ -196,8 +215,13 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
     warmup = _number(raw.get("warmup", optim["warmup"]), at("warmup"), problems)
     if warmup >= 1 and warmup != int(warmup):
         problems.add(at("warmup"), f"{warmup} must be a fraction of the stage (< 1) or a whole number of steps")
+    optimizer = raw.get("optimizer", optim["optimizer"])
+    problem = optimizer_problem(optimizer)
+    if problem:
+        problems.add(at("optimizer"), problem)
     return StageConfig(
         name=str(raw.get("name", f"stage{index}")),
+        optimizer=str(optimizer),
         epochs=_int(raw.get("epochs", 1), f"{where}.epochs", problems, minimum=1),
         resolution=resolution,
         head_only=bool(head_only),

@@ -124,3 +124,16 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_scale: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_scale + (1.0 - min_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """The stage's optimizer over our layer-decayed groups (each keeps its lr and weight decay): torch's AdamW, or
+    timm's optimizer factory by name (MADGRAD, LAMB, Lion, ...; betas passed to those that take them)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    import timm.optim
+
+    info = timm.optim.get_optimizer_info(name)
+    extra = {"betas": betas} if info.has_betas else {}
+    return timm.optim.create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=0.0, filter_bias_and_bn=False,
+                                          **extra)

@@ -31,7 +31,15 @@ from ..models.towers import at_resolution, build_tower, check_architectures, loa
 from .checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from .config import StageConfig, TrainConfig, TrainConfigError, config_changes, load_train_config
 from .data import TrainImages, epoch_rows, load_training_data, loader, rank_batches
-from .recipe import ModelEMA, cosine_embedding_loss, freeze_lowest, llrd_param_groups, set_head_only, warmup_cosine
+from .recipe import (
+    ModelEMA,
+    cosine_embedding_loss,
+    freeze_lowest,
+    llrd_param_groups,
+    make_optimizer,
+    set_head_only,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 LAST, BEST, BEST_PREDICTIONS = "last.pt", "best.pt", "best_val_predictions.npz"
@@ -317,7 +325,7 @@ class Trainer:
         if stage.head_only:
             self.tower.backbone.eval()  # linear probing: frozen features, no dropout or batch statistics
         groups = llrd_param_groups(self.tower, stage.lr, stage.layer_decay, stage.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas)
+        optimizer = make_optimizer(groups, stage.optimizer, stage.lr, stage.betas)
         model, optimizer = self.accelerator.prepare(self.tower, optimizer)
         if self.ema is not None:
             self.ema.module.to(self.device)
