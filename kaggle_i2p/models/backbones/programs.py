@@ -160,6 +160,10 @@ class ProgramLibrary(BackboneLibrary):
     def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
         """The program on `device` (the CPU copy dropped from the memo: one copy held)."""
         self._loaded.pop(file_identity(path), None)
+        return self.move(program, device)
+
+    def move(self, program: Any, device: torch.device) -> Any:
+        """The program moved to `device`, as its format moves one."""
         return program.to(device)
 
     def static_size(self, program: Any) -> tuple[int, int] | None:
@@ -253,11 +257,10 @@ class ExportLibrary(ProgramLibrary):
         height, width = value.shape[2], value.shape[3]
         return (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
-    def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
+    def move(self, program: Any, device: torch.device) -> Any:
         """export's own device pass: the graph's device arguments move with the weights."""
         from torch.export.passes import move_to_device_pass
 
-        self._loaded.pop(file_identity(path), None)
         moved = move_to_device_pass(program.__dict__["_i2p_exported"], device)
         module = moved.module()
         module.__dict__["_i2p_exported"] = moved

@@ -3,6 +3,7 @@ embeddings at every forward (`dynamic_img_size`) and, for a new native size, by 
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 from collections.abc import Iterator, Mapping
@@ -185,7 +186,8 @@ class TimmLibrary(BackboneLibrary):
         family, prefix, width, depth = found
         backbone = under_prefix(shapes, prefix)
         names = [arch] if arch else _names(family, width, backbone)
-        built = [m for m in (_match(n, family, backbone, depth) for n in names) if m is not None]
+        signature = tuple(sorted(backbone.items()))  # the same backbone for each head inspect tries: built once
+        built = [m for m in (_match(n, family, signature, depth) for n in names) if m is not None]
         matches = sorted((m for m in built if not m[4]), key=lambda m: (bool(m[1]), m[3] is not None, len(m[0]), m[0]))
         same = [m[0] for m in matches[1:] if m[1] == matches[0][1]] if matches else []
         if not matches and built:  # the closest name, so the deep check names the keys that differ
@@ -247,11 +249,14 @@ def _names(family: str, width: int, backbone: Shapes) -> list[str]:
     return list(dict.fromkeys(names))[:MAX_NAMES] + timm.list_models("test_*")
 
 
-def _match(name: str, family: str, backbone: Shapes, depth: object
+@functools.lru_cache(maxsize=64)
+def _match(name: str, family: str, signature: tuple, depth: object
            ) -> tuple[str, dict, nn.Module, int | None, list[str]] | None:
-    """(name, model_kwargs, the model on meta, the file's native size if not the name's, how many of its keys the
+    """(name, model_kwargs, the model on meta, the file's native size if not the name's, which of its keys the
     file lacks or shapes otherwise: none when it is this timm model, final norms and position-embedding length aside);
-    None when it does not build or its position embeddings are not the file's width."""
+    None when it does not build or its position embeddings are not the file's width. `signature`: the file's
+    backbone keys and shapes as sorted pairs (hashable: memoised across the heads inspect tries)."""
+    backbone = dict(signature)
     kwargs: dict = {}
     for _ in range(2):
         try:
