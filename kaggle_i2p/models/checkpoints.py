@@ -3,6 +3,7 @@ shapes, check its sha256 (hashed once per process per file), and describe how it
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -252,6 +253,23 @@ def _layouts(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor
                 head = {k: v for k, v in _bare(inner, expected, classifier_prefixes).items() if k.startswith("head.")}
                 for part, note in library_layouts(dict(inner), backbone_keys):
                     yield {**{f"backbone.{k}": v for k, v in part.items()}, **head}, where + note
+
+
+def backbone_layout(backbone: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
+                    classifier_prefixes: tuple[str, ...] = (), library_layouts=None
+                    ) -> tuple[dict[str, torch.Tensor], list[str], str | None] | None:
+    """Pretrained weights for a backbone about to be trained, read as `fit_layout` reads a tower (people's wrappers,
+    nests, the library's own layouts: a whole HF BLIP-2 or CLIP file, open_clip's CLIP): (the backbone's keys, the
+    file's classifier keys left out, a note on the layout or None when the file is a bare backbone), from the first
+    reading that fills every backbone key with nothing beside it but a classifier; None when no reading does."""
+    expected = {f"backbone.{k}": v for k, v in backbone.items()}
+    readings = [(_bare(state, expected, classifier_prefixes), None)]
+    for candidate, note in itertools.chain(readings, _layouts(expected, state, classifier_prefixes, library_layouts)):
+        body = under(candidate, "backbone.")
+        rest = sorted(k for k in candidate if not k.startswith("backbone."))
+        if set(body) == set(backbone) and all(k.startswith("head.") for k in rest):
+            return body, rest, note
+    return None
 
 
 def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],

@@ -34,6 +34,7 @@ from .backbones import BackboneLibrary, PosEmbedForSize, library
 from .checkpoints import (
     TowerLoadError,
     apply_key_rules,
+    backbone_layout,
     checkpoint_shapes,
     file_keys,
     fit_layout,
@@ -388,28 +389,30 @@ def hold_in_fp16(tower: Tower) -> Tower:
 def load_initial_weights(tower: Tower, path: str | Path) -> list[str]:
     """Load a local pretrained file into a tower about to be trained; returns notes on what was done.
 
-    Accepted layouts: a bare backbone state dict (timm), a full open_clip CLIP checkpoint (its `visual.*` part is
-    used), or a kaggle_i2p Tower checkpoint (`backbone.*` and `head.*`, e.g. to continue from an export). Position
-    embeddings of another grid are resampled; a backbone key missing from the file is an error, and an ImageNet
-    classifier in it is dropped.
+    Accepted layouts: a kaggle_i2p Tower checkpoint (`backbone.*` and `head.*`, e.g. to continue from an export), or
+    the backbone in any layout a serving checkpoint may have (`checkpoints.backbone_layout`): a bare state dict
+    (timm), under a wrapper's prefix, or a whole model as its library saves it (open_clip's CLIP, whose `visual.*`
+    part is used; HF's whole BLIP-2 or CLIP, of which the image side is used). Position embeddings of another grid
+    are resampled; a backbone key missing from the file is an error, and an ImageNet classifier in it is dropped.
     """
     path = Path(path)
     state = read_weights(path, "cannot read initial weights")
     notes = []
     head_state = {}
+    expected = tower.backbone.state_dict()
+    lib = tower.library
     if any(k.startswith("backbone.") for k in state):
         head_state, state = under(state, "head."), under(state, "backbone.")
         notes.append("a kaggle_i2p tower checkpoint: backbone" + (" and head" if head_state else ""))
-    else:  # the layouts the library writes (open_clip's whole CLIP model, a bare timm state dict)
-        state, unwrapped = tower.library.unwrap_checkpoint(state)
+    elif (found := backbone_layout(expected, state, lib.classifier_prefixes, lib.layouts_for(tower.spec.arch))):
+        state, classifier, layout = found
+        notes += [layout] if layout else []
+        if classifier:
+            notes.append(f"dropped the file's classifier ({len(classifier)} tensor(s))")
+    else:  # no reading fits: the library's own, for the key difference reported below
+        state, unwrapped = lib.unwrap_checkpoint(state)
         notes += unwrapped
-    expected = tower.backbone.state_dict()
-    prefixes = tower.library.classifier_prefixes
-    classifier = sorted(k for k in state if k not in expected and prefixes and k.startswith(prefixes))
-    if classifier:
-        notes.append(f"dropped the file's classifier ({', '.join(classifier[:4])})")
-        state = {k: v for k, v in state.items() if k not in classifier}
-    state = tower.library.resample_position_embeddings(state, tower.backbone)
+    state = lib.resample_position_embeddings(state, tower.backbone)
     problems = key_diff(expected, state)
     if problems:
         raise TowerLoadError(f"initial weights {path} do not fit the backbone:\n  " + "\n  ".join(problems)

@@ -32,8 +32,7 @@ from ..manifest.fields import defaults_of, entry_field, written_fields
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
-              "optimizer",
-              "layer_decay", "warmup", "min_lr_scale"}
+              "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources"}
 
 
 class TrainConfigError(ManifestError):
@@ -117,6 +116,8 @@ class StageConfig:
     betas: tuple[float, float]
     grad_clip: float
     accumulation: int
+    work: Path | None = None  # the stage's own dataset folder (None: the run's `work`), validated on the run's
+    sources: tuple[str, ...] | None = None  # only the index rows of these sources train (None: every row)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,27 @@ def optimizer_problem(name: Any) -> str | None:
     return None
 
 
-def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems) -> StageConfig | None:
+def _dataset_folder(value: Any, where: str, base_dir: Path, check_files: bool, problems: Problems) -> Path | None:
+    """A build_dataset.sh folder a config names (`work`, a stage's `work`): resolved, and holding its index and
+    targets when files are checked; None when it cannot be used (reported)."""
+    what = "the build_dataset.sh folder (index.parquet, targets.npy)"
+    if not isinstance(value, str):
+        problems.add(where, f"is required: {what}" if value is None else f"{value!r} must be a path: {what}")
+        return None
+    try:
+        path = expand_path(value, base_dir)
+    except KeyError as err:
+        problems.add(where, f"environment variable {err.args[0]} is not set; export it")
+        return None
+    missing = [name for name in (INDEX, TARGETS) if check_files and not (path / name).is_file()]
+    if missing:
+        problems.add(where, f"{path} has no {' or '.join(missing)}: build the dataset first (build_dataset.sh, or "
+                            f"`python -m kaggle_i2p.dataset index --work {path}` once images exist)")
+    return path
+
+
+def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems, base_dir: Path,
+                 check_files: bool) -> StageConfig | None:
     where = f"stages[{index}]"
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping, e.g. {epochs: 1, resolution: 224, head_only: true, lr: 1e-3}")
@@ -219,8 +240,17 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
     problem = optimizer_problem(optimizer)
     if problem:
         problems.add(at("optimizer"), problem)
+    work = None if "work" not in raw else _dataset_folder(raw["work"], f"{where}.work", base_dir, check_files,
+                                                          problems)
+    sources = raw.get("sources")
+    if sources is not None and not (isinstance(sources, list) and sources
+                                    and all(isinstance(v, str) and v for v in sources)):
+        problems.add(f"{where}.sources", f"{sources!r} must be a list of the index's source names, e.g. [coyo]")
+        sources = None
     return StageConfig(
         name=str(raw.get("name", f"stage{index}")),
+        work=work,
+        sources=tuple(sorted(set(sources))) if sources else None,
         optimizer=str(optimizer),
         epochs=_int(raw.get("epochs", 1), f"{where}.epochs", problems, minimum=1),
         resolution=resolution,
@@ -278,22 +308,14 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
     if not isinstance(data, Mapping):
         raise TrainConfigError(path, ["the file must hold a mapping with work, output, tower and stages"])
     problems.unknown_keys(data, TOP_KEYS, what="top-level key")
-    paths = {}
-    for key, what in (("work", "the build_dataset.sh folder (index.parquet, targets.npy)"),
-                      ("output", "the folder for checkpoints and metrics")):
-        if not isinstance(data.get(key), str):
-            problems.add(key, f"is required: {what}")
-            continue
+    paths = {"work": _dataset_folder(data.get("work"), "work", base_dir, check_files, problems)}
+    if not isinstance(data.get("output"), str):
+        problems.add("output", "is required: the folder for checkpoints and metrics")
+    else:
         try:
-            paths[key] = expand_path(data[key], base_dir)
+            paths["output"] = expand_path(data["output"], base_dir)
         except KeyError as err:
-            problems.add(key, f"environment variable {err.args[0]} is not set; export it")
-    if check_files and "work" in paths:
-        missing = [name for name in (INDEX, TARGETS) if not (paths["work"] / name).is_file()]
-        if missing:
-            problems.add("work", f"{paths['work']} has no {' or '.join(missing)}: build the dataset first "
-                                 f"(build_dataset.sh, or `python -m kaggle_i2p.dataset index --work {paths['work']}` "
-                                 "once images exist)")
+            problems.add("output", f"environment variable {err.args[0]} is not set; export it")
 
     data_raw = _section(data, "data", DATA_DEFAULTS, problems)
     batch_size = _int(data_raw["batch_size"], "data.batch_size", problems, minimum=1)
@@ -325,7 +347,7 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
                                "lr: 1e-3}, {epochs: 5, resolution: 224}]")
         stages_raw = []
     for index, raw in enumerate(stages_raw):
-        stage = _parse_stage(raw, index, optim, data_config, problems)
+        stage = _parse_stage(raw, index, optim, data_config, problems, base_dir, check_files)
         if stage is not None:
             stages.append(stage)
     names = [s.name for s in stages]

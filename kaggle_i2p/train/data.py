@@ -43,6 +43,7 @@ class TrainingData:
     prompt_offsets: np.ndarray  # training prompt p owns prompt_rows[prompt_offsets[p]:prompt_offsets[p + 1]]
     prompt_rows: np.ndarray
     val_rows: np.ndarray
+    val_prompts: frozenset[str] = frozenset()  # the validation rows' prompts: a stage's own dataset leaves them out
 
     @property
     def n_train_prompts(self) -> int:
@@ -56,8 +57,14 @@ class TrainingData:
         return l2_normalize(self.targets[rows])
 
 
-def load_training_data(work: str | Path, val_fold: int, max_val_images: int | None = None) -> TrainingData:
-    """Read WORK/index.parquet + targets.npy; folds != val_fold train (grouped by prompt), val_fold validates."""
+def load_training_data(work: str | Path, val_fold: int, max_val_images: int | None = None,
+                       sources: tuple[str, ...] | None = None, validation_prompts: set[str] | None = None
+                       ) -> TrainingData:
+    """Read WORK/index.parquet + targets.npy; folds != val_fold train (grouped by prompt), val_fold validates.
+
+    A stage's own dataset: `sources` keeps only the index rows of those sources; `validation_prompts` (the prompts
+    of the validation folder's rows) makes this folder a training set only: all its folds train, but no row with a
+    validation prompt does (and it validates nothing)."""
     work = Path(work)
     index_path, targets_path = work / INDEX, work / TARGETS
     for path in (index_path, targets_path):
@@ -71,7 +78,7 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise TrainingDataError(f"{index_path}: cannot read it as parquet ({err}); rebuild it with `python -m "
                                 f"kaggle_i2p.dataset index --work {work}`") from err
-    missing = {"imgId", "prompt", "path", "fold"} - set(index.columns)
+    missing = ({"imgId", "prompt", "path", "fold"} | ({"source"} if sources else set())) - set(index.columns)
     if missing:
         raise TrainingDataError(f"{index_path}: missing column(s) {', '.join(sorted(missing))}; rebuild it with "
                                 f"`python -m kaggle_i2p.dataset index --work {work}`")
@@ -80,21 +87,36 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
         raise TrainingDataError(f"{targets_path}: shape {targets.shape} does not align with the {len(index)} rows of "
                                 f"{index_path}; rebuild both with the dataset's index step")
     folds = index["fold"].to_numpy()
-    if val_fold not in set(folds.tolist()):
-        raise TrainingDataError(f"{index_path}: no rows in validation fold {val_fold} (folds present: "
-                                f"{sorted(set(folds.tolist()))}); set data.val_fold")
-    val_rows = np.flatnonzero(folds == val_fold)
-    if max_val_images is not None:
-        val_rows = val_rows[:max_val_images]
-    train = index.loc[folds != val_fold, ["prompt"]].assign(row=np.flatnonzero(folds != val_fold))
+    if validation_prompts is None:
+        if val_fold not in set(folds.tolist()):
+            raise TrainingDataError(f"{index_path}: no rows in validation fold {val_fold} (folds present: "
+                                    f"{sorted(set(folds.tolist()))}); set data.val_fold")
+        val_rows = np.flatnonzero(folds == val_fold)
+        if max_val_images is not None:
+            val_rows = val_rows[:max_val_images]
+        training = folds != val_fold
+    else:
+        val_rows = np.zeros(0, dtype=np.int64)
+        training = ~index["prompt"].isin(validation_prompts).to_numpy()
+    if sources:
+        present = set(index["source"].astype(str).unique().tolist())
+        unknown = sorted(set(sources) - present)
+        if unknown:
+            raise TrainingDataError(f"{index_path}: no rows of source(s) {', '.join(unknown)} (sources present: "
+                                    f"{', '.join(sorted(present))}); fix the stage's sources")
+        training &= index["source"].astype(str).isin(sources).to_numpy()
+    train = index.loc[training, ["prompt"]].assign(row=np.flatnonzero(training))
     if train.empty:
-        raise TrainingDataError(f"{index_path}: every row is in fold {val_fold}; nothing is left to train on")
+        what = (f"every row is in fold {val_fold}" if validation_prompts is None and not sources
+                else "no row is left to train on after the stage's sources and the validation prompts")
+        raise TrainingDataError(f"{index_path}: {what}; nothing is left to train on")
     train = train.sort_values(["prompt", "row"], kind="stable")
     counts = train.groupby("prompt", sort=True).size().to_numpy()
     return TrainingData(work=work, ids=np.asarray(index["imgId"].astype(str).tolist(), dtype=str),
                         paths=np.asarray(index["path"].astype(str).tolist(), dtype=str), targets=targets,
                         prompt_offsets=np.concatenate([[0], np.cumsum(counts)]),
-                        prompt_rows=train["row"].to_numpy(), val_rows=val_rows)
+                        prompt_rows=train["row"].to_numpy(), val_rows=val_rows,
+                        val_prompts=frozenset(index["prompt"].iloc[val_rows].astype(str).tolist()))
 
 
 def epoch_rows(data: TrainingData, seed: int, epoch: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from ..kinds.regressor import RegressorSpec
 from ..models.towers import at_resolution, build_tower, check_architectures, load_initial_weights, tower_from_state
 from .checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from .config import StageConfig, TrainConfig, TrainConfigError, config_changes, load_train_config
-from .data import TrainImages, epoch_rows, load_training_data, loader, rank_batches
+from .data import TrainImages, TrainingData, epoch_rows, load_training_data, loader, rank_batches
 from .recipe import (
     ModelEMA,
     cosine_embedding_loss,
@@ -191,6 +191,7 @@ class Trainer:
         self.output = config.output
         self.data = load_training_data(config.work, config.data.val_fold, config.data.max_val_images)
         self.dim = int(self.data.targets.shape[1])
+        self.stage_data = self._stage_datasets()
         check_stage_architectures(config, self.dim)
         self.spec: RegressorSpec = config.tower
         self.progress = Progress()
@@ -304,12 +305,36 @@ class Trainer:
         return record
 
     # --- training ------------------------------------------------------------------------------------------------
-    def _steps_per_epoch(self, stage: StageConfig) -> int:
+    def _stage_datasets(self) -> list[TrainingData]:
+        """Each stage's training set, read (and checked to fill an optimizer step) before any weights load: the
+        run's `work` by default; a stage's own `work` folder and/or `sources` filter otherwise, without the
+        validation prompts. Validation is always the run's `work` fold `val_fold`."""
+        config, loaded = self.config, {}
+        datasets = []
+        for stage in config.stages:
+            key = (stage.work or config.work, stage.sources)
+            if key not in loaded:
+                own_folder = stage.work is not None and stage.work.resolve() != config.work.resolve()
+                if not own_folder and not stage.sources:
+                    loaded[key] = self.data
+                else:
+                    loaded[key] = load_training_data(
+                        key[0], config.data.val_fold, sources=stage.sources,
+                        validation_prompts=set(self.data.val_prompts) if own_folder else None)
+                    if loaded[key].targets.shape[1] != self.dim:
+                        raise TrainConfigError(config.path, [
+                            f"stages ({stage.name}).work: {key[0]}'s targets are {loaded[key].targets.shape[1]}-d, "
+                            f"the validation set's ({config.work}) {self.dim}-d; embed both with the same model"])
+            datasets.append(loaded[key])
+            self._steps_per_epoch(stage, loaded[key])
+        return datasets
+
+    def _steps_per_epoch(self, stage: StageConfig, data: TrainingData) -> int:
         per_step = stage.batch_size * self.world * stage.accumulation
-        steps = self.data.n_train_prompts // per_step
+        steps = data.n_train_prompts // per_step
         if steps == 0:
             raise TrainConfigError(self.config.path, [
-                f"stages ({stage.name}): {self.data.n_train_prompts} training prompts do not fill one optimizer step "
+                f"stages ({stage.name}): {data.n_train_prompts} training prompts do not fill one optimizer step "
                 f"of batch_size x processes x accumulation = {per_step}; lower the batch size"])
         return steps
 
@@ -354,6 +379,9 @@ class Trainer:
             stage = config.stages[index]
             resuming = self._resume_state is not None and self._resume_state.get("optimizer_stage") == index
             model, optimizer = self._prepare_stage(stage, self._resume_state["optimizer"] if resuming else None)
+            if self.main and self.stage_data[index] is not self.data:
+                log.info("stage %s trains on %d prompts of %s%s", stage.name, self.stage_data[index].n_train_prompts,
+                         self.stage_data[index].work, f" (sources {', '.join(stage.sources)})" if stage.sources else "")
             for epoch in range(self.progress.epoch, stage.epochs):
                 self._train_epoch(model, optimizer, stage, index, epoch, epochs_before + epoch)
             self.progress.stage, self.progress.epoch = index + 1, 0
@@ -367,13 +395,13 @@ class Trainer:
 
     def _train_epoch(self, model, optimizer, stage: StageConfig, index: int, epoch: int, epoch_key: int) -> None:
         """Train one epoch (or what is left of it after a resume), then validate and checkpoint."""
-        config, progress = self.config, self.progress
-        steps = self._steps_per_epoch(stage)
+        config, progress, data = self.config, self.progress, self.stage_data[index]
+        steps = self._steps_per_epoch(stage, data)
         total, done_before = steps * stage.epochs, steps * epoch
         warmup = round(stage.warmup * total) if stage.warmup < 1 else int(stage.warmup)
-        batches = rank_batches(epoch_rows(self.data, config.seed, epoch_key), stage.batch_size, self.world,
+        batches = rank_batches(epoch_rows(data, config.seed, epoch_key), stage.batch_size, self.world,
                                self.rank, stage.accumulation)[progress.step_in_epoch * stage.accumulation:]
-        dataset = TrainImages(self.data, self.spec.image, stage.resolution, config.data, config.seed, epoch_key)
+        dataset = TrainImages(data, self.spec.image, stage.resolution, config.data, config.seed, epoch_key)
         images = loader(dataset, batches, config.data.num_workers, self.device.type == "cuda")
         bar = tqdm(total=steps, initial=progress.step_in_epoch, disable=not self.main, unit="step", dynamic_ncols=True,
                    desc=f"{stage.name} {epoch + 1}/{stage.epochs} @{stage.resolution}")

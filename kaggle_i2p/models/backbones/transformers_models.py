@@ -39,6 +39,9 @@ FOREIGN_PREFIXES = ("text_model.", "text_projection", "logit_scale", "logit_bias
                     "language_projection.")  # a whole multimodal file's parts an image tower never uses
 
 
+# BLIP-2's query tokens and the Q-Former's input norm open the Q-Former: before its first layer, as a ConvNeXt stage's
+# downsample opens the stage (block -1)
+QFORMER_INPUT = re.compile(r"^\.(query_tokens$|qformer\.layernorm\.)")
 HF_BLOCKS = ((re.compile(r"\.qformer\.encoder\.layer\.(\d+)\."), 1),  # BLIP-2: after the vision model's layers
              (re.compile(r"\.encoder\.stages\.(\d+)\.layers\.(\d+)\."), None),  # ConvNeXt (stage, block)
              (re.compile(r"\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."), None),  # Swin (stage, block)
@@ -259,13 +262,16 @@ class TransformersLibrary(BackboneLibrary):
                     "repetition_penalty, length_penalty, no_repeat_ngram_size, min_new_tokens (no sampling)",
         "prompt": "with features: caption, a text the caption starts from (e.g. 'a picture of'), kept out of it",
     }
-    embedding_names = ("embeddings", "pre_layrnorm", "query_tokens")
+    embedding_names = ("embeddings", "pre_layrnorm")
     no_weight_decay_names = ("class_embedding", "position_embedding", "query_tokens", "position_ids")
     classifier_prefixes = ("classifier.", "head.", "fc.")
 
     def block_of(self, name: str) -> tuple[int, int] | None:
-        """(stage, block) by HF's names: the Q-Former's layers after the vision model's, ConvNeXt/Swin stages."""
+        """(stage, block) by HF's names: the Q-Former (its query tokens and input norm, then its layers) after the
+        vision model's layers; ConvNeXt/Swin stages."""
         dotted = f".{name}"
+        if QFORMER_INPUT.search(dotted):
+            return 1, -1
         for pattern, stage in HF_BLOCKS:
             match = pattern.search(dotted)
             if match:
