@@ -115,23 +115,29 @@ class Stop(Exception):
     """A run stopped on purpose, just after a checkpoint."""
 
 
-def _stopped_then_resumed(path: Path, stop_at_step: int, monkeypatch) -> None:
-    """Train until the checkpoint at `stop_at_step` (as if killed there), then rerun the same config to resume."""
+def _stop_at(path: Path, step: int, monkeypatch) -> dict:
+    """Train until the checkpoint at optimizer step `step` (as if killed just after it); returns that checkpoint."""
     from kaggle_i2p.train import trainer as trainer_module
 
     save = trainer_module.Trainer._save
 
     def save_then_stop(self, name, optimizer=None, stage=None):
         save(self, name, optimizer, stage)
-        if name == trainer_module.LAST and optimizer is not None and self.progress.global_step == stop_at_step:
+        if name == trainer_module.LAST and optimizer is not None and self.progress.global_step == step:
             raise Stop
 
     with monkeypatch.context() as patch:
         patch.setattr(trainer_module.Trainer, "_save", save_then_stop)
         with pytest.raises(Stop):
             train(path)
-    assert read_checkpoint(Path(yaml.safe_load(path.read_text())["output"]) / "last.pt")["progress"][
-        "global_step"] == stop_at_step
+    state = read_checkpoint(Path(yaml.safe_load(path.read_text())["output"]) / "last.pt")
+    assert state["progress"]["global_step"] == step
+    return state
+
+
+def _stopped_then_resumed(path: Path, step: int, monkeypatch) -> None:
+    """Stop the run just after the checkpoint at `step`, then rerun the same config to resume it."""
+    _stop_at(path, step, monkeypatch)
     train(path)
 
 
@@ -193,3 +199,159 @@ def test_staged_datasets_switch_at_the_stage_boundary_and_resume_mid_stage_on_th
     _stopped_then_resumed(configs["resumed"], pretrain_steps + steps_per_epoch + 1, monkeypatch)
     assert [d.work for d in read] == [pretraining_work] * 2 + [toy_work] * 2 + [toy_work]  # resumed on its set
     _assert_same_run(tmp_path / "resumed", tmp_path / "reference")
+
+
+def _open_clip_tower(folder: Path):
+    import json
+
+    from kaggle_i2p.core.validate import Problems
+    from kaggle_i2p.manifest.parse import ParseContext, parse_tower
+    from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG
+
+    (folder / "tiny.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    problems = Problems()
+    entry = {"name": "oc", "library": "open_clip", "arch": "tiny.json", "head": {"type": "linear"}, "weight": 1.0,
+             "image": {**IMAGE, "resolutions": [64]}}
+    spec = parse_tower(entry, 0, ParseContext(folder, problems, check_files=False, needs_checkpoint=False))
+    assert not problems.items
+    return build_tower(spec)
+
+
+def _timm_tower(folder: Path | None = None):
+    from kaggle_i2p.train.config import parse_train_config
+
+    return build_tower(parse_train_config(toy_training_config("/w", "/o"), "/c.yaml", check_files=False).tower)
+
+
+@pytest.mark.parametrize("make,blocks,adapted", [
+    (_timm_tower, (0.4, 0.8), {f"blocks.{b}.{m}" for b in (2, 3) for m in ("attn.qkv", "attn.proj", "mlp.fc1",
+                                                                           "mlp.fc2")}),
+    (_open_clip_tower, (2, 2), {"transformer.resblocks.1.attn", "transformer.resblocks.1.mlp.c_fc",
+                                "transformer.resblocks.1.mlp.c_proj"})])
+def test_merged_lora_adapters_compute_what_the_adapted_tower_did(make, blocks, adapted, tmp_path):
+    """peft's adapters on a block range (open_clip's MultiheadAttention adapted whole), trained away from zero,
+    merged: the plain tower computes what the adapted one did, and has a plain tower's keys."""
+    from kaggle_i2p.train.lora import Adapters, adapter_targets, add_adapters, block_range, merge_adapters
+
+    torch.manual_seed(0)
+    tower = make(tmp_path).eval()
+    plain_keys = set(tower.state_dict())
+    first, last = block_range(blocks, layer_ids(tower)[1])
+    targets = adapter_targets(tower, first, last)
+    assert set(targets) == adapted
+    add_adapters(tower, Adapters(targets, rank=4, alpha=8.0, dropout=0.0, seed=1))
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: a trained adapter is not
+                param.normal_(0, 0.2)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        adapted_out = tower(images)
+        assert merge_adapters(tower.backbone)
+        merged_out = tower(images)
+    assert set(tower.state_dict()) == plain_keys
+    assert (adapted_out - merged_out).abs().max() <= 1e-5 * adapted_out.abs().max()
+    plain = make(tmp_path).eval()
+    plain.load_state_dict(tower.state_dict())
+    assert not torch.allclose(plain(images), make(tmp_path).eval()(images))  # the merge moved the weights
+
+
+def _lora_config(toy_work: Path, output: Path, **overrides) -> dict:
+    stages = [{"name": "lp", "epochs": 1, "resolution": 32, "head_only": True, "lr": 1e-2},
+              {"name": "lora", "epochs": 2, "resolution": 32, "lora": {"blocks": [0.4, 0.8], "rank": 4, "alpha": 8},
+               "lr": 5e-3},
+              {"name": "top", "epochs": 1, "resolution": 32, "lr": 1e-3}]
+    return toy_training_config(toy_work, output, stages=stages, checkpoint_every=1, **overrides)
+
+
+def test_a_lora_stage_trains_its_range_through_adapters_and_its_export_is_the_merged_tower(
+        toy_work, tmp_path, monkeypatch):
+    """blocks [0.4, 0.8] of test_vit's 6: 1-2 frozen, 3-4 through adapters, 5-6 fully; a checkpoint taken in the
+    LoRA stage keeps the base weights and the adapters apart, and its export (merged) serves what the adapted
+    EMA computed."""
+    from kaggle_i2p.inference.images import decode_image, make_view
+    from kaggle_i2p.train.lora import Adapters, add_adapters, join_state
+
+    path = _write(tmp_path, _lora_config(toy_work, tmp_path / "run"))
+    mid = _stop_at(path, 5 + 6, monkeypatch)  # LP's 5 steps, then in the LoRA stage's second epoch
+    adapters = mid["adapters"]
+    assert adapters["stage"] == 1 and adapters["layout"]["rank"] == 4
+    assert set(adapters["layout"]["targets"]) == {f"blocks.{b}.{m}" for b in (2, 3)
+                                                  for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert set(mid["model"]) == set(_timm_tower().state_dict())  # a plain tower's keys: the frozen base
+    assert all("lora_" in k for k in adapters["model"]) and adapters["ema"].keys() == adapters["model"].keys()
+    assert any(v.abs().max() > 0 for k, v in adapters["model"].items() if "lora_B" in k)  # the adapters trained
+
+    exported = export_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "export")
+    spec = load_manifest(exported.manifest).towers[0]
+    adapted = build_tower(spec)  # the trained architecture (native at 32 px), the adapted EMA's weights
+    adapted.load_state_dict(mid["ema"])
+    add_adapters(adapted, Adapters(**{**adapters["layout"], "targets": tuple(adapters["layout"]["targets"])}))
+    adapted.load_state_dict(join_state(adapted, mid["ema"], adapters["ema"]))
+    adapted.eval()
+    ids = ["toy000_0", "toy004_0", "20057f34d"]
+    views = torch.cat([make_view(decode_image(toy_work / "images" / f"{i}.png").unsqueeze(0), spec.image, 32)
+                       for i in ids])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(adapted(views), dim=-1).numpy()
+    images = tmp_path / "served"
+    images.mkdir()
+    for image_id in ids:
+        (images / f"{image_id}.png").write_bytes((toy_work / "images" / f"{image_id}.png").read_bytes())
+    run = run_prediction(images, load_manifest(exported.manifest), device="cpu", progress=False)
+    assert list(run.ids) == sorted(ids)
+    order = [ids.index(i) for i in run.ids]
+    assert np.sum(run.embeddings * want[order], axis=1).min() >= 0.9999
+
+    train(path)  # resumed in the LoRA stage, then the top stage on the merged tower
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["adapters"] is None and set(last["model"]) == set(mid["model"])
+    lp = [r for r in last["history"] if r["stage"] == "lp"]
+    assert lp and last["history"][-1]["stage"] == "top"
+    torch.manual_seed(0)  # the run's initial weights (init: none, seed 0), LP trained only the head
+    initial = _timm_tower().state_dict()
+    for block in range(6):  # in the LoRA stage: blocks 1-4 keep their base weights (3-4 train through adapters)
+        key = f"backbone.blocks.{block}.mlp.fc2.weight"
+        assert torch.equal(mid["model"][key], initial[key]) == (block < 4), key
+
+
+def test_resume_is_bit_identical_with_lora_and_staged_data(toy_work, pretraining_work, tmp_path, monkeypatch):
+    config = _lora_config(toy_work, tmp_path / "ref")
+    config["stages"][0]["work"] = str(pretraining_work)
+    config["stages"][1]["sources"] = ["toy"]
+    reference = _write(tmp_path, config, "ref")
+    resumed = _write(tmp_path, {**config, "output": str(tmp_path / "resumed")}, "resumed")
+    train(reference)
+    lp_steps = read_checkpoint(tmp_path / "ref" / "last.pt")["history"][1]["global_step"]
+    _stopped_then_resumed(resumed, lp_steps + 5, monkeypatch)  # mid-way through the LoRA stage
+    _assert_same_run(tmp_path / "resumed", tmp_path / "ref")
+
+
+def test_lora_and_staged_config_errors_name_their_fields(toy_work, tmp_path):
+    from kaggle_i2p.train.config import TrainConfigError
+    from kaggle_i2p.train.trainer import Trainer
+
+    stages = [{"name": "a", "epochs": 1, "resolution": 32, "head_only": True, "lora": {"blocks": [0.8, 0.4]}},
+              {"name": "b", "epochs": 1, "resolution": 32, "lora": {"blocks": [2, 3], "rank": 0, "colour": 1},
+               "work": str(tmp_path / "nowhere"), "sources": "toy"}]
+    with pytest.raises(TrainConfigError) as caught:
+        load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o", stages=stages)))
+    message = str(caught.value)
+    for field in ("stages[0].head_only", "stages[0].lora.blocks", "stages[1].lora.rank", "stages[1].lora.colour: unknown key",
+                  "stages[1].work", "stages[1].sources"):
+        assert field in message, (field, message)
+
+    beyond = [{"name": "a", "epochs": 1, "resolution": 32, "lora": {"blocks": [5, 9]}},
+              {"name": "b", "epochs": 1, "resolution": 32, "lora": {"blocks": [1, 2], "modules": ["nothing"]}}]
+    with pytest.raises(TrainConfigError) as caught:  # before any weights or data: the meta-device tower's blocks
+        Trainer(load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o2", stages=beyond))))
+    message = str(caught.value)
+    assert "stages[0].lora.blocks: [5, 9] gives blocks 5..9, but test_vit has blocks 1..6" in message
+    assert "stages[1].lora: blocks 1..2 hold no Linear or MultiheadAttention module named nothing" in message
+
+    unknown_source = [{"name": "a", "epochs": 1, "resolution": 32, "sources": ["coyo"]}]
+    from kaggle_i2p.train.data import TrainingDataError
+
+    with pytest.raises(TrainingDataError, match="no rows of source.s. coyo .sources present: kaggle_sample, toy."):
+        Trainer(load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o3",
+                                                                        stages=unknown_source))))

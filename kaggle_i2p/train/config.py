@@ -28,11 +28,13 @@ from ..manifest import (
     parse_tower,
 )
 from ..manifest.fields import defaults_of, entry_field, written_fields
+from .lora import LoraSpec
 
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start"}
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
-              "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources"}
+              "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources", "lora"}
+LORA_KEYS = {"blocks", "rank", "alpha", "dropout", "modules"}
 
 
 class TrainConfigError(ManifestError):
@@ -118,6 +120,7 @@ class StageConfig:
     accumulation: int
     work: Path | None = None  # the stage's own dataset folder (None: the run's `work`), validated on the run's
     sources: tuple[str, ...] | None = None  # only the index rows of these sources train (None: every row)
+    lora: LoraSpec | None = None  # adapters on a block range, frozen below it, fully trained above it
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,43 @@ def _dataset_folder(value: Any, where: str, base_dir: Path, check_files: bool, p
     return path
 
 
+def _parse_lora(raw: Any, where: str, stage: Mapping, problems: Problems) -> LoraSpec | None:
+    """A stage's `lora:` section: blocks [first, last] (block numbers, or fractions of the blocks), rank, alpha,
+    dropout, modules; the stage may not also be head-only or set freeze_lowest (the range sets what is frozen)."""
+    import importlib.util
+
+    example = "e.g. {blocks: [0.4, 0.8], rank: 16, alpha: 16}"
+    if not isinstance(raw, Mapping):
+        problems.add(where, f"must be a mapping, {example}")
+        return None
+    problems.unknown_keys(raw, LORA_KEYS, where)
+    if importlib.util.find_spec("peft") is None:
+        problems.add(where, "LoRA needs peft, which is not installed: pip install peft")
+    for key in ("head_only", "freeze_lowest"):
+        if stage.get(key):
+            problems.add(f"{where.rsplit('.', 1)[0]}.{key}", "is not for a LoRA stage: lora.blocks sets it (frozen "
+                                                             "below the range, adapted in it, fully trained above)")
+    blocks = raw.get("blocks")
+    numbers = isinstance(blocks, list) and len(blocks) == 2 and all(is_number(v) for v in blocks)
+    whole = numbers and all(isinstance(v, int) for v in blocks) and 1 <= blocks[0] <= blocks[1]
+    fractions = numbers and not whole and 0 <= blocks[0] < blocks[1] <= 1
+    if not (whole or fractions):
+        problems.add(f"{where}.blocks", f"{blocks!r} must be [first, last]: block numbers from 1 (e.g. [13, 24]) or "
+                                        "fractions of the blocks (e.g. [0.4, 0.8]: the middle 40%)")
+        blocks = [1, 1]
+    modules = raw.get("modules")
+    if modules is not None and not (isinstance(modules, list) and modules
+                                    and all(isinstance(m, str) and m for m in modules)):
+        problems.add(f"{where}.modules", f"{modules!r} must be a list of module-name endings, e.g. [qkv, fc1, fc2]")
+        modules = None
+    return LoraSpec(
+        blocks=(blocks[0], blocks[1]) if whole else (float(blocks[0]), float(blocks[1])),
+        rank=_int(raw.get("rank", 16), f"{where}.rank", problems, minimum=1),
+        alpha=_number(raw.get("alpha", 16), f"{where}.alpha", problems),
+        dropout=_number(raw.get("dropout", 0.0), f"{where}.dropout", problems, high=1.0, high_open=True),
+        modules=tuple(modules) if modules else None)
+
+
 def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems, base_dir: Path,
                  check_files: bool) -> StageConfig | None:
     where = f"stages[{index}]"
@@ -247,8 +287,10 @@ def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: 
                                     and all(isinstance(v, str) and v for v in sources)):
         problems.add(f"{where}.sources", f"{sources!r} must be a list of the index's source names, e.g. [coyo]")
         sources = None
+    lora = None if raw.get("lora") is None else _parse_lora(raw["lora"], f"{where}.lora", raw, problems)
     return StageConfig(
         name=str(raw.get("name", f"stage{index}")),
+        lora=lora,
         work=work,
         sources=tuple(sorted(set(sources))) if sources else None,
         optimizer=str(optimizer),

@@ -111,6 +111,8 @@ def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict
         entry["arch"] = config.name
     used_ema = use_ema and state.get("ema") is not None
     weights = state["ema"] if used_ema else state["model"]
+    if state.get("adapters"):  # saved mid-way through a LoRA stage: merged into the weights, a plain tower
+        weights = _merged(state, weights, "ema" if used_ema else "model", checkpoint)
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     weights_path = folder / f"{entry['name']}.safetensors"
     with atomic_open(weights_path, "wb") as handle:
@@ -128,3 +130,21 @@ def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict
         handle.write(EXPORT_MARKER)
         yaml.safe_dump(entry, handle, sort_keys=False)
     return ExportResult(weights_path, entry_path, manifest_path, digest, used_ema)
+
+
+def _merged(state: dict, weights: dict, part: str, checkpoint: str | Path) -> dict:
+    """A plain tower's weights from a checkpoint taken during a LoRA stage: its base weights with the adapters merged
+    in by peft (`lora.merged_weights`), the tower built from the checkpoint's own entry."""
+    from ..core.validate import Problems
+    from ..manifest import ParseContext, parse_tower
+    from ..models.towers import tower_from_state
+    from .lora import merged_weights
+
+    problems = Problems()
+    spec = parse_tower(dict(state["tower"]), 0, ParseContext(Path(checkpoint).resolve().parent, problems,
+                                                             check_files=False, needs_checkpoint=False), label="tower")
+    if spec is None or problems.items:
+        raise ExportError(f"{checkpoint}: its tower entry no longer parses ({'; '.join(problems.items)})")
+    tower = tower_from_state(spec, weights, int(state.get("embedding_dim", 384)))
+    adapters = state["adapters"]
+    return merged_weights(tower, weights, adapters[part], adapters["layout"])

@@ -31,10 +31,21 @@ from ..models.towers import at_resolution, build_tower, check_architectures, loa
 from .checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from .config import StageConfig, TrainConfig, TrainConfigError, config_changes, load_train_config
 from .data import TrainImages, TrainingData, epoch_rows, load_training_data, loader, rank_batches
+from .lora import (
+    Adapters,
+    adapter_targets,
+    add_adapters,
+    block_range,
+    merge_adapters,
+    record,
+    set_trainable,
+    split_state,
+)
 from .recipe import (
     ModelEMA,
     cosine_embedding_loss,
     freeze_lowest,
+    layer_ids,
     llrd_param_groups,
     make_optimizer,
     set_head_only,
@@ -104,6 +115,30 @@ def check_stage_architectures(config: TrainConfig, embedding_dim: int = 384) -> 
     resolutions = sorted({s.resolution for s in config.stages} | set(spec.image.resolutions))
     probe = replace(spec, image=replace(spec.image, resolutions=tuple(resolutions)))
     check_architectures([probe], embedding_dim, source=config.path)
+
+
+def check_stage_adapters(config: TrainConfig, embedding_dim: int = 384) -> None:
+    """Every LoRA stage's block range lies within the tower's blocks and holds modules to adapt, checked on the meta
+    device before any data or weights load; raises TrainConfigError naming the stage's field."""
+    stages = [(i, s) for i, s in enumerate(config.stages) if s.lora is not None]
+    if not stages:
+        return
+    with torch.device("meta"):
+        tower = build_tower(config.tower, embedding_dim)
+    _, n_blocks = layer_ids(tower)
+    problems = []
+    for index, stage in stages:
+        first, last = block_range(stage.lora.blocks, n_blocks)
+        where = f"stages[{index}].lora"
+        if not 1 <= first <= last <= n_blocks:
+            problems.append(f"{where}.blocks: {list(stage.lora.blocks)} gives blocks {first}..{last}, but "
+                            f"{config.tower.arch} has blocks 1..{n_blocks}")
+        elif not adapter_targets(tower, first, last, stage.lora.modules):
+            problems.append(f"{where}: blocks {first}..{last} hold no Linear or MultiheadAttention module"
+                            + (f" named {', '.join(stage.lora.modules)}" if stage.lora.modules else "")
+                            + "; set lora.modules to module names of those blocks")
+    if problems:
+        raise TrainConfigError(config.path, problems)
 
 
 class MetricsLog:
@@ -193,6 +228,8 @@ class Trainer:
         self.dim = int(self.data.targets.shape[1])
         self.stage_data = self._stage_datasets()
         check_stage_architectures(config, self.dim)
+        check_stage_adapters(config, self.dim)
+        self.adapters: Adapters | None = None  # the current stage's LoRA adapters, while it runs
         self.spec: RegressorSpec = config.tower
         self.progress = Progress()
         self.history: list[dict] = []
@@ -241,10 +278,17 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint_state(self, optimizer=None, stage: int | None = None) -> dict:
+        model, ema = _cpu_state(self.tower), _cpu_state(self.ema.module) if self.ema else None
+        adapters = None
+        if self.adapters is not None:  # a plain tower's keys (the frozen base) and the adapters beside them
+            (model, model_adapters), (ema, ema_adapters) = split_state(model), split_state(ema or {})
+            adapters = {"stage": self.progress.stage, "layout": record(self.adapters), "model": model_adapters,
+                        "ema": ema_adapters if self.ema else None}
+            ema = ema if self.ema else None
         state = {"format": CHECKPOINT_FORMAT, "config": self.config.raw, "tower": self.spec.to_dict(),
-                 "embedding_dim": self.dim, "model": _cpu_state(self.tower),
-                 "ema": _cpu_state(self.ema.module) if self.ema else None, "progress": asdict(self.progress),
-                 "history": self.history, "world_size": self.world, "rng": torch.get_rng_state()}
+                 "embedding_dim": self.dim, "model": model, "ema": ema, "adapters": adapters,
+                 "progress": asdict(self.progress), "history": self.history, "world_size": self.world,
+                 "rng": torch.get_rng_state()}
         if optimizer is not None:
             scaler = self.accelerator.scaler
             state.update(optimizer=optimizer.state_dict(), optimizer_stage=stage,
@@ -338,7 +382,40 @@ class Trainer:
                 f"of batch_size x processes x accumulation = {per_step}; lower the batch size"])
         return steps
 
-    def _prepare_stage(self, stage: StageConfig, optimizer_state: dict | None):
+    def _add_adapters(self, stage: StageConfig, index: int, resuming: bool) -> None:
+        """A LoRA stage: adapters on its block range (the same in the EMA), frozen below, trained above; a resumed
+        stage takes its adapters' values from the checkpoint."""
+        _, n_blocks = layer_ids(self.tower)
+        first, last = block_range(stage.lora.blocks, n_blocks)
+        seed = int(np.random.SeedSequence([self.config.seed, index]).generate_state(1)[0])
+        self.adapters = Adapters(adapter_targets(self.tower, first, last, stage.lora.modules), stage.lora.rank,
+                                 stage.lora.alpha, stage.lora.dropout, seed)
+        add_adapters(self.tower, self.adapters)
+        saved = self._resume_state.get("adapters") if resuming else None
+        if saved is not None:
+            if set(saved["model"]) != set(split_state(self.tower.state_dict())[1]):
+                raise TrainingError(f"{self.output / LAST}: its adapters are not the ones stage {stage.name} makes "
+                                    f"(another peft version?); pass --restart to start over in {self.output}")
+            self.tower.load_state_dict(saved["model"], strict=False)
+        if self.ema is not None:
+            add_adapters(self.ema.module, self.adapters)
+            self.ema.module.load_state_dict(saved["ema"] if saved else split_state(self.tower.state_dict())[1],
+                                            strict=False)
+            self.ema.module.requires_grad_(False).eval()
+        trainable, total = set_trainable(self.tower, last)
+        if self.main:
+            log.info("stage %s: LoRA (rank %d) on blocks %d..%d (%d modules), frozen below, trained above: %.1f%% "
+                     "of %d parameters train", stage.name, stage.lora.rank, first, last, len(self.adapters.targets),
+                     100 * trainable / total, total)
+
+    def _merge_adapters(self) -> None:
+        """The end of a LoRA stage: the adapters merged into the weights (tower and EMA), a plain tower again."""
+        merge_adapters(self.tower.backbone)
+        if self.ema is not None:
+            merge_adapters(self.ema.module.backbone)
+        self.adapters = None
+
+    def _prepare_stage(self, stage: StageConfig, optimizer_state: dict | None, index: int = 0):
         self.tower = at_resolution(self.tower, stage.resolution, self.dim)
         self.spec = self.tower.spec
         if self.ema is not None:
@@ -346,6 +423,8 @@ class Trainer:
         set_head_only(self.tower, stage.head_only)
         if stage.freeze_lowest and not stage.head_only:
             freeze_lowest(self.tower, stage.freeze_lowest)
+        if stage.lora is not None:
+            self._add_adapters(stage, index, optimizer_state is not None)
         self.tower.train()
         if stage.head_only:
             self.tower.backbone.eval()  # linear probing: frozen features, no dropout or batch statistics
@@ -378,7 +457,8 @@ class Trainer:
         for index in range(self.progress.stage, len(config.stages)):
             stage = config.stages[index]
             resuming = self._resume_state is not None and self._resume_state.get("optimizer_stage") == index
-            model, optimizer = self._prepare_stage(stage, self._resume_state["optimizer"] if resuming else None)
+            model, optimizer = self._prepare_stage(stage, self._resume_state["optimizer"] if resuming else None,
+                                                   index)
             if self.main and self.stage_data[index] is not self.data:
                 log.info("stage %s trains on %d prompts of %s%s", stage.name, self.stage_data[index].n_train_prompts,
                          self.stage_data[index].work, f" (sources {', '.join(stage.sources)})" if stage.sources else "")
@@ -387,6 +467,8 @@ class Trainer:
             self.progress.stage, self.progress.epoch = index + 1, 0
             epochs_before += stage.epochs
             self.tower = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            if stage.lora is not None:
+                self._merge_adapters()
             self._save(LAST)  # between stages: the next stage starts a fresh optimizer
             self.accelerator.free_memory()
         self.accelerator.wait_for_everyone()
