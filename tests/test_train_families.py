@@ -337,8 +337,8 @@ def test_lora_and_staged_config_errors_name_their_fields(toy_work, tmp_path):
     with pytest.raises(TrainConfigError) as caught:
         load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o", stages=stages)))
     message = str(caught.value)
-    for field in ("stages[0].head_only", "stages[0].lora.blocks", "stages[1].lora.rank", "stages[1].lora.colour: unknown key",
-                  "stages[1].work", "stages[1].sources"):
+    for field in ("stages[0].head_only", "stages[0].lora.blocks", "stages[1].lora.rank",
+                  "stages[1].lora.colour: unknown key", "stages[1].work", "stages[1].sources"):
         assert field in message, (field, message)
 
     beyond = [{"name": "a", "epochs": 1, "resolution": 32, "lora": {"blocks": [5, 9]}},
@@ -355,3 +355,117 @@ def test_lora_and_staged_config_errors_name_their_fields(toy_work, tmp_path):
     with pytest.raises(TrainingDataError, match="no rows of source.s. coyo .sources present: kaggle_sample, toy."):
         Trainer(load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o3",
                                                                         stages=unknown_source))))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip CLIP saved whole (image and text towers): the image tower's init and the text map's CLIP."""
+    import json
+
+    import open_clip
+
+    from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "tiny_clip.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    torch.manual_seed(11)
+    torch.save(open_clip.CLIP(**TINY_OPEN_CLIP_CONFIG).state_dict(), folder / "clip.pt")
+    return folder
+
+
+def _text_map_config(toy_work: Path, output: Path, clip: Path, ridge: float) -> dict:
+    return toy_training_config(
+        toy_work, output, checkpoint_every=1,
+        tower={"name": "mapped", "library": "open_clip", "arch": str(clip / "tiny_clip.json"),
+               "init": str(clip / "clip.pt"), "head": {"type": "linear", "init": "text_map"},
+               "image": IMAGE},
+        text_map={"clip_arch": str(clip / "tiny_clip.json"), "clip_checkpoint": str(clip / "clip.pt"),
+                  "ridge": ridge, "batch_size": 16},
+        stages=[{"name": "ft", "epochs": 2, "resolution": 64, "lr": 1e-3}])
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+def test_the_text_map_head_starts_at_its_least_squares_optimum(toy_work, tiny_clip, tmp_path, ridge):
+    """The head's weight is argmin |XW - Y|² + λ|W|² over the training prompts (X: their CLIP text embeddings, Y:
+    their targets), as numpy's lstsq finds it; the map's validation cosine is in the metrics."""
+    import json
+
+    import pandas as pd
+
+    from kaggle_i2p.bank.build import clip_embedder
+    from kaggle_i2p.core.ensemble import l2_normalize
+    from kaggle_i2p.train.trainer import Trainer
+
+    config = load_train_config(_write(tmp_path, _text_map_config(toy_work, tmp_path / "run", tiny_clip, ridge)))
+    trainer = Trainer(config)
+    weight = trainer.tower.head.weight.detach().double().numpy().T
+    assert torch.count_nonzero(trainer.tower.head.bias) == 0
+    assert torch.equal(trainer.ema.module.head.weight, trainer.tower.head.weight)  # the EMA starts there too
+
+    index = pd.read_parquet(toy_work / "index.parquet")
+    data = trainer.data
+    rows = data.prompt_rows[data.prompt_offsets[:-1]]
+    embed = clip_embedder(str(tiny_clip / "tiny_clip.json"), tiny_clip / "clip.pt", "cpu", 64)
+    x = embed(index["prompt"].iloc[rows].tolist()).astype(np.float64)
+    y = l2_normalize(data.targets[rows]).astype(np.float64)
+    assert len(set(index["prompt"].iloc[rows])) == len(rows) == data.n_train_prompts
+    lam = ridge * np.trace(x.T @ x) / x.shape[1]
+    best = np.linalg.lstsq(np.vstack([x, np.sqrt(lam) * np.eye(x.shape[1])]),
+                           np.vstack([y, np.zeros((x.shape[1], y.shape[1]))]), rcond=None)[0]
+
+    def objective(w):
+        return np.sum((x @ w - y) ** 2) + lam * np.sum(w ** 2)
+
+    assert objective(weight) == pytest.approx(objective(best), rel=1e-4)
+    assert objective(weight) < objective(best + 1e-3 * np.random.default_rng(0).normal(size=best.shape))
+    if ridge:  # a unique optimum
+        np.testing.assert_allclose(weight, best, rtol=1e-3, atol=1e-4)
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["type"] == "text_map"]
+    val = data.val_rows
+    want = np.mean(np.sum(l2_normalize(embed(index["prompt"].iloc[val].tolist()).astype(np.float64) @ best)
+                          * l2_normalize(data.targets[val]), axis=1))
+    assert record["prompts"] == data.n_train_prompts and record["val_images"] == len(val)
+    assert record["val_cosine"] == pytest.approx(want, abs=2e-3)
+
+
+def test_a_text_map_run_resumes_bit_identically_and_exports(toy_work, tiny_clip, tmp_path, monkeypatch):
+    reference = _write(tmp_path, _text_map_config(toy_work, tmp_path / "ref", tiny_clip, 0.01), "ref")
+    resumed = _write(tmp_path, _text_map_config(toy_work, tmp_path / "resumed", tiny_clip, 0.01), "resumed")
+    result = train(reference)
+    _stopped_then_resumed(resumed, 7, monkeypatch)
+    _assert_same_run(tmp_path / "resumed", tmp_path / "ref")
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "text_map" for r in records) == 1  # fitted once: the resumed run kept the head
+    exported = export_checkpoint(result.best, tmp_path / "export")
+    assert "init" not in load_manifest(exported.manifest).towers[0].to_dict()["head"]
+    _served_equals_trained(result, exported, toy_work, tmp_path)
+
+
+def test_text_map_config_errors_name_their_fields(toy_work, tiny_clip, tmp_path):
+    from kaggle_i2p.train.config import TrainConfigError
+    from kaggle_i2p.train.trainer import Trainer
+
+    config = toy_training_config(toy_work, tmp_path / "o")
+    config["tower"]["head"] = {"type": "mlp", "hidden": 32, "init": "text_map"}
+    with pytest.raises(TrainConfigError) as caught:
+        load_train_config(_write(tmp_path, config))
+    assert "text_map: is required with tower.head.init: text_map" in str(caught.value)
+    assert "tower.head.type: must be linear" not in str(caught.value)  # one problem at a time: the section first
+    config["text_map"] = {"clip_arch": str(tiny_clip / "tiny_clip.json"), "clip_checkpoint": "missing.pt",
+                          "ridge": -1}
+    with pytest.raises(TrainConfigError) as caught:
+        load_train_config(_write(tmp_path, config))
+    for field in ("tower.head.type: must be linear", "text_map.clip_checkpoint", "text_map.ridge"):
+        assert field in str(caught.value), field
+    config["tower"]["head"] = {"type": "linear", "init": "text_map"}  # test_vit's 64-d features, CLIP's 32-d text
+    config["text_map"] = {"clip_arch": str(tiny_clip / "tiny_clip.json"),
+                          "clip_checkpoint": str(tiny_clip / "clip.pt")}
+    with pytest.raises(TrainConfigError, match="text_map maps .*32-d text embeddings, but the head takes 64-d"):
+        Trainer(load_train_config(_write(tmp_path, config)))
+    config["tower"]["head"] = {"type": "linear"}
+    with pytest.raises(TrainConfigError, match="text_map: is only read with tower.head.init: text_map"):
+        load_train_config(_write(tmp_path, config))

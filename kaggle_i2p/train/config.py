@@ -29,9 +29,12 @@ from ..manifest import (
 )
 from ..manifest.fields import defaults_of, entry_field, written_fields
 from .lora import LoraSpec
+from .text_map import TextMapConfig
 
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
-            "checkpoint_every", "log_every", "eval_at_start"}
+            "checkpoint_every", "log_every", "eval_at_start", "text_map"}
+TEXT_MAP_KEYS = {"clip_arch", "clip_checkpoint", "ridge", "batch_size", "max_prompts"}
+HEAD_INITS = ("random", "text_map")
 STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
               "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources", "lora"}
 LORA_KEYS = {"blocks", "rank", "alpha", "dropout", "modules"}
@@ -135,6 +138,7 @@ class TrainConfig:
     cpu: bool
     tower: RegressorSpec  # its checkpoint is None: export writes it
     init: Path | None  # None: random initialisation (`init: none`)
+    text_map: TextMapConfig | None  # `head.init: text_map`: the head starts as the CLIP-text -> MiniLM map
     data: DataConfig
     loss: LossConfig
     ema_decay: float  # 0: no EMA
@@ -317,6 +321,8 @@ def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
                               "the local pretrained weights")
         return None, None
     entry = {k: v for k, v in raw.items() if k != "init"}
+    if isinstance(entry.get("head"), Mapping) and "init" in entry["head"]:  # the trainer's, not the served entry's
+        entry["head"] = {k: v for k, v in entry["head"].items() if k != "init"}
     for key in ("checkpoint", "sha256", "weight", "kind", "retrieval", "dim_weights"):
         if key in entry:
             problems.add(f"tower.{key}", "is written by `kaggle-i2p export`, not given to the trainer; remove it")
@@ -339,6 +345,49 @@ def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
     elif raw["init"] != "none":
         init = resolve_file(raw["init"], base_dir, "tower.init", problems, "pretrained weights")
     return spec, init
+
+
+def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: Problems) -> TextMapConfig | None:
+    """`tower.head.init` and the `text_map:` section it needs: None for a random head (the default)."""
+    head = (data.get("tower") or {}).get("head") if isinstance(data.get("tower"), Mapping) else None
+    init = head.get("init", "random") if isinstance(head, Mapping) else "random"
+    section = data.get("text_map")
+    if init not in HEAD_INITS:
+        problems.add("tower.head.init", f"{init!r} is not one of {', '.join(HEAD_INITS)} (text_map: the head starts "
+                                        "as the least-squares map from the prompts' CLIP text embeddings)")
+        return None
+    if init == "random":
+        if section is not None:
+            problems.add("text_map", "is only read with tower.head.init: text_map; set it or remove this section")
+        return None
+    if not isinstance(section, Mapping):
+        problems.add("text_map", "is required with tower.head.init: text_map: {clip_arch, clip_checkpoint} (the "
+                                 "CLIP whose text tower maps the prompts), optionally ridge, batch_size, max_prompts")
+        return None
+    problems.unknown_keys(section, TEXT_MAP_KEYS, "text_map")
+    if head.get("type") != "linear":
+        problems.add("tower.head.type", "must be linear with init: text_map (the map is one Linear layer)")
+    arch = section.get("clip_arch")
+    if not (isinstance(arch, str) and arch):
+        problems.add("text_map.clip_arch", "is required: the open_clip model (name or model-config .json) of the CLIP "
+                                           "text tower, the one whose image tower this head sits on")
+        arch = ""
+    elif arch.endswith(".json"):
+        arch = str(expand_path(arch, base_dir))
+    checkpoint = section.get("clip_checkpoint")
+    if check_files:
+        checkpoint = resolve_file(checkpoint, base_dir, "text_map.clip_checkpoint", problems,
+                                  "whole open_clip CLIP checkpoint (text tower included)")
+    elif isinstance(checkpoint, str):
+        checkpoint = expand_path(checkpoint, base_dir)
+    else:
+        problems.add("text_map.clip_checkpoint", "is required: the whole open_clip CLIP checkpoint")
+    max_prompts = section.get("max_prompts")
+    return TextMapConfig(
+        clip_arch=arch, clip_checkpoint=Path(checkpoint or "."),
+        ridge=_number(section.get("ridge", 1e-3), "text_map.ridge", problems),
+        batch_size=_int(section.get("batch_size", 256), "text_map.batch_size", problems, minimum=1),
+        max_prompts=None if max_prompts is None else _int(max_prompts, "text_map.max_prompts", problems, 1))
 
 
 def parse_train_config(data: Any, path: str | Path, check_files: bool = True) -> TrainConfig:
@@ -398,6 +447,7 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
 
     tower, init = _parse_tower_section(data.get("tower"), base_dir, stages[-1].resolution if stages else None,
                                        problems)
+    text_map = _parse_text_map(data, base_dir, check_files, problems)
     precision = data.get("precision", "auto")
     if precision not in TRAIN_PRECISIONS:
         problems.add("precision", f"{precision!r} is not one of {', '.join(TRAIN_PRECISIONS)} (auto: bf16 where the "
@@ -409,7 +459,8 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
         raise TrainConfigError(path, list(dict.fromkeys(problems.items)))
     return TrainConfig(
         path=path, raw=dict(data), work=paths["work"], output=paths["output"], seed=seed,
-        cpu=bool(data.get("cpu", False)), tower=tower, init=init, data=data_config, loss=loss, ema_decay=ema_decay,
+        cpu=bool(data.get("cpu", False)), tower=tower, init=init, text_map=text_map, data=data_config, loss=loss,
+        ema_decay=ema_decay,
         ema_warmup=bool(ema["warmup"]), precision=precision, stages=tuple(stages), checkpoint_every=checkpoint_every,
         log_every=log_every, eval_at_start=bool(data.get("eval_at_start", True)))
 

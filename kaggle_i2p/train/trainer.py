@@ -51,6 +51,7 @@ from .recipe import (
     set_head_only,
     warmup_cosine,
 )
+from .text_map import TextMap, fit_text_map
 
 log = logging.getLogger(__name__)
 LAST, BEST, BEST_PREDICTIONS = "last.pt", "best.pt", "best_val_predictions.npz"
@@ -141,6 +142,26 @@ def check_stage_adapters(config: TrainConfig, embedding_dim: int = 384) -> None:
         raise TrainConfigError(config.path, problems)
 
 
+def check_text_map(config: TrainConfig, embedding_dim: int = 384) -> None:
+    """`head.init: text_map` needs a Linear head from the CLIP embedding width (the text tower's) to the targets';
+    checked on the meta device before any weights load."""
+    if config.text_map is None:
+        return
+    from ..models.backbones.open_clip_models import open_clip_config
+
+    try:
+        clip_dim = int(open_clip_config(config.text_map.clip_arch)["embed_dim"])
+    except (ValueError, OSError, KeyError) as err:
+        raise TrainConfigError(config.path, [f"text_map.clip_arch: {err}"]) from err
+    with torch.device("meta"):
+        head = build_tower(config.tower, embedding_dim).head
+    if not isinstance(head, torch.nn.Linear) or head.in_features != clip_dim:
+        width = head.in_features if isinstance(head, torch.nn.Linear) else "?"
+        raise TrainConfigError(config.path, [
+            f"tower.head.init: text_map maps {config.text_map.clip_arch}'s {clip_dim}-d text embeddings, but the "
+            f"head takes {width}-d features: give the tower the CLIP's projected image embedding (the same CLIP)"])
+
+
 class MetricsLog:
     """metrics.jsonl (every logged step and epoch) and metrics.csv (one row per epoch), written by the main process;
     a resumed run first drops the records of steps after its checkpoint."""
@@ -229,18 +250,46 @@ class Trainer:
         self.stage_data = self._stage_datasets()
         check_stage_architectures(config, self.dim)
         check_stage_adapters(config, self.dim)
+        check_text_map(config, self.dim)
         self.adapters: Adapters | None = None  # the current stage's LoRA adapters, while it runs
         self.spec: RegressorSpec = config.tower
         self.progress = Progress()
         self.history: list[dict] = []
         self._resume_state = None if restart else self._read_last()
         self.tower = self._initial_tower()
+        text_map = self._text_map_head() if config.text_map is not None and self._resume_state is None else None
         self.ema = None
         if config.ema_decay > 0:
             self.ema = ModelEMA(self.tower, config.ema_decay, warmup=config.ema_warmup)
             if self._resume_state is not None:
                 self.ema.module.load_state_dict(self._resume_state["ema"])
         self.metrics = MetricsLog(self.output, self.main, self.progress.global_step if self._resume_state else None)
+        if text_map is not None:
+            self.metrics.write({"type": "text_map", "global_step": 0, "prompts": text_map.prompts,
+                                "val_cosine": round(text_map.val_cosine, 6), "val_images": text_map.val_prompts,
+                                "ridge": config.text_map.ridge})
+
+    def _text_map_head(self) -> TextMap:
+        """`head.init: text_map`: the head's weight becomes the ridge map from the training prompts' CLIP text
+        embeddings to their targets (bias zero), fitted once on the main process and given to the others."""
+        config = self.config.text_map
+        text_map = None
+        if self.main:
+            log.info("fitting the text-map head: %s text embeddings of the training prompts -> targets (ridge %g)",
+                     config.clip_arch, config.ridge)
+            text_map = fit_text_map(config, self.stage_data, self.data, str(self.device), self.config.seed)
+            log.info("text-map head: fitted on %d prompts; text -> target cosine on the validation prompts %.4f",
+                     text_map.prompts, text_map.val_cosine)
+        weight = torch.zeros_like(self.tower.head.weight) if text_map is None else torch.from_numpy(text_map.weight)
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            weight = broadcast(weight.to(self.device), from_process=0).cpu()
+        with torch.no_grad():
+            self.tower.head.weight.copy_(weight)
+            if self.tower.head.bias is not None:
+                self.tower.head.bias.zero_()
+        return text_map
 
     # --- set-up -----------------------------------------------------------------------------------------------
     def _read_last(self) -> dict | None:
