@@ -65,7 +65,8 @@ def blip2(tmp_path_factory):
     model = hf.Blip2Model(hf.Blip2Config.from_dict(tiny_hf_config("blip2")))
     with torch.no_grad():  # BLIP-2's own initialisation barely lets a tiny model see the image: make it look
         model.vision_model.embeddings.patch_embedding.weight.normal_(0, 0.3)
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), max_shard_size="100KB")  # shards and their index, as the real one is saved
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
     return folder, model
 
 
@@ -73,7 +74,8 @@ def test_blip2_query_tower_trains_from_a_whole_saved_model_and_its_export_serves
         blip2, toy_work, tmp_path):
     folder, model = blip2
     tower_entry = {"name": "blip2_q", "library": "transformers", "arch": str(folder), "features": "query_mean",
-                   "init": str(folder / "model.safetensors"), "head": {"type": "linear"}, "image": IMAGE}
+                   "init": str(folder / "model.safetensors.index.json"), "head": {"type": "linear"},
+                   "image": IMAGE}
     config = toy_training_config(toy_work, tmp_path / "run", eval_at_start=False, tower=tower_entry,
                                  data={"val_fold": 0, "batch_size": 16, "num_workers": 0},
                                  stages=[{"name": "ft", "epochs": 1, "resolution": 64, "freeze_lowest": 1}])
@@ -81,7 +83,7 @@ def test_blip2_query_tower_trains_from_a_whole_saved_model_and_its_export_serves
     spec = load_train_config(path).tower
 
     tower = build_tower(spec)  # the image side of the whole file: vision model, query tokens, Q-Former
-    notes = load_initial_weights(tower, folder / "model.safetensors")
+    notes = load_initial_weights(tower, folder / "model.safetensors.index.json")
     assert "image side" in " ".join(notes)
     own = model.state_dict()
     for key, value in tower.backbone.state_dict().items():
@@ -469,3 +471,48 @@ def test_text_map_config_errors_name_their_fields(toy_work, tiny_clip, tmp_path)
     config["tower"]["head"] = {"type": "linear"}
     with pytest.raises(TrainConfigError, match="text_map: is only read with tower.head.init: text_map"):
         load_train_config(_write(tmp_path, config))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_recipe_configs_validate_at_their_real_sizes_on_the_meta_device(tmp_path, monkeypatch):
+    """configs/train_convnext_xxl_lora_staged.yaml (the 1st place's LoRA + staged data) and train_blip2_qformer.yaml
+    parse, run every stage on the meta device, and train what they say: ConvNeXt-XXL with about half its parameters
+    training in a LoRA stage, and BLIP-2's 39 vision layers + query tokens + 12 Q-Former layers as its blocks."""
+    from kaggle_i2p.train.lora import Adapters, adapter_targets, add_adapters, block_range, set_trainable
+    from kaggle_i2p.train.trainer import check_stage_adapters, check_stage_architectures
+
+    blip2 = tmp_path / "blip2-opt-2.7b"
+    blip2.mkdir()
+    (blip2 / "config.json").write_text(hf.Blip2Config().to_json_string())  # Salesforce/blip2-opt-2.7b's image side
+    (blip2 / "model.safetensors.index.json").write_text("{}")
+    (tmp_path / "convnext.bin").write_bytes(b"")
+    monkeypatch.setenv("BLIP2_DIR", str(blip2))
+    monkeypatch.setenv("CONVNEXT_XXL_WEIGHTS", str(tmp_path / "convnext.bin"))
+
+    config = load_train_config(ROOT / "configs" / "train_convnext_xxl_lora_staged.yaml", check_files=False)
+    reference = {t.name: t for t in load_manifest(ROOT / "weights_manifest.yaml", check_files=False).towers}
+    for field in ("library", "arch", "head", "image", "native_resolution"):
+        assert getattr(config.tower, field) == getattr(reference["convnext_xxl"], field), field
+    assert [s.work is not None for s in config.stages] == [True, True, False, False]
+    check_stage_architectures(config)
+    check_stage_adapters(config)
+    with torch.device("meta"):
+        tower = build_tower(config.tower)
+        n_blocks = layer_ids(tower)[1]
+        first, last = block_range(config.stages[1].lora.blocks, n_blocks)
+        targets = adapter_targets(tower, first, last)
+        add_adapters(tower, Adapters(targets, 32, 32.0, 0.0, 0))
+    trainable, total = set_trainable(tower, last)
+    assert (n_blocks, first, last) == (43, 18, 34) and len(targets) == 2 * (last - first + 1)  # fc1, fc2 each
+    assert 0.40 < trainable / total < 0.55, trainable / total  # the 1st place's 47%
+
+    config = load_train_config(ROOT / "configs" / "train_blip2_qformer.yaml", check_files=False)
+    check_stage_architectures(config)
+    with torch.device("meta"):
+        tower = build_tower(config.tower)
+    ids, n_blocks = layer_ids(tower)
+    assert n_blocks == 39 + 1 + 12 and tower.head.in_features == 768
+    assert ids["backbone.vision_model.encoder.layers.29.mlp.fc1.weight"] == 30  # the first to train after 29 frozen

@@ -4,6 +4,7 @@ shapes, check its sha256 (hashed once per process per file), and describe how it
 from __future__ import annotations
 
 import itertools
+import json
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,10 +36,26 @@ def program_format(path: Path) -> str:
     return "pickle" if "data.pkl" in names else "unknown"
 
 
+def shard_files(path: Path) -> list[Path] | None:
+    """The files a sharded checkpoint's index names (`model.safetensors.index.json`, `pytorch_model.bin.index.json`:
+    what save_pretrained writes for a large model, e.g. BLIP-2), beside it; None for a checkpoint in one file."""
+    if not path.name.endswith(".index.json"):
+        return None
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        return [path.parent / name for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TowerLoadError(f"{path}: not a sharded checkpoint's index (a weight_map of tensor -> file): "
+                             f"{err}") from err
+
+
 def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`, onto
     `device` (a GPU reads them straight into its memory, no host copy kept) (`mmap`: memory-mapped, nothing read until
-    used, for files in torch's zip format)."""
+    used, for files in torch's zip format); a sharded checkpoint's index reads all its shards."""
+    shards = shard_files(path)
+    if shards is not None:
+        return {k: v for shard in shards for k, v in read_state_dict(shard, mmap, device).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -87,7 +104,10 @@ def read_weights(path: Path, failure: str, device: str | torch.device = "cpu") -
 
 def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's keys (prefixes stripped) with meta tensors of their shapes, read without loading weights:
-    the safetensors header, or a memory-mapped torch file."""
+    the safetensors header, or a memory-mapped torch file (each shard's, for a sharded checkpoint's index)."""
+    shards = shard_files(path)
+    if shards is not None:
+        return {k: v for shard in shards for k, v in checkpoint_shapes(shard).items()}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -100,7 +120,12 @@ def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
 
 def file_keys(path: Path) -> set[str] | None:
     """The keys a checkpoint file holds at its top level, nothing unwrapped or stripped (None when its top level is
-    not a flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`)."""
+    not a flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`); a sharded checkpoint's, all its
+    shards'."""
+    shards = shard_files(path)
+    if shards is not None:
+        keys = [file_keys(shard) for shard in shards]
+        return None if any(k is None for k in keys) else set().union(*keys)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
