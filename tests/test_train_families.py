@@ -516,3 +516,56 @@ def test_the_recipe_configs_validate_at_their_real_sizes_on_the_meta_device(tmp_
     ids, n_blocks = layer_ids(tower)
     assert n_blocks == 39 + 1 + 12 and tower.head.in_features == 768
     assert ids["backbone.vision_model.encoder.layers.29.mlp.fc1.weight"] == 30  # the first to train after 29 frozen
+
+
+def _every_piece(tmp: Path, toy_work: Path, pretraining_work: Path, family: str, clip: Path, blip2_folder: Path,
+                 output: str) -> dict:
+    """A run with every new piece on: a staged dataset, a LoRA stage, a timm optimizer by name, and the text-map
+    head (open_clip, whose attention is adapted as a whole) or BLIP-2's vision + Q-Former from its sharded save."""
+    if family == "open_clip":
+        tower = {"name": "all", "library": "open_clip", "arch": str(clip / "tiny_clip.json"),
+                 "init": str(clip / "clip.pt"), "head": {"type": "linear", "init": "text_map"}, "image": IMAGE}
+        extra = {"text_map": {"clip_arch": str(clip / "tiny_clip.json"), "clip_checkpoint": str(clip / "clip.pt"),
+                              "ridge": 0.01}}
+    else:
+        tower = {"name": "all", "library": "transformers", "arch": str(blip2_folder), "features": "query_mean",
+                 "init": str(blip2_folder / "model.safetensors.index.json"), "head": {"type": "linear"},
+                 "image": IMAGE}
+        extra = {}
+    stages = [{"name": "pre", "epochs": 1, "resolution": 64, "work": str(pretraining_work), "optimizer": "madgrad",
+               "lr": 1e-3},
+              {"name": "lora", "epochs": 2, "resolution": 64, "sources": ["toy"],
+               "lora": {"blocks": [2, 2] if family == "open_clip" else [2, 4], "rank": 4, "alpha": 8}}]
+    return toy_training_config(toy_work, tmp / output, checkpoint_every=1, stages=stages, **extra, tower=tower)
+
+
+@pytest.mark.parametrize("family", ["open_clip", "transformers"])
+def test_resume_is_bit_identical_with_every_new_piece_on(family, toy_work, pretraining_work, tiny_clip, blip2,
+                                                         tmp_path, monkeypatch):
+    configs = {name: _write(tmp_path, _every_piece(tmp_path, toy_work, pretraining_work, family, tiny_clip,
+                                                   blip2[0], name), name) for name in ("ref", "resumed")}
+    result = train(configs["ref"])
+    pre_steps = result.history[1]["global_step"]
+    mid = _stop_at(configs["resumed"], pre_steps + 3, monkeypatch)  # in the LoRA stage, on the staged set
+    assert mid["adapters"] is not None and mid["adapters"]["stage"] == 1
+    if family == "open_clip":
+        assert "transformer.resblocks.1.attn" in mid["adapters"]["layout"]["targets"]  # MultiheadAttention
+    train(configs["resumed"])
+    _assert_same_run(tmp_path / "resumed", tmp_path / "ref")
+    exported = export_checkpoint(result.best, tmp_path / "export")
+    _served_equals_trained(result, exported, toy_work, tmp_path)
+
+
+def test_the_text_map_can_fit_on_a_seeded_sample_of_the_prompts(toy_work, pretraining_work):
+    from kaggle_i2p.train.data import load_training_data
+    from kaggle_i2p.train.text_map import training_prompts
+
+    main = load_training_data(toy_work, 0)
+    other = load_training_data(pretraining_work, 0, validation_prompts=set(main.val_prompts))
+    everything = training_prompts([main, other, main], seed=0, max_prompts=None)  # each dataset once
+    assert [len(rows) for _, rows in everything] == [main.n_train_prompts, other.n_train_prompts]
+    sample = training_prompts([main, other], seed=0, max_prompts=20)
+    assert sum(len(rows) for _, rows in sample) == 20
+    assert all(set(rows) <= set(full) for (_, rows), (_, full) in zip(sample, everything, strict=True))
+    again = training_prompts([main, other], seed=0, max_prompts=20)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(sample, again, strict=True))

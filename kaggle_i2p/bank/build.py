@@ -67,6 +67,13 @@ def minilm_embedder(model_path: str | Path | None, device: str, batch_size: int)
                                        half=half)
 
 
+def clip_text_width(arch: str) -> int:
+    """The width of an open_clip model's text embeddings (its `embed_dim`), from its config alone."""
+    from ..models.backbones.open_clip_models import open_clip_config
+
+    return int(open_clip_config(arch)["embed_dim"])
+
+
 def clip_embedder(arch: str, checkpoint: str | Path, device: str, batch_size: int) -> Embed:
     """Texts -> unit CLIP text embeddings from a local open_clip checkpoint (built with no pretrained tag)."""
     import open_clip

@@ -29,7 +29,6 @@ from ..manifest import (
 )
 from ..manifest.fields import defaults_of, entry_field, written_fields
 from .lora import LoraSpec
-from .text_map import TextMapConfig
 
 TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
             "checkpoint_every", "log_every", "eval_at_start", "text_map"}
@@ -93,6 +92,19 @@ class EmaSection:
 
     decay: float = 0.9998
     warmup: bool = True
+
+
+@dataclass(frozen=True)
+class TextMapConfig:
+    """The `text_map:` section: the CLIP text tower (an open_clip name or model-config .json, and its whole local
+    checkpoint), the relative ridge, the embedding batch, and an optional cap on the prompts fitted (a seeded
+    sample)."""
+
+    clip_arch: str
+    clip_checkpoint: Path
+    ridge: float = 1e-3
+    batch_size: int = 256
+    max_prompts: int | None = None
 
 
 DATA_DEFAULTS, LOSS_DEFAULTS = defaults_of(DataConfig), defaults_of(LossConfig)

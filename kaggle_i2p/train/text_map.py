@@ -14,32 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ..core.ensemble import l2_normalize
 from ..dataset.layout import INDEX
-
-if TYPE_CHECKING:  # data.py reads the config, which reads this module's section
-    from .data import TrainingData
+from .config import TextMapConfig
+from .data import TrainingData
 
 Embed = Callable[[list[str]], np.ndarray]
-
-
-@dataclass(frozen=True)
-class TextMapConfig:
-    """The `text_map:` section: the CLIP text tower (an open_clip name or model-config .json, and its whole local
-    checkpoint), the relative ridge, the embedding batch, and an optional cap on the prompts fitted (a seeded
-    sample)."""
-
-    clip_arch: str
-    clip_checkpoint: Path
-    ridge: float = 1e-3
-    batch_size: int = 256
-    max_prompts: int | None = None
 
 
 @dataclass(frozen=True)

@@ -147,10 +147,10 @@ def check_text_map(config: TrainConfig, embedding_dim: int = 384) -> None:
     checked on the meta device before any weights load."""
     if config.text_map is None:
         return
-    from ..models.backbones.open_clip_models import open_clip_config
+    from ..bank.build import clip_text_width
 
     try:
-        clip_dim = int(open_clip_config(config.text_map.clip_arch)["embed_dim"])
+        clip_dim = clip_text_width(config.text_map.clip_arch)
     except (ValueError, OSError, KeyError) as err:
         raise TrainConfigError(config.path, [f"text_map.clip_arch: {err}"]) from err
     with torch.device("meta"):
