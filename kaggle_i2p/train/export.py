@@ -135,10 +135,16 @@ def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict
 def _merged(state: dict, weights: dict, part: str, checkpoint: str | Path) -> dict:
     """A plain tower's weights from a checkpoint taken during a LoRA stage: its base weights with the adapters merged
     in by peft (`lora.merged_weights`), the tower built from the checkpoint's own entry."""
+    import importlib.util
+
     from ..core.validate import Problems
     from ..manifest import ParseContext, parse_tower
     from ..models.towers import tower_from_state
     from .lora import merged_weights
+
+    if importlib.util.find_spec("peft") is None:
+        raise ExportError(f"{checkpoint} was taken during a LoRA stage: merging its adapters needs peft (pip install "
+                          "peft), or export the checkpoint written at the stage's end")
 
     problems = Problems()
     spec = parse_tower(dict(state["tower"]), 0, ParseContext(Path(checkpoint).resolve().parent, problems,

@@ -330,10 +330,10 @@ class Trainer:
         model, ema = _cpu_state(self.tower), _cpu_state(self.ema.module) if self.ema else None
         adapters = None
         if self.adapters is not None:  # a plain tower's keys (the frozen base) and the adapters beside them
-            (model, model_adapters), (ema, ema_adapters) = split_state(model), split_state(ema or {})
+            model, model_adapters = split_state(model)
+            ema, ema_adapters = split_state(ema) if ema is not None else (None, None)
             adapters = {"stage": self.progress.stage, "layout": record(self.adapters), "model": model_adapters,
-                        "ema": ema_adapters if self.ema else None}
-            ema = ema if self.ema else None
+                        "ema": ema_adapters}
         state = {"format": CHECKPOINT_FORMAT, "config": self.config.raw, "tower": self.spec.to_dict(),
                  "embedding_dim": self.dim, "model": model, "ema": ema, "adapters": adapters,
                  "progress": asdict(self.progress), "history": self.history, "world_size": self.world,
