@@ -561,7 +561,7 @@ def test_the_text_map_can_fit_on_a_seeded_sample_of_the_prompts(toy_work, pretra
     from kaggle_i2p.train.text_map import training_prompts
 
     main = load_training_data(toy_work, 0)
-    other = load_training_data(pretraining_work, 0, validation_prompts=set(main.val_prompts))
+    other = load_training_data(pretraining_work, 0, validation_prompts=set(main.prompts(main.val_rows)))
     everything = training_prompts([main, other, main], seed=0, max_prompts=None)  # each dataset once
     assert [len(rows) for _, rows in everything] == [main.n_train_prompts, other.n_train_prompts]
     sample = training_prompts([main, other], seed=0, max_prompts=20)

@@ -261,9 +261,9 @@ def _parse_lora(raw: Any, where: str, stage: Mapping, problems: Problems) -> Lor
         modules = None
     return LoraSpec(
         blocks=(blocks[0], blocks[1]) if whole else (float(blocks[0]), float(blocks[1])),
-        rank=_int(raw.get("rank", 16), f"{where}.rank", problems, minimum=1),
-        alpha=_number(raw.get("alpha", 16), f"{where}.alpha", problems),
-        dropout=_number(raw.get("dropout", 0.0), f"{where}.dropout", problems, high=1.0, high_open=True),
+        rank=_int(raw.get("rank", LoraSpec.rank), f"{where}.rank", problems, minimum=1),
+        alpha=_number(raw.get("alpha", LoraSpec.alpha), f"{where}.alpha", problems),
+        dropout=_number(raw.get("dropout", LoraSpec.dropout), f"{where}.dropout", problems, high=1.0, high_open=True),
         modules=tuple(modules) if modules else None)
 
 
@@ -397,8 +397,8 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
     max_prompts = section.get("max_prompts")
     return TextMapConfig(
         clip_arch=arch, clip_checkpoint=Path(checkpoint or "."),
-        ridge=_number(section.get("ridge", 1e-3), "text_map.ridge", problems),
-        batch_size=_int(section.get("batch_size", 256), "text_map.batch_size", problems, minimum=1),
+        ridge=_number(section.get("ridge", TextMapConfig.ridge), "text_map.ridge", problems),
+        batch_size=_int(section.get("batch_size", TextMapConfig.batch_size), "text_map.batch_size", problems, 1),
         max_prompts=None if max_prompts is None else _int(max_prompts, "text_map.max_prompts", problems, 1))
 
 

@@ -43,7 +43,6 @@ class TrainingData:
     prompt_offsets: np.ndarray  # training prompt p owns prompt_rows[prompt_offsets[p]:prompt_offsets[p + 1]]
     prompt_rows: np.ndarray
     val_rows: np.ndarray
-    val_prompts: frozenset[str] = frozenset()  # the validation rows' prompts: a stage's own dataset leaves them out
 
     @property
     def n_train_prompts(self) -> int:
@@ -51,6 +50,12 @@ class TrainingData:
 
     def path(self, row: int) -> Path:
         return self.work / str(self.paths[row])
+
+    def prompts(self, rows: np.ndarray) -> list[str]:
+        """The prompts of index rows `rows` (only the index's prompt column is read, when asked: millions of
+        strings are not kept)."""
+        column = pd.read_parquet(self.work / INDEX, columns=["prompt"])["prompt"]
+        return column.iloc[rows].astype(str).tolist()
 
     def unit_targets(self, rows: np.ndarray | int) -> np.ndarray:
         """float32 unit-norm targets of these rows."""
@@ -115,8 +120,7 @@ def load_training_data(work: str | Path, val_fold: int, max_val_images: int | No
     return TrainingData(work=work, ids=np.asarray(index["imgId"].astype(str).tolist(), dtype=str),
                         paths=np.asarray(index["path"].astype(str).tolist(), dtype=str), targets=targets,
                         prompt_offsets=np.concatenate([[0], np.cumsum(counts)]),
-                        prompt_rows=train["row"].to_numpy(), val_rows=val_rows,
-                        val_prompts=frozenset(index["prompt"].iloc[val_rows].astype(str).tolist()))
+                        prompt_rows=train["row"].to_numpy(), val_rows=val_rows)
 
 
 def epoch_rows(data: TrainingData, seed: int, epoch: int) -> np.ndarray:

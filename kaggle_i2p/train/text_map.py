@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from ..core.ensemble import l2_normalize
-from ..dataset.layout import INDEX
 from .config import TextMapConfig
 from .data import TrainingData
 
@@ -60,12 +58,6 @@ def map_cosine(batches: Iterable[tuple[np.ndarray, np.ndarray]], weight: np.ndar
     return total / max(count, 1), count
 
 
-def prompt_texts(data: TrainingData, rows: np.ndarray) -> list[str]:
-    """The prompts of index rows `rows` of a training folder (only the index's prompt column is read)."""
-    column = pd.read_parquet(data.work / INDEX, columns=["prompt"])["prompt"]
-    return column.iloc[rows].astype(str).tolist()
-
-
 def training_prompts(datasets: Iterable[TrainingData], seed: int, max_prompts: int | None
                      ) -> list[tuple[TrainingData, np.ndarray]]:
     """One row per training prompt of each distinct dataset (a seeded sample of `max_prompts` in all, when set)."""
@@ -87,7 +79,7 @@ def embedded_batches(sets: Iterable[tuple[TrainingData, np.ndarray]], embed: Emb
                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(CLIP text embeddings, unit MiniLM targets) of those rows, a batch at a time."""
     for data, rows in sets:
-        texts = prompt_texts(data, rows)
+        texts = data.prompts(rows)
         for start in range(0, len(rows), batch_size):
             yield embed(texts[start:start + batch_size]), data.unit_targets(rows[start:start + batch_size])
 

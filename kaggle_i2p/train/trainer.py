@@ -403,7 +403,7 @@ class Trainer:
         run's `work` by default; a stage's own `work` folder and/or `sources` filter otherwise, without the
         validation prompts. Validation is always the run's `work` fold `val_fold`."""
         config, loaded = self.config, {}
-        datasets = []
+        datasets, validation_prompts = [], None
         for stage in config.stages:
             key = (stage.work or config.work, stage.sources)
             if key not in loaded:
@@ -411,9 +411,10 @@ class Trainer:
                 if not own_folder and not stage.sources:
                     loaded[key] = self.data
                 else:
-                    loaded[key] = load_training_data(
-                        key[0], config.data.val_fold, sources=stage.sources,
-                        validation_prompts=set(self.data.val_prompts) if own_folder else None)
+                    if own_folder and validation_prompts is None:
+                        validation_prompts = set(self.data.prompts(self.data.val_rows))
+                    loaded[key] = load_training_data(key[0], config.data.val_fold, sources=stage.sources,
+                                                     validation_prompts=validation_prompts if own_folder else None)
                     if loaded[key].targets.shape[1] != self.dim:
                         raise TrainConfigError(config.path, [
                             f"stages ({stage.name}).work: {key[0]}'s targets are {loaded[key].targets.shape[1]}-d, "
@@ -440,16 +441,16 @@ class Trainer:
         self.adapters = Adapters(adapter_targets(self.tower, first, last, stage.lora.modules), stage.lora.rank,
                                  stage.lora.alpha, stage.lora.dropout, seed)
         add_adapters(self.tower, self.adapters)
+        fresh = split_state(self.tower.state_dict())[1]
         saved = self._resume_state.get("adapters") if resuming else None
         if saved is not None:
-            if set(saved["model"]) != set(split_state(self.tower.state_dict())[1]):
+            if set(saved["model"]) != set(fresh):
                 raise TrainingError(f"{self.output / LAST}: its adapters are not the ones stage {stage.name} makes "
                                     f"(another peft version?); pass --restart to start over in {self.output}")
             self.tower.load_state_dict(saved["model"], strict=False)
         if self.ema is not None:
             add_adapters(self.ema.module, self.adapters)
-            self.ema.module.load_state_dict(saved["ema"] if saved else split_state(self.tower.state_dict())[1],
-                                            strict=False)
+            self.ema.module.load_state_dict(saved["ema"] if saved else fresh, strict=False)
             self.ema.module.requires_grad_(False).eval()
         trainable, total = set_trainable(self.tower, last)
         if self.main:
