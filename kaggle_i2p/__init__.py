@@ -13,20 +13,25 @@ from typing import Any
 
 from ._version import __version__
 from .core import moved
-from .core.registry import register_kind, register_library
-from .manifest import Manifest, ManifestError, load_manifest, register_named_manifest
+from .core.resources import NAMED_MANIFESTS
 
+# Everything else is imported on first use: `import kaggle_i2p` (and so the `kaggle-i2p` command's start, whose
+# Ctrl-C must be caught from its first moment) loads no numpy, YAML or torch.
 _LAZY = {"PredictionRun": "inference.predict", "RunSummary": "inference.predict", "predict_dir": "inference.predict",
          "predict_embeddings": "inference.predict", "run_prediction": "inference.predict",
-         "RunOptions": "inference.options"}
+         "RunOptions": "inference.options", "Manifest": "manifest", "ManifestError": "manifest",
+         "load_manifest": "manifest", "register_named_manifest": "manifest", "register_kind": "core.registry",
+         "register_library": "core.registry"}
+_SUBPACKAGES = {"core", "manifest", "models", "bank", "kinds", "inference", "tuning", "packaging", "dataset", "train",
+                "demo", "cli", "testing"}
 
 
 def __getattr__(name: str) -> Any:
-    """The prediction API, imported when first asked for."""
+    """The API and the subpackages, imported when first asked for."""
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    if name in moved.MOVED:  # `kaggle_i2p.towers` as an attribute, as it was when this package imported it
-        return import_module(f".{name}", __name__)
+    if name in moved.MOVED or name in _SUBPACKAGES:  # `kaggle_i2p.towers` as an attribute, as it was when this
+        return import_module(f".{name}", __name__)  # package imported it
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -37,7 +42,7 @@ def _demo_manifest():
     return build_demo_ensemble()
 
 
-register_named_manifest("demo", _demo_manifest)
+NAMED_MANIFESTS["demo"] = _demo_manifest  # what `register_named_manifest("demo", ...)` does, without its imports
 moved.install(__name__)  # `kaggle_i2p.towers` and the other old flat names keep working
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "predict_dir",
     "predict_embeddings",
     "register_kind",
+    "register_named_manifest",
     "register_library",
     "run_prediction",
 ]

@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .bank import INDEX_TYPES, SHARD_ROWS
-from .core.errors import I2PError
+from .core.errors import I2PError, OptionError
 from .core.resources import DEFAULT_MANIFEST, default_manifest
-from .manifest import PRECISIONS
 
 DEFAULT_CACHE = ".i2p_cache"
 
@@ -35,6 +33,8 @@ def _whole_number(minimum: int):
 
 def _add_run_options(parser: argparse.ArgumentParser, manifest_default: str | None = DEFAULT_MANIFEST,
                      manifest_help: str = "%(default)s") -> None:
+    from .manifest import PRECISIONS  # here, not at the top: the command's start imports nothing it can wait for
+
     parser.add_argument("--manifest", default=manifest_default,
                         help=f"weights manifest YAML, or `demo` for the real-weight demo ensemble (default: "
                              f"{manifest_help})")
@@ -107,6 +107,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.share is not None:
         from .inference.predict import encode_part
+
+        if args.captions_out is not None:
+            raise OptionError(f"--captions-out {args.captions_out}: a --share part writes no files but the cache; "
+                              "give --captions-out to the last `predict` without --share, which writes the CSV and "
+                              "the captions from the shared cache")
 
         images = encode_part(args.image_dir, args.manifest, args.cache_dir, args.share, _run_options(args))
         print(f"kaggle_i2p: part {args.share[0]} of {args.share[1]}: {images} images encoded into {args.cache_dir}; "
@@ -229,8 +234,11 @@ def _parser_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .core.fileio import check_writable_file
     from .models.recognise import append_entry, inspect_checkpoint
 
+    if args.append is not None and args.append.exists():
+        check_writable_file(args.append)  # a read-only manifest is refused before the checkpoint is read
     found = inspect_checkpoint(args.checkpoint, embedding_dim=args.embedding_dim, library=args.library,
                                arch=args.arch, name=args.name)
     print(found.text(), end="")
@@ -292,6 +300,8 @@ def _cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def _parser_build_bank(sub: argparse._SubParsersAction) -> None:
+    from .bank import INDEX_TYPES, SHARD_ROWS
+
     bank = sub.add_parser("build-bank", help="embed a text/CSV/parquet file of prompts into a retrieval bank")
     bank.add_argument("texts", type=Path)
     bank.add_argument("--out", type=Path, required=True)
@@ -472,22 +482,41 @@ def _os_error_message(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `kaggle-i2p`: every user error is one clear message and exit 2, Ctrl-C one line and 130."""
-    for stream in (sys.stdout, sys.stderr):  # a non-ASCII path must never fail the closing print
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    """Entry point of `kaggle-i2p`: every user error is one clear message and exit 2, Ctrl-C one line and 130 (also
+    while the command's parser and modules load)."""
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), "command")  # until the parser says
+    args = None
     try:
+        for stream in (sys.stdout, sys.stderr):  # a non-ASCII path must never fail the closing print
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+        args = build_parser().parse_args(argv)
+        command = args.command
         return args.func(args)
     except I2PError as err:
-        print(f"kaggle-i2p {args.command}: error: {err}", file=sys.stderr)
+        print(f"kaggle-i2p {command}: error: {err}", file=sys.stderr)
     except OSError as err:
-        print(f"kaggle-i2p {args.command}: error: {_os_error_message(err)}", file=sys.stderr)
+        print(f"kaggle-i2p {command}: error: {_os_error_message(err)}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"\nkaggle-i2p {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
+        kept = _kept(args) if args is not None else "nothing was written"
+        print(f"\nkaggle-i2p {command}: interrupted; {kept}", file=sys.stderr)
         return 130
     return 2
 
 
+def run() -> int:
+    """The `kaggle-i2p` console script: `main`, then Ctrl-C ignored while the interpreter shuts down (the command
+    is over and its exit status decided; a late Ctrl-C must not turn it into a traceback or exit -2)."""
+    import signal
+
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main's own handlers (a second Ctrl-C while the first one's line prints)
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

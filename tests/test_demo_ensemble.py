@@ -180,7 +180,12 @@ def test_retrieval_towers_use_the_cache_and_a_changed_bank_invalidates_it(demo_m
     assert second.summary.cached_images == 7 and np.array_equal(first.embeddings, second.embeddings)
 
     targets = folder / "imagenet_phrases" / "targets.npy"
-    os.utime(targets, ns=(targets.stat().st_atime_ns, targets.stat().st_mtime_ns + 10**9))  # the bank changed
+    os.utime(targets, ns=(targets.stat().st_atime_ns, targets.stat().st_mtime_ns + 10**9))  # touched, not changed:
+    kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)  # the cache holds
+    stat = targets.stat()
+    changed = np.load(targets)
+    np.save(targets, changed[::-1].copy())  # the bank changed (same size, the time set back): known by content
+    os.utime(targets, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(pytest.fail.Exception, match="recomputed"):
         kaggle_i2p.run_prediction(sample_dir / "images", folder / "demo_manifest.yaml", **options)
 

@@ -180,7 +180,7 @@ def test_a_file_inspect_cannot_read_is_one_message(tmp_path, capsys, case):
     path = tmp_path / "x.pth"
     if case == "unknown":
         torch.save({"encoder.w": torch.zeros(3, 3), "decoder.w": torch.zeros(3)}, path)
-        want = "not a family inspect knows; pass --library and --arch"
+        want = "matches no reading inspect knows; pass --library and --arch"
     elif case == "hf_without_config":
         data = tiny_hf_config("clip_vision")
         model = hf.CLIPVisionModel(hf.CONFIG_MAPPING[data["model_type"]].from_dict(data))
@@ -194,7 +194,7 @@ def test_a_file_inspect_cannot_read_is_one_message(tmp_path, capsys, case):
         want = "blocks.1.attn.qkv.weight"
     else:
         torch.save(nn.Linear(2, 2), path)
-        want = "not a family inspect knows"
+        want = "holds a whole pickled torch.nn.modules.linear.Linear object (torch.save(model)), whose code is never"
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert want in err and "Traceback" not in err, err
@@ -234,7 +234,7 @@ def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeyp
     with torch.device("meta"):
         prefix, model = build()
         shapes = {f"{prefix}{k}": tuple(v.shape) for k, v in model.state_dict().items()} | extra
-    monkeypatch.setattr(recognise, "_read_shapes", lambda path: dict(shapes))
+    monkeypatch.setattr(recognise, "_read_shapes", lambda path: (dict(shapes), None))
     monkeypatch.setattr(recognise, "describe_file", lambda path: "a state dict")
     monkeypatch.setattr(towers, "checkpoint_shapes", lambda path: {k: torch.empty(v, device="meta")
                                                                    for k, v in shapes.items()})

@@ -349,7 +349,7 @@ def test_lora_and_staged_config_errors_name_their_fields(toy_work, tmp_path):
         Trainer(load_train_config(_write(tmp_path, toy_training_config(toy_work, tmp_path / "o2", stages=beyond))))
     message = str(caught.value)
     assert "stages[0].lora.blocks: [5, 9] gives blocks 5..9, but test_vit has blocks 1..6" in message
-    assert "stages[1].lora: blocks 1..2 hold no Linear or MultiheadAttention module named nothing" in message
+    assert "stages[1].lora.modules: 'nothing' name(s) no Linear or MultiheadAttention module of test_vit" in message
 
     unknown_source = [{"name": "a", "epochs": 1, "resolution": 32, "sources": ["coyo"]}]
     from kaggle_i2p.train.data import TrainingDataError

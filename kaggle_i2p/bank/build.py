@@ -74,6 +74,36 @@ def clip_text_width(arch: str) -> int:
     return int(open_clip_config(arch)["embed_dim"])
 
 
+CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")  # what open_clip's CLIP takes of a model config
+
+
+def clip_checkpoint_problem(arch: str, checkpoint: str | Path) -> str | None:
+    """Why `checkpoint` cannot be the whole open_clip CLIP `arch` that `clip_embedder` loads (unreadable, not a
+    checkpoint, other keys or shapes), from its keys and shapes alone (no weights read); None when it fits."""
+    import open_clip
+    import torch
+
+    from ..models.backbones.open_clip_models import open_clip_config
+    from ..models.checkpoints import checkpoint_shapes, key_diff
+
+    try:
+        config = open_clip_config(arch)
+        with torch.device("meta"):
+            expected = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS}).state_dict()
+    except Exception as err:  # noqa: BLE001 - an unknown name or a damaged config is one problem
+        return f"cannot build open_clip {arch!r}: {err}"
+    try:
+        shapes = checkpoint_shapes(Path(checkpoint))
+    except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: {lines[0] if lines else ''}); "
+                "give the whole open_clip CLIP file (.safetensors or .pt)")
+    diff = key_diff(expected, shapes, limit=4)
+    if diff:
+        return f"{checkpoint} is not a whole open_clip {arch} checkpoint (text tower included): " + "; ".join(diff)
+    return None
+
+
 def clip_embedder(arch: str, checkpoint: str | Path, device: str, batch_size: int) -> Embed:
     """Texts -> unit CLIP text embeddings from a local open_clip checkpoint (built with no pretrained tag)."""
     import open_clip
@@ -87,8 +117,7 @@ def clip_embedder(arch: str, checkpoint: str | Path, device: str, batch_size: in
     if config["text_cfg"].get("hf_tokenizer_name"):
         raise BankError(f"{arch}: its tokenizer comes from the Hugging Face hub, which is not used here")
     # A normal build: CLIP's attention mask is a buffer only its constructor computes (never in a checkpoint).
-    model = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in ("embed_dim", "vision_cfg", "text_cfg",
-                                                                              "quick_gelu")})
+    model = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS})
     try:
         model.load_state_dict(strip_prefixes(read_state_dict(Path(checkpoint))), strict=True)
     except RuntimeError as err:
@@ -211,6 +240,8 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
     for given, what in ((clip_checkpoint, "--clip-checkpoint"), (text_model_path, "the MiniLM model folder")):
         if given is not None and not Path(given).exists():
             raise BankError(f"{what} {given}: no such file or folder; give the local path")
+    if keys == "clip" and (problem := clip_checkpoint_problem(clip_arch, clip_checkpoint)):
+        raise BankError(f"--clip-checkpoint: {problem}")
     if index is not None:
         if index not in INDEX_TYPES:
             raise BankError(f"index {index!r}: choose {', '.join(INDEX_TYPES)}")

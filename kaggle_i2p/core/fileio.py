@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,16 +26,34 @@ def _temp_prefix(name: str) -> str:
     return f".{name[:TEMP_NAME_CHARS]}."
 
 
+def write_target(path: str | Path) -> tuple[Path, int]:
+    """Where a write to `path` lands and the mode the new file gets: through a symlink to the file it names (the link
+    is kept, not replaced by a file), keeping an existing file's permissions (a private 0600 file stays private);
+    a new file gets what a plain open would give under the umask. An existing file that is read-only (no write
+    bit, or not writable by this user) is an OutputError: a user's write-protected file is never replaced."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        info = target.stat()
+    except (FileNotFoundError, NotADirectoryError):  # a new file (or one under a file: the caller says so)
+        return target, _default_mode(directory=False)
+    if stat.S_ISREG(info.st_mode) and (not stat.S_IMODE(info.st_mode) & 0o222 or not os.access(target, os.W_OK)):
+        raise OutputError(f"{path} is read-only (mode {stat.S_IMODE(info.st_mode):o}); it is left as it is: make it "
+                          "writable (chmod u+w) or choose another path")
+    return target, stat.S_IMODE(info.st_mode)
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[IO]:
-    """Write to a hidden temporary file beside `path`, renamed over it only when the block completes."""
-    path = Path(path)
+    """Write to a hidden temporary file beside `path`, renamed over it only when the block completes (through a
+    symlink to the file it names, an existing file's permissions kept: `write_target`)."""
+    path, file_mode = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,9 +93,14 @@ def write_parquet_batches(frames: Iterable, path: str | Path, columns: Sequence[
 
 
 def _default_mode(directory: bool) -> int:
-    """The mode a plain mkdir/open would give under the current umask (mkdtemp/mkstemp give 0700/0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode a plain mkdir/open would give under the current umask (mkdtemp/mkstemp give 0700/0600). Read from
+    /proc where there is one: setting the umask to read it would briefly change it for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
 
 
@@ -160,6 +184,7 @@ def check_writable_file(path: str | Path) -> Path:
         raise OutputError(f"cannot write {str(path)[:120]}: {too_long}")
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give the file's path, e.g. {path / 'submission.csv'}")
+    path, _ = write_target(path)  # through a link; a read-only file refused
     existing = path.parent if str(path.parent) else Path(".")
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -167,6 +192,40 @@ def check_writable_file(path: str | Path) -> Path:
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another path")
     probe_folder(existing, f"cannot write {path}: folder {existing}")
     return existing
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links and `..`), whether or not it exists yet."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
+
+
+def check_distinct_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Before any work: no two outputs of one command may be one file (the second write would replace the first),
+    and no output may be one of the command's input files (`inputs`: a name -> a file, or a folder whose files are
+    inputs). OutputError naming both."""
+    named = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if same_file(a, b):
+                raise OutputError(f"{first} and {second} both name {a}: the second write would replace the first; "
+                                  "give each its own file")
+        for what, source in inputs.items():
+            if source is None:
+                continue
+            source = Path(source)
+            if source.is_dir():
+                inside = Path(os.path.realpath(a)).parent == Path(os.path.realpath(source))
+                if inside and a.exists():
+                    raise OutputError(f"{first} {a} is a file of {what} {source}: writing it would replace an "
+                                      "input; choose another path")
+            elif same_file(a, source):
+                raise OutputError(f"{first} {a} is the {what}: writing it would replace it; choose another path")
 
 
 def probe_folder(folder: str | Path, what: str, room: int = 0) -> None:
@@ -276,7 +335,8 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def file_identity(path: str | Path) -> str:
-    """Resolved path, size, modification and status-change times: any rewrite of the file changes it (the ctime
-    cannot be set back, unlike the mtime), so a memoised hash is never served for other content."""
-    stat = Path(path).stat()
-    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    """Resolved path, size, modification and status-change times and inode: any rewrite of the file changes it (the
+    ctime cannot be set back, unlike the mtime; a file replaced by a rename has another inode), so a memoised hash is
+    never served for other content."""
+    info = Path(path).stat()
+    return f"{Path(path).resolve()}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"

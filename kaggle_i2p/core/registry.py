@@ -11,8 +11,11 @@ have registered says so in its problem line.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
+import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -30,6 +33,7 @@ class Registry:
         self.builtins = builtins  # the package's own modules, which register themselves on import
         self._entries: dict[str, Any] = {}
         self._failed: dict[str, str] = {}  # plugin entry point -> why it did not load
+        self.replaced: dict[str, str] = {}  # name -> the module whose entry took the package's own place
         self._loaded = False
         self._loading = False
 
@@ -39,9 +43,13 @@ class Registry:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.what} needs a non-empty `name` attribute, got {name!r}")
         self._load()  # the package's own first, whoever registers first
-        if name in self._entries and self._entries[name] is not entry and not replace:
+        taken = self._entries.get(name)
+        if taken is not None and taken is not entry and not replace:
             raise ValueError(f"a {self.what} named {name!r} is already registered "
-                             f"({type(self._entries[name]).__module__}); pass replace=True to put yours in its place")
+                             f"({type(taken).__module__}); pass replace=True to put yours in its place")
+        if taken is not None and taken is not entry and type(taken).__module__ in self.builtins:
+            self.replaced[name] = type(entry).__module__  # never silent: logged now, named in every run's summary
+            log.warning("the %s %r of kaggle_i2p is replaced by %s's", self.what, name, type(entry).__module__)
         self._entries[name] = entry
         return entry
 
@@ -57,17 +65,27 @@ class Registry:
             for module in self.builtins:
                 importlib.import_module(module)
             for point in entry_points(group=self.group):
-                try:
-                    loaded = point.load()  # a module registers itself as it is imported; an object is added here
-                    if not isinstance(loaded, ModuleType) and self._entries.get(loaded.name) is not loaded:
-                        self.register(loaded)
-                except Exception as err:  # noqa: BLE001 - a broken plugin is reported, never fatal
-                    self._failed[point.name] = f"{type(err).__name__}: {err}"
-                    log.warning("%s plugin %r (%s) cannot be loaded: %s", self.what, point.name, point.value,
-                                self._failed[point.name])
+                self._load_plugin(point)
             self._loaded = True
         finally:
             self._loading = False
+
+    def _load_plugin(self, point: Any) -> None:
+        """One installed plugin's entry point, loaded with its output held back: whatever it raises or prints, or a
+        SystemExit (a module that parses sys.argv at import), is logged with its output and never ends the command."""
+        held = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+                loaded = point.load()  # a module registers itself as it is imported; an object is added here
+                if not isinstance(loaded, ModuleType) and self._entries.get(loaded.name) is not loaded:
+                    self.register(loaded)
+            if held.getvalue():  # a plugin that loaded says what it said (our own warnings among it) on stderr
+                sys.stderr.write(held.getvalue())
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - a broken plugin is reported, never fatal
+            said = " ".join(held.getvalue().split())[-300:]
+            self._failed[point.name] = f"{type(err).__name__}: {err}" + (f" (it printed: {said})" if said else "")
+            log.warning("%s plugin %r (%s) cannot be loaded: %s", self.what, point.name, point.value,
+                        self._failed[point.name])
 
     def _ordered(self) -> list[tuple[str, Any]]:
         """The entries, the package's own first in their declared order (whichever was imported first), then the
@@ -83,7 +101,7 @@ class Registry:
     def get(self, name: str) -> Any:
         """The entry named `name`; KeyError with the registered names (and any plugin that failed to load)."""
         self._load()
-        if name not in self._entries:
+        if not isinstance(name, str) or name not in self._entries:
             raise KeyError(self.unknown(name))
         return self._entries[name]
 
@@ -96,7 +114,7 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def __iter__(self) -> Iterator[Any]:
         return iter([entry for _, entry in self._ordered()])

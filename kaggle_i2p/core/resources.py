@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -22,3 +23,8 @@ def on_kaggle() -> bool:
 def default_manifest() -> str:
     """The manifest a command uses when none is given: the competition's file on Kaggle, else the demo ensemble."""
     return DEFAULT_MANIFEST if on_kaggle() else DEMO_MANIFEST
+
+
+# Named manifests (`demo`) resolve to a file made on first use: name -> the builder that returns it. The package face
+# registers its own here at import (nothing heavy imported for it); `manifest.register_named_manifest` adds others.
+NAMED_MANIFESTS: dict[str, Callable[[], Path]] = {}

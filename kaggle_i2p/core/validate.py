@@ -100,8 +100,68 @@ def resolve_file(raw: Any, base_dir: Path, where: str, problems: Problems, what:
     return path
 
 
+MAX_YAML_NODES = 200_000  # a manifest or config is hundreds of nodes; aliases may not expand it past this
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text as data, safely: no Python tags (SafeLoader), and anchors/aliases allowed only while the document
+    they expand to stays under MAX_YAML_NODES nodes (a "billion laughs" file of 1 KB expands to gigabytes), and never
+    an alias inside the node it names. Raises yaml.YAMLError naming the problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its anchors and aliases (&name / *name) expand to more than {MAX_YAML_NODES:,} "
+                                 "values (an alias bomb); write the values out, or use fewer nested aliases")
+        return loader.construct_document(node)
+    except RecursionError as err:
+        raise yaml.YAMLError("it nests deeper than any manifest (or an alias refers to itself)") from err
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded, counted without expanding (each node's count
+    memoised); stops counting past MAX_YAML_NODES. An alias inside the node it names is a YAMLError."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if key in open_nodes:
+            raise yaml.YAMLError("an alias refers to a node that contains it (a recursive document)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise yaml.YAMLError("an alias refers to a node that contains it (a recursive document)")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def read_yaml(path: Path, error: Callable[[Path, list[str]], Exception], missing: str, hint: str = "") -> Any:
-    """A YAML file's data; a missing or unparsable file raises `error(path, [problem])` naming it."""
+    """A YAML file's data (`load_yaml_text`); a missing, unparsable or alias-bombed file raises
+    `error(path, [problem])` naming it."""
     if not path.is_file():
         raise error(path, [f"{missing}: {path.resolve()}{hint}"])
     data = path.read_bytes()
@@ -110,6 +170,6 @@ def read_yaml(path: Path, error: Callable[[Path, list[str]], Exception], missing
     except UnicodeDecodeError as err:
         raise error(path, [f"{decode_problem(err)}; save the file as UTF-8"]) from err
     try:
-        return yaml.safe_load(text)
+        return load_yaml_text(text)
     except yaml.YAMLError as err:
         raise error(path, [f"is not valid YAML: {err}"]) from err

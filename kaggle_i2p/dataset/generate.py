@@ -23,7 +23,7 @@ from ..core.errors import InputFileError
 from ..core.fileio import atomic_open
 from ..core.ranks import rank_and_world, rank_device
 from ..core.validate import setting_changes
-from .layout import GENERATION, IMAGES, PROMPT_INDEX
+from .layout import GENERATION, IMAGES, PROMPT_INDEX, require_text_step
 
 log = logging.getLogger("kaggle_i2p")
 
@@ -68,11 +68,26 @@ def shard(jobs: list[ImageJob], rank: int, world: int) -> list[ImageJob]:
     return jobs[rank::world]
 
 
+def check_model_folder(model_dir: str | Path) -> None:
+    """A local diffusers Stable Diffusion folder (model_index.json, unet/), checked before any setting is written or
+    image planned; InputFileError naming it and the fix."""
+    folder = Path(model_dir)
+    what = ("--model: give the local diffusers folder of Stable Diffusion 2 (StableDiffusionPipeline."
+            "save_pretrained, or a copy of stabilityai/stable-diffusion-2 with model_index.json)")
+    if not folder.is_dir():
+        raise InputFileError(f"{folder}: no such folder; {what}")
+    missing = [name for name in ("model_index.json", "unet/config.json") if not (folder / name).is_file()]
+    if missing:
+        raise InputFileError(f"{folder} has no {' or '.join(missing)}, so it is not a diffusers pipeline folder; "
+                             f"{what}")
+
+
 def load_pipeline(model_dir: str | Path, device: torch.device, fp16: bool):
     """A local diffusers StableDiffusionPipeline with DPMSolver++ and, in fp16, the SD2 attention upcast (without it
     the 768-v model makes black images); no safety checker, nothing from the hub."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+    check_model_folder(model_dir)
     dtype = torch.float16 if fp16 else torch.float32
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype, local_files_only=True,
                                                 upcast_attention=fp16)
@@ -108,6 +123,7 @@ def generate(work: str | Path, model_dir: str | Path, images_per_prompt: int = D
     from tqdm.auto import tqdm
 
     work = Path(work)
+    require_text_step(work, "generate", (PROMPT_INDEX,))
     rank, world, local_rank = rank_and_world()
     settings = {"images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "image_size": image_size, "render_size": render_size, "format": image_format}

@@ -34,3 +34,17 @@ def images_per_prompt(work: Path) -> int:
     if not (isinstance(count, int) and count >= 1):
         raise InputFileError(f"{settings}: images_per_prompt {count!r} is not a whole number >= 1")
     return count
+
+
+def require_text_step(work: Path, step: str, files: tuple[str, ...] = (PROMPT_INDEX, PROMPT_TARGETS)) -> None:
+    """The text step's output (`files`) must be in WORK before `step` reads it: one message saying what is missing
+    and the command that makes it (never a bare path from the parquet reader)."""
+    work = Path(work)
+    if not work.is_dir():
+        raise InputFileError(f"--work {work}: no such folder; the {step} step reads the folder the text step wrote "
+                             f"(python -m kaggle_i2p.dataset text PROMPTS... --work {work}, or build_dataset.sh)")
+    missing = [name for name in files if not (work / name).is_file()]
+    if missing:
+        raise InputFileError(f"{work} has no {' or '.join(missing)}: the text step has not finished there; run "
+                             f"`python -m kaggle_i2p.dataset text PROMPTS... --work {work}` (or build_dataset.sh) "
+                             f"before the {step} step")

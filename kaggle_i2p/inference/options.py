@@ -64,6 +64,17 @@ class RunOptions:
             raise OptionError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not (whole(self.cache_chunk_size) and self.cache_chunk_size >= 1):
             raise OptionError(f"cache chunk size {self.cache_chunk_size!r} must be a whole number >= 1")
+        if self.cache_dir is not None and not (isinstance(self.cache_dir, (str, os.PathLike)) and str(self.cache_dir)):
+            raise OptionError(f"cache_dir {self.cache_dir!r} must be a folder path (a str or Path), or None for no "
+                              "cache")
+        for name in ("verify_images", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} {getattr(self, name)!r} must be True or False")
+        if self.compile_views is not None and not isinstance(self.compile_views, bool):
+            raise OptionError(f"compile_views {self.compile_views!r} must be True, False or None (each tower's own)")
+        if not isinstance(self.device, (str, list, tuple)) and type(self.device).__name__ != "device":
+            raise OptionError(f"device {self.device!r} must be a name (auto, cpu, cuda, cuda:1, a list cuda:0,cuda:1) "
+                              "or a torch.device")
 
     def batch_size_on(self, device_type: str) -> int:
         """The batch size on a device of this type: the given one, else the type's default."""

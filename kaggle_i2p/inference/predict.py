@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..core.blocks import blocks
 from ..core.ensemble import combine_towers, combine_views, unusable_rows
 from ..core.errors import OptionError, OutputError
-from ..core.fileio import check_writable_file, probe_folder
+from ..core.fileio import check_distinct_outputs, check_writable_file, probe_folder
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
 from ..models.towers import checkpoint_fit, load_tower, validate_manifest
@@ -66,12 +66,16 @@ class RunSummary:
     cache_failed: bool = False  # the cache could not be written and was switched off (the run went on)
     keys_left_out: dict[str, int] = field(default_factory=dict)  # per tower: checkpoint keys ignored or not its own
     seconds: float = 0.0
+    replaced: list[str] = field(default_factory=list)  # the package's own libraries/kinds a plugin replaced, used here
 
     def _left_out(self) -> str:
         if not self.keys_left_out:
             return ""
         towers = ", ".join(f"{name} {n}" for name, n in sorted(self.keys_left_out.items()))
         return f", {sum(self.keys_left_out.values())} checkpoint key(s) left out ({towers})"
+
+    def _replaced(self) -> str:
+        return f", replaced by plugins: {'; '.join(self.replaced)}" if self.replaced else ""
 
     @property
     def images_per_second(self) -> float:
@@ -85,7 +89,8 @@ class RunSummary:
                 f", {self.loading_seconds:.1f} s loading towers"
                 f"{self._left_out()}"
                 f"{f', {self.compile_seconds:.0f} s compiling' if self.compile_seconds else ''}"
-                f"{' (cache switched off: not writable)' if self.cache_failed else ''}, "
+                f"{' (cache switched off: not writable)' if self.cache_failed else ''}"
+                f"{self._replaced()}, "
                 f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s on {self.device}"
                 f"{f' and {self.devices - 1} more device(s)' if self.devices > 1 else ''}")
 
@@ -487,7 +492,17 @@ def summarize(setup: RunSetup, encoded: Encoded, failed: dict[int, str], seconds
         compile_seconds=sum(r.compile_seconds for r in runners) + parallel["compile_seconds"],
         devices=len(setup.devices) or 1, loading_seconds=encoded.loading_seconds, cached_images=encoded.n_cached,
         cache_failed=setup.cache is not None and not setup.cache.writable, keys_left_out=setup.keys_left_out,
-        seconds=seconds)
+        seconds=seconds, replaced=replaced_builtins(setup.active))
+
+
+def replaced_builtins(towers: list[TowerSpec]) -> list[str]:
+    """The package's own libraries and kinds these towers use that a plugin replaced (`register(replace=True)`),
+    each as `library 'timm' by plugin.module`: a run never uses a replacement without saying so."""
+    from ..core.registry import KINDS, LIBRARIES
+
+    used = {(LIBRARIES, getattr(s, "library", None)) for s in towers} | {(KINDS, s.kind) for s in towers}
+    return sorted(f"{table.what} {name!r} by {table.replaced[name]}" for table, name in used
+                  if name in table.replaced)
 
 
 class Encoded(NamedTuple):
@@ -601,6 +616,9 @@ def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     """
     options = RunOptions.of(options, **values)
     progress = options.progress
+    check_distinct_outputs({"--out": out_csv, "--captions-out": captions_out},
+                           {"image folder": image_dir, "manifest": None if isinstance(manifest, Manifest) else
+                            manifest if Path(str(manifest)).is_file() else None})
     setup = prepare_run(image_dir, manifest, options)
     if out_csv is not None:
         check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)

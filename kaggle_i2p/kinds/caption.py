@@ -24,6 +24,7 @@ from ..core.validate import resolve_file
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import NetworkSpec, TowerKind
+from ..models.checkpoints import folder_sha256
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a sentence-transformers folder's weights file
 
@@ -154,11 +155,10 @@ class CaptionKind(TowerKind):
         return []
 
     def cache_identity(self, spec: CaptionSpec, entry: dict) -> dict:
-        """The captions' embedding depends on the text model: its weights file by size and modification time."""
-        weights = spec.caption.weights_file
-        stat = weights.stat() if weights.is_file() else None
+        """The captions' embedding depends on the text model: every file of its folder by content (sha256, memoised
+        per file: other weights of the same size with the time set back are told apart)."""
         entry = {k: v for k, v in entry.items() if k != "caption"}
-        return {**entry, "text_model": [weights.name, stat.st_size, stat.st_mtime_ns] if stat else None}
+        return {**entry, "text_model": folder_sha256(spec.caption.text_model)}
 
 
 CAPTION = register_kind(CaptionKind())

@@ -91,6 +91,25 @@ class QueryHead(torch.nn.Module):
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
 
+def template_problem(template: str) -> str | None:
+    """Why a template cannot be filled (a stray or unclosed brace, an empty `{}`, a field with a format spec or
+    attribute, no slot at all); None when it names one or more bank slots (or {base}) and nothing else."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:
+        return f"{err} (a brace without its pair: write {{{{ and }}}} for a literal brace)"
+    if not fields:
+        return "names no slot: a template joins bank phrases, e.g. '{medium} by {artist}'"
+    for name, spec, conversion in fields:
+        if not name:
+            return "has an empty field {}: name the bank it takes a phrase from, e.g. {medium}"
+        if spec or conversion or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+            return f"field {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} is not " \
+                   "a bank's folder name alone"
+    return None
+
+
 def candidates(options: InterrogatorOptions, phrases: Mapping[str, list[str]], base: str = "") -> list[str]:
     """One query's candidate prompts: each template at each rank r filled with every bank's r-th phrase (and the
     base caption), in order, each distinct text once."""
@@ -165,6 +184,14 @@ class InterrogatorKind(TowerKind):
             problems.add(f"{where}.templates", "must be a list of texts with {slot} fields, e.g. "
                                                "['{medium} by {artist}, {flavor}']")
             templates = []
+        for number, template in enumerate(templates):
+            if (problem := template_problem(template)) is not None:
+                problems.add(f"{where}.templates[{number}]", f"{template!r}: {problem}")
+        templates = [t for t in templates if template_problem(t) is None]
+        if templates and not any(name and name != "base" for t in templates
+                                 for _, name, _, _ in string.Formatter().parse(t)):
+            problems.add(f"{where}.templates", "name no bank slot (only {base}): at least one template needs a "
+                                               "phrase bank's slot, e.g. '{base}, {flavor}'")
         numbers = {}
         for key, default, low in (("top", 8, 1), ("mean_of", 4, 1)):
             value = section.get(key, default)
@@ -206,6 +233,14 @@ class InterrogatorKind(TowerKind):
 
     def backbone_outputs(self, spec: InterrogatorSpec) -> int:
         return 0
+
+    def deep_problems(self, spec: InterrogatorSpec, label: str) -> list[str]:
+        """The CLIP text tower's checkpoint against its arch (keys and shapes), before any image is read."""
+        from ..bank.build import clip_checkpoint_problem
+
+        options = spec.interrogator
+        problem = clip_checkpoint_problem(options.clip_arch, options.clip_checkpoint)
+        return [f"{label}.interrogator.clip_checkpoint: {problem}"] if problem else []
 
     def build_head(self, spec: InterrogatorSpec, in_dim: int, embedding_dim: int) -> QueryHead:
         if in_dim != spec.interrogator.key_dim:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..core.registry import KINDS, LIBRARIES
+from ..core.resources import NAMED_MANIFESTS
 from ..core.validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
 from .fields import default_of, entry_keys
 from .schema import (
@@ -333,8 +334,9 @@ def parse_tower(raw: Any, index: int, ctx: ParseContext, label: str | None = Non
         ctx.problems.add(f"{label}.name", "is required: letters, digits, '_', '-', '.' (it names the tower in logs "
                                           "and caches)")
     kind = raw.get("kind", DEFAULT_KIND)
-    if kind not in KINDS:
-        ctx.problems.add(f"{label}.kind", KINDS.unknown(kind))
+    if not isinstance(kind, str) or kind not in KINDS:
+        ctx.problems.add(f"{label}.kind", KINDS.unknown(kind) if isinstance(kind, str) else
+                         f"{kind!r} must be one name, one of {', '.join(KINDS.names())}")
         return None
     spec = KINDS.get(kind).parse(raw, str(name), label, ctx)
     return spec if named else None
@@ -416,8 +418,6 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
 
 
 
-# Named manifests (`demo`) resolve to a file made on first use; the package registers its builders at import.
-NAMED_MANIFESTS: dict[str, Callable[[], Path]] = {}
 
 
 def register_named_manifest(name: str, build: Callable[[], Path]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import stat
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from ..core.errors import I2PError
 from ..core.fileio import file_identity, sha256_file
+from .safe_load import load_pickled
 
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "module")
 
@@ -36,17 +38,42 @@ def program_format(path: Path) -> str:
     return "pickle" if "data.pkl" in names else "unknown"
 
 
+MAX_INDEX_BYTES = 64 << 20  # a sharded checkpoint's index is a few MB even for a 100-shard model
+
+
 def shard_files(path: Path) -> list[Path] | None:
     """The files a sharded checkpoint's index names (`model.safetensors.index.json`, `pytorch_model.bin.index.json`:
-    what save_pretrained writes for a large model, e.g. BLIP-2), beside it; None for a checkpoint in one file."""
+    what save_pretrained writes for a large model, e.g. BLIP-2), beside it; None for a checkpoint in one file.
+    Each shard must be a regular file inside the index's folder (a name that climbs out of it, an absolute path, a
+    FIFO or a device is refused, naming the entry), so an index never makes us read another file or block."""
     if not path.name.endswith(".index.json"):
         return None
     try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes, more than any index")
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-        return [path.parent / name for name in sorted(set(weight_map.values()))]
+        names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise TowerLoadError(f"{path}: not a sharded checkpoint's index (a weight_map of tensor -> file): "
                              f"{err}") from err
+    folder = path.parent.resolve()
+    shards = []
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or "\0" in name:
+            raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not a file name beside the index")
+        shard = (path.parent / name)
+        resolved = shard.resolve()
+        if resolved.parent != folder and folder not in resolved.parents:
+            raise TowerLoadError(f"{path}: weight_map names {name!r}, which resolves to {resolved}, outside the "
+                                 f"index's folder {folder}; a shard must sit beside its index")
+        if not shard.exists():
+            raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not in {folder}; copy every shard "
+                                 "the index lists beside it")
+        if not stat.S_ISREG(shard.stat().st_mode):
+            raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not a regular file (a FIFO, device or "
+                                 "folder); a shard must be a weights file")
+        shards.append(shard)
+    return shards
 
 
 def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -64,12 +91,7 @@ def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device =
     if program in ("export", "torchscript"):  # torch.load would hand a TorchScript file to torch.jit.load
         raise TowerLoadError(f"{path}: is a {program} program, not a state dict: serve it as `library: {program}` "
                              "with `arch:` naming it")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except RuntimeError:
-        if not mmap:
-            raise
-        state = torch.load(path, map_location=device, weights_only=True)  # the legacy format cannot be mapped
+    state = load_pickled(path, device, mmap)
     # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -131,10 +153,7 @@ def file_keys(path: Path) -> set[str] | None:
 
         with safe_open(str(path), framework="pt") as handle:
             return set(handle.keys())
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_pickled(path, mmap=True)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return None
     return set(state)
@@ -176,6 +195,15 @@ class FileHashes:
 checkpoint_sha256 = FileHashes()
 
 
+def folder_sha256(folder: Path) -> dict[str, str]:
+    """Every regular file under `folder` (a text model's folder, a bank's) by its path inside it -> its content's
+    sha256, memoised per file as `checkpoint_sha256` is: files rewritten with the same size and modification time are
+    still told apart (the status-change time and inode are in the memo's key)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    return {p.relative_to(folder).as_posix(): checkpoint_sha256(p) for p in files}
+
+
 def sha256_mismatch(path: Path, expected: str | None) -> str | None:
     """The file's sha256 when it is not `expected`, else None (also when nothing is expected)."""
     if not expected:
@@ -211,26 +239,63 @@ def under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+class KeyRuleError(TowerLoadError):
+    """A manifest's `checkpoint_keys` that cannot be right for this file: a rule that matches no key, or two keys
+    made one (which would let one of them win silently); `problems` lists each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def apply_key_rules(state: Mapping[str, torch.Tensor], strip: tuple[str, ...] = (),
                     rename: Mapping[str, str] | None = None, ignore: tuple[str, ...] = ()
                     ) -> tuple[dict[str, torch.Tensor], int]:
     """A manifest's `checkpoint_keys` applied to a checkpoint's keys, in this order: keys starting with an `ignore`
-    prefix dropped (counted), a leading `strip` prefix removed, a leading `rename` prefix replaced."""
-    out, ignored = {}, 0
+    prefix dropped (counted), a leading `strip` prefix removed, a leading `rename` prefix replaced. Every rule must
+    match at least one key, and no two keys may end as one: KeyRuleError lists each that does not hold."""
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    used: set[tuple[str, str]] = set()
+    collisions: list[str] = []
+    ignored = 0
     for key, value in state.items():
+        original = key
         if ignore and key.startswith(tuple(ignore)):
             ignored += 1
+            used.update(("ignore", p) for p in ignore if key.startswith(p))
             continue
         for prefix in strip:
             if key.startswith(prefix):
                 key = key[len(prefix):]
+                used.add(("strip", prefix))
                 break
         for old, new in (rename or {}).items():
             if key.startswith(old):
                 key = new + key[len(old):]
+                used.add(("rename", old))
                 break
-        out[key] = value
+        if key in out:
+            collisions.append(f"{origin[key]!r} and {original!r} both become {key!r}")
+        out[key], origin[key] = value, original
+    problems = [f"checkpoint_keys.{rule}: no key of the file starts with {prefix!r} (the file's keys start with "
+                f"{_key_starts(state)}; DDP's `module.` and torch.compile's `_orig_mod.` are removed before the "
+                "rules, and a wrapper's `state_dict`/`model`/`ema` key is unwrapped)"
+                for rule, prefixes in (("ignore", ignore), ("strip", strip), ("rename", tuple(rename or ())))
+                for prefix in prefixes if (rule, prefix) not in used]
+    if collisions:
+        problems.append(f"checkpoint_keys: {len(collisions)} key(s) collide after the rules, so one of each pair "
+                        f"would be lost: {'; '.join(collisions[:3])}{' ...' if len(collisions) > 3 else ''}; "
+                        "ignore one side or rename onto a free prefix")
+    if problems:
+        raise KeyRuleError(problems)
     return out, ignored
+
+
+def _key_starts(state: Mapping[str, torch.Tensor], limit: int = 6) -> str:
+    """The distinct first parts of a file's keys, for a message: `backbone.`, `head.`, ..."""
+    starts = sorted({k.split(".", 1)[0] + ("." if "." in k else "") for k in state})
+    return ", ".join(starts[:limit]) + (" ..." if len(starts) > limit else "") if starts else "(no keys)"
 
 
 def _fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:

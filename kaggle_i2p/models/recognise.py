@@ -21,16 +21,19 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import EntryFieldError, I2PError
+from ..core.errors import I2PError
 from ..core.registry import LIBRARIES
 from ..core.resources import PRIOR_PATH
 from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
 from .backbones.base import Candidate, Shapes
 from .checkpoints import checkpoint_shapes
+from .safe_load import UnsafeFileError, load_pickled
 from .towers import checkpoint_fit, validate_manifest
 
 # Keys inside a backbone's blocks are never the tower's head, whatever their shape (a ViT-S is 384 wide).
 BLOCK_KEY = re.compile(r"(^|\.)(blocks|resblocks|layers?|stages|encoder|trunk|transformer)\.")
+
+TOWER_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # what a manifest takes as a tower's name
 
 RESIZE_CHOICES = ("squash (resize the whole image to the square, as most trainers did)",
                   "shorter_side_center_crop (shorter side to the size, then the centre, as CLIP's transform)")
@@ -127,10 +130,12 @@ def describe_file(path: Path) -> str:
     """How the file holds its tensors: flat, or inside a wrapper (Lightning's `state_dict`, `{'model': ...}`)."""
     if path.suffix == ".safetensors":
         return "a safetensors file"
+    if path.name.endswith(".index.json"):
+        return "a sharded checkpoint's index"
     import torch
 
     try:
-        top = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        top = load_pickled(path, mmap=True)
     except Exception:  # noqa: BLE001 - only for the description; the keys were read already
         return f"a {path.suffix} file"
     if not isinstance(top, Mapping) or all(isinstance(v, torch.Tensor) for v in top.values()):
@@ -141,11 +146,26 @@ def describe_file(path: Path) -> str:
     return f"{'a Lightning checkpoint' if lightning else 'a wrapped checkpoint'} (tensors under `{wrapper}`)"
 
 
-def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _read_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Exception | None]:
+    """The file's keys and shapes, and why they could not be read (perhaps a program, which its library
+    recognises; else the reason is the message)."""
     try:
-        return {k: tuple(v.shape) for k, v in checkpoint_shapes(path).items()}
-    except Exception:  # noqa: BLE001 - not a state dict: perhaps a program, which its library recognises
-        return {}
+        return {k: tuple(v.shape) for k, v in checkpoint_shapes(path).items()}, None
+    except Exception as err:  # noqa: BLE001 - not a state dict: perhaps a program, which its library recognises
+        return {}, err
+
+
+def _unreadable(source: Path, err: Exception | None) -> str:
+    """Why a file that no library recognises could not be read, in one line: what it is and what would be."""
+    if isinstance(err, UnsafeFileError):
+        return str(err)
+    size = source.stat().st_size
+    what = "an empty file" if size == 0 else f"{size:,} bytes"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] if err else []
+    reason = f"{type(err).__name__}: {lines[0][:200]}" if err and lines else (type(err).__name__ if err else "")
+    return (f"{source.name} ({what}) cannot be read as weights or a program ({reason}); inspect reads a safetensors "
+            "file, a torch.save state dict (.pt/.pth/.bin/.ckpt, any wrapper), an exported program (.pt2) or a "
+            "TorchScript file: copy the file again if it was cut short")
 
 
 def _entry(candidate: Candidate, head: HeadGuess, source: Path, name: str) -> dict:
@@ -193,7 +213,10 @@ def inspect_checkpoint(path: str | Path, *, embedding_dim: int = DEFAULT_EMBEDDI
         raise InspectError(f"{path}: file not found")
     if library is not None and library not in LIBRARIES:
         raise InspectError(f"--library: {LIBRARIES.unknown(library)}")
-    shapes = _read_shapes(source)
+    if name is not None and not TOWER_NAME.fullmatch(name):
+        raise InspectError(f"--name {name!r}: a tower's name is letters, digits, '_', '-' and '.' (it names the tower "
+                           f"in logs and cache folders), e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'tower'}")
+    shapes, unread = _read_shapes(source)
     heads = head_guesses(shapes, embedding_dim)
     name = name or re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "tower"
     closest: tuple[int, str, list[str]] | None = None
@@ -208,14 +231,22 @@ def inspect_checkpoint(path: str | Path, *, embedding_dim: int = DEFAULT_EMBEDDI
                 return _inspection(entry, candidate, head, notes, source, shapes, embedding_dim)
             if closest is None or len(problems) < closest[0]:
                 closest = (len(problems), candidate.family, list(candidate.notes or problems))
-    except EntryFieldError as err:  # a library that recognised the family and needs something only the user has
-        raise InspectError(f"{source.name}: {err}") from err
-    what = f"{len(shapes)} tensors" if shapes else "no state dict and no program"
+    except I2PError as err:  # a library that recognised the family and needs something only the user has, or a
+        text = str(err)  # program it cannot read (refused, damaged)
+        raise InspectError(text if text.startswith(source.name) else f"{source.name}: {text}") from err
+    if not shapes:
+        raise InspectError(_unreadable(source, unread))
+    missing = [f"--{option}" for option, given in (("library", library), ("arch", arch)) if given is None]
     if closest is None:
-        raise InspectError(f"{source.name} ({describe_file(source) if shapes else 'unreadable'}, {what}) is not a "
-                           f"family inspect knows; pass --library and --arch (the model the training code built)")
+        given = f" as {library or 'any library'} {arch or ''}".rstrip() if library or arch else ""
+        advice = (f"pass {' and '.join(missing)} (the model the training code built)" if missing else
+                  "check that --arch is the model the training code built, and --embedding-dim the head's width")
+        raise InspectError(f"{source.name} ({describe_file(source)}, {len(shapes)} tensors) matches no reading "
+                           f"inspect knows{given}; {advice}")
+    advice = "pass --arch with the model the training code built" if arch is None else \
+        "the file is not that model as built: check --arch, or the head's width (--embedding-dim)"
     raise InspectError(f"{source.name}: closest reading {closest[1]}, but its keys do not fit:\n  - "
-                       + "\n  - ".join(closest[2][:8]) + "\npass --arch with the model the training code built")
+                       + "\n  - ".join(closest[2][:8]) + f"\n{advice}")
 
 
 def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], source: Path,
@@ -241,11 +272,13 @@ def append_entry(inspection: Inspection, manifest: str | Path) -> Path:
     whole manifest, the new tower included, passes `validate-manifest --deep`."""
     import os
 
+    from ..core.fileio import check_writable_file
     from ..core.validate import read_yaml
     from ..manifest.write import write_manifest
 
     path = Path(manifest)
     data = read_yaml(path, ManifestError, "manifest file not found", "; pass an existing manifest to --append")
+    check_writable_file(path)  # a read-only manifest is refused before anything is checked or written
     if not isinstance(data, dict) or not isinstance(data.get("towers"), list):
         raise InspectError(f"{path}: not a manifest (a mapping with a towers list)")
     names = {t.get("name") for t in data["towers"] if isinstance(t, Mapping)}

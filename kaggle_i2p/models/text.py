@@ -6,6 +6,7 @@ dataset and pass its path. Embeddings are L2-normalised float32, exactly as samp
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -62,3 +63,46 @@ def embed_prompts(prompts: Sequence[str], model_path: str | Path | None = None, 
     vectors = model.encode(list(prompts), batch_size=batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=progress)
     return np.asarray(vectors, dtype=np.float32).reshape(len(prompts), -1)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+_CHECKED: dict[tuple, str | None] = {}
+
+
+def text_model_problem(folder: str | Path, embedding_dim: int) -> str | None:
+    """Why a sentence-transformers folder cannot embed a run's texts, found before any image is read: no weights
+    beside a Transformer module, a folder that does not load (tokenizer, config), or an output of another width than
+    the run's or not finite (the model loaded on the CPU and run on one sentence; memoised per folder and its
+    files). None when it embeds."""
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        paths = [folder / m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Transformer")]
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        return f"{folder}/modules.json cannot be read as a sentence-transformers module list ({err})"
+    for path in paths:
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            return (f"{path} holds no weights ({' or '.join(WEIGHT_FILES[:2])}): copy the whole model folder "
+                    "(on Kaggle, the dataset of all-MiniLM-L6-v2 with its weights)")
+    key = (str(folder.resolve()), embedding_dim, tuple(
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()))
+    if key not in _CHECKED:
+        _CHECKED[key] = _embed_problem(folder, embedding_dim)
+    return _CHECKED[key]
+
+
+def _embed_problem(folder: Path, embedding_dim: int) -> str | None:
+    """The folder loaded and run on one sentence: its problem, or None."""
+    try:
+        vector = embed_prompts(["a photograph of a cat"], folder)
+    except Exception as err:  # noqa: BLE001 - whatever the folder's files make sentence-transformers raise
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return f"{folder} does not load as a sentence-transformers model ({type(err).__name__}: " \
+               f"{lines[0][:300] if lines else ''})"
+    if vector.shape[1] != embedding_dim:
+        return (f"{folder} gives {vector.shape[1]}-d embeddings and the manifest's embedding_dim is {embedding_dim}: "
+                "use all-MiniLM-L6-v2 (384-d), the competition's model")
+    if not np.isfinite(vector).all():
+        return f"{folder} gives non-finite embeddings: its weights are damaged"
+    return None

@@ -32,6 +32,7 @@ from ..manifest import (
 )
 from .backbones import BackboneLibrary, PosEmbedForSize, library
 from .checkpoints import (
+    KeyRuleError,
     TowerLoadError,
     apply_key_rules,
     backbone_layout,
@@ -188,7 +189,9 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
         except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
             problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
             continue
-        if fit.problems:
+        if fit.problems and all(p.startswith("checkpoint_keys") for p in fit.problems):
+            problems += [f"{label}.{p.replace(': ', f': {spec.checkpoint.name}: ', 1)}" for p in fit.problems]
+        elif fit.problems:
             problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
                             f"{spec.head_name}:\n      " + "\n      ".join(fit.problems))
     return problems
@@ -219,7 +222,11 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
             _FITS[memo] = CheckpointFit(_no_checkpoint(expected), (), 0, True)
             return _FITS[memo]
         shapes = checkpoint_shapes(spec.checkpoint)
-        fitted, notes = fit_checkpoint(spec, expected, shapes)
+        try:
+            fitted, notes = fit_checkpoint(spec, expected, shapes)
+        except KeyRuleError as err:  # a rule that matches nothing or makes two keys one: each is a problem
+            _FITS[memo] = CheckpointFit(tuple(err.problems), (), 0, False)
+            return _FITS[memo]
         diff = key_diff(expected, fitted)
         _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
                                     0 if diff else len(shapes) - len(fitted),
@@ -278,10 +285,19 @@ def _with_fix(diff: list[str], expected: Mapping[str, torch.Tensor], got: Mappin
     return diff + ([f"fix: add `{rules}` to the tower's entry"] if rules else [])
 
 
-def kind_problems(towers: Sequence[tuple[int, TowerSpec]]) -> list[str]:
-    """What each tower's kind checks deeply besides the checkpoint (a retrieval bank's index, read whole)."""
-    return [problem for index, spec in towers
-            for problem in kind_of(spec).deep_problems(spec, tower_label(index, spec.name))]
+def kind_problems(towers: Sequence[tuple[int, TowerSpec]], embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> list[str]:
+    """What each tower's kind checks deeply besides the checkpoint (a retrieval bank's index, read whole), and every
+    text model a tower embeds texts with (`models.text.text_model_problem`: weights there, loads, right width)."""
+    from .text import text_model_problem
+
+    problems = []
+    for index, spec in towers:
+        label = tower_label(index, spec.name)
+        problems += kind_of(spec).deep_problems(spec, label)
+        if isinstance(spec, NetworkSpec):
+            problems += [f"{label}: text model {problem}" for folder in kind_of(spec).text_models(spec)
+                         if (problem := text_model_problem(folder, embedding_dim))]
+    return problems
 
 
 def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = True, deep: bool = False) -> Manifest:
@@ -302,7 +318,7 @@ def validate_manifest(manifest: str | Path | Manifest, *, check_files: bool = Tr
     if deep and (check_files or loaded is None):
         broken = {p.split(".", 1)[0] for p in arch_problems}
         problems += checkpoint_problems([(i, s) for i, s in towers if tower_label(i, s.name) not in broken], dim)
-        problems += kind_problems(towers)
+        problems += kind_problems(towers, dim)
     if problems or loaded is None:
         raise ManifestError(path, problems)
     return loaded

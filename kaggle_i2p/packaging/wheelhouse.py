@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..core.errors import I2PError
+from ..core.fileio import atomic_open
 
 DEFAULT_PROVIDED = ("torch", "torchvision", "numpy", "pillow")
 
@@ -73,10 +74,33 @@ def wheel_requirements(wheel: Path) -> list[str]:
     return message.get_all("Requires-Dist") or []
 
 
+MARKER = ".kaggle_i2p_wheelhouse"  # in every folder pack-wheels wrote: the one kind of folder it writes into again
+
+
+def check_wheelhouse_folder(out_dir: Path) -> None:
+    """`--out` must be a new or empty folder, or one pack-wheels wrote (its marker, or from before the marker: our
+    wheel beside a requirements.txt that starts with it); any other folder is refused and left untouched, so a user's
+    own requirements.txt or wheels are never replaced."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise WheelhouseError(f"--out {out_dir} is a file; give a folder for the wheelhouse")
+    entries = list(out_dir.iterdir())
+    if not entries or (out_dir / MARKER).is_file():
+        return
+    requirements = out_dir / "requirements.txt"
+    ours = any(out_dir.glob("kaggle_i2p-*.whl")) and requirements.is_file() and \
+        requirements.read_text(encoding="utf-8", errors="replace").startswith(("kaggle_i2p==", "kaggle-i2p=="))
+    if not ours:
+        names = ", ".join(sorted(p.name for p in entries)[:5]) + (" ..." if len(entries) > 5 else "")
+        raise WheelhouseError(f"--out {out_dir} holds files pack-wheels did not write ({names}); it is left as it "
+                              "is: give a new or empty folder")
+
+
 def find_source_dir(source: str | Path | None) -> Path:
     """The kaggle_i2p source tree: the given one, or the checkout this module runs from."""
-    candidate = Path(source) if source else Path(__file__).resolve().parents[2]
-    if not (candidate / "setup.py").is_file():
+    candidate = Path(source).expanduser().resolve() if source else Path(__file__).resolve().parents[2]
+    if not (candidate / "setup.py").is_file():  # absolute: pip reads a bare relative name as a package name
         raise WheelhouseError(f"{candidate} is not a kaggle_i2p source tree (no setup.py); pass --source DIR")
     return candidate
 
@@ -111,10 +135,12 @@ def pack_wheels(out_dir: str | Path, source: str | Path | None = None, provided:
                 platforms: Sequence[str] | None = None) -> Wheelhouse:
     """Build our wheel and download the wheels of every dependency the target image does not provide."""
     out_dir = Path(out_dir)
+    source_dir = find_source_dir(source)
+    check_wheelhouse_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("a wheelhouse written by `kaggle-i2p pack-wheels`; it replaces its own files\n")
     for old in out_dir.glob("kaggle_i2p-*.whl"):
         old.unlink()
-    source_dir = find_source_dir(source)
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out_dir),
           str(source_dir)])
     own_wheel = max(out_dir.glob("kaggle_i2p-*.whl"), key=lambda p: p.stat().st_mtime)
@@ -133,5 +159,6 @@ def pack_wheels(out_dir: str | Path, source: str | Path | None = None, provided:
         _run(command + specs)
     lines = [f"{own_wheel.name.split('-')[0]}=={own_wheel.name.split('-')[1]}"]
     lines += [f"{n}=={v}" if v else n for n, v in packed.items()]
-    (out_dir / "requirements.txt").write_text("\n".join(lines) + "\n")
+    with atomic_open(out_dir / "requirements.txt") as handle:
+        handle.write("\n".join(lines) + "\n")
     return Wheelhouse(out_dir, own_wheel, packed, sorted(provided_closure))

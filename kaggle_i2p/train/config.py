@@ -390,6 +390,11 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
     if check_files:
         checkpoint = resolve_file(checkpoint, base_dir, "text_map.clip_checkpoint", problems,
                                   "whole open_clip CLIP checkpoint (text tower included)")
+        if checkpoint is not None and arch:
+            from ..bank.build import clip_checkpoint_problem
+
+            if (problem := clip_checkpoint_problem(arch, checkpoint)) is not None:
+                problems.add("text_map.clip_checkpoint", problem)
     elif isinstance(checkpoint, str):
         checkpoint = expand_path(checkpoint, base_dir)
     else:
@@ -400,6 +405,22 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
         ridge=_number(section.get("ridge", TextMapConfig.ridge), "text_map.ridge", problems),
         batch_size=_int(section.get("batch_size", TextMapConfig.batch_size), "text_map.batch_size", problems, 1),
         max_prompts=None if max_prompts is None else _int(max_prompts, "text_map.max_prompts", problems, 1))
+
+
+def _adapter_problems(tower: RegressorSpec, stages: list[tuple[int, LoraSpec]]) -> list[str]:
+    """`lora.adapter_problems` on the tower built on the meta device (nothing when it cannot be built: the
+    architecture check reports that)."""
+    import torch
+
+    from ..models.towers import build_tower
+    from .lora import adapter_problems
+
+    try:
+        with torch.device("meta"):
+            built = build_tower(tower)
+    except Exception:  # noqa: BLE001 - an arch that does not build is the architecture check's problem
+        return []
+    return adapter_problems(built, stages, tower.arch)
 
 
 def parse_train_config(data: Any, path: str | Path, check_files: bool = True) -> TrainConfig:
@@ -467,6 +488,11 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
     seed = _int(data.get("seed", 0), "seed", problems)
     checkpoint_every = _int(data.get("checkpoint_every", 0), "checkpoint_every", problems)
     log_every = _int(data.get("log_every", 50), "log_every", problems, minimum=1)
+    lora_stages = [(i, s.lora) for i, s in enumerate(stages) if s.lora is not None]
+    if tower is not None and lora_stages:  # the ranges and modules against the tower, with every other problem
+        for problem in _adapter_problems(tower, lora_stages):
+            where, _, message = problem.partition(": ")
+            problems.add(where, message)
     if problems.items:  # an optim default inherited by several stages is reported once
         raise TrainConfigError(path, list(dict.fromkeys(problems.items)))
     return TrainConfig(

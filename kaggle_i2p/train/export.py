@@ -65,6 +65,27 @@ def check_export_destination(out_dir: Path, names: list[str]) -> None:
                           "replaced; choose another --out folder or --name")
 
 
+def check_export_entry(entry: dict, embedding_dim: int, checkpoint: Path) -> None:
+    """Before anything is written: the entry the export will carry (with --name, --resolutions, --hflip applied)
+    parses and its architecture runs at every resolution on the meta device, so an export never writes a manifest
+    that then fails validation (a resolution the patch size does not divide, a name a manifest refuses)."""
+    from ..manifest import ManifestError, parse_manifest
+    from ..models.towers import architecture_problems
+
+    data = {"embedding_dim": embedding_dim, "fallback": str(FALLBACK),
+            "towers": [{"checkpoint": f"{entry.get('name')}.safetensors", **entry}]}  # the file it will write
+    try:
+        manifest = parse_manifest(data, checkpoint.parent / DEFAULT_MANIFEST, check_files=False)
+        problems = architecture_problems(list(enumerate(manifest.towers)), embedding_dim)
+    except ManifestError as err:
+        problems = list(err.problems)
+    if problems:
+        options = {"image.resolutions": "--resolutions", ".name": "--name", "image.hflip": "--hflip"}
+        hints = sorted({flag for field, flag in options.items() for p in problems if field in p.split(":", 1)[0]})
+        raise ExportError(f"the export of {checkpoint.name} would not serve, so nothing was written"
+                          + (f" (check {', '.join(hints)})" if hints else "") + ":\n  - " + "\n  - ".join(problems))
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
                       resolutions: list[int] | None = None, hflip: bool | None = None,
                       use_ema: bool = True) -> ExportResult:
@@ -84,6 +105,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
         entry["image"]["resolutions"] = [int(r) for r in resolutions]
     if hflip is not None:
         entry["image"]["hflip"] = bool(hflip)
+    check_export_entry(entry, int(state.get("embedding_dim", 384)), Path(checkpoint))
     # a model-config file (open_clip's .json) travels along: its library says whether `arch` is one
     config = Path(entry["arch"]) if library(entry["library"]).arch_is_path(entry["arch"]) else None
     names = [f"{entry['name']}.safetensors", f"{entry['name']}.yaml", DEFAULT_MANIFEST, FALLBACK.name,

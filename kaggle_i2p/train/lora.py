@@ -69,11 +69,10 @@ def adapter_targets(tower: nn.Module, first: int, last: int, modules: tuple[str,
     """The backbone modules of blocks first..last that get adapters: every Linear and MultiheadAttention (not the
     MultiheadAttention's own out_proj, which its forward never calls), or those whose names end with `modules`."""
     ids, _ = layer_ids(tower)
-    attention = {name for name, m in tower.backbone.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    modules_by_name = dict(tower.backbone.named_modules())
     targets = []
-    for name, module in tower.backbone.named_modules():
-        if not isinstance(module, (nn.Linear, nn.MultiheadAttention)) or name.rpartition(".")[0] in attention:
-            continue
+    for name in _adaptable(tower):
+        module = modules_by_name[name]
         if modules is not None and not any(name == m or name.endswith(f".{m}") for m in modules):
             continue
         weight = next((f"{BACKBONE}{name}.{p}" for p, _ in module.named_parameters(recurse=False)), None)
@@ -82,6 +81,38 @@ def adapter_targets(tower: nn.Module, first: int, last: int, modules: tuple[str,
         if first <= ids[weight] <= last:
             targets.append(name)
     return tuple(targets)
+
+
+def _adaptable(tower: nn.Module) -> list[str]:
+    """The backbone's modules an adapter can go on (Linear, MultiheadAttention), by name."""
+    attention = {name for name, m in tower.backbone.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return [name for name, m in tower.backbone.named_modules()
+            if isinstance(m, (nn.Linear, nn.MultiheadAttention)) and name.rpartition(".")[0] not in attention]
+
+
+def adapter_problems(tower: nn.Module, stages: list[tuple[int, LoraSpec]], arch: str) -> list[str]:
+    """Each LoRA stage's block range against the tower's blocks, and its `modules` against the tower's module names
+    (a name that matches nothing anywhere, or none in the range), all at once; `tower` built on the meta device."""
+    _, n_blocks = layer_ids(tower)
+    names = _adaptable(tower)
+    endings = sorted({n.rsplit(".", 1)[-1] for n in names})
+    problems = []
+    for index, lora in stages:
+        where = f"stages[{index}].lora"
+        first, last = block_range(lora.blocks, n_blocks)
+        unknown = [m for m in lora.modules or () if not any(n == m or n.endswith(f".{m}") for n in names)]
+        if unknown:
+            problems.append(f"{where}.modules: {', '.join(map(repr, unknown))} name(s) no Linear or "
+                            f"MultiheadAttention module of {arch} (its names end in {', '.join(endings[:12])}"
+                            f"{' ...' if len(endings) > 12 else ''})")
+        if not 1 <= first <= last <= n_blocks:
+            problems.append(f"{where}.blocks: {list(lora.blocks)} gives blocks {first}..{last}, but {arch} has "
+                            f"blocks 1..{n_blocks}")
+        elif not unknown and not adapter_targets(tower, first, last, lora.modules):
+            problems.append(f"{where}: blocks {first}..{last} hold no Linear or MultiheadAttention module"
+                            + (f" named {', '.join(lora.modules)}" if lora.modules else "")
+                            + "; set lora.modules to module names of those blocks")
+    return problems
 
 
 def add_adapters(tower: nn.Module, adapters: Adapters) -> None:

@@ -33,6 +33,7 @@ from .config import StageConfig, TrainConfig, TrainConfigError, config_changes, 
 from .data import TrainImages, TrainingData, epoch_rows, load_training_data, loader, rank_batches
 from .lora import (
     Adapters,
+    adapter_problems,
     adapter_targets,
     add_adapters,
     block_range,
@@ -120,24 +121,13 @@ def check_stage_architectures(config: TrainConfig, embedding_dim: int = 384) -> 
 
 def check_stage_adapters(config: TrainConfig, embedding_dim: int = 384) -> None:
     """Every LoRA stage's block range lies within the tower's blocks and holds modules to adapt, checked on the meta
-    device before any data or weights load; raises TrainConfigError naming the stage's field."""
-    stages = [(i, s) for i, s in enumerate(config.stages) if s.lora is not None]
+    device before any data or weights load (`lora.adapter_problems`); raises TrainConfigError naming the field."""
+    stages = [(i, s.lora) for i, s in enumerate(config.stages) if s.lora is not None]
     if not stages:
         return
     with torch.device("meta"):
         tower = build_tower(config.tower, embedding_dim)
-    _, n_blocks = layer_ids(tower)
-    problems = []
-    for index, stage in stages:
-        first, last = block_range(stage.lora.blocks, n_blocks)
-        where = f"stages[{index}].lora"
-        if not 1 <= first <= last <= n_blocks:
-            problems.append(f"{where}.blocks: {list(stage.lora.blocks)} gives blocks {first}..{last}, but "
-                            f"{config.tower.arch} has blocks 1..{n_blocks}")
-        elif not adapter_targets(tower, first, last, stage.lora.modules):
-            problems.append(f"{where}: blocks {first}..{last} hold no Linear or MultiheadAttention module"
-                            + (f" named {', '.join(stage.lora.modules)}" if stage.lora.modules else "")
-                            + "; set lora.modules to module names of those blocks")
+    problems = adapter_problems(tower, stages, config.tower.arch)
     if problems:
         raise TrainConfigError(config.path, problems)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..core.ensemble import l2_normalize, mean_cosine, unusable_rows
 from ..core.errors import I2PError, InputFileError
 from ..core.fileio import atomic_open, first_undecodable, open_npy
+from ..core.validate import load_yaml_text
 from ..inference.predict import PredictionRun
 from ..manifest import Manifest, rebase_manifest_paths, write_manifest
 from .folds import kfold_numbers
@@ -249,7 +249,7 @@ def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningRepo
     source, out = Path(source), Path(out)
     if out.is_dir():
         raise TargetError(f"--out {out} is a folder; give the tuned manifest's file path, e.g. {out / 'tuned.yaml'}")
-    data = rebase_manifest_paths(yaml.safe_load(source.read_text(encoding="utf-8")), source.resolve().parent,
+    data = rebase_manifest_paths(load_yaml_text(source.read_text(encoding="utf-8")), source.resolve().parent,
                                  out.resolve().parent)
     for tower in data["towers"]:
         name = tower["name"]

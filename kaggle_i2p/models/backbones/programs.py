@@ -12,7 +12,10 @@ runs it on fake tensors (shapes only, no compute) at every view's resolution and
 cannot run a view fails before any weight is used.
 
 What each format executes: an ExportedProgram runs no Python, only the ATen graph in the file; TorchScript runs the
-TorchScript code saved in the file (its own interpreter, no Python). Pickled models stay refused everywhere.
+TorchScript code saved in the file (its own interpreter, no Python). Pickled models stay refused everywhere: torch's
+export loader unpickles some records (its sample inputs, pickled constants) and falls back to `weights_only=False`
+when one does not load safely; here it loads under `safe_load.guarded_unpickling`, so such a record is refused, never
+run. Both formats are zip archives, checked for compressed members past a bound (a zip bomb) before they inflate.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch import nn
 from ...core.errors import EntryFieldError
 from ...core.fileio import file_identity
 from ...core.registry import register_library
-from ..checkpoints import checkpoint_sha256, program_format
+from ..checkpoints import TowerLoadError, checkpoint_sha256, program_format
+from ..safe_load import UnsafeFileError, check_archive, guarded_unpickling
 from .base import Backbone, BackboneLibrary, Candidate, Shapes
 
 PROBE_SIZE = 224  # the size a program that does not say its own is first run at, to read its output's width
@@ -98,6 +102,7 @@ class ProgramLibrary(BackboneLibrary):
     holds_weights: ClassVar[bool] = True
     shape_hint: ClassVar[str] = ""
     label: ClassVar[str] = ""  # the format's own name, for messages
+    saver: ClassVar[str] = ""  # the call that writes the format, for messages
     _loaded: dict[str, Any]
 
     def __init__(self) -> None:
@@ -141,13 +146,22 @@ class ProgramLibrary(BackboneLibrary):
         return self._loaded[key]
 
     def load(self, path: Path) -> Any:
-        """The program read from `path` onto the CPU; a file of another format is one message saying which."""
+        """The program read from `path` onto the CPU, no Python object in it unpickled; a file of another format, a
+        zip bomb, a pickle that would run code or a damaged archive is one message saying which."""
         found = program_format(path)
         if found != self.name:
-            raise ValueError(f"{path.name} is not a {self.label} file: {FORMAT_ADVICE[found]}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's concern
-            return self.read(path)
+            raise TowerLoadError(f"{path.name} is not a {self.label} file: {FORMAT_ADVICE[found]}")
+        check_archive(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's deprecation notes, not the user's concern
+                return self.read(path)
+        except UnsafeFileError as err:
+            raise UnsafeFileError(f"{path.name}: refused, {err}") from err
+        except Exception as err:  # noqa: BLE001 - whatever the format's reader raises on a damaged file
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise TowerLoadError(f"{path.name} cannot be read as a {self.label} file ({type(err).__name__}: "
+                                 f"{lines[0][:300] if lines else ''}); save it again with {self.saver}") from err
 
     def read(self, path: Path) -> Any:
         """The program in `path`, a file of this format."""
@@ -234,6 +248,7 @@ class ExportLibrary(ProgramLibrary):
 
     name = "export"
     label = "torch.export"
+    saver = "torch.export.save"
     arch_example = "towers/eva02_l.pt2"
     shape_hint = ("Export it with a dynamic batch and, for other sizes, dynamic height and width: "
                   "torch.export.export(model, (x,), dynamic_shapes={'x': {0: Dim('batch'), 2: 14 * Dim('h'), "
@@ -241,7 +256,7 @@ class ExportLibrary(ProgramLibrary):
                   "(tower_{resolution}.pt2)")
 
     def read(self, path: Path) -> Any:
-        with path.open("rb") as handle:  # a buffer: export takes any name, not only *.pt2, without a warning
+        with path.open("rb") as handle, guarded_unpickling():  # a buffer: export takes any name, not only *.pt2
             program = torch.export.load(handle)
         module = program.module()
         module.__dict__["_i2p_exported"] = program  # kept to move it with export's own device pass
@@ -272,6 +287,7 @@ class TorchScriptLibrary(ProgramLibrary):
 
     name = "torchscript"
     label = "TorchScript"
+    saver = "torch.jit.save"
     arch_example = "towers/clip_traced.pt"
     shape_hint = ("A traced program is made for its trace's sizes: trace one per resolution and name them in arch "
                   "with {resolution} (tower_{resolution}.pt), or list only the resolution it was traced at")

@@ -60,12 +60,22 @@ def read_config(arch: str | Path) -> Any:
     from transformers import CONFIG_MAPPING
 
     path = config_path(arch)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    fix = "write it with `model.config.save_pretrained(folder)`"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise EntryFieldError(f"{path} cannot be read as a transformers config.json ({type(err).__name__}: {err}); "
+                              f"{fix}", "arch") from err
     model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"{path}: model_type {model_type!r} is not one transformers knows; a config.json written "
-                         "by `model.config.save_pretrained(folder)` names it")
-    return CONFIG_MAPPING[model_type].from_dict(data)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise EntryFieldError(f"{path}: model_type {model_type!r} is not one transformers knows (transformers "
+                              f"{__import__('transformers').__version__}); a config.json written by "
+                              "`model.config.save_pretrained(folder)` names it", "arch")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as err:  # noqa: BLE001 - a config its own class cannot read is one problem
+        raise EntryFieldError(f"{path}: not a valid {model_type} config ({type(err).__name__}: {err}); {fix}",
+                              "arch") from err
 
 
 def _vision_config(config: Any) -> Any:
@@ -124,16 +134,31 @@ DEFAULT_GENERATE = {"max_new_tokens": 30, "num_beams": 1}
 
 
 
+# The files a tokenizer's vocabulary is saved in, by family: a fast tokenizer's, WordPiece (BERT, BLIP), BPE (GPT-2,
+# OPT, GIT's), SentencePiece (T5, Flan-T5)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
+
+
 def tokenizer_for(arch: str | Path) -> Any:
     """The tokenizer saved beside a captioner's config (`save_pretrained` of its processor), read offline."""
     from transformers import AutoTokenizer
 
     folder = config_path(arch).parent
+    fix = "save the captioner's processor (or tokenizer) there with save_pretrained"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise EntryFieldError(f"no tokenizer beside {config_path(arch).name} in {folder} (none of "
+                              f"{', '.join(TOKENIZER_FILES)}): its captions could not be decoded; {fix}", "arch")
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise EntryFieldError(f"no tokenizer beside {config_path(arch).name} in {folder} ({err}); save the "
-                              "captioner's processor there with save_pretrained", "arch") from err
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure of the tokenizer's files is this one problem
+        raise EntryFieldError(f"the tokenizer beside {config_path(arch).name} in {folder} cannot be read ("
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); {fix}",
+                              "arch") from err
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers builds an empty one from a config alone
+        raise EntryFieldError(f"the tokenizer beside {config_path(arch).name} in {folder} has no vocabulary (only "
+                              f"its {len(tokenizer)} special tokens); {fix}", "arch")
+    return tokenizer
 
 
 def _vision_part(model: nn.Module) -> nn.Module:
