@@ -587,7 +587,8 @@ def _plugin_site(tmp_path: Path, module: str, code: str, group: str = "kaggle_i2
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{group}]\n{module} = {module}\n")
     (site / f"{module}.py").write_text(textwrap.dedent(code))
-    return {"PYTHONPATH": os.pathsep.join([str(site), str(TESTS)]), "HOME": str(tmp_path)}
+    path = [str(site), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "HOME": str(tmp_path)}
 
 
 def test_a_plugin_that_exits_at_import_is_logged_and_the_command_goes_on(timm_tower, tmp_path):

@@ -258,6 +258,8 @@ def npy_header(path: str | Path, what: str) -> tuple[tuple[int, ...], object]:
     import numpy as np
 
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever, a device never end
+        raise InputFileError(f"{what} {path}: not a regular file (a folder, FIFO or device); give the .npy file")
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)

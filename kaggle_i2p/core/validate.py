@@ -92,6 +92,9 @@ def resolve_file(raw: Any, base_dir: Path, where: str, problems: Problems, what:
         problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
                             f"or write ${{{err.args[0]}:-default}}")
         return None
+    if path.exists() and not path.is_file():
+        problems.add(where, f"{path} is not a regular file (a folder, FIFO or device); give the {what} itself")
+        return None
     if not path.is_file():
         origin = f"expanded from {raw!r}; " if "${" in raw else ""
         problems.add(where, f"file not found: {path} ({origin}relative paths resolve against the manifest's folder "

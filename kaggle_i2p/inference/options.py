@@ -35,6 +35,9 @@ class RunOptions:
     verify_images: bool = False  # the cache knows an image by its content's sha256, not its size and time
     progress: bool = True  # progress bars
 
+    def __post_init__(self) -> None:
+        self.check()  # RunOptions(cache_dir=123) itself is the OptionError, not a TypeError deep in a run
+
     @classmethod
     def of(cls, options: RunOptions | str | None = None, **values: Any) -> RunOptions:
         """`options` (or the defaults) with `values` put in; an unknown name or a bad value is an OptionError. A
@@ -45,9 +48,7 @@ class RunOptions:
                               f"{', '.join(f.name for f in fields(cls))}")
         if options is not None and not isinstance(options, RunOptions):
             options = cls(device=options)
-        merged = replace(options or cls(), **values)
-        merged.check()
-        return merged
+        return replace(options or cls(), **values)  # checked as it is made
 
     def check(self) -> None:
         """Values that cannot work are an OptionError before anything runs (never a silent fallback row)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import stat
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -56,18 +57,21 @@ def shard_files(path: Path) -> list[Path] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise TowerLoadError(f"{path}: not a sharded checkpoint's index (a weight_map of tensor -> file): "
                              f"{err}") from err
-    folder = path.parent.resolve()
+    # where shards may be: the index's folder, or (a Hugging Face cache, whose files are links into blobs/) the
+    # folder of the file the index links to
+    folders = {path.parent.resolve(), path.resolve().parent}
     shards = []
     for name in names:
         if not isinstance(name, str) or not name or Path(name).is_absolute() or "\0" in name:
             raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not a file name beside the index")
         shard = (path.parent / name)
         resolved = shard.resolve()
-        if resolved.parent != folder and folder not in resolved.parents:
+        if os.path.normpath(name).startswith("..") or not any(resolved.parent == f or f in resolved.parents
+                                                               for f in folders):
             raise TowerLoadError(f"{path}: weight_map names {name!r}, which resolves to {resolved}, outside the "
-                                 f"index's folder {folder}; a shard must sit beside its index")
+                                 f"index's folder {path.parent.resolve()}; a shard must sit beside its index")
         if not shard.exists():
-            raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not in {folder}; copy every shard "
+            raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not in {path.parent}; copy every shard "
                                  "the index lists beside it")
         if not stat.S_ISREG(shard.stat().st_mode):
             raise TowerLoadError(f"{path}: weight_map names {name!r}, which is not a regular file (a FIFO, device or "
