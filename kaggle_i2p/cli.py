@@ -221,8 +221,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _parser_inspect(sub: argparse._SubParsersAction) -> None:
     inspect = sub.add_parser("inspect", help="read a checkpoint your own code saved (keys and shapes only) and print "
                                              "the manifest tower entry that serves it")
-    inspect.add_argument("checkpoint", type=Path, help="a .safetensors/.pt/.pth/.bin/.ckpt state dict (any wrapper), "
-                                                       "or an exported .pt2 / TorchScript program")
+    inspect.add_argument("checkpoint", type=Path, nargs="+",
+                         help="a .safetensors/.pt/.pth/.bin/.ckpt/.pth.tar state dict (any wrapper: Lightning, timm's "
+                              "train.py), a sharded *.index.json, a save_pretrained/save_model folder, an exported "
+                              ".pt2 / TorchScript program; several (a backbone and its head saved apart) are merged")
     inspect.add_argument("--library", default=None, help="only this model library (default: every registered one)")
     inspect.add_argument("--arch", default=None, help="the architecture the training code built (a timm or "
                                                       "open_clip name, an HF config.json), when inspect cannot tell")
@@ -239,7 +241,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.append is not None and args.append.exists():
         check_writable_file(args.append)  # a read-only manifest is refused before the checkpoint is read
-    found = inspect_checkpoint(args.checkpoint, embedding_dim=args.embedding_dim, library=args.library,
+    found = inspect_checkpoint(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0],
+                               embedding_dim=args.embedding_dim, library=args.library,
                                arch=args.arch, name=args.name)
     print(found.text(), end="")
     if args.append is not None:

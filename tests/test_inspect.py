@@ -234,11 +234,11 @@ def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeyp
     with torch.device("meta"):
         prefix, model = build()
         shapes = {f"{prefix}{k}": tuple(v.shape) for k, v in model.state_dict().items()} | extra
-    monkeypatch.setattr(recognise, "_read_shapes", lambda path: (dict(shapes), None))
+    monkeypatch.setattr(recognise, "_read_shapes", lambda path: (dict(shapes), None, None))
     monkeypatch.setattr(recognise, "describe_file", lambda path: "a state dict")
-    monkeypatch.setattr(towers, "checkpoint_shapes", lambda path: {k: torch.empty(v, device="meta")
+    monkeypatch.setattr(towers, "checkpoint_shapes", lambda path, *a: {k: torch.empty(v, device="meta")
                                                                    for k, v in shapes.items()})
-    monkeypatch.setattr(towers, "file_keys", lambda path: set(shapes))
+    monkeypatch.setattr(towers, "file_keys", lambda path, *a: set(shapes))
     (tmp_path / "big.pth").write_bytes(b"")
     entry = inspect_checkpoint(tmp_path / "big.pth").entry
     assert (entry["library"], entry["arch"], entry.get("backbone")) == want

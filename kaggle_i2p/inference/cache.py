@@ -29,7 +29,7 @@ import numpy as np
 from ..core.fileio import atomic_open, file_identity, sha256_file
 from ..manifest import NetworkSpec, identity_dict, kind_of
 from ..models.backbones import library
-from ..models.checkpoints import checkpoint_sha256
+from ..models.checkpoints import checkpoint_sha256, source_identity, source_sha256
 from ..models.towers import tower_weights_sha256
 
 log = logging.getLogger("kaggle_i2p")
@@ -91,16 +91,21 @@ class PredictionCache:
             log.warning("cache: %s is damaged (%s); hashing the checkpoints again", self._hashes_path, err)
             return {}
 
-    def checkpoint_sha256(self, spec: NetworkSpec) -> str:
-        """The checkpoint file's sha256, memoised in the cache by path, size, modification and status-change time."""
-        memo_key = file_identity(spec.checkpoint)
+    def file_sha256(self, path: Path) -> str:
+        """One file's sha256, memoised in the cache by path, size, modification and status-change time and inode."""
+        memo_key = file_identity(path)
         memo = self._read_memo()
         if memo_key not in memo:
-            memo[memo_key] = checkpoint_sha256(spec.checkpoint)
+            memo[memo_key] = checkpoint_sha256(path)
             self._write(self._hashes_path, "w", lambda handle: json.dump(memo, handle, indent=1, sort_keys=True))
         else:
-            checkpoint_sha256.remember(spec.checkpoint, memo[memo_key])
+            checkpoint_sha256.remember(path, memo[memo_key])
         return memo[memo_key]
+
+    def checkpoint_sha256(self, spec: NetworkSpec) -> str:
+        """The checkpoint's sha256 (`checkpoints.source_sha256`: one file's own, or its files' together), each file's
+        memoised in the cache."""
+        return source_sha256(spec.checkpoint, self.file_sha256)
 
     def weights_sha256(self, spec: NetworkSpec, embedding_dim: int) -> str:
         """The tower's weights' sha256 (`towers.tower_weights_sha256`: the file's own, or the same for any wrapping of
@@ -108,7 +113,7 @@ class PredictionCache:
         without a checkpoint has none of its own: its program's content is the `arch` identity."""
         if spec.checkpoint is None:
             return tower_weights_sha256(spec, embedding_dim, lambda path: "")
-        memo_key = f"{file_identity(spec.checkpoint)} as {_digest(spec.to_dict())}"
+        memo_key = f"{source_identity(spec.checkpoint)} as {_digest(spec.to_dict())}"
         memo = self._read_memo()
         if memo_key not in memo:
             digest = tower_weights_sha256(spec, embedding_dim, lambda path: self.checkpoint_sha256(spec))

@@ -147,6 +147,7 @@ def load_runners_timed(manifest: Manifest, device: torch.device, precision: str 
                        compile_views: bool | None = None, clock: Clock = time.perf_counter) -> tuple[list, float, list]:
     """Step 1: a runner per weighted network tower, loaded as a run loads it (its checkpoint when the file is there,
     else random weights of the architecture), with the run's precision and compile; the loading seconds and notes."""
+    from ..models.checkpoints import source_parts
     from ..models.towers import build_tower, load_tower
     from .devices import resolve_compile, resolve_precision
     from .runner import TowerRunner
@@ -156,7 +157,7 @@ def load_runners_timed(manifest: Manifest, device: torch.device, precision: str 
         if not isinstance(spec, NetworkSpec) or spec.weight <= 0:
             continue
         started = clock()
-        if spec.checkpoint is not None and spec.checkpoint.is_file():
+        if spec.checkpoint is not None and all(p.exists() for p in source_parts(spec.checkpoint)):
             tower = load_tower(spec, manifest.embedding_dim, device)
         else:
             notes.append(f"note: {spec.name}: no checkpoint here, timed with random weights of the same architecture")

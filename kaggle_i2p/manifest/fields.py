@@ -57,8 +57,11 @@ def defaults_of(cls: type) -> dict[str, Any]:
     return out
 
 
-def path_text(path: Path | str, out_dir: Path | None) -> str:
-    """How a resolved path is written into a manifest in `out_dir`: relative to it (absolute when not given)."""
+def path_text(path: Path | str | tuple, out_dir: Path | None) -> str | list[str]:
+    """How a resolved path (or several: a checkpoint's parts) is written into a manifest in `out_dir`: relative to it
+    (absolute when not given)."""
+    if isinstance(path, (tuple, list)):
+        return [path_text(p, out_dir) for p in path]
     return str(path) if out_dir is None else os.path.relpath(path, out_dir)
 
 

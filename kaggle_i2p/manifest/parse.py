@@ -245,7 +245,8 @@ def parse_backbone_choices(raw: Mapping, library: Any, label: str, problems: Pro
 
 
 def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None:
-    """`checkpoint_keys: {strip: [prefix, ...], rename: {old: new, ...}, ignore: [prefix, ...]}`, or None."""
+    """`checkpoint_keys: {strip: [prefix, ...], rename: {old: new, ...}, ignore: [prefix, ...], weights: key}`, or
+    None."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
@@ -265,7 +266,13 @@ def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None
                                    and all(isinstance(k, str) and k and isinstance(v, str) for k, v in rename.items())):
         problems.add(f"{where}.rename", f"{rename!r} must map old key prefixes to new ones, e.g. {{fc.: head.}}")
         rename = None
-    return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"])
+    weights = raw.get("weights")
+    if weights is not None and not (isinstance(weights, str) and weights):
+        problems.add(f"{where}.weights", f"{weights!r} must name the set of weights to read from a file that holds "
+                                         "several, e.g. state_dict_ema (timm's train.py) or ema")
+        weights = None
+    return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"],
+                    weights=weights)
 
 
 def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext, resolutions: Sequence[int]) -> str:
@@ -302,23 +309,46 @@ def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext, res
     return arch
 
 
-def parse_checkpoint(raw: Mapping, label: str, ctx: ParseContext) -> Path | None:
+def parse_checkpoint(raw: Mapping, label: str, ctx: ParseContext) -> Path | tuple[Path, ...] | None:
+    """`checkpoint`: a weights file, a save_pretrained/save_model folder, or a list of them merged (a backbone and a
+    head saved apart); one resolved path, or a tuple for a list."""
     if "checkpoint" not in raw:
         return None
-    raw_ckpt = raw["checkpoint"]
-    if isinstance(raw_ckpt, str) and not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
-        ctx.problems.add(f"{label}.checkpoint", f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}")
-        return None
-    if ctx.check_files:
-        return resolve_file(raw_ckpt, ctx.base_dir, f"{label}.checkpoint", ctx.problems, "tower weights")
+    value = raw["checkpoint"]
+    where = f"{label}.checkpoint"
+    if isinstance(value, list):
+        if not value:
+            ctx.problems.add(where, "an empty list: give the weights file(s), e.g. [backbone.safetensors, head.pth]")
+            return None
+        parts = [_checkpoint_part(item, f"{where}[{i}]", ctx) for i, item in enumerate(value)]
+        return tuple(parts) if all(p is not None for p in parts) else None
+    return _checkpoint_part(value, where, ctx)
+
+
+def _checkpoint_part(raw_ckpt: Any, where: str, ctx: ParseContext) -> Path | None:
+    """One file or folder of a checkpoint: a folder is a save_pretrained/save_model folder (its weights found when
+    read); a file must have a weights file's suffix."""
     if not isinstance(raw_ckpt, str) or not raw_ckpt.strip():
-        ctx.problems.add(f"{label}.checkpoint", "must be a path string to the tower weights")
+        ctx.problems.add(where, "must be a path string to the tower weights (a file, a save_pretrained folder, or a "
+                                "list of them)")
         return None
     try:
-        return expand_path(raw_ckpt, ctx.base_dir)
-    except KeyError:
+        path = expand_path(raw_ckpt, ctx.base_dir)
+    except KeyError as err:
+        if ctx.check_files:
+            ctx.problems.add(where, f"environment variable {err.args[0]} is not set (in {raw_ckpt!r}); export it, "
+                                    f"or write ${{{err.args[0]}:-default}}")
+            return None
         return Path(raw_ckpt)  # not checked here: the variable may be set where the files are
-
+    if path.is_dir():
+        return path
+    if not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
+        ctx.problems.add(where, f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}, or be a "
+                                "save_pretrained folder")
+        return None
+    if ctx.check_files:
+        return resolve_file(raw_ckpt, ctx.base_dir, where, ctx.problems, "tower weights")
+    return path
 
 
 def parse_tower(raw: Any, index: int, ctx: ParseContext, label: str | None = None) -> TowerSpec | None:

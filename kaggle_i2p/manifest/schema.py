@@ -35,7 +35,8 @@ INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)  # the one list: manifest and CLI --precision
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(TrainPrecision)  # the training config's
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # .ckpt: Lightning's
+# .ckpt: Lightning's; .pth.tar: timm's train.py; .index.json: a sharded checkpoint's index (its shards beside it)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".tar", ".index.json")
 
 TOP_KEYS = {"embedding_dim", "fallback", "towers"}
 DEFAULT_KIND = "regressor"  # an entry without `kind:`
@@ -124,11 +125,13 @@ class ImageSpec:
 class KeyRules:
     """A tower entry's `checkpoint_keys`: how a checkpoint saved by other code maps onto the tower's keys, applied in
     this order: keys under an `ignore` prefix dropped (counted), a leading `strip` prefix removed, a leading
-    `rename` prefix replaced (`{fc.: head.}`). Loading stays strict: every tower key must then be filled."""
+    `rename` prefix replaced (`{fc.: head.}`). Loading stays strict: every tower key must then be filled. `weights`
+    names the set of weights to read from a file that holds several (a model and its EMA), before the rules."""
 
     strip: tuple[str, ...] = entry_field((), sparse=True)
     rename: dict[str, str] | None = None
     ignore: tuple[str, ...] = entry_field((), sparse=True)
+    weights: str | None = None  # which set of a file holding several (timm's `state_dict_ema`, our trainer's `ema`)
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         return entry_dict(self, out_dir)
@@ -186,7 +189,9 @@ class NetworkSpec(TowerSpec):
 
     library: str
     arch: str = entry_field(path="arch")  # a model name, or (a library that reads files) a config file's path
-    checkpoint: Path | None = entry_field(path=True, identity=False)  # None only for a tower still being trained
+    # a file, a save_pretrained/save_model folder, or several (a tuple) merged: backbone + head in files of their own;
+    # None only for a tower still being trained, or a program that holds every weight
+    checkpoint: Path | tuple[Path, ...] | None = entry_field(path=True, identity=False)
     sha256: str | None = entry_field(None, identity=False)
     image: ImageSpec = entry_field(section=ImageSpec)
     native_resolution: int | None = None
@@ -207,14 +212,25 @@ class NetworkSpec(TowerSpec):
         return arch_is_path(self.library, arch)
 
     @property
-    def weights_file(self) -> Path | None:
-        """The one file `sha256` checks: the checkpoint, or a program tower's program (its library's
-        `holds_weights`) when it has no checkpoint; None for one program per resolution (each is hashed in the cache
-        key, and `sha256` is refused)."""
+    def weights_source(self) -> Path | tuple[Path, ...] | None:
+        """What `sha256` checks: the checkpoint (one file, a folder, several), or a program tower's program (its
+        library's `holds_weights`) when it has no checkpoint; None for one program per resolution (each is hashed in
+        the cache key, and `sha256` is refused)."""
         if self.checkpoint is not None:
             return self.checkpoint
         files = LIBRARIES.get(self.library).arch_files(self.arch, self.image.resolutions)
         return Path(files[0]) if len(files) == 1 else None
+
+    @property
+    def weights_choice(self) -> str | None:
+        """The set of weights to read from a checkpoint file that holds several (`checkpoint_keys.weights`)."""
+        return self.checkpoint_keys.weights if self.checkpoint_keys is not None else None
+
+    @property
+    def checkpoint_label(self) -> str:
+        """The checkpoint as messages name it: its path, or its paths joined with ` + `."""
+        parts = self.checkpoint if isinstance(self.checkpoint, tuple) else (self.checkpoint,)
+        return " + ".join(str(p) for p in parts if p is not None)
 
     def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
         """Width of a forward pass's output, the one the cache stores: the embedding, unless the kind's step after
@@ -232,7 +248,7 @@ class NetworkSpec(TowerSpec):
     def describe(self) -> str:
         return (f"{self.library} {self.arch}, {self._describe_output()}, resolutions {list(self.image.resolutions)}"
                 f"{' + hflip' if self.image.hflip else ''}, weight {self.weight:g}, "
-                f"{self.checkpoint if self.checkpoint is not None else 'weights in the program'}")
+                f"{self.checkpoint_label if self.checkpoint is not None else 'weights in the program'}")
 
 
 @dataclass(frozen=True)

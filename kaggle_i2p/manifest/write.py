@@ -48,6 +48,8 @@ def _rebase_entry(entry: dict, cls: type, source_dir: Path, out_dir: Path) -> No
             _rebase_entry(value, section, source_dir, out_dir)
         elif isinstance(value, str) and (path is True or (path == "arch" and arch_is_path(library, value))):
             entry[key] = _rebase(value, source_dir, out_dir)
+        elif isinstance(value, list) and path is True:  # a checkpoint's parts
+            entry[key] = [_rebase(v, source_dir, out_dir) if isinstance(v, str) else v for v in value]
 
 
 def write_manifest(data: Mapping, path: str | Path, *, check_files: bool = True, header: str = "") -> Manifest:

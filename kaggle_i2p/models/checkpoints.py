@@ -80,31 +80,186 @@ def shard_files(path: Path) -> list[Path] | None:
     return shards
 
 
-def read_state_dict(path: Path, mmap: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a .pt/.pth/.bin file via `torch.load(weights_only=True)`, onto
-    `device` (a GPU reads them straight into its memory, no host copy kept) (`mmap`: memory-mapped, nothing read until
-    used, for files in torch's zip format); a sharded checkpoint's index reads all its shards."""
-    shards = shard_files(path)
-    if shards is not None:
-        return {k: v for shard in shards for k, v in read_state_dict(shard, mmap, device).items()}
+Source = Path | tuple[Path, ...]  # a checkpoint: a file, a save_pretrained/save_model folder, or several merged
+
+# A save_pretrained / save_model / push_to_hub folder's weights, in the order transformers and accelerate look for
+# them (a sharded model's index first); open_clip's hub layout last.
+FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                  "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class WeightSetsError(TowerLoadError):
+    """A file holding more than one set of weights (a model and its EMA) read without saying which: never a silent
+    choice."""
+
+
+def source_parts(source: Source | list) -> tuple[Path, ...]:
+    """The paths a checkpoint names: one, or each of a list (merged when read)."""
+    return tuple(Path(p) for p in source) if isinstance(source, (tuple, list)) else (Path(source),)
+
+
+def part_file(part: Path) -> Path:
+    """The file a part of a checkpoint reads: the file itself, or a save_pretrained/save_model folder's weights file
+    (a sharded model's index); TowerLoadError naming what the folder holds when it has none."""
+    if not part.is_dir():
+        return part
+    found = next((part / name for name in FOLDER_WEIGHTS if (part / name).is_file()), None)
+    if found is None:
+        held = sorted(p.name for p in part.iterdir())
+        raise TowerLoadError(f"{part} is a folder without weights ({' or '.join(FOLDER_WEIGHTS[:4])}, as "
+                             f"save_pretrained and accelerate's save_model write); it holds: "
+                             f"{', '.join(held[:8]) or 'nothing'}{' ...' if len(held) > 8 else ''}")
+    return found
+
+
+def weight_files(source: Source) -> list[Path]:
+    """Every file a checkpoint's weights are read from, in order: each part's file, a sharded index with its shards."""
+    files = []
+    for part in source_parts(source):
+        path = part_file(part)
+        files.append(path)
+        files += shard_files(path) or []
+    return files
+
+
+def source_identity(source: Source) -> str:
+    """The checkpoint's files' identities (path, size, times, inode) joined: any rewrite of any of them changes it."""
+    return "|".join(file_identity(f) for f in weight_files(source))
+
+
+def source_sha256(source: Source, file_sha256=None) -> str:
+    """The sha256 a manifest's `sha256` checks: a checkpoint in one file, that file's own (`sha256sum FILE`); in
+    several (a folder with a sharded index, a list), the sha256 of their `sha256sum` lines (`sha256sum FILES |
+    sha256sum`, each file by its name alone). `file_sha256`: the per-file hasher (memoised by default)."""
+    import hashlib
+
+    file_sha256 = file_sha256 or checkpoint_sha256
+    files = weight_files(source)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{file_sha256(f)}  {f.name}\n" for f in files)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def _state_like(value: object) -> bool:
+    """A mapping of names to tensors (a state dict), as a wrapper holds one."""
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value) and \
+        sum(isinstance(v, torch.Tensor) for v in value.values()) * 2 > len(value)
+
+
+def weight_sets(obj: object) -> dict[str, Mapping]:
+    """The sets of weights a torch.save object holds, by the key that holds each: the object itself ("") when it is a
+    state dict; else its values that are state dicts (timm's train.py: `state_dict` and `state_dict_ema`; our
+    trainer: `model` and `ema`; Lightning: `state_dict`), looking through one-key wrappers (`{'model': {...}}`)."""
+    if not isinstance(obj, Mapping):
+        return {}
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"": obj}
+    sets = {str(k): v for k, v in obj.items() if _state_like(v)}
+    if sets:
+        return sets
+    inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+    return weight_sets(inner) if inner is not None else {}
+
+
+def choose_weights(obj: object, path: Path, select: str | None) -> Mapping:
+    """The one set of weights to read from a loaded file: the only one, or the one `select` names (the entry's
+    `checkpoint_keys.weights`); a choice that cannot be made is an error naming the sets, never a silent pick."""
+    sets = weight_sets(obj)
+    if not sets:
+        raise TowerLoadError(f"{path}: holds a {type(obj).__name__}"
+                             + (f" with keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, Mapping) else "")
+                             + ", and no state dict of tensors")
+    if select is not None:
+        if select not in sets:
+            raise KeyRuleError([f"checkpoint_keys.weights: no set of weights under {select!r}; the file holds "
+                                f"{', '.join(repr(k) for k in sets) if '' not in sets else 'one flat state dict'}"])
+        return sets[select]
+    if len(sets) > 1:
+        raise WeightSetsError(f"{path.name} holds {len(sets)} sets of weights ({', '.join(sets)}); say which the "
+                              f"tower serves with `checkpoint_keys: {{weights: {preferred_weights(sets)}}}`"
+                              + (" (the EMA: timm's loader prefers it)" if preferred_weights(sets) != next(iter(sets))
+                                 else ""))
+    return next(iter(sets.values()))
+
+
+def preferred_weights(sets: Mapping) -> str:
+    """The set a trainer's own loader serves by default: an EMA when there is one (timm's `state_dict_ema`)."""
+    return next((k for k in sets if "ema" in k.lower()), next(iter(sets)))
+
+
+def _read_file(path: Path, *, shapes: bool, mmap: bool, device: str | torch.device, select: str | None
+               ) -> tuple[dict[str, torch.Tensor], bool]:
+    """One weights file's tensors (or meta tensors of their shapes), and whether they were its flat top level."""
     if path.suffix == ".safetensors":
+        if select is not None:
+            raise KeyRuleError([f"checkpoint_keys.weights: a safetensors file holds one set of weights; {select!r} "
+                                "names nothing in it: leave it out"])
+        if shapes:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: torch.empty(tuple(handle.get_slice(k).get_shape()), device="meta")
+                        for k in handle.keys()}, True  # noqa: SIM118
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(device))
+        return load_file(str(path), device=str(device)), True
     program = program_format(path)
     if program in ("export", "torchscript"):  # torch.load would hand a TorchScript file to torch.jit.load
         raise TowerLoadError(f"{path}: is a {program} program, not a state dict: serve it as `library: {program}` "
                              "with `arch:` naming it")
-    state = load_pickled(path, device, mmap)
-    # Training checkpoints often wrap the weights: {"state_dict": {...}, "epoch": 3, ...}.
-    while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if inner is None:
-            break
-        state = inner
-    if not isinstance(state, Mapping):
-        raise TowerLoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    obj = load_pickled(path, "cpu" if shapes else device, mmap or shapes)
+    chosen = choose_weights(obj, path, select)
+    tensors = {k: v for k, v in chosen.items() if isinstance(v, torch.Tensor)}
+    if shapes:
+        tensors = {k: torch.empty(tuple(v.shape), device="meta") for k, v in tensors.items()}
+    return tensors, chosen is obj
+
+
+def _read(source: Source, *, shapes: bool, mmap: bool = False, device: str | torch.device = "cpu",
+          select: str | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """A checkpoint's tensors merged over its parts and shards (a key in two files is an error naming both), and
+    whether it was one flat file. `select` must name a set in at least one part."""
+    merged: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    flat, selected = True, select is None
+    files = [(f, shard_files(f)) for f in map(part_file, source_parts(source))]
+    for path, shards in files:
+        for file in shards if shards is not None else [path]:
+            # one file: the choice is its own to take; several: only a file holding several sets takes it
+            choice = select if len(files) == 1 or (select is not None and _has_sets(file)) else None
+            tensors, top = _read_file(file, shapes=shapes, mmap=mmap, device=device, select=choice)
+            selected = selected or choice is not None
+            flat = flat and top
+            for key, value in tensors.items():
+                if key in merged:
+                    raise TowerLoadError(f"key {key!r} is in both {origin[key]} and {file}: a checkpoint's files are "
+                                         "merged, so each key may come from one of them; use checkpoint_keys to "
+                                         "ignore one")
+                merged[key], origin[key] = value, file
+    if not selected:
+        raise KeyRuleError([f"checkpoint_keys.weights: {select!r} names a set of weights, and none of the "
+                            "checkpoint's files holds more than one; leave it out"])
+    return merged, flat and len(files) == 1 and len(origin) == len(merged)
+
+
+def _has_sets(path: Path) -> bool:
+    """Whether a torch file holds several sets of weights (a list's part may; the others then take no choice)."""
+    if path.suffix == ".safetensors":
+        return False
+    try:
+        return len(weight_sets(load_pickled(path, mmap=True))) > 1
+    except Exception:  # noqa: BLE001 - the read that follows reports it
+        return True
+
+
+def read_state_dict(source: Source, mmap: bool = False, device: str | torch.device = "cpu",
+                    select: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors from a checkpoint (`Source`: a .safetensors file, a .pt/.pth/.bin/.ckpt/.pth.tar file via
+    `torch.load(weights_only=True)` and the allow-list, a sharded index, a save_pretrained folder, or a list of
+    those merged), onto `device` (a GPU reads them straight into its memory) (`mmap`: memory-mapped, nothing read
+    until used, for files in torch's zip format). A file holding several sets of weights is read at `select`."""
+    return _read(source, shapes=False, mmap=mmap, device=device, select=select)[0]
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,49 +273,34 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return cleaned
 
 
-def read_weights(path: Path, failure: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_weights(source: Source, failure: str, device: str | torch.device = "cpu", select: str | None = None
+                 ) -> dict[str, torch.Tensor]:
     """`read_state_dict` + `strip_prefixes`; an unreadable file becomes one TowerLoadError: "{failure} {path}: ..."."""
     try:
-        return strip_prefixes(read_state_dict(path, device=device))
-    except TowerLoadError:
+        return strip_prefixes(read_state_dict(source, device=device, select=select))
+    except I2PError:
         raise
     except Exception as err:  # noqa: BLE001 - unreadable files become one clear error
-        raise TowerLoadError(f"{failure} {path}: {err}") from err
+        raise TowerLoadError(f"{failure} {source_label(source)}: {err}") from err
 
 
-def checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
+def source_label(source: Source) -> str:
+    """A checkpoint as messages name it: its path, or its paths joined with ` + `."""
+    return " + ".join(str(p) for p in source_parts(source))
+
+
+def checkpoint_shapes(source: Source, select: str | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's keys (prefixes stripped) with meta tensors of their shapes, read without loading weights:
-    the safetensors header, or a memory-mapped torch file (each shard's, for a sharded checkpoint's index)."""
-    shards = shard_files(path)
-    if shards is not None:
-        return {k: v for shard in shards for k, v in checkpoint_shapes(shard).items()}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-        return strip_prefixes({k: torch.empty(shape, device="meta") for k, shape in shapes.items()})
-    state = read_state_dict(path, mmap=True)
-    return strip_prefixes({k: torch.empty(tuple(v.shape), device="meta") for k, v in state.items()})
+    the safetensors header, or a memory-mapped torch file; every shard, folder and part of a list."""
+    return strip_prefixes(_read(source, shapes=True, select=select)[0])
 
 
-def file_keys(path: Path) -> set[str] | None:
-    """The keys a checkpoint file holds at its top level, nothing unwrapped or stripped (None when its top level is
-    not a flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`); a sharded checkpoint's, all its
-    shards'."""
-    shards = shard_files(path)
-    if shards is not None:
-        keys = [file_keys(shard) for shard in shards]
-        return None if any(k is None for k in keys) else set().union(*keys)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
-    state = load_pickled(path, mmap=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return None
-    return set(state)
+def file_keys(source: Source, select: str | None = None) -> set[str] | None:
+    """The keys a checkpoint holds at its top level, nothing unwrapped or stripped (None when its top level is not a
+    flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`, or several files merged); a sharded
+    checkpoint's, all its shards'."""
+    tensors, flat = _read(source, shapes=True, select=select)
+    return set(tensors) if flat else None
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -208,11 +348,12 @@ def folder_sha256(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): checkpoint_sha256(p) for p in files}
 
 
-def sha256_mismatch(path: Path, expected: str | None) -> str | None:
-    """The file's sha256 when it is not `expected`, else None (also when nothing is expected)."""
+def sha256_mismatch(source: Source, expected: str | None) -> str | None:
+    """The checkpoint's sha256 (`source_sha256`: a file's own, or its files' together) when it is not `expected`,
+    else None (also when nothing is expected)."""
     if not expected:
         return None
-    actual = checkpoint_sha256(path)
+    actual = source_sha256(source)
     return None if actual.lower() == expected.lower() else actual
 
 
@@ -386,6 +527,9 @@ def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor
         if set(renamed) == missing:
             for new, old in renamed.items():
                 out[new] = out.pop(old)
+    elif missing and {f"head.{k}" for k in rest} >= missing:  # the head's own state dict, saved in a file of its
+        for new in missing:  # own (nn.Linear's `weight`, `bias`), merged beside the backbone's
+            out[new] = out.pop(new[len("head."):])
     return out
 
 

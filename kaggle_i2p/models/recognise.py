@@ -26,8 +26,17 @@ from ..core.registry import LIBRARIES
 from ..core.resources import PRIOR_PATH
 from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
 from .backbones.base import Candidate, Shapes
-from .checkpoints import checkpoint_shapes
-from .safe_load import UnsafeFileError, load_pickled
+from .checkpoints import (
+    Source,
+    TowerLoadError,
+    WeightSetsError,
+    checkpoint_shapes,
+    part_file,
+    preferred_weights,
+    source_parts,
+    weight_sets,
+)
+from .safe_load import UnsafeFileError, load_pickled, metadata_objects
 from .towers import checkpoint_fit, validate_manifest
 
 # Keys inside a backbone's blocks are never the tower's head, whatever their shape (a ViT-S is 384 wide).
@@ -79,16 +88,19 @@ def head_guesses(shapes: Shapes, embedding_dim: int) -> list[HeadGuess]:
     outside the backbone's blocks, then none (the backbone gives the embedding)."""
     guesses = []
     for key, shape in sorted(shapes.items(), key=lambda item: (item[0].count("."), item[0])):
-        if not (key.endswith(".weight") and len(shape) == 2 and shape[0] == embedding_dim) or BLOCK_KEY.search(key):
+        if not ((key.endswith(".weight") or key == "weight") and len(shape) == 2 and shape[0] == embedding_dim) \
+                or BLOCK_KEY.search(key):
             continue
-        module = key[: -len(".weight")]
+        module = key[: -len(".weight")] if key != "weight" else ""  # "": a Linear's state dict saved alone
         parent, _, last = module.rpartition(".")
         guess = _mlp_guess(shapes, parent, int(last), embedding_dim) if last.isdigit() and parent else None
         if guess is None:
-            bias = f"{module}.bias" in shapes
+            bias_key = f"{module}.bias" if module else "bias"
+            bias = bias_key in shapes
             guess = HeadGuess({"type": "linear", **({} if bias else {"bias": False})}, shape[1],
-                              frozenset({key, f"{module}.bias"} & set(shapes)),
-                              text=f"Linear({shape[1]} -> {embedding_dim}{'' if bias else ', no bias'}) `{module}`")
+                              frozenset({key, bias_key} & set(shapes)),
+                              text=f"Linear({shape[1]} -> {embedding_dim}{'' if bias else ', no bias'}) "
+                                   f"`{module or 'a file of its own'}`")
         guesses.append(guess)
     guesses.append(HeadGuess({"type": "none"}, None, frozenset(), text="none: the backbone gives the embedding"))
     return guesses
@@ -127,7 +139,10 @@ def _mlp_guess(shapes: Shapes, parent: str, last: int, embedding_dim: int) -> He
 
 
 def describe_file(path: Path) -> str:
-    """How the file holds its tensors: flat, or inside a wrapper (Lightning's `state_dict`, `{'model': ...}`)."""
+    """How the file holds its tensors: flat, inside a wrapper (Lightning's `state_dict`, `{'model': ...}`), or in
+    several sets (timm's train.py: `state_dict` and `state_dict_ema`); a folder by the file it reads."""
+    if path.is_dir():
+        return f"a save_pretrained folder ({part_file(path).name})"
     if path.suffix == ".safetensors":
         return "a safetensors file"
     if path.name.endswith(".index.json"):
@@ -140,26 +155,48 @@ def describe_file(path: Path) -> str:
         return f"a {path.suffix} file"
     if not isinstance(top, Mapping) or all(isinstance(v, torch.Tensor) for v in top.values()):
         return f"a flat {path.suffix} state dict"
-    wrapper = next((k for k in ("state_dict", "model", "ema", "model_ema", "module") if isinstance(top.get(k),
-                                                                                                  Mapping)), "?")
+    sets = list(weight_sets(top))
     lightning = any(k.startswith("pytorch-lightning") or k in ("lr_schedulers", "callbacks") for k in top)
-    return f"{'a Lightning checkpoint' if lightning else 'a wrapped checkpoint'} (tensors under `{wrapper}`)"
+    timm = "state_dict_ema" in sets or ("arch" in top and "state_dict" in sets and "optimizer" in top)
+    kind = "a Lightning checkpoint" if lightning else "timm's train.py checkpoint" if timm else "a wrapped checkpoint"
+    metadata = metadata_objects(top)
+    return (f"{kind} (tensors under {', '.join(f'`{k}`' for k in sets) or '?'})"
+            + (f"; not unpickled: {', '.join(metadata)}" if metadata else ""))
 
 
-def _read_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], Exception | None]:
-    """The file's keys and shapes, and why they could not be read (perhaps a program, which its library
-    recognises; else the reason is the message)."""
+def _describe(parts: tuple[Path, ...]) -> str:
+    return " + ".join(f"{p.name}: {describe_file(p)}" for p in parts)
+
+
+def _read_shapes(source: Source, select: str | None = None
+                 ) -> tuple[dict[str, tuple[int, ...]], Exception | None, str | None]:
+    """The checkpoint's keys and shapes, why they could not be read (perhaps a program, which its library
+    recognises; else the reason is the message), and the set of weights read from a file holding several: the one
+    the trainer's own loader serves (an EMA), named in the entry, never a silent choice."""
     try:
-        return {k: tuple(v.shape) for k, v in checkpoint_shapes(path).items()}, None
+        return {k: tuple(v.shape) for k, v in checkpoint_shapes(source, select).items()}, None, select
+    except WeightSetsError as err:
+        if select is not None:
+            return {}, err, select
+        sets = {}
+        for part in source_parts(source):
+            try:
+                sets = weight_sets(load_pickled(part_file(part), mmap=True)) if part_file(part).suffix != \
+                    ".safetensors" else {}
+            except Exception:  # noqa: BLE001 - the read above said what it could
+                continue
+            if len(sets) > 1:
+                break
+        return _read_shapes(source, preferred_weights(sets)) if len(sets) > 1 else ({}, err, None)
     except Exception as err:  # noqa: BLE001 - not a state dict: perhaps a program, which its library recognises
-        return {}, err
+        return {}, err, select
 
 
 def _unreadable(source: Path, err: Exception | None) -> str:
     """Why a file that no library recognises could not be read, in one line: what it is and what would be."""
-    if isinstance(err, UnsafeFileError):
+    if isinstance(err, (UnsafeFileError, TowerLoadError)) and not str(err).startswith(str(source)):
         return str(err)
-    size = source.stat().st_size
+    size = source.stat().st_size if source.is_file() else 0
     what = "an empty file" if size == 0 else f"{size:,} bytes"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] if err else []
     reason = f"{type(err).__name__}: {lines[0][:200]}" if err and lines else (type(err).__name__ if err else "")
@@ -168,14 +205,15 @@ def _unreadable(source: Path, err: Exception | None) -> str:
             "TorchScript file: copy the file again if it was cut short")
 
 
-def _entry(candidate: Candidate, head: HeadGuess, source: Path, name: str) -> dict:
+def _entry(candidate: Candidate, head: HeadGuess, parts: tuple[Path, ...], name: str, select: str | None) -> dict:
     """The whole tower entry of one reading."""
     lib = LIBRARIES.get(candidate.entry["library"])
     entry: dict[str, Any] = {"name": name, **candidate.entry}
     if not lib.holds_weights or head.head["type"] != "none":
-        entry["checkpoint"] = str(source)
-    if head.rename:
-        entry["checkpoint_keys"] = {"rename": dict(head.rename)}
+        entry["checkpoint"] = str(parts[0]) if len(parts) == 1 else [str(p) for p in parts]
+    rules = {**({"weights": select} if select else {}), **({"rename": dict(head.rename)} if head.rename else {})}
+    if rules:
+        entry["checkpoint_keys"] = rules
     entry["head"] = head.head
     entry["image"] = {**candidate.image, "resize": "squash"}
     entry["weight"] = 1.0
@@ -204,57 +242,71 @@ def _readings(shapes: Shapes, heads: list[HeadGuess], source: Path, library: str
                 yield candidate, head
 
 
-def inspect_checkpoint(path: str | Path, *, embedding_dim: int = DEFAULT_EMBEDDING_DIM, library: str | None = None,
-                       arch: str | None = None, name: str | None = None) -> Inspection:
-    """The tower entry a checkpoint (or exported program) fits, found from its keys and shapes; InspectError naming
-    what was found when none fits."""
-    source = Path(path).resolve()
-    if not source.is_file():
-        raise InspectError(f"{path}: file not found")
+def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+                       library: str | None = None, arch: str | None = None, name: str | None = None) -> Inspection:
+    """The tower entry a checkpoint fits, found from its keys and shapes: a file (any wrapper, several sets of weights
+    too), a save_pretrained/save_model folder, a sharded index, an exported program, or several of those whose keys
+    are merged (a backbone and a head saved apart); InspectError naming what was found when none fits."""
+    parts = tuple(Path(p).resolve() for p in (path if isinstance(path, (list, tuple)) else [path]))
+    for given, part in zip(path if isinstance(path, (list, tuple)) else [path], parts, strict=True):
+        if not part.exists():
+            raise InspectError(f"{given}: no such file or folder")
     if library is not None and library not in LIBRARIES:
         raise InspectError(f"--library: {LIBRARIES.unknown(library)}")
     if name is not None and not TOWER_NAME.fullmatch(name):
         raise InspectError(f"--name {name!r}: a tower's name is letters, digits, '_', '-' and '.' (it names the tower "
                            f"in logs and cache folders), e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'tower'}")
-    shapes, unread = _read_shapes(source)
-    heads = head_guesses(shapes, embedding_dim)
-    name = name or re.sub(r"[^A-Za-z0-9_]+", "_", source.stem).strip("_") or "tower"
-    closest: tuple[int, str, list[str]] | None = None
+    if arch is not None and (Path(arch).exists() or Path(arch).suffix == ".json"):  # a config file: from here,
+        arch = str(Path(arch).resolve())  # not from the checkpoint's folder
+    source = parts[0] if len(parts) == 1 else parts
+    shapes, unread, select = _read_shapes(source)
     try:
-        for candidate, head in _readings(shapes, heads, source, library, arch):
-            entry = _entry(candidate, head, source, name)
-            result = _fit(entry, embedding_dim, source.parent)
+        anchor = part_file(parts[0])  # the file whose folder holds the configs saved beside it
+    except TowerLoadError as err:
+        raise InspectError(str(err)) from err
+    heads = head_guesses(shapes, embedding_dim)
+    stem = parts[0].name if parts[0].is_dir() else parts[0].name.split(".")[0]
+    name = name or re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "tower"
+    closest: tuple[int, str, list[str]] | None = None
+    what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
+    try:
+        for candidate, head in _readings(shapes, heads, anchor, library, arch):
+            entry = _entry(candidate, head, parts, name, select)
+            result = _fit(entry, embedding_dim, anchor.parent)
             if result is None:
                 continue
             problems, notes = result
             if not problems:
-                return _inspection(entry, candidate, head, notes, source, shapes, embedding_dim)
+                return _inspection(entry, candidate, head, notes, parts, shapes, select)
             if closest is None or len(problems) < closest[0]:
                 closest = (len(problems), candidate.family, list(candidate.notes or problems))
     except I2PError as err:  # a library that recognised the family and needs something only the user has, or a
         text = str(err)  # program it cannot read (refused, damaged)
-        raise InspectError(text if text.startswith(source.name) else f"{source.name}: {text}") from err
+        raise InspectError(text if text.startswith(what) else f"{what}: {text}") from err
     if not shapes:
-        raise InspectError(_unreadable(source, unread))
+        raise InspectError(_unreadable(parts[0], unread))
     missing = [f"--{option}" for option, given in (("library", library), ("arch", arch)) if given is None]
     if closest is None:
         given = f" as {library or 'any library'} {arch or ''}".rstrip() if library or arch else ""
         advice = (f"pass {' and '.join(missing)} (the model the training code built)" if missing else
                   "check that --arch is the model the training code built, and --embedding-dim the head's width")
-        raise InspectError(f"{source.name} ({describe_file(source)}, {len(shapes)} tensors) matches no reading "
-                           f"inspect knows{given}; {advice}")
+        raise InspectError(f"{what} ({_describe(parts)}, {len(shapes)} tensors) matches no reading inspect "
+                           f"knows{given}; {advice}")
     advice = "pass --arch with the model the training code built" if arch is None else \
         "the file is not that model as built: check --arch, or the head's width (--embedding-dim)"
-    raise InspectError(f"{source.name}: closest reading {closest[1]}, but its keys do not fit:\n  - "
+    raise InspectError(f"{what}: closest reading {closest[1]}, but its keys do not fit:\n  - "
                        + "\n  - ".join(closest[2][:8]) + f"\n{advice}")
 
 
-def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], source: Path,
-                shapes: Shapes, embedding_dim: int) -> Inspection:
-    found = [f"{source.name}: {describe_file(source) if shapes else 'a program file'}"
+def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], parts: tuple[Path, ...],
+                shapes: Shapes, select: str | None) -> Inspection:
+    found = [(_describe(parts) if shapes else f"{parts[0].name}: a program file")
              + (f", {len(shapes)} tensors" if shapes else ""),
              candidate.family, f"head: {head.text}" + (" (its layers renamed to ours)" if head.rename else ""),
              *(f"loaded as: {n.removeprefix('read as ')}" for n in notes)]
+    if select:
+        found.append(f"weights: `{select}` (checkpoint_keys.weights), the EMA, as timm's own loader serves it; the "
+                     "file holds other sets too: name one of them there to serve it instead")
     ask = [f"image.mean / image.std: {candidate.image['mean']} / {candidate.image['std']} (the family's usual; "
            "CLIP's [0.4815, 0.4578, 0.4082] / [0.2686, 0.2613, 0.2758], ImageNet's [0.485, 0.456, 0.406] / "
            "[0.229, 0.224, 0.225], SigLIP's 0.5 / 0.5)",
@@ -285,9 +337,16 @@ def append_entry(inspection: Inspection, manifest: str | Path) -> Path:
     if inspection.entry["name"] in names:
         raise InspectError(f"{path}: already has a tower named {inspection.entry['name']!r}; pass --name")
     entry = dict(inspection.entry)
+    folder = path.resolve().parent
+
+    def relative(value: str) -> str:
+        return os.path.relpath(value, folder) if Path(value).is_absolute() and Path(value).exists() else value
+
     for key in ("checkpoint", "arch"):  # the files, relative to the manifest's folder as a manifest writes them
-        if key in entry and Path(entry[key]).is_absolute() and Path(entry[key]).exists():
-            entry[key] = os.path.relpath(entry[key], path.resolve().parent)
+        if isinstance(entry.get(key), str):
+            entry[key] = relative(entry[key])
+        elif isinstance(entry.get(key), list):
+            entry[key] = [relative(v) for v in entry[key]]
     candidate = {**data, "towers": [*data["towers"], entry]}
     checked = parse_manifest(candidate, path)
     validate_manifest(checked, deep=True)

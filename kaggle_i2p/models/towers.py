@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import EntryFieldError
-from ..core.fileio import file_identity
+from ..core.errors import EntryFieldError, I2PError
 from ..manifest import (
     DEFAULT_EMBEDDING_DIM,
     Manifest,
@@ -33,7 +32,9 @@ from ..manifest import (
 from .backbones import BackboneLibrary, PosEmbedForSize, library
 from .checkpoints import (
     KeyRuleError,
+    Source,
     TowerLoadError,
+    WeightSetsError,
     apply_key_rules,
     backbone_layout,
     checkpoint_shapes,
@@ -42,6 +43,9 @@ from .checkpoints import (
     key_diff,
     read_weights,
     sha256_mismatch,
+    source_identity,
+    source_label,
+    source_parts,
     suggest_key_rules,
     under,
     weights_sha256,
@@ -180,19 +184,26 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
             continue
         label = tower_label(index, spec.name)
         try:
-            actual = sha256_mismatch(spec.weights_file, spec.sha256)
+            actual = sha256_mismatch(spec.weights_source, spec.sha256)
             if actual:
-                problems.append(f"{label}.sha256: {spec.weights_file} has sha256 {actual}, the manifest says "
-                                f"{spec.sha256}; the file is corrupt or not the one the manifest means")
+                problems.append(f"{label}.sha256: {source_label(spec.weights_source)} has sha256 {actual}, the "
+                                f"manifest says {spec.sha256}; the file is corrupt or not the one the manifest means")
                 continue
             fit = checkpoint_fit(spec, embedding_dim)
+        except WeightSetsError as err:  # a model and its EMA in one file: the entry must say which
+            problems.append(f"{label}.checkpoint_keys.weights: {err}")
+            continue
         except Exception as err:  # noqa: BLE001 - an unreadable file is one problem line
-            problems.append(f"{label}.checkpoint: cannot read {spec.checkpoint}: {type(err).__name__}: {err}")
+            text = str(err)
+            problems.append(f"{label}.checkpoint: " + (text if isinstance(err, I2PError) else
+                                                       f"cannot read {spec.checkpoint_label}: {type(err).__name__}: "
+                                                       f"{text}"))
             continue
         if fit.problems and all(p.startswith("checkpoint_keys") for p in fit.problems):
-            problems += [f"{label}.{p.replace(': ', f': {spec.checkpoint.name}: ', 1)}" for p in fit.problems]
+            files = " + ".join(p.name for p in source_parts(spec.checkpoint))
+            problems += [f"{label}.{p.replace(': ', f': {files}: ', 1)}" for p in fit.problems]
         elif fit.problems:
-            problems.append(f"{label}.checkpoint: {spec.checkpoint} does not match {spec.library} {spec.arch} + "
+            problems.append(f"{label}.checkpoint: {spec.checkpoint_label} does not match {spec.library} {spec.arch} + "
                             f"{spec.head_name}:\n      " + "\n      ".join(fit.problems))
     return problems
 
@@ -213,7 +224,7 @@ _FITS: dict[str, CheckpointFit] = {}
 def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> CheckpointFit:
     """`fit_checkpoint` on the file's keys and shapes against the tower built on the meta device; memoised per file
     (path, size, times) and entry, so the deep check, the cache key and the run summary read the file's keys once."""
-    source = None if spec.checkpoint is None else file_identity(spec.checkpoint)
+    source = None if spec.checkpoint is None else source_identity(spec.checkpoint)
     memo = json.dumps([source, spec.to_dict(), embedding_dim], sort_keys=True, default=str)
     if memo not in _FITS:
         with torch.device("meta"):
@@ -221,17 +232,34 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
         if spec.checkpoint is None:  # a program tower: the program holds the weights, the head must have none
             _FITS[memo] = CheckpointFit(_no_checkpoint(expected), (), 0, True)
             return _FITS[memo]
-        shapes = checkpoint_shapes(spec.checkpoint)
         try:
+            shapes = checkpoint_shapes(spec.checkpoint, spec.weights_choice)
             fitted, notes = fit_checkpoint(spec, expected, shapes)
         except KeyRuleError as err:  # a rule that matches nothing or makes two keys one: each is a problem
             _FITS[memo] = CheckpointFit(tuple(err.problems), (), 0, False)
             return _FITS[memo]
         diff = key_diff(expected, fitted)
+        if diff and _only_the_backbone(spec, expected, shapes):
+            diff = ["the head is not in this file: the file holds the whole backbone and none of the head's "
+                    f"{sum(k.startswith('head.') for k in expected)} key(s) ({spec.head_name}); give its file too "
+                    "(checkpoint: [backbone file, head file]), or `head: {type: none}` when the backbone gives the "
+                    "embedding", *diff]
         _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
                                     0 if diff else len(shapes) - len(fitted),
-                                    not diff and file_keys(spec.checkpoint) == set(expected))
+                                    not diff and file_keys(spec.checkpoint, spec.weights_choice) == set(expected))
     return _FITS[memo]
+
+
+def _only_the_backbone(spec: NetworkSpec, expected: Mapping[str, torch.Tensor],
+                       shapes: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the file is the tower's backbone alone (read as any layout `backbone_layout` knows) while the tower
+    has a head of its own: the refusal then says so first, not only as missing and unexpected keys."""
+    if not any(k.startswith("head.") for k in expected):
+        return False
+    lib = library(spec.library)
+    found = backbone_layout(under(expected, "backbone."), dict(shapes), lib.classifier_prefixes,
+                            lib.layouts_for(spec.arch))
+    return found is not None and not found[1]
 
 
 def _no_checkpoint(expected: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -246,7 +274,7 @@ def _no_checkpoint(expected: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
 NO_CHECKPOINT = "none: the weights are the program's"
 
 
-def tower_weights_sha256(spec: NetworkSpec, embedding_dim: int, file_sha256: Callable[[Path], str]) -> str:
+def tower_weights_sha256(spec: NetworkSpec, embedding_dim: int, file_sha256: Callable[[Source], str]) -> str:
     """The sha256 naming a tower's weights (the cache's key): the checkpoint file's own when the file holds exactly the
     tower's keys, else that of the tensors under the tower's keys (`checkpoints.weights_sha256`), which is the same
     however the file was wrapped (Lightning, DDP, a bare backbone, `checkpoint_keys`) and equals the file's own sha256
@@ -256,7 +284,7 @@ def tower_weights_sha256(spec: NetworkSpec, embedding_dim: int, file_sha256: Cal
     fit = checkpoint_fit(spec, embedding_dim)
     if fit.as_saved or fit.problems:  # a file that does not fit is refused before this matters
         return file_sha256(spec.checkpoint)
-    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint")
+    state = read_weights(spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint", select=spec.weights_choice)
     with torch.device("meta"):
         expected = build_tower(spec, embedding_dim).state_dict()
     return weights_sha256(fit_checkpoint(spec, expected, state)[0])
@@ -269,7 +297,7 @@ def fit_checkpoint(spec: NetworkSpec, expected: Mapping[str, torch.Tensor], stat
     as the head, the library's own wrapping); notes on what was done. Strictness is the caller's `key_diff`."""
     notes = []
     rules = spec.checkpoint_keys
-    if rules is not None:
+    if rules is not None and (rules.strip or rules.rename or rules.ignore):  # (`weights` chose the set when read)
         state, ignored = apply_key_rules(state, rules.strip, rules.rename, rules.ignore)
         notes.append("checkpoint_keys applied" + (f", {ignored} key(s) ignored" if ignored else ""))
     lib = library(spec.library)
@@ -336,23 +364,23 @@ def load_tower(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM,
     into a random initialisation that would be overwritten (15 s for ConvNeXt-XXL on a CPU). Towers with buffers
     that only their constructor computes (EVA's rotary tables) are built normally instead.
     """
-    actual = sha256_mismatch(spec.weights_file, spec.sha256)
+    actual = sha256_mismatch(spec.weights_source, spec.sha256)
     if actual:
-        raise TowerLoadError(f"tower {spec.name!r}: {spec.weights_file} has sha256 {actual}, manifest says "
-                             f"{spec.sha256}; the file is corrupt or not the one the manifest means")
-    state = {} if spec.checkpoint is None else read_weights(spec.checkpoint,
-                                                            f"tower {spec.name!r}: cannot read checkpoint", device)
+        raise TowerLoadError(f"tower {spec.name!r}: {source_label(spec.weights_source)} has sha256 {actual}, manifest "
+                             f"says {spec.sha256}; the file is corrupt or not the one the manifest means")
+    state = {} if spec.checkpoint is None else read_weights(
+        spec.checkpoint, f"tower {spec.name!r}: cannot read checkpoint", device, spec.weights_choice)
     with torch.device("meta"):
         tower = build_tower(spec, embedding_dim)
     expected = tower.state_dict()
     state, notes = fit_checkpoint(spec, expected, state)
     problems = key_diff(expected, state)
     if problems:
-        raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint} does not match "
+        raise TowerLoadError(f"tower {spec.name!r}: checkpoint {spec.checkpoint_label} does not match "
                              f"{spec.library} {spec.arch} + {spec.head_name}:\n  "
                              + "\n  ".join(_with_fix(problems, expected, state)))
     for note in notes:
-        log.info("tower %r: %s: %s", spec.name, spec.checkpoint, note)
+        log.info("tower %r: %s: %s", spec.name, spec.checkpoint_label, note)
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # an fp16 export still gives fp32 weights
     return _materialize(tower, state, embedding_dim).to(device).eval().requires_grad_(False)
 

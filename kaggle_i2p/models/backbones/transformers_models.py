@@ -67,6 +67,9 @@ def read_config(arch: str | Path) -> Any:
         raise EntryFieldError(f"{path} cannot be read as a transformers config.json ({type(err).__name__}: {err}); "
                               f"{fix}", "arch") from err
     model_type = data.get("model_type") if isinstance(data, dict) else None
+    nested = _nested_vision_config(data, CONFIG_MAPPING) if model_type not in CONFIG_MAPPING else None
+    if nested is not None:  # an HF Trainer save of a custom PreTrainedModel: its own model_type, the backbone's
+        data, model_type = nested, nested["model_type"]  # config nested under vision_config
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise EntryFieldError(f"{path}: model_type {model_type!r} is not one transformers knows (transformers "
                               f"{__import__('transformers').__version__}); a config.json written by "
@@ -76,6 +79,22 @@ def read_config(arch: str | Path) -> Any:
     except Exception as err:  # noqa: BLE001 - a config its own class cannot read is one problem
         raise EntryFieldError(f"{path}: not a valid {model_type} config ({type(err).__name__}: {err}); {fix}",
                               "arch") from err
+
+
+NESTED_CONFIGS = ("vision_config", "backbone_config", "encoder_config")  # where a wrapper keeps its backbone's config
+
+
+def _nested_vision_config(data: Any, known: Any) -> dict | None:
+    """The backbone's config a custom model's config.json nests (`vision_config` of a PreTrainedModel written by
+    save_pretrained or HF Trainer), when the outer model_type is one transformers does not know and the nested one
+    is; None otherwise."""
+    if not isinstance(data, dict):
+        return None
+    for key in NESTED_CONFIGS:
+        inner = data.get(key)
+        if isinstance(inner, dict) and isinstance(inner.get("model_type"), str) and inner["model_type"] in known:
+            return inner
+    return None
 
 
 def _vision_config(config: Any) -> Any:

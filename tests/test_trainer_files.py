@@ -1,0 +1,208 @@
+"""Every file a trainer writes, served as saved (issue 33, part 1): each built tiny here with its real library and
+saved exactly as that library's code saves it, then read through `inspect`'s entry and served, its vectors equal to
+the model's own forward on the same views (cosine >= 0.9999 per image, the image-dependent part too)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kaggle_i2p.core.resources import PRIOR_PATH
+from kaggle_i2p.manifest import ManifestError
+from kaggle_i2p.models.recognise import inspect_checkpoint
+from kaggle_i2p.models.towers import validate_manifest
+from kaggle_i2p.testing import TINY_OPEN_CLIP_CONFIG, assert_served_as_own_forward, tiny_hf_config
+
+
+def _manifest(folder: Path, entry: dict, name: str = "m.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": str(PRIOR_PATH), "towers": [entry]},
+                                   sort_keys=False))
+    return path
+
+
+class Served(torch.nn.Module):
+    """A model's own forward as the tower's: (B, 3, H, W) normalised views -> (B, 384)."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.run = forward
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.run(images)
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
+    """timm's train.py output: `CheckpointSaver` with a model, its EMA (ModelEmaV3), the optimizer and the argparse
+    Namespace of the run's arguments, after two steps (so the EMA and the raw weights differ)."""
+    import timm
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    out = tmp_path_factory.mktemp("timm_run")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=384)
+    ema = ModelEmaV3(model, decay=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(2, 3, 160, 160)).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # a step large enough that the EMA and the raw weights serve different vectors
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+        ema.update(model)
+    args = argparse.Namespace(model="test_vit", lr=1e-3, mean=(0.5, 0.5, 0.5), output=str(out))
+    saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=ema, checkpoint_dir=str(out),
+                            recovery_dir=str(out), decreasing=False, max_history=2)
+    saver.save_checkpoint(epoch=0, metric=0.5)
+    return out / "model_best.pth.tar", model.eval(), ema.module.eval()
+
+
+def test_timms_train_py_checkpoint_serves_the_set_the_entry_names(timm_run, tmp_path, sample_images):
+    """`model_best.pth.tar` holds `state_dict` and `state_dict_ema`: an entry that does not say which is a problem
+    naming both (never the raw weights served without a word); inspect's entry reads the EMA, as timm's loader does;
+    `weights: state_dict` serves the raw weights; `strip: [state_dict_ema.]` (a rule that matches nothing) is a
+    problem, not "OK"."""
+    best, raw, ema = timm_run
+    found = inspect_checkpoint(best)
+    assert found.entry["checkpoint_keys"] == {"weights": "state_dict_ema"}
+    assert "timm's train.py checkpoint" in found.text() and "argparse.Namespace" not in found.text()
+    served = assert_served_as_own_forward(ema, _manifest(tmp_path, found.entry), sample_images)
+    raw_entry = {**found.entry, "checkpoint_keys": {"weights": "state_dict"}}
+    served_raw = assert_served_as_own_forward(raw, _manifest(tmp_path, raw_entry, "raw.yaml"), sample_images)
+    assert (served * served_raw).sum(axis=1).min() < 0.9999  # two different sets: the choice means something
+    unsaid = {k: v for k, v in found.entry.items() if k != "checkpoint_keys"}
+    with pytest.raises(ManifestError, match=r"2 sets of weights \(state_dict, state_dict_ema\).*weights: "
+                                            r"state_dict_ema"):
+        validate_manifest(_manifest(tmp_path, unsaid, "unsaid.yaml"), deep=True)
+    wrong = {**unsaid, "checkpoint_keys": {"strip": ["state_dict_ema."]}}
+    with pytest.raises(ManifestError, match="2 sets of weights"):
+        validate_manifest(_manifest(tmp_path, wrong, "wrong.yaml"), deep=True)
+    missing = {**unsaid, "checkpoint_keys": {"weights": "model_ema"}}
+    with pytest.raises(ManifestError, match=r"checkpoint_keys.weights: .*no set of weights under 'model_ema'"):
+        validate_manifest(_manifest(tmp_path, missing, "missing.yaml"), deep=True)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """A tiny CLIP vision model as save_pretrained writes it (with its head saved apart), and a custom
+    PreTrainedModel (CLIP vision + head) saved by HF Trainer.save_model and by accelerate's save_model, sharded."""
+    import transformers as hf
+    from accelerate import Accelerator
+
+    folder = tmp_path_factory.mktemp("hf")
+    data = tiny_hf_config("clip_vision")
+    config = hf.CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    torch.manual_seed(0)
+    vision = hf.CLIPVisionModel(config).eval()
+    vision.save_pretrained(folder / "vision")
+    head = torch.nn.Linear(config.hidden_size, 384)
+    torch.save(head.state_dict(), folder / "head.pth")
+
+    class RegressorConfig(hf.PretrainedConfig):
+        model_type = "clip_regressor"
+
+        def __init__(self, vision_config=None, out_dim=384, **kwargs):
+            super().__init__(**kwargs)
+            self.vision_config, self.out_dim = vision_config or {}, out_dim
+
+    class Regressor(hf.PreTrainedModel):
+        config_class = RegressorConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.vision = hf.CLIPVisionModel(hf.CLIPVisionConfig(**config.vision_config))
+            self.head = torch.nn.Linear(self.vision.config.hidden_size, config.out_dim)
+
+        def forward(self, pixel_values):
+            return self.head(self.vision(pixel_values=pixel_values).pooler_output)
+
+    torch.manual_seed(1)
+    regressor = Regressor(RegressorConfig(vision_config=config.to_dict())).eval()
+    trainer = hf.Trainer(model=regressor, args=hf.TrainingArguments(output_dir=str(folder / "trainer"),
+                                                                    report_to=[]))
+    trainer.save_model(str(folder / "trainer"))
+    Accelerator(cpu=True).save_model(regressor, str(folder / "accelerate"), max_shard_size="20KB")
+    own = Served(lambda x: head(vision(pixel_values=x).pooler_output)).eval()
+    return folder, own, Served(lambda x: regressor(x)).eval()
+
+
+def test_a_save_pretrained_folder_with_its_head_in_a_file_of_its_own(hf_models, tmp_path, sample_images):
+    folder, own, _ = hf_models
+    found = inspect_checkpoint([folder / "vision", folder / "head.pth"])
+    assert found.entry["checkpoint"] == [str(folder / "vision"), str(folder / "head.pth")]
+    assert_served_as_own_forward(own, _manifest(tmp_path, found.entry), sample_images)
+    alone = {**found.entry, "checkpoint": str(folder / "vision")}
+    with pytest.raises(ManifestError, match="the head is not in this file"):
+        validate_manifest(_manifest(tmp_path, alone, "alone.yaml"), deep=True)
+
+
+@pytest.mark.parametrize("saved_by", ["trainer", "accelerate"])
+def test_hf_trainer_and_accelerate_folders_of_a_custom_model_serve_as_saved(hf_models, tmp_path, sample_images,
+                                                                            saved_by):
+    """HF Trainer.save_model of a custom PreTrainedModel (its own model_type, the backbone's config nested under
+    vision_config) and accelerate's sharded save_model of the same model: the folder is the checkpoint."""
+    folder, _, regressor = hf_models
+    arch = None if saved_by == "trainer" else str(folder / "trainer" / "config.json")  # accelerate writes no config
+    if saved_by == "accelerate":
+        assert (folder / "accelerate" / "model.safetensors.index.json").is_file()
+    found = inspect_checkpoint(folder / saved_by, arch=arch)
+    assert found.entry["checkpoint"] == str(folder / saved_by) and found.entry["library"] == "transformers"
+    assert_served_as_own_forward(regressor, _manifest(tmp_path, found.entry), sample_images)
+    index = {**found.entry, "checkpoint": str(folder / "accelerate" / "model.safetensors.index.json")}
+    assert_served_as_own_forward(regressor, _manifest(tmp_path, index, "index.yaml"), sample_images)
+
+
+def test_open_clips_epoch_file_and_a_head_saved_apart(tmp_path, sample_images):
+    """open_clip's trainer writes `epoch_N.pt`: {epoch, name, state_dict (DDP's `module.` keys of the whole CLIP),
+    optimizer}; the head was saved apart. Both files are the checkpoint."""
+    import json
+
+    import open_clip
+
+    (tmp_path / "tiny_clip.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    torch.manual_seed(2)
+    clip = open_clip.model.CLIP(**TINY_OPEN_CLIP_CONFIG).eval()
+    optimizer = torch.optim.AdamW(clip.parameters())
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, tmp_path / "epoch_3.pt")
+    head = torch.nn.Linear(TINY_OPEN_CLIP_CONFIG["embed_dim"], 384)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    found = inspect_checkpoint([tmp_path / "epoch_3.pt", tmp_path / "head.pth"],
+                               arch=str(tmp_path / "tiny_clip.json"))
+    assert found.entry["library"] == "open_clip"
+    own = Served(lambda x: head(clip.encode_image(x))).eval()
+    assert_served_as_own_forward(own, _manifest(tmp_path, found.entry), sample_images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_serve_their_own_values(tmp_path, sample_images, dtype):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=384).eval()
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "half.safetensors"))
+    model.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})  # the file's own values
+    found = inspect_checkpoint(tmp_path / "half.safetensors")
+    assert_served_as_own_forward(model, _manifest(tmp_path, found.entry), sample_images)
+
+
+def test_a_folder_without_weights_and_keys_in_two_files_are_one_problem_each(hf_models, tmp_path):
+    from kaggle_i2p.models.checkpoints import TowerLoadError, read_state_dict
+
+    folder, _, _ = hf_models
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(TowerLoadError, match="folder without weights.*holds: config.json"):
+        read_state_dict(empty)
+    shutil.copyfile(folder / "head.pth", tmp_path / "head_again.pth")
+    with pytest.raises(TowerLoadError, match="key 'weight' is in both"):
+        read_state_dict((folder / "head.pth", tmp_path / "head_again.pth"))
