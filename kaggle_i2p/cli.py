@@ -1,4 +1,4 @@
-"""The `kaggle-i2p` command line: predict, validate-manifest, inspect, dry-run, evaluate, tune, build-bank,
+"""The `kaggle-i2p` command line: predict, validate-manifest, inspect, convert, dry-run, evaluate, tune, build-bank,
 pack-wheels, train, export."""
 
 from __future__ import annotations
@@ -251,6 +251,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_convert(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="a whole pickled model (torch.save(model)) as safetensors of its weights, "
+                                             "and the tower entry inspect proposes (unpickles it: --trust-pickle)")
+    convert.add_argument("file", type=Path, help="the pickled model (.pt/.pth/.bin)")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="unpickle it (it runs whatever code it names; in a process of its own, never in a run)")
+    convert.add_argument("--code", type=Path, action="append", default=[], metavar="FILE.py",
+                         help="the training code that defines the model's class (its definitions run, its main "
+                              "block does not); repeatable")
+    convert.add_argument("--out", type=Path, default=None, help="the safetensors file (default: beside FILE)")
+    convert.add_argument("--library", default=None, help="as for inspect")
+    convert.add_argument("--arch", default=None, help="as for inspect")
+    convert.add_argument("--embedding-dim", type=_whole_number(1), default=384, help="the head's output width")
+    convert.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models.convert import convert_pickle
+    from .models.recognise import InspectError, inspect_checkpoint
+
+    out = convert_pickle(args.file, args.out, trust_pickle=args.trust_pickle, code=args.code)
+    print(f"# wrote {out}: the weights of {args.file.name}, nothing else of the pickle")
+    try:
+        print(inspect_checkpoint(out, embedding_dim=args.embedding_dim, library=args.library, arch=args.arch).text(),
+              end="")
+    except InspectError as err:
+        print(f"# inspect: {err}\n# the weights are written; run `kaggle-i2p inspect {out}` with --arch")
+    return 0
+
+
 def _parser_plan(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
                           "budget (and what to drop if not)")
@@ -439,8 +469,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_parser_predict, _parser_validate, _parser_inspect, _parser_dry_run, _parser_plan, _parser_evaluate,
-            _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train, _parser_export)
+COMMANDS = (_parser_predict, _parser_validate, _parser_inspect, _parser_convert, _parser_dry_run, _parser_plan,
+            _parser_evaluate, _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train,
+            _parser_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -206,3 +206,171 @@ def test_a_folder_without_weights_and_keys_in_two_files_are_one_problem_each(hf_
     shutil.copyfile(folder / "head.pth", tmp_path / "head_again.pth")
     with pytest.raises(TowerLoadError, match="key 'weight' is in both"):
         read_state_dict((folder / "head.pth", tmp_path / "head_again.pth"))
+
+
+# ---- whole pickled models: refused everywhere, converted only with consent ------------------------------------------
+
+NET_CODE = '''
+import torch
+import timm
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = timm.create_model("test_vit", pretrained=False, num_classes=0)
+        self.head = torch.nn.Linear(64, 384)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+if __name__ == "__main__":
+    open(MARKER, "w").write("the main block ran")
+'''
+
+
+def test_a_pickled_module_converts_only_with_consent_in_a_child_process(tmp_path, sample_images):
+    """`torch.save(model)` of a class defined in the training script (`__main__.Net`): inspect refuses it and says
+    how to convert; `convert` without --trust-pickle runs nothing; with it and `--code train.py` the child process
+    writes the weights (the script's main block never runs) and the entry serves the model's own forward."""
+    import subprocess
+    import sys
+
+    from kaggle_i2p.models.convert import ConvertError, convert_pickle
+    from kaggle_i2p.models.recognise import InspectError
+
+    marker = tmp_path / "MAIN_RAN"
+    (tmp_path / "train.py").write_text(NET_CODE.replace("MARKER", repr(str(marker))))
+    save = ("import runpy, sys, torch; sys.path.insert(0, sys.argv[1]); "
+            "globals().update({k: v for k, v in runpy.run_path(sys.argv[1] + '/train.py').items() "
+            "if k == 'Net'}); Net.__module__ = '__main__'; torch.manual_seed(4); "
+            "torch.save(Net(), sys.argv[1] + '/net.pt')")
+    subprocess.run([sys.executable, "-c", save, str(tmp_path)], check=True, timeout=120)
+    with pytest.raises(InspectError, match=r"whole pickled __main__.Net.*kaggle-i2p convert net.pt --trust-pickle"):
+        inspect_checkpoint(tmp_path / "net.pt")
+    with pytest.raises(ConvertError, match="--trust-pickle"):
+        convert_pickle(tmp_path / "net.pt")
+    with pytest.raises(ConvertError, match="pass that file with --code"):
+        convert_pickle(tmp_path / "net.pt", trust_pickle=True)
+    out = convert_pickle(tmp_path / "net.pt", trust_pickle=True, code=[tmp_path / "train.py"])
+    assert out == tmp_path / "net.safetensors" and not marker.exists()
+    with pytest.raises(ConvertError, match="exists and is left as it is"):
+        convert_pickle(tmp_path / "net.pt", trust_pickle=True, code=[tmp_path / "train.py"])
+    import runpy
+
+    net = runpy.run_path(str(tmp_path / "train.py"), run_name="net")["Net"]()
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(out))
+    found = inspect_checkpoint(out)
+    assert_served_as_own_forward(net.eval(), _manifest(tmp_path, found.entry), sample_images)
+
+
+def test_a_payload_pickle_runs_only_under_convert_with_consent(tmp_path):
+    import os
+
+    from kaggle_i2p.models.convert import ConvertError, convert_pickle
+    from kaggle_i2p.models.recognise import InspectError
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save(Payload(), tmp_path / "payload.pt")
+    with pytest.raises(InspectError):
+        inspect_checkpoint(tmp_path / "payload.pt")
+    with pytest.raises(ConvertError):
+        convert_pickle(tmp_path / "payload.pt")
+    assert not marker.exists()
+    with pytest.raises(ConvertError, match="no module or tensors"):
+        convert_pickle(tmp_path / "payload.pt", trust_pickle=True)
+    assert marker.exists()  # the user said they trust it: it ran, in the child process, and nothing was written
+    assert not (tmp_path / "payload.safetensors").exists()
+
+
+# ---- inspect's readings of the layouts people save ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "tiny_clip.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    torch.manual_seed(5)
+    return folder, open_clip.model.CLIP(**TINY_OPEN_CLIP_CONFIG).eval()
+
+
+def test_a_whole_clip_file_whose_head_has_its_own_name(tiny_clip, tmp_path, sample_images):
+    """A whole open_clip CLIP wrapped under `clip.` with the head as `dense0.`: the head is found by its name and
+    shapes (the text tower's `ln_final` has the same key names, other shapes)."""
+    folder, clip = tiny_clip
+    head = torch.nn.Linear(TINY_OPEN_CLIP_CONFIG["embed_dim"], 384)
+    torch.save({**{f"clip.{k}": v for k, v in clip.state_dict().items()},
+                **{f"dense0.{k}": v for k, v in head.state_dict().items()}}, tmp_path / "clip_dense.pt")
+    found = inspect_checkpoint(tmp_path / "clip_dense.pt", arch=str(folder / "tiny_clip.json"))
+    assert "`dense0`" in found.text()
+    own = Served(lambda x: head(clip.encode_image(x))).eval()
+    assert_served_as_own_forward(own, _manifest(tmp_path, found.entry), sample_images)
+
+
+def test_a_traced_image_tower_with_its_head_in_a_file_of_its_own(tiny_clip, tmp_path, sample_images):
+    """`torch.jit.trace(model.visual, x)` (whose graph keeps MultiheadAttention's data-dependent test, so fake
+    tensors cannot run it) and the head's state dict: one program and its head, found at the trace's size."""
+    import warnings
+
+    _, clip = tiny_clip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(clip.visual, torch.randn(2, 3, 64, 64), check_trace=False).save(str(tmp_path / "visual.pt"))
+    head = torch.nn.Linear(TINY_OPEN_CLIP_CONFIG["embed_dim"], 384)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    found = inspect_checkpoint([tmp_path / "visual.pt", tmp_path / "head.pth"])
+    assert found.entry["library"] == "torchscript" and found.entry["native_resolution"] == 64
+    assert found.entry["checkpoint"] == str(tmp_path / "head.pth")
+    own = Served(lambda x: head(clip.visual(x))).eval()
+    assert_served_as_own_forward(own, _manifest(tmp_path, found.entry), sample_images)
+
+
+def test_a_blip2_regressor_whose_vision_model_has_another_name(tmp_path, sample_images):
+    """A BLIP-2 image side saved as `vision.` / `query_tokens` / `qformer.` / `head.`: the one rename that fits
+    (`vision.` -> the vision model's) goes into the entry, the other parts read as they are."""
+    import json
+
+    import transformers as hf
+    from safetensors.torch import save_file
+
+    from kaggle_i2p.models.backbones.transformers_models import Blip2QueryTower
+
+    data = tiny_hf_config("blip2")
+    torch.manual_seed(6)
+    tower = Blip2QueryTower(hf.CONFIG_MAPPING[data["model_type"]].from_dict(data)).eval()
+    with torch.no_grad():  # weights large enough that the image shows through the tiny Q-Former's output
+        for param in tower.parameters():
+            param.normal_(0, 0.5)
+    head = torch.nn.Linear(32, 384)
+    state = {k.replace("vision_model.", "vision.", 1): v for k, v in tower.state_dict().items()}
+    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    (tmp_path / "reg").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "reg" / "model.safetensors"))
+    (tmp_path / "reg" / "config.json").write_text(json.dumps(data))
+    found = inspect_checkpoint(tmp_path / "reg")
+    assert found.entry["checkpoint_keys"]["rename"] == {"vision.": "backbone.vision_model."}
+    own = Served(lambda x: head(tower(x))).eval()
+    assert_served_as_own_forward(own, _manifest(tmp_path, found.entry), sample_images)
+
+
+def test_a_relative_arch_is_read_from_where_inspect_runs(tiny_clip, tmp_path, monkeypatch):
+    folder, clip = tiny_clip
+    head = torch.nn.Linear(TINY_OPEN_CLIP_CONFIG["embed_dim"], 384)
+    (tmp_path / "ckpt").mkdir()
+    torch.save({**{f"visual.{k}": v for k, v in clip.visual.state_dict().items()},
+                **{f"head.{k}": v for k, v in head.state_dict().items()}}, tmp_path / "ckpt" / "tower.pt")
+    shutil.copyfile(folder / "tiny_clip.json", tmp_path / "tiny_clip.json")
+    monkeypatch.chdir(tmp_path)
+    found = inspect_checkpoint(Path("ckpt") / "tower.pt", arch="tiny_clip.json")
+    assert found.entry["arch"] == str(tmp_path / "tiny_clip.json")

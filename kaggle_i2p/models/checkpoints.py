@@ -24,6 +24,9 @@ class TowerLoadError(I2PError, RuntimeError):
     """A checkpoint that does not fit its tower, or a file that fails its checksum."""
 
 
+PROGRAMS = ("export", "torchscript")  # the formats whose file is the model (code and weights), not a state dict
+
+
 def program_format(path: Path) -> str:
     """What a `.pt`/`.pt2` file holds, read from its zip directory alone: "export" (torch.export.save),
     "torchscript" (torch.jit.save), "pickle" (torch.save of a module or a state dict) or "unknown"."""
@@ -461,13 +464,15 @@ def fit_layout(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tens
     `model.`, `net.`, `tower.`) or none, tried in turn: the backbone as it is or nested under one or two attributes
     (`vision.`, `clip.vision_model.`, HF's `vit.`), with the head under its own name or the library's classifier
     (`head.`, `fc.`, `classifier.`); then the library's own layouts (`library_layouts(state, backbone_keys)`:
-    open_clip's whole CLIP file, HF's whole CLIP or BLIP-2 model), the rest of such a file left out."""
+    open_clip's whole CLIP file, HF's whole CLIP or BLIP-2 model), the rest of such a file left out. When none fits,
+    the bare reading (the file's backbone keys under `backbone.`, its head's under `head.`) and None: the difference
+    the caller reports is then the one that matters."""
     if _fits(expected, state):
         return state, None
     for candidate, note in _layouts(expected, state, classifier_prefixes, library_layouts):
         if _fits(expected, candidate):
             return candidate, note
-    return state, None
+    return _bare(state, expected, classifier_prefixes), None  # the closest reading, for the difference's report
 
 
 def _layouts(expected: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor], classifier_prefixes: tuple[str, ...],
@@ -519,16 +524,20 @@ def _bare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor
         else:
             out[f"head.{key[len(classifier):]}"] = value
     rest = [k for k in out if k not in expected]
-    heads = {k.split(".", 1)[0] for k in rest if "." in k}
     missing = {k for k in expected if k.startswith("head.") and k not in out}
-    if len(heads) == 1 and len(rest) == len(missing) and all("." in k for k in rest):
-        (name,) = heads
-        renamed = {f"head.{k[len(name) + 1:]}": k for k in rest}
-        if set(renamed) == missing:
-            for new, old in renamed.items():
-                out[new] = out.pop(old)
-    elif missing and {f"head.{k}" for k in rest} >= missing:  # the head's own state dict, saved in a file of its
-        for new in missing:  # own (nn.Linear's `weight`, `bias`), merged beside the backbone's
+    if not missing:
+        return out
+    groups: dict[str, list[str]] = {}
+    for key in rest:
+        if "." in key:
+            groups.setdefault(key.split(".", 1)[0], []).append(key)
+    named = [g for g, keys in groups.items() if {f"head.{k[len(g) + 1:]}" for k in keys} == missing
+             and all(tuple(out[k].shape) == tuple(expected[f"head.{k[len(g) + 1:]}"].shape) for k in keys)]
+    if len(named) == 1:  # one other name holds exactly the head's keys (`dense0.`, `w_head.`), whatever else is there
+        for old in groups[named[0]]:  # (a whole CLIP file's text tower)
+            out[f"head.{old[len(named[0]) + 1:]}"] = out.pop(old)
+    elif {f"head.{k}" for k in rest} >= missing:  # the head's own state dict, saved in a file of its own
+        for new in missing:  # (nn.Linear's `weight`, `bias`), merged beside the backbone's
             out[new] = out.pop(new[len("head."):])
     return out
 
@@ -543,11 +552,13 @@ def _nested_prefixes(state: Mapping[str, torch.Tensor], backbone_keys: set[str],
             if len(parts) > cut and ".".join(parts[cut:]) in backbone_keys:
                 prefix = ".".join(parts[:cut]) + "."
                 counts[prefix] = counts.get(prefix, 0) + 1
+        if len(parts) > 2 and ".".join(parts[2:]) in backbone_keys:  # a wrapper around a whole model, whose own
+            counts[parts[0] + "."] = counts.get(parts[0] + ".", 0) + 1  # layout (open_clip's `visual.`) is inside
     return sorted(counts, key=lambda p: (-counts[p], p))[:limit]
 
 
-def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
-    """A `checkpoint_keys` entry that would make `got` fit `expected` by renaming one leading prefix, if one does."""
+def suggest_rename(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> dict[str, str] | None:
+    """The one leading-prefix rename (`{old: new}`) that makes `got`'s keys `expected`'s, if one does."""
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if not missing or len(missing) != len(unexpected):
         return None
@@ -560,5 +571,14 @@ def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, to
                            if m.endswith(u[len(old_prefix):])}:
             renamed = {new_prefix + k[len(old_prefix):] for k in unexpected}
             if renamed == set(missing):
-                return f"checkpoint_keys: {{rename: {{'{old_prefix}': '{new_prefix}'}}}}"
+                return {old_prefix: new_prefix}
     return None
+
+
+def suggest_key_rules(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """A `checkpoint_keys` entry that would make `got` fit `expected` by renaming one leading prefix, if one does."""
+    rename = suggest_rename(expected, got)
+    if rename is None:
+        return None
+    ((old_prefix, new_prefix),) = rename.items()
+    return f"checkpoint_keys: {{rename: {{'{old_prefix}': '{new_prefix}'}}}}"

@@ -27,12 +27,14 @@ from ..core.resources import PRIOR_PATH
 from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
 from .backbones.base import Candidate, Shapes
 from .checkpoints import (
+    PROGRAMS,
     Source,
     TowerLoadError,
     WeightSetsError,
     checkpoint_shapes,
     part_file,
     preferred_weights,
+    program_format,
     source_parts,
     weight_sets,
 )
@@ -147,6 +149,8 @@ def describe_file(path: Path) -> str:
         return "a safetensors file"
     if path.name.endswith(".index.json"):
         return "a sharded checkpoint's index"
+    if (found := program_format(path)) in PROGRAMS:
+        return f"a {'torch.export' if found == 'export' else 'TorchScript'} program"
     import torch
 
     try:
@@ -209,7 +213,7 @@ def _entry(candidate: Candidate, head: HeadGuess, parts: tuple[Path, ...], name:
     """The whole tower entry of one reading."""
     lib = LIBRARIES.get(candidate.entry["library"])
     entry: dict[str, Any] = {"name": name, **candidate.entry}
-    if not lib.holds_weights or head.head["type"] != "none":
+    if parts and (not lib.holds_weights or head.head["type"] != "none"):
         entry["checkpoint"] = str(parts[0]) if len(parts) == 1 else [str(p) for p in parts]
     rules = {**({"weights": select} if select else {}), **({"rename": dict(head.rename)} if head.rename else {})}
     if rules:
@@ -222,11 +226,21 @@ def _entry(candidate: Candidate, head: HeadGuess, parts: tuple[Path, ...], name:
 
 
 def _fit(entry: dict, embedding_dim: int, folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(problems, notes) of the file against one whole entry; None when the entry itself does not parse."""
+    """(problems, notes) of the file against one whole entry; None when the entry itself does not parse. When one
+    prefix rename makes the file fit (a module saved under another name: `vision.` for `vision_model.`), the rename
+    goes into the entry's `checkpoint_keys` and the entry is checked again with it."""
     data = {"embedding_dim": embedding_dim, "fallback": str(PRIOR_PATH), "towers": [entry]}
     try:
         spec = parse_manifest(data, folder / "inspect.yaml").towers[0]
         fit = checkpoint_fit(spec, embedding_dim)
+        if fit.problems and fit.rename and not (entry.get("checkpoint_keys") or {}).get("rename"):
+            rules = {**(entry.get("checkpoint_keys") or {}), "rename": dict(fit.rename)}
+            renamed = {**data, "towers": [{**entry, "checkpoint_keys": rules}]}
+            again = checkpoint_fit(parse_manifest(renamed, folder / "inspect.yaml").towers[0], embedding_dim)
+            if not again.problems:
+                entry["checkpoint_keys"] = rules
+                ((old, new),) = fit.rename.items()
+                return (), (*again.notes, f"read as its keys under `{old}` renamed to `{new}` (checkpoint_keys)")
     except Exception:  # noqa: BLE001 - a reading its library cannot build (timm asserts) is not this file's
         return None
     return fit.problems, fit.notes
@@ -258,10 +272,15 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
                            f"in logs and cache folders), e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'tower'}")
     if arch is not None and (Path(arch).exists() or Path(arch).suffix == ".json"):  # a config file: from here,
         arch = str(Path(arch).resolve())  # not from the checkpoint's folder
-    source = parts[0] if len(parts) == 1 else parts
-    shapes, unread, select = _read_shapes(source)
+    programs = [p for p in parts if p.is_file() and program_format(p) in PROGRAMS]
+    if len(programs) > 1:
+        raise InspectError(f"{', '.join(p.name for p in programs)} are all programs: a tower runs one (give the "
+                           "program and, if it has one, its head's file)")
+    weights = tuple(p for p in parts if p not in programs)  # a program's head, in a file of its own, is its weights
+    source = (weights[0] if len(weights) == 1 else weights) if weights else parts[0]
+    shapes, unread, select = _read_shapes(source) if weights or not programs else ({}, None, None)
     try:
-        anchor = part_file(parts[0])  # the file whose folder holds the configs saved beside it
+        anchor = programs[0] if programs else part_file(parts[0])  # the file whose folder holds its configs
     except TowerLoadError as err:
         raise InspectError(str(err)) from err
     heads = head_guesses(shapes, embedding_dim)
@@ -271,7 +290,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
     what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
     try:
         for candidate, head in _readings(shapes, heads, anchor, library, arch):
-            entry = _entry(candidate, head, parts, name, select)
+            entry = _entry(candidate, head, weights if programs else parts, name, select)
             result = _fit(entry, embedding_dim, anchor.parent)
             if result is None:
                 continue

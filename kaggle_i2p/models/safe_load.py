@@ -161,8 +161,9 @@ def load_pickled(path: Path, device: str | torch.device = "cpu", mmap: bool = Fa
             raise UnsafeFileError(_refusal(path, err)) from err
     if isinstance(obj, PickledObject):
         raise UnsafeFileError(f"{path.name}: holds a whole pickled {obj.qualified_name} object (torch.save(model)), "
-                              "whose code is never run here; save its weights instead: "
-                              "torch.save(model.state_dict(), 'tower.pt') or safetensors' save_file")
+                              "whose code is never run here; save its weights instead (torch.save(model."
+                              "state_dict(), 'tower.pt') or safetensors' save_file), or convert this file once: "
+                              f"kaggle-i2p convert {path.name} --trust-pickle [--code TRAINING_CODE.py]")
     return obj
 
 

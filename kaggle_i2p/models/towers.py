@@ -47,6 +47,7 @@ from .checkpoints import (
     source_label,
     source_parts,
     suggest_key_rules,
+    suggest_rename,
     under,
     weights_sha256,
 )
@@ -216,6 +217,7 @@ class CheckpointFit:
     notes: tuple[str, ...]  # what was done: checkpoint_keys applied, the layout it was recognised as
     left_out: int  # the file's keys no tower key takes: ignored by rule, a whole CLIP file's text tower
     as_saved: bool  # the file holds exactly the tower's keys at its top level (`kaggle-i2p export`'s format)
+    rename: dict[str, str] | None = None  # the one prefix rename that would make it fit, when one does
 
 
 _FITS: dict[str, CheckpointFit] = {}
@@ -246,7 +248,8 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
                     "embedding", *diff]
         _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
                                     0 if diff else len(shapes) - len(fitted),
-                                    not diff and file_keys(spec.checkpoint, spec.weights_choice) == set(expected))
+                                    not diff and file_keys(spec.checkpoint, spec.weights_choice) == set(expected),
+                                    suggest_rename(expected, fitted) if diff else None)
     return _FITS[memo]
 
 
@@ -256,9 +259,8 @@ def _only_the_backbone(spec: NetworkSpec, expected: Mapping[str, torch.Tensor],
     has a head of its own: the refusal then says so first, not only as missing and unexpected keys."""
     if not any(k.startswith("head.") for k in expected):
         return False
-    lib = library(spec.library)
-    found = backbone_layout(under(expected, "backbone."), dict(shapes), lib.classifier_prefixes,
-                            lib.layouts_for(spec.arch))
+    lib = library(spec.library)  # the readings that keep every key of the file (a library's whole-model layouts
+    found = backbone_layout(under(expected, "backbone."), dict(shapes), lib.classifier_prefixes)  # leave some out)
     return found is not None and not found[1]
 
 

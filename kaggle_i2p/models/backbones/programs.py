@@ -37,14 +37,28 @@ from ..safe_load import UnsafeFileError, check_archive, guarded_unpickling
 from .base import Backbone, BackboneLibrary, Candidate, Shapes
 
 PROBE_SIZE = 224  # the size a program that does not say its own is first run at, to read its output's width
+PROBE_SIZES = (224, 336, 384, 448, 256, 288, 320, 512, 192, 160, 128, 112, 96, 64, 32)  # then these, in turn
 
 
 def _fake_run(program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The program's output shape for an input of `shape`, on fake tensors: shapes only, nothing computed."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    """The program's output shape for an input of `shape`, on fake tensors: shapes only, nothing computed. A program
+    whose graph asks a value of its data (a traced nn.MultiheadAttention keeps its `torch.equal` test) is run once
+    for real on zeros instead."""
+    import logging
 
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        out = program(torch.empty(shape, device="cpu"))
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a size the program cannot take is our answer, not torch's log's traceback
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            out = program(torch.empty(shape, device="cpu"))
+    except DataDependentOutputException:
+        with torch.no_grad():
+            out = program(torch.zeros(shape, device="cpu"))
+    finally:
+        fake_log.setLevel(level)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"the program returns a {type(out).__name__}, not one (B, D) tensor")
     return tuple(out.shape)
@@ -211,12 +225,34 @@ class ProgramLibrary(BackboneLibrary):
         """The file itself, when it is a program of this format (its width the deep check reads)."""
         if program_format(source) != self.name:
             return
-        static = self.static_size(self.program(source))
-        size = static[0] if static else PROBE_SIZE
-        yield Candidate({"library": self.name, "arch": str(source)}, f"a {self.label} program", {
+        program = self.program(source)
+        static = self.static_size(program)
+        size = static[0] if static else self.runnable_size(program)
+        if size is None:
+            raise EntryFieldError(f"a {self.label} program that runs at none of the sizes "
+                                  f"{', '.join(map(str, PROBE_SIZES))}: pass the size it was made at as "
+                                  "native_resolution in the entry", "native_resolution")
+        width = _fake_run(program, (2, 3, size, size))[-1]
+        notes = ("the program's preprocessing is its training code's: mean/std above are ImageNet's placeholders",
+                 *((f"the program gives {width}-d outputs: it needs a head (its own file: inspect PROGRAM HEAD_FILE) "
+                    f"or --embedding-dim {width}",) if head_in is None and width != self.embedding_hint else ()))
+        entry = {"library": self.name, "arch": str(source),
+                 **({"native_resolution": size} if not static and size != PROBE_SIZE else {})}
+        yield Candidate(entry, f"a {self.label} program giving {width}-d outputs at {size} px", {
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic",
-            "resolutions": [size]}, ("the program's preprocessing is its training code's: mean/std above are "
-                                     "ImageNet's placeholders",))
+            "resolutions": [size]}, notes)
+
+    embedding_hint: ClassVar[int] = 384  # the width a program that is the whole tower gives
+
+    def runnable_size(self, program: Any) -> int | None:
+        """The first of PROBE_SIZES the program runs at, on fake tensors (a traced program keeps its trace's size)."""
+        for size in PROBE_SIZES:
+            try:
+                _fake_run(program, (2, 3, size, size))
+            except Exception:  # noqa: BLE001 - not this size
+                continue
+            return size
+        return None
 
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
         """The program(s) `arch` names, the width read from one's output on fake tensors (no compute)."""
