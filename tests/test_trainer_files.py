@@ -374,3 +374,93 @@ def test_a_relative_arch_is_read_from_where_inspect_runs(tiny_clip, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     found = inspect_checkpoint(Path("ckpt") / "tower.pt", arch="tiny_clip.json")
     assert found.entry["arch"] == str(tmp_path / "tiny_clip.json")
+
+
+# ---- eval crops as trained, and preprocessing from what sits beside the file --------------------------------------
+
+def _own_preprocessing(model, preprocess, image_dir: Path):
+    """The model's vectors on its own eval transform of the sample images (PIL in, its tensors out), unit rows."""
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted(image_dir.iterdir())
+    with torch.no_grad():
+        out = model(preprocess([Image.open(p).convert("RGB") for p in paths])).numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _served(manifest: Path, image_dir: Path):
+    import kaggle_i2p
+
+    return kaggle_i2p.run_prediction(image_dir, manifest, device="cpu", num_workers=0, progress=False).embeddings
+
+
+def test_timms_eval_crop_from_its_pretrained_cfg_serves_as_timms_transform(tmp_path, sample_images):
+    """A ConvNeXt whose eval transform resizes to 256 and centre-crops 224 (crop_pct 0.875): inspect fills mean,
+    std, interpolation and the crop from timm's pretrained_cfg and says so; the served vectors equal the model's on
+    timm's own transform of the PIL images (the squash it once proposed served 0.62 of them)."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.data import create_transform, resolve_data_config
+
+    torch.manual_seed(7)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=384).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "cx.safetensors"))
+    found = inspect_checkpoint(tmp_path / "cx.safetensors")
+    assert found.entry["image"]["crop_pct"] == 0.875
+    assert found.entry["image"]["resize"] == "shorter_side_center_crop"
+    assert any("from timm's pretrained_cfg of convnext_atto" in line for line in found.found)
+    assert not any(line.startswith(("image.mean", "image.resize", "image.interpolation")) for line in found.ask)
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    want = _own_preprocessing(model, lambda images: torch.stack([transform(i) for i in images]), sample_images)
+    got = _served(_manifest(tmp_path, found.entry), sample_images)
+    assert ((got * want).sum(axis=1) >= 0.9999).all(), (got * want).sum(axis=1)
+    squashed = {**found.entry, "image": {**found.entry["image"], "resize": "squash"}}
+    squashed["image"].pop("crop_pct")
+    assert (_served(_manifest(tmp_path, squashed, "sq.yaml"), sample_images) * want).sum(axis=1).min() < 0.9999
+
+
+def test_an_hf_processors_crop_beside_the_weights_serves_as_the_processor(tmp_path, sample_images):
+    """DINOv2's processor resizes the shorter side to 256 and crops 224: here 73 and 64, written beside the model by
+    save_pretrained; inspect reads size, crop_size, resample, mean and std from it, and the served vectors equal the
+    model's on the processor's own output."""
+    import transformers as hf
+
+    data = tiny_hf_config("dinov2")
+    torch.manual_seed(8)
+    model = hf.Dinov2Model(hf.CONFIG_MAPPING[data["model_type"]].from_dict(data)).eval()
+    model.save_pretrained(tmp_path / "dino")
+    hf.BitImageProcessor(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}, do_center_crop=True,
+                         resample=3, image_mean=[0.485, 0.456, 0.406],
+                         image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp_path / "dino")
+    head = torch.nn.Linear(data["hidden_size"], 384)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    found = inspect_checkpoint([tmp_path / "dino", tmp_path / "head.pth"])
+    image = found.entry["image"]
+    assert (image["resize"], image["resolutions"], round(image["crop_pct"] * 73)) == ("shorter_side_center_crop",
+                                                                                      [64], 64)
+    assert any("(from preprocessor_config.json)" in line for line in found.found)
+    processor = hf.AutoImageProcessor.from_pretrained(tmp_path / "dino")
+    own = Served(lambda x: head(model(pixel_values=x).pooler_output)).eval()
+    want = _own_preprocessing(own, lambda images: processor(images, return_tensors="pt")["pixel_values"],
+                              sample_images)
+    got = _served(_manifest(tmp_path, found.entry), sample_images)
+    assert ((got * want).sum(axis=1) >= 0.9999).all(), (got * want).sum(axis=1)
+
+
+def test_timms_train_py_arguments_in_the_file_are_its_preprocessing(timm_run):
+    best, _, _ = timm_run
+    found = inspect_checkpoint(best)
+    assert any("(from model_best.pth.tar's args (timm's train.py))" in line and "mean [0.5, 0.5, 0.5]" in line
+               for line in found.found), found.found
+
+
+def test_a_crop_pct_out_of_range_is_a_problem(tmp_path):
+    from kaggle_i2p.manifest import parse_manifest
+
+    entry = {"name": "t", "library": "timm", "arch": "test_vit", "checkpoint": "t.safetensors", "weight": 1.0,
+             "image": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize": "squash",
+                       "resolutions": [64], "crop_pct": 1.5}}
+    with pytest.raises(ManifestError, match="crop_pct: 1.5 must be"):
+        parse_manifest({"embedding_dim": 384, "fallback": str(PRIOR_PATH), "towers": [entry]}, tmp_path / "m.yaml",
+                       check_files=False)

@@ -7,6 +7,7 @@ Decoding happens in DataLoader workers (overlapping compute); a file that cannot
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -252,15 +253,27 @@ def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> 
                          align_corners=False if antialias else None)
 
 
+def eval_size(resolution: int, crop_pct: float | None) -> int:
+    """The size an eval transform resizes to before its centre crop of `resolution`: timm's floor(r / crop_pct)."""
+    # (a ratio written with 6 decimals, an HF processor's 64 / 73, still gives 73: a hair of slack before the floor)
+    return resolution if crop_pct is None else max(resolution, math.floor(resolution / crop_pct + 1e-4))
+
+
 def _resize_one_batch(images: torch.Tensor, spec: ImageSpec, resolution: int) -> torch.Tensor:
-    """Resize a same-sized float batch to resolution x resolution, by squashing or shorter-side + centre crop."""
+    """Resize a same-sized float batch to resolution x resolution: squash, or shorter side + centre crop; with
+    `crop_pct`, to floor(r / crop_pct) first (both sides, or the shorter one) and then the centre r x r, as timm's and
+    the HF processors' eval transforms do."""
     height, width = images.shape[-2:]
+    size = eval_size(resolution, spec.crop_pct)
     if spec.resize == "squash":
-        return _resize(images, (resolution, resolution), spec.interpolation)
-    scale = resolution / min(height, width)
-    new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
-    resized = _resize(images, (new_h, new_w), spec.interpolation)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+        new_h = new_w = size
+    else:
+        scale = size / min(height, width)
+        new_h, new_w = max(size, int(height * scale)), max(size, int(width * scale))  # torchvision's and HF's: int
+    resized = _resize(images, (new_h, new_w), spec.interpolation) if (new_h, new_w) != (height, width) else images
+    if (new_h, new_w) == (resolution, resolution):
+        return resized
+    top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))  # torchvision's
     return resized[..., top:top + resolution, left:left + resolution]
 
 

@@ -116,8 +116,14 @@ def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
     if not isinstance(hflip, bool):
         problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
         hflip = False
+    crop_pct = raw.get("crop_pct")
+    if crop_pct is not None and not (is_number(crop_pct) and 0.1 <= crop_pct <= 1.0):
+        problems.add(f"{where}.crop_pct", f"{crop_pct!r} must be the eval crop's share of the resized image, between "
+                                          "0.1 and 1 (timm's crop_pct, e.g. 0.875; an HF processor's crop_size / "
+                                          "size, e.g. 224 / 256)")
+        crop_pct = None
     spec = ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
-                     hflip=hflip, norms=norms)
+                     hflip=hflip, norms=norms, crop_pct=None if crop_pct is None else float(crop_pct))
     raw_view_weights = raw.get("view_weights")
     if raw_view_weights is None:
         return spec

@@ -91,6 +91,9 @@ class ImageSpec:
     hflip: bool = entry_field(False, identity=False)
     view_weights: dict[str, float] | None = entry_field(None, identity=False)  # by view name; None = equal
     norms: tuple[tuple[Triplet, Triplet], ...] | None = entry_field(None)  # (mean, std) of each normalisation
+    # the eval transform's crop (timm's crop_pct; an HF processor's crop_size / size): resize to floor(r / crop_pct)
+    # (the shorter side, or both sides with `squash`), then the centre r x r; None: resize straight to r
+    crop_pct: float | None = entry_field(None, sparse=True)
 
     @property
     def normalisations(self) -> tuple[tuple[Triplet, Triplet], ...]:

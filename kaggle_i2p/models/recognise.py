@@ -209,6 +209,32 @@ def _unreadable(source: Path, err: Exception | None) -> str:
             "TorchScript file: copy the file again if it was cut short")
 
 
+def _saved(parts: tuple[Path, ...]) -> list[tuple[str, Any]]:
+    """(file name, unpickled top level) of each torch.save file among the parts: the metadata a trainer keeps beside
+    the weights (timm's train.py: its run's arguments), read by the allow-list (nothing of it run)."""
+    saved = []
+    for part in parts:
+        try:
+            path = part_file(part)
+            if path.suffix != ".safetensors" and not path.name.endswith(".index.json") \
+                    and program_format(path) not in PROGRAMS:
+                saved.append((path.name, load_pickled(path, mmap=True)))
+        except Exception:  # noqa: BLE001 - a description only; the weights were read (or refused) already
+            continue
+    return saved
+
+
+def _preprocessing(candidate: Candidate, saved: list[tuple[str, Any]]) -> Candidate:
+    """The candidate's image fields with what the training file itself says (its trainer's run arguments) over what
+    the arch or a config beside it says, and the sources of each."""
+    lib = LIBRARIES.get(candidate.entry["library"])
+    image, sources = dict(candidate.image), dict(candidate.sources)
+    for name, obj in saved:
+        found, said = lib.saved_preprocessing(obj, name)
+        image, sources = {**image, **found}, {**sources, **said}
+    return candidate._replace(image=image, sources=sources)
+
+
 def _entry(candidate: Candidate, head: HeadGuess, parts: tuple[Path, ...], name: str, select: str | None) -> dict:
     """The whole tower entry of one reading."""
     lib = LIBRARIES.get(candidate.entry["library"])
@@ -219,7 +245,7 @@ def _entry(candidate: Candidate, head: HeadGuess, parts: tuple[Path, ...], name:
     if rules:
         entry["checkpoint_keys"] = rules
     entry["head"] = head.head
-    entry["image"] = {**candidate.image, "resize": "squash"}
+    entry["image"] = {"resize": "squash", **candidate.image}  # squash when nothing says otherwise (asked)
     entry["weight"] = 1.0
     return {k: entry[k] for k in ("name", "library", "arch", "checkpoint", "native_resolution", "features",
                                   "backbone", "checkpoint_keys", "head", "image", "weight") if k in entry}
@@ -289,7 +315,9 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
     closest: tuple[int, str, list[str]] | None = None
     what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
     try:
+        saved = _saved(weights if programs else parts)
         for candidate, head in _readings(shapes, heads, anchor, library, arch):
+            candidate = _preprocessing(candidate, saved)
             entry = _entry(candidate, head, weights if programs else parts, name, select)
             result = _fit(entry, embedding_dim, anchor.parent)
             if result is None:
@@ -326,13 +354,23 @@ def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple
     if select:
         found.append(f"weights: `{select}` (checkpoint_keys.weights), the EMA, as timm's own loader serves it; the "
                      "file holds other sets too: name one of them there to serve it instead")
-    ask = [f"image.mean / image.std: {candidate.image['mean']} / {candidate.image['std']} (the family's usual; "
-           "CLIP's [0.4815, 0.4578, 0.4082] / [0.2686, 0.2613, 0.2758], ImageNet's [0.485, 0.456, 0.406] / "
-           "[0.229, 0.224, 0.225], SigLIP's 0.5 / 0.5)",
-           f"image.resize: squash; or {RESIZE_CHOICES[1]}",
-           f"image.interpolation: {candidate.image.get('interpolation')}; choices {INTERPOLATIONS}",
-           f"image.resolutions: {candidate.image.get('resolutions')} (add more for multi-resolution TTA)",
-           *candidate.notes]
+    image, sources = candidate.image, candidate.sources
+    by_source: dict[str, list[str]] = {}
+    for key in ("mean", "std", "interpolation", "resize", "crop_pct", "resolutions"):
+        if key in sources and (key in image or key == "crop_pct"):
+            by_source.setdefault(sources[key], []).append(f"{key} {image.get(key, 'none (no crop)')}")
+    found += [f"image: {', '.join(fields)} (from {origin})" for origin, fields in by_source.items()]
+    ask = []
+    if not {"mean", "std"} <= set(sources):
+        ask.append(f"image.mean / image.std: {image['mean']} / {image['std']} (the family's usual; CLIP's "
+                   "[0.4815, 0.4578, 0.4082] / [0.2686, 0.2613, 0.2758], ImageNet's [0.485, 0.456, 0.406] / "
+                   "[0.229, 0.224, 0.225], SigLIP's 0.5 / 0.5)")
+    if "resize" not in sources:
+        ask.append(f"image.resize: squash; or {RESIZE_CHOICES[1]}; with image.crop_pct for an eval crop (timm's "
+                   "crop_pct, e.g. 0.875; an HF processor's crop_size / size, e.g. 224 / 256)")
+    if "interpolation" not in sources:
+        ask.append(f"image.interpolation: {image.get('interpolation')}; choices {INTERPOLATIONS}")
+    ask += [f"image.resolutions: {image.get('resolutions')} (add more for multi-resolution TTA)", *candidate.notes]
     if head.head.get("type") == "mlp":
         ask.append("head.activation: relu (the keys cannot tell relu from gelu)")
     return Inspection(entry, found, ask)

@@ -41,8 +41,10 @@ class Candidate(NamedTuple):
 
     entry: dict  # library, arch, and any of native_resolution, features, backbone
     family: str  # e.g. "timm ViT vit_base_patch16_224, width 768, 12 blocks, patch 16, grid 14x14"
-    image: dict  # the family's usual mean, std and interpolation
+    image: dict  # mean, std, interpolation, resolutions; resize and crop_pct where something says them
     notes: tuple[str, ...] = ()
+    sources: dict = {}  # image field -> where its value came from (a config beside the file, the arch's own);
+    # a field without one is the family's usual, which the user confirms
 
 
 BYTES_PER_TOKEN = 32  # a caption's UTF-8 width per new token (a longer text is cut, at a character on decoding)
@@ -143,6 +145,12 @@ class BackboneLibrary:
         families). `head_in` is the width the file's head takes (None: no head found); `source` the file, for
         configs saved beside it; `arch`, when the user names it, the only architecture to consider."""
         return iter(())
+
+    def saved_preprocessing(self, saved: Any, name: str) -> tuple[dict, dict]:
+        """What a training file of this library's trainer says of its own eval preprocessing (`saved`: the file's
+        unpickled top level, e.g. timm's train.py keeps its argparse Namespace under `args`), as image fields and
+        where each came from; nothing by default."""
+        return {}, {}
 
     # --- the towers' questions
     def patch_size(self, backbone: nn.Module) -> int | None:

@@ -164,9 +164,10 @@ class OpenClipLibrary(BackboneLibrary):
             vision = config.get("vision_cfg", {})
             entry = {"library": "open_clip", "arch": name, **({"native_resolution": native} if native else {})}
             size = native or _size(vision)
-            image = {**CLIP_IMAGE, **_preprocess(config), "resolutions": [size]}
+            preprocess, sources = _preprocess(config, source, name)
+            image = {**preprocess, "resolutions": [size]}
             yield Candidate(entry, f"open_clip {text} ({name}), output {config.get('embed_dim')}, {size} px"
-                            + (f", under `{prefix}`" if prefix else ""), image)
+                            + (f", under `{prefix}`" if prefix else ""), image, (), sources)
 
 
 COCA_GENERATE = {"max_new_tokens": (int,), "repetition_penalty": (int, float), "num_beams": (int,),
@@ -291,9 +292,34 @@ def _size(vision: Mapping) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
-def _preprocess(config: Mapping) -> dict:
-    cfg = config.get("preprocess_cfg") or {}
-    return {k: [round(float(v), 4) for v in cfg[k]] for k in ("mean", "std") if k in cfg}
+RESIZE_MODES = {"shortest": "shorter_side_center_crop", "squash": "squash"}  # open_clip's resize_mode: ours
+
+
+def _preprocess(config: Mapping, source: Path, name: str) -> tuple[dict, dict]:
+    """The image fields open_clip's eval transform uses for this model, with where each came from: the
+    `preprocess_cfg` of an open_clip_config.json beside the file (the hub's layout) or of the model config, then
+    open_clip's own defaults (OpenAI's mean/std, bicubic, shorter side + centre crop), which image_transform applies
+    to any model that says nothing else."""
+    beside = source.parent / "open_clip_config.json"
+    try:
+        hub = json.loads(beside.read_text(encoding="utf-8")).get("preprocess_cfg") if beside.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        hub = None
+    cfg, origin = (hub, beside.name) if isinstance(hub, Mapping) else (config.get("preprocess_cfg") or {},
+                                                                        f"the preprocess_cfg of {Path(name).name}")
+    defaults = "open_clip's defaults (its image_transform)"
+    image = {**CLIP_IMAGE, "resize": "shorter_side_center_crop"}
+    sources = {key: defaults for key in ("mean", "std", "interpolation", "resize")}
+    for key in ("mean", "std"):
+        if isinstance(cfg.get(key), (list, tuple)) and len(cfg[key]) == 3:
+            image[key], sources[key] = [round(float(v), 4) for v in cfg[key]], origin
+    if cfg.get("interpolation") in ("bicubic", "bilinear"):
+        image["interpolation"], sources["interpolation"] = cfg["interpolation"], origin
+    if cfg.get("resize_mode") in RESIZE_MODES:
+        image["resize"], sources["resize"] = RESIZE_MODES[cfg["resize_mode"]], origin
+    elif cfg.get("resize_mode"):  # `longest` pads to a square: not a view this package makes
+        del image["resize"], sources["resize"]
+    return image, sources
 
 
 def _configs(source: Path, arch: str | None) -> Iterator[tuple[str, dict]]:

@@ -8,6 +8,7 @@ import re
 import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,23 @@ class TimmLibrary(BackboneLibrary):
     classifier_prefixes = ("head.fc.", "head.", "fc.", "classifier.", "head_dist.")  # ConvNeXt's first
 
     feature_choices = ("pooled", "logits")  # logits: its classifier's outputs feed the head (the 111th place)
+
+    def saved_preprocessing(self, saved: Any, name: str) -> tuple[dict, dict]:
+        """timm's train.py keeps its run's arguments in every checkpoint: the eval transform's mean, std,
+        interpolation and crop where the run set them (None: the model's pretrained_cfg, read already), and the
+        size (`img_size`, `input_size`)."""
+        args = _train_args(saved)
+        if not args:
+            return {}, {}
+        source = f"{name}'s args (timm's train.py)"
+        given = {k: args.get(k) for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+                 if args.get(k) not in (None, "")}
+        image, sources = eval_transform(given, source)
+        image = {k: v for k, v in image.items() if k in sources}
+        size = args.get("img_size") or (args.get("input_size") or [None])[-1]
+        if isinstance(size, int):
+            image["resolutions"], sources["resolutions"] = [size], source
+        return image, sources
     option_keys = {
         "global_pool": "timm's pooling (avg, token, avgmax, max, map, ...) or cls_mean: the class token "
                        "concatenated with the mean of the patch tokens (the 5th place's EVA02)",
@@ -289,6 +307,26 @@ def _depth(keys: Shapes, family: str) -> object:
     return _stage_depths(keys, "", "stages" if family == "ConvNeXt" else "layers")
 
 
+def eval_transform(cfg: dict, source: str) -> tuple[dict, dict]:
+    """The image fields timm's eval transform takes from a pretrained_cfg (or a train.py run's args): mean, std,
+    interpolation, and the crop (crop_pct, crop_mode center -> shorter side, squash -> both sides), with `source`
+    for each one the config holds."""
+    image = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"}
+    sources = {}
+    for key in ("mean", "std"):
+        if cfg.get(key) is not None and len(cfg[key]) == 3:
+            image[key], sources[key] = [round(float(v), 4) for v in cfg[key]], source
+    if cfg.get("interpolation") in ("bicubic", "bilinear"):
+        image["interpolation"], sources["interpolation"] = cfg["interpolation"], source
+    mode = cfg.get("crop_mode") or "center"
+    if cfg.get("crop_pct") is not None and mode in ("center", "squash"):
+        image["resize"] = "shorter_side_center_crop" if mode == "center" else "squash"
+        sources["resize"] = sources["crop_pct"] = source
+        if float(cfg["crop_pct"]) < 1:
+            image["crop_pct"] = round(float(cfg["crop_pct"]), 6)
+    return image, sources
+
+
 def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, family: str, backbone: Shapes,
               prefix: str, head_in: int | None, same: list[str]) -> Iterator[Candidate]:
     """One matched name's readings: logits or cls_mean as the head's width says, then each pooling and final norm."""
@@ -306,10 +344,8 @@ def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, fam
         fixed = {"global_pool": "cls_mean"}
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = native or int((cfg.get("input_size") or (3, 224, 224))[-1])
-    image = {"mean": [round(float(v), 4) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
-             "std": [round(float(v), 4) for v in cfg.get("std", (0.229, 0.224, 0.225))],
-             "interpolation": cfg.get("interpolation") if cfg.get("interpolation") in ("bicubic", "bilinear")
-             else "bicubic", "resolutions": [size]}
+    image, sources = eval_transform(cfg, f"timm's pretrained_cfg of {name}")
+    image["resolutions"] = [size]
     grid = f", grid {size // int(model.patch_embed.patch_size[0])}" if "pos_embed" in backbone else ""
     depth = _depth(backbone, family)
     family = "EVA" if name.startswith("eva") else family
@@ -326,7 +362,13 @@ def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, fam
     for pool in pools:
         for norm in ({}, {"final_norm": False}):
             chosen = {**options, **fixed, **pool, **norm}
-            yield Candidate({**base, **({"backbone": chosen} if chosen else {})}, text, image, notes)
+            yield Candidate({**base, **({"backbone": chosen} if chosen else {})}, text, image, notes, sources)
+
+
+def _train_args(saved: Any) -> dict | None:
+    """timm's train.py run arguments, as its CheckpointSaver keeps them (`args`, an argparse Namespace)."""
+    args = saved.get("args") if isinstance(saved, dict) else None
+    return dict(vars(args)) if args is not None and hasattr(args, "__dict__") else None
 
 
 TIMM = register_library(TimmLibrary())

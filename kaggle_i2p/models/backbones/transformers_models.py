@@ -474,7 +474,8 @@ class TransformersLibrary(BackboneLibrary):
         vision = _vision_config(config)
         size = getattr(vision, "image_size", 224)
         size = int(size if isinstance(size, int) else size[0])
-        image = {**_preprocessor(path.parent, config.model_type), "resolutions": [size]}
+        preprocess, sources = _preprocessor(path.parent, config.model_type)
+        image = {"resolutions": [size], **preprocess}
         family = (f"transformers {config.model_type} ({type(config).__name__}), width "
                   f"{getattr(vision, 'hidden_size', '?')}, {getattr(vision, 'num_hidden_layers', '?')} layers, "
                   f"patch {getattr(vision, 'patch_size', '?')}, {size} px")
@@ -484,7 +485,7 @@ class TransformersLibrary(BackboneLibrary):
             note = () if len(choices) < 3 else ("features: pooled, cls and mean have the same keys; set the one "
                                                 "trained (pooled: the model's pooler_output)",)
             yield Candidate({"library": "transformers", "arch": str(path), "features": features},
-                            f"{family}, features {features}", image, note)
+                            f"{family}, features {features}", image, note, sources)
 
 
 @functools.lru_cache(maxsize=16)
@@ -521,22 +522,47 @@ HF_IMAGE = {"siglip": ([0.5] * 3, [0.5] * 3), "clip": ([0.4815, 0.4578, 0.4082],
 RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as preprocessor_config.json holds them
 
 
-def _preprocessor(folder: Path, model_type: str) -> dict:
-    """mean, std and interpolation from the preprocessor_config.json beside the config, else the family's usual."""
+def _preprocessor(folder: Path, model_type: str) -> tuple[dict, dict]:
+    """The image fields an HF processor's preprocessor_config.json beside the config says (mean, std, resample,
+    size, crop_size, do_center_crop: the eval crop as crop_pct = crop / shortest edge; resolutions the crop), with
+    where each came from; else the family's usual mean/std, which the user confirms."""
     family = next((k for k in HF_IMAGE if model_type.startswith(k)), None)
     mean, std = HF_IMAGE.get(family, ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
-    image = {"mean": mean, "std": std, "interpolation": "bicubic"}
+    image: dict = {"mean": mean, "std": std, "interpolation": "bicubic"}
     path = folder / "preprocessor_config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):
         data = {}
+    if not isinstance(data, dict):
+        return image, {}
+    source, sources = "preprocessor_config.json", {}
     if isinstance(data.get("image_mean"), list) and isinstance(data.get("image_std"), list):
         image |= {"mean": [round(float(v), 4) for v in data["image_mean"]],
                   "std": [round(float(v), 4) for v in data["image_std"]]}
+        sources |= {"mean": source, "std": source}
     if data.get("resample") in RESAMPLE:
-        image["interpolation"] = RESAMPLE[data["resample"]]
-    return image
+        image["interpolation"], sources["interpolation"] = RESAMPLE[data["resample"]], source
+    size, crop = data.get("size"), data.get("crop_size")
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+    size = {"shortest_edge": size} if isinstance(size, int) else size
+    cropped = data.get("do_center_crop", crop is not None) and isinstance(crop, dict) and crop.get("height")
+    if isinstance(size, dict) and data.get("do_resize", True):
+        if size.get("shortest_edge"):
+            image["resize"] = "shorter_side_center_crop"
+            edge = int(size["shortest_edge"])
+            target = int(crop["height"]) if cropped else edge
+            if target < edge:
+                image["crop_pct"] = round(target / edge, 6)
+            image["resolutions"] = [target]
+        elif size.get("height") and size.get("width"):
+            image["resize"] = "squash"
+            target = int(crop["height"]) if cropped else int(size["height"])
+            if target < int(size["height"]):
+                image["crop_pct"] = round(target / int(size["height"]), 6)
+            image["resolutions"] = [target]
+        sources |= {"resize": source, "crop_pct": source, "resolutions": source}
+    return image, sources
 
 
 TRANSFORMERS = register_library(TransformersLibrary())
