@@ -82,7 +82,7 @@ def test_every_schema_problem_is_reported_at_once(tmp_path, toy_data):
         "colour: unknown top-level key",
         "tower 'toy_timm_vit' (towers[0]).learning_rate: unknown key",
         "tower 'toy_timm_vit' (towers[0]).head.dropout: unknown key",
-        "tower 'toy_timm_vit' (towers[0]).image.resolution: unknown key; allowed: hflip, interpolation, mean,",
+        "tower 'toy_timm_vit' (towers[0]).image.resolution: unknown key; allowed: crop_pct, hflip, interpolation,",
         "tower 'toy_timm_vit' (towers[0]).weight: -0.2 is negative",
         "towers[1]).name: duplicates towers[0]",
         f"towers[1]).checkpoint: file not found: {tmp_path / 'missing.safetensors'}",

@@ -34,8 +34,7 @@ from ..models.towers import tower_weights_sha256
 
 log = logging.getLogger("kaggle_i2p")
 
-FORMAT_VERSION = 5  # 3: the tower's identity is its manifest entry; 4: a bank-searching tower stores its queries;
-# 5: views resize and crop as torchvision and the HF processors round (a same-size resize skipped, as theirs is)
+FORMAT_VERSION = 4  # 3: the tower's identity is its manifest entry; 4: a bank-searching tower stores its queries
 DEFAULT_CHUNK_SIZE = 256
 HASH_MEMO = "checkpoint_sha256.json"
 
