@@ -202,6 +202,8 @@ def _parser_validate(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--deep", action="store_true",
                           help="also hash every checkpoint and match its keys and shapes to the tower (headers only, "
                                "no weights loaded); predict always does this before loading")
+    validate.add_argument("--tower", default=None, help="the tower --expect checks (when the manifest has several)")
+    _add_expect_options(validate, "the entry as written")
     validate.set_defaults(func=_cmd_validate)
 
 
@@ -215,7 +217,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"{manifest.path}: OK ({len(manifest.towers)} towers)\n  checked: {checked}")
     for spec in manifest.towers:
         print(f"  {spec.name}: {spec.describe()}")
-    return 0
+    if args.expect is None:
+        return 0
+    from .inference.expect import check_entry, read_images, read_vectors
+    from .manifest import NetworkSpec
+
+    towers = [s for s in manifest.towers if isinstance(s, NetworkSpec) and (args.tower in (None, s.name))]
+    if len(towers) != 1:
+        names = ", ".join(s.name for s in manifest.towers if isinstance(s, NetworkSpec))
+        raise OptionError(f"--expect checks one tower: pass --tower with one of {names}" if towers else
+                          f"--tower {args.tower!r} is not a tower of {manifest.path} ({names})")
+    spec = towers[0]
+    ids, pixels = read_images(args.expect_images)
+    entry = spec.to_dict(manifest.path.resolve().parent)
+    reading = check_entry(entry, manifest.embedding_dim, manifest.path.resolve().parent,
+                          read_vectors(args.expect, ids), pixels, args.expect_device)
+    print(f"  --expect {args.expect}: tower {spec.name!r}, {reading.line()}")
+    return 0 if reading.passed else 1
 
 
 def _parser_inspect(sub: argparse._SubParsersAction) -> None:
@@ -232,7 +250,19 @@ def _parser_inspect(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--embedding-dim", type=_whole_number(1), default=384, help="the head's output width")
     inspect.add_argument("--append", type=Path, default=None, metavar="MANIFEST",
                          help="add the entry to this manifest (validated with --deep first, written atomically)")
+    _add_expect_options(inspect, "try every reading the keys cannot tell apart, and every preprocessing nothing "
+                                 "beside the file says, and keep the one that matches")
     inspect.set_defaults(func=_cmd_inspect)
+
+
+def _add_expect_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--expect", type=Path, default=None, metavar="VECTORS",
+                        help="your model's own outputs for the --expect-images (.npy rows in sorted-id order, or a "
+                             f"submission-style CSV): serve the tower on them, cosine per image, pass at >= 0.9999; "
+                             f"{what}")
+    parser.add_argument("--expect-images", type=Path, default=None, metavar="DIR",
+                        help="the images the vectors are of (default: the 7 sample images bundled in the package)")
+    parser.add_argument("--expect-device", default="cpu", help="where the check runs (default: %(default)s)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -244,7 +274,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     found = inspect_checkpoint(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0],
                                embedding_dim=args.embedding_dim, library=args.library,
                                arch=args.arch, name=args.name)
-    print(found.text(), end="")
+    if args.expect is not None:
+        from .inference.expect import choose_reading, read_images, read_vectors
+        from .models.recognise import describe_choice
+
+        ids, pixels = read_images(args.expect_images)
+        vectors = read_vectors(args.expect, ids)
+        result = choose_reading(found.choices, found.sources, args.embedding_dim, Path.cwd(), vectors, pixels,
+                                args.expect_device, describe_choice)
+        found = found.chosen(result.best.entry, result.report())
+        print(found.text(), end="")
+        if not result.passed:
+            kept = "; nothing appended" if args.append else ""
+            print(f"kaggle-i2p inspect: the tower does not serve your vectors{kept}", file=sys.stderr)
+            return 1
+    else:
+        print(found.text(), end="")
     if args.append is not None:
         append_entry(found, args.append)
         print(f"# added tower {found.entry['name']!r} to {args.append}; `kaggle-i2p validate-manifest --deep` passes")

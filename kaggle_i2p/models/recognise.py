@@ -74,15 +74,45 @@ class Inspection:
     entry: dict
     found: list[str]
     ask: list[str]
+    # the other complete entries the keys fit equally, which serve differently (pooling, final norm, features):
+    # never chosen silently; `--expect` chooses by the user's own vectors
+    alternatives: list[dict] = field(default_factory=list)
 
     def text(self) -> str:
         """The entry as YAML under comments saying what was recognised and what to confirm."""
         lines = [f"# {line}" for line in self.found]
+        if self.alternatives:
+            lines.append(f"# The keys fit {len(self.alternatives) + 1} readings that serve differently; the keys "
+                         "cannot tell which was trained (pass --expect VECTORS to choose by your model's own outputs):")
+            lines += [f"#   {describe_choice(entry)}" for entry in [self.entry, *self.alternatives]]
         if self.ask:
             lines.append("# Not in the file; confirm as trained (the usual values are filled in):")
             lines += [f"#   {line}" for line in self.ask]
         body = yaml.safe_dump([self.entry], sort_keys=False, default_flow_style=None, width=120)
         return "\n".join(lines) + "\n" + body
+
+    sources: dict = field(default_factory=dict)  # image field -> where its value came from
+
+    @property
+    def choices(self) -> list[dict]:
+        """Every entry the keys fit: the printed one first, then the alternatives."""
+        return [self.entry, *self.alternatives]
+
+    def chosen(self, entry: dict, report: str) -> Inspection:
+        """This inspection with `entry` kept (by `--expect`), the alternatives settled and the check's report."""
+        return Inspection(entry, [*self.found, *report.splitlines()], [a for a in self.ask if "image." not in a
+                                                                      or entry["image"] == self.entry["image"]],
+                          [], self.sources)
+
+
+CHOICE_FIELDS = ("features", "backbone", "native_resolution")  # what keys cannot show between readings of one arch
+
+
+def describe_choice(entry: dict) -> str:
+    """One reading by the fields that set it apart: `backbone {global_pool: avg}`, `features cls`."""
+    parts = [f"{key} {yaml.safe_dump(entry[key], default_flow_style=True).strip()}" for key in CHOICE_FIELDS
+             if key in entry]
+    return ", ".join(parts) or "the library's defaults"
 
 
 def head_guesses(shapes: Shapes, embedding_dim: int) -> list[HeadGuess]:
@@ -313,6 +343,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
     stem = parts[0].name if parts[0].is_dir() else parts[0].name.split(".")[0]
     name = name or re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "tower"
     closest: tuple[int, str, list[str]] | None = None
+    chosen: Inspection | None = None
     what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
     try:
         saved = _saved(weights if programs else parts)
@@ -323,10 +354,14 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
             if result is None:
                 continue
             problems, notes = result
-            if not problems:
-                return _inspection(entry, candidate, head, notes, parts, shapes, select)
-            if closest is None or len(problems) < closest[0]:
+            if not problems and chosen is None:
+                chosen = _inspection(entry, candidate, head, notes, parts, shapes, select)
+            elif not problems and _same_model(chosen.entry, entry) and entry not in chosen.choices:
+                chosen.alternatives.append(entry)
+            elif chosen is None and (closest is None or len(problems) < closest[0]):
                 closest = (len(problems), candidate.family, list(candidate.notes or problems))
+        if chosen is not None:
+            return chosen
     except I2PError as err:  # a library that recognised the family and needs something only the user has, or a
         text = str(err)  # program it cannot read (refused, damaged)
         raise InspectError(text if text.startswith(what) else f"{what}: {text}") from err
@@ -343,6 +378,13 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
         "the file is not that model as built: check --arch, or the head's width (--embedding-dim)"
     raise InspectError(f"{what}: closest reading {closest[1]}, but its keys do not fit:\n  - "
                        + "\n  - ".join(closest[2][:8]) + f"\n{advice}")
+
+
+def _same_model(first: dict, other: dict) -> bool:
+    """Whether two fitting entries read the same file as one model (library, arch, head, key rules), differing only
+    in what keys cannot show: their alternatives."""
+    keys = ("library", "arch", "checkpoint", "checkpoint_keys", "head")
+    return all(first.get(k) == other.get(k) for k in keys)
 
 
 def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], parts: tuple[Path, ...],
@@ -373,7 +415,7 @@ def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple
     ask += [f"image.resolutions: {image.get('resolutions')} (add more for multi-resolution TTA)", *candidate.notes]
     if head.head.get("type") == "mlp":
         ask.append("head.activation: relu (the keys cannot tell relu from gelu)")
-    return Inspection(entry, found, ask)
+    return Inspection(entry, found, ask, [], dict(sources))
 
 
 def append_entry(inspection: Inspection, manifest: str | Path) -> Path:

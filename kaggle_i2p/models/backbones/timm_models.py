@@ -357,8 +357,14 @@ def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, fam
     else:
         notes = (f"also the same keys: {', '.join(same[:4])} (what keys cannot show may differ: a _quickgelu "
                  "variant's activation, an _rms variant's norm; pass --arch to choose)",) if same else ()
-    pools = [{}] if "global_pool" in fixed or "num_classes" in fixed else [{}, {"global_pool": "avg"},
-                                                                          {"global_pool": "token"}]
+    default_pool = getattr(model, "global_pool", None)  # a pool equal to the model's own default reads as `{}`
+    others = [p for p in ("avg", "token") if p != default_pool] if hasattr(model, "num_prefix_tokens") else ["avg"]
+    pools = [{}] if "global_pool" in fixed or "num_classes" in fixed else [
+        {}, *({"global_pool": p} for p in others if p != default_pool)]
+    if hasattr(model, "fc_norm") and any(p.get("global_pool") == "avg" for p in pools):
+        # a ViT pooled by the mean takes its norm after the pooling (fc_norm) unless built with fc_norm=False, when
+        # the norm runs before it as for the class token: one LayerNorm either way, which keys cannot tell apart
+        pools.append({"global_pool": "avg", "model_kwargs": {**kwargs, "fc_norm": False}})
     for pool in pools:
         for norm in ({}, {"final_norm": False}):
             chosen = {**options, **fixed, **pool, **norm}
