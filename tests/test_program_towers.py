@@ -186,3 +186,66 @@ def test_a_program_is_not_trained_here(tmp_path):
     config["tower"].update(library="export", arch="tiny.pt2")
     with pytest.raises(TrainConfigError, match=r"tower.library: library: export serves a program as saved"):
         parse_train_config(config, tmp_path / "c.yaml", check_files=False)
+
+
+# ---- ONNX graphs (issue 33): onnxruntime, as the program libraries ------------------------------------------------
+
+def _onnx(model: nn.Module, size: int, path, dynamic: bool = True) -> None:
+    import warnings
+
+    axes = {"images": {0: "batch", 2: "h", 3: "w"}, "out": {0: "batch"}} if dynamic else {"images": {0: "batch"},
+                                                                                         "out": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, size, size),), str(path), input_names=["images"],
+                          output_names=["out"], dynamic_axes=axes, dynamo=False)
+
+
+def test_an_onnx_graph_is_served_as_saved_at_every_resolution(tmp_path, sample_dir):
+    model = Tower(seed=3)
+    _onnx(model, 64, tmp_path / "tower.onnx")
+    _check(model, _manifest(tmp_path, "onnx", "tower.onnx", [64, 96]), sample_dir)
+
+
+def test_one_onnx_graph_per_resolution_and_a_feature_graph_under_its_head(tmp_path, sample_dir):
+    model = Tower(seed=4)
+    for size in (64, 96):
+        _onnx(model, size, tmp_path / f"tower_{size}.onnx", dynamic=False)
+    _check(model, _manifest(tmp_path, "onnx", "tower_{resolution}.onnx", [64, 96]), sample_dir)
+    features = Tower(out=None)
+    features.trunk = model.trunk
+    _onnx(features, 64, tmp_path / "trunk.onnx")
+    torch.save({"weight": model.fc.weight.detach(), "bias": model.fc.bias.detach()}, tmp_path / "head.pth")
+    from kaggle_i2p.models.recognise import inspect_checkpoint
+
+    found = inspect_checkpoint([tmp_path / "trunk.onnx", tmp_path / "head.pth"])
+    assert found.entry["library"] == "onnx" and found.entry["checkpoint"] == str(tmp_path / "head.pth")
+    _check(model, _manifest(tmp_path, "onnx", "trunk.onnx", [64, 80], checkpoint="head.pth",
+                            head={"type": "linear"}), sample_dir)
+
+
+def test_an_onnx_graph_that_cannot_run_a_view_is_read_from_its_declared_shapes(tmp_path, capsys, monkeypatch):
+    """A graph fixed at 64: the 96 view is refused by the deep check from the graph's declared input, before any
+    compute (onnxruntime is never asked to run)."""
+    from kaggle_i2p.models.backbones import programs
+
+    _onnx(Tower(seed=5), 64, tmp_path / "tower.onnx", dynamic=False)
+    monkeypatch.setattr(programs.OnnxProgram, "__call__", lambda *a: pytest.fail("the graph ran"))
+    assert main(["validate-manifest", "--deep", str(_manifest(tmp_path, "onnx", "tower.onnx", [64, 96]))]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run at 96x96" in err and "takes a height of 64 only" in err and "Traceback" not in err
+
+
+def test_the_onnx_cache_key_is_the_graphs_content_and_other_formats_say_which_library(tmp_path, capsys):
+    cache, keys = PredictionCache(tmp_path / "cache"), []
+    for seed in (0, 1):
+        _onnx(Tower(seed=seed), 64, tmp_path / "tower.onnx")
+        keys.append(cache.tower_key(load_manifest(_manifest(tmp_path, "onnx", "tower.onnx", [64])).towers[0],
+                                    "fp32", 384, 4))
+    assert keys[0] != keys[1]
+    _export(Tower(), 64, tmp_path / "exported.pt2")
+    for library, arch, message in (("onnx", "exported.pt2", "library: export"),
+                                   ("export", "tower.onnx", "use library: onnx")):
+        assert main(["validate-manifest", "--deep", str(_manifest(tmp_path, library, arch, [64]))]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

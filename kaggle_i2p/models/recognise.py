@@ -27,14 +27,12 @@ from ..core.resources import PRIOR_PATH
 from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
 from .backbones.base import Candidate, Shapes
 from .checkpoints import (
-    PROGRAMS,
     Source,
     TowerLoadError,
     WeightSetsError,
     checkpoint_shapes,
     part_file,
     preferred_weights,
-    program_format,
     source_parts,
     weight_sets,
 )
@@ -179,8 +177,8 @@ def describe_file(path: Path) -> str:
         return "a safetensors file"
     if path.name.endswith(".index.json"):
         return "a sharded checkpoint's index"
-    if (found := program_format(path)) in PROGRAMS:
-        return f"a {'torch.export' if found == 'export' else 'TorchScript'} program"
+    if (lib := _program_library(path)) is not None:
+        return f"a {lib.label} program"
     import torch
 
     try:
@@ -196,6 +194,11 @@ def describe_file(path: Path) -> str:
     metadata = metadata_objects(top)
     return (f"{kind} (tensors under {', '.join(f'`{k}`' for k in sets) or '?'})"
             + (f"; not unpickled: {', '.join(metadata)}" if metadata else ""))
+
+
+def _program_library(path: Path) -> Any:
+    """The registered library whose program this file is (torch.export, TorchScript, ONNX), or None."""
+    return next((lib for lib in LIBRARIES if lib.is_program_file(path)), None) if path.is_file() else None
 
 
 def _describe(parts: tuple[Path, ...]) -> str:
@@ -247,7 +250,7 @@ def _saved(parts: tuple[Path, ...]) -> list[tuple[str, Any]]:
         try:
             path = part_file(part)
             if path.suffix != ".safetensors" and not path.name.endswith(".index.json") \
-                    and program_format(path) not in PROGRAMS:
+                    and _program_library(path) is None:
                 saved.append((path.name, load_pickled(path, mmap=True)))
         except Exception:  # noqa: BLE001 - a description only; the weights were read (or refused) already
             continue
@@ -328,7 +331,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
                            f"in logs and cache folders), e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'tower'}")
     if arch is not None and (Path(arch).exists() or Path(arch).suffix == ".json"):  # a config file: from here,
         arch = str(Path(arch).resolve())  # not from the checkpoint's folder
-    programs = [p for p in parts if p.is_file() and program_format(p) in PROGRAMS]
+    programs = [p for p in parts if _program_library(p) is not None]
     if len(programs) > 1:
         raise InspectError(f"{', '.join(p.name for p in programs)} are all programs: a tower runs one (give the "
                            "program and, if it has one, its head's file)")

@@ -146,6 +146,11 @@ class BackboneLibrary:
         configs saved beside it; `arch`, when the user names it, the only architecture to consider."""
         return iter(())
 
+    def is_program_file(self, path: Path) -> bool:
+        """Whether `path` is a program this library serves as its `arch` (the file is the model: code and weights)
+        rather than a checkpoint of weights; a library that reads no programs says no."""
+        return False
+
     def saved_preprocessing(self, saved: Any, name: str) -> tuple[dict, dict]:
         """What a training file of this library's trainer says of its own eval preprocessing (`saved`: the file's
         unpickled top level, e.g. timm's train.py keeps its argparse Namespace under `args`), as image fields and

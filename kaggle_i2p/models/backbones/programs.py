@@ -71,6 +71,7 @@ FORMAT_ADVICE = {
                "state_dict and serve it with its library (timm, open_clip, transformers), or export it with "
                "torch.export.save"),
     "unknown": "it is not a zip archive as torch.export.save and torch.jit.save write",
+    "onnx": "it is an ONNX graph: use library: onnx",
 }
 
 
@@ -162,8 +163,8 @@ class ProgramLibrary(BackboneLibrary):
     def load(self, path: Path) -> Any:
         """The program read from `path` onto the CPU, no Python object in it unpickled; a file of another format, a
         zip bomb, a pickle that would run code or a damaged archive is one message saying which."""
-        found = program_format(path)
-        if found != self.name:
+        if not self.is_format(path):
+            found = "onnx" if path.suffix.lower() == ".onnx" else program_format(path)
             raise TowerLoadError(f"{path.name} is not a {self.label} file: {FORMAT_ADVICE[found]}")
         check_archive(path)
         try:
@@ -198,13 +199,25 @@ class ProgramLibrary(BackboneLibrary):
         """The (H, W) the program was made for when it takes no other, else None (unknown or dynamic)."""
         return None
 
+    def shape_of(self, program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The program's output shape for an input of `shape`, with no compute where the format allows (fake
+        tensors for torch's formats)."""
+        return _fake_run(program, shape)
+
+    def is_format(self, path: Path) -> bool:
+        """Whether the file is a program of this format (read from its container, not its name)."""
+        return program_format(path) == self.name
+
+    def is_program_file(self, path: Path) -> bool:
+        return path.is_file() and self.is_format(path)
+
     def output_shape(self, program: Any, shape: tuple[int, ...], path: Path) -> tuple[int, ...]:
         """The program's output shape for `shape`, checked at one more batch size (a run's last batch is smaller);
         a size or batch it cannot take is one clear error."""
         outcomes: dict[int, tuple[int, ...] | Exception] = {}
         for batch in (shape[0], shape[0] + 1):
             try:
-                outcomes[batch] = _fake_run(program, (batch, *shape[1:]))
+                outcomes[batch] = self.shape_of(program, (batch, *shape[1:]))
             except Exception as err:  # noqa: BLE001 - whatever the program raises is the user's message
                 outcomes[batch] = err
         failed = {b: e for b, e in outcomes.items() if isinstance(e, Exception)}
@@ -223,7 +236,7 @@ class ProgramLibrary(BackboneLibrary):
     def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
                 ) -> Iterator[Candidate]:
         """The file itself, when it is a program of this format (its width the deep check reads)."""
-        if program_format(source) != self.name:
+        if not self.is_format(source):
             return
         program = self.program(source)
         static = self.static_size(program)
@@ -232,7 +245,7 @@ class ProgramLibrary(BackboneLibrary):
             raise EntryFieldError(f"a {self.label} program that runs at none of the sizes "
                                   f"{', '.join(map(str, PROBE_SIZES))}: pass the size it was made at as "
                                   "native_resolution in the entry", "native_resolution")
-        width = _fake_run(program, (2, 3, size, size))[-1]
+        width = self.shape_of(program, (2, 3, size, size))[-1]
         notes = ("the program's preprocessing is its training code's: mean/std above are ImageNet's placeholders",
                  *((f"the program gives {width}-d outputs: it needs a head (its own file: inspect PROGRAM HEAD_FILE) "
                     f"or --embedding-dim {width}",) if head_in is None and width != self.embedding_hint else ()))
@@ -248,7 +261,7 @@ class ProgramLibrary(BackboneLibrary):
         """The first of PROBE_SIZES the program runs at, on fake tensors (a traced program keeps its trace's size)."""
         for size in PROBE_SIZES:
             try:
-                _fake_run(program, (2, 3, size, size))
+                self.shape_of(program, (2, 3, size, size))
             except Exception:  # noqa: BLE001 - not this size
                 continue
             return size
@@ -272,7 +285,7 @@ class ProgramLibrary(BackboneLibrary):
             size = native_resolution or self.static_size(programs[None]) or PROBE_SIZE
             height, width = (size, size) if isinstance(size, int) else size
         try:
-            out = _fake_run(next(iter(programs.values())), (2, 3, height, width))
+            out = self.shape_of(next(iter(programs.values())), (2, 3, height, width))
         except Exception as err:
             raise EntryFieldError(f"{path.name} does not run on a (2, 3, {height}, {width}) batch ({err}); set "
                                   "native_resolution to the size it was made at", "native_resolution") from err
@@ -332,5 +345,96 @@ class TorchScriptLibrary(ProgramLibrary):
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
+class OnnxProgram:
+    """An ONNX graph in an onnxruntime session, called as a program is: a float (B, 3, H, W) tensor in, the graph's
+    first output as a tensor out, on the images' device. On a GPU the session runs on the CUDA execution provider
+    (the batch crosses the host once each way); without it, on the CPU, said once."""
+
+    def __init__(self, path: Path, device: torch.device):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+            else:
+                warnings.warn(f"{path.name}: onnxruntime has no CUDA execution provider here (install "
+                              "onnxruntime-gpu); the graph runs on the CPU", stacklevel=2)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # onnxruntime's own warnings (unused initializers ...) are not the user's
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.device = device
+        self.input = self.session.get_inputs()[0]
+        self.output = self.session.get_outputs()[0]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        feed = {self.input.name: images.detach().float().cpu().contiguous().numpy()}
+        out = self.session.run([self.output.name], feed)[0]
+        return torch.from_numpy(out).to(images.device)
+
+
+class OnnxLibrary(ProgramLibrary):
+    """ONNX graphs (`torch.onnx.export`, or any exporter) run by onnxruntime: the `[onnx]` extra."""
+
+    name = "onnx"
+    label = "ONNX"
+    saver = "torch.onnx.export"
+    arch_example = "towers/eva02_l.onnx"
+    shape_hint = ("Export it with a dynamic batch and, for other sizes, dynamic height and width: "
+                  "torch.onnx.export(model, (x,), 'tower.onnx', input_names=['images'], dynamic_axes={'images': "
+                  "{0: 'batch', 2: 'h', 3: 'w'}}); or export one graph per resolution and name them in arch with "
+                  "{resolution} (tower_{resolution}.onnx)")
+
+    def is_format(self, path: Path) -> bool:
+        if path.suffix.lower() != ".onnx":
+            return False
+        with path.open("rb") as handle:  # a ModelProto starts with a protobuf field tag, never a zip's "PK"
+            return handle.read(2) not in (b"PK", b"")
+
+    def read(self, path: Path) -> Any:
+        try:
+            import onnxruntime  # noqa: F401 - the extra this library needs
+        except ImportError as err:
+            raise TowerLoadError(f"{path.name}: library onnx needs onnxruntime: pip install kaggle_i2p[onnx] (or "
+                                 "onnxruntime-gpu on a GPU machine)") from err
+        program = OnnxProgram(path, torch.device("cpu"))
+        if len(program.session.get_inputs()) != 1:
+            raise ValueError("a tower's graph takes one (B, 3, H, W) image batch; this one takes "
+                             f"{len(program.session.get_inputs())} inputs")
+        return program
+
+    def device_of(self, program: Any) -> torch.device:
+        return program.device
+
+    def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
+        self._loaded.pop(file_identity(path), None)
+        return program if program.device == device else OnnxProgram(path, device)
+
+    def static_size(self, program: Any) -> tuple[int, int] | None:
+        shape = program.input.shape
+        if len(shape) != 4:
+            raise ValueError(f"a tower's graph takes one (B, 3, H, W) image batch; its input is {shape}")
+        height, width = shape[2], shape[3]
+        return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+    def shape_of(self, program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output shape the graph declares for `shape`, from its inputs and outputs alone (no compute); a graph
+        whose output width is not declared runs once on zeros."""
+        declared = program.input.shape
+        if len(declared) != 4 or declared[1] not in (3, None) and not isinstance(declared[1], str):
+            raise ValueError(f"the graph's input is {declared}, not a (B, 3, H, W) image batch")
+        for axis, (want, given) in enumerate(zip(declared, shape, strict=True)):
+            if isinstance(want, int) and want != given:
+                what = "batch" if axis == 0 else "height" if axis == 2 else "width" if axis == 3 else "channels"
+                raise ValueError(f"the graph takes a {what} of {want} only, not {given}")
+        out = program.output.shape
+        if len(out) != 2:
+            raise ValueError(f"the graph's output is {out}: a tower's graph gives (B, D) features or embeddings")
+        if isinstance(out[1], int):
+            return (shape[0], out[1])
+        return tuple(program(torch.zeros(shape)).shape)
+
+
 EXPORT = register_library(ExportLibrary())
 TORCHSCRIPT = register_library(TorchScriptLibrary())
+ONNX = register_library(OnnxLibrary())
