@@ -4,8 +4,6 @@ apart (pooling, norm, preprocessing), and refuses when none does."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
