@@ -125,7 +125,8 @@ LIBRARIES = Registry("library", "kaggle_i2p.libraries",
                       "kaggle_i2p.models.backbones.transformers_models", "kaggle_i2p.models.backbones.programs"))
 KINDS = Registry("tower kind", "kaggle_i2p.kinds",
                  ("kaggle_i2p.kinds.regressor", "kaggle_i2p.kinds.retrieval", "kaggle_i2p.kinds.prior",
-                  "kaggle_i2p.kinds.caption", "kaggle_i2p.kinds.interrogator"))
+                  "kaggle_i2p.kinds.caption", "kaggle_i2p.kinds.interrogator", "kaggle_i2p.kinds.features",
+                  "kaggle_i2p.kinds.fusion"))
 
 
 def register_library(library: Any, *, replace: bool = False) -> Any:

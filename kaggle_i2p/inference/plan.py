@@ -127,14 +127,17 @@ def parse_budget(text: str | float) -> float:
 
 def view_shares(manifest: Manifest) -> dict[tuple[str, str], float]:
     """Each active network tower x view's part of the ensemble weight."""
-    towers = [t for t in manifest.towers if t.weight > 0]
+    towers = manifest.running_towers
     total = sum(t.weight for t in towers)
+    readers = manifest.readers()
     shares = {}
     for tower in towers:
-        if isinstance(tower, NetworkSpec):
+        if isinstance(tower, NetworkSpec):  # a tower others read carries its readers' weight (never dropped first)
+            weight_of = tower.weight + sum(r.weight / max(len(kind_of(r).reads(r)), 1)  # a reader's weight shared
+                                           for r in readers.get(tower.name, []))  # by what it reads
             weights = tower.view_weight_list()
             for view, weight in zip(tower.views, weights, strict=True):
-                shares[(tower.name, view.name)] = tower.weight / total * weight / sum(weights)
+                shares[(tower.name, view.name)] = weight_of / total * weight / sum(weights)
     return shares
 
 
@@ -153,8 +156,8 @@ def load_runners_timed(manifest: Manifest, device: torch.device, precision: str 
     from .runner import TowerRunner
 
     runners, startup, notes = [], 0.0, []
-    for spec in manifest.towers:
-        if not isinstance(spec, NetworkSpec) or spec.weight <= 0:
+    for spec in manifest.running_towers:
+        if not isinstance(spec, NetworkSpec):
             continue
         started = clock()
         if spec.checkpoint is not None and all(p.exists() for p in source_parts(spec.checkpoint)):

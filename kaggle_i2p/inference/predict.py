@@ -151,11 +151,11 @@ def prepare_run(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     listing = list_images(image_dir)
     batch_size, num_workers = options.batch_size_on(device.type), options.workers()
     active = [t for t in manifest.towers if t.weight > 0 or include_zero_weight]
-    sources = {kind_of(t).text_source(t) for t in active if isinstance(t, NetworkSpec)}  # towers others read
+    sources = {name for t in active for name in kind_of(t).reads(t)}  # towers others read (texts, fused results)
     for spec in manifest.towers:
         if spec.weight <= 0 and not include_zero_weight:
             log.info("tower %r has weight 0: %s", spec.name,
-                     "run only for the texts another tower reads" if spec.name in sources else "not run")
+                     "run only for the results another tower reads" if spec.name in sources else "not run")
     active = [t for t in manifest.towers if t in active or t.name in sources]
     with_network = [s for s in active if isinstance(s, NetworkSpec)]
     precisions = {s.name: resolve_precision(options.precision or s.precision, device) for s in with_network}
@@ -456,26 +456,47 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     place that decides fallbacks: unreadable images, and rows a tower left non-finite even in fp32."""
     manifest, paths, n = setup.manifest, setup.listing.paths, setup.n_images
     failed = {i: f"unreadable image ({reason})" for i, reason in outputs.errors.items()}
-    tower_embeddings = {}
+    tower_embeddings: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}  # a features tower's output: its views' mean, as they came
+    combined = [spec for spec in setup.active if kind_of(spec).combines(spec)]
     for spec in setup.active:
         constant = spec.constant()
         if constant is not None:  # a tower without views (a prior)
             tower_embeddings[spec.name] = np.tile(constant, (n, 1))
             continue
+        if spec in combined:  # made of the others' results, below
+            continue
         views = outputs.views[spec.name]
+        if not kind_of(spec).gives_embeddings(spec):
+            weights = np.asarray(spec.view_weight_list(), dtype=np.float64)
+            stacked = np.stack([outputs.values[spec.name][v] for v in views])
+            features[spec.name] = np.tensordot(weights / weights.sum(), stacked, axes=1).astype(np.float32)
+            _fail_rows(features[spec.name], spec, failed, paths)
+            continue
         tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())
-        bad = unusable_rows(tower)
-        for index in np.flatnonzero(bad):
-            if int(index) not in failed:
-                failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"
-                log.warning("%s: %s; writing the fallback vector", paths[index], failed[int(index)])
-        tower[bad] = manifest.fallback
+        tower[_fail_rows(tower, spec, failed, paths)] = manifest.fallback
+        tower_embeddings[spec.name] = tower
+    for spec in combined:  # a fusion tower: its inputs' results through its head (a failed input row fails it)
+        bad_inputs = np.zeros(n, dtype=bool)
+        bad_inputs[list(failed)] = True
+        tower = kind_of(spec).combine(spec, tower_embeddings, features, setup.device)
+        tower[bad_inputs | _fail_rows(tower, spec, failed, paths)] = manifest.fallback
         tower_embeddings[spec.name] = tower
     weighted = {name: out for name, out in tower_embeddings.items() if manifest.weights[name] > 0}
     embeddings = combine_towers(weighted, manifest.weights, manifest.dim_weights)
     for index in failed:
         embeddings[index] = manifest.fallback
     return embeddings, tower_embeddings, failed
+
+
+def _fail_rows(tower: np.ndarray, spec: TowerSpec, failed: dict[int, str], paths: list[Path]) -> np.ndarray:
+    """The rows a tower left non-finite (even in fp32): each a fallback row, said once per image."""
+    bad = unusable_rows(tower)
+    for index in np.flatnonzero(bad):
+        if int(index) not in failed:
+            failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"
+            log.warning("%s: %s; writing the fallback vector", paths[index], failed[int(index)])
+    return bad
 
 
 def summarize(setup: RunSetup, encoded: Encoded, failed: dict[int, str], seconds: float) -> RunSummary:

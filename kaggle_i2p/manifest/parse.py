@@ -443,6 +443,15 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
             problems.add(f"{tower_label(index, spec.name)}.{spec.kind}.base",
                          f"{source!r} must name a caption tower of this manifest (it runs for its texts, whatever "
                          "its weight)")
+    for position, (index, spec) in enumerate(clean):  # a tower made of others (a fusion tower's inputs)
+        kind = kind_of(spec)
+        for read in kind.reads(spec):
+            if read not in by_name and not (isinstance(spec, NetworkSpec) and kind.text_source(spec) == read):
+                problems.add(f"{tower_label(index, spec.name)}.inputs", f"{read!r} is not a tower of this manifest "
+                             f"({', '.join(by_name) or 'none'})")
+        if kind.reads(spec) and all(r in by_name for r in kind.reads(spec)):
+            clean[position] = (index, kind.resolve(spec, by_name, tower_label(index, spec.name), embedding_dim,
+                                                   problems))
     weights = [raw.get("weight") for raw in entries]
     if entries and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
         problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")

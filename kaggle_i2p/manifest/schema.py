@@ -291,6 +291,33 @@ class TowerKind:
         """What `validate-manifest --deep` checks besides the checkpoint (files read whole), one line each."""
         return []
 
+    def reads(self, spec: TowerSpec) -> tuple[str, ...]:
+        """The towers (by name) whose results this tower reads: a run runs them whatever their weight (an
+        interrogator's base caption tower, a fusion tower's inputs)."""
+        source = self.text_source(spec) if isinstance(spec, NetworkSpec) else None
+        return (source,) if source else ()
+
+    def resolve(self, spec: TowerSpec, towers: Mapping[str, TowerSpec], label: str, embedding_dim: int,
+                problems: Problems) -> TowerSpec:
+        """The spec completed from the other towers of its manifest (a fusion tower's input widths), its problems
+        with them added; once every tower of the manifest has parsed."""
+        return spec
+
+    def combines(self, spec: TowerSpec) -> bool:
+        """Whether this tower's embedding is made from other towers' results after they are all computed (a fusion
+        tower), by `combine`, rather than by views of its own."""
+        return False
+
+    def combine(self, spec: TowerSpec, embeddings: Mapping[str, np.ndarray], features: Mapping[str, np.ndarray],
+                device: str | torch.device) -> np.ndarray:
+        """The tower's (images, embedding_dim) outputs from the others' embeddings and features (a row non-finite
+        where an input's was)."""
+        raise NotImplementedError(f"a {self.name} tower combines nothing")
+
+    def gives_embeddings(self, spec: TowerSpec) -> bool:
+        """Whether the tower's output is an embedding the ensemble can weight (a features tower's is not)."""
+        return True
+
     def cache_identity(self, spec: NetworkSpec, entry: dict) -> dict:
         """The tower's identity for the cache, from its entry without the fields that do not change its outputs."""
         return entry
@@ -350,6 +377,32 @@ class Manifest:
     @property
     def dim_weights(self) -> dict[str, np.ndarray]:
         return {t.name: t.dim_weights for t in self.towers if t.dim_weights is not None}
+
+    def readers(self) -> dict[str, list[TowerSpec]]:
+        """Tower name -> the weighted towers that read its results (a fusion's inputs, an interrogator's base
+        caption), directly or through another read tower: a run runs it whatever its own weight."""
+        by_name = {t.name: t for t in self.towers}
+        out: dict[str, list[TowerSpec]] = {}
+        stack = [t for t in self.towers if t.weight > 0]
+        seen: set[str] = set()
+        while stack:
+            reader = stack.pop()
+            for name in kind_of(reader).reads(reader):
+                other = by_name.get(name)
+                if other is None:
+                    continue
+                root = reader if reader.weight > 0 else next(iter(out.get(reader.name, [reader])))
+                out.setdefault(name, []).append(root)
+                if name not in seen:
+                    seen.add(name)
+                    stack.append(other)
+        return out
+
+    @property
+    def running_towers(self) -> list[TowerSpec]:
+        """The towers a run runs, in manifest order: weighted ones, and those weighted ones read."""
+        read = self.readers()
+        return [t for t in self.towers if t.weight > 0 or t.name in read]
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         """The manifest as data that parses back to it; paths relative to `out_dir` (absolute when None)."""
