@@ -329,12 +329,19 @@ class TinyProgram(torch.nn.Module):
 
 
 def write_tiny_program(path: Path, library: str = "export") -> Path:
-    """`TinyProgram` saved as `library` saves it: torch.export with a dynamic batch and size, or traced TorchScript."""
+    """`TinyProgram` saved as `library` saves it: torch.export with a dynamic batch and size, traced TorchScript, or
+    an ONNX graph (torch.onnx.export, dynamic batch and size)."""
     import warnings
 
     model, example = TinyProgram().eval(), torch.randn(2, 3, 64, 64)
     path = Path(path)
-    if library == "export":
+    if library == "onnx":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}, "features": {0: "batch"}},
+                              dynamo=False)
+    elif library == "export":
         dim = torch.export.Dim
         dims = {"images": {0: dim("batch"), 2: dim("h", min=16, max=1024), 3: dim("w", min=16, max=1024)}}
         torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dims), str(path))
@@ -351,7 +358,8 @@ TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip":
                                      Path(folder) / "tiny_hf_clip", "clip_vision").name,
                                  "export": lambda folder: write_tiny_program(Path(folder) / "tiny.pt2").name,
                                  "torchscript": lambda folder: write_tiny_program(Path(folder) / "tiny.pt",
-                                                                                  "torchscript").name}
+                                                                                  "torchscript").name,
+                                 "onnx": lambda folder: write_tiny_program(Path(folder) / "tiny.onnx", "onnx").name}
 
 
 TINY_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "painting", "city", "night", "forest", "by",
@@ -488,12 +496,37 @@ def _tiny_interrogator(folder: Path, out_dim: int, embedding_dim: int) -> dict:
     return entry
 
 
+def _tiny_features(folder: Path, out_dim: int, embedding_dim: int) -> dict:
+    """A backbone's features, weight 0 (its `companions`: the fusion tower that reads them, with its head's file)."""
+    return {"kind": "features", "weight": 0}
+
+
+def _features_companions(folder: Path, out_dim: int, embedding_dim: int) -> list[dict]:
+    return [_tiny_fusion_entry(folder, "fuse", [{"tower": "tiny", "output": "features"}], out_dim, embedding_dim)]
+
+
+_tiny_features.companions = _features_companions
+
+
+def _tiny_fusion_entry(folder: Path, name: str, inputs: list, in_dim: int, embedding_dim: int) -> dict:
+    """A fusion entry over `inputs` with an MLP head of random weights saved as the head's own module saves it."""
+    from .kinds.regressor import HeadSpec, build_head
+
+    head = {"type": "mlp", "hidden": 24, "norm": "layernorm", "activation": "gelu"}
+    torch.manual_seed(11)
+    module = build_head(in_dim, HeadSpec(type="mlp", hidden=24, norm="layernorm", activation="gelu"), embedding_dim)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(Path(folder) / f"{name}.safetensors"))
+    return {"name": name, "kind": "fusion", "inputs": inputs, "head": head, "checkpoint": f"{name}.safetensors",
+            "weight": 1.0}
+
+
 _tiny_caption.library = "transformers"  # each names the one library its tiny example runs with
 _tiny_interrogator.library = "open_clip"
 
 # network kind -> a function writing what its section needs and returning the entry's kind-specific keys
 TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval,
-                                           "caption": _tiny_caption, "interrogator": _tiny_interrogator}
+                                           "caption": _tiny_caption, "interrogator": _tiny_interrogator,
+                                           "features": _tiny_features}
 
 
 def _tiny_prior(folder: Path, embedding_dim: int) -> dict:
@@ -505,6 +538,18 @@ def _tiny_prior(folder: Path, embedding_dim: int) -> dict:
 # constant kinds (no network) -> a function returning a whole entry but its name and weight
 TINY_CONSTANT_ENTRIES: dict[str, object] = {"prior": _tiny_prior}
 
+# kinds made of other towers' results -> the kind's entry named "tiny" (towers[0]) over a tiny regressor of the library
+TINY_COMBINED_ENTRIES: dict[str, object] = {
+    "fusion": lambda folder, embedding_dim: _tiny_fusion_entry(folder, "tiny", ["input"], embedding_dim,
+                                                               embedding_dim)}
+
+
+def yaml_load(path: Path) -> dict:
+    """A YAML file's data (the tiny manifests')."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
 
 def tiny_tower_manifest(folder: str | Path, library: str, kind: str, seed: int = 0, embedding_dim: int = 384) -> Path:
     """A one-tower manifest of `kind` on `library`'s tiny arch (two resolutions and a flip), with its random-weight
@@ -512,8 +557,17 @@ def tiny_tower_manifest(folder: str | Path, library: str, kind: str, seed: int =
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PRIOR_PATH, folder / "fallback.npy")
+    companions: list[dict] = []
     if kind in TINY_CONSTANT_ENTRIES:
         entry = {"name": "tiny", "weight": 1.0, **TINY_CONSTANT_ENTRIES[kind](folder, embedding_dim)}
+    elif kind in TINY_COMBINED_ENTRIES:  # the kind's tower first, over a tiny regressor of the library (weight 0)
+        made = Path(tiny_tower_manifest(folder / "input", library, "regressor", seed, embedding_dim))
+        regressor = yaml_load(made)["towers"][0]
+        companions = [{**regressor, "name": "input", "weight": 0,
+                       **{k: f"input/{v}" for k, v in regressor.items() if k in ("checkpoint",)},
+                       **({"arch": f"input/{regressor['arch']}"} if (made.parent / regressor["arch"]).exists()
+                          else {})}]
+        entry = TINY_COMBINED_ENTRIES[kind](folder, embedding_dim)
     else:
         arch = TINY_ARCHS[library](folder)
         from .models.backbones import library as library_named
@@ -525,10 +579,12 @@ def tiny_tower_manifest(folder: str | Path, library: str, kind: str, seed: int =
                  "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
                            "resolutions": [64, 96], "hflip": True},
                  "weight": 1.0, **TINY_NETWORK_ENTRIES[kind](folder, out_dim, embedding_dim)}
-    data = {"embedding_dim": embedding_dim, "fallback": "fallback.npy", "towers": [entry]}
+        extra = getattr(TINY_NETWORK_ENTRIES[kind], "companions", None)
+        companions = extra(folder, out_dim, embedding_dim) if extra else []
+    data = {"embedding_dim": embedding_dim, "fallback": "fallback.npy", "towers": [entry, *companions]}
     path = folder / "tiny_manifest.yaml"
     spec = parse_manifest(data, path, check_files=False).towers[0]
-    if "checkpoint" in entry:
+    if "checkpoint" in entry and kind not in TINY_COMBINED_ENTRIES:
         torch.manual_seed(seed)
         tower = build_tower(spec, embedding_dim)
         save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(spec.checkpoint))

@@ -168,5 +168,6 @@ def test_an_installed_plugin_is_found_through_its_entry_points(tmp_path, sample_
     listed = subprocess.run([sys.executable, "-c", "from kaggle_i2p.core.registry import KINDS, LIBRARIES; import json;"
                              "print(json.dumps([LIBRARIES.names(), KINDS.names()]))"], env=env, capture_output=True,
                             text=True, timeout=120)
-    assert json.loads(listed.stdout) == [["timm", "open_clip", "transformers", "export", "torchscript", "meanrgb"],
-                                         ["regressor", "retrieval", "prior", "caption", "interrogator", "anchored"]]
+    assert json.loads(listed.stdout) == [["timm", "open_clip", "transformers", "export", "torchscript", "onnx",
+                                          "meanrgb"], ["regressor", "retrieval", "prior", "caption", "interrogator",
+                                                       "features", "fusion", "anchored"]]

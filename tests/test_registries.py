@@ -17,19 +17,26 @@ from kaggle_i2p.inference.images import decode_image, make_view
 from kaggle_i2p.manifest import NetworkSpec, kind_of, load_manifest, save_manifest
 from kaggle_i2p.models.backbones import library
 from kaggle_i2p.models.towers import build_tower, load_initial_weights, load_tower, validate_manifest
-from kaggle_i2p.testing import TINY_ARCHS, TINY_CONSTANT_ENTRIES, TINY_NETWORK_ENTRIES, tiny_tower_manifest
+from kaggle_i2p.testing import (
+    TINY_ARCHS,
+    TINY_COMBINED_ENTRIES,
+    TINY_CONSTANT_ENTRIES,
+    TINY_NETWORK_ENTRIES,
+    tiny_tower_manifest,
+)
 
 LIBRARY_NAMES = LIBRARIES.names()
 KIND_NAMES = KINDS.names()
-NETWORK_KINDS = tuple(k for k in KIND_NAMES if k not in TINY_CONSTANT_ENTRIES)
+NETWORK_KINDS = tuple(k for k in KIND_NAMES if k not in TINY_CONSTANT_ENTRIES and k not in TINY_COMBINED_ENTRIES)
 PAIRS = [(lib, kind) for lib in LIBRARY_NAMES for kind in NETWORK_KINDS  # a kind's tiny example may name its library
          if getattr(TINY_NETWORK_ENTRIES.get(kind), "library", lib) == lib] + [
-    (LIBRARY_NAMES[0], kind) for kind in TINY_CONSTANT_ENTRIES]
+    (LIBRARY_NAMES[0], kind) for kind in TINY_CONSTANT_ENTRIES] + [
+    (lib, kind) for lib in LIBRARY_NAMES for kind in TINY_COMBINED_ENTRIES]  # over each library's regressor
 
 
 def test_every_registered_library_and_kind_has_a_tiny_example():
     assert set(LIBRARY_NAMES) <= set(TINY_ARCHS), "add the library's tiny arch to kaggle_i2p.testing.TINY_ARCHS"
-    assert set(KIND_NAMES) <= set(TINY_NETWORK_ENTRIES) | set(TINY_CONSTANT_ENTRIES), \
+    assert set(KIND_NAMES) <= set(TINY_NETWORK_ENTRIES) | set(TINY_CONSTANT_ENTRIES) | set(TINY_COMBINED_ENTRIES), \
         "add the kind's tiny entry to kaggle_i2p.testing"
 
 
@@ -108,7 +115,10 @@ def test_a_prediction_on_the_kaggle_sample_is_the_towers_own_forward(name, kind,
     run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
                                     batch_size=3)
     spec = load_manifest(path).towers[0]
-    if not isinstance(spec, NetworkSpec):
+    owner = kind_of(spec)
+    if owner.combines(spec):  # its head over the others' results, as the run gave them
+        expected = owner.combine(spec, run.tower_embeddings, {}, "cpu")
+    elif not isinstance(spec, NetworkSpec):
         expected = np.tile(spec.constant(), (len(run.ids), 1))
     else:
         tower = load_tower(spec)
@@ -117,10 +127,14 @@ def test_a_prediction_on_the_kaggle_sample_is_the_towers_own_forward(name, kind,
         with torch.no_grad():
             for view in spec.views:
                 views.append(tower(make_view(pixels, spec.image, view.resolution, view.flip)).numpy())
-        owner = kind_of(spec)
         if owner.has_step_after_encoding(spec):
             after = owner.after_encoding(spec, np.concatenate(views), "cpu", False)
             views = np.split(after, len(spec.views))
+        if not owner.gives_embeddings(spec):  # features: each view's raw output, as the run keeps it
+            for view, want in zip(spec.views, views, strict=True):
+                np.testing.assert_allclose(run.view_outputs["tiny"][view.name], want, atol=2e-5)
+            assert "tiny" not in run.tower_embeddings
+            return
         expected = combine_views(views, spec.view_weight_list())
     np.testing.assert_allclose(run.tower_embeddings["tiny"], expected, atol=2e-5)
     assert np.allclose(np.linalg.norm(run.embeddings, axis=1), 1.0, atol=1e-5)
