@@ -349,8 +349,11 @@ def _checkpoint_part(raw_ckpt: Any, where: str, ctx: ParseContext) -> Path | Non
     if path.is_dir():
         return path
     if not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
+        program = {".onnx": "onnx", ".pt2": "export"}.get(Path(raw_ckpt).suffix.lower())
+        advice = (f"; it is a program (the model itself, not weights): serve it with `library: {program}` and "
+                  f"`arch: {raw_ckpt}`, with a checkpoint only for a head of your own") if program else ""
         ctx.problems.add(where, f"{raw_ckpt!r} must end in one of {', '.join(CHECKPOINT_SUFFIXES)}, or be a "
-                                "save_pretrained folder")
+                                f"save_pretrained folder{advice}")
         return None
     if ctx.check_files:
         return resolve_file(raw_ckpt, ctx.base_dir, where, ctx.problems, "tower weights")
