@@ -249,3 +249,17 @@ def test_the_onnx_cache_key_is_the_graphs_content_and_other_formats_say_which_li
         assert main(["validate-manifest", "--deep", str(_manifest(tmp_path, library, arch, [64]))]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_an_onnx_graph_asked_for_cuda_without_its_provider_says_so_and_runs_on_the_cpu(tmp_path):
+    """onnxruntime without the CUDA execution provider (the CPU wheel): one warning naming onnxruntime-gpu, and the
+    graph runs on the CPU, its outputs on the images' device."""
+    from kaggle_i2p.models.backbones.programs import OnnxProgram
+
+    model = Tower(seed=6)
+    _onnx(model, 64, tmp_path / "tower.onnx")
+    with pytest.warns(UserWarning, match="onnxruntime-gpu"):
+        program = OnnxProgram(tmp_path / "tower.onnx", torch.device("cuda"))
+    assert program.session.get_providers() == ["CPUExecutionProvider"]
+    x = torch.randn(3, 3, 64, 64)
+    np.testing.assert_allclose(program(x).numpy(), model(x).detach().numpy(), atol=1e-5)
