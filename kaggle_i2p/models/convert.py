@@ -39,6 +39,12 @@ def convert_pickle(path: str | Path, out: str | Path | None = None, *, trust_pic
         raise ConvertError(f"converting {path.name} unpickles it, which runs whatever code it names: pass "
                            "--trust-pickle if you made the file or trust where it came from (it runs in a process "
                            "of its own, never during a run)")
+    from .safe_load import UnsafeFileError, check_archive
+
+    try:
+        check_archive(path)  # consent to run the pickle's code is not consent to inflate a bomb
+    except UnsafeFileError as err:
+        raise ConvertError(str(err)) from err
     out = Path(out) if out is not None else path.with_name(path.name.split(".")[0] + ".safetensors")
     if out.exists():
         raise ConvertError(f"{out} exists and is left as it is: pass --out with a new file's path")
