@@ -328,7 +328,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _parser_plan(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="time every tower x view here and project whether a run of N images fits the "
-                          "budget (and what to drop if not)")
+                          "budget (and what to drop if not); exit 3 when it does not fit")
     plan.add_argument("--images", type=_whole_number(1), default=16_000,
                       help="images to plan for (default: %(default)s, the hidden test set)")
     plan.add_argument("--budget", default="9h", help="time the run may take: 9h, 90m, 5400s (default: %(default)s)")
@@ -339,17 +339,36 @@ def _parser_plan(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--sample-dir", type=Path, default=None, help="images to time decoding on (default: the "
                       "competition sample)")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--out", type=Path, default=None, metavar="MANIFEST",
+                      help="when the run does not fit, write the manifest it proposes: the units it leaves out (a "
+                           "resolution, the flips, a normalisation) removed")
     _add_run_options(plan)
     plan.set_defaults(func=_cmd_plan)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from .core.fileio import check_writable_file
     from .inference.plan import plan_run
 
+    if args.out is not None:
+        check_writable_file(args.out)  # before the timing, like every output
     plan = plan_run(args.manifest, _run_options(args), images=args.images, budget=args.budget, margin=args.margin,
                     repeats=args.repeats, sample_dir=args.sample_dir)
     print(plan.to_json() if args.json else plan.report())
-    return 0
+    if args.out is not None and not plan.fits:
+        from .inference.plan import trimmed_manifest
+        from .manifest import as_manifest
+        from .manifest.write import write_manifest
+
+        data, changes = trimmed_manifest(as_manifest(args.manifest), plan, args.out)
+        stream = sys.stderr if args.json else sys.stdout
+        if not any(t.get("weight", 0) > 0 for t in data["towers"]):
+            print(f"nothing written to {args.out}: no view fits (start-up and decoding alone exceed the budget)",
+                  file=stream)
+        else:
+            write_manifest(data, args.out)
+            print(f"wrote {args.out}: " + "; ".join(changes), file=stream)
+    return 0 if plan.fits else 3  # a run that does not fit the budget is not a success a script may take for one
 
 
 def _parser_dry_run(sub: argparse._SubParsersAction) -> None:

@@ -57,3 +57,18 @@ def mean_cosine(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray
     """The competition metric: mean over rows of cosine(pred, target); also the per-row cosines."""
     per_row = np.sum(l2_normalize(pred).astype(np.float64) * l2_normalize(target).astype(np.float64), axis=-1)
     return float(per_row.mean()), per_row
+
+
+VIEWS_DISAGREE = 0.8  # a tower whose views agree less than this (mean cosine between them) is likely served wrong
+
+
+def view_agreement(views: Sequence[np.ndarray]) -> float | None:
+    """The mean cosine between a tower's views, over images and view pairs (rows any view left non-finite are left
+    out); None for a tower of one view. TTA views of a tower served as trained agree at ~0.95 and above."""
+    if len(views) < 2:
+        return None
+    units = [l2_normalize(np.nan_to_num(v, nan=0.0)) for v in views]
+    keep = ~np.any([unusable_rows(v) for v in views], axis=0)
+    pairs = [(units[i] * units[j]).sum(axis=1)[keep] for i in range(len(units)) for j in range(i + 1, len(units))]
+    values = np.concatenate(pairs) if pairs else np.zeros(0)
+    return float(values.mean()) if len(values) else None

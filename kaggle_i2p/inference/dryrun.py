@@ -66,9 +66,19 @@ class DryRunReport:
     embedding_check_note: str
     summary: RunSummary | None = field(default=None, repr=False)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Where the score cannot be trusted as it is: below the prior vector alone."""
+        if self.mean_cosine is not None and self.mean_cosine < self.fallback_mean_cosine:
+            return [f"the ensemble scores {self.mean_cosine:.4f} on the sample, below the prior vector alone "
+                    f"({self.fallback_mean_cosine:.4f}): a tower serves something other than what it was trained "
+                    "for (prove each with `kaggle-i2p inspect CKPT --expect VECTORS`), or weighs too much"]
+        return []
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["summary"] = str(self.summary) if self.summary else None
+        data["warnings"] = self.warnings
         return data
 
     def to_json(self) -> str:
@@ -83,6 +93,7 @@ class DryRunReport:
         if self.mean_cosine is not None:
             lines.append(f"  mean cosine over {self.n_images} images: {self.mean_cosine:.4f}")
         lines.append(f"  baseline, the fallback (prior) vector for every image: {self.fallback_mean_cosine:.4f}")
+        lines += [f"  warning: {w}" for w in self.warnings]
         if self.embedding_check_max_abs_diff is None:
             lines.append(f"  target check: skipped ({self.embedding_check_note})")
         else:

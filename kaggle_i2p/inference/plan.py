@@ -116,6 +116,69 @@ class RunPlan:
         return json.dumps({**asdict(self), "total_s": self.total_s(), "fits": self.fits,
                            "drops": [f"{v.tower} {v.view}" for v in self.drops()]})
 
+    def unit_drops(self, manifest: Manifest) -> list[tuple[str, str, tuple[str, ...]]]:
+        """What a manifest can leave out, least ensemble share per second saved first, until the run fits: whole
+        units of a tower's views, as an entry can name them (a resolution, its flips, a normalisation): (tower,
+        unit, its views)."""
+        units = []
+        for spec in manifest.towers:
+            if not isinstance(spec, NetworkSpec):
+                continue
+            views = spec.views
+            units += [(spec.name, f"resolution {r}", tuple(v.name for v in views if v.resolution == r))
+                      for r in spec.image.resolutions]
+            if spec.image.hflip:
+                units.append((spec.name, "hflip", tuple(v.name for v in views if v.flip)))
+            units += [(spec.name, f"norms[{k}]", tuple(v.name for v in views if v.norm == k))
+                      for k in range(1, len(spec.image.normalisations))]
+        timed = {(v.tower, v.view): v for v in self.views}
+
+        def cost(unit: tuple[str, str, tuple[str, ...]]) -> float:
+            parts = [timed[(unit[0], name)] for name in unit[2] if (unit[0], name) in timed]
+            seconds = sum(v.seconds(self.images) for v in parts)
+            return sum(v.share for v in parts) / seconds if seconds else float("inf")
+
+        kept, dropped = list(self.views), []
+        for unit in sorted(units, key=cost):
+            if self.total_s(kept) <= self.budget_s:
+                break
+            gone = {(unit[0], name) for name in unit[2]}
+            if any((v.tower, v.view) in gone for v in kept):
+                kept = [v for v in kept if (v.tower, v.view) not in gone]
+                dropped.append(unit)
+        return dropped
+
+
+def trimmed_manifest(manifest: Manifest, plan: RunPlan, out: Path) -> tuple[dict, list[str]]:
+    """The manifest's data (paths relative to `out`'s folder) with the units `plan.unit_drops` names left out: a
+    resolution from its list, `hflip: false`, a normalisation from `norms`; a tower left with no resolution gets
+    weight 0 (not run, unless another tower reads it). Returns the data and a line per change."""
+    data = manifest.to_dict(out.resolve().parent)
+    entries = {entry["name"]: entry for entry in data["towers"]}
+    changes = []
+    for tower, unit, _ in plan.unit_drops(manifest):
+        image = entries[tower]["image"]
+        if unit.startswith("resolution "):
+            image["resolutions"] = [r for r in image["resolutions"] if r != int(unit.split()[1])]
+        elif unit == "hflip":
+            image["hflip"] = False
+        else:
+            index = int(unit[len("norms["):-1])
+            image["norms"] = [n for k, n in enumerate(image["norms"]) if k != index]
+        image.pop("view_weights", None)  # its views changed: equal weights over those left
+        changes.append(f"{tower}: {unit} left out")
+    for tower, entry in entries.items():
+        if not entry["image"].get("resolutions"):
+            entry["image"]["resolutions"] = [manifest_spec_resolution(manifest, tower)]
+            entry["weight"] = 0
+            changes.append(f"{tower}: every view left out: weight 0")
+    return data, changes
+
+
+def manifest_spec_resolution(manifest: Manifest, tower: str) -> int:
+    spec = next(t for t in manifest.towers if t.name == tower)
+    return spec.image.resolutions[0]
+
 
 def parse_budget(text: str | float) -> float:
     """Seconds from `9h`, `90m`, `5400s` or a bare number of hours; one OptionError otherwise."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.ensemble import l2_normalize, mean_cosine, unusable_rows
+from ..core.ensemble import VIEWS_DISAGREE, l2_normalize, mean_cosine, unusable_rows, view_agreement
 from ..core.errors import I2PError, InputFileError
 from ..core.fileio import atomic_open, first_undecodable, open_npy
 from ..core.validate import load_yaml_text
@@ -113,6 +113,9 @@ class EvaluationReport:
     per_tower: dict[str, float]
     per_view: dict[str, float]
     weights: dict[str, float]
+    prior: float = 0.0  # the fallback (prior) vector alone for every image: the floor every tower must beat
+    view_agreement: dict[str, float] = field(default_factory=dict)  # per tower: mean cosine between its views
+    warnings: list[str] = field(default_factory=list)  # where these numbers cannot be trusted as they are
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -122,11 +125,13 @@ class EvaluationReport:
         lines = [f"evaluation on {self.n_images} images (mean cosine):",
                  f"  ensemble (manifest weights)  {self.ensemble:.4f}",
                  f"  equal weights                {self.equal_weights:.4f}",
-                 f"  best single tower            {best_score:.4f}  ({best_name})"]
+                 f"  best single tower            {best_score:.4f}  ({best_name})",
+                 f"  the prior alone              {self.prior:.4f}"]
         for tower, score in self.per_tower.items():
             lines.append(f"  tower {tower:<22} {score:.4f}  weight {self.weights[tower]:g}")
             lines += [f"    view {v.split('/', 1)[1]:<19} {s:.4f}" for v, s in self.per_view.items()
                       if v.split("/", 1)[0] == tower]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -135,13 +140,33 @@ def evaluate_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray) ->
     per_tower = {name: mean_cosine(out, targets)[0] for name, out in run.tower_embeddings.items()}
     views, _ = view_predictions(run, manifest.fallback)
     best = max(per_tower, key=per_tower.get)
+    ensemble = mean_cosine(run.embeddings, targets)[0]
+    prior = mean_cosine(np.tile(manifest.fallback, (len(run.ids), 1)), targets)[0]
+    agreement = {tower: value for tower, outputs in run.view_outputs.items() if tower in per_tower
+                 if (value := view_agreement(list(outputs.values()))) is not None}
     return EvaluationReport(
-        n_images=len(run.ids), ensemble=mean_cosine(run.embeddings, targets)[0],
+        n_images=len(run.ids), ensemble=ensemble,
         equal_weights=mean_cosine(apply_weights(run.tower_embeddings, dict.fromkeys(per_tower, 1.0)), targets)[0],
         best_single={best: per_tower[best]}, per_tower=per_tower,
         per_view={name: mean_cosine(pred, targets)[0] for name, pred in views.items()},
-        weights={t.name: t.weight for t in manifest.towers if t.name in per_tower},
+        weights={t.name: t.weight for t in manifest.towers if t.name in per_tower}, prior=prior,
+        view_agreement=agreement, warnings=score_warnings(ensemble, prior, agreement),
     )
+
+
+def score_warnings(ensemble: float, prior: float, agreement: dict[str, float]) -> list[str]:
+    """Where a run's numbers cannot be trusted: an ensemble below the prior vector alone (a tower served other than
+    it was trained, or weighted too high), and a tower whose views disagree (a resolution or flip it was not trained
+    for, or a preprocessing other than its own)."""
+    out = []
+    if ensemble < prior:
+        out.append(f"the ensemble scores {ensemble:.4f}, below the prior vector alone ({prior:.4f}): a tower serves "
+                   "something other than what it was trained for (prove each with `inspect --expect`), or weighs "
+                   "too much")
+    out += [f"tower {tower!r}: its views agree at a mean cosine of only {value:.3f} (TTA views of a tower served as "
+            f"trained agree at ~0.95): a resolution, flip or preprocessing it was not trained for"
+            for tower, value in agreement.items() if value < VIEWS_DISAGREE]
+    return out
 
 
 def fold_numbers(ids: list[str], n_folds: int, prompts_csv: str | Path | None = None, seed: int = 0) -> np.ndarray:
@@ -185,6 +210,8 @@ class TuningReport:
     weights: dict[str, float]
     view_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     fit_all_score: float = 0.0
+    parameters: int = 0  # the weights the tuning fits
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -193,8 +220,11 @@ class TuningReport:
         lines = [f"tuning ({self.mode}) on {self.n_images} images, {self.n_folds}-fold out-of-fold mean cosine:"]
         lines += [f"  {name:<20} {score:.4f}" for name, score in self.oof.items()]
         verdict = "generalises" if self.oof["tuned"] >= self.oof["equal_weights"] else "does NOT beat equal weights"
+        if self.warnings and verdict == "generalises":
+            verdict = "beats equal weights here, which these few images cannot show (see the warning)"
         lines.append(f"  tuning {verdict} out of fold; fit on all rows: {self.fit_all_score:.4f}")
         lines += [f"  weight {name:<18} {w:.4f}" for name, w in self.weights.items()]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -237,10 +267,20 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
         tower_weights, view_weights = {t: float(np.mean(fitted[t])) for t in towers}, {}
     else:
         tower_weights, view_weights = dict(fitted), {}
+    parameters = sum(int(np.size(v)) for v in fitted.values())
+    smallest = min(int((folds != fold).sum()) for fold in np.unique(folds))  # training rows of the leanest fold
+    warnings = [f"the {report_mode(per_view, per_dim)} tuning fits {parameters} weights on as few as {smallest} "
+                "images per fold: with fewer images than weights its out-of-fold score is chance, not a sign it "
+                "generalises; label more images, or tune fewer weights (per tower)"] if parameters > smallest else []
     report = TuningReport(n_images=len(run.ids), n_folds=len(np.unique(folds)),
-                          mode="per_view" if per_view else "per_dim" if per_dim else "per_tower", oof=scores,
-                          weights=tower_weights, view_weights=view_weights, fit_all_score=fit_score)
+                          mode=report_mode(per_view, per_dim), oof=scores, weights=tower_weights,
+                          view_weights=view_weights, fit_all_score=fit_score, parameters=parameters,
+                          warnings=warnings)
     return report, fitted
+
+
+def report_mode(per_view: bool, per_dim: bool) -> str:
+    return "per_view" if per_view else "per_dim" if per_dim else "per_tower"
 
 
 def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
