@@ -25,7 +25,7 @@ wheelhouse: setup
 
 test: setup wheelhouse
 	$(VENV)/bin/ruff check kaggle_i2p tests benchmarks tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest --durations=15  # one line per test file as it runs, the slowest tests listed at the end
 
 # Every benchmark at sizes that fit a 2-core machine (about 20 minutes); results go in docs/benchmarks.md.
 bench: setup

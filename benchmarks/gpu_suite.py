@@ -46,7 +46,7 @@ COSINE_GOAL = 0.9999  # the lowest cosine to fp32 at which a reduced precision m
 # Seconds per part on a GPU, in the order they run; the total stays inside the 8-minute call with start-ups.
 BUDGETS = {"env": 25, "predict": 140, "retrieval": 40, "dataset": 50, "generate": 60, "train": 40, "compile": 95,
            "caption": 45}
-SMOKE_BUDGET = 60  # seconds per part with --smoke (each takes a few)
+SMOKE_BUDGET = 900  # seconds per part with --smoke: a hang's bound, not a timing (each part takes seconds when quiet)
 SHARED = "GPU_SUITE_SHARED"  # environment: a folder every part may reuse (the reference towers' random weights)
 
 
@@ -518,7 +518,8 @@ def main() -> int:
                         help="where gpu_suite.json and gpu_suite.md go (default: $OUT, else gpu_suite_out)")
     parser.add_argument("--smoke", action="store_true", help="the same code at tiny sizes on the CPU")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated (default: all, in this order)")
-    parser.add_argument("--budget", type=float, default=495.0, help="seconds for the whole suite (default: 495)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole suite (default: 495; none with --smoke, whose parts are not timed)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one part, in a process of its own
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -528,7 +529,8 @@ def main() -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    report = run_suite(args.out.resolve(), parts, args.smoke, args.budget)  # the parts run in the checkout
+    budget = args.budget if args.budget is not None else float("inf") if args.smoke else 495.0
+    report = run_suite(args.out.resolve(), parts, args.smoke, budget)  # the parts run in the checkout
     print(markdown(report))
     print(headline(report))
     failed = [name for name, entry in report["parts"].items() if entry["status"] != "ok"]
