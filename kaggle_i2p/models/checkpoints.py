@@ -191,11 +191,13 @@ def preferred_weights(sets: Mapping) -> str:
     return next((k for k in sets if "ema" in k.lower()), next(iter(sets)))
 
 
-def _read_file(path: Path, *, shapes: bool, mmap: bool, device: str | torch.device, select: str | None
-               ) -> tuple[dict[str, torch.Tensor], bool]:
-    """One weights file's tensors (or meta tensors of their shapes), and whether they were its flat top level."""
+def _read_file(path: Path, *, shapes: bool, mmap: bool, device: str | torch.device, select: str | None,
+               optional: bool = False) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    """One weights file's tensors (or meta tensors of their shapes), whether they were its flat top level, and
+    whether `select` chose them. `optional` (a part of several): `select` applies only to a file holding several
+    sets of weights, and the others read their one set."""
     if path.suffix == ".safetensors":
-        if select is not None:
+        if select is not None and not optional:
             raise KeyRuleError([f"checkpoint_keys.weights: a safetensors file holds one set of weights; {select!r} "
                                 "names nothing in it: leave it out"])
         if shapes:
@@ -203,20 +205,22 @@ def _read_file(path: Path, *, shapes: bool, mmap: bool, device: str | torch.devi
 
             with safe_open(str(path), framework="pt") as handle:
                 return {k: torch.empty(tuple(handle.get_slice(k).get_shape()), device="meta")
-                        for k in handle.keys()}, True  # noqa: SIM118
+                        for k in handle.keys()}, True, False  # noqa: SIM118
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(device)), True
+        return load_file(str(path), device=str(device)), True, False
     program = program_format(path)
-    if program in ("export", "torchscript"):  # torch.load would hand a TorchScript file to torch.jit.load
+    if program in PROGRAMS:  # torch.load would hand a TorchScript file to torch.jit.load
         raise TowerLoadError(f"{path}: is a {program} program, not a state dict: serve it as `library: {program}` "
                              "with `arch:` naming it")
     obj = load_pickled(path, "cpu" if shapes else device, mmap or shapes)
+    if optional and len(weight_sets(obj)) <= 1:
+        select = None
     chosen = choose_weights(obj, path, select)
     tensors = {k: v for k, v in chosen.items() if isinstance(v, torch.Tensor)}
     if shapes:
         tensors = {k: torch.empty(tuple(v.shape), device="meta") for k, v in tensors.items()}
-    return tensors, chosen is obj
+    return tensors, chosen is obj, select is not None
 
 
 def _read(source: Source, *, shapes: bool, mmap: bool = False, device: str | torch.device = "cpu",
@@ -230,9 +234,9 @@ def _read(source: Source, *, shapes: bool, mmap: bool = False, device: str | tor
     for path, shards in files:
         for file in shards if shards is not None else [path]:
             # one file: the choice is its own to take; several: only a file holding several sets takes it
-            choice = select if len(files) == 1 or (select is not None and _has_sets(file)) else None
-            tensors, top = _read_file(file, shapes=shapes, mmap=mmap, device=device, select=choice)
-            selected = selected or choice is not None
+            tensors, top, chose = _read_file(file, shapes=shapes, mmap=mmap, device=device, select=select,
+                                             optional=len(files) > 1)
+            selected = selected or chose
             flat = flat and top
             for key, value in tensors.items():
                 if key in merged:
@@ -244,16 +248,6 @@ def _read(source: Source, *, shapes: bool, mmap: bool = False, device: str | tor
         raise KeyRuleError([f"checkpoint_keys.weights: {select!r} names a set of weights, and none of the "
                             "checkpoint's files holds more than one; leave it out"])
     return merged, flat and len(files) == 1 and len(origin) == len(merged)
-
-
-def _has_sets(path: Path) -> bool:
-    """Whether a torch file holds several sets of weights (a list's part may; the others then take no choice)."""
-    if path.suffix == ".safetensors":
-        return False
-    try:
-        return len(weight_sets(load_pickled(path, mmap=True))) > 1
-    except Exception:  # noqa: BLE001 - the read that follows reports it
-        return True
 
 
 def read_state_dict(source: Source, mmap: bool = False, device: str | torch.device = "cpu",
