@@ -235,7 +235,7 @@ def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeyp
         prefix, model = build()
         shapes = {f"{prefix}{k}": tuple(v.shape) for k, v in model.state_dict().items()} | extra
     monkeypatch.setattr(recognise, "_read_shapes", lambda path: (dict(shapes), None, None))
-    monkeypatch.setattr(recognise, "describe_file", lambda path: "a state dict")
+    monkeypatch.setattr(recognise, "describe_file", lambda path, *a: "a state dict")
     monkeypatch.setattr(towers, "checkpoint_shapes", lambda path, *a: {k: torch.empty(v, device="meta")
                                                                    for k, v in shapes.items()})
     monkeypatch.setattr(towers, "file_keys", lambda path, *a: set(shapes))

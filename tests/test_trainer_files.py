@@ -73,6 +73,11 @@ def test_timms_train_py_checkpoint_serves_the_set_the_entry_names(timm_run, tmp_
     found = inspect_checkpoint(best)
     assert found.entry["checkpoint_keys"] == {"weights": "state_dict_ema"}
     assert "timm's train.py checkpoint" in found.text() and "argparse.Namespace" not in found.text()
+    assert "the EMA, as timm's own loader serves it" in found.text()
+    torch.save({"student": raw.state_dict(), "teacher": ema.state_dict()}, tmp_path / "two.pth")
+    two = inspect_checkpoint(tmp_path / "two.pth")  # no EMA among the sets: the first, and said to be only that
+    assert two.entry["checkpoint_keys"] == {"weights": "student"}
+    assert "the first set it holds" in two.text() and "the EMA" not in two.text()
     served = assert_served_as_own_forward(ema, _manifest(tmp_path, found.entry), sample_images)
     raw_entry = {**found.entry, "checkpoint_keys": {"weights": "state_dict"}}
     served_raw = assert_served_as_own_forward(raw, _manifest(tmp_path, raw_entry, "raw.yaml"), sample_images)

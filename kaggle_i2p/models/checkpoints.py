@@ -93,7 +93,14 @@ FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_
 
 class WeightSetsError(TowerLoadError):
     """A file holding more than one set of weights (a model and its EMA) read without saying which: never a silent
-    choice."""
+    choice. `preferred`: the set the trainer's own loader serves (`preferred_weights`), which the message proposes."""
+
+    def __init__(self, message: str, preferred: str) -> None:
+        super().__init__(message)
+        self.preferred = preferred
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.preferred)  # picklable, as errors crossing a worker process must be
 
 
 def source_parts(source: Source | list) -> tuple[Path, ...]:
@@ -179,16 +186,22 @@ def choose_weights(obj: object, path: Path, select: str | None) -> Mapping:
                                 f"{', '.join(repr(k) for k in sets) if '' not in sets else 'one flat state dict'}"])
         return sets[select]
     if len(sets) > 1:
+        preferred = preferred_weights(sets)
         raise WeightSetsError(f"{path.name} holds {len(sets)} sets of weights ({', '.join(sets)}); say which the "
-                              f"tower serves with `checkpoint_keys: {{weights: {preferred_weights(sets)}}}`"
-                              + (" (the EMA: timm's loader prefers it)" if preferred_weights(sets) != next(iter(sets))
-                                 else ""))
+                              f"tower serves with `checkpoint_keys: {{weights: {preferred}}}`"
+                              + (" (the EMA: timm's loader prefers it)" if preferred != next(iter(sets)) else ""),
+                              preferred)
     return next(iter(sets.values()))
 
 
 def preferred_weights(sets: Mapping) -> str:
     """The set a trainer's own loader serves by default: an EMA when there is one (timm's `state_dict_ema`)."""
-    return next((k for k in sets if "ema" in k.lower()), next(iter(sets)))
+    return next((k for k in sets if is_ema(k)), next(iter(sets)))
+
+
+def is_ema(key: str) -> bool:
+    """Whether a set of weights, by the key holding it, is an EMA (timm's `state_dict_ema`, our trainer's `ema`)."""
+    return "ema" in key.lower()
 
 
 def _read_file(path: Path, *, shapes: bool, mmap: bool, device: str | torch.device, select: str | None,

@@ -31,9 +31,8 @@ from .checkpoints import (
     TowerLoadError,
     WeightSetsError,
     checkpoint_shapes,
+    is_ema,
     part_file,
-    preferred_weights,
-    source_parts,
     weight_sets,
 )
 from .safe_load import UnsafeFileError, load_pickled, metadata_objects
@@ -168,9 +167,10 @@ def _mlp_guess(shapes: Shapes, parent: str, last: int, embedding_dim: int) -> He
     return HeadGuess(head, first, keys, rename, f"MLP {widths} with {norm} `{parent}`")
 
 
-def describe_file(path: Path) -> str:
+def describe_file(path: Path, top: Any = None) -> str:
     """How the file holds its tensors: flat, inside a wrapper (Lightning's `state_dict`, `{'model': ...}`), or in
-    several sets (timm's train.py: `state_dict` and `state_dict_ema`); a folder by the file it reads."""
+    several sets (timm's train.py: `state_dict` and `state_dict_ema`); a folder by the file it reads. `top`: the
+    file's unpickled top level when it was read already (`_saved`), so it is not read again."""
     if path.is_dir():
         return f"a save_pretrained folder ({part_file(path).name})"
     if path.suffix == ".safetensors":
@@ -182,7 +182,7 @@ def describe_file(path: Path) -> str:
     import torch
 
     try:
-        top = load_pickled(path, mmap=True)
+        top = load_pickled(path, mmap=True) if top is None else top
     except Exception:  # noqa: BLE001 - only for the description; the keys were read already
         return f"a {path.suffix} file"
     if not isinstance(top, Mapping) or all(isinstance(v, torch.Tensor) for v in top.values()):
@@ -201,8 +201,8 @@ def _program_library(path: Path) -> Any:
     return next((lib for lib in LIBRARIES if lib.is_program_file(path)), None) if path.is_file() else None
 
 
-def _describe(parts: tuple[Path, ...]) -> str:
-    return " + ".join(f"{p.name}: {describe_file(p)}" for p in parts)
+def _describe(parts: tuple[Path, ...], saved: Mapping[Path, Any]) -> str:
+    return " + ".join(f"{p.name}: {describe_file(p, saved.get(p))}" for p in parts)
 
 
 def _read_shapes(source: Source, select: str | None = None
@@ -212,19 +212,8 @@ def _read_shapes(source: Source, select: str | None = None
     the trainer's own loader serves (an EMA), named in the entry, never a silent choice."""
     try:
         return {k: tuple(v.shape) for k, v in checkpoint_shapes(source, select).items()}, None, select
-    except WeightSetsError as err:
-        if select is not None:
-            return {}, err, select
-        sets = {}
-        for part in source_parts(source):
-            try:
-                sets = weight_sets(load_pickled(part_file(part), mmap=True)) if part_file(part).suffix != \
-                    ".safetensors" else {}
-            except Exception:  # noqa: BLE001 - the read above said what it could
-                continue
-            if len(sets) > 1:
-                break
-        return _read_shapes(source, preferred_weights(sets)) if len(sets) > 1 else ({}, err, None)
+    except WeightSetsError as err:  # several sets: read the one the trainer's own loader serves
+        return _read_shapes(source, err.preferred) if select is None else ({}, err, select)
     except Exception as err:  # noqa: BLE001 - not a state dict: perhaps a program, which its library recognises
         return {}, err, select
 
@@ -242,28 +231,28 @@ def _unreadable(source: Path, err: Exception | None) -> str:
             "TorchScript file: copy the file again if it was cut short")
 
 
-def _saved(parts: tuple[Path, ...]) -> list[tuple[str, Any]]:
-    """(file name, unpickled top level) of each torch.save file among the parts: the metadata a trainer keeps beside
-    the weights (timm's train.py: its run's arguments), read by the allow-list (nothing of it run)."""
-    saved = []
+def _saved(parts: tuple[Path, ...]) -> dict[Path, Any]:
+    """The unpickled top level of each torch.save file among the parts, by its path: the metadata a trainer keeps
+    beside the weights (timm's train.py: its run's arguments), read by the allow-list (nothing of it run), once."""
+    saved = {}
     for part in parts:
         try:
             path = part_file(part)
             if path.suffix != ".safetensors" and not path.name.endswith(".index.json") \
                     and _program_library(path) is None:
-                saved.append((path.name, load_pickled(path, mmap=True)))
+                saved[path] = load_pickled(path, mmap=True)
         except Exception:  # noqa: BLE001 - a description only; the weights were read (or refused) already
             continue
     return saved
 
 
-def _preprocessing(candidate: Candidate, saved: list[tuple[str, Any]]) -> Candidate:
+def _preprocessing(candidate: Candidate, saved: Mapping[Path, Any]) -> Candidate:
     """The candidate's image fields with what the training file itself says (its trainer's run arguments) over what
     the arch or a config beside it says, and the sources of each."""
     lib = LIBRARIES.get(candidate.entry["library"])
     image, sources = dict(candidate.image), dict(candidate.sources)
-    for name, obj in saved:
-        found, said = lib.saved_preprocessing(obj, name)
+    for path, obj in saved.items():
+        found, said = lib.saved_preprocessing(obj, path.name)
         image, sources = {**image, **found}, {**sources, **said}
     return candidate._replace(image=image, sources=sources)
 
@@ -348,8 +337,9 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
     closest: tuple[int, str, list[str]] | None = None
     chosen: Inspection | None = None
     what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
+    saved = _saved(weights if programs else parts)
+    described = _describe(parts, saved) if shapes else f"{parts[0].name}: a program file"
     try:
-        saved = _saved(weights if programs else parts)
         for candidate, head in _readings(shapes, heads, anchor, library, arch):
             candidate = _preprocessing(candidate, saved)
             entry = _entry(candidate, head, weights if programs else parts, name, select)
@@ -358,7 +348,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
                 continue
             problems, notes = result
             if not problems and chosen is None:
-                chosen = _inspection(entry, candidate, head, notes, parts, shapes, select)
+                chosen = _inspection(entry, candidate, head, notes, described, shapes, select)
             elif not problems and _same_model(chosen.entry, entry) and entry not in chosen.choices:
                 chosen.alternatives.append(entry)
             elif chosen is None and (closest is None or len(problems) < closest[0]):
@@ -375,7 +365,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
         given = f" as {library or 'any library'} {arch or ''}".rstrip() if library or arch else ""
         advice = (f"pass {' and '.join(missing)} (the model the training code built)" if missing else
                   "check that --arch is the model the training code built, and --embedding-dim the head's width")
-        raise InspectError(f"{what} ({_describe(parts)}, {len(shapes)} tensors) matches no reading inspect "
+        raise InspectError(f"{what} ({described}, {len(shapes)} tensors) matches no reading inspect "
                            f"knows{given}; {advice}")
     advice = "pass --arch with the model the training code built" if arch is None else \
         "the file is not that model as built: check --arch, or the head's width (--embedding-dim)"
@@ -390,15 +380,15 @@ def _same_model(first: dict, other: dict) -> bool:
     return all(first.get(k) == other.get(k) for k in keys)
 
 
-def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], parts: tuple[Path, ...],
+def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple[str, ...], described: str,
                 shapes: Shapes, select: str | None) -> Inspection:
-    found = [(_describe(parts) if shapes else f"{parts[0].name}: a program file")
-             + (f", {len(shapes)} tensors" if shapes else ""),
+    found = [described + (f", {len(shapes)} tensors" if shapes else ""),
              candidate.family, f"head: {head.text}" + (" (its layers renamed to ours)" if head.rename else ""),
              *(f"loaded as: {n.removeprefix('read as ')}" for n in notes)]
     if select:
-        found.append(f"weights: `{select}` (checkpoint_keys.weights), the EMA, as timm's own loader serves it; the "
-                     "file holds other sets too: name one of them there to serve it instead")
+        found.append(f"weights: `{select}` (checkpoint_keys.weights), "
+                     + ("the EMA, as timm's own loader serves it" if is_ema(select) else "the first set it holds")
+                     + "; the file holds other sets too: name one of them there to serve it instead")
     image, sources = candidate.image, candidate.sources
     by_source: dict[str, list[str]] = {}
     for key in ("mean", "std", "interpolation", "resize", "crop_pct", "resolutions"):
