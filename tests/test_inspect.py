@@ -236,9 +236,8 @@ def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeyp
         shapes = {f"{prefix}{k}": tuple(v.shape) for k, v in model.state_dict().items()} | extra
     monkeypatch.setattr(recognise, "_read_shapes", lambda path: (dict(shapes), None, None))
     monkeypatch.setattr(recognise, "describe_file", lambda path, *a: "a state dict")
-    monkeypatch.setattr(towers, "checkpoint_shapes", lambda path, *a: {k: torch.empty(v, device="meta")
-                                                                   for k, v in shapes.items()})
-    monkeypatch.setattr(towers, "file_keys", lambda path, *a: set(shapes))
+    monkeypatch.setattr(towers, "checkpoint_shapes_and_keys", lambda path, *a: (
+        {k: torch.empty(v, device="meta") for k, v in shapes.items()}, set(shapes)))
     (tmp_path / "big.pth").write_bytes(b"")
     entry = inspect_checkpoint(tmp_path / "big.pth").entry
     assert (entry["library"], entry["arch"], entry.get("backbone")) == want

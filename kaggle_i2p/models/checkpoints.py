@@ -302,15 +302,16 @@ def source_label(source: Source) -> str:
 def checkpoint_shapes(source: Source, select: str | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's keys (prefixes stripped) with meta tensors of their shapes, read without loading weights:
     the safetensors header, or a memory-mapped torch file; every shard, folder and part of a list."""
-    return strip_prefixes(_read(source, shapes=True, select=select)[0])
+    return checkpoint_shapes_and_keys(source, select)[0]
 
 
-def file_keys(source: Source, select: str | None = None) -> set[str] | None:
-    """The keys a checkpoint holds at its top level, nothing unwrapped or stripped (None when its top level is not a
-    flat state dict: a wrapper such as Lightning's `{'state_dict': ...}`, or several files merged); a sharded
-    checkpoint's, all its shards'."""
+def checkpoint_shapes_and_keys(source: Source, select: str | None = None
+                               ) -> tuple[dict[str, torch.Tensor], set[str] | None]:
+    """`checkpoint_shapes`, and from the same read the keys the checkpoint holds at its top level, nothing unwrapped
+    or stripped (None when its top level is not a flat state dict: a wrapper such as Lightning's
+    `{'state_dict': ...}`, or several files merged); a sharded checkpoint's, all its shards'."""
     tensors, flat = _read(source, shapes=True, select=select)
-    return set(tensors) if flat else None
+    return strip_prefixes(tensors), set(tensors) if flat else None
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -37,8 +37,7 @@ from .checkpoints import (
     WeightSetsError,
     apply_key_rules,
     backbone_layout,
-    checkpoint_shapes,
-    file_keys,
+    checkpoint_shapes_and_keys,
     fit_layout,
     key_diff,
     read_weights,
@@ -235,7 +234,7 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
             _FITS[memo] = CheckpointFit(_no_checkpoint(expected), (), 0, True)
             return _FITS[memo]
         try:
-            shapes = checkpoint_shapes(spec.checkpoint, spec.weights_choice)
+            shapes, top_keys = checkpoint_shapes_and_keys(spec.checkpoint, spec.weights_choice)
             fitted, notes = fit_checkpoint(spec, expected, shapes)
         except KeyRuleError as err:  # a rule that matches nothing or makes two keys one: each is a problem
             _FITS[memo] = CheckpointFit(tuple(err.problems), (), 0, False)
@@ -248,7 +247,7 @@ def checkpoint_fit(spec: NetworkSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM
                     "embedding", *diff]
         _FITS[memo] = CheckpointFit(tuple(_with_fix(diff, expected, fitted)) if diff else (), tuple(notes),
                                     0 if diff else len(shapes) - len(fitted),
-                                    not diff and file_keys(spec.checkpoint, spec.weights_choice) == set(expected),
+                                    not diff and top_keys == set(expected),
                                     suggest_rename(expected, fitted) if diff else None)
     return _FITS[memo]
 
