@@ -31,7 +31,7 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.fileio import file_identity
-from ...core.registry import register_library
+from ...core.registry import LIBRARIES, register_library
 from ..checkpoints import TowerLoadError, checkpoint_sha256, program_format
 from ..safe_load import UnsafeFileError, check_archive, guarded_unpickling
 from .base import Backbone, BackboneLibrary, Candidate, Shapes
@@ -64,14 +64,11 @@ def _fake_run(program: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out.shape)
 
 
-FORMAT_ADVICE = {
-    "export": "it is a torch.export program: use library: export",
-    "torchscript": "it is a TorchScript file: use library: torchscript",
+FORMAT_ADVICE = {  # a file no program library reads, by what `program_format` finds it to be
     "pickle": ("it is a torch.save pickle, which is never unpickled here (it would run code): save the model's "
                "state_dict and serve it with its library (timm, open_clip, transformers), or export it with "
                "torch.export.save"),
     "unknown": "it is not a zip archive as torch.export.save and torch.jit.save write",
-    "onnx": "it is an ONNX graph: use library: onnx",
 }
 
 
@@ -118,6 +115,7 @@ class ProgramLibrary(BackboneLibrary):
     shape_hint: ClassVar[str] = ""
     label: ClassVar[str] = ""  # the format's own name, for messages
     saver: ClassVar[str] = ""  # the call that writes the format, for messages
+    file_kind: ClassVar[str] = ""  # what a file of the format is, for messages ("a TorchScript file")
     _loaded: dict[str, Any]
 
     def __init__(self) -> None:
@@ -164,8 +162,11 @@ class ProgramLibrary(BackboneLibrary):
         """The program read from `path` onto the CPU, no Python object in it unpickled; a file of another format, a
         zip bomb, a pickle that would run code or a damaged archive is one message saying which."""
         if not self.is_format(path):
-            found = "onnx" if path.suffix.lower() == ".onnx" else program_format(path)
-            raise TowerLoadError(f"{path.name} is not a {self.label} file: {FORMAT_ADVICE[found]}")
+            other = next((lib for lib in LIBRARIES if isinstance(lib, ProgramLibrary) and lib.is_program_file(path)),
+                         None)  # the registered library whose format the file is
+            advice = f"it is {other.file_kind}: use library: {other.name}" if other is not None \
+                else FORMAT_ADVICE[program_format(path)]
+            raise TowerLoadError(f"{path.name} is not a {self.label} file: {advice}")
         check_archive(path)
         try:
             with warnings.catch_warnings():
@@ -298,6 +299,7 @@ class ExportLibrary(ProgramLibrary):
     name = "export"
     label = "torch.export"
     saver = "torch.export.save"
+    file_kind = "a torch.export program"
     arch_example = "towers/eva02_l.pt2"
     shape_hint = ("Export it with a dynamic batch and, for other sizes, dynamic height and width: "
                   "torch.export.export(model, (x,), dynamic_shapes={'x': {0: Dim('batch'), 2: 14 * Dim('h'), "
@@ -337,6 +339,7 @@ class TorchScriptLibrary(ProgramLibrary):
     name = "torchscript"
     label = "TorchScript"
     saver = "torch.jit.save"
+    file_kind = "a TorchScript file"
     arch_example = "towers/clip_traced.pt"
     shape_hint = ("A traced program is made for its trace's sizes: trace one per resolution and name them in arch "
                   "with {resolution} (tower_{resolution}.pt), or list only the resolution it was traced at")
@@ -363,7 +366,7 @@ class OnnxProgram:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # onnxruntime's own warnings (unused initializers ...) are not the user's
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        self.device = device
+        self.path, self.device = path, device
         self.input = self.session.get_inputs()[0]
         self.output = self.session.get_outputs()[0]
 
@@ -379,6 +382,7 @@ class OnnxLibrary(ProgramLibrary):
     name = "onnx"
     label = "ONNX"
     saver = "torch.onnx.export"
+    file_kind = "an ONNX graph"
     arch_example = "towers/eva02_l.onnx"
     shape_hint = ("Export it with a dynamic batch and, for other sizes, dynamic height and width: "
                   "torch.onnx.export(model, (x,), 'tower.onnx', input_names=['images'], dynamic_axes={'images': "
@@ -406,9 +410,9 @@ class OnnxLibrary(ProgramLibrary):
     def device_of(self, program: Any) -> torch.device:
         return program.device
 
-    def to_device(self, program: Any, device: torch.device, path: Path) -> Any:
-        self._loaded.pop(file_identity(path), None)
-        return program if program.device == device else OnnxProgram(path, device)
+    def move(self, program: Any, device: torch.device) -> Any:
+        """A session on `device`'s execution provider: an onnxruntime session does not move, a new one is made."""
+        return program if program.device == device else OnnxProgram(program.path, device)
 
     def static_size(self, program: Any) -> tuple[int, int] | None:
         shape = program.input.shape
@@ -421,7 +425,7 @@ class OnnxLibrary(ProgramLibrary):
         """The output shape the graph declares for `shape`, from its inputs and outputs alone (no compute); a graph
         whose output width is not declared runs once on zeros."""
         declared = program.input.shape
-        if len(declared) != 4 or declared[1] not in (3, None) and not isinstance(declared[1], str):
+        if len(declared) != 4 or isinstance(declared[1], int) and declared[1] != 3:
             raise ValueError(f"the graph's input is {declared}, not a (B, 3, H, W) image batch")
         for axis, (want, given) in enumerate(zip(declared, shape, strict=True)):
             if isinstance(want, int) and want != given:
