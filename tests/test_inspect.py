@@ -98,6 +98,21 @@ def test_a_bare_timm_convnext_whose_classifier_is_the_head(tmp_path, sample_dir,
     assert entry["arch"].startswith("convnext_atto") and entry["head"] == {"type": "linear"}
 
 
+def test_a_tower_of_another_width_is_inspected_and_proved_at_that_width(tmp_path, sample_dir):
+    """`--embedding-dim 256` (a target text model other than MiniLM): inspect's entry and --expect's check parse
+    the entry at 256, with no 256-d fallback vector needed (a one-entry parse, not a manifest around it)."""
+    from kaggle_i2p.inference.expect import check_entry, read_images, served_vectors, spec_of
+
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=256).eval()
+    torch.save(model.state_dict(), tmp_path / "cnx256.pth")
+    found = inspect_checkpoint(tmp_path / "cnx256.pth", embedding_dim=256)
+    assert found.entry["arch"].startswith("convnext_atto") and found.entry["head"] == {"type": "linear"}
+    _, pixels = read_images(sample_dir / "images")
+    own = served_vectors(spec_of(found.entry, 256, tmp_path), model, pixels)  # the model's own forward, 256-d
+    reading = check_entry(found.entry, 256, tmp_path, own, pixels)
+    assert own.shape == (7, 256) and reading.passed and reading.cosines.min() >= 0.9999
+
+
 def test_a_whole_open_clip_file_with_its_model_config_beside_it(tmp_path, sample_dir, capsys):
     from kaggle_i2p.models.backbones.open_clip_models import OPEN_CLIP
 

@@ -17,7 +17,6 @@ one view a training notebook's eval transform makes.
 from __future__ import annotations
 
 import itertools
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 
 from ..core.errors import I2PError
-from ..core.fileio import atomic_open, open_npy
-from ..manifest import NetworkSpec, parse_manifest
+from ..core.fileio import open_npy
+from ..manifest import NetworkSpec, parse_entry
 from .images import decode_image, list_images, make_view
 
 EXPECT_COSINE = 0.9999  # every image at least this close: the tower serves the user's model
@@ -91,19 +90,9 @@ def cosines(served: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def _fallback(dim: int) -> Path:
-    """A unit vector file of `dim` floats in the temporary folder (a one-tower manifest needs a fallback)."""
-    path = Path(tempfile.gettempdir()) / f"kaggle_i2p_expect_fallback_{dim}.npy"
-    if not path.is_file():
-        with atomic_open(path, "wb") as handle:
-            np.save(handle, np.full(dim, dim ** -0.5, dtype=np.float32))
-    return path
-
-
 def spec_of(entry: dict, embedding_dim: int, base_dir: Path) -> NetworkSpec:
     """The tower spec of one entry (paths resolved against `base_dir`)."""
-    data = {"embedding_dim": embedding_dim, "fallback": str(_fallback(embedding_dim)), "towers": [entry]}
-    return parse_manifest(data, base_dir / "expect.yaml").towers[0]
+    return parse_entry(entry, embedding_dim, base_dir / "expect.yaml")
 
 
 def served_vectors(spec: NetworkSpec, tower: torch.nn.Module, pixels: list[torch.Tensor],

@@ -21,6 +21,7 @@ from .parse import (
     load_fallback,
     load_manifest,
     parse_dim_weights,
+    parse_entry,
     parse_image,
     parse_manifest,
     parse_network,
@@ -81,7 +82,7 @@ __all__ = [
     "KeyRules", "Manifest", "ManifestError", "NetworkSpec", "ParseContext", "Precision", "TowerKind", "TowerSpec",
     "TrainPrecision", "View",
     "as_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict", "kind_of", "load_fallback",
-    "load_manifest", "parse_dim_weights", "parse_image", "parse_manifest", "parse_network", "parse_tower",
-    "parse_weight", "path_text", "rebase_manifest_paths", "register_named_manifest", "resolve_manifest",
+    "load_manifest", "parse_dim_weights", "parse_entry", "parse_image", "parse_manifest", "parse_network",
+    "parse_tower", "parse_weight", "path_text", "rebase_manifest_paths", "register_named_manifest", "resolve_manifest",
     "save_manifest", "tower_label", "write_manifest",
 ]

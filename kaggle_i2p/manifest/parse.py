@@ -381,6 +381,17 @@ def parse_tower(raw: Any, index: int, ctx: ParseContext, label: str | None = Non
     return spec if named else None
 
 
+def parse_entry(entry: Any, embedding_dim: int, path: str | Path, check_files: bool = True) -> TowerSpec:
+    """One tower entry parsed alone, as `towers[0]` of a manifest at `path` (paths resolve beside it): how inspect
+    and --expect check the entries they propose, with no fallback vector or other tower needed (so at any
+    embedding_dim); a tower reading others' outputs is left unresolved. ManifestError on any problem."""
+    problems = Problems()
+    spec = parse_tower(entry, 0, ParseContext(Path(path).resolve().parent, problems, check_files, embedding_dim))
+    if spec is None or problems.items:
+        raise ManifestError(path, problems.items)
+    return spec
+
+
 def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
     """Load the fallback vector (.npy), check it, and return it L2-normalised as float32."""
     vec = np.load(path, allow_pickle=False)

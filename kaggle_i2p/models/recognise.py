@@ -23,8 +23,7 @@ import yaml
 
 from ..core.errors import I2PError
 from ..core.registry import LIBRARIES
-from ..core.resources import PRIOR_PATH
-from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_manifest
+from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_entry, parse_manifest
 from .backbones.base import Candidate, Shapes
 from .checkpoints import (
     Source,
@@ -277,14 +276,13 @@ def _fit(entry: dict, embedding_dim: int, folder: Path) -> tuple[tuple[str, ...]
     """(problems, notes) of the file against one whole entry; None when the entry itself does not parse. When one
     prefix rename makes the file fit (a module saved under another name: `vision.` for `vision_model.`), the rename
     goes into the entry's `checkpoint_keys` and the entry is checked again with it."""
-    data = {"embedding_dim": embedding_dim, "fallback": str(PRIOR_PATH), "towers": [entry]}
     try:
-        spec = parse_manifest(data, folder / "inspect.yaml").towers[0]
+        spec = parse_entry(entry, embedding_dim, folder / "inspect.yaml")
         fit = checkpoint_fit(spec, embedding_dim)
         if fit.problems and fit.rename and not (entry.get("checkpoint_keys") or {}).get("rename"):
             rules = {**(entry.get("checkpoint_keys") or {}), "rename": dict(fit.rename)}
-            renamed = {**data, "towers": [{**entry, "checkpoint_keys": rules}]}
-            again = checkpoint_fit(parse_manifest(renamed, folder / "inspect.yaml").towers[0], embedding_dim)
+            renamed = {**entry, "checkpoint_keys": rules}
+            again = checkpoint_fit(parse_entry(renamed, embedding_dim, folder / "inspect.yaml"), embedding_dim)
             if not again.problems:
                 entry["checkpoint_keys"] = rules
                 ((old, new),) = fit.rename.items()
