@@ -25,6 +25,7 @@ setup(
         "numpy",
         "pillow",
         "PyYAML",
+        "ruamel.yaml>=0.18",  # rewrites a user's manifest (inspect --append, tune --out) with its comments kept
         "pandas",
         "tqdm",
         "safetensors",

@@ -194,6 +194,27 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_init(sub: argparse._SubParsersAction) -> None:
+    init = sub.add_parser("init", help="start a manifest with no towers (add them with inspect --append), its "
+                                       "fallback the package's mean prompt embedding copied beside it")
+    init.add_argument("path", type=Path, nargs="?", default=Path(DEFAULT_MANIFEST),
+                      help="the manifest to write, a new file (default: %(default)s)")
+    init.add_argument("--embedding-dim", type=_whole_number(1), default=384,
+                      help="the target width (default: %(default)s, all-MiniLM-L6-v2)")
+    init.add_argument("--fallback", type=Path, default=None, metavar="NPY",
+                      help="your own fallback vector (default: the package's, copied beside the manifest)")
+    init.set_defaults(func=_cmd_init)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .manifest import init_manifest
+
+    _, written = init_manifest(args.path, embedding_dim=args.embedding_dim, fallback=args.fallback)
+    print(f"wrote {', '.join(str(p) for p in written)}\n"
+          f"next: kaggle-i2p inspect CHECKPOINT --append {args.path}   (once per tower you trained)")
+    return 0
+
+
 def _parser_validate(sub: argparse._SubParsersAction) -> None:
     validate = sub.add_parser("validate-manifest", help="check a manifest without loading any weights")
     validate.add_argument("path", type=Path)
@@ -249,7 +270,8 @@ def _parser_inspect(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--name", default=None, help="the tower's name (default: the file's stem)")
     inspect.add_argument("--embedding-dim", type=_whole_number(1), default=384, help="the head's output width")
     inspect.add_argument("--append", type=Path, default=None, metavar="MANIFEST",
-                         help="add the entry to this manifest (validated with --deep first, written atomically)")
+                         help="add the entry to this manifest (validated with --deep first, written atomically, its "
+                              "comments kept; started as `init` does when it does not exist)")
     _add_expect_options(inspect, "try every reading the keys cannot tell apart, and every preprocessing nothing "
                                  "beside the file says, and keep the one that matches")
     inspect.set_defaults(func=_cmd_inspect)
@@ -269,7 +291,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .core.fileio import check_writable_file
     from .models.recognise import append_entry, inspect_checkpoint
 
-    if args.append is not None and args.append.exists():
+    if args.append is not None:
         check_writable_file(args.append)  # a read-only manifest is refused before the checkpoint is read
     found = inspect_checkpoint(args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0],
                                embedding_dim=args.embedding_dim, library=args.library,
@@ -291,8 +313,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(found.text(), end="")
     if args.append is not None:
-        append_entry(found, args.append)
-        print(f"# added tower {found.entry['name']!r} to {args.append}; `kaggle-i2p validate-manifest --deep` passes")
+        started = append_entry(found, args.append, args.embedding_dim)
+        print(f"# {'started ' + str(args.append) + ' (kaggle-i2p init) and ' if started else ''}added tower "
+              f"{found.entry['name']!r} to {args.append}; `kaggle-i2p validate-manifest --deep` passes")
     return 0
 
 
@@ -533,9 +556,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_parser_predict, _parser_validate, _parser_inspect, _parser_convert, _parser_dry_run, _parser_plan,
-            _parser_evaluate, _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels, _parser_train,
-            _parser_export)
+COMMANDS = (_parser_predict, _parser_init, _parser_validate, _parser_inspect, _parser_convert, _parser_dry_run,
+            _parser_plan, _parser_evaluate, _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels,
+            _parser_train, _parser_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -256,3 +256,17 @@ def test_the_winners_towers_are_recognised_at_their_real_sizes(tmp_path, monkeyp
     (tmp_path / "big.pth").write_bytes(b"")
     entry = inspect_checkpoint(tmp_path / "big.pth").entry
     assert (entry["library"], entry["arch"], entry.get("backbone")) == want
+
+
+def test_a_timm_model_outside_the_recognised_families_is_read_when_arch_names_it(tmp_path, sample_dir, capsys):
+    """A ResNet saved whole by timm's own code (its `fc` the 384-d head): its keys name no family inspect knows by
+    them, so --arch names it; the named model is built and kept because the file has its keys and shapes."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=384).eval()
+    torch.save(model.state_dict(), tmp_path / "resnet.pth")
+    assert main(["inspect", str(tmp_path / "resnet.pth")]) == 2  # without --arch: one message, what to pass
+    assert "Traceback" not in capsys.readouterr().err
+    entry = _served(tmp_path, tmp_path / "resnet.pth", sample_dir, model, capsys, "--arch", "resnet10t")
+    assert entry["arch"] == "resnet10t" and entry["head"] == {"type": "linear"} and "backbone" not in entry
+    assert main(["inspect", str(tmp_path / "resnet.pth"), "--arch", "vit_tiny_patch16_224"]) == 2  # not this file
+    assert "matches no reading" in capsys.readouterr().err

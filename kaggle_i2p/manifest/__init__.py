@@ -54,7 +54,7 @@ from .schema import (
     kind_of,
     tower_label,
 )
-from .write import rebase_manifest_paths, save_manifest, write_manifest
+from .write import edit_manifest, init_manifest, rebase_manifest_paths, save_manifest, write_manifest
 
 # The built-in kinds' names, as this module always offered them (`from kaggle_i2p.manifest import RegressorSpec`).
 _FROM_KINDS = {
@@ -81,7 +81,8 @@ __all__ = [
     "MIN_RESOLUTION", "NAMED_MANIFESTS", "PRECISIONS", "RESIZE_MODES", "TOP_KEYS", "TRAIN_PRECISIONS", "ImageSpec",
     "KeyRules", "Manifest", "ManifestError", "NetworkSpec", "ParseContext", "Precision", "TowerKind", "TowerSpec",
     "TrainPrecision", "View",
-    "as_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict", "kind_of", "load_fallback",
+    "as_manifest", "edit_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict", "init_manifest",
+    "kind_of", "load_fallback",
     "load_manifest", "parse_dim_weights", "parse_entry", "parse_image", "parse_manifest", "parse_network",
     "parse_tower", "parse_weight", "path_text", "rebase_manifest_paths", "register_named_manifest", "resolve_manifest",
     "save_manifest", "tower_label", "write_manifest",

@@ -406,8 +406,10 @@ def load_fallback(path: Path, embedding_dim: int) -> np.ndarray:
     return (vec / norm).astype(np.float32)
 
 
-def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Manifest:
-    """Validate an already-parsed manifest mapping; `path` anchors relative paths and names the file in errors."""
+def parse_manifest(data: Any, path: str | Path, check_files: bool = True, *, allow_empty: bool = False) -> Manifest:
+    """Validate an already-parsed manifest mapping; `path` anchors relative paths and names the file in errors.
+    `allow_empty`: a manifest with no towers yet (what `init` writes) is valid to hold and to add towers to; a run
+    needs at least one."""
     path = Path(path)
     base_dir = path.resolve().parent
     problems = Problems()
@@ -433,8 +435,9 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True) -> Man
                 problems.add("fallback", f"{fallback_path} {err}")
 
     towers_raw = data.get("towers")
-    if not isinstance(towers_raw, list) or not towers_raw:
-        problems.add("towers", "must be a non-empty list of towers")
+    if not isinstance(towers_raw, list) or not (towers_raw or allow_empty):
+        problems.add("towers", "must be a non-empty list of towers; add one with `kaggle-i2p inspect CHECKPOINT "
+                               f"--append {path}`")
         towers_raw = []
     ctx = ParseContext(base_dir, problems, check_files, embedding_dim)
     clean = [(index, spec) for index, raw in enumerate(towers_raw)

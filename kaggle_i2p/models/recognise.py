@@ -23,7 +23,7 @@ import yaml
 
 from ..core.errors import I2PError
 from ..core.registry import LIBRARIES
-from ..manifest import DEFAULT_EMBEDDING_DIM, ManifestError, parse_entry, parse_manifest
+from ..manifest import DEFAULT_EMBEDDING_DIM, parse_entry
 from .backbones.base import Candidate, Shapes
 from .checkpoints import (
     Source,
@@ -409,23 +409,21 @@ def _inspection(entry: dict, candidate: Candidate, head: HeadGuess, notes: tuple
     return Inspection(entry, found, ask, [], dict(sources))
 
 
-def append_entry(inspection: Inspection, manifest: str | Path) -> Path:
-    """The entry added to a manifest file (its paths relative to the manifest's folder), written atomically after the
-    whole manifest, the new tower included, passes `validate-manifest --deep`."""
+def append_entry(inspection: Inspection, manifest: str | Path, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> bool:
+    """Add the entry to a manifest file (its paths relative to the manifest's folder), written atomically after the
+    whole manifest, the new tower included, passes `validate-manifest --deep`; the file's comments and formatting are
+    kept. A manifest that does not exist yet is started first (`init`, at `embedding_dim`). Returns whether it was
+    started."""
     import os
 
     from ..core.fileio import check_writable_file
-    from ..core.validate import read_yaml
-    from ..manifest.write import write_manifest
+    from ..manifest.write import append_tower, edit_manifest, init_manifest
 
     path = Path(manifest)
-    data = read_yaml(path, ManifestError, "manifest file not found", "; pass an existing manifest to --append")
+    started = not path.exists()
+    if started:
+        init_manifest(path, embedding_dim=embedding_dim)
     check_writable_file(path)  # a read-only manifest is refused before anything is checked or written
-    if not isinstance(data, dict) or not isinstance(data.get("towers"), list):
-        raise InspectError(f"{path}: not a manifest (a mapping with a towers list)")
-    names = {t.get("name") for t in data["towers"] if isinstance(t, Mapping)}
-    if inspection.entry["name"] in names:
-        raise InspectError(f"{path}: already has a tower named {inspection.entry['name']!r}; pass --name")
     entry = dict(inspection.entry)
     folder = path.resolve().parent
 
@@ -437,8 +435,17 @@ def append_entry(inspection: Inspection, manifest: str | Path) -> Path:
             entry[key] = relative(entry[key])
         elif isinstance(entry.get(key), list):
             entry[key] = [relative(v) for v in entry[key]]
-    candidate = {**data, "towers": [*data["towers"], entry]}
-    checked = parse_manifest(candidate, path)
-    validate_manifest(checked, deep=True)
-    write_manifest(candidate, path)
-    return path
+
+    def add(data: Any) -> None:
+        names = {t.get("name") for t in data["towers"] if isinstance(t, Mapping)}
+        if entry["name"] in names:
+            raise InspectError(f"{path}: already has a tower named {entry['name']!r}; pass --name")
+        append_tower(data, entry)
+
+    try:
+        edit_manifest(path, add, check=lambda checked: validate_manifest(checked, deep=True))
+    except BaseException:
+        if started:  # the manifest this call started goes with the tower it could not add
+            path.unlink(missing_ok=True)
+        raise
+    return started

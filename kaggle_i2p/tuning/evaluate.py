@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,9 +18,9 @@ import pandas as pd
 from ..core.ensemble import VIEWS_DISAGREE, l2_normalize, mean_cosine, unusable_rows, view_agreement
 from ..core.errors import I2PError, InputFileError
 from ..core.fileio import atomic_open, first_undecodable, open_npy
-from ..core.validate import load_yaml_text
 from ..inference.predict import PredictionRun
-from ..manifest import Manifest, rebase_manifest_paths, write_manifest
+from ..manifest import Manifest, edit_manifest, rebase_manifest_paths
+from ..manifest.write import as_written
 from .folds import kfold_numbers
 from .tune import apply_weights, tune_dim_weights, tune_weights
 
@@ -285,25 +286,28 @@ def report_mode(per_view: bool, per_dim: bool) -> str:
 
 def write_tuned_manifest(source: str | Path, out: str | Path, report: TuningReport, fitted: dict) -> Path:
     """Copy the manifest with the tuned weights (and view or per-dimension weights), every path rebased to the new
-    folder; validated before it is written, then written atomically."""
+    folder and the source's comments and formatting kept; validated before it is written, then written atomically."""
     source, out = Path(source), Path(out)
     if out.is_dir():
         raise TargetError(f"--out {out} is a folder; give the tuned manifest's file path, e.g. {out / 'tuned.yaml'}")
-    data = rebase_manifest_paths(load_yaml_text(source.read_text(encoding="utf-8")), source.resolve().parent,
-                                 out.resolve().parent)
-    for tower in data["towers"]:
-        name = tower["name"]
-        if name not in report.weights:
-            continue
-        tower["weight"] = round(float(report.weights[name]), 8)
-        if report.view_weights and "image" in tower:  # a tower without views has no image section
-            tower["image"]["view_weights"] = {v: round(float(w), 8) for v, w in report.view_weights[name].items()}
-        if report.mode == "per_dim":
-            vector = np.asarray(fitted[name], dtype=np.float32)
-            mean = float(vector.mean())
-            path = out.with_name(f"{out.stem}.{name}.dim_weights.npy")
-            with atomic_open(path, "wb") as handle:
-                np.save(handle, vector / mean if mean > 0 else np.ones_like(vector))
-            tower["dim_weights"] = path.name
-    write_manifest(data, out)  # validated as read from where it is written, then written atomically
+
+    def tuned(data: Any) -> None:
+        rebase_manifest_paths(data, source.resolve().parent, out.resolve().parent)
+        for tower in data["towers"]:
+            name = tower["name"]
+            if name not in report.weights:
+                continue
+            tower["weight"] = round(float(report.weights[name]), 8)
+            if report.view_weights and "image" in tower:  # a tower without views has no image section
+                tower["image"]["view_weights"] = as_written(
+                    {v: round(float(w), 8) for v, w in report.view_weights[name].items()})
+            if report.mode == "per_dim":
+                vector = np.asarray(fitted[name], dtype=np.float32)
+                mean = float(vector.mean())
+                path = out.with_name(f"{out.stem}.{name}.dim_weights.npy")
+                with atomic_open(path, "wb") as handle:  # beside the manifest, before the manifest naming it is checked
+                    np.save(handle, vector / mean if mean > 0 else np.ones_like(vector))
+                tower["dim_weights"] = path.name
+
+    edit_manifest(source, tuned, out)  # validated as read from where it is written, then written atomically
     return out

@@ -327,7 +327,10 @@ def _configs(source: Path, arch: str | None) -> Iterator[tuple[str, dict]]:
     import open_clip
 
     if arch is not None:
-        yield arch, open_clip_config(arch)
+        try:
+            yield arch, open_clip_config(arch)
+        except ValueError:  # not an open_clip name (a timm arch given with --arch): another library's reading
+            pass
         return
     for path in sorted(source.parent.glob("*.json")):
         try:

@@ -200,6 +200,8 @@ class TimmLibrary(BackboneLibrary):
         then its pooling, final norm and logits as the head's width and the file's keys say."""
         found = _signature(shapes)
         if found is None:
+            if arch is not None:  # any other timm model (a ResNet, an EfficientNet) when --arch names it
+                yield from _named(shapes, head_in, arch)
             return
         family, prefix, width, depth = found
         backbone = under_prefix(shapes, prefix)
@@ -300,6 +302,26 @@ def _match(name: str, family: str, signature: tuple, depth: object
     return name, kwargs, model, None, differ
 
 
+def _named(shapes: Shapes, head_in: int | None, arch: str) -> Iterator[Candidate]:
+    """The readings of a timm model outside the families inspect recognises by their keys, named by --arch: built on
+    the meta device and kept when the file has its keys and shapes (under any prefix), a few aside at most."""
+    try:
+        with torch.device("meta"):
+            model = _create(arch, {"pretrained": False, "num_classes": 0})
+    except Exception:  # noqa: BLE001 - not a timm name (another library's arch)
+        return
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = key_prefix(shapes, next(iter(keys))) if keys else None
+    if prefix is None:
+        return
+    backbone = under_prefix(shapes, prefix)
+    differ = sorted(k for k, v in keys.items() if backbone.get(k) != v)
+    if len(differ) > max(3, len(keys) // 10):
+        return
+    same = [f"the file lacks or reshapes {len(differ)} of {arch}'s keys: {', '.join(differ[:4])}"] if differ else []
+    yield from _readings(arch, {}, model, None, type(model).__name__, backbone, prefix, head_in, same)
+
+
 def _depth(keys: Shapes, family: str) -> object:
     if family == "ViT":
         blocks = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -347,17 +369,19 @@ def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, fam
     image, sources = eval_transform(cfg, f"timm's pretrained_cfg of {name}")
     image["resolutions"] = [size]
     grid = f", grid {size // int(model.patch_embed.patch_size[0])}" if "pos_embed" in backbone else ""
-    depth = _depth(backbone, family)
+    blocks = ""
+    if family in ("ViT", "ConvNeXt", "Swin"):  # the families known by their keys; another is named by --arch
+        depth = _depth(backbone, family)
+        blocks = f", {depth} {'blocks' if isinstance(depth, int) else 'blocks per stage'}"
     family = "EVA" if name.startswith("eva") else family
-    text = (f"timm {family} {name}{' ' + str(kwargs) if kwargs else ''}, width {width}, "
-            f"{depth} {'blocks' if isinstance(depth, int) else 'blocks per stage'}{grid} ({size} px)"
+    text = (f"timm {family} {name}{' ' + str(kwargs) if kwargs else ''}, width {width}{blocks}{grid} ({size} px)"
             + (f", under `{prefix}`" if prefix else ""))
     if same and same[0].startswith("the file lacks"):
         notes: tuple[str, ...] = tuple(same)
     else:
         notes = (f"also the same keys: {', '.join(same[:4])} (what keys cannot show may differ: a _quickgelu "
                  "variant's activation, an _rms variant's norm; pass --arch to choose)",) if same else ()
-    default_pool = getattr(model, "global_pool", None)  # a pool equal to the model's own default reads as `{}`
+    default_pool = _pool_type(model)  # a pool equal to the model's own default reads as `{}`
     others = [p for p in ("avg", "token") if p != default_pool] if hasattr(model, "num_prefix_tokens") else ["avg"]
     pools = [{}] if "global_pool" in fixed or "num_classes" in fixed else [
         {}, *({"global_pool": p} for p in others if p != default_pool)]
@@ -365,10 +389,23 @@ def _readings(name: str, kwargs: dict, model: nn.Module, native: int | None, fam
         # a ViT pooled by the mean takes its norm after the pooling (fc_norm) unless built with fc_norm=False, when
         # the norm runs before it as for the class token: one LayerNorm either way, which keys cannot tell apart
         pools.append({"global_pool": "avg", "model_kwargs": {**kwargs, "fc_norm": False}})
+    has_norm = any(k.startswith(FINAL_NORMS) for k in model.state_dict())  # a ResNet has no final norm to drop
     for pool in pools:
-        for norm in ({}, {"final_norm": False}):
+        for norm in ({}, {"final_norm": False}) if has_norm else ({},):
             chosen = {**options, **fixed, **pool, **norm}
             yield Candidate({**base, **({"backbone": chosen} if chosen else {})}, text, image, notes, sources)
+
+
+def _pool_type(model: nn.Module) -> str | None:
+    """The model's own global pooling by timm's name ('avg', 'token', ...): a ViT keeps it as a string, a CNN as its
+    pooling module (on the model, or on its head as in ConvNeXt)."""
+    for owner in (model, getattr(model, "head", None)):
+        pool = getattr(owner, "global_pool", None)
+        if isinstance(pool, str):
+            return pool
+        if isinstance(getattr(pool, "pool_type", None), str):
+            return pool.pool_type
+    return None
 
 
 def _train_args(saved: Any) -> dict | None:
