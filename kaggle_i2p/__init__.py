@@ -21,7 +21,7 @@ _LAZY = {"PredictionRun": "inference.predict", "RunSummary": "inference.predict"
          "predict_embeddings": "inference.predict", "run_prediction": "inference.predict",
          "RunOptions": "inference.options", "Manifest": "manifest", "ManifestError": "manifest",
          "load_manifest": "manifest", "register_named_manifest": "manifest", "register_kind": "core.registry",
-         "register_library": "core.registry"}
+         "register_library": "core.registry", "evaluate_dir": "tuning.report"}
 _SUBPACKAGES = {"core", "manifest", "models", "bank", "kinds", "inference", "tuning", "packaging", "dataset", "train",
                 "demo", "cli", "testing"}
 
@@ -52,6 +52,7 @@ __all__ = [
     "RunOptions",
     "RunSummary",
     "__version__",
+    "evaluate_dir",
     "load_manifest",
     "predict_dir",
     "predict_embeddings",

@@ -133,6 +133,10 @@ def _labelled_parser(sub: argparse._SubParsersAction, name: str, help_text: str)
     command.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE),
                          help="prediction cache (default: %(default)s); reruns compute only what is missing")
     command.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    command.add_argument("--report", type=Path, default=None, metavar="DIR",
+                         help="also write a page to look at: DIR/index.html and its charts (per tower x view, per "
+                              "image against the prior, the towers' correlation, tuning per fold, the worst images); "
+                              "needs matplotlib")
     _add_run_options(command)
     _add_verify_images(command)
     return command
@@ -144,6 +148,10 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     from .inference.predict import execute, prepare_run
     from .tuning.evaluate import fold_numbers, load_targets
 
+    if args.report is not None:
+        from .tuning.report import check_report_folder
+
+        check_report_folder(args.report)  # matplotlib and the folder, before the compute like every output
     options = _run_options(args)
     setup = prepare_run(args.image_dir, args.manifest, options, include_zero_weight=True)
     ids = list(setup.listing.ids)
@@ -151,7 +159,21 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
                            embedding_dim=setup.manifest.embedding_dim)
     folds = fold_numbers(ids, args.folds, prompts_csv=args.prompts) if check_folds else None
     run = execute(setup, options.progress)
-    return setup.manifest, run, targets, folds
+    paths = dict(zip(setup.listing.ids, setup.listing.paths, strict=True))  # the report's worst images
+    return setup.manifest, run, targets, folds, paths
+
+
+def _write_report(args: argparse.Namespace, labelled: tuple, evaluation, tuning=None) -> None:
+    """The --report page, after the text report (which it never replaces); its path printed."""
+    if args.report is None:
+        return
+    from .tuning.evaluate import read_prompts
+    from .tuning.report import build_report
+
+    manifest, run, targets, _, paths = labelled
+    prompts = read_prompts(args.prompts)["prompt"].astype(str).to_dict() if args.prompts else None
+    page = build_report(run, manifest, targets, evaluation, tuning, prompts, paths).write(args.report)
+    print(f"wrote {page}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _parser_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -162,9 +184,11 @@ def _parser_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .tuning.evaluate import evaluate_run
 
-    manifest, run, targets, _ = _labelled_run(args)
+    labelled = _labelled_run(args)
+    manifest, run, targets, _, _ = labelled
     report = evaluate_run(run, manifest, targets)
-    print(report.to_json() if args.json else report)
+    print(report.to_json() if args.json else report, flush=True)
+    _write_report(args, labelled, report)
     return 0
 
 
@@ -182,15 +206,17 @@ def _parser_tune(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .core.fileio import check_writable_file
-    from .tuning.evaluate import tune_run, write_tuned_manifest
+    from .tuning.evaluate import evaluate_run, tune_run, write_tuned_manifest
 
     check_writable_file(args.out)  # before the compute, like every output
-    manifest, run, targets, folds = _labelled_run(args, check_folds=True)
+    labelled = _labelled_run(args, check_folds=True)
+    manifest, run, targets, folds, _ = labelled
     report, fitted = tune_run(run, manifest, targets, folds, per_view=args.per_view, per_dim=args.per_dim)
     print(report.to_json() if args.json else report, flush=True)  # the report first: it survives a failed write
     written = write_tuned_manifest(manifest.path, args.out, report, fitted)
     if not args.json:
         print(f"wrote {written}")
+    _write_report(args, labelled, evaluate_run(run, manifest, targets), report)
     return 0
 
 
@@ -602,6 +628,9 @@ def _os_error_message(err: OSError) -> str:
     return f"{what}:{where}" if where else what
 
 
+SAYS_STEPS = ("inspect", "validate-manifest", "plan")  # commands whose towers load before any bar: one line a step
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kaggle-i2p`: every user error is one clear message and exit 2, Ctrl-C one line and 130 (also
     while the command's parser and modules load)."""
@@ -614,7 +643,15 @@ def main(argv: list[str] | None = None) -> int:
                 stream.reconfigure(errors="backslashreplace")
         args = build_parser().parse_args(argv)
         command = args.command
-        return args.func(args)
+        if command not in SAYS_STEPS:
+            return args.func(args)
+        from .core import progress
+
+        progress.enable(not getattr(args, "quiet", False))
+        try:
+            return args.func(args)
+        finally:
+            progress.enable(False)  # a library call made after the command (a test, a notebook) stays silent
     except I2PError as err:
         print(f"kaggle-i2p {command}: error: {err}", file=sys.stderr)
     except OSError as err:

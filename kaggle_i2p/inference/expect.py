@@ -26,6 +26,7 @@ import torch
 
 from ..core.errors import I2PError
 from ..core.fileio import open_npy
+from ..core.progress import say
 from ..manifest import NetworkSpec, parse_entry
 from .images import decode_image, list_images, make_view
 
@@ -165,7 +166,8 @@ def choose_reading(choices: Sequence[dict], sources: dict, embedding_dim: int, b
 
     tried: list[Reading] = []
     loaded = []
-    for entry in choices:
+    for number, entry in enumerate(choices, 1):
+        say(f"--expect: serving reading {number}/{len(choices)} ({describe(entry)}) on {len(pixels)} images")
         spec = spec_of(entry, embedding_dim, base_dir)
         tower = load_tower(spec, embedding_dim, device)
         reading = Reading(entry, cosines(served_vectors(spec, tower, pixels, device), vectors), describe(entry))
@@ -174,6 +176,8 @@ def choose_reading(choices: Sequence[dict], sources: dict, embedding_dim: int, b
         if reading.passed:
             return ExpectResult(reading, tried)
     best, tower = max(loaded, key=lambda item: item[0].cosines.mean())
+    say(f"--expect: no reading matches as proposed; trying the preprocessing nothing beside the file said on "
+        f"{best.label}")
     for image in _preprocessing_variants(best.entry["image"], sources):
         entry = {**best.entry, "image": image}
         spec = spec_of(entry, embedding_dim, base_dir)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..core.errors import OptionError
+from ..core.progress import say
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, kind_of
 from .options import RunOptions
@@ -219,9 +220,9 @@ def load_runners_timed(manifest: Manifest, device: torch.device, precision: str 
     from .runner import TowerRunner
 
     runners, startup, notes = [], 0.0, []
-    for spec in manifest.running_towers:
-        if not isinstance(spec, NetworkSpec):
-            continue
+    networks = [spec for spec in manifest.running_towers if isinstance(spec, NetworkSpec)]
+    for number, spec in enumerate(networks, 1):
+        say(f"plan: loading tower {spec.name!r} ({number}/{len(networks)}) on {device}")
         started = clock()
         if spec.checkpoint is not None and all(p.exists() for p in source_parts(spec.checkpoint)):
             tower = load_tower(spec, manifest.embedding_dim, device)
@@ -245,6 +246,8 @@ def time_views(runner, pixels: torch.Tensor, repeats: int, shares: dict[tuple[st
                clock: Clock = time.perf_counter) -> list[ViewTiming]:
     """Step 2 for one tower: each view on `pixels` (a uint8 batch on the device), first batch apart."""
     timings = []
+    say(f"plan: timing tower {runner.spec.name!r}: {len(runner.spec.views)} view(s), {repeats} batches of "
+        f"{len(pixels)} each")
     with torch.inference_mode():
         for view in runner.spec.views:
             _synchronize(runner.device)

@@ -107,6 +107,13 @@ class PredictionRun:
     texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # caption tower -> view -> text per image
 
 
+def progress_label(setup: RunSetup) -> str:
+    """The progress bar's label, counting towers as the run's summary line does (a constant tower, a prior, is one)."""
+    towers = len(setup.active)
+    constant = towers - len(setup.with_network)
+    return f"{towers} tower{'s' if towers != 1 else ''}" + (f" ({constant} constant)" if constant else "")
+
+
 @dataclass
 class RunSetup:
     """Step 1's result: everything a run needs, checked, with no weights loaded yet."""
@@ -407,8 +414,7 @@ def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cac
                           pin_memory=setup.device.type == "cuda", batches=[planned.rows for planned in plan])
     batches = iter(loader)  # the decoding workers start now
     loading = _Background(load_runners, setup, plan)
-    bar = tqdm(total=setup.n_images, initial=n_cached, desc=f"{len(setup.with_network)} tower(s)", unit="img",
-               disable=not progress)
+    bar = tqdm(total=setup.n_images, initial=n_cached, desc=progress_label(setup), unit="img", disable=not progress)
     try:
         with torch.inference_mode(), _logging_above_bars(progress):
             for planned, batch in zip(plan, batches, strict=True):

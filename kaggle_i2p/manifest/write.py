@@ -181,7 +181,7 @@ def append_tower(data: Any, entry: Mapping) -> None:
 INIT_TEMPLATE = """\
 # A kaggle_i2p manifest: the towers a run ensembles (docs/manifest.md). Add a tower you trained with
 #   kaggle-i2p inspect CHECKPOINT --append {name}
-# then check it with `kaggle-i2p validate-manifest --deep {name}`, and time it with `kaggle-i2p plan {name}`.
+# then check it with `kaggle-i2p validate-manifest --deep {name}`, and time it with `kaggle-i2p plan --manifest {name}`.
 embedding_dim: {dim}
 fallback: {fallback}   # written for an image no tower can read: {what}
 towers: []

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import I2PError
+from ..core.progress import say
 from ..core.registry import LIBRARIES
 from ..manifest import DEFAULT_EMBEDDING_DIM, parse_entry
 from .backbones.base import Candidate, Shapes
@@ -324,6 +325,7 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
                            "program and, if it has one, its head's file)")
     weights = tuple(p for p in parts if p not in programs)  # a program's head, in a file of its own, is its weights
     source = (weights[0] if len(weights) == 1 else weights) if weights else parts[0]
+    say(f"inspect: reading the keys and shapes of {' + '.join(p.name for p in parts)}")
     shapes, unread, select = _read_shapes(source) if weights or not programs else ({}, None, None)
     try:
         anchor = programs[0] if programs else part_file(parts[0])  # the file whose folder holds its configs
@@ -337,8 +339,13 @@ def inspect_checkpoint(path: str | Path | list, *, embedding_dim: int = DEFAULT_
     what = parts[0].name if len(parts) == 1 else " + ".join(p.name for p in parts)
     saved = _saved(weights if programs else parts)
     described = _describe(parts, saved) if shapes else f"{parts[0].name}: a program file"
+    say(f"inspect: {len(shapes)} tensors, {len(heads)} head(s) found; asking "
+        f"{library or ', '.join(LIBRARIES.names())} for the readings they fit")
     try:
         for candidate, head in _readings(shapes, heads, anchor, library, arch):
+            say(f"inspect: trying {candidate.entry.get('library')} {candidate.entry.get('arch')}"
+                f"{' ' + str(candidate.entry['backbone']) if candidate.entry.get('backbone') else ''}, head "
+                f"{head.text}")
             candidate = _preprocessing(candidate, saved)
             entry = _entry(candidate, head, weights if programs else parts, name, select)
             result = _fit(entry, embedding_dim, anchor.parent)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.errors import EntryFieldError, I2PError
+from ..core.progress import say, size_text
 from ..manifest import (
     DEFAULT_EMBEDDING_DIM,
     Manifest,
@@ -135,6 +136,8 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
         if not isinstance(spec, NetworkSpec):
             continue
         label = tower_label(index, spec.name)
+        say(f"checking {label}: {spec.library} {spec.arch} at {list(spec.image.resolutions)} (meta device, no "
+            "weights)")
         try:
             with torch.device("meta"):
                 tower = build_tower(spec, embedding_dim)
@@ -166,6 +169,15 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
     return problems
 
 
+def _size(checkpoint: object) -> str:
+    """ ` (1.2 GB)`: what a checkpoint's files hold, for a progress line; empty when there is none to read."""
+    if checkpoint is None:
+        return ""
+    files = [f for part in source_parts(checkpoint) if part.exists()
+             for f in (part.rglob("*") if part.is_dir() else [part]) if f.is_file()]
+    return f" ({size_text(sum(f.stat().st_size for f in files))})" if files else ""
+
+
 def check_architectures(towers: Sequence[TowerSpec], embedding_dim: int = DEFAULT_EMBEDDING_DIM,
                         source: str | Path = "manifest") -> None:
     """`architecture_problems` for these towers; raises ManifestError (naming `source`) listing each problem."""
@@ -183,6 +195,8 @@ def checkpoint_problems(towers: Sequence[tuple[int, TowerSpec]],
         if not isinstance(spec, NetworkSpec):
             continue
         label = tower_label(index, spec.name)
+        say(f"checking {label}: {'sha256, ' if spec.sha256 else ''}keys and shapes of {spec.checkpoint_label}"
+            f"{_size(spec.checkpoint)}")
         try:
             actual = sha256_mismatch(spec.weights_source, spec.sha256)
             if actual:

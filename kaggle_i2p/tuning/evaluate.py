@@ -213,17 +213,23 @@ class TuningReport:
     fit_all_score: float = 0.0
     parameters: int = 0  # the weights the tuning fits
     warnings: list[str] = field(default_factory=list)
+    per_fold: dict[str, dict[str, float]] = field(default_factory=dict)  # fold -> the oof scores on its rows alone
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    @property
+    def verdict(self) -> str:
+        """Whether the tuned weights beat equal weights out of fold, said only as far as the images can show it."""
+        if self.oof["tuned"] < self.oof["equal_weights"]:
+            return "does NOT beat equal weights"
+        return "beats equal weights here, which these few images cannot show (see the warning)" if self.warnings \
+            else "generalises"
+
     def __str__(self) -> str:
         lines = [f"tuning ({self.mode}) on {self.n_images} images, {self.n_folds}-fold out-of-fold mean cosine:"]
         lines += [f"  {name:<20} {score:.4f}" for name, score in self.oof.items()]
-        verdict = "generalises" if self.oof["tuned"] >= self.oof["equal_weights"] else "does NOT beat equal weights"
-        if self.warnings and verdict == "generalises":
-            verdict = "beats equal weights here, which these few images cannot show (see the warning)"
-        lines.append(f"  tuning {verdict} out of fold; fit on all rows: {self.fit_all_score:.4f}")
+        lines.append(f"  tuning {self.verdict} out of fold; fit on all rows: {self.fit_all_score:.4f}")
         lines += [f"  weight {name:<18} {w:.4f}" for name, w in self.weights.items()]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -257,6 +263,8 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
         best = max(towers, key=lambda t: mean_cosine(towers[t][train], targets[train])[0])
         oof["best_single_tower"][held] = towers[best][held]  # chosen on the training folds only
     scores = {name: mean_cosine(pred, targets)[0] for name, pred in oof.items()}
+    per_fold = {str(fold): {name: mean_cosine(pred[folds == fold], targets[folds == fold])[0]
+                            for name, pred in oof.items()} for fold in np.unique(folds)}
 
     fitted = tune(preds, targets)
     fit_score = mean_cosine(apply_weights(preds, fitted, groups), targets)[0]
@@ -276,7 +284,7 @@ def tune_run(run: PredictionRun, manifest: Manifest, targets: np.ndarray, folds:
     report = TuningReport(n_images=len(run.ids), n_folds=len(np.unique(folds)),
                           mode=report_mode(per_view, per_dim), oof=scores, weights=tower_weights,
                           view_weights=view_weights, fit_all_score=fit_score, parameters=parameters,
-                          warnings=warnings)
+                          warnings=warnings, per_fold=per_fold)
     return report, fitted
 
 
