@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from kaggle_i2p.manifest import HeadSpec, ImageSpec, RegressorSpec
+from kaggle_i2p.kinds.regressor import HeadSpec, RegressorSpec
+from kaggle_i2p.manifest import ImageSpec
 from kaggle_i2p.models.towers import build_tower
 from kaggle_i2p.testing import CLIP_MEAN, CLIP_STD
 from kaggle_i2p.train.recipe import ModelEMA, cosine_embedding_loss, llrd_param_groups

@@ -11,8 +11,8 @@ The prediction API (`predict_dir`, `run_prediction`, ...) is imported on first u
 from importlib import import_module
 from typing import Any
 
+from . import _moved as moved
 from ._version import __version__
-from .core import moved
 from .core.resources import NAMED_MANIFESTS
 
 # Everything else is imported on first use: `import kaggle_i2p` (and so the `kaggle-i2p` command's start, whose

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kaggle_i2p.core.fileio import sha256_file
-from kaggle_i2p.kinds.regressor import build_head
-from kaggle_i2p.manifest import HeadSpec, load_manifest
+from kaggle_i2p.kinds.regressor import HeadSpec, build_head
+from kaggle_i2p.manifest import load_manifest
 from kaggle_i2p.models.checkpoints import strip_prefixes
 from kaggle_i2p.models.towers import TowerLoadError, build_tower, load_tower
 

@@ -9,7 +9,6 @@ cache's identity are derived from. Each kind's own spec lives in its module unde
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from .fields import entry_dict, entry_field, entry_keys, identity_dict, path_text
@@ -56,19 +55,9 @@ from .schema import (
 )
 from .write import edit_manifest, init_manifest, rebase_manifest_paths, save_manifest, write_manifest
 
-# The built-in kinds' names, as this module always offered them (`from kaggle_i2p.manifest import RegressorSpec`).
-_FROM_KINDS = {
-    "RegressorSpec": "regressor", "HeadSpec": "regressor", "HEAD_TYPES": "regressor", "HEAD_NORMS": "regressor",
-    "HEAD_ACTIVATIONS": "regressor", "RetrievalSpec": "retrieval", "RetrievalOptions": "retrieval",
-    "SCORES": "retrieval", "SEARCHES": "retrieval", "DEFAULT_RETRIEVAL_K": "retrieval",
-    "DEFAULT_RETRIEVAL_TEMPERATURE": "retrieval", "PriorSpec": "prior",
-}
-
 
 def __getattr__(name: str) -> Any:
-    """The kinds' names, and the registered library and kind names, looked up when asked for."""
-    if name in _FROM_KINDS:
-        return getattr(importlib.import_module(f"kaggle_i2p.kinds.{_FROM_KINDS[name]}"), name)
+    """The registered library and kind names, looked up when asked for."""
     if name in ("LIBRARIES", "KINDS"):
         from ..core import registry
 

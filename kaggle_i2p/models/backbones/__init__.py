@@ -12,7 +12,7 @@ def library(name: str) -> BackboneLibrary:
 
 def build_backbone(library_name: str, arch: str, native_resolution: int | None = None, classes: int = 0,
                    features: str | None = None, options: dict | None = None) -> Backbone:
-    """The library's backbone with random weights (`kaggle_i2p.backbones.build_backbone`, as it always was)."""
+    """The library's backbone with random weights."""
     return library(library_name).build_for(arch, native_resolution, classes, features, options)
 
 
