@@ -204,3 +204,70 @@ def test_a_bank_searching_towers_cache_key_never_changes(tmp_path, monkeypatch):
     path = build_clip_retrieval(tmp_path, {"k": 8, "temperature": 0.1, "score": "embedding", "search": "exact"})
     spec = load_manifest(path).towers[0]
     assert PredictionCache(tmp_path / "cache").tower_key(spec, "fp16", 384, 32) == "clip-bad18ede268c77019bbcdcf6"
+
+
+def test_a_plugin_kinds_path_field_is_keyed_by_its_content(tmp_path, monkeypatch):
+    """A plugin kind's path field that changes its outputs: the file rewritten in place (same size, its modification
+    time set back) is a new cache key, the same file moved elsewhere keeps the key."""
+    import os
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import numpy as np
+    import tiny_plugin
+    import yaml
+    from torch import nn
+
+    from kaggle_i2p.core.registry import KINDS, register_kind
+    from kaggle_i2p.core.validate import resolve_file
+    from kaggle_i2p.inference.cache import PredictionCache
+    from kaggle_i2p.manifest import NetworkSpec, TowerKind, entry_field, load_manifest, parse_network
+
+    @dataclass(frozen=True, kw_only=True)
+    class BiasSpec(NetworkSpec):
+        kind: ClassVar[str] = "bias_table_test"
+        table: Path = entry_field(path=True)  # read by the head: it changes the outputs
+
+    class BiasKind(TowerKind):
+        name = "bias_table_test"
+        spec = BiasSpec
+
+        def parse(self, raw, name, label, ctx):
+            return parse_network(raw, name, label, ctx, self, lambda r, lab, c: {
+                "table": resolve_file(r.get("table"), c.base_dir, f"{lab}.table", c.problems, "bias table")})
+
+        def build_head(self, spec, in_dim, embedding_dim):
+            return nn.Linear(in_dim, embedding_dim)
+
+    IMAGE = {"resolutions": [32], "interpolation": "bilinear", "resize": "squash", "mean": [0.5] * 3,
+             "std": [0.5] * 3}
+    tiny_plugin.register()
+    register_kind(BiasKind())
+    try:
+        monkeypatch.setattr(PredictionCache, "weights_sha256", lambda self, spec, dim: "0" * 64)
+        cache = PredictionCache(tmp_path / "cache")
+        np.save(tmp_path / "fallback.npy", np.ones(384, np.float32))
+
+        def key(folder: Path) -> str:
+            manifest = folder / "m.yaml"
+            manifest.write_text(yaml.safe_dump({"embedding_dim": 384, "fallback": str(tmp_path / "fallback.npy"),
+                                                "towers": [{"name": "b", "kind": "bias_table_test",
+                                                            "library": "meanrgb", "arch": "mean_rgb",
+                                                            "checkpoint": "b.safetensors", "weight": 1.0,
+                                                            "table": "table.npy", "image": IMAGE}]}))
+            return cache.tower_key(load_manifest(manifest, check_files=False).towers[0], "fp32", 384, 8)
+
+        table = tmp_path / "a" / "table.npy"
+        table.parent.mkdir()
+        np.save(table, np.zeros(384, np.float32))
+        first = key(table.parent)
+        stat = table.stat()
+        np.save(table, np.full(384, 0.5, np.float32))  # the same size, rewritten in place
+        os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert key(table.parent) != first
+        moved = tmp_path / "b" / "table.npy"
+        moved.parent.mkdir()
+        np.save(moved, np.zeros(384, np.float32))  # the first content, elsewhere
+        assert key(moved.parent) == first
+    finally:
+        KINDS.unregister("bias_table_test")

@@ -28,8 +28,9 @@ import numpy as np
 
 from ..core.fileio import atomic_open, file_identity, sha256_file
 from ..manifest import NetworkSpec, identity_dict, kind_of
+from ..manifest.fields import path_keys
 from ..models.backbones import library
-from ..models.checkpoints import checkpoint_sha256, source_identity, source_sha256
+from ..models.checkpoints import checkpoint_sha256, content_identity, source_identity, source_sha256
 from ..models.towers import tower_weights_sha256
 
 log = logging.getLogger("kaggle_i2p")
@@ -57,6 +58,23 @@ class Shard:
 
     def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str], texts: list[str] | None = None):
         self.outputs, self.done, self.errors, self.texts = outputs, done, errors, texts
+
+
+def by_content(cls: type, entry: dict) -> dict:
+    """A tower's identity with every path field its class marks (sections too) that is still a path after the kind's
+    own `cache_identity` replaced by the file's or folder's content (`content_identity`): a plugin kind's file
+    rewritten in place is a new key, the same file moved is not. A kind that keys a path its own way (a bank by its
+    files, a searched bank not at all) has already replaced or dropped it."""
+    out = dict(entry)
+    for key, path, section in path_keys(cls):
+        value = out.get(key)
+        if section is not None and isinstance(value, dict):
+            out[key] = by_content(section, value)
+        elif path is True and isinstance(value, str):
+            out[key] = content_identity(value)
+        elif path is True and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[key] = [content_identity(v) for v in value]
+    return out
 
 
 class PredictionCache:
@@ -133,7 +151,7 @@ class PredictionCache:
         entry = identity_dict(type(spec), spec.to_dict())  # the fields marked as not changing outputs left out
         entry["kind"] = spec.kind
         entry["arch"] = library(spec.library).arch_identity(spec.arch)  # a config file by its content
-        entry = kind_of(spec).cache_identity(spec, entry)
+        entry = by_content(type(spec), kind_of(spec).cache_identity(spec, entry))
         weights = self.weights_sha256(spec, embedding_dim)
         identity = {"format": FORMAT_VERSION, "tower": entry, "checkpoint_sha256": weights,
                     "precision": precision, "embedding_dim": embedding_dim, "batch_size": batch_size,

@@ -24,7 +24,7 @@ from ..core.validate import resolve_file
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import NetworkSpec, TowerKind
-from ..models.checkpoints import folder_sha256
+from ..models.checkpoints import content_identity
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a sentence-transformers folder's weights file
 
@@ -158,7 +158,7 @@ class CaptionKind(TowerKind):
         """The captions' embedding depends on the text model: every file of its folder by content (sha256, memoised
         per file: other weights of the same size with the time set back are told apart)."""
         entry = {k: v for k, v in entry.items() if k != "caption"}
-        return {**entry, "text_model": folder_sha256(spec.caption.text_model)}
+        return {**entry, "text_model": content_identity(spec.caption.text_model)}
 
 
 CAPTION = register_kind(CaptionKind())

@@ -39,7 +39,7 @@ from ..core.validate import Problems, expand_path, is_int, is_number
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import DEFAULT_EMBEDDING_DIM, NetworkSpec, TowerKind
-from ..models.checkpoints import folder_sha256
+from ..models.checkpoints import content_identity
 
 Score = Literal["logits", "embedding"]
 Search = Literal["exact", "index"]
@@ -149,7 +149,7 @@ def search_bank(options: RetrievalOptions, queries: np.ndarray, device: str | to
 
 def bank_identity(bank: Path) -> dict:
     """A retrieval bank's files by content (sha256, memoised per file by path, size, times and inode)."""
-    return folder_sha256(bank)
+    return content_identity(bank)
 
 
 class RetrievalKind(TowerKind):

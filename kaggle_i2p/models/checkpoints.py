@@ -359,6 +359,16 @@ def folder_sha256(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): checkpoint_sha256(p) for p in files}
 
 
+def content_identity(path: str | Path) -> str | dict[str, str]:
+    """What a path contributes to a cache key: a file's sha256, or a folder's files' (`folder_sha256`), each file's
+    memoised by path, size, times and inode; so a file rewritten in place is a new identity and a moved one is not.
+    A path that is not there is named as missing (a run fails on it elsewhere, with its own message)."""
+    path = Path(path)
+    if path.is_dir():
+        return folder_sha256(path)
+    return checkpoint_sha256(path) if path.is_file() else f"missing: {path}"
+
+
 def sha256_mismatch(source: Source, expected: str | None) -> str | None:
     """The checkpoint's sha256 (`source_sha256`: a file's own, or its files' together) when it is not `expected`,
     else None (also when nothing is expected)."""
