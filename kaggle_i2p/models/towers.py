@@ -59,15 +59,18 @@ class Tower(nn.Module):
     """backbone -> head, carrying its spec; its `state_dict()` (`backbone.*`, `head.*`) is the checkpoint format."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spec: NetworkSpec,
-                 pos_embed_for_size: PosEmbedForSize | None = None, native_size: int | None = None):
+                 pos_embed_for_size: PosEmbedForSize | None = None, native_size: int | None = None,
+                 pos_params: tuple[str, ...] = ()):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.spec = spec
-        # open_clip ViTs have fixed-size position embeddings: for other sizes, a resampled copy is swapped in
-        # functionally (the stored parameter never changes), cached per size and parameter version.
+        # Fixed-grid ViTs (open_clip's) have fixed-size position embeddings: for other sizes, a resampled copy is
+        # swapped in functionally (the stored parameters never change), kept per size while the parameters the
+        # library names (`pos_params`) are unchanged; without names it is made again for every batch.
         self._pos_embed_for_size = pos_embed_for_size
         self._native_size = native_size
+        self._pos_params = pos_params
         self._pos_cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
@@ -78,8 +81,11 @@ class Tower(nn.Module):
     def _backbone_params_for(self, height: int, width: int) -> dict[str, torch.Tensor] | None:
         if self._pos_embed_for_size is None or (height, width) == (self._native_size, self._native_size):
             return None
-        pos = self.backbone.positional_embedding
-        key = (height, width, pos.device, pos.dtype, pos._version, pos.data_ptr())
+        if not self._pos_params:
+            return self._pos_embed_for_size(self.backbone, height, width)
+        tensors = {**dict(self.backbone.named_parameters()), **dict(self.backbone.named_buffers())}
+        key = (height, width, *((t.device, t.dtype, t._version, t.data_ptr())
+                                for t in (tensors[name] for name in self._pos_params)))
         if key not in self._pos_cache:
             self._pos_cache = {key: self._pos_embed_for_size(self.backbone, height, width)}
         return self._pos_cache[key]
@@ -101,7 +107,7 @@ def build_tower(spec: TowerSpec, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> 
     backbone = library(spec.library).build_for(spec.arch, spec.native_resolution, kind.backbone_outputs(spec),
                                                spec.features, spec.backbone)
     head = kind.build_head(spec, backbone.out_dim, embedding_dim)
-    return Tower(backbone.module, head, spec, backbone.pos_embed_for_size, backbone.native_size)
+    return Tower(backbone.module, head, spec, backbone.pos_embed_for_size, backbone.native_size, backbone.pos_params)
 
 
 def at_resolution(tower: Tower, resolution: int, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> Tower:

@@ -9,11 +9,13 @@ and open_clip ConvNeXt (`stages.S.blocks.B`, with each stage's downsample before
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
 from torch import nn
 
+log = logging.getLogger("kaggle_i2p")
 BACKBONE = "backbone."  # a tower's backbone parameters; the rest is its head
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
@@ -41,6 +43,9 @@ def llrd_param_groups(model: nn.Module, lr: float, layer_decay: float, weight_de
     (1-D tensors and position/class tokens). Frozen parameters are left out."""
     ids, n_blocks = layer_ids(model)
     lib = model.library
+    if n_blocks == 0 and layer_decay != 1.0:
+        log.warning("layer_decay %g: the %s library names no blocks of this backbone (it answers no layer-wise LR "
+                    "decay), so the whole backbone trains at the stage's lr", layer_decay, lib.name)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -23,12 +23,14 @@ PosEmbedForSize = Callable[["nn.Module", int, int], dict[str, "torch.Tensor"]]
 
 class Backbone(NamedTuple):
     """A built backbone: the module, the width of what it outputs, and for fixed-grid ViTs (open_clip) the function
-    that resamples its position embeddings for another input size, with the size they are laid out for."""
+    that resamples its position embeddings for another input size, the size they are laid out for, and the names
+    of the parameters it reads (a resampled copy is kept while they are unchanged)."""
 
     module: nn.Module
     out_dim: int
     pos_embed_for_size: PosEmbedForSize | None = None
     native_size: int | None = None
+    pos_params: tuple[str, ...] = ()
 
 
 Shapes = Mapping[str, tuple[int, ...]]  # a checkpoint's keys and shapes, as `inspect` reads them (no weights)
@@ -86,7 +88,9 @@ class BackboneLibrary:
     arch_example: ClassVar[str] = ""  # for messages: a model name users of this library would write
     arch_file_suffixes: ClassVar[tuple[str, ...]] = ()  # an `arch` ending so is a model-config file (it travels)
     arch_folder_file: ClassVar[str | None] = None  # an `arch` naming a folder means this file in it (config.json)
-    block_patterns: ClassVar[tuple[re.Pattern, ...]] = CONVNEXT_BLOCKS + TRANSFORMER_BLOCKS
+    # The blocks layer-wise LR decay counts, from the input up (an optional answer: a serve-only library leaves it
+    # empty, and a run that asks for decay trains its backbone at one learning rate, with a warning)
+    block_patterns: ClassVar[tuple[re.Pattern, ...]] = ()
     embedding_names: ClassVar[tuple[str, ...]] = ()  # parameter names of layer 0 (stem, patch and position embeddings)
     no_weight_decay_names: ClassVar[tuple[str, ...]] = ()  # tokens and position embeddings AdamW leaves alone
     classifier_prefixes: ClassVar[tuple[str, ...]] = ()  # an ImageNet classifier's keys, dropped from initial weights
@@ -180,7 +184,8 @@ class BackboneLibrary:
 
     # --- the trainer's questions
     def block_of(self, name: str) -> tuple[int, int] | None:
-        """The (stage, block) a backbone parameter sits in, ordered from the input up; None outside the blocks."""
+        """The (stage, block) a backbone parameter sits in, ordered from the input up; None outside the blocks (and
+        always for a library with no `block_patterns`: it answers no layer-wise LR decay)."""
         dotted = f".{name}"
         for pattern in self.block_patterns:
             match = pattern.search(dotted)

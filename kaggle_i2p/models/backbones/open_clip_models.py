@@ -14,7 +14,18 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import BYTES_PER_TOKEN, Backbone, BackboneLibrary, Candidate, Shapes, caption_bytes, key_prefix, under_prefix
+from .base import (
+    BYTES_PER_TOKEN,
+    CONVNEXT_BLOCKS,
+    TRANSFORMER_BLOCKS,
+    Backbone,
+    BackboneLibrary,
+    Candidate,
+    Shapes,
+    caption_bytes,
+    key_prefix,
+    under_prefix,
+)
 
 CLIP_IMAGE = {"mean": [0.4815, 0.4578, 0.4082], "std": [0.2686, 0.2613, 0.2758], "interpolation": "bicubic"}
 
@@ -63,6 +74,7 @@ class OpenClipLibrary(BackboneLibrary):
     name = "open_clip"
     arch_example = "ViT-L-14-336"
     arch_file_suffixes = (".json",)
+    block_patterns = CONVNEXT_BLOCKS + TRANSFORMER_BLOCKS  # for layer-wise LR decay
     # its own ViT's names, and those of the timm trunks it wraps (`trunk.*`)
     embedding_names = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patch_embed", "pos_embed",
                        "cls_token", "reg_token", "stem", "rope")
@@ -105,7 +117,8 @@ class OpenClipLibrary(BackboneLibrary):
         if not isinstance(visual, VisionTransformer):  # timm-trunk (ConvNeXt) towers run at any size as they are
             return Backbone(visual, int(config["embed_dim"]))
         size = vision_cfg.get("image_size", 224)
-        return Backbone(visual, int(config["embed_dim"]), resize_for_input, size if isinstance(size, int) else size[0])
+        return Backbone(visual, int(config["embed_dim"]), resize_for_input, size if isinstance(size, int) else size[0],
+                        ("positional_embedding",))
 
     def patch_size(self, backbone: nn.Module) -> int | None:
         if hasattr(backbone, "positional_embedding") and hasattr(backbone, "patch_size"):

@@ -15,7 +15,16 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import Backbone, BackboneLibrary, Candidate, Shapes, key_prefix, under_prefix
+from .base import (
+    CONVNEXT_BLOCKS,
+    TRANSFORMER_BLOCKS,
+    Backbone,
+    BackboneLibrary,
+    Candidate,
+    Shapes,
+    key_prefix,
+    under_prefix,
+)
 
 
 def _patch_embed(backbone: nn.Module) -> nn.Module | None:
@@ -71,6 +80,7 @@ class TimmLibrary(BackboneLibrary):
 
     name = "timm"
     arch_example = "eva02_large_patch14_clip_336"
+    block_patterns = CONVNEXT_BLOCKS + TRANSFORMER_BLOCKS  # for layer-wise LR decay
     embedding_names = ("patch_embed", "pos_embed", "cls_token", "reg_token", "stem", "conv1", "rope")
     no_weight_decay_names = ("pos_embed", "cls_token")
     classifier_prefixes = ("head.fc.", "head.", "fc.", "classifier.", "head_dist.")  # ConvNeXt's first
