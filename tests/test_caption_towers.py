@@ -115,6 +115,28 @@ def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monke
     assert np.isfinite(run.embeddings).all()
 
 
+def test_an_empty_caption_is_no_caption_not_a_precision_problem(tmp_path, sample_dir, monkeypatch, caplog):
+    """In bf16, a batch with an empty caption is generated once: its row has no value by design, which no precision
+    gives it; the fallback says "no caption", and the batch is not recomputed in fp32 (it was, each batch twice)."""
+    real = transformers_models.caption_bytes
+    generated = []
+
+    def one_empty(texts, width):
+        generated.append(len(texts))
+        return real(["" if i == 1 else t for i, t in enumerate(texts)], width)
+
+    monkeypatch.setattr(transformers_models, "caption_bytes", one_empty)
+    path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    with caplog.at_level("WARNING", logger="kaggle_i2p"):
+        run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
+                                        batch_size=4, precision="bf16")
+    assert generated == [4, 3]  # once per batch
+    assert run.summary.nonfinite_recomputes == 0 and "recomputing" not in caplog.text
+    assert run.summary.fallbacks == [(run.ids[1], "tower 'blip' made no caption for it"),
+                                     (run.ids[5], "tower 'blip' made no caption for it")]
+    assert "2 fallbacks (2 with no caption), 0 recomputes at higher precision" in str(run.summary)
+
+
 def test_the_head_decodes_captions_and_keeps_the_texts():
     from kaggle_i2p.kinds.caption import CaptionOptions
 

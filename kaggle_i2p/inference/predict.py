@@ -57,7 +57,7 @@ class RunSummary:
     fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (image id, reason)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (folder entry, why it is not predicted)
     converted: list[tuple[str, str]] = field(default_factory=list)  # (image id, what the decode changed)
-    nonfinite_recomputes: int = 0
+    nonfinite_recomputes: int = 0  # batches computed again for a non-finite value (never for a missing caption)
     oom_halvings: int = 0
     compile_seconds: float = 0.0  # the first call of each compiled (tower, resolution): compiling included
     devices: int = 1  # processes that encoded (one per device)
@@ -74,6 +74,10 @@ class RunSummary:
         towers = ", ".join(f"{name} {n}" for name, n in sorted(self.keys_left_out.items()))
         return f", {sum(self.keys_left_out.values())} checkpoint key(s) left out ({towers})"
 
+    def _no_caption(self) -> str:
+        silent = sum(reason.endswith(NO_CAPTION) for _, reason in self.fallbacks)
+        return f" ({silent} with no caption)" if silent else ""
+
     def _replaced(self) -> str:
         return f", replaced by plugins: {'; '.join(self.replaced)}" if self.replaced else ""
 
@@ -83,7 +87,8 @@ class RunSummary:
 
     def __str__(self) -> str:
         return (f"kaggle_i2p: {self.n_images} images, {len(self.towers)} towers, {self.n_views} views/image, "
-                f"{len(self.fallbacks)} fallbacks, {self.nonfinite_recomputes} recomputes at higher precision, "
+                f"{len(self.fallbacks)} fallbacks{self._no_caption()}, {self.nonfinite_recomputes} recomputes at "
+                "higher precision, "
                 f"{self.oom_halvings} OOM halvings, {len(self.skipped_files)} folder entries skipped, "
                 f"{len(self.converted)} converted to 8 bits, {self.cached_images} from cache"
                 f", {self.loading_seconds:.1f} s loading towers"
@@ -480,7 +485,7 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
             _fail_rows(features[spec.name], spec, failed, paths)
             continue
         tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())
-        tower[_fail_rows(tower, spec, failed, paths)] = manifest.fallback
+        tower[_fail_rows(tower, spec, failed, paths, outputs.texts.get(spec.name))] = manifest.fallback
         tower_embeddings[spec.name] = tower
     for spec in combined:  # a fusion tower: its inputs' results through its head (a failed input row fails it)
         bad_inputs = np.zeros(n, dtype=bool)
@@ -495,12 +500,19 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     return embeddings, tower_embeddings, failed
 
 
-def _fail_rows(tower: np.ndarray, spec: TowerSpec, failed: dict[int, str], paths: list[Path]) -> np.ndarray:
-    """The rows a tower left non-finite (even in fp32): each a fallback row, said once per image."""
+NO_CAPTION = "made no caption for it"  # a text-making tower's row without a text: no value, by design
+
+
+def _fail_rows(tower: np.ndarray, spec: TowerSpec, failed: dict[int, str], paths: list[Path],
+               texts: dict[str, list[str]] | None = None) -> np.ndarray:
+    """The rows a tower left without a value: a text-making tower's image with no text in any view (no caption),
+    or a value non-finite even in fp32; each a fallback row, said once per image with its reason."""
     bad = unusable_rows(tower)
     for index in np.flatnonzero(bad):
         if int(index) not in failed:
-            failed[int(index)] = f"tower {spec.name!r} gave a non-finite output even in fp32"
+            silent = texts and not any(view[int(index)] for view in texts.values())
+            failed[int(index)] = f"tower {spec.name!r} " + (NO_CAPTION if silent else
+                                                            "gave a non-finite output even in fp32")
             log.warning("%s: %s; writing the fallback vector", paths[index], failed[int(index)])
     return bad
 

@@ -54,6 +54,7 @@ class TowerRunner:
         self.oom_halvings = 0
         self.kind = kind_of(self.spec)
         self.texts: dict[str, list[str]] = {}  # a text-making tower's texts of the last `compute_views`, per view
+        self.last_texts: list[str] = []  # those of the last `forward_view`
 
     def _tower_for(self, level: str) -> Tower:
         if level == "fp32" and self.precision == "fp16-weights":
@@ -125,20 +126,30 @@ class TowerRunner:
             torch.cuda.empty_cache()
 
     def forward_view(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, r, r) -> (B, D) float32; a batch with a non-finite output is computed again one step down
-        `FALLBACKS` (fp16 weights -> fp16 autocast -> fp32), each step counted."""
+        """(B, D) float32; a batch with a non-finite output is computed again one step down `FALLBACKS` (fp16
+        weights -> fp16 autocast -> fp32), each step counted. Only the rows the tower gave a value for are judged:
+        a text-making tower's row without a text (no caption) has no value by design, and precision cannot give it
+        one; the texts of the attempt kept are in `last_texts`."""
         levels = FALLBACKS[self.precision]
         for level, lower in zip(levels, levels[1:], strict=False):
-            if self.kind.makes_texts:
-                self._take_texts()  # a batch computed again makes its texts again
             out = self._forward_chunked(images, level)
-            if torch.isfinite(out).all():
+            present = self._present_rows(len(out))
+            if torch.isfinite(out[present]).all():
                 return out
             self.nonfinite_recomputes += 1
             log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
-        if self.kind.makes_texts:
-            self._take_texts()
-        return self._forward_chunked(images, levels[-1])
+        out = self._forward_chunked(images, levels[-1])
+        self._present_rows(len(out))
+        return out
+
+    def _present_rows(self, rows: int) -> torch.Tensor:
+        """The rows of the last attempt that carry a value (all but a text-making tower's rows without a text),
+        its texts kept in `last_texts` (an earlier attempt's, at another precision, forgotten)."""
+        if not self.kind.makes_texts:
+            return torch.ones(rows, dtype=torch.bool)
+        self.last_texts = self._take_texts()
+        return torch.tensor([bool(text) for text in self.last_texts], dtype=torch.bool) if self.last_texts \
+            else torch.ones(rows, dtype=torch.bool)
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
         """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
@@ -155,7 +166,7 @@ class TowerRunner:
             images = resized[(view.resolution, view.norm)]
             outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
             if self.kind.makes_texts:
-                self.texts[view.name] = self._take_texts()
+                self.texts[view.name] = self.last_texts
         return outputs
 
     def _take_texts(self) -> list[str]:
