@@ -455,8 +455,11 @@ def _parser_build_bank(sub: argparse._SubParsersAction) -> None:
     bank.add_argument("--keys", choices=["none", "minilm", "clip"], default="none",
                       help="none: a classifier's class bank; minilm: query with 384-d vectors; clip: CLIP text "
                            "embeddings, queried by the matching CLIP image tower (score: embedding)")
-    bank.add_argument("--clip-arch", default=None, help="open_clip model name or config .json, for --keys clip")
-    bank.add_argument("--clip-checkpoint", type=Path, default=None, help="local open_clip checkpoint, for --keys clip")
+    bank.add_argument("--clip-arch", default=None, help="for --keys clip: an open_clip model name or config .json, "
+                                                        "or a transformers CLIP/SigLIP save_pretrained folder")
+    bank.add_argument("--clip-checkpoint", type=Path, default=None,
+                      help="for --keys clip: the whole CLIP checkpoint (open_clip's file, or the HF folder or its "
+                           "weights)")
     bank.add_argument("--index", choices=INDEX_TYPES, default=None,
                       help="add a FAISS index of the keys (needs kaggle_i2p[index]), for retrieval.search: index")
     bank.add_argument("--shard-rows", type=_whole_number(1), default=SHARD_ROWS,

@@ -101,7 +101,7 @@ def test_production_never_imports_the_test_fixtures():
 
 
 KIND_USERS = {"train"}  # the trainer trains regressors: it builds their spec
-LIBRARY_USERS = {"bank.build"}  # build-bank's CLIP text tower is open_clip's by definition
+LIBRARY_USERS: set[str] = set()  # none: a CLIP text tower too is asked of the registry (`text_library`)
 
 
 def test_generic_code_names_no_kind_and_no_library():

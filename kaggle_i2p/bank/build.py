@@ -24,6 +24,7 @@ from ..core.ensemble import l2_normalize
 from ..core.fileio import atomic_open, open_npy, staging_dir
 from ..core.ranks import rank_and_world, rank_device
 from ..core.validate import setting_changes
+from ..models.backbones import TextTowerError, text_library
 from . import INDEX_TYPES, SHARD_ROWS
 from .folder import BANK_MARKER, Bank, BankError, check_bank_destination, publish_bank
 from .index import build_index, index_problem
@@ -68,73 +69,24 @@ def minilm_embedder(model_path: str | Path | None, device: str, batch_size: int)
 
 
 def clip_text_width(arch: str) -> int:
-    """The width of an open_clip model's text embeddings (its `embed_dim`), from its config alone."""
-    from ..models.backbones.open_clip_models import open_clip_config
-
-    return int(open_clip_config(arch)["embed_dim"])
-
-
-CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")  # what open_clip's CLIP takes of a model config
+    """The width of the CLIP text embeddings of the model `arch` names, from its config alone."""
+    return text_library(arch).text_width(arch)
 
 
 def clip_checkpoint_problem(arch: str, checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be the whole open_clip CLIP `arch` that `clip_embedder` loads (unreadable, not a
-    checkpoint, other keys or shapes), from its keys and shapes alone (no weights read); None when it fits."""
-    import open_clip
-    import torch
-
-    from ..models.backbones.open_clip_models import open_clip_config
-    from ..models.checkpoints import checkpoint_shapes, key_diff
-
+    """Why `checkpoint` cannot be the whole CLIP model `arch` that `clip_embedder` loads (no library reads `arch`,
+    an unreadable file, other keys or shapes), from its keys and shapes alone; None when it fits."""
     try:
-        config = open_clip_config(arch)
-        with torch.device("meta"):
-            expected = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS}).state_dict()
-    except Exception as err:  # noqa: BLE001 - an unknown name or a damaged config is one problem
-        return f"cannot build open_clip {arch!r}: {err}"
-    try:
-        shapes = checkpoint_shapes(Path(checkpoint))
-    except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: {lines[0] if lines else ''}); "
-                "give the whole open_clip CLIP file (.safetensors or .pt)")
-    diff = key_diff(expected, shapes, limit=4)
-    if diff:
-        return f"{checkpoint} is not a whole open_clip {arch} checkpoint (text tower included): " + "; ".join(diff)
-    return None
+        reader = text_library(arch)
+    except TextTowerError as err:
+        return str(err)
+    return reader.text_problem(arch, Path(checkpoint))
 
 
 def clip_embedder(arch: str, checkpoint: str | Path, device: str, batch_size: int) -> Embed:
-    """Texts -> unit CLIP text embeddings from a local open_clip checkpoint (built with no pretrained tag)."""
-    import open_clip
-    import torch
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from ..models.backbones.open_clip_models import open_clip_config
-    from ..models.checkpoints import read_state_dict, strip_prefixes
-
-    config = open_clip_config(arch)
-    if config["text_cfg"].get("hf_tokenizer_name"):
-        raise BankError(f"{arch}: its tokenizer comes from the Hugging Face hub, which is not used here")
-    # A normal build: CLIP's attention mask is a buffer only its constructor computes (never in a checkpoint).
-    model = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS})
-    try:
-        model.load_state_dict(strip_prefixes(read_state_dict(Path(checkpoint))), strict=True)
-    except RuntimeError as err:
-        raise BankError(f"{checkpoint} is not a full open_clip {arch} checkpoint: {err}") from err
-    model = model.to(device).eval()
-    tokenizer = SimpleTokenizer(context_length=config["text_cfg"].get("context_length", 77))
-    autocast = device.startswith("cuda")
-
-    def embed(texts: list[str]) -> np.ndarray:
-        chunks = []
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-            for start in range(0, len(texts), batch_size):
-                tokens = tokenizer(texts[start:start + batch_size]).to(device)
-                chunks.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu().numpy())
-        return np.concatenate(chunks)
-
-    return embed
+    """Texts -> unit CLIP text embeddings: the text tower of the model `arch` names, from the library that reads it
+    (an open_clip name or model config with its whole checkpoint; a transformers CLIP/SigLIP folder)."""
+    return text_library(arch).text_encoder(arch, Path(checkpoint), device, batch_size)
 
 
 # The work folder: a plan and the finished shards -------------------------------------------------------------------
@@ -236,7 +188,8 @@ def build_bank(texts_path: str | Path, out_dir: str | Path, column: str | None =
     if keys not in KEY_KINDS:
         raise BankError(f"keys {keys!r}: choose {', '.join(KEY_KINDS)}")
     if keys == "clip" and not (clip_arch and clip_checkpoint):
-        raise BankError("--keys clip needs --clip-arch and --clip-checkpoint (a local open_clip checkpoint)")
+        raise BankError("--keys clip needs --clip-arch and --clip-checkpoint (an open_clip model and its whole "
+                        "checkpoint, or a transformers CLIP/SigLIP folder given to both)")
     for given, what in ((clip_checkpoint, "--clip-checkpoint"), (text_model_path, "the MiniLM model folder")):
         if given is not None and not Path(given).exists():
             raise BankError(f"{what} {given}: no such file or folder; give the local path")

@@ -41,7 +41,7 @@ class InterrogatorOptions:
 
     phrase_banks: Path = entry_field(path=True)  # a folder of banks, one per slot: medium/, artist/, flavor/, ...
     templates: tuple[str, ...]  # e.g. "{medium} by {artist}, {flavor}": slots are the banks' folder names
-    clip_arch: str  # the open_clip model (name, or a model-config .json) of the CLIP text tower
+    clip_arch: str  # the CLIP model of the text tower: an open_clip name or model-config .json, or an HF model folder
     clip_checkpoint: Path = entry_field(path=True)  # its whole CLIP checkpoint, as build-bank --keys clip read it
     text_model: Path = entry_field(path=True)  # the all-MiniLM-L6-v2 folder
     top: int = entry_field(8, sparse=True)  # phrases per bank, and candidates per template
@@ -120,6 +120,14 @@ def candidates(options: InterrogatorOptions, phrases: Mapping[str, list[str]], b
                                                    for slot in options.slots})
             out.setdefault(re.sub(r"\s+", " ", filled).strip(" ,"))
     return list(out)
+
+
+def _is_folder(raw: str, base_dir: Path) -> bool:
+    """Whether a `clip_arch` names an existing folder (a transformers model's), relative to the manifest."""
+    try:
+        return expand_path(raw, base_dir).is_dir()
+    except KeyError:  # an unset variable: not a folder here
+        return False
 
 
 def interrogate(options: InterrogatorOptions, queries: np.ndarray, device: str | torch.device = "cpu",
@@ -205,13 +213,14 @@ class InterrogatorKind(TowerKind):
             pick = "best"
         clip_arch = section.get("clip_arch")
         if not (isinstance(clip_arch, str) and clip_arch):
-            problems.add(f"{where}.clip_arch", "is required: the open_clip model of the CLIP text tower (the one "
-                                               "the phrase banks were built with)")
+            problems.add(f"{where}.clip_arch", "is required: the CLIP model of the text tower the phrase banks were "
+                                               "built with (an open_clip name or config .json, or a transformers "
+                                               "CLIP/SigLIP folder)")
             clip_arch = ""
-        elif clip_arch.endswith(".json"):
+        elif clip_arch.endswith(".json") or _is_folder(clip_arch, ctx.base_dir):  # a config, or an HF model's folder
             clip_arch = str(expand_path(clip_arch, ctx.base_dir))
         paths: dict[str, Path | None] = {}
-        for key, what in (("clip_checkpoint", "whole open_clip CLIP checkpoint"),
+        for key, what in (("clip_checkpoint", "whole CLIP checkpoint (open_clip's file, or the HF model's weights)"),
                           ("text_model", "all-MiniLM-L6-v2 folder (its modules.json)")):
             value = section.get(key)
             target = f"{value}/modules.json" if key == "text_model" and isinstance(value, str) else value

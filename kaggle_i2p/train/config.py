@@ -381,15 +381,17 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
         problems.add("tower.head.type", "must be linear with init: text_map (the map is one Linear layer)")
     arch = section.get("clip_arch")
     if not (isinstance(arch, str) and arch):
-        problems.add("text_map.clip_arch", "is required: the open_clip model (name or model-config .json) of the CLIP "
-                                           "text tower, the one whose image tower this head sits on")
+        problems.add("text_map.clip_arch", "is required: the CLIP model of the text tower whose image tower this head "
+                                           "sits on (an open_clip name or model-config .json, or a transformers "
+                                           "CLIP/SigLIP folder)")
         arch = ""
-    elif arch.endswith(".json"):
+    elif arch.endswith(".json") or (base_dir / arch).is_dir():  # a config, or an HF model's folder
         arch = str(expand_path(arch, base_dir))
     checkpoint = section.get("clip_checkpoint")
     if check_files:
         checkpoint = resolve_file(checkpoint, base_dir, "text_map.clip_checkpoint", problems,
-                                  "whole open_clip CLIP checkpoint (text tower included)")
+                                  "whole CLIP checkpoint (text tower included: open_clip's file, or the HF "
+                                  "model's weights)")
         if checkpoint is not None and arch:
             from ..bank.build import clip_checkpoint_problem
 

@@ -14,11 +14,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from ...core.errors import I2PError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 PosEmbedForSize = Callable[["nn.Module", int, int], dict[str, "torch.Tensor"]]
+
+
+class TextTowerError(I2PError, ValueError):
+    """No registered library reads a text tower from what was given."""
 
 
 class Backbone(NamedTuple):
@@ -181,6 +187,28 @@ class BackboneLibrary:
         """`state` (backbone keys) with position embeddings of another grid resampled to `backbone`'s, by the
         library's own function; other tensors as given."""
         return dict(state)
+
+    # --- the text side (optional): a CLIP-style text tower, for banks' keys, the interrogator and the text map
+    text_side: ClassVar[bool] = False  # whether this library answers the four questions below
+
+    def reads_text_arch(self, arch: str) -> bool:
+        """Whether `arch` names one of this library's models with a text tower (each library is asked in turn)."""
+        return False
+
+    def text_width(self, arch: str) -> int:
+        """The width of `arch`'s text embeddings, from its config alone."""
+        raise TextTowerError(f"the {self.name} library has no text tower")
+
+    def text_problem(self, arch: str, checkpoint: Path) -> str | None:
+        """Why `checkpoint` cannot be `arch`'s whole model, text tower included (its keys and shapes; no weights
+        read); None when it fits."""
+        return f"the {self.name} library has no text tower"
+
+    def text_encoder(self, arch: str, checkpoint: Path, device: str, batch_size: int
+                     ) -> Callable[[list[str]], Any]:
+        """Texts -> unit text embeddings (a float32 array, a row per text) of `arch`'s text tower with
+        `checkpoint`'s weights, `batch_size` texts at a time."""
+        raise TextTowerError(f"the {self.name} library has no text tower")
 
     # --- the trainer's questions
     def block_of(self, name: str) -> tuple[int, int] | None:

@@ -43,6 +43,9 @@ def open_clip_config(arch: str) -> dict:
     return config
 
 
+CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")  # what open_clip's CLIP takes of a model config
+
+
 def _pos_embed_to_grid(positional_embedding: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """open_clip's own `resize_pos_embed` (class token kept, the patch grid resampled)."""
     from open_clip.model import resize_pos_embed
@@ -154,6 +157,74 @@ class OpenClipLibrary(BackboneLibrary):
 
 
     # --- inspect
+    # --- the text side
+    text_side = True
+
+    def reads_text_arch(self, arch: str) -> bool:
+        """An open_clip model name, or a model-config .json with a text tower (`text_cfg`)."""
+        try:
+            return "text_cfg" in open_clip_config(arch)
+        except (ValueError, OSError):
+            return False
+
+    def text_width(self, arch: str) -> int:
+        return int(open_clip_config(arch)["embed_dim"])
+
+    def text_problem(self, arch: str, checkpoint: Path) -> str | None:
+        """`checkpoint` against the whole CLIP `arch` (both towers), from its keys and shapes alone."""
+        import open_clip
+
+        from ..checkpoints import checkpoint_shapes, key_diff
+
+        try:
+            config = open_clip_config(arch)
+            with torch.device("meta"):
+                expected = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS}).state_dict()
+        except Exception as err:  # noqa: BLE001 - an unknown name or a damaged config is one problem
+            return f"cannot build open_clip {arch!r}: {err}"
+        try:
+            shapes = checkpoint_shapes(Path(checkpoint))
+        except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: "
+                    f"{lines[0] if lines else ''}); give the whole open_clip CLIP file (.safetensors or .pt)")
+        diff = key_diff(expected, shapes, limit=4)
+        if diff:
+            return f"{checkpoint} is not a whole open_clip {arch} checkpoint (text tower included): " + "; ".join(diff)
+        return None
+
+    def text_encoder(self, arch: str, checkpoint: Path, device: str, batch_size: int):
+        """open_clip's `encode_text` of the whole CLIP (built with no pretrained tag) and its SimpleTokenizer."""
+        import numpy as np
+        import open_clip
+        from open_clip.tokenizer import SimpleTokenizer
+
+        from ...core.errors import I2PError
+        from ..checkpoints import read_state_dict, strip_prefixes
+
+        config = open_clip_config(arch)
+        if config["text_cfg"].get("hf_tokenizer_name"):
+            raise I2PError(f"{arch}: its tokenizer comes from the Hugging Face hub, which is not used here")
+        # A normal build: CLIP's attention mask is a buffer only its constructor computes (never in a checkpoint).
+        model = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS})
+        try:
+            model.load_state_dict(strip_prefixes(read_state_dict(Path(checkpoint))), strict=True)
+        except RuntimeError as err:
+            raise I2PError(f"{checkpoint} is not a full open_clip {arch} checkpoint: {err}") from err
+        model = model.to(device).eval()
+        tokenizer = SimpleTokenizer(context_length=config["text_cfg"].get("context_length", 77))
+        autocast = device.startswith("cuda")
+
+        def embed(texts: list[str]) -> np.ndarray:
+            chunks = []
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+                for start in range(0, len(texts), batch_size):
+                    tokens = tokenizer(texts[start:start + batch_size]).to(device)
+                    chunks.append(nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu().numpy())
+            return np.concatenate(chunks) if chunks else np.zeros((0, int(config["embed_dim"])), np.float32)
+
+        return embed
+
     def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
                 ) -> Iterator[Candidate]:
         """An open_clip ViT (`conv1`, `transformer.resblocks`) or timm-trunk tower (`trunk.`, `head.proj`), alone or

@@ -458,6 +458,88 @@ class TransformersLibrary(BackboneLibrary):
 
 
     # --- inspect
+    # --- the text side: a CLIP or SigLIP model's text tower (`get_text_features`), its tokenizer beside its config
+    text_side = True
+
+    def reads_text_arch(self, arch: str) -> bool:
+        """A save_pretrained folder (or its config.json) of a model with a text tower (CLIP, SigLIP)."""
+        if not config_path(arch).is_file():
+            return False
+        try:
+            with torch.device("meta"):
+                return _text_model(arch) is not None
+        except Exception:  # noqa: BLE001 - not a config this library reads as a text tower
+            return False
+
+    def text_width(self, arch: str) -> int:
+        """From the config: CLIP projects to `projection_dim`; SigLIP's text head to `projection_size` (its width by
+        default)."""
+        with torch.device("meta"):
+            config = _text_model(arch, required=True).config
+        text = getattr(config, "text_config", config)
+        return int(getattr(config, "projection_dim", None) or getattr(text, "projection_size", None)
+                   or text.hidden_size)
+
+    def text_problem(self, arch: str, checkpoint: Path) -> str | None:
+        """`checkpoint` (the folder or its weights) against the model `arch` builds, from its keys and shapes."""
+        from ..checkpoints import checkpoint_shapes, key_diff
+
+        try:
+            with torch.device("meta"):
+                expected = _text_model(arch, required=True).state_dict()
+        except Exception as err:  # noqa: BLE001 - a config that builds no text tower is one problem
+            return str(err)
+        try:
+            shapes = checkpoint_shapes(Path(checkpoint))
+        except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: "
+                    f"{lines[0] if lines else ''}); give the model's save_pretrained folder")
+        diff = key_diff(expected, shapes, limit=4)
+        return f"{checkpoint} is not the whole {arch} model (text tower included): " + "; ".join(diff) if diff \
+            else None
+
+    def text_encoder(self, arch: str, checkpoint: Path, device: str, batch_size: int):
+        """`get_text_features` of the model with the checkpoint's weights, tokenized as the model was trained (SigLIP
+        pads to its full length, CLIP to the longest text)."""
+        import numpy as np
+        from transformers import AutoTokenizer
+
+        from ...core.errors import I2PError
+        from ..checkpoints import read_state_dict, strip_prefixes
+
+        with torch.device("meta"):
+            cls = type(_text_model(arch, required=True))
+        # transformers' own loader: it materialises what a meta-device build of the class (the checks) leaves
+        model, info = cls.from_pretrained(None, config=read_config(arch), output_loading_info=True,
+                                          state_dict=strip_prefixes(read_state_dict(Path(checkpoint))))
+        wrong = [f"{what}: {', '.join(sorted(keys)[:4])}" for what, keys in info.items() if keys]
+        if wrong:
+            raise I2PError(f"{checkpoint} is not the whole {arch} model ({'; '.join(wrong)})")
+        model = model.to(device).eval()
+        folder = config_path(arch).parent
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure of the tokenizer's files is this one problem
+            raise I2PError(f"no readable tokenizer beside {config_path(arch)} ({type(err).__name__}); save the "
+                           "model's processor (or tokenizer) there with save_pretrained") from err
+        text_config = getattr(model.config, "text_config", model.config)
+        length = int(getattr(text_config, "max_position_embeddings", 77))
+        padding = "max_length" if model.config.model_type.startswith("siglip") else "longest"
+
+        def embed(texts: list[str]) -> np.ndarray:
+            chunks = []
+            with torch.inference_mode():
+                for start in range(0, len(texts), batch_size):
+                    tokens = tokenizer(texts[start:start + batch_size], padding=padding, truncation=True,
+                                       max_length=length, return_tensors="pt").to(device)
+                    mask = None if padding == "max_length" else tokens.get("attention_mask")
+                    features = _text_features(model, tokens["input_ids"], mask)
+                    chunks.append(nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+            return np.concatenate(chunks) if chunks else np.zeros((0, self.text_width(arch)), np.float32)
+
+        return embed
+
     def propose(self, shapes: Shapes, head_in: int | None, source: Path, arch: str | None = None
                 ) -> Iterator[Candidate]:
         """An HF image model (CLIP, SigLIP, BLIP-2, ViT, DINOv2, ConvNeXt, Swin) by its embeddings' keys, built
@@ -489,6 +571,29 @@ class TransformersLibrary(BackboneLibrary):
 
 
 @functools.lru_cache(maxsize=16)
+def _text_model(arch: str, required: bool = False) -> nn.Module | None:
+    """The model `arch`'s config builds (random weights, on the current device), when it has a text tower
+    (`get_text_features`: CLIP, SigLIP); else None, or with `required` an error naming what it is."""
+    from transformers import AutoModel
+
+    from ...core.errors import I2PError
+
+    config = read_config(arch)
+    model = AutoModel.from_config(config)
+    if hasattr(model, "get_text_features"):
+        return model
+    if required:
+        raise I2PError(f"{config_path(arch)}: a {config.model_type} model has no text tower (get_text_features); "
+                       "give a CLIP or SigLIP model's folder")
+    return None
+
+
+def _text_features(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The projected text embedding, as transformers 4 (a tensor) and 5 (an output, its pooler_output) return it."""
+    out = model.get_text_features(input_ids=ids, **({"attention_mask": mask} if mask is not None else {}))
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 def _renamings(config_file: str) -> list:
     """transformers' own key renamings for the model a config describes (what `from_pretrained` applies to older
     names), read from the model built on the meta device; none when it has none or cannot be built."""
