@@ -131,3 +131,17 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 10, min_scale=0.1) == pytest.approx(0.1)
     assert warmup_cosine(30, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 90)))
+
+
+def test_the_configs_key_sets_are_its_dataclasses_fields():
+    """Issue 35, part 4: the keys a training config may hold come from the dataclasses that hold them (no copies to
+    keep in step); these are the documented keys."""
+    from kaggle_i2p.train.config import LORA_KEYS, STAGE_KEYS, TEXT_MAP_KEYS, TOP_KEYS
+
+    assert TOP_KEYS == {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision",
+                        "stages", "checkpoint_every", "log_every", "eval_at_start", "text_map"}
+    assert TEXT_MAP_KEYS == {"clip_arch", "clip_checkpoint", "ridge", "batch_size", "max_prompts"}
+    assert STAGE_KEYS == {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr",
+                          "weight_decay", "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources",
+                          "lora"}
+    assert LORA_KEYS == {"blocks", "rank", "alpha", "dropout", "modules"}

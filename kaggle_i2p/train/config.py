@@ -27,16 +27,10 @@ from ..manifest import (
     TrainPrecision,
     parse_tower,
 )
-from ..manifest.fields import defaults_of, entry_field, written_fields
+from ..manifest.fields import defaults_of, entry_field, entry_keys, written_fields
 from .lora import LoraSpec
 
-TOP_KEYS = {"work", "output", "seed", "cpu", "tower", "data", "loss", "optim", "ema", "precision", "stages",
-            "checkpoint_every", "log_every", "eval_at_start", "text_map"}
-TEXT_MAP_KEYS = {"clip_arch", "clip_checkpoint", "ridge", "batch_size", "max_prompts"}
 HEAD_INITS = ("random", "text_map")
-STAGE_KEYS = {"name", "epochs", "resolution", "head_only", "freeze_lowest", "batch_size", "lr", "weight_decay",
-              "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources", "lora"}
-LORA_KEYS = {"blocks", "rank", "alpha", "dropout", "modules"}
 
 
 class TrainConfigError(ManifestError):
@@ -130,9 +124,9 @@ class StageConfig:
     layer_decay: float
     warmup: float  # a fraction of the stage's steps if < 1, else a number of steps
     min_lr_scale: float
-    betas: tuple[float, float]
-    grad_clip: float
-    accumulation: int
+    betas: tuple[float, float] = entry_field(written=False)  # the optim section's, for every stage
+    grad_clip: float = entry_field(written=False)
+    accumulation: int = entry_field(written=False)
     work: Path | None = None  # the stage's own dataset folder (None: the run's `work`), validated on the run's
     sources: tuple[str, ...] | None = None  # only the index rows of these sources train (None: every row)
     lora: LoraSpec | None = None  # adapters on a block range, frozen below it, fully trained above it
@@ -142,24 +136,32 @@ class StageConfig:
 class TrainConfig:
     """A validated training config (paths resolved)."""
 
-    path: Path
-    raw: dict  # the file's mapping, kept in checkpoints so a resume can check it trains the same thing
+    path: Path = entry_field(written=False)
+    raw: dict = entry_field(written=False)  # the file's mapping, kept in checkpoints so a resume can check it
     work: Path
     output: Path
     seed: int
     cpu: bool
     tower: RegressorSpec  # its checkpoint is None: export writes it
-    init: Path | None  # None: random initialisation (`init: none`)
+    init: Path | None = entry_field(written=False)  # the tower's `init:`; None: random initialisation
     text_map: TextMapConfig | None  # `head.init: text_map`: the head starts as the CLIP-text -> MiniLM map
     data: DataConfig
     loss: LossConfig
-    ema_decay: float  # 0: no EMA
-    ema_warmup: bool
+    ema_decay: float = entry_field(written=False)  # the ema section's; 0: no EMA
+    ema_warmup: bool = entry_field(written=False)
     precision: TrainPrecision
     stages: tuple[StageConfig, ...]
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
     log_every: int
     eval_at_start: bool
+
+
+# The keys each part of a config file may hold, derived from the dataclasses that hold them (fields marked
+# written=False are filled from elsewhere: the optim section, the tower's head, the file itself).
+TOP_KEYS = entry_keys(TrainConfig) | {"optim", "ema"}  # the sections every stage and the EMA read their values from
+TEXT_MAP_KEYS = entry_keys(TextMapConfig)
+STAGE_KEYS = entry_keys(StageConfig)
+LORA_KEYS = entry_keys(LoraSpec)
 
 
 def _section(raw: Mapping, key: str, defaults: dict, problems: Problems) -> dict:
