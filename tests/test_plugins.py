@@ -98,6 +98,24 @@ def test_a_notebook_registered_library_and_kind_validate_and_predict(plugin, sam
     check_predictions(out, expected_vectors(sample_images, state, np.load(tmp_path / "m" / "anchor.npy")))
 
 
+def test_a_plugin_kind_of_the_old_after_encoding_signature_still_runs_and_is_told_the_new_one(
+        plugin, sample_images, tmp_path, monkeypatch):
+    """Issue 35, part 1: one `after_encoding(spec, outputs, context)`; a kind written for (spec, outputs, device,
+    progress) is called that way until 0.3.0, with a FutureWarning naming the new signature."""
+    def old(spec, outputs, device, progress):
+        pulled = outputs.astype(np.float64) + spec.mix * spec.anchor
+        return (pulled / np.linalg.norm(pulled, axis=1, keepdims=True)).astype(np.float32)
+
+    monkeypatch.setattr(plugin.KIND, "after_encoding", old)
+    manifest, state = plugin_manifest(tmp_path / "m")
+    out = tmp_path / "submission.csv"
+    with pytest.warns(FutureWarning, match=r"tower kind 'anchored': after_encoding\(spec, outputs, device, progress\) "
+                                           r"is the old signature; take \(spec, outputs, context\)"):
+        assert main(["predict", str(sample_images), "--manifest", str(manifest), "--out", str(out), "--device",
+                     "cpu", "--workers", "0", "--quiet"]) == 0
+    check_predictions(out, expected_vectors(sample_images, state, np.load(tmp_path / "m" / "anchor.npy")))
+
+
 def test_a_plugin_kind_is_written_rebased_and_keyed_by_its_field_marks(plugin, tmp_path):
     manifest, _ = plugin_manifest(tmp_path / "m")
     loaded = load_manifest(manifest)

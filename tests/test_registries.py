@@ -15,6 +15,7 @@ from kaggle_i2p.core.registry import KINDS, LIBRARIES
 from kaggle_i2p.inference.cache import PredictionCache
 from kaggle_i2p.inference.images import decode_image, make_view
 from kaggle_i2p.manifest import NetworkSpec, kind_of, load_manifest, save_manifest
+from kaggle_i2p.manifest.schema import EncodingContext
 from kaggle_i2p.models.backbones import library
 from kaggle_i2p.models.towers import build_tower, load_initial_weights, load_tower, validate_manifest
 from kaggle_i2p.testing import (
@@ -128,7 +129,7 @@ def test_a_prediction_on_the_kaggle_sample_is_the_towers_own_forward(name, kind,
             for view in spec.views:
                 views.append(tower(make_view(pixels, spec.image, view.resolution, view.flip)).numpy())
         if owner.has_step_after_encoding(spec):
-            after = owner.after_encoding(spec, np.concatenate(views), "cpu", False)
+            after = owner.after_encoding(spec, np.concatenate(views), EncodingContext("cpu"))
             views = np.split(after, len(spec.views))
         if not owner.gives_embeddings(spec):  # features: each view's raw output, as the run keeps it
             for view, want in zip(spec.views, views, strict=True):

@@ -88,7 +88,7 @@ class Anchored(TowerKind):
     def has_step_after_encoding(self, spec: AnchoredSpec) -> bool:
         return True
 
-    def after_encoding(self, spec: AnchoredSpec, outputs: np.ndarray, device, progress: bool) -> np.ndarray:
+    def after_encoding(self, spec: AnchoredSpec, outputs: np.ndarray, context) -> np.ndarray:
         pulled = outputs.astype(np.float64) + spec.mix * spec.anchor
         return (pulled / np.linalg.norm(pulled, axis=1, keepdims=True)).astype(np.float32)
 

@@ -34,6 +34,7 @@ from ..core.errors import OptionError, OutputError
 from ..core.fileio import check_distinct_outputs, check_writable_file, probe_folder
 from ..core.resources import DEFAULT_MANIFEST
 from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
+from ..manifest.schema import EncodingContext, run_after_encoding
 from ..models.towers import checkpoint_fit, load_tower, validate_manifest
 from .cache import PredictionCache, Shard, image_key
 from .devices import resolve_compile, resolve_device, resolve_devices, resolve_precision  # noqa: F401 - as before
@@ -449,13 +450,11 @@ def after_encoding(setup: RunSetup, outputs: RunOutputs, progress: bool) -> None
         views = outputs.views[spec.name]
         stored = np.concatenate([outputs.values[spec.name][v] for v in views])
         found = np.isfinite(stored).all(axis=1)
-        source = kind.text_source(spec)
-        if source is None:
-            embedded = kind.after_encoding(spec, stored[found], setup.device, progress)
-        else:  # another tower's texts, its first view's, one per image, repeated for each of this tower's views
-            texts = outputs.texts[source][outputs.views[source][0]] * len(views)
-            embedded = kind.after_encoding(spec, stored[found], setup.device, progress,
-                                           texts=[t for t, keep in zip(texts, found, strict=True) if keep])
+        source, texts = kind.text_source(spec), None
+        if source is not None:  # another tower's texts, its first view's, one per image, repeated for each view
+            texts = [t for t, keep in zip(outputs.texts[source][outputs.views[source][0]] * len(views), found,
+                                          strict=True) if keep]
+        embedded = run_after_encoding(kind, spec, stored[found], EncodingContext(setup.device, progress, texts))
         rows = np.full((len(stored), dim), np.nan, dtype=np.float32)
         rows[found] = embedded
         for i, view in enumerate(views):

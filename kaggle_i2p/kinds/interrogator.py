@@ -28,7 +28,7 @@ from ..core.registry import register_kind
 from ..core.validate import expand_path, is_int, resolve_file
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import DEFAULT_EMBEDDING_DIM, NetworkSpec, TowerKind
+from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
 
 Pick = Literal["best", "mean"]
 PICKS: tuple[str, ...] = get_args(Pick)
@@ -273,9 +273,8 @@ class InterrogatorKind(TowerKind):
     def text_source(self, spec: InterrogatorSpec) -> str | None:
         return spec.interrogator.base
 
-    def after_encoding(self, spec: InterrogatorSpec, outputs: np.ndarray, device: str | torch.device,
-                       progress: bool, texts: list[str] | None = None) -> np.ndarray:
-        return interrogate(spec.interrogator, outputs, device, texts)[0]
+    def after_encoding(self, spec: InterrogatorSpec, outputs: np.ndarray, context: EncodingContext) -> np.ndarray:
+        return interrogate(spec.interrogator, outputs, context.device, context.texts)[0]
 
 
 def _parse_banks(raw: Any, templates: list, where: str, ctx: ParseContext) -> tuple[Path | None, int]:

@@ -38,7 +38,7 @@ from ..core.registry import register_kind
 from ..core.validate import Problems, expand_path, is_int, is_number
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import DEFAULT_EMBEDDING_DIM, NetworkSpec, TowerKind
+from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
 from ..models.checkpoints import content_identity
 
 Score = Literal["logits", "embedding"]
@@ -204,10 +204,9 @@ class RetrievalKind(TowerKind):
     def has_step_after_encoding(self, spec: RetrievalSpec) -> bool:
         return spec.retrieval.searches_bank
 
-    def after_encoding(self, spec: RetrievalSpec, outputs: np.ndarray, device: str | torch.device,
-                       progress: bool) -> np.ndarray:
+    def after_encoding(self, spec: RetrievalSpec, outputs: np.ndarray, context: EncodingContext) -> np.ndarray:
         """The bank pass: every query of the run against the bank at once (or through its index)."""
-        return search_bank(spec.retrieval, outputs, device, progress)
+        return search_bank(spec.retrieval, outputs, context.device, context.progress)
 
 
 def parse_retrieval_section(raw: Any, where: str, ctx: ParseContext) -> RetrievalOptions | None:

@@ -342,11 +342,40 @@ class TowerKind:
         """The texts the tower's forwards made since the last call, one per image, in order; then forgotten."""
         return []
 
-    def after_encoding(self, spec: NetworkSpec, outputs: np.ndarray, device: str | torch.device,
-                       progress: bool) -> np.ndarray:
+    def after_encoding(self, spec: NetworkSpec, outputs: np.ndarray, context: EncodingContext) -> np.ndarray:
         """The step after encoding: (rows, forward_dim) outputs of every image and view (finite rows only) to
-        (rows, embedding_dim) unit embeddings, all at once (a retrieval tower's one pass over its bank)."""
+        (rows, embedding_dim) unit embeddings, all at once (a retrieval tower's one pass over its bank); `context`
+        holds the device, whether to show progress, and the texts of the tower `text_source` names, a row each."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EncodingContext:
+    """What the step after encoding is given besides the outputs: where it runs, whether it shows progress, and
+    (for a kind with a `text_source`) that tower's text for each output row."""
+
+    device: str | torch.device = "cpu"
+    progress: bool = False
+    texts: list[str] | None = None
+
+
+OLD_AFTER_ENCODING = ("device", "progress")  # a plugin's after_encoding(spec, outputs, device, progress), until 0.3.0
+
+
+def run_after_encoding(kind: TowerKind, spec: NetworkSpec, outputs: np.ndarray, context: EncodingContext
+                       ) -> np.ndarray:
+    """`kind.after_encoding` with its context; a plugin kind written for the old signature (device, progress as
+    arguments) is called that way, with a FutureWarning naming the new one."""
+    import inspect
+    import warnings
+
+    names = list(inspect.signature(kind.after_encoding).parameters)
+    if names[2:4] == list(OLD_AFTER_ENCODING):
+        warnings.warn(f"tower kind {kind.name!r}: after_encoding(spec, outputs, device, progress) is the old "
+                      "signature; take (spec, outputs, context) with context.device, .progress and .texts (the old "
+                      "one goes in kaggle_i2p 0.3.0)", FutureWarning, stacklevel=2)
+        return kind.after_encoding(spec, outputs, context.device, context.progress)
+    return kind.after_encoding(spec, outputs, context)
 
 
 def arch_is_path(library: object, arch: str) -> bool:
