@@ -189,3 +189,22 @@ def test_an_installed_plugin_is_found_through_its_entry_points(tmp_path, sample_
     assert json.loads(listed.stdout) == [["timm", "open_clip", "transformers", "export", "torchscript", "onnx",
                                           "meanrgb"], ["regressor", "retrieval", "prior", "caption", "interrogator",
                                                        "features", "fusion", "anchored"]]
+
+
+def test_the_package_own_are_listed_without_importing_and_imported_one_at_a_time():
+    """Issue 35, part 3: the built-ins are declared as plugins are ("module:attribute"); listing the names, or
+    checking one, imports nothing, and asking for one imports its module alone."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from kaggle_i2p.core.registry import KINDS, LIBRARIES\n"
+             "names = LIBRARIES.names(), KINDS.names(), 'timm' in LIBRARIES, 'fusion' in KINDS\n"
+             "mods = lambda: sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+             "                      if m.startswith(('kaggle_i2p.models.backbones.', 'kaggle_i2p.kinds.')))\n"
+             "print(names); print(mods()); LIBRARIES.get('timm'); print(mods())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == ("(('timm', 'open_clip', 'transformers', 'export', 'torchscript', 'onnx'), ('regressor', "
+                      "'retrieval', 'prior', 'caption', 'interrogator', 'features', 'fusion'), True, True)")
+    assert out[1] == "[]"  # nothing imported by listing
+    assert "timm_models" in out[2] and "open_clip_models" not in out[2] and "transformers_models" not in out[2]
