@@ -134,7 +134,7 @@ class TowerRunner:
         for level, lower in zip(levels, levels[1:], strict=False):
             out = self._forward_chunked(images, level)
             present = self._present_rows(len(out))
-            if torch.isfinite(out[present]).all():
+            if torch.isfinite(out if present is None else out[present.to(out.device)]).all():
                 return out
             self.nonfinite_recomputes += 1
             log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
@@ -142,14 +142,13 @@ class TowerRunner:
         self._present_rows(len(out))
         return out
 
-    def _present_rows(self, rows: int) -> torch.Tensor:
-        """The rows of the last attempt that carry a value (all but a text-making tower's rows without a text),
-        its texts kept in `last_texts` (an earlier attempt's, at another precision, forgotten)."""
+    def _present_rows(self, rows: int) -> torch.Tensor | None:
+        """The rows of the last attempt that carry a value: None for all (a tower that makes no texts); else those
+        of a text-making tower with a text, its texts kept in `last_texts` (an earlier attempt's forgotten)."""
         if not self.kind.makes_texts:
-            return torch.ones(rows, dtype=torch.bool)
+            return None
         self.last_texts = self._take_texts()
-        return torch.tensor([bool(text) for text in self.last_texts], dtype=torch.bool) if self.last_texts \
-            else torch.ones(rows, dtype=torch.bool)
+        return torch.tensor([bool(text) for text in self.last_texts], dtype=torch.bool) if self.last_texts else None
 
     def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
         """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
