@@ -145,3 +145,30 @@ def test_the_configs_key_sets_are_its_dataclasses_fields():
                           "weight_decay", "optimizer", "layer_decay", "warmup", "min_lr_scale", "work", "sources",
                           "lora"}
     assert LORA_KEYS == {"blocks", "rank", "alpha", "dropout", "modules"}
+
+
+def test_the_simple_sections_are_checked_from_their_annotations(tmp_path):
+    """Issue 35, part 4: the data, loss and ema sections are validated from their dataclasses' annotations and
+    marks (bool, int and float bounds, optional values, [low, high] pairs), every problem named at once."""
+    from kaggle_i2p.testing import toy_training_config
+    from kaggle_i2p.train.config import TrainConfigError, parse_train_config
+
+    config = toy_training_config(tmp_path / "work", tmp_path / "out")
+    good = parse_train_config(config, tmp_path / "train.yaml", check_files=False)
+    assert good.data.eval_batch_size == 2 * good.data.batch_size and good.data.hflip is False
+    config["data"] = {"batch_size": 0, "hflip": "no", "crop_scale": [0.9, 0.5], "color_jitter": 2,
+                      "max_val_images": None, "surprise": 1}
+    config["loss"] = {"margin": -2}
+    config["ema"] = {"decay": 1.0, "warmup": 1}
+    with pytest.raises(TrainConfigError) as caught:
+        parse_train_config(config, tmp_path / "train.yaml", check_files=False)
+    problems = caught.value.problems
+    for line in ("data.batch_size: 0 must be an integer >= 1", "data.hflip: 'no' must be true or false",
+                 "data.crop_scale: [0.9, 0.5] must be [low, high] with 0 < low <= high",
+                 "data.color_jitter: 2 must be a number >= 0.0 and <= 1.0", "data.surprise: unknown key; allowed: ",
+                 "loss.margin: -2 must be a number >= -1.0", "ema.decay: 1.0 must be a number >= 0.0 and < 1.0",
+                 "ema.warmup: 1 must be true or false"):
+        assert any(p.startswith(line) for p in problems), (line, problems)
+    config["data"], config["loss"], config["ema"] = {"max_val_images": None}, None, {"decay": None}
+    loaded = parse_train_config(config, tmp_path / "train.yaml", check_files=False)
+    assert loaded.data.max_val_images is None and loaded.ema_decay == 0.0 and loaded.loss.margin == 0.0

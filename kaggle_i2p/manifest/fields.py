@@ -6,7 +6,9 @@ allowed keys, the writer (`entry_dict`), path rebasing (`path_keys`) and the cac
 Marks: `key` (the entry's key, when it is not the field's name), `path` (written relative to the manifest's folder;
 "arch" for an `arch` that is a path only when its library says so), `identity` (False: it does not change the
 tower's outputs, so the cache key leaves it out), `written` (False: read from elsewhere, e.g. a bank's row count),
-`sparse` (written only when it differs from the default), `section` (a nested spec class with marks of its own).
+`sparse` (written only when it differs from the default), `section` (a nested spec class with marks of its own),
+`bounds` ((low, high) of a number; high None: none; `high_open`: the high bound itself excluded), from which
+`checked_fields` derives a section's validation with its annotations.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ _MARKS = "kaggle_i2p"
 
 def entry_field(default: Any = dataclasses.MISSING, *, key: str | None = None, path: bool | str = False,
                 identity: bool = True, written: bool = True, sparse: bool = False, section: type | None = None,
-                **kwargs: Any) -> Any:
+                bounds: tuple[float, float | None] | None = None, high_open: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with its manifest marks (see the module's docstring)."""
     marks = {"key": key, "path": path, "identity": identity, "written": written, "sparse": sparse,
-             "section": section}
+             "section": section, "bounds": bounds, "high_open": high_open}
     return dataclasses.field(default=default, metadata={_MARKS: marks}, **kwargs)
 
 
@@ -33,7 +35,8 @@ def marks(field: dataclasses.Field) -> dict:
     found = field.metadata.get(_MARKS) or {}
     return {"key": found.get("key") or field.name, "path": found.get("path", False),
             "identity": found.get("identity", True), "written": found.get("written", True),
-            "sparse": found.get("sparse", False), "section": found.get("section")}
+            "sparse": found.get("sparse", False), "section": found.get("section"), "bounds": found.get("bounds"),
+            "high_open": found.get("high_open", False)}
 
 
 def written_fields(cls: type) -> list[tuple[dataclasses.Field, dict]]:
@@ -115,3 +118,62 @@ def identity_dict(cls: type, entry: dict) -> dict:
 def path_keys(cls: type) -> list[tuple[str, bool | str, type | None]]:
     """(key, path mark, section class) of every field that is a path or holds paths, for rebasing raw entries."""
     return [(m["key"], m["path"], m["section"]) for _, m in written_fields(cls) if m["path"] or m["section"]]
+
+
+def checked_fields(cls: type, raw: Any, where: str, problems: Any) -> dict[str, Any]:
+    """A config section of dataclass `cls` (every field with a default), as {field: value}: each key checked as
+    its annotation and marks say (bool, int, float and their `bounds`, an `X | None`, a `tuple[float, float]`
+    [low, high] pair, a Literal's choices), an unknown key or a non-mapping reported; a bad value is one problem
+    naming `where.key` and the default stands in for it."""
+    import typing
+    from collections.abc import Mapping
+
+    from ..core.validate import is_int, is_number
+
+    hints = typing.get_type_hints(cls)
+    fields = written_fields(cls)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.add(where, f"must be a mapping with keys {', '.join(sorted(m['key'] for _, m in fields))}")
+        raw = {}
+    problems.unknown_keys(raw, {m["key"] for _, m in fields}, where)
+    out = {}
+    for field, mark in fields:
+        key, default = mark["key"], field.default
+        value = raw.get(key, default)
+        kind, at = hints[field.name], f"{where}.{key}"
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            out[field.name] = None
+            continue
+        if type(None) in args:  # X | None with a value: X
+            kind = next(a for a in args if a is not type(None))
+        low, high = mark["bounds"] or ((0.0 if kind is float else 0), None)
+        if kind is bool:
+            ok = isinstance(value, bool)
+            problem = f"{value!r} must be true or false"
+        elif kind is int:
+            ok = is_int(value) and value >= low and (high is None or value <= high)
+            problem = f"{value!r} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+        elif kind is float:
+            above = high is None or value < high or (value == high and not mark["high_open"]) if is_number(value) \
+                else False
+            ok = is_number(value) and value >= low and above
+            bound = f" and {'<' if mark['high_open'] else '<='} {high}" if high is not None else ""
+            problem = f"{value!r} must be a number >= {low}{bound}"
+        elif typing.get_origin(kind) is tuple:
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) and v > 0 for v in value) \
+                and value[0] <= value[1]
+            problem = f"{value!r} must be [low, high] with 0 < low <= high"
+            value = tuple(float(v) for v in value) if ok else value
+        elif typing.get_origin(kind) is typing.Literal:
+            ok = value in typing.get_args(kind)
+            problem = f"{value!r} is not one of {', '.join(map(str, typing.get_args(kind)))}"
+        else:
+            ok, problem = True, ""
+        if not ok:
+            problems.add(at, problem)
+            value = default
+        out[field.name] = float(value) if kind is float and value is not None else value
+    return out

@@ -10,7 +10,7 @@ environment.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..manifest import (
     TrainPrecision,
     parse_tower,
 )
-from ..manifest.fields import defaults_of, entry_field, entry_keys, written_fields
+from ..manifest.fields import checked_fields, defaults_of, entry_field, entry_keys, written_fields
 from .lora import LoraSpec
 
 HEAD_INITS = ("random", "text_map")
@@ -44,14 +44,14 @@ class DataConfig:
     run may change it)."""
 
     val_fold: int = 0
-    batch_size: int = 32
-    eval_batch_size: int | None = entry_field(None, identity=False)  # None: twice the batch size
+    batch_size: int = entry_field(32, bounds=(1, None))
+    eval_batch_size: int | None = entry_field(None, identity=False, bounds=(1, None))  # None: twice the batch size
     num_workers: int = entry_field(4, identity=False)
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1.1)
-    color_jitter: float = 0.0
+    color_jitter: float = entry_field(0.0, bounds=(0.0, 1.0))
     hflip: bool = False
-    max_val_images: int | None = None
+    max_val_images: int | None = entry_field(None, bounds=(1, None))
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class LossConfig:
     """Cosine embedding loss: 1 - cos to the target, optional in-batch negatives over `margin`, optional MSE; its
     fields are the `loss:` section's keys and defaults."""
 
-    margin: float = 0.0
+    margin: float = entry_field(0.0, bounds=(-1.0, None))
     negative_weight: float = 0.0
     mse_weight: float = 0.0
 
@@ -84,7 +84,7 @@ class OptimSection:
 class EmaSection:
     """The `ema:` section's keys and defaults (decay 0: no EMA)."""
 
-    decay: float = 0.9998
+    decay: float | None = entry_field(0.9998, bounds=(0.0, 1.0), high_open=True)  # 0 or null: no EMA
     warmup: bool = True
 
 
@@ -101,8 +101,7 @@ class TextMapConfig:
     max_prompts: int | None = None
 
 
-DATA_DEFAULTS, LOSS_DEFAULTS = defaults_of(DataConfig), defaults_of(LossConfig)
-OPTIM_DEFAULTS, EMA_DEFAULTS = defaults_of(OptimSection), defaults_of(EmaSection)
+OPTIM_DEFAULTS = defaults_of(OptimSection)
 # Keys that change how a run is operated, not what it computes: a resumed run may change them.
 OPERATIONAL = {("data", m["key"]) for _, m in written_fields(DataConfig) if not m["identity"]} | {
     ("checkpoint_every",), ("log_every",)}
@@ -445,28 +444,15 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
         except KeyError as err:
             problems.add("output", f"environment variable {err.args[0]} is not set; export it")
 
-    data_raw = _section(data, "data", DATA_DEFAULTS, problems)
-    batch_size = _int(data_raw["batch_size"], "data.batch_size", problems, minimum=1)
-    max_val = data_raw["max_val_images"]
-    data_config = DataConfig(
-        val_fold=_int(data_raw["val_fold"], "data.val_fold", problems),
-        batch_size=batch_size,
-        eval_batch_size=_int(data_raw["eval_batch_size"] or 2 * batch_size, "data.eval_batch_size", problems, 1),
-        num_workers=_int(data_raw["num_workers"], "data.num_workers", problems),
-        crop_scale=_pair(data_raw["crop_scale"], "data.crop_scale", problems),
-        crop_ratio=_pair(data_raw["crop_ratio"], "data.crop_ratio", problems),
-        color_jitter=_number(data_raw["color_jitter"], "data.color_jitter", problems, high=1.0),
-        hflip=bool(data_raw["hflip"]),
-        max_val_images=None if max_val is None else _int(max_val, "data.max_val_images", problems, minimum=1),
-    )
+    data_config = DataConfig(**checked_fields(DataConfig, data.get("data"), "data", problems))  # from its annotations
+    if data_config.eval_batch_size is None:
+        data_config = replace(data_config, eval_batch_size=2 * data_config.batch_size)
     if data_config.crop_scale[1] > 1:
         problems.add("data.crop_scale", "is a fraction of the image area: at most 1.0")
-    loss_raw = _section(data, "loss", LOSS_DEFAULTS, problems)
-    loss = LossConfig(**{k: _number(v, f"loss.{k}", problems, low=-1.0 if k == "margin" else 0.0)
-                         for k, v in loss_raw.items()})
+    loss = LossConfig(**checked_fields(LossConfig, data.get("loss"), "loss", problems))
     optim = _section(data, "optim", OPTIM_DEFAULTS, problems)
-    ema = _section(data, "ema", EMA_DEFAULTS, problems)
-    ema_decay = _number(ema["decay"] or 0.0, "ema.decay", problems, high=1.0, high_open=True)
+    ema = checked_fields(EmaSection, data.get("ema"), "ema", problems)
+    ema_decay = ema["decay"] or 0.0
 
     stages_raw = data.get("stages")
     stages: list[StageConfig] = []
