@@ -21,7 +21,9 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# (setuptools' note that an editable install reads the checkout's folder is the point of one: not shown)
+	PYTHONWARNINGS=ignore::UserWarning:setuptools.command.editable_wheel \
+		$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 demo: $(STAMP)
