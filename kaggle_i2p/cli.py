@@ -405,17 +405,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                     repeats=args.repeats, sample_dir=args.sample_dir)
     print(plan.to_json() if args.json else plan.report())
     if args.out is not None and not plan.fits:
-        from .inference.plan import trimmed_manifest
+        from .inference.plan import trimmed_manifest, write_trimmed
         from .manifest import as_manifest
-        from .manifest.write import write_manifest
 
-        data, changes = trimmed_manifest(as_manifest(args.manifest), plan, args.out)
+        manifest = as_manifest(args.manifest)
+        data, _ = trimmed_manifest(manifest, plan, args.out)
         stream = sys.stderr if args.json else sys.stdout
         if not any(t.get("weight", 0) > 0 for t in data["towers"]):
             print(f"nothing written to {args.out}: no view fits (start-up and decoding alone exceed the budget)",
                   file=stream)
         else:
-            write_manifest(data, args.out)
+            changes = write_trimmed(manifest, plan, args.out)  # the user's file, its comments kept
             print(f"wrote {args.out}: " + "; ".join(changes), file=stream)
     return 0 if plan.fits else 3  # a run that does not fit the budget is not a success a script may take for one
 

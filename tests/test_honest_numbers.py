@@ -80,10 +80,15 @@ def test_plan_out_writes_the_manifest_that_fits(toy_manifest, tmp_path, capsys, 
     monkeypatch.setattr(plan_module.RunPlan, "total_s",
                         lambda self, views=None: float(len(self.views if views is None else views)) / 2)
     out = tmp_path / "trimmed.yaml"
-    assert main(["plan", "--manifest", str(toy_manifest), "--device", "cpu", "--repeats", "1", "--workers", "0",
+    commented = toy_manifest.parent / "commented_plan.yaml"  # the user's own file: its comments are kept
+    commented.write_text("# my towers for the 9 h run\n" + toy_manifest.read_text().replace(
+        "weight: 0.6", "weight: 0.6  # the best one"))
+    assert main(["plan", "--manifest", str(commented), "--device", "cpu", "--repeats", "1", "--workers", "0",
                  "--out", str(out)]) == 3
     said = capsys.readouterr().out
     assert f"wrote {out}" in said
+    written = out.read_text()
+    assert written.startswith("# my towers for the 9 h run\n") and "  # the best one" in written
     trimmed = load_manifest(out)
     views = [(t.name, v.name) for t in trimmed.towers if t.weight > 0 for v in t.views]
     assert len(views) <= 2 and views  # at most 1.0 s of budget at 0.5 s a view

@@ -155,12 +155,20 @@ def trimmed_manifest(manifest: Manifest, plan: RunPlan, out: Path) -> tuple[dict
     resolution from its list, `hflip: false`, a normalisation from `norms`; a tower left with no resolution gets
     weight 0 (not run, unless another tower reads it). Returns the data and a line per change."""
     data = manifest.to_dict(out.resolve().parent)
+    return data, drop_units(data, manifest, plan)
+
+
+def drop_units(data: dict, manifest: Manifest, plan: RunPlan) -> list[str]:
+    """Leave out, in manifest data (plain, or a user's file as read for a round trip), the units the plan drops;
+    a line per change."""
+    from ..manifest.write import as_written
+
     entries = {entry["name"]: entry for entry in data["towers"]}
     changes = []
     for tower, unit, _ in plan.unit_drops(manifest):
         image = entries[tower]["image"]
         if unit.startswith("resolution "):
-            image["resolutions"] = [r for r in image["resolutions"] if r != int(unit.split()[1])]
+            image["resolutions"] = as_written([r for r in image["resolutions"] if r != int(unit.split()[1])])
         elif unit == "hflip":
             image["hflip"] = False
         else:
@@ -169,11 +177,30 @@ def trimmed_manifest(manifest: Manifest, plan: RunPlan, out: Path) -> tuple[dict
         image.pop("view_weights", None)  # its views changed: equal weights over those left
         changes.append(f"{tower}: {unit} left out")
     for tower, entry in entries.items():
-        if not entry["image"].get("resolutions"):
-            entry["image"]["resolutions"] = [manifest_spec_resolution(manifest, tower)]
+        if "image" in entry and not entry["image"].get("resolutions"):
+            entry["image"]["resolutions"] = as_written([manifest_spec_resolution(manifest, tower)])
             entry["weight"] = 0
             changes.append(f"{tower}: every view left out: weight 0")
-    return data, changes
+    return changes
+
+
+def write_trimmed(manifest: Manifest, plan: RunPlan, out: Path) -> list[str]:
+    """`out`: the manifest file with the plan's drops, its comments and layout kept (a manifest built in memory,
+    with no file, written whole); validated as read from `out`, then written atomically."""
+    from ..manifest.write import edit_manifest, rebase_manifest_paths, write_manifest
+
+    changes: list[str] = []
+
+    def trim(data: dict) -> None:
+        rebase_manifest_paths(data, manifest.path.resolve().parent, out.resolve().parent)
+        changes.extend(drop_units(data, manifest, plan))
+
+    if manifest.path.is_file():
+        edit_manifest(manifest.path, trim, out)
+    else:
+        data, changes = trimmed_manifest(manifest, plan, out)
+        write_manifest(data, out)
+    return changes
 
 
 def manifest_spec_resolution(manifest: Manifest, tower: str) -> int:
