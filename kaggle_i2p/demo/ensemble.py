@@ -76,7 +76,11 @@ def _step(number: int, what: str) -> Iterator[None]:
     """One numbered build step, said when it starts and with its measured time when it ends."""
     print(f"kaggle_i2p:   {number}/3 {what} ...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    yield
+    try:
+        yield
+    except BaseException:
+        print(" stopped", file=sys.stderr, flush=True)  # the error's own message on a line of its own
+        raise
     print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
