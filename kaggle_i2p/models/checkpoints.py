@@ -378,6 +378,19 @@ def sha256_mismatch(source: Source, expected: str | None) -> str | None:
     return None if actual.lower() == expected.lower() else actual
 
 
+def whole_model_problem(expected: Mapping[str, torch.Tensor], checkpoint: Path, what: str, give: str) -> str | None:
+    """Why `checkpoint` is not `what` (a whole model: its keys and shapes against `expected`, read without the
+    weights), ending in what to `give` when it cannot be read at all; None when it fits."""
+    try:
+        shapes = checkpoint_shapes(Path(checkpoint))
+    except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: {lines[0] if lines else ''}); "
+                f"give {give}")
+    diff = key_diff(expected, shapes, limit=4)
+    return f"{checkpoint} is not {what} (text tower included): " + "; ".join(diff) if diff else None
+
+
 def key_diff(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], limit: int = 8) -> list[str]:
     """How a checkpoint's keys and shapes differ from a model's, one line each (empty when they fit), with hints."""
     missing = sorted(set(expected) - set(got))

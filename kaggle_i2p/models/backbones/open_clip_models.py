@@ -174,7 +174,7 @@ class OpenClipLibrary(BackboneLibrary):
         """`checkpoint` against the whole CLIP `arch` (both towers), from its keys and shapes alone."""
         import open_clip
 
-        from ..checkpoints import checkpoint_shapes, key_diff
+        from ..checkpoints import whole_model_problem
 
         try:
             config = open_clip_config(arch)
@@ -182,16 +182,8 @@ class OpenClipLibrary(BackboneLibrary):
                 expected = open_clip.model.CLIP(**{k: v for k, v in config.items() if k in CLIP_KEYS}).state_dict()
         except Exception as err:  # noqa: BLE001 - an unknown name or a damaged config is one problem
             return f"cannot build open_clip {arch!r}: {err}"
-        try:
-            shapes = checkpoint_shapes(Path(checkpoint))
-        except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: "
-                    f"{lines[0] if lines else ''}); give the whole open_clip CLIP file (.safetensors or .pt)")
-        diff = key_diff(expected, shapes, limit=4)
-        if diff:
-            return f"{checkpoint} is not a whole open_clip {arch} checkpoint (text tower included): " + "; ".join(diff)
-        return None
+        return whole_model_problem(expected, checkpoint, f"a whole open_clip {arch} checkpoint",
+                                   "the whole open_clip CLIP file (.safetensors or .pt)")
 
     def text_encoder(self, arch: str, checkpoint: Path, device: str, batch_size: int):
         """open_clip's `encode_text` of the whole CLIP (built with no pretrained tag) and its SimpleTokenizer."""

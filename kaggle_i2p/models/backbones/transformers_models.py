@@ -482,22 +482,15 @@ class TransformersLibrary(BackboneLibrary):
 
     def text_problem(self, arch: str, checkpoint: Path) -> str | None:
         """`checkpoint` (the folder or its weights) against the model `arch` builds, from its keys and shapes."""
-        from ..checkpoints import checkpoint_shapes, key_diff
+        from ..checkpoints import whole_model_problem
 
         try:
             with torch.device("meta"):
                 expected = _text_model(arch, required=True).state_dict()
         except Exception as err:  # noqa: BLE001 - a config that builds no text tower is one problem
             return str(err)
-        try:
-            shapes = checkpoint_shapes(Path(checkpoint))
-        except Exception as err:  # noqa: BLE001 - junk bytes, a truncated file, a refused pickle
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            return (f"{checkpoint} cannot be read as a checkpoint ({type(err).__name__}: "
-                    f"{lines[0] if lines else ''}); give the model's save_pretrained folder")
-        diff = key_diff(expected, shapes, limit=4)
-        return f"{checkpoint} is not the whole {arch} model (text tower included): " + "; ".join(diff) if diff \
-            else None
+        return whole_model_problem(expected, checkpoint, f"the whole {arch} model",
+                                   "the model's save_pretrained folder")
 
     def text_encoder(self, arch: str, checkpoint: Path, device: str, batch_size: int):
         """`get_text_features` of the model with the checkpoint's weights, tokenized as the model was trained (SigLIP
