@@ -163,14 +163,16 @@ def _labelled_run(args: argparse.Namespace, check_folds: bool = False):
     return setup.manifest, run, targets, folds, paths
 
 
-def _write_report(args: argparse.Namespace, labelled: tuple, evaluation, tuning=None) -> None:
-    """The --report page, after the text report (which it never replaces); its path printed."""
+def _write_report(args: argparse.Namespace, labelled: tuple, evaluation=None, tuning=None) -> None:
+    """The --report page, after the text report (which it never replaces); its path printed. A tuning's page
+    evaluates the run here, only when a page is asked for."""
     if args.report is None:
         return
-    from .tuning.evaluate import read_prompts
+    from .tuning.evaluate import evaluate_run, read_prompts
     from .tuning.report import build_report
 
     manifest, run, targets, _, paths = labelled
+    evaluation = evaluation or evaluate_run(run, manifest, targets)
     prompts = read_prompts(args.prompts)["prompt"].astype(str).to_dict() if args.prompts else None
     page = build_report(run, manifest, targets, evaluation, tuning, prompts, paths).write(args.report)
     print(f"wrote {page}", file=sys.stderr if args.json else sys.stdout)
@@ -206,7 +208,7 @@ def _parser_tune(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .core.fileio import check_writable_file
-    from .tuning.evaluate import evaluate_run, tune_run, write_tuned_manifest
+    from .tuning.evaluate import tune_run, write_tuned_manifest
 
     check_writable_file(args.out)  # before the compute, like every output
     labelled = _labelled_run(args, check_folds=True)
@@ -216,7 +218,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     written = write_tuned_manifest(manifest.path, args.out, report, fitted)
     if not args.json:
         print(f"wrote {written}")
-    _write_report(args, labelled, evaluate_run(run, manifest, targets), report)
+    _write_report(args, labelled, tuning=report)
     return 0
 
 
