@@ -466,16 +466,14 @@ class TransformersLibrary(BackboneLibrary):
         if not config_path(arch).is_file():
             return False
         try:
-            with torch.device("meta"):
-                return _text_model(arch) is not None
+            return _text_model_class(arch)[0] is not None
         except Exception:  # noqa: BLE001 - not a config this library reads as a text tower
             return False
 
     def text_width(self, arch: str) -> int:
         """From the config: CLIP projects to `projection_dim`; SigLIP's text head to `projection_size` (its width by
         default)."""
-        with torch.device("meta"):
-            config = _text_model(arch, required=True).config
+        config = _text_model_class(arch, required=True)[1]
         text = getattr(config, "text_config", config)
         return int(getattr(config, "projection_dim", None) or getattr(text, "projection_size", None)
                    or text.hidden_size)
@@ -485,8 +483,9 @@ class TransformersLibrary(BackboneLibrary):
         from ..checkpoints import whole_model_problem
 
         try:
+            cls, config = _text_model_class(arch, required=True)
             with torch.device("meta"):
-                expected = _text_model(arch, required=True).state_dict()
+                expected = cls(config).state_dict()
         except Exception as err:  # noqa: BLE001 - a config that builds no text tower is one problem
             return str(err)
         return whole_model_problem(expected, checkpoint, f"the whole {arch} model",
@@ -501,10 +500,9 @@ class TransformersLibrary(BackboneLibrary):
         from ...core.errors import I2PError
         from ..checkpoints import read_state_dict, strip_prefixes
 
-        with torch.device("meta"):
-            cls = type(_text_model(arch, required=True))
+        cls, config = _text_model_class(arch, required=True)
         # transformers' own loader: it materialises what a meta-device build of the class (the checks) leaves
-        model, info = cls.from_pretrained(None, config=read_config(arch), output_loading_info=True,
+        model, info = cls.from_pretrained(None, config=config, output_loading_info=True,
                                           state_dict=strip_prefixes(read_state_dict(Path(checkpoint))))
         wrong = [f"{what}: {', '.join(sorted(keys)[:4])}" for what, keys in info.items() if keys]
         if wrong:
@@ -564,21 +562,21 @@ class TransformersLibrary(BackboneLibrary):
 
 
 @functools.lru_cache(maxsize=16)
-def _text_model(arch: str, required: bool = False) -> nn.Module | None:
-    """The model `arch`'s config builds (random weights, on the current device), when it has a text tower
-    (`get_text_features`: CLIP, SigLIP); else None, or with `required` an error naming what it is."""
-    from transformers import AutoModel
+def _text_model_class(arch: str, required: bool = False) -> tuple[type | None, Any]:
+    """(the class `AutoModel` builds for `arch`'s config when it has a text tower (`get_text_features`: CLIP,
+    SigLIP), found without building it, else None, or with `required` an error naming what it is; the config)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     from ...core.errors import I2PError
 
     config = read_config(arch)
-    model = AutoModel.from_config(config)
-    if hasattr(model, "get_text_features"):
-        return model
-    if required:
+    found = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else ()
+    classes = found if isinstance(found, (list, tuple)) else (found,)
+    chosen = next((cls for cls in classes if hasattr(cls, "get_text_features")), None)
+    if chosen is None and required:
         raise I2PError(f"{config_path(arch)}: a {config.model_type} model has no text tower (get_text_features); "
                        "give a CLIP or SigLIP model's folder")
-    return None
+    return chosen, config
 
 
 def _text_features(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
