@@ -37,13 +37,15 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _requirements(requires: Iterable[str], extras: Sequence[str] = ()) -> list:
+def _requirements(requires: Iterable[str], extras: Sequence[str] = (), env: dict | None = None) -> list:
+    """The requirements whose marker holds for the extras asked for, in `env` (a target's marker environment;
+    default: this interpreter's)."""
     from packaging.requirements import Requirement
 
     wanted = []
     for line in requires:
         req = Requirement(line)
-        if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+        if req.marker is None or any(req.marker.evaluate({**(env or {}), "extra": e}) for e in ("", *extras)):
             wanted.append(req)
     return wanted
 
@@ -233,8 +235,6 @@ def requirement_closure(report: dict, roots: Iterable[tuple[str, Sequence[str]]]
     for the target; the requirements they reach that the resolution lacks). pip evaluates markers for the Python
     it runs on, whatever --python-version says: a 3.10 target's `tomli; python_version < "3.11"` is missed when
     pip runs on 3.11, and is found here."""
-    from packaging.requirements import Requirement
-
     requires = {canonical(item["metadata"]["name"]): item["metadata"].get("requires_dist") or []
                 for item in report["install"]}
     env = target.markers(report.get("environment") or {})
@@ -246,14 +246,12 @@ def requirement_closure(report: dict, roots: Iterable[tuple[str, Sequence[str]]]
         if name in found:
             continue
         found.add(name)
-        for line in requires[name]:
-            req = Requirement(line)
-            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in ("", *extras)):
-                if canonical(req.name) in requires:
-                    stack.append((canonical(req.name), tuple(req.extras)))
-                else:
-                    req.marker = None
-                    missing.add(str(req))
+        for req in _requirements(requires[name], extras, env):
+            if canonical(req.name) in requires:
+                stack.append((canonical(req.name), tuple(req.extras)))
+            else:
+                req.marker = None
+                missing.add(str(req))
     return found, missing
 
 
