@@ -55,6 +55,29 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def int_problem(value: Any, low: int = 0, high: int | None = None) -> str | None:
+    """Why `value` is not a whole number in [low, high] (high None: no bound), or None."""
+    if is_int(value) and value >= low and (high is None or value <= high):
+        return None
+    return f"{value!r} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+
+
+def number_problem(value: Any, low: float = 0.0, high: float | None = None, high_open: bool = False) -> str | None:
+    """Why `value` is not a number in [low, high] (or [low, high) when `high_open`; high None: no bound), or None."""
+    if is_number(value) and value >= low and (high is None or value < high or (value == high and not high_open)):
+        return None
+    bound = f" and {'<' if high_open else '<='} {high}" if high is not None else ""
+    return f"{value!r} must be a number >= {low}{bound}"
+
+
+def pair_problem(value: Any) -> str | None:
+    """Why `value` is not a [low, high] pair with 0 < low <= high, or None."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) and v > 0 for v in value) \
+            and value[0] <= value[1]:
+        return None
+    return f"{value!r} must be [low, high] with 0 < low <= high"
+
+
 def setting_changes(stored: Mapping, given: Mapping) -> list[str]:
     """`key stored (now given)` for every setting of `given` that a folder's recorded settings hold otherwise: the
     words of a refusal to resume work made with other settings."""

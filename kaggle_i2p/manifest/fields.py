@@ -128,7 +128,7 @@ def checked_fields(cls: type, raw: Any, where: str, problems: Any) -> dict[str, 
     import typing
     from collections.abc import Mapping
 
-    from ..core.validate import is_int, is_number
+    from ..core.validate import int_problem, number_problem, pair_problem
 
     hints = typing.get_type_hints(cls)
     fields = written_fields(cls)
@@ -151,28 +151,20 @@ def checked_fields(cls: type, raw: Any, where: str, problems: Any) -> dict[str, 
             kind = next(a for a in args if a is not type(None))
         low, high = mark["bounds"] or ((0.0 if kind is float else 0), None)
         if kind is bool:
-            ok = isinstance(value, bool)
-            problem = f"{value!r} must be true or false"
+            problem = None if isinstance(value, bool) else f"{value!r} must be true or false"
         elif kind is int:
-            ok = is_int(value) and value >= low and (high is None or value <= high)
-            problem = f"{value!r} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+            problem = int_problem(value, low, high)
         elif kind is float:
-            above = high is None or value < high or (value == high and not mark["high_open"]) if is_number(value) \
-                else False
-            ok = is_number(value) and value >= low and above
-            bound = f" and {'<' if mark['high_open'] else '<='} {high}" if high is not None else ""
-            problem = f"{value!r} must be a number >= {low}{bound}"
+            problem = number_problem(value, low, high, mark["high_open"])
         elif typing.get_origin(kind) is tuple:
-            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) and v > 0 for v in value) \
-                and value[0] <= value[1]
-            problem = f"{value!r} must be [low, high] with 0 < low <= high"
-            value = tuple(float(v) for v in value) if ok else value
+            problem = pair_problem(value)
+            value = tuple(float(v) for v in value) if problem is None else value
         elif typing.get_origin(kind) is typing.Literal:
-            ok = value in typing.get_args(kind)
-            problem = f"{value!r} is not one of {', '.join(map(str, typing.get_args(kind)))}"
+            choices = typing.get_args(kind)
+            problem = None if value in choices else f"{value!r} is not one of {', '.join(map(str, choices))}"
         else:
-            ok, problem = True, ""
-        if not ok:
+            problem = None
+        if problem is not None:
             problems.add(at, problem)
             value = default
         out[field.name] = float(value) if kind is float and value is not None else value

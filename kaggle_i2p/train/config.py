@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.registry import LIBRARIES
-from ..core.validate import Problems, expand_path, is_number, read_yaml, resolve_file
+from ..core.validate import (
+    Problems,
+    expand_path,
+    int_problem,
+    is_number,
+    number_problem,
+    pair_problem,
+    read_yaml,
+    resolve_file,
+)
 from ..dataset.layout import INDEX, TARGETS
 from ..kinds.regressor import RegressorSpec
 from ..manifest import (
@@ -173,27 +182,25 @@ def _section(raw: Mapping, key: str, defaults: dict, problems: Problems) -> dict
 
 
 def _int(value: Any, where: str, problems: Problems, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        problems.add(where, f"{value!r} must be an integer >= {minimum}")
+    if (problem := int_problem(value, minimum)) is not None:
+        problems.add(where, problem)
         return minimum
     return value
 
 
 def _number(value: Any, where: str, problems: Problems, low: float = 0.0, high: float = float("inf"),
             high_open: bool = False) -> float:
-    if not is_number(value) or value < low or value > high or (high_open and value == high):
-        bound = f"< {high}" if high_open else f"<= {high}"
-        problems.add(where, f"{value!r} must be a number >= {low}" + (f" and {bound}" if high != float("inf") else ""))
+    if (problem := number_problem(value, low, None if high == float("inf") else high, high_open)) is not None:
+        problems.add(where, problem)
         return low
     return float(value)
 
 
 def _pair(value: Any, where: str, problems: Problems) -> tuple[float, float]:
-    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(v) and v > 0 for v in value)
-            and value[0] <= value[1]):
-        return float(value[0]), float(value[1])
-    problems.add(where, f"{value!r} must be [low, high] with 0 < low <= high")
-    return 1.0, 1.0
+    if (problem := pair_problem(value)) is not None:
+        problems.add(where, problem)
+        return 1.0, 1.0
+    return float(value[0]), float(value[1])
 
 
 def optimizer_problem(name: Any) -> str | None:
