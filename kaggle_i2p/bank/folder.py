@@ -19,7 +19,7 @@ import torch
 
 from ..core.ensemble import l2_normalize
 from ..core.errors import I2PError
-from ..core.fileio import open_npy, replace_dir, staging_dir
+from ..core.fileio import open_npy, ours_to_write, replace_dir, staging_dir
 from .search import DEFAULT_CHUNK_ROWS, nearest
 
 DEFAULT_RETRIEVAL_K, DEFAULT_RETRIEVAL_TEMPERATURE = 10, 1.0  # the soft top-k when not given
@@ -85,7 +85,7 @@ def check_bank_destination(out_dir: str | Path) -> Path:
     """A bank may be written to a new folder or over a bank we wrote (it holds bank.json); anything else is refused
     before any work, and nothing in it is touched."""
     out_dir = Path(out_dir)
-    if out_dir.is_file() or (out_dir.is_dir() and not (out_dir / BANK_MARKER).is_file() and any(out_dir.iterdir())):
+    if not ours_to_write(out_dir, BANK_MARKER):
         raise BankError(f"{out_dir} exists and is not a bank (no {BANK_MARKER}); build-bank replaces only a bank it "
                         "wrote: choose a new folder for --out, or remove this one yourself")
     return out_dir

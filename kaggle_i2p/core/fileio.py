@@ -162,6 +162,15 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def ours_to_write(folder: str | Path, marker: str) -> bool:
+    """Whether a command may write into `folder`: it does not exist, is an empty folder, or holds the `marker` file
+    that command leaves in every folder it writes (a file, or a folder of anyone else's, is not)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    return folder.is_dir() and ((folder / marker).is_file() or not any(folder.iterdir()))
+
+
 def name_too_long(path: str | Path, folder: str | Path = ".") -> str | None:
     """Why `path` cannot exist because one of its names is longer than the file system allows, or None."""
     try:

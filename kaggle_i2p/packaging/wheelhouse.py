@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..core.errors import I2PError
-from ..core.fileio import atomic_open
+from ..core.fileio import atomic_open, ours_to_write
 
 DEFAULT_PROVIDED = ("torch", "torchvision", "numpy", "pillow")
 
@@ -92,9 +92,9 @@ def check_wheelhouse_folder(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise WheelhouseError(f"--out {out_dir} is a file; give a folder for the wheelhouse")
-    entries = list(out_dir.iterdir())
-    if not entries or (out_dir / MARKER).is_file():
+    if ours_to_write(out_dir, MARKER):
         return
+    entries = list(out_dir.iterdir())
     requirements = out_dir / "requirements.txt"
     ours = any(out_dir.glob("kaggle_i2p-*.whl")) and requirements.is_file() and \
         requirements.read_text(encoding="utf-8", errors="replace").startswith(("kaggle_i2p==", "kaggle-i2p=="))

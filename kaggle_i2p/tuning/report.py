@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.ensemble import mean_cosine
 from ..core.errors import I2PError, OutputError
-from ..core.fileio import atomic_open
+from ..core.fileio import atomic_open, ours_to_write
 from ..inference.predict import PredictionRun
 from ..manifest import Manifest
 from .evaluate import EvaluationReport, TuningReport, view_predictions
@@ -46,7 +46,7 @@ def check_report_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--report {folder} is a file; give a folder for the report")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+    if not ours_to_write(folder, MARKER):
         raise OutputError(f"--report {folder} holds files no report wrote; it is left as it is: give a new or empty "
                           "folder")
     return folder
