@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 import yaml
 
 from kaggle_i2p.manifest import ManifestError, load_manifest, parse_manifest
+from kaggle_i2p.manifest.fields import entry_field
 from kaggle_i2p.models.towers import build_tower, check_architectures
 from kaggle_i2p.testing import toy_manifest_dict
 
@@ -245,3 +248,55 @@ def test_a_manifest_with_every_kind_and_path_field_round_trips_from_another_fold
     with pytest.raises(ManifestError, match="missing.npy"):
         write_manifest(broken, tmp_path / "broken.yaml")
     assert not (tmp_path / "broken.yaml").exists()  # a manifest that would not load is never written
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A section of every field type the derivation knows."""
+
+    size: int = entry_field(required="the side in pixels", bounds=(32, 1024))
+    sizes: tuple[int, ...] = entry_field((), lone=True, bounds=(1, None), hint="e.g. [224, 336]")
+    mode: Literal["fast", "exact"] = "exact"
+    rate: float = entry_field(0.5, bounds=(0.0, 1.0), high_open=True)
+    scale: float = entry_field(1.0, low_open=True)
+    rgb: tuple[float, float, float] = entry_field((1.0, 1.0, 1.0), low_open=True)
+    names: tuple[str, ...] | None = entry_field(None, hint="source names")
+    rename: dict[str, str] | None = None
+    flag: bool = entry_field(False, hint="true to do it")
+    code: str | None = entry_field(None, check=lambda v: None if v is None or v == "ok" else f"{v!r} is not ok")
+
+
+def test_a_sections_validation_is_derived_from_its_annotations_and_marks():
+    """One derivation checks every section: the types, bounds, choices, lists and mappings of a dataclass's fields,
+    its required fields' words, a field's own check and hint, defaults standing in for bad values."""
+    from kaggle_i2p.core.validate import Problems
+    from kaggle_i2p.manifest.fields import checked_fields
+
+    problems = Problems()
+    good = checked_fields(_Section, {"size": 64, "sizes": 224, "mode": "fast", "rate": 0, "scale": 2, "rgb": [1, 2, 3],
+                                    "names": ["a", "b"], "rename": {"x.": "y."}, "flag": True, "code": "ok"},
+                          "s", problems)
+    assert problems.items == []
+    assert good == {"size": 64, "sizes": (224,), "mode": "fast", "rate": 0.0, "scale": 2.0, "rgb": (1.0, 2.0, 3.0),
+                    "names": ("a", "b"), "rename": {"x.": "y."}, "flag": True, "code": "ok"}
+
+    problems = Problems()
+    bad = checked_fields(_Section, {"sizes": [224, 0, 224], "mode": "slow", "rate": 1.0, "scale": 0, "rgb": [1, 0, 1],
+                                   "names": "a", "rename": {}, "flag": "yes", "code": "no", "extra": 1}, "s", problems)
+    assert problems.items == [
+        "s.extra: unknown key; allowed: code, flag, mode, names, rate, rename, rgb, scale, size, sizes",
+        "s.size: is required: the side in pixels",
+        "s.sizes: 0 must be an integer >= 1 (e.g. [224, 336])",
+        "s.sizes: 224 is listed twice (e.g. [224, 336])",
+        "s.mode: 'slow' is not one of fast, exact",
+        "s.rate: 1.0 must be a number >= 0.0 and < 1.0",
+        "s.scale: 0 must be a number > 0.0",
+        "s.rgb: [1, 0, 1] must be a list of 3 positive numbers",
+        "s.names: 'a' must be a list, not empty (source names)",
+        "s.rename: {} must map names to values",
+        "s.flag: 'yes' must be true or false (true to do it)",
+        "s.code: 'no' is not ok",
+    ]
+    assert "size" not in bad  # a required field with a problem is left out; the others take their defaults
+    assert bad == {"sizes": (), "mode": "exact", "rate": 0.5, "scale": 1.0, "rgb": (1.0, 1.0, 1.0), "names": None,
+                   "rename": None, "flag": False, "code": None}

@@ -59,15 +59,18 @@ def int_problem(value: Any, low: int = 0, high: int | None = None) -> str | None
     """Why `value` is not a whole number in [low, high] (high None: no bound), or None."""
     if is_int(value) and value >= low and (high is None or value <= high):
         return None
-    return f"{value!r} must be an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+    return f"{value!r} must be an integer " + (f"between {low} and {high}" if high is not None else f">= {low}")
 
 
-def number_problem(value: Any, low: float = 0.0, high: float | None = None, high_open: bool = False) -> str | None:
-    """Why `value` is not a number in [low, high] (or [low, high) when `high_open`; high None: no bound), or None."""
-    if is_number(value) and value >= low and (high is None or value < high or (value == high and not high_open)):
+def number_problem(value: Any, low: float = 0.0, high: float | None = None, high_open: bool = False,
+                   low_open: bool = False) -> str | None:
+    """Why `value` is not a number in [low, high] (a bound excluded when `low_open`/`high_open`; high None: no
+    bound), or None."""
+    if is_number(value) and (value > low or (value == low and not low_open)) \
+            and (high is None or value < high or (value == high and not high_open)):
         return None
     bound = f" and {'<' if high_open else '<='} {high}" if high is not None else ""
-    return f"{value!r} must be a number >= {low}{bound}"
+    return f"{value!r} must be a number {'>' if low_open else '>='} {low}{bound}"
 
 
 def pair_problem(value: Any) -> str | None:

@@ -10,7 +10,6 @@ is left non-finite, so the run writes the fallback for it and lists it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ import torch
 from ..core.fileio import sha256_file
 from ..core.registry import register_kind
 from ..core.validate import resolve_file
-from ..manifest.fields import entry_dict, entry_field, entry_keys
+from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, TowerKind
+from ..manifest.schema import NetworkSpec, TowerKind, sha256_problem
 from ..models.checkpoints import content_identity
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a sentence-transformers folder's weights file
@@ -34,7 +33,8 @@ class CaptionOptions:
     """A caption tower's `caption:` section: the text model that embeds its captions."""
 
     text_model: Path = entry_field(path=True)  # a local sentence-transformers folder of all-MiniLM-L6-v2
-    text_model_sha256: str | None = None  # of the folder's weights file (model.safetensors)
+    # of the folder's weights file (model.safetensors)
+    text_model_sha256: str | None = entry_field(None, check=sha256_problem)
 
     @property
     def weights_file(self) -> Path:
@@ -120,7 +120,7 @@ class CaptionKind(TowerKind):
             ctx.problems.add(where, "is required: {text_model: FOLDER} (a local sentence-transformers folder of "
                                     "all-MiniLM-L6-v2; on Kaggle an attached dataset)")
             return {"caption": None}
-        ctx.problems.unknown_keys(section, entry_keys(CaptionOptions), where)
+        values = checked_fields(CaptionOptions, section, where, ctx.problems, skip=("text_model",))
         folder = section.get("text_model")
         path = None
         if isinstance(folder, str) and ctx.check_files:
@@ -131,11 +131,7 @@ class CaptionKind(TowerKind):
             path = Path(folder)
         else:
             ctx.problems.add(f"{where}.text_model", "is required: the all-MiniLM-L6-v2 folder")
-        digest = section.get("text_model_sha256")
-        if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
-            ctx.problems.add(f"{where}.text_model_sha256", "must be 64 hex digits (`sha256sum model.safetensors`)")
-            digest = None
-        return {"caption": CaptionOptions(text_model=path, text_model_sha256=digest) if path else None}
+        return {"caption": CaptionOptions(text_model=path, **values) if path else None}
 
     def build_head(self, spec: CaptionSpec, in_dim: int, embedding_dim: int) -> CaptionHead:
         return CaptionHead(spec.caption, embedding_dim)

@@ -25,11 +25,12 @@ import torch
 
 from ..bank.folder import Bank, BankError
 from ..core.registry import register_kind
-from ..core.validate import expand_path, is_int, resolve_file
-from ..manifest.fields import entry_dict, entry_field, entry_keys
+from ..core.validate import Problems, expand_path, resolve_file
+from ..manifest.fields import checked_fields, entry_dict, entry_field, written_fields
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
 
+PATH_KEYS = ("phrase_banks", "clip_checkpoint", "text_model")  # resolved by the kind's parser itself
 Pick = Literal["best", "mean"]
 PICKS: tuple[str, ...] = get_args(Pick)
 CLIP_TEXT_BATCH = 256
@@ -40,14 +41,18 @@ class InterrogatorOptions:
     """An interrogator tower's `interrogator:` section."""
 
     phrase_banks: Path = entry_field(path=True)  # a folder of banks, one per slot: medium/, artist/, flavor/, ...
-    templates: tuple[str, ...]  # e.g. "{medium} by {artist}, {flavor}": slots are the banks' folder names
-    clip_arch: str  # the CLIP model of the text tower: an open_clip name or model-config .json, or an HF model folder
+    # e.g. "{medium} by {artist}, {flavor}": slots are the banks' folder names
+    templates: tuple[str, ...] = entry_field(hint="texts with {slot} fields, e.g. ['{medium} by {artist}, {flavor}']")
+    # the CLIP model of the text tower: an open_clip name or model-config .json, or an HF model folder
+    clip_arch: str = entry_field(required="the CLIP model of the text tower the phrase banks were built with (an "
+                                          "open_clip name or config .json, or a transformers CLIP/SigLIP folder)")
     clip_checkpoint: Path = entry_field(path=True)  # its whole CLIP checkpoint, as build-bank --keys clip read it
     text_model: Path = entry_field(path=True)  # the all-MiniLM-L6-v2 folder
-    top: int = entry_field(8, sparse=True)  # phrases per bank, and candidates per template
+    top: int = entry_field(8, sparse=True, bounds=(1, None))  # phrases per bank, and candidates per template
     pick: Pick = entry_field("best", sparse=True)
-    mean_of: int = entry_field(4, sparse=True)  # pick: mean averages this many best candidates
-    base: str | None = None  # a caption tower of the manifest whose caption fills {base} (the CLIP interrogator's)
+    mean_of: int = entry_field(4, sparse=True, bounds=(1, None))  # pick: mean averages this many best candidates
+    # a caption tower of the manifest whose caption fills {base} (the CLIP interrogator's)
+    base: str | None = entry_field(None, hint="the name of a caption tower of this manifest")
     key_dim: int = entry_field(0, written=False)  # the banks' CLIP width, read from them
 
     @property
@@ -62,6 +67,17 @@ class InterrogatorOptions:
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         return entry_dict(self, out_dir)
+
+
+# the section's keys checked from their marks (the paths and the banks' width are the parser's own)
+OWN_KEYS = [m["key"] for f, m in written_fields(InterrogatorOptions) if f.name not in PATH_KEYS]
+
+
+def _template_ok(template: str, where: str, problems: Problems) -> bool:
+    """Whether a template can be filled; its problem added when not."""
+    if (problem := template_problem(template)) is not None:
+        problems.add(where, f"{template!r}: {problem}")
+    return problem is None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,39 +202,18 @@ class InterrogatorKind(TowerKind):
         if not isinstance(section, Mapping):
             problems.add(where, "is required: {phrase_banks, templates, clip_arch, clip_checkpoint, text_model}")
             return {"interrogator": None}
-        problems.unknown_keys(section, entry_keys(InterrogatorOptions), where)
-        templates = section.get("templates")
-        if not (isinstance(templates, list) and templates and all(isinstance(t, str) and t for t in templates)):
-            problems.add(f"{where}.templates", "must be a list of texts with {slot} fields, e.g. "
-                                               "['{medium} by {artist}, {flavor}']")
-            templates = []
-        for number, template in enumerate(templates):
-            if (problem := template_problem(template)) is not None:
-                problems.add(f"{where}.templates[{number}]", f"{template!r}: {problem}")
-        templates = [t for t in templates if template_problem(t) is None]
+        values = checked_fields(InterrogatorOptions, section, where, problems, skip=PATH_KEYS)
+        templates = [t for number, t in enumerate(values.get("templates", ()))
+                     if _template_ok(t, f"{where}.templates[{number}]", problems)]
         if templates and not any(name and name != "base" for t in templates
                                  for _, name, _, _ in string.Formatter().parse(t)):
             problems.add(f"{where}.templates", "name no bank slot (only {base}): at least one template needs a "
                                                "phrase bank's slot, e.g. '{base}, {flavor}'")
-        numbers = {}
-        for key, default, low in (("top", 8, 1), ("mean_of", 4, 1)):
-            value = section.get(key, default)
-            if not (is_int(value) and value >= low):
-                problems.add(f"{where}.{key}", f"{value!r} must be an integer >= {low}")
-                value = default
-            numbers[key] = int(value)
-        pick = section.get("pick", "best")
-        if pick not in PICKS:
-            problems.add(f"{where}.pick", f"{pick!r} is not one of {', '.join(PICKS)}")
-            pick = "best"
-        clip_arch = section.get("clip_arch")
-        if not (isinstance(clip_arch, str) and clip_arch):
-            problems.add(f"{where}.clip_arch", "is required: the CLIP model of the text tower the phrase banks were "
-                                               "built with (an open_clip name or config .json, or a transformers "
-                                               "CLIP/SigLIP folder)")
-            clip_arch = ""
-        elif clip_arch.endswith(".json") or _is_folder(clip_arch, ctx.base_dir):  # a config, or an HF model's folder
-            clip_arch = str(expand_path(clip_arch, ctx.base_dir))
+        if values.get("base") is None and any("{base}" in t for t in templates):
+            problems.add(f"{where}.templates", "{base} needs base: the caption tower whose caption fills it")
+        clip_arch = values.get("clip_arch", "")
+        if clip_arch.endswith(".json") or (clip_arch and _is_folder(clip_arch, ctx.base_dir)):  # an HF folder
+            values["clip_arch"] = str(expand_path(clip_arch, ctx.base_dir))
         paths: dict[str, Path | None] = {}
         for key, what in (("clip_checkpoint", "whole CLIP checkpoint (open_clip's file, or the HF model's weights)"),
                           ("text_model", "all-MiniLM-L6-v2 folder (its modules.json)")):
@@ -227,18 +222,11 @@ class InterrogatorKind(TowerKind):
             found = resolve_file(target, ctx.base_dir, f"{where}.{key}", problems, what) if ctx.check_files \
                 else (expand_path(value, ctx.base_dir) if isinstance(value, str) else None)
             paths[key] = (found.parent if key == "text_model" and ctx.check_files and found else found)
-        base = section.get("base")
-        if base is not None and not (isinstance(base, str) and base):
-            problems.add(f"{where}.base", f"{base!r} must be the name of a caption tower of this manifest")
-            base = None
-        if base is None and any("{base}" in t for t in templates):
-            problems.add(f"{where}.templates", "{base} needs base: the caption tower whose caption fills it")
         folder, key_dim = _parse_banks(section.get("phrase_banks"), templates, where, ctx)
-        if None in paths.values() or folder is None or not templates:
+        if None in paths.values() or folder is None or not templates or len(values) < len(OWN_KEYS):
             return {"interrogator": None}
-        return {"interrogator": InterrogatorOptions(
-            phrase_banks=folder, templates=tuple(templates), clip_arch=clip_arch, top=numbers["top"], pick=pick,
-            mean_of=numbers["mean_of"], base=base, key_dim=key_dim, **paths)}
+        return {"interrogator": InterrogatorOptions(**{**values, "templates": tuple(templates)}, phrase_banks=folder,
+                                                    key_dim=key_dim, **paths)}
 
     def backbone_outputs(self, spec: InterrogatorSpec) -> int:
         return 0

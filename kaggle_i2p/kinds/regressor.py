@@ -10,8 +10,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 from ..core.errors import EntryFieldError
 from ..core.registry import register_kind
-from ..core.validate import Problems
-from ..manifest.fields import entry_field, entry_keys
+from ..core.validate import Problems, is_int
+from ..manifest.fields import checked_fields, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import NetworkSpec, TowerKind
 
@@ -33,7 +33,7 @@ class HeadSpec:
     hidden: int | tuple[int, ...] | None = None  # one hidden size, or several for a deeper MLP
     norm: HeadNorm = "batchnorm"
     activation: HeadActivation = "relu"
-    bias: bool = True
+    bias: bool = entry_field(True, hint="false: the output Linear has no bias")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -70,37 +70,22 @@ HEAD_KEYS = entry_keys(HeadSpec)
 
 
 def parse_head(raw: Any, where: str, problems: Problems) -> HeadSpec:
+    """A regressor's `head:` (or its type alone): checked from HeadSpec's marks, then `hidden`, which an mlp head
+    needs and no other has."""
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping like {type: linear} or {type: mlp, hidden: 1024}")
         return HeadSpec()
-    problems.unknown_keys(raw, HEAD_KEYS, where)
-    head_type = raw.get("type", "linear")
-    if head_type not in HEAD_TYPES:
-        problems.add(f"{where}.type", f"{head_type!r} is not one of {', '.join(HEAD_TYPES)}")
-    hidden = raw.get("hidden")
-    if isinstance(hidden, list):
-        hidden = tuple(hidden)
+    values = checked_fields(HeadSpec, raw, where, problems, skip=("hidden",))
+    hidden = tuple(raw["hidden"]) if isinstance(raw.get("hidden"), list) else raw.get("hidden")
     sizes = (hidden,) if not isinstance(hidden, tuple) else hidden
-    if head_type == "mlp" and not (sizes and all(isinstance(h, int) and not isinstance(h, bool) and h > 0
-                                                 for h in sizes)):
+    if values["type"] == "mlp" and not (sizes and all(is_int(h) and h > 0 for h in sizes)):
         problems.add(f"{where}.hidden", "an mlp head needs a positive integer hidden size, e.g. hidden: 1024, or a "
                                         "list of them for a deeper MLP, e.g. hidden: [1024, 512]")
-    if head_type in ("linear", "none") and hidden is not None:
-        problems.add(f"{where}.hidden", f"a {head_type} head has no hidden size; remove it or use type: mlp")
-    norm = raw.get("norm", "batchnorm")
-    if norm not in HEAD_NORMS:
-        problems.add(f"{where}.norm", f"{norm!r} is not one of {', '.join(HEAD_NORMS)}")
-    activation = raw.get("activation", "relu")
-    if activation not in HEAD_ACTIVATIONS:
-        problems.add(f"{where}.activation", f"{activation!r} is not one of {', '.join(HEAD_ACTIVATIONS)}")
-    bias = raw.get("bias", True)
-    if not isinstance(bias, bool):
-        problems.add(f"{where}.bias", f"{bias!r} must be true or false (false: the output Linear has no bias)")
-        bias = True
-    return HeadSpec(type=head_type, hidden=hidden, norm=norm, activation=activation, bias=bias)
-
+    if values["type"] in ("linear", "none") and hidden is not None:
+        problems.add(f"{where}.hidden", f"a {values['type']} head has no hidden size; remove it or use type: mlp")
+    return HeadSpec(**values, hidden=hidden)
 
 
 def build_head(in_dim: int, spec: HeadSpec, out_dim: int):  # noqa: ANN201 - an nn.Module; torch loads lazily

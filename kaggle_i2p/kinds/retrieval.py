@@ -35,8 +35,8 @@ from ..bank.search import INDEX_FILE, index_content_problem, index_header_proble
 from ..core.errors import EntryFieldError, InputFileError
 from ..core.fileio import npy_header
 from ..core.registry import register_kind
-from ..core.validate import Problems, expand_path, is_int, is_number
-from ..manifest.fields import entry_dict, entry_field, entry_keys
+from ..core.validate import expand_path
+from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
 from ..models.checkpoints import content_identity
@@ -47,22 +47,30 @@ SCORES: tuple[str, ...] = get_args(Score)
 SEARCHES: tuple[str, ...] = get_args(Search)
 
 
-@dataclass(frozen=True)
-class RetrievalOptions:
-    """A retrieval tower's `retrieval:` section: its bank and how its scores become an embedding (soft top-k)."""
+Weighting = Literal[WEIGHTINGS]  # type: ignore[valid-type]
 
-    bank: Path = entry_field(path=True)
-    k: int
-    temperature: float
-    score: Score  # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalOptions:
+    """A retrieval tower's `retrieval:` section: its bank and how its scores become an embedding (soft top-k). Its
+    marks check the section; what depends on the bank and on other keys is `parse_retrieval_section`'s."""
+
+    bank: Path = entry_field(path=True, required="the folder written by `kaggle-i2p build-bank`")
+    k: int = entry_field(DEFAULT_RETRIEVAL_K, bounds=(1, None), hint="texts averaged per image")
+    temperature: float = entry_field(DEFAULT_RETRIEVAL_TEMPERATURE, low_open=True)
+    # logits: a classifier whose classes are the bank's rows; embedding: queries in the keys' space
+    score: Score = "logits"
     rows: int = entry_field(written=False)  # read from the bank
     key_dim: int | None = entry_field(written=False)  # the bank's key width (None: a class bank without keys)
     search: Search = entry_field("exact", sparse=True)  # embedding scores: one exact pass, or the bank's FAISS index
-    nprobe: int | None = None  # index search: inverted lists visited per query (None: the bank's measured default)
-    candidates: int | None = None  # index search: rows proposed per query, then scored exactly (None: 8 x k)
-    weighting: str = entry_field("softmax", sparse=True)  # softmax(score / temperature), or inverse (cosines)
-    power: float = entry_field(DEFAULT_INVERSE_POWER, sparse=True)  # inverse: 1 / ((1 - cos) ** power + eps)
-    eps: float = entry_field(DEFAULT_INVERSE_EPS, sparse=True)
+    # index search: inverted lists visited per query (None: the bank's measured default)
+    nprobe: int | None = entry_field(None, bounds=(1, None), hint="inverted lists visited per query")
+    # index search: rows proposed per query, then scored exactly (None: 8 x k)
+    candidates: int | None = entry_field(None, bounds=(1, None), hint="rows the index proposes per query")
+    weighting: Weighting = entry_field("softmax", sparse=True)  # softmax(score / temperature), or inverse (cosines)
+    # inverse: 1 / ((1 - cos) ** power + eps)
+    power: float = entry_field(DEFAULT_INVERSE_POWER, sparse=True, low_open=True)
+    eps: float = entry_field(DEFAULT_INVERSE_EPS, sparse=True, low_open=True)
 
     @property
     def score_dim(self) -> int:
@@ -210,20 +218,38 @@ class RetrievalKind(TowerKind):
 
 
 def parse_retrieval_section(raw: Any, where: str, ctx: ParseContext) -> RetrievalOptions | None:
-    problems = ctx.problems
+    """The `retrieval:` section: its keys checked from RetrievalOptions' marks, then the bank's files (headers
+    only) and the options that depend on each other."""
+    problems, before = ctx.problems, ctx.problems.mark()
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping with bank, k, temperature, score")
         return None
-    problems.unknown_keys(raw, entry_keys(RetrievalOptions), where)
-    k, temperature = raw.get("k", DEFAULT_RETRIEVAL_K), raw.get("temperature", DEFAULT_RETRIEVAL_TEMPERATURE)
-    score = raw.get("score", "logits")
-    if not (is_int(k) and k >= 1):
-        problems.add(f"{where}.k", f"{k!r} must be an integer >= 1 (texts averaged per image)")
-    if not (is_number(temperature) and temperature > 0):
-        problems.add(f"{where}.temperature", f"{temperature!r} must be a number > 0")
-    if score not in SCORES:
-        problems.add(f"{where}.score", f"{score!r} is not one of {', '.join(SCORES)}")
-    raw_bank = raw.get("bank")
+    values = checked_fields(RetrievalOptions, raw, where, problems, skip=("bank",))
+    shapes = _bank_shapes(raw.get("bank"), where, ctx)
+    if problems.blocking_since(before) or shapes is None:
+        return None
+    bank, rows, keys = shapes
+    score, search, weighting = values["score"], values["search"], values["weighting"]
+    if score == "embedding" and keys is None:
+        problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
+    for option in ("nprobe", "candidates"):
+        if option in raw and search != "index":
+            problems.add(f"{where}.{option}", "only for search: index")
+    for option in ("power", "eps"):
+        if option in raw and weighting != "inverse":
+            problems.add(f"{where}.{option}", "only for weighting: inverse")
+    if weighting == "inverse" and score != "embedding":
+        problems.add(f"{where}.weighting", "inverse weighs cosines: it needs score: embedding (class logits are no "
+                                           "cosines; use softmax with a temperature)")
+    if search == "index" and (problem := _index_problem(bank, keys, score)) is not None:
+        problems.add(f"{where}.search", problem)
+    return RetrievalOptions(**values, bank=bank, rows=rows, key_dim=None if keys is None else keys[1])
+
+
+def _bank_shapes(raw_bank: Any, where: str, ctx: ParseContext) -> tuple[Path, int, tuple[int, int] | None] | None:
+    """(the bank folder, its rows, the (rows, width) of its keys or None) from the arrays' headers and sizes only: a
+    truncated or damaged array is a problem here, never after the compute; None when it cannot be used."""
+    problems = ctx.problems
     if not isinstance(raw_bank, str):
         problems.add(f"{where}.bank", "is required: the folder written by `kaggle-i2p build-bank`")
         return None
@@ -236,7 +262,7 @@ def parse_retrieval_section(raw: Any, where: str, ctx: ParseContext) -> Retrieva
         problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "
                                       "`kaggle-i2p build-bank`")
         return None
-    try:  # headers and sizes only: a truncated or damaged array is a problem here, never after the compute
+    try:
         targets_shape, _ = npy_header(bank / "targets.npy", "bank targets")
         keys_shape = npy_header(bank / "keys.npy", "bank keys")[0] if (bank / "keys.npy").is_file() else None
     except InputFileError as err:
@@ -245,42 +271,12 @@ def parse_retrieval_section(raw: Any, where: str, ctx: ParseContext) -> Retrieva
     if len(targets_shape) != 2 or targets_shape[1] != ctx.embedding_dim:
         problems.add(f"{where}.bank", f"{bank}/targets.npy has shape {targets_shape}; expected (rows, "
                                       f"{ctx.embedding_dim})")
+        return None
     if keys_shape is not None and (len(keys_shape) != 2 or keys_shape[0] != targets_shape[0]):
         problems.add(f"{where}.bank", f"{bank}/keys.npy has shape {keys_shape}; expected ({targets_shape[0]}, "
                                       "key width): one row per text")
         keys_shape = None
-    keys = keys_shape  # (rows, width) of the keys, or None
-    if score == "embedding" and keys is None:
-        problems.add(f"{where}.score", f"embedding scores need {bank}/keys.npy (a bank built with keys)")
-    search, nprobe, candidates = _parse_search(raw, where, bank, keys, score, problems)
-    weighting, power, eps = _parse_weighting(raw, where, score, problems)
-    return RetrievalOptions(bank=bank, k=int(k) if is_int(k) else DEFAULT_RETRIEVAL_K,
-                            temperature=float(temperature) if is_number(temperature)
-                            else DEFAULT_RETRIEVAL_TEMPERATURE,
-                            score=str(score), rows=int(targets_shape[0]),
-                            key_dim=None if keys is None else int(keys[1]), search=search, nprobe=nprobe,
-                            candidates=candidates, weighting=weighting, power=power, eps=eps)
-
-
-def _parse_weighting(raw: Mapping, where: str, score: Any, problems: Problems) -> tuple[str, float, float]:
-    """`weighting` (softmax, or inverse for cosines) and the inverse weighting's `power` and `eps`."""
-    weighting = raw.get("weighting", "softmax")
-    if weighting not in WEIGHTINGS:
-        problems.add(f"{where}.weighting", f"{weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-        weighting = "softmax"
-    if weighting == "inverse" and score != "embedding":
-        problems.add(f"{where}.weighting", "inverse weighs cosines: it needs score: embedding (class logits are no "
-                                           "cosines; use softmax with a temperature)")
-    values = {}
-    for option, default in (("power", DEFAULT_INVERSE_POWER), ("eps", DEFAULT_INVERSE_EPS)):
-        value = raw.get(option, default)
-        if option in raw and weighting != "inverse":
-            problems.add(f"{where}.{option}", "only for weighting: inverse")
-        elif not (is_number(value) and value > 0):
-            problems.add(f"{where}.{option}", f"{value!r} must be a number > 0")
-            value = default
-        values[option] = float(value)
-    return weighting, values["power"], values["eps"]
+    return bank, int(targets_shape[0]), None if keys_shape is None else (int(keys_shape[0]), int(keys_shape[1]))
 
 
 def _stale_index(bank: Path, keys: tuple[int, int]) -> str | None:
@@ -299,38 +295,20 @@ def _stale_index(bank: Path, keys: tuple[int, int]) -> str | None:
     return f"was built for other keys or was changed: bank.json says {', '.join(differ)}" if differ else None
 
 
-def _parse_search(raw: Mapping, where: str, bank: Path, keys: tuple[int, int] | None, score: Any, problems: Problems
-                  ) -> tuple[Any, int | None, int | None]:
-    """`search`, `nprobe`, `candidates`: an index search needs embedding scores, the bank's index file and FAISS."""
-    search = raw.get("search", "exact")
-    if search not in SEARCHES:
-        problems.add(f"{where}.search", f"{search!r} is not one of {', '.join(SEARCHES)}")
-        return "exact", None, None
-    numbers = {}
-    for option, meaning in (("nprobe", "inverted lists visited per query"),
-                            ("candidates", "rows the index proposes per query")):
-        value = raw.get(option)
-        if value is not None and not (is_int(value) and value >= 1):
-            problems.add(f"{where}.{option}", f"{value!r} must be an integer >= 1 ({meaning})")
-        elif value is not None and search != "index":
-            problems.add(f"{where}.{option}", "only for search: index")
-        else:
-            numbers[option] = value
-    if search == "index":
-        if score != "embedding":
-            problems.add(f"{where}.search", "an index searches keys: it needs score: embedding")
-        elif not (bank / INDEX_FILE).is_file():
-            problems.add(f"{where}.search", f"{bank} has no {INDEX_FILE}; build the bank with `kaggle-i2p "
-                                            "build-bank --index ivf-pq`, or use search: exact")
-        elif keys is not None and (stale := _stale_index(bank, keys)) is not None:
-            problems.add(f"{where}.search", f"{bank}/{INDEX_FILE} {stale}; rebuild it with `kaggle-i2p index-bank "
-                                            f"{bank}`")
-        elif importlib.util.find_spec("faiss") is None:
-            problems.add(f"{where}.search", "an index search needs FAISS, which is not installed: pip install "
-                                            "'kaggle_i2p[index]' (faiss-cpu), or use search: exact")
-    return search, numbers.get("nprobe"), numbers.get("candidates")
-
-
+def _index_problem(bank: Path, keys: tuple[int, int] | None, score: str) -> str | None:
+    """Why `search: index` cannot run: it needs embedding scores, the bank's index file (built for these keys) and
+    FAISS; None when it can."""
+    if score != "embedding":
+        return "an index searches keys: it needs score: embedding"
+    if not (bank / INDEX_FILE).is_file():
+        return (f"{bank} has no {INDEX_FILE}; build the bank with `kaggle-i2p build-bank --index ivf-pq`, or use "
+                "search: exact")
+    if keys is not None and (stale := _stale_index(bank, keys)) is not None:
+        return f"{bank}/{INDEX_FILE} {stale}; rebuild it with `kaggle-i2p index-bank {bank}`"
+    if importlib.util.find_spec("faiss") is None:
+        return ("an index search needs FAISS, which is not installed: pip install 'kaggle_i2p[index]' (faiss-cpu), "
+                "or use search: exact")
+    return None
 
 
 RETRIEVAL = register_kind(RetrievalKind())

@@ -7,14 +7,18 @@ Marks: `key` (the entry's key, when it is not the field's name), `path` (written
 "arch" for an `arch` that is a path only when its library says so), `identity` (False: it does not change the
 tower's outputs, so the cache key leaves it out), `written` (False: read from elsewhere, e.g. a bank's row count),
 `sparse` (written only when it differs from the default), `section` (a nested spec class with marks of its own),
-`bounds` ((low, high) of a number; high None: none; `high_open`: the high bound itself excluded), from which
-`checked_fields` derives a section's validation with its annotations.
+`bounds` ((low, high) of a number; high None: none; `high_open`/`low_open`: that bound itself excluded), `required`
+(why a field without a default must be given), `hint` (what the value means, ending a problem with its type) and
+`check` (a test of its own, before the type's), `lone` (one value alone is a list of one): from these and its
+annotations `checked_fields` derives a section's validation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,13 @@ _MARKS = "kaggle_i2p"
 
 def entry_field(default: Any = dataclasses.MISSING, *, key: str | None = None, path: bool | str = False,
                 identity: bool = True, written: bool = True, sparse: bool = False, section: type | None = None,
-                bounds: tuple[float, float | None] | None = None, high_open: bool = False, **kwargs: Any) -> Any:
+                bounds: tuple[float, float | None] | None = None, high_open: bool = False, low_open: bool = False,
+                required: str = "", hint: str | Callable[[], str] = "",
+                check: Callable[[Any], str | None] | None = None, lone: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with its manifest marks (see the module's docstring)."""
     marks = {"key": key, "path": path, "identity": identity, "written": written, "sparse": sparse,
-             "section": section, "bounds": bounds, "high_open": high_open}
+             "section": section, "bounds": bounds, "high_open": high_open, "low_open": low_open,
+             "required": required, "hint": hint, "check": check, "lone": lone}
     return dataclasses.field(default=default, metadata={_MARKS: marks}, **kwargs)
 
 
@@ -36,7 +43,9 @@ def marks(field: dataclasses.Field) -> dict:
     return {"key": found.get("key") or field.name, "path": found.get("path", False),
             "identity": found.get("identity", True), "written": found.get("written", True),
             "sparse": found.get("sparse", False), "section": found.get("section"), "bounds": found.get("bounds"),
-            "high_open": found.get("high_open", False)}
+            "high_open": found.get("high_open", False), "low_open": found.get("low_open", False),
+            "required": found.get("required", ""), "hint": found.get("hint", ""), "check": found.get("check"),
+            "lone": found.get("lone", False), "empty_ok": _default(field) in ((), [])}
 
 
 def written_fields(cls: type) -> list[tuple[dataclasses.Field, dict]]:
@@ -120,52 +129,121 @@ def path_keys(cls: type) -> list[tuple[str, bool | str, type | None]]:
     return [(m["key"], m["path"], m["section"]) for _, m in written_fields(cls) if m["path"] or m["section"]]
 
 
-def checked_fields(cls: type, raw: Any, where: str, problems: Any) -> dict[str, Any]:
-    """A config section of dataclass `cls` (every field with a default), as {field: value}: each key checked as
-    its annotation and marks say (bool, int, float and their `bounds`, an `X | None`, a `tuple[float, float]`
-    [low, high] pair, a Literal's choices), an unknown key or a non-mapping reported; a bad value is one problem
-    naming `where.key` and the default stands in for it."""
-    import typing
-    from collections.abc import Mapping
-
-    from ..core.validate import int_problem, number_problem, pair_problem
+def checked_fields(cls: type, raw: Any, where: str, problems: Any, *, skip: Collection[str] = (),
+                   only: Collection[str] | None = None, allowed: Collection[str] | None = None,
+                   defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A section (or entry) of dataclass `cls` as {field: value}, each key checked as its annotation and marks say
+    (`field_problem`); an unknown key (outside `allowed`, by default the class's keys) or a non-mapping reported. A
+    missing key takes `defaults[key]`, else the field's default, else is "required" (with the field's `required`
+    words) and left out; a bad value is one problem naming `where.key`, and its default stands in (a required field
+    is left out). `skip`/`only`: the fields the caller parses itself / the only ones checked here."""
+    from collections.abc import Mapping as MappingType
 
     hints = typing.get_type_hints(cls)
-    fields = written_fields(cls)
+    keys = {m["key"] for _, m in written_fields(cls)}
+    fields = [(f, m) for f, m in written_fields(cls) if f.name not in skip and (only is None or f.name in only)]
     if raw is None:
         raw = {}
-    if not isinstance(raw, Mapping):
-        problems.add(where, f"must be a mapping with keys {', '.join(sorted(m['key'] for _, m in fields))}")
+    if not isinstance(raw, MappingType):
+        required = sorted(m["key"] for f, m in fields if _default(f) is dataclasses.MISSING)
+        optional = sorted(m["key"] for f, m in fields if _default(f) is not dataclasses.MISSING)
+        text = ", ".join(required) + (f" (and optionally {', '.join(optional)})" if required and optional else
+                                      ", ".join(optional))
+        problems.add(where, f"must be a mapping with {text}")
         raw = {}
-    problems.unknown_keys(raw, {m["key"] for _, m in fields}, where)
+    if only is None:
+        problems.unknown_keys(raw, allowed if allowed is not None else keys, where)
     out = {}
     for field, mark in fields:
-        key, default = mark["key"], field.default
-        value = raw.get(key, default)
-        kind, at = hints[field.name], f"{where}.{key}"
-        args = typing.get_args(kind)
-        if value is None and type(None) in args:
-            out[field.name] = None
+        key, default = mark["key"], (defaults or {}).get(mark["key"], _default(field))
+        at = f"{where}.{key}" if where else key
+        if key not in raw:
+            if default is dataclasses.MISSING:
+                problems.add(at, "is required" + (f": {mark['required']}" if mark["required"] else ""))
+            else:
+                out[field.name] = default
             continue
-        if type(None) in args:  # X | None with a value: X
-            kind = next(a for a in args if a is not type(None))
-        low, high = mark["bounds"] or ((0.0 if kind is float else 0), None)
-        if kind is bool:
-            problem = None if isinstance(value, bool) else f"{value!r} must be true or false"
-        elif kind is int:
-            problem = int_problem(value, low, high)
-        elif kind is float:
-            problem = number_problem(value, low, high, mark["high_open"])
-        elif typing.get_origin(kind) is tuple:
-            problem = pair_problem(value)
-            value = tuple(float(v) for v in value) if problem is None else value
-        elif typing.get_origin(kind) is typing.Literal:
-            choices = typing.get_args(kind)
-            problem = None if value in choices else f"{value!r} is not one of {', '.join(map(str, choices))}"
-        else:
-            problem = None
-        if problem is not None:
+        found, value = field_problems(hints[field.name], mark, raw[key])
+        for problem in found:
             problems.add(at, problem)
-            value = default
-        out[field.name] = float(value) if kind is float and value is not None else value
+        if found:
+            if default is not dataclasses.MISSING:
+                out[field.name] = default
+            continue
+        out[field.name] = value
     return out
+
+
+def field_problems(kind: Any, mark: dict, value: Any) -> tuple[list[str], Any]:
+    """(why `value` cannot be a field of annotation `kind` with these marks, a line per bad part; the value as the
+    field holds it). The field's own `check` speaks first; then bool, int and float (in `bounds`), str (not empty),
+    a Literal's choices, `X | None`, a [low, high] pair, a fixed list of numbers (an RGB triplet), a list of X (one
+    X alone a list of one where marked `lone`; not empty unless the default is; no repeats) and a mapping from names
+    to X. The type's words end with the field's `hint`."""
+    if mark["check"] is not None and (problem := mark["check"](value)) is not None:
+        return [problem], value
+    args = typing.get_args(kind)
+    if value is None and type(None) in args:
+        return [], None
+    if type(None) in args:  # X | None with a value: X
+        kind = next(a for a in args if a is not type(None))
+    found, value = _typed(kind, mark, value)
+    if found and mark["hint"]:
+        hint = mark["hint"]() if callable(mark["hint"]) else mark["hint"]
+        found = [f"{problem} ({hint})" for problem in found]
+    return found, value
+
+
+def _typed(kind: Any, mark: dict, value: Any) -> tuple[list[str], Any]:
+    from ..core.validate import int_problem, is_number, number_problem, pair_problem
+
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    low, high = mark["bounds"] or ((0.0 if kind is float else 0), None)
+    problem: str | None = None
+    if kind is bool:
+        problem = None if isinstance(value, bool) else f"{value!r} must be true or false"
+    elif kind is int:
+        problem = int_problem(value, low, high)
+    elif kind is float:
+        problem = number_problem(value, low, high, mark["high_open"], mark["low_open"])
+        value = float(value) if problem is None else value
+    elif kind is str:
+        problem = None if isinstance(value, str) and value else f"{value!r} must be a name"
+    elif origin is typing.Literal:
+        problem = None if value in args else f"{value!r} is not one of {', '.join(map(str, args))}"
+    elif origin is tuple and len(args) == 2 and args[1] is not Ellipsis:  # a [low, high] pair
+        problem = pair_problem(value)
+        value = tuple(float(v) for v in value) if problem is None else value
+    elif origin is tuple and args and args[-1] is not Ellipsis:  # a fixed list of numbers
+        positive = mark["low_open"] and low == 0
+        if isinstance(value, (list, tuple)) and len(value) == len(args) and all(
+                is_number(v) and (v > low if mark["low_open"] else v >= low) for v in value):
+            value = tuple(float(v) for v in value)
+        else:
+            problem = f"{value!r} must be a list of {len(args)} {'positive ' if positive else ''}numbers"
+    elif origin is tuple:  # tuple[X, ...]: a list of X
+        return _typed_list(args[0], mark, value)
+    elif origin is dict or kind is dict:
+        good = isinstance(value, Mapping) and value and all(isinstance(k, str) and k for k in value)
+        if good and len(args) == 2:
+            good = all(not _typed(args[1], mark, v)[0] for v in value.values())
+        problem = None if good else f"{value!r} must map names to values"
+        value = dict(value) if good else value
+    return ([problem] if problem is not None else []), value
+
+
+def _typed_list(item: Any, mark: dict, value: Any) -> tuple[list[str], Any]:
+    """A list of `item` (one alone taken as a list of one where the field is marked `lone`), each checked; not empty
+    unless the field's default is; a repeat is a problem."""
+    items = value if isinstance(value, list) else [value] if mark["lone"] and isinstance(value, (str, int, float)) \
+        and not isinstance(value, bool) else None
+    if items is None or not (items or mark.get("empty_ok")):
+        return [f"{value!r} must be a list, not empty"], value
+    found, good = [], []
+    for v in items:
+        problems, v = _typed(item, mark, v)
+        if not problems and v in good:
+            problems = [f"{v!r} is listed twice"]
+        found += problems
+        good += [] if problems else [v]
+    return found, tuple(good)

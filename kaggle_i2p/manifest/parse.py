@@ -18,22 +18,18 @@ import numpy as np
 from ..core.registry import KINDS, LIBRARIES
 from ..core.resources import NAMED_MANIFESTS
 from ..core.validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
-from .fields import default_of, entry_keys
+from .fields import checked_fields, entry_keys
 from .schema import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_EMBEDDING_DIM,
     DEFAULT_KIND,
-    INTERPOLATIONS,
-    MAX_RESOLUTION,
-    MIN_RESOLUTION,
-    PRECISIONS,
-    RESIZE_MODES,
     TOP_KEYS,
     ImageSpec,
     KeyRules,
     Manifest,
     ManifestError,
     NetworkSpec,
+    Normalisation,
     ParseContext,
     TowerSpec,
     arch_is_path,
@@ -44,105 +40,57 @@ from .schema import (
 IMAGE_KEYS = entry_keys(ImageSpec)
 
 
-def _parse_triplet(raw: Any, where: str, problems: Problems, positive: bool) -> tuple[float, float, float]:
-    if isinstance(raw, (list, tuple)) and len(raw) == 3 and all(is_number(v) for v in raw):
-        if positive and any(v <= 0 for v in raw):
-            problems.add(where, f"{list(raw)} must be three positive numbers")
-        return tuple(float(v) for v in raw)  # type: ignore[return-value]
-    problems.add(where, "must be a list of three numbers (per RGB channel, on the 0-1 scale), "
-                        "e.g. [0.48145466, 0.4578275, 0.40821073] for OpenAI CLIP")
-    return (0.0, 0.0, 0.0) if not positive else (1.0, 1.0, 1.0)
-
-
 def _parse_norms(raw: Mapping, where: str, problems: Problems) -> tuple | None:
     """`norms: [{mean, std}, ...]`: every normalisation, each a TTA view (instead of the section's mean/std)."""
     if "mean" in raw or "std" in raw:
         problems.add(f"{where}.norms", "lists every normalisation, the first included: leave mean and std out")
-    value = raw["norms"]
-    if not isinstance(value, list) or not value or not all(isinstance(n, Mapping) for n in value):
+    value, before = raw["norms"], problems.mark()
+    if not isinstance(value, list) or not value:
         problems.add(f"{where}.norms", f"{value!r} must be a list of {{mean: [r, g, b], std: [r, g, b]}}, one per "
                                        "normalisation, e.g. CLIP's and ImageNet's")
         return None
-    norms = []
-    for i, norm in enumerate(value):
-        problems.unknown_keys(norm, frozenset({"mean", "std"}), f"{where}.norms[{i}]")
-        for key in ("mean", "std"):
-            if key not in norm:
-                problems.add(f"{where}.norms[{i}].{key}", "is required")
-        norms.append((_parse_triplet(norm.get("mean", [0, 0, 0]), f"{where}.norms[{i}].mean", problems, False),
-                      _parse_triplet(norm.get("std", [1, 1, 1]), f"{where}.norms[{i}].std", problems, True)))
-    if len(set(norms)) < len(norms):
+    norms = [checked_fields(Normalisation, norm, f"{where}.norms[{i}]", problems) for i, norm in enumerate(value)]
+    if problems.blocking_since(before):
+        return None
+    pairs = [(norm["mean"], norm["std"]) for norm in norms]
+    if len(set(pairs)) < len(pairs):
         problems.add(f"{where}.norms", "lists a normalisation twice; each view once")
-    return tuple(norms)
+    return tuple(pairs)
 
 
-def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec:
-    if not isinstance(raw, Mapping):
-        problems.add(where, "must be a mapping with mean, std, interpolation, resize, resolutions (and hflip)")
-        raw = {}
-    problems.unknown_keys(raw, IMAGE_KEYS, where)
-    norms = _parse_norms(raw, where, problems) if "norms" in raw else None
-    for key in ("interpolation", "resize", "resolutions") + (() if "norms" in raw else ("mean", "std")):
-        if key not in raw:
-            problems.add(f"{where}.{key}", "is required: preprocessing is never guessed; copy it from the "
-                                           "training config of this checkpoint")
-    mean = _parse_triplet(raw.get("mean"), f"{where}.mean", problems, positive=False) if "mean" in raw else (0, 0, 0)
-    std = _parse_triplet(raw.get("std"), f"{where}.std", problems, positive=True) if "std" in raw else (1, 1, 1)
+def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec | None:
+    """An entry's `image:` section, checked from ImageSpec's marks, then its `norms` and `view_weights`; None when
+    it has a problem."""
+    before = problems.mark()
+    norms = _parse_norms(raw, where, problems) if isinstance(raw, Mapping) and "norms" in raw else None
+    own = ("norms", "view_weights", *(("mean", "std") if isinstance(raw, Mapping) and "norms" in raw else ()))
+    values = checked_fields(ImageSpec, raw, where, problems, skip=own)
+    if problems.blocking_since(before):
+        return None
     if norms:
-        mean, std = norms[0]
-    interpolation = raw.get("interpolation", "bicubic")
-    if "interpolation" in raw and interpolation not in INTERPOLATIONS:
-        problems.add(f"{where}.interpolation", f"{interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
-    resize = raw.get("resize", "squash")
-    if "resize" in raw and resize not in RESIZE_MODES:
-        problems.add(f"{where}.resize", f"{resize!r} is not one of {', '.join(RESIZE_MODES)}")
-    resolutions = raw.get("resolutions", [])
-    if isinstance(resolutions, int) and not isinstance(resolutions, bool):
-        resolutions = [resolutions]
-    good: list[int] = []
-    if "resolutions" in raw:
-        if not isinstance(resolutions, (list, tuple)) or not resolutions:
-            problems.add(f"{where}.resolutions", "must be a non-empty list of image sizes in pixels, e.g. [336, 448]")
-        else:
-            for r in resolutions:
-                if not isinstance(r, int) or isinstance(r, bool) or not MIN_RESOLUTION <= r <= MAX_RESOLUTION:
-                    problems.add(f"{where}.resolutions", f"{r!r} must be an integer between {MIN_RESOLUTION} and "
-                                                         f"{MAX_RESOLUTION}")
-                elif r in good:
-                    problems.add(f"{where}.resolutions", f"{r} is listed twice; each TTA view once")
-                else:
-                    good.append(r)
-    hflip = raw.get("hflip", False)
-    if not isinstance(hflip, bool):
-        problems.add(f"{where}.hflip", f"{hflip!r} must be true or false")
-        hflip = False
-    crop_pct = raw.get("crop_pct")
-    if crop_pct is not None and not (is_number(crop_pct) and 0.1 <= crop_pct <= 1.0):
-        problems.add(f"{where}.crop_pct", f"{crop_pct!r} must be the eval crop's share of the resized image, between "
-                                          "0.1 and 1 (timm's crop_pct, e.g. 0.875; an HF processor's crop_size / "
-                                          "size, e.g. 224 / 256)")
-        crop_pct = None
-    spec = ImageSpec(mean=mean, std=std, interpolation=interpolation, resize=resize, resolutions=tuple(good),
-                     hflip=hflip, norms=norms, crop_pct=None if crop_pct is None else float(crop_pct))
-    raw_view_weights = raw.get("view_weights")
-    if raw_view_weights is None:
-        return spec
-    names = [view.name for view in spec.views]
-    if not isinstance(raw_view_weights, Mapping):
-        problems.add(f"{where}.view_weights", f"must map view names ({', '.join(names)}) to weights >= 0")
-        return spec
-    for name in sorted(set(raw_view_weights) - set(names)):
-        problems.add(f"{where}.view_weights.{name}", f"is not a view of this tower; its views are {', '.join(names)}")
-    for name in names:
-        if not is_number(raw_view_weights.get(name)) or raw_view_weights[name] < 0:
-            problems.add(f"{where}.view_weights.{name}", "needs a weight >= 0 for every view")
-    values = [raw_view_weights.get(n) for n in names]
-    if all(is_number(v) and v >= 0 for v in values):
-        if sum(values) <= 0:
-            problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
-        return replace(spec, view_weights={n: float(v) for n, v in zip(names, values, strict=True)})
-    return spec
+        values["mean"], values["std"] = norms[0]
+    spec = ImageSpec(**values, norms=norms)
+    weights = _parse_view_weights(raw.get("view_weights"), [view.name for view in spec.views], where, problems)
+    return replace(spec, view_weights=weights) if weights else spec
 
+
+def _parse_view_weights(raw: Any, names: list[str], where: str, problems: Problems) -> dict[str, float] | None:
+    """`view_weights`: a weight >= 0 for every view of the tower, by view name, not all zero (None: equal)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.add(f"{where}.view_weights", f"must map view names ({', '.join(names)}) to weights >= 0")
+        return None
+    for name in sorted(set(raw) - set(names), key=str):
+        problems.add(f"{where}.view_weights.{name}", f"is not a view of this tower; its views are {', '.join(names)}")
+    bad = [name for name in names if not is_number(raw.get(name)) or raw[name] < 0]
+    for name in bad:
+        problems.add(f"{where}.view_weights.{name}", "needs a weight >= 0 for every view")
+    if bad:
+        return None
+    if sum(raw[name] for name in names) <= 0:
+        problems.add(f"{where}.view_weights", "are all zero; give at least one view a positive weight")
+    return {name: float(raw[name]) for name in names}
 
 
 def parse_dim_weights(raw: Mapping, label: str, ctx: ParseContext) -> tuple[np.ndarray | None, Path | None]:
@@ -165,120 +113,55 @@ def parse_dim_weights(raw: Mapping, label: str, ctx: ParseContext) -> tuple[np.n
 
 
 def parse_weight(raw: Mapping, label: str, problems: Problems) -> float:
-    weight = raw.get("weight")
-    if "weight" in raw and not is_number(weight):
-        problems.add(f"{label}.weight", f"{weight!r} must be a number >= 0")
-        return 0.0
-    if is_number(weight) and weight < 0:
-        problems.add(f"{label}.weight", f"{weight} is negative; ensemble weights must be >= 0 "
-                                        "(use 0 to switch a tower off)")
-    return float(weight) if is_number(weight) else 0.0
+    """An entry's ensemble `weight` (a number >= 0), checked by TowerSpec's mark; 0.0 when missing or bad."""
+    return checked_fields(TowerSpec, raw, label, problems, only=("weight",), defaults={"weight": 0.0})["weight"]
 
+
+# what parse_network parses itself (paths, sections, the name); every other field is checked from its marks
+NETWORK_OWN = ("name", "dim_weights_path", "image", "checkpoint", "checkpoint_keys")
 
 
 def parse_network(raw: Mapping, name: str, label: str, ctx: ParseContext, kind: Any,
                   output: Callable[[Mapping, str, ParseContext], dict]) -> NetworkSpec | None:
-    """The fields every network tower has, then its kind's own section (`output`), into `kind.spec`."""
+    """The fields every network tower has (checked from NetworkSpec's marks), then its kind's own section
+    (`output`), into `kind.spec`."""
     problems, before = ctx.problems, ctx.problems.mark()
-    problems.unknown_keys(raw, entry_keys(kind.spec) | kind.reported_keys, label)
-    library = raw.get("library")
-    program = isinstance(library, str) and library in LIBRARIES and LIBRARIES.get(library).holds_weights
-    for key in ("library", "arch", *(("checkpoint",) if ctx.needs_checkpoint and not program else ()), "image",
-                "weight"):
+    values = checked_fields(NetworkSpec, raw, label, problems, skip=NETWORK_OWN,
+                            allowed=entry_keys(kind.spec) | kind.reported_keys)
+    section = output(raw, label, ctx)
+    library, arch = values.get("library"), values.get("arch")
+    program = library is not None and LIBRARIES.get(library).holds_weights
+    for key in (*(("checkpoint",) if ctx.needs_checkpoint and not program else ()), "image"):
         if key not in raw:
             problems.add(f"{label}.{key}", "is required")
-    section = output(raw, label, ctx)
-
-    library = raw.get("library")
-    if "library" in raw and library not in LIBRARIES:
-        problems.add(f"{label}.library", LIBRARIES.unknown(library))
-    arch = raw.get("arch")
-    if "arch" in raw and (not isinstance(arch, str) or not arch):
-        examples = ", ".join(f"{lib.arch_example} ({lib.name})" for lib in LIBRARIES if lib.arch_example)
-        problems.add(f"{label}.arch", f"must be a model name of the tower's library, e.g. {examples}")
-    image = parse_image(raw.get("image"), f"{label}.image", problems)
-    if isinstance(arch, str):
-        arch = _parse_arch_file(arch, library, label, ctx, image.resolutions if image else ())
-
+    image = parse_image(raw.get("image"), f"{label}.image", problems) if "image" in raw else None
+    if arch is not None:
+        arch = values["arch"] = _parse_arch_file(arch, library, label, ctx, image.resolutions if image else ())
     checkpoint = parse_checkpoint(raw, label, ctx)
-    sha256 = raw.get("sha256")
-    if isinstance(sha256, (int, float)) and not isinstance(sha256, bool):
-        problems.add(f"{label}.sha256", "YAML read this unquoted value as a number (an all-digit or exponent-like "
-                                        "hash); put the 64 hex digits in quotes: sha256: \"...\"")
-    elif sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
-        problems.add(f"{label}.sha256", "must be 64 hex digits (`sha256sum FILE`), or left out")
-    elif sha256 is not None and checkpoint is None and isinstance(arch, str) and library in LIBRARIES \
-            and image is not None and len(LIBRARIES.get(library).arch_files(arch, image.resolutions)) > 1:
+    if values.get("sha256") is not None and checkpoint is None and library is not None and image is not None \
+            and arch is not None and len(LIBRARIES.get(library).arch_files(arch, image.resolutions)) > 1:
         problems.add(f"{label}.sha256", "checks one file, and this tower's programs are one per resolution (each "
                                         "one's content is in the cache key): remove it")
-    native = raw.get("native_resolution")
-    if native is not None and not (is_int(native) and MIN_RESOLUTION <= native <= MAX_RESOLUTION):
-        problems.add(f"{label}.native_resolution", f"{native!r} must be the integer image size the checkpoint's "
-                                                   "position embeddings were trained at, or left out")
-    features, options = parse_backbone_choices(raw, library, label, problems)
-    weight = parse_weight(raw, label, problems)
-    precision = raw.get("precision", default_of(NetworkSpec, "precision"))
-    if precision not in PRECISIONS:
-        problems.add(f"{label}.precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-    compile_views = raw.get("compile", default_of(NetworkSpec, "compile"))
-    if not isinstance(compile_views, bool):
-        problems.add(f"{label}.compile", f"{compile_views!r} must be true or false (torch.compile each resolution)")
+    if library is not None:
+        for field, problem in LIBRARIES.get(library).option_problems(values["features"], values["backbone"]):
+            problems.add(f"{label}.{field}", problem)
     dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
     key_rules = parse_key_rules(raw.get("checkpoint_keys"), f"{label}.checkpoint_keys", problems)
     if problems.blocking_since(before):
         return None
-    return kind.spec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
-                     library=library, arch=arch, checkpoint=checkpoint, image=image, sha256=sha256,
-                     native_resolution=native, features=features, backbone=options, precision=precision,
-                     compile=compile_views,
-                     checkpoint_keys=key_rules, **section)
-
-
-def parse_backbone_choices(raw: Mapping, library: Any, label: str, problems: Problems
-                           ) -> tuple[str | None, dict | None]:
-    """An entry's `features` (what the backbone hands the head) and `backbone:` options, checked by its library."""
-    features, options = raw.get("features"), raw.get("backbone")
-    if features is not None and not (isinstance(features, str) and features):
-        problems.add(f"{label}.features", f"{features!r} must be a name, e.g. pooled or logits")
-        features = None
-    if options is not None and not (isinstance(options, Mapping) and all(isinstance(k, str) for k in options)):
-        problems.add(f"{label}.backbone", f"{options!r} must map option names to values, e.g. {{global_pool: token}}")
-        options = None
-    if library in LIBRARIES:
-        for field, problem in LIBRARIES.get(library).option_problems(features, options):
-            problems.add(f"{label}.{field}", problem)
-    return features, dict(options) if options else None
+    return kind.spec(name=name, **values, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
+                     checkpoint=checkpoint, image=image, checkpoint_keys=key_rules, **section)
 
 
 def parse_key_rules(raw: Any, where: str, problems: Problems) -> KeyRules | None:
-    """`checkpoint_keys: {strip: [prefix, ...], rename: {old: new, ...}, ignore: [prefix, ...], weights: key}`, or
-    None."""
+    """`checkpoint_keys: {strip: [prefix, ...], rename: {old: new, ...}, ignore: [prefix, ...], weights: key}`
+    (checked from KeyRules' marks), or None."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping like {strip: [model.], rename: {fc.: head.}, ignore: [text.]}")
         return None
-    problems.unknown_keys(raw, entry_keys(KeyRules), where)
-    lists = {}
-    for key in ("strip", "ignore"):
-        value = raw.get(key, [])
-        value = [value] if isinstance(value, str) else value
-        if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
-            problems.add(f"{where}.{key}", f"{raw.get(key)!r} must be a list of key prefixes, e.g. [model.]")
-            value = []
-        lists[key] = tuple(value)
-    rename = raw.get("rename")
-    if rename is not None and not (isinstance(rename, Mapping) and rename
-                                   and all(isinstance(k, str) and k and isinstance(v, str) for k, v in rename.items())):
-        problems.add(f"{where}.rename", f"{rename!r} must map old key prefixes to new ones, e.g. {{fc.: head.}}")
-        rename = None
-    weights = raw.get("weights")
-    if weights is not None and not (isinstance(weights, str) and weights):
-        problems.add(f"{where}.weights", f"{weights!r} must name the set of weights to read from a file that holds "
-                                         "several, e.g. state_dict_ema (timm's train.py) or ema")
-        weights = None
-    return KeyRules(strip=lists["strip"], rename=dict(rename) if rename else None, ignore=lists["ignore"],
-                    weights=weights)
+    return KeyRules(**checked_fields(KeyRules, raw, where, problems))
 
 
 def _parse_arch_file(arch: str, library: Any, label: str, ctx: ParseContext, resolutions: Sequence[int]) -> str:
@@ -411,39 +294,50 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True, *, all
     `allow_empty`: a manifest with no towers yet (what `init` writes) is valid to hold and to add towers to; a run
     needs at least one."""
     path = Path(path)
-    base_dir = path.resolve().parent
     problems = Problems()
     if not isinstance(data, Mapping):
         raise ManifestError(path, ["the file must hold a mapping with embedding_dim, fallback and towers"])
     problems.unknown_keys(data, TOP_KEYS, what="top-level key")
-
     embedding_dim = data.get("embedding_dim", DEFAULT_EMBEDDING_DIM)
     if not is_int(embedding_dim) or embedding_dim <= 0:
         problems.add("embedding_dim", f"{embedding_dim!r} must be a positive integer (384 for all-MiniLM-L6-v2)")
         embedding_dim = DEFAULT_EMBEDDING_DIM
-
-    fallback, fallback_path = None, None
-    if "fallback" not in data:
-        problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
-                                 "images that cannot be read")
-    else:
-        fallback_path = resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
-        if fallback_path is not None:
-            try:
-                fallback = load_fallback(fallback_path, embedding_dim)
-            except (ValueError, OSError) as err:
-                problems.add("fallback", f"{fallback_path} {err}")
-
+    fallback_path, fallback = _parse_fallback(data, path.resolve().parent, embedding_dim, problems)
     towers_raw = data.get("towers")
     if not isinstance(towers_raw, list) or not (towers_raw or allow_empty):
         problems.add("towers", "must be a non-empty list of towers; add one with `kaggle-i2p inspect CHECKPOINT "
                                f"--append {path}`")
         towers_raw = []
-    ctx = ParseContext(base_dir, problems, check_files, embedding_dim)
+    ctx = ParseContext(path.resolve().parent, problems, check_files, embedding_dim)
     clean = [(index, spec) for index, raw in enumerate(towers_raw)
              if (spec := parse_tower(raw, index, ctx)) is not None]
+    _check_names_and_weights(towers_raw, problems)
+    clean = _resolve_links(clean, embedding_dim, problems)
+    if problems.items:
+        raise ManifestError(path, problems.items, clean, embedding_dim)
+    return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
+                    towers=tuple(spec for _, spec in clean))
 
-    entries = [raw for raw in towers_raw if isinstance(raw, Mapping)]
+
+def _parse_fallback(data: Mapping, base_dir: Path, embedding_dim: int, problems: Problems
+                    ) -> tuple[Path | None, np.ndarray | None]:
+    """The `fallback` .npy (its path, and its unit vector), checked now: written for images that cannot be read."""
+    if "fallback" not in data:
+        problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
+                                 "images that cannot be read")
+        return None, None
+    fallback_path = resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
+    if fallback_path is None:
+        return None, None
+    try:
+        return fallback_path, load_fallback(fallback_path, embedding_dim)
+    except (ValueError, OSError) as err:
+        problems.add("fallback", f"{fallback_path} {err}")
+        return fallback_path, None
+
+
+def _check_names_and_weights(towers_raw: list, problems: Problems) -> None:
+    """Every tower its own name; not every weight zero."""
     seen: dict[str, int] = {}
     for index, raw in enumerate(towers_raw):
         name = raw.get("name") if isinstance(raw, Mapping) else None
@@ -452,34 +346,31 @@ def parse_manifest(data: Any, path: str | Path, check_files: bool = True, *, all
                          f"duplicates towers[{seen[name]}]; every tower needs its own name")
         if isinstance(name, str):
             seen.setdefault(name, index)
-    by_name = {spec.name: spec for _, spec in clean}
-    for index, spec in clean:  # a tower reading another's texts (an interrogator's base caption)
-        source = kind_of(spec).text_source(spec) if isinstance(spec, NetworkSpec) else None
-        other = by_name.get(source) if source is not None else None
-        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).makes_texts):
-            problems.add(f"{tower_label(index, spec.name)}.{spec.kind}.base",
-                         f"{source!r} must name a caption tower of this manifest (it runs for its texts, whatever "
-                         "its weight)")
-    for position, (index, spec) in enumerate(clean):  # a tower made of others (a fusion tower's inputs)
-        kind = kind_of(spec)
-        for read in kind.reads(spec):
-            if read not in by_name and not (isinstance(spec, NetworkSpec) and kind.text_source(spec) == read):
-                problems.add(f"{tower_label(index, spec.name)}.inputs", f"{read!r} is not a tower of this manifest "
-                             f"({', '.join(by_name) or 'none'})")
-        if kind.reads(spec) and all(r in by_name for r in kind.reads(spec)):
-            clean[position] = (index, kind.resolve(spec, by_name, tower_label(index, spec.name), embedding_dim,
-                                                   problems))
-    weights = [raw.get("weight") for raw in entries]
-    if entries and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
+    weights = [raw.get("weight") for raw in towers_raw if isinstance(raw, Mapping)]
+    if weights and all(is_number(w) for w in weights) and sum(max(w, 0.0) for w in weights) <= 0:
         problems.add("towers[*].weight", "all weights are zero; give at least one tower a positive weight")
 
-    if problems.items:
-        raise ManifestError(path, problems.items, clean, embedding_dim)
-    return Manifest(path=path, embedding_dim=embedding_dim, fallback_path=fallback_path, fallback=fallback,
-                    towers=tuple(spec for _, spec in clean))
 
-
-
+def _resolve_links(clean: list[tuple[int, TowerSpec]], embedding_dim: int, problems: Problems
+                   ) -> list[tuple[int, TowerSpec]]:
+    """The towers that read others (an interrogator's base caption tower, a fusion tower's inputs) checked against
+    the manifest's towers and completed from them (`TowerKind.resolve`)."""
+    by_name = {spec.name: spec for _, spec in clean}
+    out = []
+    for index, spec in clean:
+        kind, label = kind_of(spec), tower_label(index, spec.name)
+        source = kind.text_source(spec) if isinstance(spec, NetworkSpec) else None
+        other = by_name.get(source) if source is not None else None
+        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).makes_texts):
+            problems.add(f"{label}.{spec.kind}.base", f"{source!r} must name a caption tower of this manifest (it runs "
+                                                      "for its texts, whatever its weight)")
+        missing = [read for read in kind.reads(spec) if read not in by_name and read != source]
+        for read in missing:
+            problems.add(f"{label}.inputs", f"{read!r} is not a tower of this manifest "
+                                            f"({', '.join(by_name) or 'none'})")
+        reads_all = kind.reads(spec) and all(r in by_name for r in kind.reads(spec))
+        out.append((index, kind.resolve(spec, by_name, label, embedding_dim, problems) if reads_all else spec))
+    return out
 
 
 def register_named_manifest(name: str, build: Callable[[], Path]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.errors import I2PError
 from ..core.registry import KINDS, LIBRARIES
-from ..core.validate import Problems
+from ..core.validate import Problems, is_number
 from .fields import entry_dict, entry_field, path_text
 
 if TYPE_CHECKING:
@@ -58,6 +58,18 @@ class ManifestError(I2PError, ValueError):
 
 
 Triplet = tuple[float, float, float]
+NEVER_GUESSED = "preprocessing is never guessed; copy it from the training config of this checkpoint"
+TRIPLET_HINT = "per RGB channel, on the 0-1 scale, e.g. [0.48145466, 0.4578275, 0.40821073] for OpenAI CLIP"
+CROP_HINT = ("the eval crop's share of the resized image: timm's crop_pct, e.g. 0.875; an HF processor's crop_size / "
+             "size, e.g. 224 / 256")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """One of an image section's `norms:` (the mean and std of one normalisation), marked as the section's own."""
+
+    mean: Triplet = entry_field(required=NEVER_GUESSED, hint=TRIPLET_HINT)
+    std: Triplet = entry_field(required=NEVER_GUESSED, hint=TRIPLET_HINT, low_open=True)
 
 
 class View(NamedTuple):
@@ -83,17 +95,18 @@ class ImageSpec:
     `norms` (the 4th place's TTA: every image under two mean/std pairs, averaged) lists every normalisation, each a
     view of its own on the same weights; then `mean`/`std` are the first's, and the entry writes `norms` alone."""
 
-    mean: Triplet
-    std: Triplet
-    interpolation: Interpolation
-    resize: ResizeMode
-    resolutions: tuple[int, ...] = entry_field(identity=False)
+    mean: Triplet = entry_field(required=NEVER_GUESSED, hint=TRIPLET_HINT)
+    std: Triplet = entry_field(required=NEVER_GUESSED, hint=TRIPLET_HINT, low_open=True)
+    interpolation: Interpolation = entry_field(required=NEVER_GUESSED)
+    resize: ResizeMode = entry_field(required=NEVER_GUESSED)
+    resolutions: tuple[int, ...] = entry_field(identity=False, required=NEVER_GUESSED, lone=True, bounds=(
+        MIN_RESOLUTION, MAX_RESOLUTION), hint="image sizes in pixels, e.g. [336, 448]")
     hflip: bool = entry_field(False, identity=False)
     view_weights: dict[str, float] | None = entry_field(None, identity=False)  # by view name; None = equal
     norms: tuple[tuple[Triplet, Triplet], ...] | None = entry_field(None)  # (mean, std) of each normalisation
     # the eval transform's crop (timm's crop_pct; an HF processor's crop_size / size): resize to floor(r / crop_pct)
     # (the shorter side, or both sides with `squash`), then the centre r x r; None: resize straight to r
-    crop_pct: float | None = entry_field(None, sparse=True)
+    crop_pct: float | None = entry_field(None, sparse=True, bounds=(0.1, 1.0), hint=CROP_HINT)
 
     @property
     def normalisations(self) -> tuple[tuple[Triplet, Triplet], ...]:
@@ -131,13 +144,27 @@ class KeyRules:
     `rename` prefix replaced (`{fc.: head.}`). Loading stays strict: every tower key must then be filled. `weights`
     names the set of weights to read from a file that holds several (a model and its EMA), before the rules."""
 
-    strip: tuple[str, ...] = entry_field((), sparse=True)
-    rename: dict[str, str] | None = None
-    ignore: tuple[str, ...] = entry_field((), sparse=True)
-    weights: str | None = None  # which set of a file holding several (timm's `state_dict_ema`, our trainer's `ema`)
+    strip: tuple[str, ...] = entry_field((), sparse=True, lone=True, hint="a list of key prefixes, e.g. [model.]")
+    rename: dict[str, str] | None = entry_field(None, hint="old key prefixes to new ones, e.g. {fc.: head.}")
+    ignore: tuple[str, ...] = entry_field((), sparse=True, lone=True, hint="a list of key prefixes, e.g. [text.]")
+    # which set of a file holding several (timm's `state_dict_ema`, our trainer's `ema`)
+    weights: str | None = entry_field(None, hint="the set of weights to read from a file that holds several, e.g. "
+                                                  "state_dict_ema (timm's train.py) or ema")
 
     def to_dict(self, out_dir: Path | None = None) -> dict:
         return entry_dict(self, out_dir)
+
+
+def sha256_problem(value: object) -> str | None:
+    """Why an entry's `sha256` is not 64 hex digits (or left out), or None; a hash YAML read as a number says so."""
+    import re
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("YAML read this unquoted value as a number (an all-digit or exponent-like hash); put the 64 hex "
+                "digits in quotes: sha256: \"...\"")
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value)):
+        return "must be 64 hex digits (`sha256sum FILE`), or left out"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +177,9 @@ class TowerSpec:
 
     kind: ClassVar[str]
     name: str = entry_field(identity=False)
-    weight: float = entry_field(identity=False)
+    weight: float = entry_field(identity=False, hint="an ensemble weight; 0 switches a tower off", check=lambda v: (
+        f"{v} is negative; ensemble weights must be >= 0 (use 0 to switch a tower off)" if is_number(v) and v < 0
+        else None))
     dim_weights: np.ndarray | None = entry_field(None, written=False, repr=False, compare=False)  # the multipliers
     dim_weights_path: Path | None = entry_field(None, key="dim_weights", path=True, identity=False)  # their .npy
 
@@ -190,18 +219,24 @@ class TowerSpec:
 class NetworkSpec(TowerSpec):
     """A tower that runs an image model: a registered library's backbone, its checkpoint and its preprocessing."""
 
-    library: str
-    arch: str = entry_field(path="arch")  # a model name, or (a library that reads files) a config file's path
+    library: str = entry_field(check=lambda value: None if value in LIBRARIES else LIBRARIES.unknown(value))
+    # a model name, or (a library that reads files) a config file's path
+    arch: str = entry_field(path="arch", hint=lambda: "a model name of the tower's library, e.g. " + ", ".join(
+        f"{lib.arch_example} ({lib.name})" for lib in LIBRARIES if lib.arch_example))
     # a file, a save_pretrained/save_model folder, or several (a tuple) merged: backbone + head in files of their own;
     # None only for a tower still being trained, or a program that holds every weight
     checkpoint: Path | tuple[Path, ...] | None = entry_field(path=True, identity=False)
-    sha256: str | None = entry_field(None, identity=False)
+    sha256: str | None = entry_field(None, identity=False, check=sha256_problem)
     image: ImageSpec = entry_field(section=ImageSpec)
-    native_resolution: int | None = None
-    features: str | None = None  # what the backbone hands the head, by its library's choices (None: its default)
-    backbone: dict | None = entry_field(None, key="backbone")  # the library's build options (timm: global_pool ...)
+    native_resolution: int | None = entry_field(None, bounds=(MIN_RESOLUTION, MAX_RESOLUTION), hint=(
+        "the image size the checkpoint's position embeddings were trained at, or left out"))
+    # what the backbone hands the head, by its library's choices (None: its default)
+    features: str | None = entry_field(None, hint="e.g. pooled or logits")
+    # the library's build options (timm: global_pool ...)
+    backbone: dict | None = entry_field(None, key="backbone", hint="option names to values, e.g. {global_pool: token}")
     precision: Precision = entry_field("auto", identity=False)
-    compile: bool = entry_field(False, sparse=True, identity=False)  # torch.compile one callable per resolution
+    # torch.compile one callable per resolution
+    compile: bool = entry_field(False, sparse=True, identity=False, hint="torch.compile each resolution")
     checkpoint_keys: KeyRules | None = entry_field(None, section=KeyRules, identity=False)  # the file's own names
 
     @property

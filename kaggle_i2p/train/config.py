@@ -9,6 +9,7 @@ environment.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +19,8 @@ from ..core.registry import LIBRARIES
 from ..core.validate import (
     Problems,
     expand_path,
-    int_problem,
     is_number,
     number_problem,
-    pair_problem,
     read_yaml,
     resolve_file,
 )
@@ -30,13 +29,12 @@ from ..kinds.regressor import RegressorSpec
 from ..manifest import (
     MAX_RESOLUTION,
     MIN_RESOLUTION,
-    TRAIN_PRECISIONS,
     ManifestError,
     ParseContext,
     TrainPrecision,
     parse_tower,
 )
-from ..manifest.fields import checked_fields, defaults_of, entry_field, entry_keys, written_fields
+from ..manifest.fields import checked_fields, entry_field, entry_keys, written_fields
 from .lora import LoraSpec
 
 HEAD_INITS = ("random", "text_map")
@@ -44,6 +42,30 @@ HEAD_INITS = ("random", "text_map")
 
 class TrainConfigError(ManifestError):
     """A training config that cannot be used; the message lists every problem, one per line."""
+
+
+def optimizer_problem(name: Any) -> str | None:
+    """Why `name` is no optimizer a stage can use, or None: torch's AdamW, or one of timm's that needs no package
+    we do not have (bitsandbytes' are refused unless it is installed)."""
+    import importlib.util
+
+    import timm.optim
+
+    known = timm.optim.list_optimizers()
+    if not isinstance(name, str) or name not in known:
+        return (f"{name!r} is not an optimizer timm knows; e.g. adamw (default), madgrad, lamb, lion, adan, "
+                "adafactor (timm.optim.list_optimizers() lists all)")
+    if name.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        return f"{name} needs bitsandbytes, which is not installed"
+    return None
+
+
+def warmup_problem(value: Any) -> str | None:
+    """Why a `warmup` is neither a fraction of the stage (< 1) nor a whole number of steps, or None."""
+    if (problem := number_problem(value)) is not None:
+        return problem
+    return f"{value} must be a fraction of the stage (< 1) or a whole number of steps" \
+        if value >= 1 and value != int(value) else None
 
 
 @dataclass(frozen=True)
@@ -78,15 +100,16 @@ class OptimSection:
     """The `optim:` section's keys and defaults: AdamW and its schedule, inherited by every stage (a stage may set
     its own lr, weight_decay, layer_decay, warmup and min_lr_scale)."""
 
-    optimizer: str = "adamw"  # any of timm's optimizers by name (timm.optim.list_optimizers()): madgrad, lamb, ...
+    # any of timm's optimizers by name (timm.optim.list_optimizers()): madgrad, lamb, ...
+    optimizer: str = entry_field("adamw", check=optimizer_problem)
     lr: float = 1e-4
     weight_decay: float = 0.05
-    layer_decay: float = 0.75
+    layer_decay: float = entry_field(0.75, bounds=(0.0, 1.0))
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup: float = 0.05  # a fraction of the stage's steps if < 1, else a number of steps
-    min_lr_scale: float = 0.01
+    warmup: float = entry_field(0.05, check=warmup_problem)  # a fraction of the stage's steps if < 1, else steps
+    min_lr_scale: float = entry_field(0.01, bounds=(0.0, 1.0))
     grad_clip: float = 1.0
-    accumulation: int = 1
+    accumulation: int = entry_field(1, bounds=(1, None))
 
 
 @dataclass(frozen=True)
@@ -103,65 +126,81 @@ class TextMapConfig:
     checkpoint), the relative ridge, the embedding batch, and an optional cap on the prompts fitted (a seeded
     sample)."""
 
-    clip_arch: str
-    clip_checkpoint: Path
+    clip_arch: str = entry_field(required=(
+        "the CLIP model of the text tower whose image tower this head sits on (an open_clip name or model-config "
+        ".json, or a transformers CLIP/SigLIP folder)"))
+    clip_checkpoint: Path = entry_field(path=True)
     ridge: float = 1e-3
-    batch_size: int = 256
-    max_prompts: int | None = None
+    batch_size: int = entry_field(256, bounds=(1, None))
+    max_prompts: int | None = entry_field(None, bounds=(1, None))
 
 
-OPTIM_DEFAULTS = defaults_of(OptimSection)
 # Keys that change how a run is operated, not what it computes: a resumed run may change them.
 OPERATIONAL = {("data", m["key"]) for _, m in written_fields(DataConfig) if not m["identity"]} | {
     ("checkpoint_every",), ("log_every",)}
 
 
-@dataclass(frozen=True)
-class StageConfig:
-    """One stage: epochs at one resolution with one optimizer (fresh AdamW, LLRD groups, warm-up + cosine)."""
+def _optim_mark(name: str) -> Any:
+    """A stage field that a stage may set and otherwise inherits from the optim section: the section's field's marks,
+    no default of its own."""
+    return dataclasses.field(metadata=next(f for f in dataclasses.fields(OptimSection) if f.name == name).metadata)
 
-    name: str
-    epochs: int
-    resolution: int
-    optimizer: str  # adamw (torch's), or any of timm's by name
-    head_only: bool
-    freeze_lowest: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    layer_decay: float
-    warmup: float  # a fraction of the stage's steps if < 1, else a number of steps
-    min_lr_scale: float
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One stage: epochs at one resolution with one optimizer (fresh AdamW, LLRD groups, warm-up + cosine). The
+    optimizer's settings left out are the optim section's; the batch size is the data section's."""
+
+    name: str  # default: stage<index>
+    epochs: int = entry_field(bounds=(1, None))
+    resolution: int = entry_field(bounds=(MIN_RESOLUTION, MAX_RESOLUTION))
+    optimizer: str = _optim_mark("optimizer")  # adamw (torch's), or any of timm's by name
+    head_only: bool = False
+    freeze_lowest: int = 0
+    batch_size: int = entry_field(bounds=(1, None))
+    lr: float = _optim_mark("lr")
+    weight_decay: float = _optim_mark("weight_decay")
+    layer_decay: float = _optim_mark("layer_decay")
+    warmup: float = _optim_mark("warmup")  # a fraction of the stage's steps if < 1, else a number of steps
+    min_lr_scale: float = _optim_mark("min_lr_scale")
     betas: tuple[float, float] = entry_field(written=False)  # the optim section's, for every stage
     grad_clip: float = entry_field(written=False)
     accumulation: int = entry_field(written=False)
-    work: Path | None = None  # the stage's own dataset folder (None: the run's `work`), validated on the run's
-    sources: tuple[str, ...] | None = None  # only the index rows of these sources train (None: every row)
-    lora: LoraSpec | None = None  # adapters on a block range, frozen below it, fully trained above it
+    # the stage's own dataset folder (None: the run's `work`), validated on the run's
+    work: Path | None = entry_field(None, path=True)
+    # only the index rows of these sources train (None: every row)
+    sources: tuple[str, ...] | None = entry_field(None, hint="the index's source names, e.g. [coyo]")
+    lora: LoraSpec | None = entry_field(None, section=LoraSpec)  # adapters on a block range, frozen below it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A validated training config (paths resolved)."""
 
     path: Path = entry_field(written=False)
     raw: dict = entry_field(written=False)  # the file's mapping, kept in checkpoints so a resume can check it
-    work: Path
-    output: Path
-    seed: int
-    cpu: bool
+    work: Path = entry_field(path=True)
+    output: Path = entry_field(path=True)
+    seed: int = 0
+    cpu: bool = False
     tower: RegressorSpec  # its checkpoint is None: export writes it
     init: Path | None = entry_field(written=False)  # the tower's `init:`; None: random initialisation
-    text_map: TextMapConfig | None  # `head.init: text_map`: the head starts as the CLIP-text -> MiniLM map
-    data: DataConfig
-    loss: LossConfig
+    text_map: TextMapConfig | None = entry_field(section=TextMapConfig)  # `head.init: text_map`: the CLIP-text map
+    data: DataConfig = entry_field(section=DataConfig)
+    loss: LossConfig = entry_field(section=LossConfig)
     ema_decay: float = entry_field(written=False)  # the ema section's; 0: no EMA
     ema_warmup: bool = entry_field(written=False)
-    precision: TrainPrecision
+    precision: TrainPrecision = entry_field("auto", hint="auto: bf16 where the GPU has it, else fp16 with a grad "
+                                                         "scaler; fp32 on a CPU")
     stages: tuple[StageConfig, ...]
-    checkpoint_every: int  # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
-    log_every: int
-    eval_at_start: bool
+    # optimizer steps between mid-epoch checkpoints (0: only at epoch ends)
+    checkpoint_every: int = 0
+    log_every: int = entry_field(50, bounds=(1, None))
+    eval_at_start: bool = True
+
+
+# the top-level settings checked from TrainConfig's marks (the rest are sections and paths with parsers of their own)
+TOP_SETTINGS = ("seed", "cpu", "precision", "checkpoint_every", "log_every", "eval_at_start")
 
 
 # The keys each part of a config file may hold, derived from the dataclasses that hold them (fields marked
@@ -170,53 +209,6 @@ TOP_KEYS = entry_keys(TrainConfig) | {"optim", "ema"}  # the sections every stag
 TEXT_MAP_KEYS = entry_keys(TextMapConfig)
 STAGE_KEYS = entry_keys(StageConfig)
 LORA_KEYS = entry_keys(LoraSpec)
-
-
-def _section(raw: Mapping, key: str, defaults: dict, problems: Problems) -> dict:
-    value = raw.get(key, {}) or {}
-    if not isinstance(value, Mapping):
-        problems.add(key, f"must be a mapping with keys {', '.join(sorted(defaults))}")
-        return dict(defaults)
-    problems.unknown_keys(value, defaults, key)
-    return {**defaults, **{k: v for k, v in value.items() if k in defaults}}
-
-
-def _int(value: Any, where: str, problems: Problems, minimum: int = 0) -> int:
-    if (problem := int_problem(value, minimum)) is not None:
-        problems.add(where, problem)
-        return minimum
-    return value
-
-
-def _number(value: Any, where: str, problems: Problems, low: float = 0.0, high: float = float("inf"),
-            high_open: bool = False) -> float:
-    if (problem := number_problem(value, low, None if high == float("inf") else high, high_open)) is not None:
-        problems.add(where, problem)
-        return low
-    return float(value)
-
-
-def _pair(value: Any, where: str, problems: Problems) -> tuple[float, float]:
-    if (problem := pair_problem(value)) is not None:
-        problems.add(where, problem)
-        return 1.0, 1.0
-    return float(value[0]), float(value[1])
-
-
-def optimizer_problem(name: Any) -> str | None:
-    """Why `name` is no optimizer a stage can use, or None: torch's AdamW, or one of timm's that needs no package
-    we do not have (bitsandbytes' are refused unless it is installed)."""
-    import importlib.util
-
-    import timm.optim
-
-    known = timm.optim.list_optimizers()
-    if not isinstance(name, str) or name not in known:
-        return (f"{name!r} is not an optimizer timm knows; e.g. adamw (default), madgrad, lamb, lion, adan, "
-                "adafactor (timm.optim.list_optimizers() lists all)")
-    if name.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
-        return f"{name} needs bitsandbytes, which is not installed"
-    return None
 
 
 def _dataset_folder(value: Any, where: str, base_dir: Path, check_files: bool, problems: Problems) -> Path | None:
@@ -240,98 +232,54 @@ def _dataset_folder(value: Any, where: str, base_dir: Path, check_files: bool, p
 
 def _parse_lora(raw: Any, where: str, stage: Mapping, problems: Problems) -> LoraSpec | None:
     """A stage's `lora:` section: blocks [first, last] (block numbers, or fractions of the blocks), rank, alpha,
-    dropout, modules; the stage may not also be head-only or set freeze_lowest (the range sets what is frozen)."""
+    dropout, modules (checked from LoraSpec's marks); the stage may not also be head-only or set freeze_lowest (the
+    range sets what is frozen)."""
     import importlib.util
 
-    example = "e.g. {blocks: [0.4, 0.8], rank: 16, alpha: 16}"
     if not isinstance(raw, Mapping):
-        problems.add(where, f"must be a mapping, {example}")
+        problems.add(where, "must be a mapping, e.g. {blocks: [0.4, 0.8], rank: 16, alpha: 16}")
         return None
-    problems.unknown_keys(raw, LORA_KEYS, where)
+    values = checked_fields(LoraSpec, raw, where, problems, skip=("blocks",))
     if importlib.util.find_spec("peft") is None:
         problems.add(where, "LoRA needs peft, which is not installed: pip install peft")
     for key in ("head_only", "freeze_lowest"):
         if stage.get(key):
             problems.add(f"{where.rsplit('.', 1)[0]}.{key}", "is not for a LoRA stage: lora.blocks sets it (frozen "
                                                              "below the range, adapted in it, fully trained above)")
-    blocks = raw.get("blocks")
+    return LoraSpec(blocks=_lora_blocks(raw.get("blocks"), f"{where}.blocks", problems), **values)
+
+
+def _lora_blocks(blocks: Any, where: str, problems: Problems) -> tuple[float, float]:
+    """[first, last]: whole block numbers from 1, or fractions of the blocks (low < high)."""
     numbers = isinstance(blocks, list) and len(blocks) == 2 and all(is_number(v) for v in blocks)
     whole = numbers and all(isinstance(v, int) for v in blocks) and 1 <= blocks[0] <= blocks[1]
-    fractions = numbers and not whole and 0 <= blocks[0] < blocks[1] <= 1
-    if not (whole or fractions):
-        problems.add(f"{where}.blocks", f"{blocks!r} must be [first, last]: block numbers from 1 (e.g. [13, 24]) or "
-                                        "fractions of the blocks (e.g. [0.4, 0.8]: the middle 40%)")
-        blocks = [1, 1]
-    modules = raw.get("modules")
-    if modules is not None and not (isinstance(modules, list) and modules
-                                    and all(isinstance(m, str) and m for m in modules)):
-        problems.add(f"{where}.modules", f"{modules!r} must be a list of module-name endings, e.g. [qkv, fc1, fc2]")
-        modules = None
-    return LoraSpec(
-        blocks=(blocks[0], blocks[1]) if whole else (float(blocks[0]), float(blocks[1])),
-        rank=_int(raw.get("rank", LoraSpec.rank), f"{where}.rank", problems, minimum=1),
-        alpha=_number(raw.get("alpha", LoraSpec.alpha), f"{where}.alpha", problems),
-        dropout=_number(raw.get("dropout", LoraSpec.dropout), f"{where}.dropout", problems, high=1.0, high_open=True),
-        modules=tuple(modules) if modules else None)
+    if whole:
+        return blocks[0], blocks[1]
+    if numbers and 0 <= blocks[0] < blocks[1] <= 1:
+        return float(blocks[0]), float(blocks[1])
+    problems.add(where, f"{blocks!r} must be [first, last]: block numbers from 1 (e.g. [13, 24]) or fractions of the "
+                        "blocks (e.g. [0.4, 0.8]: the middle 40%)")
+    return 1, 1
 
 
 def _parse_stage(raw: Any, index: int, optim: dict, data: DataConfig, problems: Problems, base_dir: Path,
                  check_files: bool) -> StageConfig | None:
+    """One `stages:` entry, checked from StageConfig's marks; what it leaves out is the optim section's (already
+    checked) and the data section's batch size."""
     where = f"stages[{index}]"
     if not isinstance(raw, Mapping):
         problems.add(where, "must be a mapping, e.g. {epochs: 1, resolution: 224, head_only: true, lr: 1e-3}")
         return None
-    problems.unknown_keys(raw, STAGE_KEYS, where)
-    for key in ("epochs", "resolution"):
-        if key not in raw:
-            problems.add(f"{where}.{key}", "is required")
-    resolution = raw.get("resolution", MIN_RESOLUTION)
-    if not (isinstance(resolution, int) and not isinstance(resolution, bool)
-            and MIN_RESOLUTION <= resolution <= MAX_RESOLUTION):
-        problems.add(f"{where}.resolution", f"{resolution!r} must be an integer in [{MIN_RESOLUTION}, "
-                                            f"{MAX_RESOLUTION}]")
-        resolution = MIN_RESOLUTION
-    head_only = raw.get("head_only", False)
-    if not isinstance(head_only, bool):
-        problems.add(f"{where}.head_only", "must be true or false")
-    def at(key: str) -> str:  # a stage's own value, or the optim default it inherits
-        return f"{where}.{key}" if key in raw else f"optim.{key}"
-
-    warmup = _number(raw.get("warmup", optim["warmup"]), at("warmup"), problems)
-    if warmup >= 1 and warmup != int(warmup):
-        problems.add(at("warmup"), f"{warmup} must be a fraction of the stage (< 1) or a whole number of steps")
-    optimizer = raw.get("optimizer", optim["optimizer"])
-    problem = optimizer_problem(optimizer)
-    if problem:
-        problems.add(at("optimizer"), problem)
+    values = checked_fields(StageConfig, raw, where, problems, skip=("work", "lora"),
+                            defaults={**optim, "name": f"stage{index}", "batch_size": data.batch_size})
     work = None if "work" not in raw else _dataset_folder(raw["work"], f"{where}.work", base_dir, check_files,
                                                           problems)
-    sources = raw.get("sources")
-    if sources is not None and not (isinstance(sources, list) and sources
-                                    and all(isinstance(v, str) and v for v in sources)):
-        problems.add(f"{where}.sources", f"{sources!r} must be a list of the index's source names, e.g. [coyo]")
-        sources = None
     lora = None if raw.get("lora") is None else _parse_lora(raw["lora"], f"{where}.lora", raw, problems)
-    return StageConfig(
-        name=str(raw.get("name", f"stage{index}")),
-        lora=lora,
-        work=work,
-        sources=tuple(sorted(set(sources))) if sources else None,
-        optimizer=str(optimizer),
-        epochs=_int(raw.get("epochs", 1), f"{where}.epochs", problems, minimum=1),
-        resolution=resolution,
-        head_only=bool(head_only),
-        freeze_lowest=_int(raw.get("freeze_lowest", 0), f"{where}.freeze_lowest", problems),
-        batch_size=_int(raw.get("batch_size", data.batch_size), f"{where}.batch_size", problems, minimum=1),
-        lr=_number(raw.get("lr", optim["lr"]), at("lr"), problems),
-        weight_decay=_number(raw.get("weight_decay", optim["weight_decay"]), at("weight_decay"), problems),
-        layer_decay=_number(raw.get("layer_decay", optim["layer_decay"]), at("layer_decay"), problems, high=1.0),
-        warmup=warmup,
-        min_lr_scale=_number(raw.get("min_lr_scale", optim["min_lr_scale"]), at("min_lr_scale"), problems, high=1.0),
-        betas=_pair(optim["betas"], "optim.betas", problems),
-        grad_clip=_number(optim["grad_clip"], "optim.grad_clip", problems),
-        accumulation=_int(optim["accumulation"], "optim.accumulation", problems, minimum=1),
-    )
+    if not {"epochs", "resolution"} <= values.keys():  # a bad value stands as its default; a missing one cannot
+        return None
+    sources = values.pop("sources")
+    return StageConfig(**values, work=work, lora=lora, sources=tuple(sorted(sources)) if sources else None,
+                       betas=optim["betas"], grad_clip=optim["grad_clip"], accumulation=optim["accumulation"])
 
 
 def _parse_tower_section(raw: Any, base_dir: Path, last_resolution: int | None,
@@ -384,17 +332,12 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
         problems.add("text_map", "is required with tower.head.init: text_map: {clip_arch, clip_checkpoint} (the "
                                  "CLIP whose text tower maps the prompts), optionally ridge, batch_size, max_prompts")
         return None
-    problems.unknown_keys(section, TEXT_MAP_KEYS, "text_map")
     if head.get("type") != "linear":
         problems.add("tower.head.type", "must be linear with init: text_map (the map is one Linear layer)")
-    arch = section.get("clip_arch")
-    if not (isinstance(arch, str) and arch):
-        problems.add("text_map.clip_arch", "is required: the CLIP model of the text tower whose image tower this head "
-                                           "sits on (an open_clip name or model-config .json, or a transformers "
-                                           "CLIP/SigLIP folder)")
-        arch = ""
-    elif arch.endswith(".json") or (base_dir / arch).is_dir():  # a config, or an HF model's folder
-        arch = str(expand_path(arch, base_dir))
+    values = checked_fields(TextMapConfig, section, "text_map", problems, skip=("clip_checkpoint",))
+    arch = values.get("clip_arch", "")
+    if arch.endswith(".json") or (arch and (base_dir / arch).is_dir()):  # a config, or an HF model's folder
+        arch = values["clip_arch"] = str(expand_path(arch, base_dir))
     checkpoint = section.get("clip_checkpoint")
     if check_files:
         checkpoint = resolve_file(checkpoint, base_dir, "text_map.clip_checkpoint", problems,
@@ -409,12 +352,7 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
         checkpoint = expand_path(checkpoint, base_dir)
     else:
         problems.add("text_map.clip_checkpoint", "is required: the whole open_clip CLIP checkpoint")
-    max_prompts = section.get("max_prompts")
-    return TextMapConfig(
-        clip_arch=arch, clip_checkpoint=Path(checkpoint or "."),
-        ridge=_number(section.get("ridge", TextMapConfig.ridge), "text_map.ridge", problems),
-        batch_size=_int(section.get("batch_size", TextMapConfig.batch_size), "text_map.batch_size", problems, 1),
-        max_prompts=None if max_prompts is None else _int(max_prompts, "text_map.max_prompts", problems, 1))
+    return TextMapConfig(**{"clip_arch": "", **values}, clip_checkpoint=Path(checkpoint or "."))
 
 
 def _adapter_problems(tower: RegressorSpec, stages: list[tuple[int, LoraSpec]]) -> list[str]:
@@ -442,62 +380,58 @@ def parse_train_config(data: Any, path: str | Path, check_files: bool = True) ->
     if not isinstance(data, Mapping):
         raise TrainConfigError(path, ["the file must hold a mapping with work, output, tower and stages"])
     problems.unknown_keys(data, TOP_KEYS, what="top-level key")
-    paths = {"work": _dataset_folder(data.get("work"), "work", base_dir, check_files, problems)}
-    if not isinstance(data.get("output"), str):
-        problems.add("output", "is required: the folder for checkpoints and metrics")
-    else:
-        try:
-            paths["output"] = expand_path(data["output"], base_dir)
-        except KeyError as err:
-            problems.add("output", f"environment variable {err.args[0]} is not set; export it")
-
-    data_config = DataConfig(**checked_fields(DataConfig, data.get("data"), "data", problems))  # from its annotations
+    work = _dataset_folder(data.get("work"), "work", base_dir, check_files, problems)
+    output = _output_folder(data.get("output"), base_dir, problems)
+    settings = checked_fields(TrainConfig, data, "", problems, only=TOP_SETTINGS)
+    data_config = DataConfig(**checked_fields(DataConfig, data.get("data"), "data", problems))
     if data_config.eval_batch_size is None:
         data_config = replace(data_config, eval_batch_size=2 * data_config.batch_size)
     if data_config.crop_scale[1] > 1:
         problems.add("data.crop_scale", "is a fraction of the image area: at most 1.0")
     loss = LossConfig(**checked_fields(LossConfig, data.get("loss"), "loss", problems))
-    optim = _section(data, "optim", OPTIM_DEFAULTS, problems)
+    optim = checked_fields(OptimSection, data.get("optim"), "optim", problems)
     ema = checked_fields(EmaSection, data.get("ema"), "ema", problems)
-    ema_decay = ema["decay"] or 0.0
-
-    stages_raw = data.get("stages")
-    stages: list[StageConfig] = []
-    if not isinstance(stages_raw, list) or not stages_raw:
-        problems.add("stages", "must be a non-empty list, e.g. [{epochs: 1, resolution: 224, head_only: true, "
-                               "lr: 1e-3}, {epochs: 5, resolution: 224}]")
-        stages_raw = []
-    for index, raw in enumerate(stages_raw):
-        stage = _parse_stage(raw, index, optim, data_config, problems, base_dir, check_files)
-        if stage is not None:
-            stages.append(stage)
-    names = [s.name for s in stages]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        problems.add("stages[*].name", f"{name!r} is used twice; stage names label checkpoints and metrics")
-
+    stages = _parse_stages(data.get("stages"), optim, data_config, problems, base_dir, check_files)
     tower, init = _parse_tower_section(data.get("tower"), base_dir, stages[-1].resolution if stages else None,
                                        problems)
     text_map = _parse_text_map(data, base_dir, check_files, problems)
-    precision = data.get("precision", "auto")
-    if precision not in TRAIN_PRECISIONS:
-        problems.add("precision", f"{precision!r} is not one of {', '.join(TRAIN_PRECISIONS)} (auto: bf16 where the "
-                                  "GPU has it, else fp16 with a grad scaler; fp32 on a CPU)")
-    seed = _int(data.get("seed", 0), "seed", problems)
-    checkpoint_every = _int(data.get("checkpoint_every", 0), "checkpoint_every", problems)
-    log_every = _int(data.get("log_every", 50), "log_every", problems, minimum=1)
     lora_stages = [(i, s.lora) for i, s in enumerate(stages) if s.lora is not None]
     if tower is not None and lora_stages:  # the ranges and modules against the tower, with every other problem
         for problem in _adapter_problems(tower, lora_stages):
             where, _, message = problem.partition(": ")
             problems.add(where, message)
-    if problems.items:  # an optim default inherited by several stages is reported once
+    if problems.items:
         raise TrainConfigError(path, list(dict.fromkeys(problems.items)))
-    return TrainConfig(
-        path=path, raw=dict(data), work=paths["work"], output=paths["output"], seed=seed,
-        cpu=bool(data.get("cpu", False)), tower=tower, init=init, text_map=text_map, data=data_config, loss=loss,
-        ema_decay=ema_decay,
-        ema_warmup=bool(ema["warmup"]), precision=precision, stages=tuple(stages), checkpoint_every=checkpoint_every,
-        log_every=log_every, eval_at_start=bool(data.get("eval_at_start", True)))
+    return TrainConfig(path=path, raw=dict(data), work=work, output=output, tower=tower, init=init, text_map=text_map,
+                       data=data_config, loss=loss, ema_decay=ema["decay"] or 0.0, ema_warmup=ema["warmup"],
+                       stages=tuple(stages), **settings)
+
+
+def _output_folder(value: Any, base_dir: Path, problems: Problems) -> Path | None:
+    """The run's `output` folder, resolved (None when missing or naming an unset variable: reported)."""
+    if not isinstance(value, str):
+        problems.add("output", "is required: the folder for checkpoints and metrics")
+        return None
+    try:
+        return expand_path(value, base_dir)
+    except KeyError as err:
+        problems.add("output", f"environment variable {err.args[0]} is not set; export it")
+        return None
+
+
+def _parse_stages(raw: Any, optim: dict, data: DataConfig, problems: Problems, base_dir: Path, check_files: bool
+                  ) -> list[StageConfig]:
+    """The `stages:` list (at least one), each stage parsed; two stages of one name are a problem."""
+    if not isinstance(raw, list) or not raw:
+        problems.add("stages", "must be a non-empty list, e.g. [{epochs: 1, resolution: 224, head_only: true, "
+                               "lr: 1e-3}, {epochs: 5, resolution: 224}]")
+        raw = []
+    stages = [stage for index, entry in enumerate(raw)
+              if (stage := _parse_stage(entry, index, optim, data, problems, base_dir, check_files)) is not None]
+    names = [s.name for s in stages]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.add("stages[*].name", f"{name!r} is used twice; stage names label checkpoints and metrics")
+    return stages
 
 
 def load_train_config(path: str | Path, check_files: bool = True) -> TrainConfig:

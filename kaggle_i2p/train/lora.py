@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..manifest.fields import entry_field
 from .recipe import BACKBONE, layer_ids
 
 BASE = ".base_layer"  # peft's name for the wrapped module: a plain tower's key without it
@@ -29,11 +30,11 @@ class LoraSpec:
     """A stage's `lora:` section: the block range (1-based, inclusive, or fractions of the blocks), rank, alpha,
     dropout, and optionally the module-name endings to adapt."""
 
-    blocks: tuple[float, float]
-    rank: int = 16
+    blocks: tuple[float, float]  # checked by the config's parser: whole block numbers or fractions
+    rank: int = entry_field(16, bounds=(1, None))
     alpha: float = 16.0
-    dropout: float = 0.0
-    modules: tuple[str, ...] | None = None
+    dropout: float = entry_field(0.0, bounds=(0.0, 1.0), high_open=True)
+    modules: tuple[str, ...] | None = entry_field(None, hint="module-name endings, e.g. [qkv, fc1, fc2]")
 
 
 @dataclass(frozen=True)
