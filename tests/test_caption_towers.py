@@ -100,12 +100,12 @@ def test_a_captioners_vector_is_minilm_of_its_own_generate(tmp_path, sample_dir,
 
 
 def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monkeypatch):
-    real = transformers_models.caption_bytes
+    real = transformers_models.as_captions
 
-    def one_empty(texts, width):
-        return real(["" if i == 1 else t for i, t in enumerate(texts)], width)
+    def one_empty(texts, images):
+        return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
 
-    monkeypatch.setattr(transformers_models, "caption_bytes", one_empty)
+    monkeypatch.setattr(transformers_models, "as_captions", one_empty)
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
                                     batch_size=4)
@@ -118,14 +118,14 @@ def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monke
 def test_an_empty_caption_is_no_caption_not_a_precision_problem(tmp_path, sample_dir, monkeypatch, caplog):
     """In bf16, a batch with an empty caption is generated once: its row has no value by design, which no precision
     gives it; the fallback says "no caption", and the batch is not recomputed in fp32 (it was, each batch twice)."""
-    real = transformers_models.caption_bytes
+    real = transformers_models.as_captions
     generated = []
 
-    def one_empty(texts, width):
+    def one_empty(texts, images):
         generated.append(len(texts))
-        return real(["" if i == 1 else t for i, t in enumerate(texts)], width)
+        return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
 
-    monkeypatch.setattr(transformers_models, "caption_bytes", one_empty)
+    monkeypatch.setattr(transformers_models, "as_captions", one_empty)
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     with caplog.at_level("WARNING", logger="kaggle_i2p"):
         run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
@@ -137,15 +137,51 @@ def test_an_empty_caption_is_no_caption_not_a_precision_problem(tmp_path, sample
     assert "2 fallbacks (2 with no caption), 0 recomputes at higher precision" in str(run.summary)
 
 
-def test_the_head_decodes_captions_and_keeps_the_texts():
+def test_a_views_record_is_one_cache_shard_record(tmp_path, sample_dir, monkeypatch):
+    """Values, the rows present and the captions are stored together: a run resumed from the cache says "no
+    caption" for the same rows, with the same bytes, without generating again; a shard stored before the rows
+    present were kept reads them from its captions."""
+    real = transformers_models.as_captions
+    generated = []
+
+    def one_empty(texts, images):
+        generated.append(len(texts))
+        return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
+
+    monkeypatch.setattr(transformers_models, "as_captions", one_empty)
+    path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
+    options = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 4, "cache_dir": tmp_path / "c"}
+    first = kaggle_i2p.run_prediction(sample_dir / "images", path, **options)
+    shards = sorted((tmp_path / "c").rglob("*.npz"))
+    with np.load(shards[0]) as data:
+        assert data["present"].tolist() == [i % 4 != 1 for i in range(len(data["done"]))]
+        assert data["texts"][1] == "" and all(data["texts"][[0, 2]])
+    generated.clear()
+    again = kaggle_i2p.run_prediction(sample_dir / "images", path, **options)
+    assert generated == [] and again.summary.cached_images == len(again.ids)
+    assert again.summary.fallbacks == first.summary.fallbacks == [
+        (first.ids[1], "tower 'blip' made no caption for it"), (first.ids[5], "tower 'blip' made no caption for it")]
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    for shard in shards:  # as an older run stored them: no rows-present array
+        with np.load(shard) as data:
+            kept = {key: data[key] for key in data.files if key != "present"}
+        np.savez(shard, **kept)
+    older = kaggle_i2p.run_prediction(sample_dir / "images", path, **options)
+    assert generated == [] and older.summary.fallbacks == first.summary.fallbacks
+
+
+def test_the_head_gives_one_record_of_embeddings_rows_present_and_texts():
     from kaggle_i2p.kinds.caption import CaptionOptions
+    from kaggle_i2p.models.backbones.base import Captions
 
     head = CaptionHead(CaptionOptions(text_model=default_model_path()), 384)
-    out = head(transformers_models.caption_bytes(["a red castle at night", "", "ünïcode café"], 64))
-    assert head.texts == ["a red castle at night", "", "ünïcode café"]
-    np.testing.assert_allclose(out[[0, 2]].numpy(), embed_prompts(["a red castle at night", "ünïcode café"]),
+    out = head(Captions(["a red castle at night", "", "ünïcode café"], "cpu"))
+    assert out.texts == ["a red castle at night", "", "ünïcode café"]  # the record carries them: no state kept
+    assert out.present.tolist() == [True, False, True]
+    np.testing.assert_allclose(out.values[[0, 2]].numpy(), embed_prompts(["a red castle at night", "ünïcode café"]),
                                atol=1e-6)
-    assert torch.isnan(out[1]).all()
+    assert torch.isnan(out.values[1]).all()
+    assert not hasattr(head, "texts")
 
 
 @pytest.mark.parametrize(("entry", "field", "message"), [

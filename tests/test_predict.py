@@ -197,13 +197,13 @@ def test_fp16_weights_hold_norms_and_head_in_fp32_and_match_fp32(sample_images, 
     images = make_view([decode_image(p) for p in sorted(sample_images.glob("*.png"))[:3]], manifest.towers[0].image,
                        32)
     for spec in manifest.towers:
-        reference = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32").forward_view(images)
+        reference = TowerRunner(load_tower(spec), torch.device("cpu"), "fp32").forward_view(images).values
         runner = TowerRunner(load_tower(spec), torch.device("cpu"), "fp16-weights")
         dtypes = {type(m).__name__: {p.dtype for p in m.parameters(recurse=False)}
                   for m in runner.tower.backbone.modules() if list(m.parameters(recurse=False))}
         assert dtypes["Linear"] == {torch.float16} and dtypes["LayerNorm"] == {torch.float32}
         assert {p.dtype for p in runner.tower.head.parameters()} == {torch.float32}
-        out = runner.forward_view(images)
+        out = runner.forward_view(images).values
         assert out.dtype == torch.float32 and runner.nonfinite_recomputes == 0
         cosine = torch.nn.functional.cosine_similarity(out, reference)
         assert cosine.min() > 0.999 and not torch.equal(out, reference)  # fp16 really ran, and close
@@ -229,10 +229,10 @@ def test_precision_falls_back_in_order_and_counts(toy_manifest, precision, non_f
     def forward(images, level):
         seen.append(level)
         out = real(images, level)
-        return out * float("nan") if level in non_finite_at else out
+        return out._replace(values=out.values * float("nan")) if level in non_finite_at else out
 
     runner._forward = forward
-    out = runner.forward_view(torch.rand(2, 3, 32, 32))
+    out = runner.forward_view(torch.rand(2, 3, 32, 32)).values
     assert seen == tried and runner.nonfinite_recomputes == len(tried) - 1
     assert torch.isfinite(out).all() == (tried[-1] not in non_finite_at)
     if precision == "fp16-weights" and "fp32" in tried:
@@ -291,7 +291,7 @@ def test_compiled_views_one_callable_per_resolution_padded_batches_and_the_same_
     for batch in (pixels, pixels[:2]):
         got, expected = runner.compute_views(batch, names), eager.compute_views(batch, names)
         for name in names:
-            np.testing.assert_allclose(got[name], expected[name], atol=1e-5)
+            np.testing.assert_allclose(got[name].values, expected[name].values, atol=1e-5)
     resolutions = sorted({view.resolution for view in spec.views})
     assert sorted(runner._compiled) == resolutions and None not in runner._compiled.values()
     assert {rows for _, rows in calls} == {3}  # the batch of 2 ran padded to the compiled 3
@@ -308,7 +308,7 @@ def test_a_compiled_view_that_differs_from_eager_runs_eager(toy_manifest, monkey
     for _ in range(2):
         got, expected = runner.compute_views(pixels, names), eager.compute_views(pixels, names)
         for name in names:
-            np.testing.assert_array_equal(got[name], expected[name])
+            np.testing.assert_array_equal(got[name].values, expected[name].values)
     assert set(runner._compiled.values()) == {None}
     assert sum("compiled output differs from eager" in r.getMessage() for r in caplog.records) == len(
         {view.resolution for view in spec.views})

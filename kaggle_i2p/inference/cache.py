@@ -53,11 +53,14 @@ def _digest(payload: object, length: int = 24) -> str:
 
 
 class Shard:
-    """One chunk's outputs of one tower x view: (n, D) float32, rows done, per-row decode errors, and for a tower
-    that makes texts (a caption tower) its text per row."""
+    """One chunk's record of one tower x view: (n, D) float32 outputs, rows done, per-row decode errors, for a tower
+    that makes texts (a caption tower) its text per row, and the rows it gave a value for (all, unless a row has none
+    by design: a caption tower's image without a caption; a shard stored before this was kept reads all)."""
 
-    def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str], texts: list[str] | None = None):
+    def __init__(self, outputs: np.ndarray, done: np.ndarray, errors: list[str], texts: list[str] | None = None,
+                 present: np.ndarray | None = None):
         self.outputs, self.done, self.errors, self.texts = outputs, done, errors, texts
+        self.present = np.ones(len(done), dtype=bool) if present is None else present
 
 
 def by_content(cls: type, entry: dict) -> dict:
@@ -173,20 +176,26 @@ class PredictionCache:
                 outputs = data["outputs"].astype(np.float32, copy=False)
                 done, errors = data["done"].astype(bool), data["errors"].tolist()
                 texts = data["texts"].tolist() if "texts" in data.files else None
+                present = data["present"].astype(bool) if "present" in data.files else None
             if outputs.shape[0] != len(image_keys) or done.shape != (len(image_keys),) or len(errors) != len(done) \
-                    or (texts is not None and len(texts) != len(done)):
+                    or (texts is not None and len(texts) != len(done)) \
+                    or (present is not None and present.shape != done.shape):
                 raise ValueError("its arrays disagree in length")
-            return Shard(outputs, done, errors, texts)
+            if present is None and texts is not None:  # stored before the rows present were: a caption's row had one
+                present = np.array([bool(text) for text in texts])
+            return Shard(outputs, done, errors, texts, present)
         except Exception as err:  # noqa: BLE001 - a damaged shard (truncated, flipped, emptied) is recomputed
             log.warning("cache: %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
             return None
 
     def save(self, tower_key: str, view: str, image_keys: list[str], shard: Shard) -> None:
         """Store a chunk's shard atomically; a write failure switches the cache off with one warning."""
-        texts = {} if shard.texts is None else {"texts": np.array(shard.texts, dtype=str)}
+        extra = {} if shard.texts is None else {"texts": np.array(shard.texts, dtype=str)}
+        if not shard.present.all():
+            extra["present"] = np.asarray(shard.present, dtype=bool)  # stored only where a row has no value
         self._write(self.shard_path(tower_key, view, image_keys), "wb", lambda handle: np.savez(
             handle, keys=np.array(image_keys), outputs=np.asarray(shard.outputs, dtype=np.float32),
-            done=np.asarray(shard.done, dtype=bool), errors=np.array(shard.errors, dtype=str), **texts))
+            done=np.asarray(shard.done, dtype=bool), errors=np.array(shard.errors, dtype=str), **extra))
 
     def _write(self, path: Path, mode: str, write) -> None:
         if not self.writable:

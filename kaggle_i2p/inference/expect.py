@@ -29,6 +29,7 @@ from ..core.fileio import open_npy
 from ..core.progress import say
 from ..manifest import NetworkSpec, parse_entry
 from .images import decode_image, list_images, make_view
+from .runner import as_record
 
 EXPECT_COSINE = 0.9999  # every image at least this close: the tower serves the user's model
 NORMS = {"CLIP": ([0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758]),
@@ -104,7 +105,7 @@ def served_vectors(spec: NetworkSpec, tower: torch.nn.Module, pixels: list[torch
     with torch.no_grad():
         for image in pixels:
             batch = make_view([image], spec.image, view.resolution, view.flip, norm=view.norm)
-            outputs.append(tower(batch.to(device)).float().cpu())
+            outputs.append(as_record(tower(batch.to(device))).values.cpu())  # a record or its values
     return torch.cat(outputs).numpy()
 
 

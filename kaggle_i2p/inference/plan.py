@@ -329,7 +329,7 @@ def plan_run(manifest: str | Path | Manifest = DEFAULT_MANIFEST, options: RunOpt
     runners, startup, notes = load_runners_timed(manifest, device, options.precision, options.compile_views, clock)
     for runner in runners:  # what a forward's time means for these towers, and what it leaves out
         name, kind = runner.spec.name, kind_of(runner.spec)
-        if kind.makes_texts:
+        if kind.output(runner.spec, manifest.embedding_dim).texts:
             notes.append(f"note: {name}: its views' times are text generation (far slower than a forward), "
                          "timed on synthetic images: real captions may stop earlier or later")
         if kind.has_step_after_encoding(runner.spec):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from ..core.ensemble import combine_towers, combine_views, unusable_rows
 from ..core.errors import OptionError, OutputError
 from ..core.fileio import check_distinct_outputs, check_writable_file, probe_folder
 from ..core.resources import DEFAULT_MANIFEST
-from ..manifest import Manifest, NetworkSpec, TowerSpec, kind_of
+from ..manifest import Manifest, NetworkSpec, TowerSpec, ViewOutput, kind_of
 from ..manifest.schema import EncodingContext, run_after_encoding
 from ..models.towers import checkpoint_fit, load_tower, validate_manifest
 from .cache import PredictionCache, Shard, image_key
@@ -76,8 +77,9 @@ class RunSummary:
         return f", {sum(self.keys_left_out.values())} checkpoint key(s) left out ({towers})"
 
     def _no_caption(self) -> str:
-        silent = sum(reason.endswith(NO_CAPTION) for _, reason in self.fallbacks)
-        return f" ({silent} with no caption)" if silent else ""
+        """` (2 with no caption)`: the fallbacks of rows a tower gave no value for, by design, by what they lack."""
+        lacking = Counter(m.group(1) for _, reason in self.fallbacks if (m := MISSING.fullmatch(reason)))
+        return f" ({', '.join(f'{n} with {what}' for what, n in sorted(lacking.items()))})" if lacking else ""
 
     def _replaced(self) -> str:
         return f", replaced by plugins: {'; '.join(self.replaced)}" if self.replaced else ""
@@ -240,10 +242,12 @@ class RunOutputs:
         self.values = {s.name: {v: np.full((n, s.forward_dim(dim)), np.nan, dtype=np.float32)
                                 for v in self.views[s.name]} for s in setup.with_network}
         self.done = {s.name: {v: np.zeros(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
+        # the rows a tower gave a value for (not one by design: a caption tower's image without a caption)
+        self.present = {s.name: {v: np.ones(n, dtype=bool) for v in self.views[s.name]} for s in setup.with_network}
         self.errors: dict[int, str] = {}
         self.notes: dict[int, str] = {}
         self.texts = {s.name: {v: [""] * n for v in self.views[s.name]} for s in setup.with_network
-                      if kind_of(s).makes_texts}  # a caption tower's caption per image and view
+                      if kind_of(s).output(s, dim).texts}  # a caption tower's caption per image and view
 
     def read_cache(self) -> int:
         """Step 2: take every stored shard (complete or partial); returns how many images need no compute."""
@@ -261,6 +265,7 @@ class RunOutputs:
                         continue  # stored before texts were kept: computed again, texts and all
                     self.values[spec.name][view][chunk.start:chunk.stop] = shard.outputs
                     self.done[spec.name][view][chunk.start:chunk.stop] = shard.done
+                    self.present[spec.name][view][chunk.start:chunk.stop] = shard.present
                     if shard.texts is not None and spec.name in self.texts:
                         self.texts[spec.name][view][chunk.start:chunk.stop] = shard.texts
                     self.errors.update({chunk.start + i: e for i, e in enumerate(shard.errors) if e})
@@ -296,13 +301,15 @@ class RunOutputs:
                 self.notes[index] = note
                 log.warning("%s: %s", paths[index], note)
 
-    def store(self, planned: PlannedBatch, name: str, view: str, indices: list[int], out: np.ndarray,
-              texts: list[str] | None = None) -> None:
-        """One tower x view's outputs of a batch (and its texts, for a tower that makes them); every row of the
-        batch is done (unreadable ones stay NaN, their text empty)."""
+    def store(self, planned: PlannedBatch, name: str, view: str, indices: list[int], out: ViewOutput | None
+              ) -> None:
+        """One tower x view's record of a batch (values, the rows present, its texts for a tower that makes them);
+        every row of the batch is done (unreadable ones stay NaN, their text empty)."""
         if len(indices):
-            self.values[name][view][indices] = out
-            for index, text in zip(indices, texts or (), strict=False):
+            self.values[name][view][indices] = out.values
+            if out.present is not None:
+                self.present[name][view][indices] = out.present
+            for index, text in zip(indices, out.texts or (), strict=False):
                 self.texts[name][view][index] = text
         self.done[name][view][planned.rows] = True
 
@@ -318,7 +325,8 @@ class RunOutputs:
             for view in views:
                 texts = self.texts[name][view][chunk.start:chunk.stop] if name in self.texts else None
                 shard = Shard(self.values[name][view][chunk.start:chunk.stop],
-                              self.done[name][view][chunk.start:chunk.stop], errors, texts)
+                              self.done[name][view][chunk.start:chunk.stop], errors, texts,
+                              self.present[name][view][chunk.start:chunk.stop])
                 setup.cache.save(setup.tower_keys[name], view, keys, shard)
 
 
@@ -431,7 +439,7 @@ def encode(setup: RunSetup, outputs: RunOutputs, plan: list[PlannedBatch], n_cac
                     view_names = planned.missing.get(name, [])
                     computed = runner.compute_views(pixels, view_names) if pixels is not None and view_names else {}
                     for view in view_names:
-                        outputs.store(planned, name, view, batch.indices, computed.get(view), runner.texts.get(view))
+                        outputs.store(planned, name, view, batch.indices, computed.get(view))
                 outputs.flush(planned)
                 bar.update(len(planned.rows))
     finally:
@@ -484,7 +492,8 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
             _fail_rows(features[spec.name], spec, failed, paths)
             continue
         tower = combine_views([outputs.values[spec.name][v] for v in views], spec.view_weight_list())
-        tower[_fail_rows(tower, spec, failed, paths, outputs.texts.get(spec.name))] = manifest.fallback
+        tower[_fail_rows(tower, spec, failed, paths, outputs.present[spec.name], manifest.embedding_dim)] = \
+            manifest.fallback
         tower_embeddings[spec.name] = tower
     for spec in combined:  # a fusion tower: its inputs' results through its head (a failed input row fails it)
         bad_inputs = np.zeros(n, dtype=bool)
@@ -499,18 +508,20 @@ def ensemble(setup: RunSetup, outputs: RunOutputs) -> tuple[np.ndarray, dict[str
     return embeddings, tower_embeddings, failed
 
 
-NO_CAPTION = "made no caption for it"  # a text-making tower's row without a text: no value, by design
+MISSING = re.compile(r"tower '.*' made (.+) for it")  # a row a tower gave no value for, by design (`_fail_rows`)
 
 
 def _fail_rows(tower: np.ndarray, spec: TowerSpec, failed: dict[int, str], paths: list[Path],
-               texts: dict[str, list[str]] | None = None) -> np.ndarray:
-    """The rows a tower left without a value: a text-making tower's image with no text in any view (no caption),
-    or a value non-finite even in fp32; each a fallback row, said once per image with its reason."""
+               present: dict[str, np.ndarray] | None = None, embedding_dim: int = 384) -> np.ndarray:
+    """The rows a tower left without a value: an image no view gave a value for, by design (what the kind's output
+    says it lacks: "made no caption for it"), or a value non-finite even in fp32; each a fallback row, said once per
+    image with its reason."""
     bad = unusable_rows(tower)
+    lacking = kind_of(spec).output(spec, embedding_dim).missing if present else ""
     for index in np.flatnonzero(bad):
         if int(index) not in failed:
-            silent = texts and not any(view[int(index)] for view in texts.values())
-            failed[int(index)] = f"tower {spec.name!r} " + (NO_CAPTION if silent else
+            silent = present and not any(view[int(index)] for view in present.values())
+            failed[int(index)] = f"tower {spec.name!r} " + (f"made {lacking} for it" if silent else
                                                             "gave a non-finite output even in fp32")
             log.warning("%s: %s; writing the fallback vector", paths[index], failed[int(index)])
     return bad
@@ -661,7 +672,7 @@ def predict_dir(image_dir: str | Path, manifest: str | Path | Manifest = DEFAULT
     if out_csv is not None:
         check_output_path(out_csv, setup.listing.ids, setup.manifest.embedding_dim)
     if captions_out is not None:
-        if not any(kind_of(s).makes_texts for s in setup.with_network):
+        if not any(kind_of(s).output(s, setup.manifest.embedding_dim).texts for s in setup.with_network):
             raise OptionError(f"--captions-out {captions_out}: the manifest has no caption tower to read captions "
                               "from (kind: caption); leave it out")
         check_writable_file(captions_out)

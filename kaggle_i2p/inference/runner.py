@@ -1,5 +1,6 @@
 """`TowerRunner`: one loaded tower over a decoded batch, every TTA view, in its precision with the fallbacks a
-non-finite output asks for, each resolution compiled on its own where asked, and an out-of-memory batch halved."""
+non-finite output asks for, each resolution compiled on its own where asked, and an out-of-memory batch halved. A
+view's result is one record (`ViewOutput`: values, the rows with one, texts), whatever the tower's kind."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from ..manifest import NetworkSpec, kind_of
+from ..manifest import NetworkSpec, ViewOutput
 from ..models.towers import Tower, hold_in_fp16
 from .images import make_view
 
@@ -52,9 +52,6 @@ class TowerRunner:
         self.max_chunk: int | None = None  # lowered after an out-of-memory error, kept for later batches
         self.nonfinite_recomputes = 0
         self.oom_halvings = 0
-        self.kind = kind_of(self.spec)
-        self.texts: dict[str, list[str]] = {}  # a text-making tower's texts of the last `compute_views`, per view
-        self.last_texts: list[str] = []  # those of the last `forward_view`
 
     def _tower_for(self, level: str) -> Tower:
         if level == "fp32" and self.precision == "fp16-weights":
@@ -63,19 +60,19 @@ class TowerRunner:
             return self._fp32_tower
         return self.tower
 
-    def _run(self, module: Callable, images: torch.Tensor, level: str) -> torch.Tensor:
+    def _run(self, module: Callable, images: torch.Tensor, level: str) -> ViewOutput:
         if level == "fp16-weights":
-            return module(images.half()).float()
+            return as_record(module(images.half()))
         dtype = AUTOCAST_DTYPES[level]
         with torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return module(images).float()
+            return as_record(module(images))
 
-    def _forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, level: str) -> ViewOutput:
         if self.compile_views and level == FALLBACKS[self.precision][0]:
             return self._compiled_forward(images, level)
         return self._run(self._tower_for(level), images, level)
 
-    def _compiled_forward(self, images: torch.Tensor, level: str) -> torch.Tensor:
+    def _compiled_forward(self, images: torch.Tensor, level: str) -> ViewOutput:
         """One compiled callable per resolution, static shapes (`dynamic=False`: a module compiled for two sizes went
         dynamic and ran 40 times slower), a smaller batch padded to the compiled one. The first compiled batch of a
         resolution is checked against eager: below COMPILE_FIDELITY cosine, that resolution stays eager."""
@@ -87,14 +84,14 @@ class TowerRunner:
             target = self._compiled_rows[size] = self.max_chunk
         padded = images if rows >= target else torch.cat([images, images.new_zeros(target - rows, *images.shape[1:])])
         if size in self._compiled:
-            return self._run(self._compiled[size], padded, level)[:rows]
+            return first_rows(self._run(self._compiled[size], padded, level), rows)
         _raise_recompile_limit()
         compiled = torch.compile(self.tower, dynamic=False, backend=COMPILE_BACKEND)
         started = time.perf_counter()
-        out = self._run(compiled, padded, level)[:rows]
+        out = first_rows(self._run(compiled, padded, level), rows)
         self.compile_seconds += time.perf_counter() - started
         eager = self._run(self.tower, images, level)
-        fidelity = torch.nn.functional.cosine_similarity(out, eager).min()
+        fidelity = torch.nn.functional.cosine_similarity(out.values, eager.values).min()
         if not bool(fidelity >= COMPILE_FIDELITY):  # NaN fails too
             log.warning("tower %r at %d px: compiled output differs from eager (lowest cosine %.6f < %g); running "
                         "it eager", self.spec.name, size, float(fidelity), COMPILE_FIDELITY)
@@ -103,11 +100,11 @@ class TowerRunner:
         self._compiled[size] = compiled
         return out
 
-    def _forward_chunked(self, images: torch.Tensor, level: str) -> torch.Tensor:
+    def _forward_chunked(self, images: torch.Tensor, level: str) -> ViewOutput:
         while True:
             chunk = self.max_chunk or len(images)
             try:
-                return torch.cat([self._forward(images[i:i + chunk], level) for i in range(0, len(images), chunk)])
+                return joined([self._forward(images[i:i + chunk], level) for i in range(0, len(images), chunk)])
             except torch.OutOfMemoryError:
                 if chunk <= 1:
                     raise
@@ -125,35 +122,26 @@ class TowerRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def forward_view(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, D) float32; a batch with a non-finite output is computed again one step down `FALLBACKS` (fp16
-        weights -> fp16 autocast -> fp32), each step counted. Only the rows the tower gave a value for are judged:
-        a text-making tower's row without a text (no caption) has no value by design, and precision cannot give it
-        one; the texts of the attempt kept are in `last_texts`."""
+    def forward_view(self, images: torch.Tensor) -> ViewOutput:
+        """The view's record, values (B, D) float32; a batch with a non-finite value is computed again one step
+        down `FALLBACKS` (fp16 weights -> fp16 autocast -> fp32), each step counted. Only the rows present are
+        judged: a row the tower gave no value for (a caption tower's image without a caption) is no value by design,
+        which no precision gives it."""
         levels = FALLBACKS[self.precision]
         for level, lower in zip(levels, levels[1:], strict=False):
             out = self._forward_chunked(images, level)
-            present = self._present_rows(len(out))
-            if torch.isfinite(out if present is None else out[present.to(out.device)]).all():
+            values = out.values if out.present is None else out.values[out.present.to(out.values.device)]
+            if torch.isfinite(values).all():
                 return out
             self.nonfinite_recomputes += 1
             log.warning("tower %r: non-finite %s output; recomputing the batch in %s", self.spec.name, level, lower)
-        out = self._forward_chunked(images, levels[-1])
-        self._present_rows(len(out))
-        return out
+        return self._forward_chunked(images, levels[-1])
 
-    def _present_rows(self, rows: int) -> torch.Tensor | None:
-        """The rows of the last attempt that carry a value: None for all (a tower that makes no texts); else those
-        of a text-making tower with a text, its texts kept in `last_texts` (an earlier attempt's forgotten)."""
-        if not self.kind.makes_texts:
-            return None
-        self.last_texts = self._take_texts()
-        return torch.tensor([bool(text) for text in self.last_texts], dtype=torch.bool) if self.last_texts else None
-
-    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]) -> dict[str, np.ndarray]:
-        """(B, D) float32 outputs of the named TTA views of a decoded batch (a retrieval tower's head has already
-        turned its scores into the soft top-k bank average); each resolution is resized once per normalisation,
-        whatever the order."""
+    def compute_views(self, pixels: torch.Tensor | list[torch.Tensor], view_names: list[str]
+                      ) -> dict[str, ViewOutput]:
+        """The records of the named TTA views of a decoded batch, as numpy (values (B, D) float32; a retrieval
+        tower's head has already turned its scores into the soft top-k bank average); each resolution is resized
+        once per normalisation, whatever the order."""
         resized: dict[tuple[int, int], torch.Tensor] = {}
         outputs = {}
         for view in self.spec.views:
@@ -163,17 +151,33 @@ class TowerRunner:
                 resized = {(view.resolution, view.norm): make_view(pixels, self.spec.image, view.resolution,
                                                                    norm=view.norm)}
             images = resized[(view.resolution, view.norm)]
-            outputs[view.name] = self.forward_view(images.flip(-1) if view.flip else images).cpu().numpy()
-            if self.kind.makes_texts:
-                self.texts[view.name] = self.last_texts
+            out = self.forward_view(images.flip(-1) if view.flip else images)
+            outputs[view.name] = ViewOutput(out.values.cpu().numpy(),
+                                            None if out.present is None else out.present.cpu().numpy(), out.texts)
         return outputs
 
-    def _take_texts(self) -> list[str]:
-        """The texts of the last attempt of a view (an earlier attempt's, at another precision, forgotten)."""
-        texts = []
-        for tower in (self.tower, self._fp32_tower):
-            if tower is not None:
-                texts = self.kind.take_texts(tower) or texts
-        return texts
+
+def as_record(out: torch.Tensor | ViewOutput) -> ViewOutput:
+    """A tower's forward as a record with float32 values: a bare tensor is every row present, no texts."""
+    return out._replace(values=out.values.float()) if isinstance(out, ViewOutput) else ViewOutput(out.float())
+
+
+def first_rows(out: ViewOutput, rows: int) -> ViewOutput:
+    """The record of the first `rows` rows (a padded compiled batch's own)."""
+    return ViewOutput(out.values[:rows], None if out.present is None else out.present[:rows],
+                      None if out.texts is None else out.texts[:rows])
+
+
+def joined(parts: list[ViewOutput]) -> ViewOutput:
+    """The records of a batch's chunks as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    present = None
+    if any(p.present is not None for p in parts):
+        present = torch.cat([p.present if p.present is not None else
+                             torch.ones(len(p.values), dtype=torch.bool, device=p.values.device) for p in parts])
+    texts = None if all(p.texts is None for p in parts) else [t for p in parts for t in (p.texts or [""] * len(
+        p.values))]
+    return ViewOutput(torch.cat([p.values for p in parts]), present, texts)
 
 

@@ -3,9 +3,10 @@ competition (the 7th place's GIT, the 4th place's CoCa captions, the public BLIP
 
 The captioner is its library's (`library: transformers`, `features: caption`: BLIP, GIT, VisionEncoderDecoder;
 decoding in its `backbone: {generate: ..., prompt: ...}` options), and hands its captions
-on as UTF-8 bytes; this kind's head decodes them and embeds them with the MiniLM folder the entry names (checked by
-sha256). The texts of the last batch stay on the head (`CaptionHead.texts`). An empty caption is no prompt: its row
-is left non-finite, so the run writes the fallback for it and lists it.
+on (`Captions`, a text per image); this kind's head embeds them with the MiniLM folder the entry names (checked by
+sha256) and gives one record per view (`ViewOutput`): the embeddings, which rows have one, and the captions. An
+empty caption is no prompt: its row has no value, so the run writes the fallback for it and lists it as "made no
+caption for it", apart from any precision problem.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from ..core.registry import register_kind
 from ..core.validate import resolve_file
 from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, TowerKind, sha256_problem
+from ..manifest.schema import NetworkSpec, OutputSpec, TowerKind, ViewOutput, sha256_problem
+from ..models.backbones.base import Captions
 from ..models.checkpoints import content_identity
 
 TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a sentence-transformers folder's weights file
+NO_CAPTION = "no caption"  # what a row without a caption lacks, in the run's list of fallbacks
 
 
 @dataclass(frozen=True)
@@ -63,29 +66,28 @@ class CaptionSpec(NetworkSpec):
 
 
 class CaptionHead(torch.nn.Module):
-    """Captions (UTF-8 bytes, one row each) -> their all-MiniLM-L6-v2 embeddings (B, 384), unit float32; an empty
-    caption's row NaN (the run's fallback, listed). No parameters: the text model is held outside the tower's keys."""
+    """Captions (a text per image) -> one record: their all-MiniLM-L6-v2 embeddings (B, 384), unit float32, the rows
+    with a caption, and the captions; an empty caption's row has no value (NaN, not present: the run's fallback,
+    listed). No parameters: the text model is held outside the tower's keys."""
 
     def __init__(self, options: CaptionOptions, embedding_dim: int):
         super().__init__()
         self.options, self.embedding_dim = options, embedding_dim
-        self.texts: list[str] = []  # the captions of the forwards since `CaptionKind.take_texts` last took them
 
-    def forward(self, captions: torch.Tensor) -> torch.Tensor:
-        if captions.is_meta:
-            return torch.empty(len(captions), self.embedding_dim, device="meta")
+    def forward(self, captions: Captions) -> ViewOutput:
+        if captions.device.type == "meta":
+            return ViewOutput(torch.empty(len(captions), self.embedding_dim, device="meta"))
         from ..models.text import embed_prompts
 
-        rows = captions.to("cpu", torch.uint8).numpy()
-        texts = [bytes(row).rstrip(b"\0").decode("utf-8", errors="ignore").strip() for row in rows]
-        self.texts += texts
-        out = torch.full((len(rows), self.embedding_dim), float("nan"))
+        texts = list(captions)
+        out = torch.full((len(texts), self.embedding_dim), float("nan"))
         kept = [i for i, text in enumerate(texts) if text]
         if kept:
             device = str(captions.device) if captions.device.type == "cuda" else None
             vectors = embed_prompts([texts[i] for i in kept], self.options.text_model, device=device)
             out[kept] = torch.from_numpy(vectors)
-        return out.to(captions.device)
+        present = torch.tensor([bool(text) for text in texts], dtype=torch.bool)
+        return ViewOutput(out.to(captions.device), present.to(captions.device), texts)
 
 
 class CaptionKind(TowerKind):
@@ -95,14 +97,13 @@ class CaptionKind(TowerKind):
     spec = CaptionSpec
     reported_keys = frozenset({"head"})
     backbone_features = "caption"
-    makes_texts = True
+
+    def output(self, spec: CaptionSpec, embedding_dim: int) -> OutputSpec:
+        """The caption's embedding, and the caption itself; a row without a caption has no value."""
+        return OutputSpec(embedding_dim, texts=True, missing=NO_CAPTION)
 
     def text_models(self, spec: CaptionSpec) -> list[Path]:
         return [spec.caption.text_model]
-
-    def take_texts(self, tower: torch.nn.Module) -> list[str]:
-        texts, tower.head.texts = tower.head.texts, []
-        return texts
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> CaptionSpec | None:
         raw = {"features": "caption", **raw}  # a captioner's features are its captions

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.registry import register_kind
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, TowerKind
+from ..manifest.schema import NetworkSpec, OutputSpec, TowerKind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,11 +36,6 @@ class FeaturesSpec(NetworkSpec):
     @property
     def head_name(self) -> str:
         return "no head (its features feed a fusion tower)"
-
-    def forward_dim(self, embedding_dim: int = 384) -> int:
-        """The backbone's feature width, read from the model built on the meta device (once per architecture)."""
-        return _width(self.library, self.arch, self.native_resolution, self.features,
-                      json.dumps(self.backbone or {}, sort_keys=True))
 
 
 @lru_cache(maxsize=64)
@@ -62,6 +57,11 @@ class FeaturesKind(TowerKind):
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> FeaturesSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def output(self, spec: FeaturesSpec, embedding_dim: int) -> OutputSpec:
+        """The backbone's feature width, read from the model built on the meta device (once per architecture)."""
+        return OutputSpec(_width(spec.library, spec.arch, spec.native_resolution, spec.features,
+                                 json.dumps(spec.backbone or {}, sort_keys=True)))
 
     @staticmethod
     def _parse_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:

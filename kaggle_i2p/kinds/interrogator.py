@@ -28,7 +28,7 @@ from ..core.registry import register_kind
 from ..core.validate import Problems, expand_path, resolve_file
 from ..manifest.fields import checked_fields, entry_dict, entry_field, written_fields
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
+from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, OutputSpec, TowerKind
 
 PATH_KEYS = ("phrase_banks", "clip_checkpoint", "text_model")  # resolved by the kind's parser itself
 Pick = Literal["best", "mean"]
@@ -86,9 +86,6 @@ class InterrogatorSpec(NetworkSpec):
 
     kind: ClassVar[str] = "interrogator"
     interrogator: InterrogatorOptions = entry_field(section=InterrogatorOptions)
-
-    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
-        return self.interrogator.key_dim
 
     @property
     def head_name(self) -> str:
@@ -192,6 +189,10 @@ class InterrogatorKind(TowerKind):
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> InterrogatorSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def output(self, spec: InterrogatorSpec, embedding_dim: int) -> OutputSpec:
+        """The unit CLIP image embedding, in the phrase banks' key width."""
+        return OutputSpec(spec.interrogator.key_dim)
 
     @staticmethod
     def _parse_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:

@@ -38,7 +38,7 @@ from ..core.registry import register_kind
 from ..core.validate import expand_path
 from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, TowerKind
+from ..manifest.schema import EncodingContext, NetworkSpec, OutputSpec, TowerKind
 from ..models.checkpoints import content_identity
 
 Score = Literal["logits", "embedding"]
@@ -93,9 +93,6 @@ class RetrievalSpec(NetworkSpec):
 
     kind: ClassVar[str] = "retrieval"
     retrieval: RetrievalOptions = entry_field(section=RetrievalOptions)
-
-    def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
-        return self.retrieval.score_dim if self.retrieval.searches_bank else embedding_dim
 
     @property
     def head_name(self) -> str:
@@ -169,6 +166,10 @@ class RetrievalKind(TowerKind):
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> RetrievalSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def output(self, spec: RetrievalSpec, embedding_dim: int) -> OutputSpec:
+        """Queries in the keys' space for a bank searched after encoding; else the embedding itself."""
+        return OutputSpec(spec.retrieval.score_dim if spec.retrieval.searches_bank else embedding_dim)
 
     @staticmethod
     def _parse_section(raw: Mapping, label: str, ctx: ParseContext) -> dict:

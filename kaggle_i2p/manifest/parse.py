@@ -361,7 +361,8 @@ def _resolve_links(clean: list[tuple[int, TowerSpec]], embedding_dim: int, probl
         kind, label = kind_of(spec), tower_label(index, spec.name)
         source = kind.text_source(spec) if isinstance(spec, NetworkSpec) else None
         other = by_name.get(source) if source is not None else None
-        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).makes_texts):
+        if source is not None and not (isinstance(other, NetworkSpec) and kind_of(other).output(other,
+                                                                                               embedding_dim).texts):
             problems.add(f"{label}.{spec.kind}.base", f"{source!r} must name a caption tower of this manifest (it runs "
                                                       "for its texts, whatever its weight)")
         missing = [read for read in kind.reads(spec) if read not in by_name and read != source]

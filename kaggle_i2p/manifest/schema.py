@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -271,9 +271,9 @@ class NetworkSpec(TowerSpec):
         return " + ".join(str(p) for p in parts if p is not None)
 
     def forward_dim(self, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> int:
-        """Width of a forward pass's output, the one the cache stores: the embedding, unless the kind's step after
-        encoding makes the embedding from something else (a retrieval tower's queries)."""
-        return embedding_dim
+        """Width of a forward pass's output, the one the cache stores: what the tower's kind declares
+        (`TowerKind.output`)."""
+        return kind_of(self).output(self, embedding_dim).width
 
     @property
     def head_name(self) -> str:
@@ -361,7 +361,11 @@ class TowerKind:
         """Whether this tower's forward outputs become embeddings only after every image is encoded."""
         return False
 
-    makes_texts: ClassVar[bool] = False  # its forward also makes a text per image (a caption tower's captions)
+    def output(self, spec: NetworkSpec, embedding_dim: int) -> OutputSpec:
+        """What a view's forward gives (`ViewOutput`): its width (the embedding, unless the step after encoding
+        makes the embedding from something else: a retrieval tower's queries), whether it makes a text per image (a
+        caption tower's captions), and what a row without a value means."""
+        return OutputSpec(embedding_dim)
 
     def text_models(self, spec: NetworkSpec) -> list[Path]:
         """The all-MiniLM-L6-v2 folders this tower embeds texts with (a caption tower's), which the dry-run checks
@@ -373,15 +377,33 @@ class TowerKind:
         caption), or None; the manifest checks it is a text-making tower, and a run runs it whatever its weight."""
         return None
 
-    def take_texts(self, tower: nn.Module) -> list[str]:
-        """The texts the tower's forwards made since the last call, one per image, in order; then forgotten."""
-        return []
-
     def after_encoding(self, spec: NetworkSpec, outputs: np.ndarray, context: EncodingContext) -> np.ndarray:
         """The step after encoding: (rows, forward_dim) outputs of every image and view (finite rows only) to
         (rows, embedding_dim) unit embeddings, all at once (a retrieval tower's one pass over its bank); `context`
         holds the device, whether to show progress, and the texts of the tower `text_source` names, a row each."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a kind's view forward gives: `width` values per row, a text per row when `texts`, and what a row the
+    tower gave no value for lacks, for the run's list of fallbacks (`missing`: "tower 'blip' made no caption for
+    it", "2 fallbacks (2 with no caption)")."""
+
+    width: int
+    texts: bool = False
+    missing: str = "no output"
+
+
+class ViewOutput(NamedTuple):
+    """One TTA view's forward over a batch, as one record: `values` (rows, width), `present` (rows,) bool, the rows
+    with a value (None: every row; a missing row is no value by design, which no precision gives it), and `texts`,
+    one per row, for a kind that makes them (None otherwise). A tower's forward may return a bare tensor: every row
+    present, no texts. Tensors while computed, numpy arrays once stored."""
+
+    values: Any
+    present: Any = None
+    texts: list[str] | None = None
 
 
 @dataclass(frozen=True)

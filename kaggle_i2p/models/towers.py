@@ -26,6 +26,7 @@ from ..manifest import (
     ManifestError,
     NetworkSpec,
     TowerSpec,
+    ViewOutput,
     kind_of,
     load_manifest,
     tower_label,
@@ -90,7 +91,9 @@ class Tower(nn.Module):
             self._pos_cache = {key: self._pos_embed_for_size(self.backbone, height, width)}
         return self._pos_cache[key]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor | ViewOutput:
+        """The head's output on the backbone's: a tensor (B, width), or a kind's whole record (`ViewOutput`: the
+        values, which rows have one, the texts)."""
         override = self._backbone_params_for(images.shape[-2], images.shape[-1])
         if override is None:
             features = self.backbone(images)
@@ -170,6 +173,7 @@ def architecture_problems(towers: Sequence[tuple[int, TowerSpec]],
                 problems.append(f"{label}.image.resolutions: {spec.arch} cannot run at {res}x{res}: {err}")
                 continue
             expected = spec.forward_dim(embedding_dim)
+            out = out.values if isinstance(out, ViewOutput) else out  # a record (a caption tower's) or its values
             if tuple(out.shape) != (1, expected):
                 problems.append(f"{label}.head: the network outputs {tuple(out.shape)}, expected (1, {expected})")
     return problems

@@ -55,18 +55,20 @@ class Candidate(NamedTuple):
     # a field without one is the family's usual, which the user confirms
 
 
-BYTES_PER_TOKEN = 32  # a caption's UTF-8 width per new token (a longer text is cut, at a character on decoding)
+class Captions(list):
+    """What a captioner backbone hands its head: its text per image, in order, and the device its images were on
+    (where the head's values go; the meta device in the architecture check, where no text is made)."""
+
+    def __init__(self, texts: list[str], device: torch.device | str):
+        import torch
+
+        super().__init__(texts)
+        self.device = torch.device(device)
 
 
-def caption_bytes(texts: list[str], width: int) -> torch.Tensor:
-    """Texts as a (B, width) uint8 tensor of their UTF-8 bytes, zero-padded: how a captioner hands its captions on."""
-    import torch
-
-    out = torch.zeros(len(texts), width, dtype=torch.uint8)
-    for row, text in enumerate(texts):
-        data = text.encode("utf-8")[:width]
-        out[row, :len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    return out
+def as_captions(texts: list[str], images: torch.Tensor) -> Captions:
+    """A captioner's decoded texts (stripped) as its backbone's output, for the images it read."""
+    return Captions([text.strip() for text in texts], images.device)
 
 
 def key_prefix(shapes: Shapes, suffix: str) -> str | None:

@@ -15,14 +15,14 @@ from torch import nn
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
 from .base import (
-    BYTES_PER_TOKEN,
     CONVNEXT_BLOCKS,
     TRANSFORMER_BLOCKS,
     Backbone,
     BackboneLibrary,
     Candidate,
+    Captions,
     Shapes,
-    caption_bytes,
+    as_captions,
     key_prefix,
     under_prefix,
 )
@@ -274,7 +274,7 @@ def _penalised(logits: torch.Tensor, text: torch.Tensor, penalty: float) -> torc
     return logits.scatter(1, text, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
-def _coca_captions(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _coca_captions(self: nn.Module, images: torch.Tensor) -> Captions:
     """Captions decoded with CoCa's own text decoder from `<start_of_text>` to `<end_of_text>`: greedy, or beam
     search (`num_beams`, scores divided by length ** `length_penalty`), deterministic either way (open_clip 3.3's
     `generate` samples, or calls a transformers class 5.x removed). On the meta device only the image encoder runs,
@@ -283,10 +283,9 @@ def _coca_captions(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     options = self._i2p_generate
     steps = int(options["max_new_tokens"])
-    width = BYTES_PER_TOKEN * steps
     _, embs = self._encode_image(images)
     if images.is_meta:
-        return torch.zeros(len(images), width, dtype=torch.uint8, device="meta")
+        return Captions([""] * len(images), images.device)
     tokenizer = SimpleTokenizer()
     sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
     beams = int(options["num_beams"])
@@ -294,7 +293,7 @@ def _coca_captions(self: nn.Module, images: torch.Tensor) -> torch.Tensor:
     rows = search(self, embs, sot, eot, steps, float(options["repetition_penalty"]), beams,
                   float(options["length_penalty"]))
     texts = [decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip() for row in rows]
-    return caption_bytes(texts, width).to(images.device)
+    return as_captions(texts, images)
 
 
 def _next_logits(model: nn.Module, embs: torch.Tensor, text: torch.Tensor, penalty: float) -> torch.Tensor:

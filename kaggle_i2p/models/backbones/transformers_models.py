@@ -32,7 +32,7 @@ from torch import nn
 
 from ...core.errors import EntryFieldError
 from ...core.registry import register_library
-from .base import BYTES_PER_TOKEN, Backbone, BackboneLibrary, Candidate, Shapes, caption_bytes
+from .base import Backbone, BackboneLibrary, Candidate, Captions, Shapes, as_captions
 
 VISION_SIDE = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # whole model -> its vision config
 FOREIGN_PREFIXES = ("text_model.", "text_projection", "logit_scale", "logit_bias", "language_model.",
@@ -189,20 +189,19 @@ def _vision_part(model: nn.Module) -> nn.Module:
 
 
 def _caption_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any
-                     ) -> torch.Tensor:
-    """The captions of an image batch, generated deterministically and decoded (the prompt left out), as UTF-8
-    bytes (B, width). On the meta device (the architecture check) only the image encoder runs, for its shapes.
+                     ) -> Captions | Any:
+    """The captions of an image batch, generated deterministically and decoded (the prompt left out), a text per
+    image (`Captions`). On the meta device (the architecture check) only the image encoder runs, for its shapes.
     Called as the model (by its own `generate`, with token ids), it is the model's own forward."""
     if args or kwargs:
         images = {"pixel_values": pixel_values} if pixel_values is not None else {}
         return type(self).forward(self, *args, **images, **kwargs)
     images = pixel_values
     options = self._i2p_generate
-    width = BYTES_PER_TOKEN * options["max_new_tokens"]
     interpolate = {"interpolate_pos_encoding": True} if self._i2p_interpolates else {}
     if images.is_meta:  # the others run at their native size only, which this check then enforces
         _vision_part(self)(pixel_values=images, **interpolate)
-        return torch.zeros(len(images), width, dtype=torch.uint8, device="meta")
+        return Captions([""] * len(images), images.device)
     extra: dict = {}
     prompt, echo = self._i2p_prompt_ids, self._i2p_prompt_echo
     if prompt:
@@ -211,7 +210,7 @@ def _caption_forward(self: nn.Module, pixel_values: torch.Tensor | None = None, 
     out = type(self).generate(self, pixel_values=images, do_sample=False, **options, **extra, **interpolate)
     out = out[:, echo:]  # the output starts with the prompt: the caption is the rest
     texts = [t.strip() for t in self._i2p_tokenizer.batch_decode(out, skip_special_tokens=True)]
-    return caption_bytes(texts, width).to(images.device)
+    return as_captions(texts, images)
 
 
 def _prompt_ids(model_type: str, tokenizer: Any, prompt: str, config: Any = None) -> tuple[list[int], int]:
