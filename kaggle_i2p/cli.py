@@ -243,6 +243,28 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_selfcheck(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser("selfcheck", help="serve every registered library's and kind's tiny example on the bundled "
+                                             "sample images, offline: does this environment (Kaggle's image) serve "
+                                             "them as their own forward?")
+    check.add_argument("--library", action="append", default=None, metavar="NAME",
+                       help="only this library, through the reference kind (repeatable)")
+    check.add_argument("--kind", action="append", default=None, metavar="NAME",
+                       help="only this kind, on the library its example names (repeatable)")
+    check.add_argument("--device", default="cpu", help="where to run them (default: %(default)s)")
+    check.set_defaults(func=_cmd_selfcheck)
+
+
+def _cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .inference.selfcheck import selfcheck
+
+    checks = selfcheck(args.library, args.kind, device=args.device, say=lambda line: print(line, flush=True))
+    failed = [c for c in checks if not c.ok]
+    print(f"kaggle_i2p selfcheck: {len(checks) - len(failed)} of {len(checks)} passed or had no example"
+          + (f"; failed: {', '.join(f'{c.library} x {c.kind}' for c in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def _parser_validate(sub: argparse._SubParsersAction) -> None:
     validate = sub.add_parser("validate-manifest", help="check a manifest without loading any weights")
     validate.add_argument("path", type=Path)
@@ -587,9 +609,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_parser_predict, _parser_init, _parser_validate, _parser_inspect, _parser_convert, _parser_dry_run,
-            _parser_plan, _parser_evaluate, _parser_tune, _parser_build_bank, _parser_index_bank, _parser_pack_wheels,
-            _parser_train, _parser_export)
+COMMANDS = (_parser_predict, _parser_init, _parser_selfcheck, _parser_validate, _parser_inspect, _parser_convert,
+            _parser_dry_run, _parser_plan, _parser_evaluate, _parser_tune, _parser_build_bank,
+            _parser_index_bank, _parser_pack_wheels, _parser_train, _parser_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,19 +17,27 @@ from safetensors.torch import save_file
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .core.resources import PRIOR_PATH
+from .inference.selfcheck import example_manifest
+from .kinds.interrogator import EXAMPLE_PHRASES
+from .kinds.interrogator import write_example as write_interrogator_example
 from .manifest import parse_manifest, write_manifest
+from .models.backbones.open_clip_models import EXAMPLE_CONFIG
+from .models.backbones.programs import ExampleProgram, write_example_program
+from .models.backbones.transformers_models import (
+    EXAMPLE_OPT,
+    EXAMPLE_QFORMER,
+    EXAMPLE_VISION,
+    EXAMPLE_WORDS,
+    write_example_captioner,
+)
 from .models.towers import Tower, build_tower
 
 # Manifest `image` statistics as YAML-friendly lists, from timm's own constants.
 CLIP_MEAN, CLIP_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
 IMAGENET_MEAN, IMAGENET_STD = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
-# A tiny open_clip ViT in open_clip's own model-config format (native size 64, patch 16).
-TINY_OPEN_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
+# A tiny open_clip ViT in open_clip's own model-config format (native size 64, patch 16): the library's example.
+TINY_OPEN_CLIP_CONFIG = EXAMPLE_CONFIG
 
 
 def assert_served_as_own_forward(model: torch.nn.Module, manifest: str | Path, image_dir: str | Path,
@@ -267,39 +275,30 @@ def build_clip_retrieval(folder: str | Path, retrieval: dict, name: str = "clip_
     return path
 
 
-# ---- one tiny example per registered library and kind: tests/test_registries.py runs each through the machinery.
-# A library or kind registered without one fails that test until it gets one here (or, for a plugin, through
-# `TINY_ARCHS[name] = ...` in its own tests).
-
-def _tiny_open_clip(folder: Path) -> str:
-    path = Path(folder) / "tiny_open_clip_vit.json"
-    path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
-    return path.name
-
-
-_HF_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "image_size": 64, "patch_size": 16}
+# ---- the libraries' and kinds' examples live with them (`BackboneLibrary.example`, `TowerKind.example`), and
+# `kaggle_i2p.inference.selfcheck.example_manifest` makes a manifest of any pair; under the names the tests use:
+tiny_tower_manifest = example_manifest
+TinyProgram, write_tiny_program = ExampleProgram, write_example_program
+write_tiny_captioner, TINY_WORDS = write_example_captioner, EXAMPLE_WORDS
+write_tiny_interrogator, TINY_PHRASES = write_interrogator_example, EXAMPLE_PHRASES
 
 
 def tiny_hf_config(family: str) -> dict:
     """A tiny transformers config (as `config.json` holds it) of one family: clip, clip_vision, siglip, blip2, vit,
-    dinov2, convnext, swin."""
+    dinov2, convnext, swin (the vision towers at the transformers library's example size)."""
     import transformers as hf
 
-    qformer = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-               "cross_attention_frequency": 1}
-    opt = {"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "ffn_dim": 64, "num_attention_heads": 2,
-           "vocab_size": 64, "word_embed_proj_dim": 32}
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    vision = EXAMPLE_VISION
     configs = {
-        "clip_vision": lambda: hf.CLIPVisionConfig(**_HF_VISION, projection_dim=24),
-        "clip": lambda: hf.CLIPConfig(vision_config=_HF_VISION, text_config=text, projection_dim=24),
-        "siglip": lambda: hf.SiglipVisionConfig(**_HF_VISION),
-        "blip2": lambda: hf.Blip2Config(vision_config=_HF_VISION, qformer_config=qformer, text_config=opt,
+        "clip_vision": lambda: hf.CLIPVisionConfig(**vision, projection_dim=24),
+        "clip": lambda: hf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=24),
+        "siglip": lambda: hf.SiglipVisionConfig(**vision),
+        "blip2": lambda: hf.Blip2Config(vision_config=vision, qformer_config=EXAMPLE_QFORMER, text_config=EXAMPLE_OPT,
                                         num_query_tokens=4),
-        "vit": lambda: hf.ViTConfig(**_HF_VISION),
-        "dinov2": lambda: hf.Dinov2Config(**_HF_VISION),
+        "vit": lambda: hf.ViTConfig(**vision),
+        "dinov2": lambda: hf.Dinov2Config(**vision),
         "convnext": lambda: hf.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
         "swin": lambda: hf.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
                                       window_size=4),
@@ -312,103 +311,6 @@ def write_tiny_hf_model(folder: str | Path, family: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(tiny_hf_config(family), indent=1))
-    return folder
-
-
-class TinyProgram(torch.nn.Module):
-    """A tiny conv trunk giving 24 pooled features at any size: what the program libraries' examples hold."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, 2, 1), torch.nn.GELU(),
-                                         torch.nn.Conv2d(12, 24, 3, 2, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images).mean(dim=(2, 3))
-
-
-def write_tiny_program(path: Path, library: str = "export") -> Path:
-    """`TinyProgram` saved as `library` saves it: torch.export with a dynamic batch and size, traced TorchScript, or
-    an ONNX graph (torch.onnx.export, dynamic batch and size)."""
-    import warnings
-
-    model, example = TinyProgram().eval(), torch.randn(2, 3, 64, 64)
-    path = Path(path)
-    if library == "onnx":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}, "features": {0: "batch"}},
-                              dynamo=False)
-    elif library == "export":
-        dim = torch.export.Dim
-        dims = {"images": {0: dim("batch"), 2: dim("h", min=16, max=1024), 3: dim("w", min=16, max=1024)}}
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dims), str(path))
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.trace(model, example).save(str(path))
-    return path
-
-
-# library -> a function writing what its tiny arch needs into a folder and returning the arch as a manifest writes it
-TINY_ARCHS: dict[str, object] = {"timm": lambda folder: "test_vit", "open_clip": _tiny_open_clip,
-                                 "transformers": lambda folder: write_tiny_hf_model(
-                                     Path(folder) / "tiny_hf_clip", "clip_vision").name,
-                                 "export": lambda folder: write_tiny_program(Path(folder) / "tiny.pt2").name,
-                                 "torchscript": lambda folder: write_tiny_program(Path(folder) / "tiny.pt",
-                                                                                  "torchscript").name,
-                                 "onnx": lambda folder: write_tiny_program(Path(folder) / "tiny.onnx", "onnx").name}
-
-
-TINY_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "painting", "city", "night", "forest", "by",
-              "artstation", "portrait", "sky", "castle", "river", "golden", "hour", "highly", "detailed", "oil",
-              "canvas", "neon", "street", "rain", "mountain", "sunset", "fantasy", "art", "digital", "concept"]
-
-
-def write_tiny_captioner(folder: str | Path, family: str = "blip", seed: int = 0) -> Path:
-    """A tiny transformers captioner as `save_pretrained` leaves it (config.json, model.safetensors, and the
-    processor's tokenizer beside them), random weights: blip, blip2 (OPT), blip2_t5, git or
-    vision-encoder-decoder (ViT + BERT)."""
-    import transformers as hf
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
-    words += [f"w{i}" for i in range(64 - len(words))]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    hf.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
-    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "vocab_size": 64}
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, **ids}
-    torch.manual_seed(seed)
-    if family == "blip":
-        config = hf.BlipConfig(vision_config=_HF_VISION, text_config={**text, "sep_token_id": 3,
-                                                                       "encoder_hidden_size": 32})
-        model = hf.BlipForConditionalGeneration(config)
-    elif family == "git":
-        model = hf.GitForCausalLM(hf.GitConfig(vision_config=_HF_VISION, **text))
-    elif family == "blip2":  # OPT's decoder under the Q-Former's 4 queries, its image token the vocab's last
-        data = tiny_hf_config("blip2")
-        data["text_config"].update(bos_token_id=2, eos_token_id=3, pad_token_id=0)
-        config = hf.CONFIG_MAPPING["blip-2"].from_dict({**data, "image_token_index": 63})
-        model = hf.Blip2ForConditionalGeneration(config)
-    elif family == "blip2_t5":  # Flan-T5 under the Q-Former: the prompt goes to its encoder
-        data = tiny_hf_config("blip2")
-        data["text_config"] = {"model_type": "t5", "vocab_size": 64, "d_model": 32, "d_kv": 16, "d_ff": 64,
-                               "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "pad_token_id": 0,
-                               "eos_token_id": 3, "decoder_start_token_id": 0}
-        config = hf.CONFIG_MAPPING["blip-2"].from_dict({**data, "image_token_index": 63})
-        model = hf.Blip2ForConditionalGeneration(config)
-    else:
-        config = hf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-            hf.ViTConfig(**_HF_VISION), hf.BertConfig(**text, is_decoder=True, add_cross_attention=True))
-        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
-        model = hf.VisionEncoderDecoderModel(config)
-    if family.startswith("blip2"):
-        for parameter in model.parameters():  # drawn wide: a tiny random OPT otherwise repeats one token
-            torch.nn.init.normal_(parameter, std=0.3)
-    model.save_pretrained(str(folder))
     return folder
 
 
@@ -440,153 +342,8 @@ def write_tiny_coca(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return config, folder / "tiny_coca.safetensors"
 
 
-def _tiny_regressor(folder: Path, out_dim: int, embedding_dim: int) -> dict:
-    return {"head": {"type": "mlp", "hidden": 16, "norm": "layernorm", "activation": "gelu"}}
-
-
-def _tiny_retrieval(folder: Path, out_dim: int, embedding_dim: int) -> dict:
-    synthetic_bank(Path(folder) / "bank", rows=40, key_dim=out_dim, target_dim=embedding_dim)
-    return {"kind": "retrieval", "retrieval": {"bank": "bank", "k": 4, "temperature": 0.1, "score": "embedding"}}
-
-
-def _tiny_caption(folder: Path, out_dim: int, embedding_dim: int) -> dict:
-    """A tiny BLIP captioner (its own arch: a caption tower's library must give captions) and the real MiniLM."""
-    from .models.text import default_model_path
-
-    write_tiny_captioner(Path(folder) / "tiny_blip")
-    return {"kind": "caption", "arch": "tiny_blip", "backbone": {"generate": {"max_new_tokens": 6}},
-            "caption": {"text_model": str(default_model_path())}}
-
-
-TINY_PHRASES = {"medium": ["an oil painting", "a photograph", "a watercolor", "a 3d render", "a sketch"],
-                "artist": ["greg rutkowski", "alphonse mucha", "studio ghibli", "monet", "artgerm"],
-                "flavor": ["trending on artstation", "highly detailed", "cinematic lighting", "4k", "dramatic"]}
-
-
-def write_tiny_interrogator(folder: str | Path, seed: int = 0) -> dict:
-    """A tiny whole open_clip CLIP file (its visual tower is the image tower, its text tower scores candidates),
-    phrase banks built from it by build-bank (keys clip), and the real MiniLM: an interrogator's entry keys."""
-    import open_clip
-
-    from .bank.build import build_bank
-    from .models.text import default_model_path
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "tiny_clip.json"
-    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=1))
-    torch.manual_seed(seed)
-    clip = open_clip.model.CLIP(**{k: v for k, v in TINY_OPEN_CLIP_CONFIG.items() if k != "quick_gelu"})
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "tiny_clip.safetensors"))
-    for slot, phrases in TINY_PHRASES.items():
-        (folder / f"{slot}.txt").write_text("\n".join(phrases) + "\n", encoding="utf-8")
-        build_bank(folder / f"{slot}.txt", folder / "phrases" / slot, keys="clip", clip_arch=str(config),
-                   clip_checkpoint=folder / "tiny_clip.safetensors", device="cpu", dtype="float32")
-    return {"kind": "interrogator", "library": "open_clip", "arch": config.name,
-            "checkpoint": "tiny_clip.safetensors",
-            "interrogator": {"phrase_banks": "phrases", "templates": ["{medium} by {artist}, {flavor}",
-                                                                      "{medium}, {flavor}"],
-                             "clip_arch": config.name, "clip_checkpoint": "tiny_clip.safetensors",
-                             "text_model": str(default_model_path()), "top": 3}}
-
-
-def _tiny_interrogator(folder: Path, out_dim: int, embedding_dim: int) -> dict:
-    entry = write_tiny_interrogator(folder)
-    del entry["checkpoint"]  # the image tower's own file, tiny.safetensors; the whole CLIP file scores texts
-    return entry
-
-
-def _tiny_features(folder: Path, out_dim: int, embedding_dim: int) -> dict:
-    """A backbone's features, weight 0 (its `companions`: the fusion tower that reads them, with its head's file)."""
-    return {"kind": "features", "weight": 0}
-
-
-def _features_companions(folder: Path, out_dim: int, embedding_dim: int) -> list[dict]:
-    return [_tiny_fusion_entry(folder, "fuse", [{"tower": "tiny", "output": "features"}], out_dim, embedding_dim)]
-
-
-_tiny_features.companions = _features_companions
-
-
-def _tiny_fusion_entry(folder: Path, name: str, inputs: list, in_dim: int, embedding_dim: int) -> dict:
-    """A fusion entry over `inputs` with an MLP head of random weights saved as the head's own module saves it."""
-    from .kinds.regressor import HeadSpec, build_head
-
-    head = {"type": "mlp", "hidden": 24, "norm": "layernorm", "activation": "gelu"}
-    torch.manual_seed(11)
-    module = build_head(in_dim, HeadSpec(type="mlp", hidden=24, norm="layernorm", activation="gelu"), embedding_dim)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(Path(folder) / f"{name}.safetensors"))
-    return {"name": name, "kind": "fusion", "inputs": inputs, "head": head, "checkpoint": f"{name}.safetensors",
-            "weight": 1.0}
-
-
-_tiny_caption.library = "transformers"  # each names the one library its tiny example runs with
-_tiny_interrogator.library = "open_clip"
-
-# network kind -> a function writing what its section needs and returning the entry's kind-specific keys
-TINY_NETWORK_ENTRIES: dict[str, object] = {"regressor": _tiny_regressor, "retrieval": _tiny_retrieval,
-                                           "caption": _tiny_caption, "interrogator": _tiny_interrogator,
-                                           "features": _tiny_features}
-
-
-def _tiny_prior(folder: Path, embedding_dim: int) -> dict:
-    vector = prompt_like_embeddings(1, embedding_dim, seed=5)[0]
-    np.save(Path(folder) / "prior_vector.npy", vector)
-    return {"kind": "prior", "vector": "prior_vector.npy"}
-
-
-# constant kinds (no network) -> a function returning a whole entry but its name and weight
-TINY_CONSTANT_ENTRIES: dict[str, object] = {"prior": _tiny_prior}
-
-# kinds made of other towers' results -> the kind's entry named "tiny" (towers[0]) over a tiny regressor of the library
-TINY_COMBINED_ENTRIES: dict[str, object] = {
-    "fusion": lambda folder, embedding_dim: _tiny_fusion_entry(folder, "tiny", ["input"], embedding_dim,
-                                                               embedding_dim)}
-
-
 def yaml_load(path: Path) -> dict:
     """A YAML file's data (the tiny manifests')."""
     import yaml
 
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-
-
-def tiny_tower_manifest(folder: str | Path, library: str, kind: str, seed: int = 0, embedding_dim: int = 384) -> Path:
-    """A one-tower manifest of `kind` on `library`'s tiny arch (two resolutions and a flip), with its random-weight
-    checkpoint; for a constant kind, the library is not used."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PRIOR_PATH, folder / "fallback.npy")
-    companions: list[dict] = []
-    if kind in TINY_CONSTANT_ENTRIES:
-        entry = {"name": "tiny", "weight": 1.0, **TINY_CONSTANT_ENTRIES[kind](folder, embedding_dim)}
-    elif kind in TINY_COMBINED_ENTRIES:  # the kind's tower first, over a tiny regressor of the library (weight 0)
-        made = Path(tiny_tower_manifest(folder / "input", library, "regressor", seed, embedding_dim))
-        regressor = yaml_load(made)["towers"][0]
-        companions = [{**regressor, "name": "input", "weight": 0,
-                       **{k: f"input/{v}" for k, v in regressor.items() if k in ("checkpoint",)},
-                       **({"arch": f"input/{regressor['arch']}"} if (made.parent / regressor["arch"]).exists()
-                          else {})}]
-        entry = TINY_COMBINED_ENTRIES[kind](folder, embedding_dim)
-    else:
-        arch = TINY_ARCHS[library](folder)
-        from .models.backbones import library as library_named
-
-        lib = library_named(library)
-        with torch.device("meta"):
-            out_dim = lib.build(str(folder / arch) if lib.arch_is_path(arch) else arch, None, 0).out_dim
-        entry = {"name": "tiny", "library": library, "arch": arch, "checkpoint": "tiny.safetensors",
-                 "image": {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize": "squash",
-                           "resolutions": [64, 96], "hflip": True},
-                 "weight": 1.0, **TINY_NETWORK_ENTRIES[kind](folder, out_dim, embedding_dim)}
-        extra = getattr(TINY_NETWORK_ENTRIES[kind], "companions", None)
-        companions = extra(folder, out_dim, embedding_dim) if extra else []
-    data = {"embedding_dim": embedding_dim, "fallback": "fallback.npy", "towers": [entry, *companions]}
-    path = folder / "tiny_manifest.yaml"
-    spec = parse_manifest(data, path, check_files=False).towers[0]
-    if "checkpoint" in entry and kind not in TINY_COMBINED_ENTRIES:
-        torch.manual_seed(seed)
-        tower = build_tower(spec, embedding_dim)
-        save_file({k: v.detach().contiguous() for k, v in tower.state_dict().items()}, str(spec.checkpoint))
-    write_manifest(data, path)
-    return path

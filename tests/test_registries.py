@@ -1,6 +1,7 @@
 """Every registered library and kind through the machinery, parametrised over the registries (timm's
-`test_models.py` over `list_models()`): a library or kind registered without a tiny example in
-`kaggle_i2p.testing` fails here until it has one.
+`test_models.py` over `list_models()`), each by its own example (`BackboneLibrary.example`, `TowerKind.example`,
+made into a manifest by `kaggle_i2p.inference.selfcheck.example_manifest`): a library or kind registered without one
+fails here until it has one.
 
 Three blocks, so the suite grows linearly (issue 35, part 3; counted by the last test): each library with the
 reference kind (a regressor), each kind on its reference library (the one its tiny example names, else timm), and a
@@ -15,50 +16,38 @@ import torch
 from safetensors.torch import save_file
 
 import kaggle_i2p
-from kaggle_i2p.core.ensemble import combine_views
 from kaggle_i2p.core.registry import KINDS, LIBRARIES
 from kaggle_i2p.inference.cache import PredictionCache
-from kaggle_i2p.inference.images import decode_image, make_view
+from kaggle_i2p.inference.images import decode_image
+from kaggle_i2p.inference.selfcheck import REFERENCE_KIND, example_manifest, home_library, reference_outputs
 from kaggle_i2p.manifest import NetworkSpec, kind_of, load_manifest, save_manifest
-from kaggle_i2p.manifest.schema import EncodingContext
 from kaggle_i2p.models.backbones import library
 from kaggle_i2p.models.towers import build_tower, load_initial_weights, load_tower, validate_manifest
-from kaggle_i2p.testing import (
-    TINY_ARCHS,
-    TINY_COMBINED_ENTRIES,
-    TINY_CONSTANT_ENTRIES,
-    TINY_NETWORK_ENTRIES,
-    tiny_tower_manifest,
-)
 
 LIBRARY_NAMES = LIBRARIES.names()
 KIND_NAMES = KINDS.names()
-NETWORK_KINDS = tuple(k for k in KIND_NAMES if k not in TINY_CONSTANT_ENTRIES and k not in TINY_COMBINED_ENTRIES)
-REFERENCE_KIND, REFERENCE_LIBRARY = "regressor", "timm"
-
-
-def _home(kind: str) -> str:
-    """The library a kind's tiny example runs on: the one it names, else the reference library."""
-    return getattr(TINY_NETWORK_ENTRIES.get(kind), "library", REFERENCE_LIBRARY)
+NETWORK_KINDS = tuple(k for k in KIND_NAMES if issubclass(KINDS.get(k).spec, NetworkSpec))  # a network of its own
 
 
 # the real pairs whose combination is worth its own proof (a library's outputs feeding a kind's own head or step)
 REAL_PAIRS = [("open_clip", "retrieval"), ("transformers", "features"), ("export", "fusion"), ("onnx", "regressor")]
 PAIRS = sorted({*((lib, REFERENCE_KIND) for lib in LIBRARY_NAMES),  # block 1: each library, the reference kind
-                *((_home(kind), kind) for kind in KIND_NAMES),  # block 2: each kind on its reference library
+                *((home_library(kind), kind) for kind in KIND_NAMES),  # block 2: each kind on its home library
                 *REAL_PAIRS})  # block 3
 
 
-def test_every_registered_library_and_kind_has_a_tiny_example():
-    assert set(LIBRARY_NAMES) <= set(TINY_ARCHS), "add the library's tiny arch to kaggle_i2p.testing.TINY_ARCHS"
-    assert set(KIND_NAMES) <= set(TINY_NETWORK_ENTRIES) | set(TINY_CONSTANT_ENTRIES) | set(TINY_COMBINED_ENTRIES), \
-        "add the kind's tiny entry to kaggle_i2p.testing"
+def test_every_registered_library_and_kind_has_an_example(tmp_path):
+    for name in LIBRARY_NAMES:
+        assert library(name).example(tmp_path / name) is not None, f"library {name!r}: give it an `example`"
+    for name in KIND_NAMES:
+        (tmp_path / name).mkdir()
+        assert KINDS.get(name).example(tmp_path / name, 24, 384) is not None, f"kind {name!r}: give it an `example`"
 
 
 @pytest.mark.parametrize("name", LIBRARY_NAMES)
 def test_a_library_builds_on_the_meta_device_and_answers_for_its_grid(name, tmp_path):
     lib = library(name)
-    arch = TINY_ARCHS[name](tmp_path)
+    arch = lib.example(tmp_path)
     arch = str(tmp_path / arch) if lib.arch_is_path(arch) else arch
     with torch.device("meta"):
         built = lib.build(arch, None, 0)
@@ -80,7 +69,7 @@ def test_a_library_builds_on_the_meta_device_and_answers_for_its_grid(name, tmp_
 
 @pytest.mark.parametrize("name", LIBRARY_NAMES)
 def test_a_library_loads_its_own_checkpoint_format(name, tmp_path):
-    manifest = load_manifest(tiny_tower_manifest(tmp_path, name, NETWORK_KINDS[0]))
+    manifest = load_manifest(example_manifest(tmp_path, name, REFERENCE_KIND))
     spec = manifest.towers[0]
     loaded = load_tower(spec)
     torch.manual_seed(0)
@@ -98,7 +87,7 @@ def test_a_library_loads_its_own_checkpoint_format(name, tmp_path):
 
 @pytest.mark.parametrize(("name", "kind"), PAIRS)
 def test_a_manifest_entry_round_trips_and_rebases(name, kind, tmp_path):
-    path = tiny_tower_manifest(tmp_path / "here", name, kind)
+    path = example_manifest(tmp_path / "here", name, kind)
     manifest = validate_manifest(path, deep=True)
     spec = manifest.towers[0]
     assert spec.kind == kind and kind_of(spec) is KINDS.get(kind)
@@ -110,7 +99,7 @@ def test_a_manifest_entry_round_trips_and_rebases(name, kind, tmp_path):
 
 @pytest.mark.parametrize(("name", "kind"), [p for p in PAIRS if p[1] in NETWORK_KINDS])
 def test_a_cache_key_is_stable_and_moves_only_with_what_changes_outputs(name, kind, tmp_path):
-    path = tiny_tower_manifest(tmp_path / "a", name, kind)
+    path = example_manifest(tmp_path / "a", name, kind)
     cache = PredictionCache(tmp_path / "cache")
     spec = load_manifest(path).towers[0]
     key = cache.tower_key(spec, "fp32", 384, 8)
@@ -126,31 +115,17 @@ def test_a_cache_key_is_stable_and_moves_only_with_what_changes_outputs(name, ki
 
 @pytest.mark.parametrize(("name", "kind"), PAIRS)
 def test_a_prediction_on_the_kaggle_sample_is_the_towers_own_forward(name, kind, tmp_path, sample_dir):
-    path = tiny_tower_manifest(tmp_path, name, kind)
+    path = example_manifest(tmp_path, name, kind)
     run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
                                     batch_size=3)
     spec = load_manifest(path).towers[0]
-    owner = kind_of(spec)
-    if owner.combines(spec):  # its head over the others' results, as the run gave them
-        expected = owner.combine(spec, run.tower_embeddings, {}, "cpu")
-    elif not isinstance(spec, NetworkSpec):
-        expected = np.tile(spec.constant(), (len(run.ids), 1))
-    else:
-        tower = load_tower(spec)
-        pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
-        views = []
-        with torch.no_grad():
-            for view in spec.views:
-                views.append(tower(make_view(pixels, spec.image, view.resolution, view.flip)).numpy())
-        if owner.has_step_after_encoding(spec):
-            after = owner.after_encoding(spec, np.concatenate(views), EncodingContext("cpu"))
-            views = np.split(after, len(spec.views))
-        if not owner.gives_embeddings(spec):  # features: each view's raw output, as the run keeps it
-            for view, want in zip(spec.views, views, strict=True):
-                np.testing.assert_allclose(run.view_outputs["tiny"][view.name], want, atol=2e-5)
-            assert "tiny" not in run.tower_embeddings
-            return
-        expected = combine_views(views, spec.view_weight_list())
+    pixels = [decode_image(sample_dir / "images" / f"{i}.png") for i in run.ids]
+    what, expected = reference_outputs(spec, run, pixels)  # the tower's own forward, without the run's machinery
+    if what == "views":  # features: each view's raw output, as the run keeps it
+        for view, want in zip(spec.views, expected, strict=True):
+            np.testing.assert_allclose(run.view_outputs["tiny"][view.name], want, atol=2e-5)
+        assert "tiny" not in run.tower_embeddings
+        return
     np.testing.assert_allclose(run.tower_embeddings["tiny"], expected, atol=2e-5)
     assert np.allclose(np.linalg.norm(run.embeddings, axis=1), 1.0, atol=1e-5)
 

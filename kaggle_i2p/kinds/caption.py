@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 
 from ..core.fileio import sha256_file
-from ..core.registry import register_kind
+from ..core.registry import LIBRARIES, register_kind
 from ..core.validate import resolve_file
 from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, OutputSpec, TowerKind, ViewOutput, sha256_problem
+from ..manifest.schema import KindExample, NetworkSpec, OutputSpec, TowerKind, ViewOutput, sha256_problem
 from ..models.backbones.base import Captions
 from ..models.checkpoints import content_identity
 
@@ -97,6 +97,7 @@ class CaptionKind(TowerKind):
     spec = CaptionSpec
     reported_keys = frozenset({"head"})
     backbone_features = "caption"
+    example_library = "transformers"
 
     def output(self, spec: CaptionSpec, embedding_dim: int) -> OutputSpec:
         """The caption's embedding, and the caption itself; a row without a caption has no value."""
@@ -104,6 +105,21 @@ class CaptionKind(TowerKind):
 
     def text_models(self, spec: CaptionSpec) -> list[Path]:
         return [spec.caption.text_model]
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample | None:
+        """Its library's example captioner (its own arch: a caption tower's backbone must give captions) and the
+        installed all-MiniLM-L6-v2 (None without it: captions cannot be embedded)."""
+        from ..models.text import TextModelUnavailable, default_model_path
+
+        try:
+            text_model = default_model_path()
+        except TextModelUnavailable:  # no MiniLM here: the kind cannot be shown
+            return None
+        arch = LIBRARIES.get(self.example_library).example(folder, features="caption")
+        if arch is None:
+            return None
+        return KindExample({"kind": "caption", "arch": arch, "backbone": {"generate": {"max_new_tokens": 6}},
+                            "caption": {"text_model": str(text_model)}})
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> CaptionSpec | None:
         raw = {"features": "caption", **raw}  # a captioner's features are its captions

@@ -18,13 +18,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
 
 from ..core.registry import register_kind
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, OutputSpec, TowerKind
+from ..manifest.schema import KindExample, NetworkSpec, OutputSpec, TowerKind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +58,13 @@ class FeaturesKind(TowerKind):
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> FeaturesSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample:
+        """A backbone's features at weight 0, and the fusion tower that reads them (what a features tower is for)."""
+        from .fusion import example_entry
+
+        reader = example_entry(folder, "fuse", [{"tower": "tiny", "output": "features"}], out_dim, embedding_dim)
+        return KindExample({"kind": "features", "weight": 0}, companions=(reader,))
 
     def output(self, spec: FeaturesSpec, embedding_dim: int) -> OutputSpec:
         """The backbone's feature width, read from the model built on the meta device (once per architecture)."""

@@ -30,7 +30,7 @@ from ..core.registry import register_kind
 from ..core.validate import Problems
 from ..manifest.fields import entry_dict, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_checkpoint, parse_dim_weights, parse_weight
-from ..manifest.schema import NetworkSpec, TowerKind, TowerSpec, kind_of
+from ..manifest.schema import KindExample, NetworkSpec, TowerKind, TowerSpec, kind_of
 from .regressor import HeadSpec, build_head, parse_head
 
 Output = Literal["embedding", "features"]
@@ -125,6 +125,10 @@ class FusionKind(TowerKind):
     def combines(self, spec: FusionSpec) -> bool:
         return True
 
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample:
+        """A fusion over a tiny regressor named "input" (put beside it), through an MLP head of its own file."""
+        return KindExample(example_entry(folder, "tiny", ["input"], embedding_dim, embedding_dim), reads_input=True)
+
     def head_state(self, spec: FusionSpec, embedding_dim: int) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The head built on the meta device and the checkpoint's tensors under its own keys (`head.` removed when
         the file has it), for the check and the load."""
@@ -190,6 +194,18 @@ def _parse_inputs(raw: Any, where: str, problems: Problems) -> tuple[FusionInput
             continue
         out.append(FusionInput(item["tower"], output))
     return tuple(out)
+
+
+def example_entry(folder: Path, name: str, inputs: list, in_dim: int, embedding_dim: int) -> dict:
+    """A fusion entry over `inputs` whose MLP head (random weights) is saved in its own file, as the head's own
+    module saves it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    module = build_head(in_dim, HeadSpec(type="mlp", hidden=24, norm="layernorm", activation="gelu"), embedding_dim)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(Path(folder) / f"{name}.safetensors"))
+    return {"name": name, "kind": "fusion", "inputs": inputs, "checkpoint": f"{name}.safetensors", "weight": 1.0,
+            "head": {"type": "mlp", "hidden": 24, "norm": "layernorm", "activation": "gelu"}}
 
 
 FUSION = register_kind(FusionKind())

@@ -28,7 +28,7 @@ from ..core.registry import register_kind
 from ..core.validate import Problems, expand_path, resolve_file
 from ..manifest.fields import checked_fields, entry_dict, entry_field, written_fields
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, NetworkSpec, OutputSpec, TowerKind
+from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, KindExample, NetworkSpec, OutputSpec, TowerKind
 
 PATH_KEYS = ("phrase_banks", "clip_checkpoint", "text_model")  # resolved by the kind's parser itself
 Pick = Literal["best", "mean"]
@@ -186,9 +186,21 @@ class InterrogatorKind(TowerKind):
     name = "interrogator"
     spec = InterrogatorSpec
     reported_keys = frozenset({"head"})
+    example_library = "open_clip"
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> InterrogatorSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample | None:
+        """A tiny open_clip CLIP's image tower composing from three phrase banks (None without MiniLM)."""
+        from ..models.text import TextModelUnavailable
+
+        try:
+            entry = write_example(folder)
+        except TextModelUnavailable:
+            return None
+        del entry["checkpoint"]  # the image tower's weights are the example tower's own; the whole CLIP scores texts
+        return KindExample(entry)
 
     def output(self, spec: InterrogatorSpec, embedding_dim: int) -> OutputSpec:
         """The unit CLIP image embedding, in the phrase banks' key width."""
@@ -290,6 +302,42 @@ def _parse_banks(raw: Any, templates: list, where: str, ctx: ParseContext) -> tu
         problems.add(f"{where}.phrase_banks", f"the banks' keys have widths {sorted(widths)}: build them all with "
                                               "one CLIP")
     return folder, (widths.pop() if len(widths) == 1 else 0)
+
+
+EXAMPLE_PHRASES = {"medium": ["an oil painting", "a photograph", "a watercolor", "a 3d render", "a sketch"],
+                   "artist": ["greg rutkowski", "alphonse mucha", "studio ghibli", "monet", "artgerm"],
+                   "flavor": ["trending on artstation", "highly detailed", "cinematic lighting", "4k", "dramatic"]}
+
+
+def write_example(folder: str | Path, seed: int = 0) -> dict:
+    """A tiny whole open_clip CLIP file (the open_clip library's example config: its visual tower is the image
+    tower, its text tower scores candidates), phrase banks built from it by build-bank (keys clip), and the
+    installed all-MiniLM-L6-v2: an interrogator's entry keys (its `checkpoint` the whole CLIP file)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from ..bank.build import build_bank
+    from ..core.registry import LIBRARIES
+    from ..models.text import default_model_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = LIBRARIES.get("open_clip").example(folder)
+    config = json.loads((folder / arch).read_text())
+    torch.manual_seed(seed)
+    clip = open_clip.model.CLIP(**{k: v for k, v in config.items() if k != "quick_gelu"})
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "tiny_clip.safetensors"))
+    for slot, phrases in EXAMPLE_PHRASES.items():
+        (folder / f"{slot}.txt").write_text("\n".join(phrases) + "\n", encoding="utf-8")
+        build_bank(folder / f"{slot}.txt", folder / "phrases" / slot, keys="clip", clip_arch=str(folder / arch),
+                   clip_checkpoint=folder / "tiny_clip.safetensors", device="cpu", dtype="float32")
+    return {"kind": "interrogator", "library": "open_clip", "arch": arch, "checkpoint": "tiny_clip.safetensors",
+            "interrogator": {"phrase_banks": "phrases", "templates": ["{medium} by {artist}, {flavor}",
+                                                                      "{medium}, {flavor}"],
+                             "clip_arch": arch, "clip_checkpoint": "tiny_clip.safetensors",
+                             "text_model": str(default_model_path()), "top": 3}}
 
 
 INTERROGATOR = register_kind(InterrogatorKind())

@@ -14,7 +14,7 @@ from ..core.registry import register_kind
 from ..core.validate import resolve_file
 from ..manifest.fields import entry_field, entry_keys
 from ..manifest.parse import ParseContext, load_fallback, parse_dim_weights, parse_weight
-from ..manifest.schema import TowerKind, TowerSpec
+from ..manifest.schema import KindExample, TowerKind, TowerSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +60,11 @@ class PriorKind(TowerKind):
         return PriorSpec(name=name, weight=weight, dim_weights=dim_weights, dim_weights_path=dim_weights_path,
                          vector=vector, vector_path=path)
 
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample:
+        """A random unit vector of the embedding's width: a tower with no network."""
+        vector = np.random.default_rng(5).standard_normal(embedding_dim).astype(np.float32)
+        np.save(Path(folder) / "prior_vector.npy", vector / np.linalg.norm(vector))
+        return KindExample({"kind": "prior", "vector": "prior_vector.npy"}, network=False)
 
 
 PRIOR = register_kind(PriorKind())

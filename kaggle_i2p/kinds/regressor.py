@@ -13,7 +13,7 @@ from ..core.registry import register_kind
 from ..core.validate import Problems, is_int
 from ..manifest.fields import checked_fields, entry_field, entry_keys
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import NetworkSpec, TowerKind
+from ..manifest.schema import KindExample, NetworkSpec, TowerKind
 
 HeadType = Literal["linear", "mlp", "none"]  # none: the backbone's output is the embedding (an exported tower)
 HeadNorm = Literal["batchnorm", "layernorm", "none"]
@@ -124,6 +124,10 @@ class RegressorKind(TowerKind):
         if "retrieval" in raw:
             ctx.problems.add(f"{label}.retrieval", "only for kind: retrieval")
         return {"head": parse_head(raw.get("head", {"type": "linear"}), f"{label}.head", ctx.problems)}
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample:
+        """An MLP head (the reference kind: every library's example is served through it)."""
+        return KindExample({"head": {"type": "mlp", "hidden": 16, "norm": "layernorm", "activation": "gelu"}})
 
     def build_head(self, spec: RegressorSpec, in_dim: int, embedding_dim: int):  # noqa: ANN201
         return build_head(in_dim, spec.head, embedding_dim)

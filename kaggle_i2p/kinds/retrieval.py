@@ -30,6 +30,7 @@ from ..bank.folder import (
     read_bank_meta,
     retrieve,
     retrieve_from_logits,
+    write_bank,
 )
 from ..bank.search import INDEX_FILE, index_content_problem, index_header_problem, read_index
 from ..core.errors import EntryFieldError, InputFileError
@@ -38,7 +39,7 @@ from ..core.registry import register_kind
 from ..core.validate import expand_path
 from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
-from ..manifest.schema import EncodingContext, NetworkSpec, OutputSpec, TowerKind
+from ..manifest.schema import EncodingContext, KindExample, NetworkSpec, OutputSpec, TowerKind
 from ..models.checkpoints import content_identity
 
 Score = Literal["logits", "embedding"]
@@ -166,6 +167,14 @@ class RetrievalKind(TowerKind):
 
     def parse(self, raw: Mapping, name: str, label: str, ctx: ParseContext) -> RetrievalSpec | None:
         return parse_network(raw, name, label, ctx, self, self._parse_section)
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample:
+        """A 40-row bank of random texts keyed in the backbone's feature space, searched by embedding."""
+        rng = np.random.default_rng(0)
+        write_bank(Path(folder) / "bank", [f"text {i}" for i in range(40)], rng.standard_normal((40, embedding_dim)),
+                   keys=rng.standard_normal((40, out_dim)))
+        return KindExample({"kind": "retrieval", "retrieval": {"bank": "bank", "k": 4, "temperature": 0.1,
+                                                                "score": "embedding"}})
 
     def output(self, spec: RetrievalSpec, embedding_dim: int) -> OutputSpec:
         """Queries in the keys' space for a bank searched after encoding; else the embedding itself."""

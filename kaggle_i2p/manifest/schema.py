@@ -361,6 +361,13 @@ class TowerKind:
         """Whether this tower's forward outputs become embeddings only after every image is encoded."""
         return False
 
+    example_library: ClassVar[str | None] = None  # the one library its example runs with (None: any)
+
+    def example(self, folder: Path, out_dim: int, embedding_dim: int) -> KindExample | None:
+        """The kind's smallest tower, its files written into `folder` (random weights): a network kind's keys for
+        a backbone of `out_dim` features (`KindExample`); None: it has none. A kind's example lives with the kind."""
+        return None
+
     def output(self, spec: NetworkSpec, embedding_dim: int) -> OutputSpec:
         """What a view's forward gives (`ViewOutput`): its width (the embedding, unless the step after encoding
         makes the embedding from something else: a retrieval tower's queries), whether it makes a text per image (a
@@ -382,6 +389,21 @@ class TowerKind:
         (rows, embedding_dim) unit embeddings, all at once (a retrieval tower's one pass over its bank); `context`
         holds the device, whether to show progress, and the texts of the tower `text_source` names, a row each."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class KindExample:
+    """A kind's smallest tower (`TowerKind.example`), how the kind proves itself: `kaggle-i2p selfcheck` runs it on
+    the bundled sample images, and the registry tests take it through every step. `entry`: the kind's own keys,
+    merged into a tower on a library's example (a network kind), or the whole entry but its name and weight
+    (`network=False`: a prior's constant); `companions`: towers it needs beside it (a features tower's fusion
+    reader); `reads_input`: it is made of a tower named "input" (a fusion), for which a tiny regressor on the
+    library goes beside it."""
+
+    entry: dict
+    companions: tuple[dict, ...] = ()
+    network: bool = True
+    reads_input: bool = False
 
 
 @dataclass(frozen=True)

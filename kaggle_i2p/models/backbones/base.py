@@ -107,6 +107,15 @@ class BackboneLibrary:
     option_keys: ClassVar[dict[str, str]] = {}  # the entry's `backbone:` options this library takes, with a hint each
     holds_weights: ClassVar[bool] = False  # the `arch` file holds the backbone's weights (an exported program)
 
+    def example(self, folder: Path, features: str | None = None) -> str | None:
+        """The library's smallest model, written into `folder` as its users' files hold it (random weights), giving
+        `features` (one of `feature_choices`; None: its default): the `arch` an entry names (a file in `folder`, or
+        a model name the library builds); None: it has none. It is
+        how the library proves itself: `kaggle-i2p selfcheck` serves it through the reference kind on the bundled
+        sample images (does this environment, Kaggle's image say, serve the library?), and the registry tests take
+        it through every step. A library's example lives with the library, its test beside it."""
+        return None
+
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
         """The backbone with random weights: `classes` outputs, or (0) its pooled features; nothing downloaded.
         `choices` holds the entry's `features` and `options` (its `backbone:` section) when it sets them; a library

@@ -27,6 +27,12 @@ from .base import (
     under_prefix,
 )
 
+# The example: a tiny CLIP ViT in open_clip's own model-config format (native size 64, patch 16)
+EXAMPLE_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
 CLIP_IMAGE = {"mean": [0.4815, 0.4578, 0.4082], "std": [0.2686, 0.2613, 0.2758], "interpolation": "bicubic"}
 
 
@@ -99,6 +105,15 @@ class OpenClipLibrary(BackboneLibrary):
             elif isinstance(value, bool) or not isinstance(value, COCA_GENERATE[key]) or value <= 0:
                 problems.append((f"backbone.generate.{key}", f"{value!r} must be a positive number"))
         return problems
+
+    def example(self, folder: Path, features: str | None = None) -> str | None:
+        """A tiny CLIP ViT's model config (`EXAMPLE_CONFIG`), as open_clip's JSON configs are."""
+        if features is not None:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / "tiny_open_clip_vit.json"
+        path.write_text(json.dumps(EXAMPLE_CONFIG, indent=1))
+        return path.name
 
     def build(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
               options: Mapping | None = None) -> Backbone:

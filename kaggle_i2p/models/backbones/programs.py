@@ -75,6 +75,41 @@ FORMAT_ADVICE = {  # a file no program library reads, by what `program_format` f
 RESOLUTION = "{resolution}"  # in a program's file name: one program per view resolution
 
 
+class ExampleProgram(nn.Module):
+    """A tiny conv trunk giving 24 pooled features at any size: what each program library's example holds."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.GELU(), nn.Conv2d(12, 24, 3, 2, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images).mean(dim=(2, 3))
+
+
+def write_example_program(path: Path, library: str = "export") -> Path:
+    """`ExampleProgram` saved as `library` saves it: torch.export with a dynamic batch and size, traced TorchScript,
+    or an ONNX graph (torch.onnx.export, dynamic batch and size)."""
+    model, example = ExampleProgram().eval(), torch.randn(2, 3, 64, 64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if library == "onnx":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch", 2: "h", 3: "w"}, "features": {0: "batch"}},
+                              dynamo=False)
+    elif library == "export":
+        dim = torch.export.Dim
+        dims = {"images": {0: dim("batch"), 2: dim("h", min=16, max=1024), 3: dim("w", min=16, max=1024)}}
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dims), str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.trace(model, example).save(str(path))
+    return path
+
+
 class ProgramBackbone(nn.Module):
     """A loaded program as a backbone: one program, or one per resolution (`{resolution}` in `arch`), run on the
     images' own size. Programs are held outside the module tree, so their weights are never the tower's keys (they
@@ -268,6 +303,12 @@ class ProgramLibrary(BackboneLibrary):
             return size
         return None
 
+    example_file: ClassVar[str] = ""  # the example program's file name
+
+    def example(self, folder: Path, features: str | None = None) -> str | None:
+        """`ExampleProgram` saved as this library's users save theirs."""
+        return write_example_program(Path(folder) / self.example_file, self.name).name if features is None else None
+
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
         """The program(s) `arch` names, the width read from one's output on fake tensors (no compute)."""
         if classes:
@@ -297,6 +338,7 @@ class ExportLibrary(ProgramLibrary):
     """`torch.export` programs (`.pt2`): an ATen graph and its weights, no Python."""
 
     name = "export"
+    example_file = "tiny.pt2"
     label = "torch.export"
     saver = "torch.export.save"
     file_kind = "a torch.export program"
@@ -337,6 +379,7 @@ class TorchScriptLibrary(ProgramLibrary):
     """`torch.jit` files: TorchScript code and its weights, run by TorchScript's interpreter."""
 
     name = "torchscript"
+    example_file = "tiny.pt"
     label = "TorchScript"
     saver = "torch.jit.save"
     file_kind = "a TorchScript file"
@@ -380,6 +423,7 @@ class OnnxLibrary(ProgramLibrary):
     """ONNX graphs (`torch.onnx.export`, or any exporter) run by onnxruntime: the `[onnx]` extra."""
 
     name = "onnx"
+    example_file = "tiny.onnx"
     label = "ONNX"
     saver = "torch.onnx.export"
     file_kind = "an ONNX graph"

@@ -111,6 +111,10 @@ class TimmLibrary(BackboneLibrary):
         "model_kwargs": "any other timm.create_model keyword the training code passed, e.g. {class_token: false}",
     }
 
+    def example(self, folder: Path, features: str | None = None) -> str | None:
+        """timm's own test ViT (`test_vit`), built by name: nothing to write."""
+        return "test_vit" if features is None else None
+
     def build(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
               options: Mapping | None = None) -> Backbone:
         """A timm model with `classes` outputs (0: its pooled features, or its classifier's for `features: logits`);

@@ -34,6 +34,9 @@ from ...core.errors import EntryFieldError
 from ...core.registry import register_library
 from .base import Backbone, BackboneLibrary, Candidate, Captions, Shapes, as_captions
 
+# The example's vision tower (and the size every tiny transformers model of the tests shares)
+EXAMPLE_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": 64, "patch_size": 16}
 VISION_SIDE = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # whole model -> its vision config
 FOREIGN_PREFIXES = ("text_model.", "text_projection", "logit_scale", "logit_bias", "language_model.",
                     "language_projection.")  # a whole multimodal file's parts an image tower never uses
@@ -352,6 +355,21 @@ class TransformersLibrary(BackboneLibrary):
     def arch_identity(self, arch: str) -> Any:
         return json.loads(config_path(arch).read_text(encoding="utf-8"))
 
+    def example(self, folder: Path, features: str | None = None) -> str | None:
+        """A tiny CLIP vision tower's folder (`config.json`, as `save_pretrained` leaves it); for captions, a tiny
+        BLIP captioner's (`write_example_captioner`)."""
+        import transformers as hf
+
+        if features == "caption":
+            return write_example_captioner(Path(folder) / "tiny_blip").name
+        if features is not None:
+            return None
+        model = Path(folder) / "tiny_hf_clip"
+        model.mkdir(parents=True, exist_ok=True)
+        config = hf.CLIPVisionConfig(**EXAMPLE_VISION, projection_dim=24)
+        (model / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        return model.name
+
     def build(self, arch: str, native_resolution: int | None, classes: int, features: str | None = None,
               options: Mapping | None = None) -> Backbone:
         """The model its config describes, random weights, its forward giving `features` (default: `query_mean`
@@ -658,6 +676,59 @@ def _preprocessor(folder: Path, model_type: str) -> tuple[dict, dict]:
             image["resolutions"] = [target]
         sources |= {"resize": source, "crop_pct": source, "resolutions": source}
     return image, sources
+
+
+EXAMPLE_WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "painting", "city", "night", "forest", "by",
+                 "artstation", "portrait", "sky", "castle", "river", "golden", "hour", "highly", "detailed", "oil",
+                 "canvas", "neon", "street", "rain", "mountain", "sunset", "fantasy", "art", "digital", "concept"]
+EXAMPLE_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+EXAMPLE_QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+           "cross_attention_frequency": 1}
+EXAMPLE_OPT = {"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "ffn_dim": 64, "num_attention_heads": 2,
+       "vocab_size": 64, "word_embed_proj_dim": 32}
+
+
+def write_example_captioner(folder: str | Path, family: str = "blip", seed: int = 0) -> Path:
+    """A tiny transformers captioner as `save_pretrained` leaves it (config.json, model.safetensors, and the
+    processor's tokenizer beside them), random weights: blip, blip2 (OPT), blip2_t5, git or
+    vision-encoder-decoder (ViT + BERT)."""
+    import transformers as hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *EXAMPLE_WORDS]
+    words += [f"w{i}" for i in range(64 - len(words))]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    hf.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "vocab_size": 64}
+    text = {**EXAMPLE_TEXT, **ids}
+    torch.manual_seed(seed)
+    blip2 = {"vision_config": EXAMPLE_VISION, "qformer_config": EXAMPLE_QFORMER, "num_query_tokens": 4,
+             "image_token_index": 63}
+    if family == "blip":
+        config = hf.BlipConfig(vision_config=EXAMPLE_VISION, text_config={**text, "sep_token_id": 3,
+                                                                           "encoder_hidden_size": 32})
+        model = hf.BlipForConditionalGeneration(config)
+    elif family == "git":
+        model = hf.GitForCausalLM(hf.GitConfig(vision_config=EXAMPLE_VISION, **text))
+    elif family == "blip2":  # OPT's decoder under the Q-Former's 4 queries, its image token the vocab's last
+        text_config = {**EXAMPLE_OPT, "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+        model = hf.Blip2ForConditionalGeneration(hf.CONFIG_MAPPING["blip-2"](**blip2, text_config=text_config))
+    elif family == "blip2_t5":  # Flan-T5 under the Q-Former: the prompt goes to its encoder
+        t5 = {"model_type": "t5", "vocab_size": 64, "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 1,
+              "num_decoder_layers": 1, "num_heads": 2, "pad_token_id": 0, "eos_token_id": 3,
+              "decoder_start_token_id": 0}
+        model = hf.Blip2ForConditionalGeneration(hf.CONFIG_MAPPING["blip-2"](**blip2, text_config=t5))
+    else:
+        config = hf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+            hf.ViTConfig(**EXAMPLE_VISION), hf.BertConfig(**text, is_decoder=True, add_cross_attention=True))
+        config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 2, 0, 3
+        model = hf.VisionEncoderDecoderModel(config)
+    if family.startswith("blip2"):
+        for parameter in model.parameters():  # drawn wide: a tiny random OPT otherwise repeats one token
+            torch.nn.init.normal_(parameter, std=0.3)
+    model.save_pretrained(str(folder))
+    return folder
 
 
 TRANSFORMERS = register_library(TransformersLibrary())
