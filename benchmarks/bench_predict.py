@@ -84,7 +84,7 @@ def bare_loop(image_dir: Path, manifest_path: Path, device: torch.device, batch_
 
     def embed(runner: TowerRunner, batch: torch.Tensor) -> np.ndarray:
         views = runner.compute_views(batch, [view.name for view in runner.spec.views])
-        return combine_views(list(views.values()), runner.spec.view_weight_list())
+        return combine_views([view.values for view in views.values()], runner.spec.view_weight_list())
 
     with torch.inference_mode():
         for runner in runners:  # warm-up, as the pipeline gets in its first batch
@@ -110,8 +110,8 @@ def fidelity(image_dir: Path, manifest_path: Path, device: torch.device, precisi
         runner = TowerRunner(load_tower(spec, 384, device), device, name)
         with torch.inference_mode():
             outputs[name] = runner.compute_views(pixels, [view.name for view in spec.views])
-    return min(float(torch.nn.functional.cosine_similarity(torch.from_numpy(outputs[precision][view]),
-                                                           torch.from_numpy(outputs["fp32"][view])).min())
+    return min(float(torch.nn.functional.cosine_similarity(torch.from_numpy(outputs[precision][view].values),
+                                                           torch.from_numpy(outputs["fp32"][view].values)).min())
                for view in outputs["fp32"])
 
 

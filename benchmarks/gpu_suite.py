@@ -144,7 +144,8 @@ def precision_rows(manifest_path: Path, device, batch_size: int, images: Path, r
         row = {"fp32_img_s": rates["fp32"]}
         for precision in ("fp16", "fp16-weights"):
             cosine = min(float(torch.nn.functional.cosine_similarity(
-                torch.from_numpy(outputs[precision][v]), torch.from_numpy(outputs["fp32"][v])).min()) for v in views)
+                torch.from_numpy(outputs[precision][v].values), torch.from_numpy(outputs["fp32"][v].values)).min())
+                for v in views)
             row[f"{precision}_img_s"], row[f"{precision}_cosine"] = rates[precision], cosine
         fit = [p for p in ("fp16", "fp16-weights") if row[f"{p}_cosine"] >= COSINE_GOAL]
         row["auto"] = max(fit, key=lambda p: row[f"{p}_img_s"]) if fit else "fp16"

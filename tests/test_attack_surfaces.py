@@ -485,7 +485,7 @@ def test_a_text_map_clip_checkpoint_of_junk_is_a_config_problem(tmp_path, interr
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(2048))
     config = toy_training_config(tmp_path / "work", tmp_path / "out", text_map={
-        "clip_arch": str(interrogator_tower / "tiny_clip.json"), "clip_checkpoint": str(junk)})
+        "clip_arch": str(interrogator_tower / "tiny_open_clip_vit.json"), "clip_checkpoint": str(junk)})
     config["tower"]["head"] = {"type": "linear", "init": "text_map"}
     with pytest.raises(TrainConfigError, match=r"text_map.clip_checkpoint: .*junk.safetensors cannot be read"):
         parse_train_config(config, tmp_path / "config.yaml")

@@ -382,3 +382,17 @@ def test_run_options_are_one_value_and_their_names_work_too(sample_images, toy_m
     assert RunOptions.of(options, batch_size=5) == RunOptions(device="cpu", num_workers=0, batch_size=5,
                                                              progress=False)
     assert RunOptions().batch_size_on("cuda") == 32 and RunOptions().batch_size_on("mps") == 8
+
+
+def test_a_compiled_batch_is_judged_on_the_rows_that_have_a_value():
+    """A caption tower's image without a caption has no value (NaN, not present) compiled or eager: the fidelity check
+    compares the present rows, so such a batch is not sent back to eager; a NaN in a present row still is."""
+    from kaggle_i2p.inference.runner import _fidelity
+    from kaggle_i2p.manifest import ViewOutput
+
+    values = torch.randn(3, 4)
+    values[1] = float("nan")
+    present = torch.tensor([True, False, True])
+    assert float(_fidelity(ViewOutput(values, present), ViewOutput(values.clone(), present))) > 0.9999
+    assert float(_fidelity(ViewOutput(values, ~present & False), ViewOutput(values, ~present & False))) == 1.0
+    assert not float(_fidelity(ViewOutput(values), ViewOutput(values))) >= 0.9999  # NaN in a present row

@@ -91,7 +91,7 @@ class TowerRunner:
         out = first_rows(self._run(compiled, padded, level), rows)
         self.compile_seconds += time.perf_counter() - started
         eager = self._run(self.tower, images, level)
-        fidelity = torch.nn.functional.cosine_similarity(out.values, eager.values).min()
+        fidelity = _fidelity(out, eager)
         if not bool(fidelity >= COMPILE_FIDELITY):  # NaN fails too
             log.warning("tower %r at %d px: compiled output differs from eager (lowest cosine %.6f < %g); running "
                         "it eager", self.spec.name, size, float(fidelity), COMPILE_FIDELITY)
@@ -155,6 +155,14 @@ class TowerRunner:
             outputs[view.name] = ViewOutput(out.values.cpu().numpy(),
                                             None if out.present is None else out.present.cpu().numpy(), out.texts)
         return outputs
+
+
+def _fidelity(out: ViewOutput, eager: ViewOutput) -> torch.Tensor:
+    """The lowest cosine between a compiled batch's values and eager's, over the rows eager gave a value for (1 when
+    it gave none)."""
+    rows = slice(None) if eager.present is None else eager.present.to(eager.values.device)
+    cosines = torch.nn.functional.cosine_similarity(out.values[rows], eager.values[rows])
+    return cosines.min() if cosines.numel() else torch.tensor(1.0)
 
 
 def as_record(out: torch.Tensor | ViewOutput) -> ViewOutput:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .fields import entry_dict, entry_field, entry_keys, identity_dict, path_text
+from .fields import checked_fields, entry_dict, entry_field, entry_keys, identity_dict, path_text
 from .parse import (
     IMAGE_KEYS,
     NAMED_MANIFESTS,
@@ -43,6 +43,7 @@ from .schema import (
     EncodingContext,
     ImageSpec,
     KeyRules,
+    KindExample,
     Manifest,
     ManifestError,
     NetworkSpec,
@@ -72,9 +73,9 @@ __all__ = [
     "CHECKPOINT_SUFFIXES", "DEFAULT_EMBEDDING_DIM", "DEFAULT_KIND", "IMAGE_KEYS", "INTERPOLATIONS", "MAX_RESOLUTION",
     "MIN_RESOLUTION", "NAMED_MANIFESTS", "PRECISIONS", "RESIZE_MODES", "TOP_KEYS", "TRAIN_PRECISIONS", "ImageSpec",
     "KeyRules", "Manifest", "ManifestError", "NetworkSpec", "ParseContext", "Precision", "TowerKind", "TowerSpec",
-    "TrainPrecision", "View", "EncodingContext", "OutputSpec", "ViewOutput",
-    "as_manifest", "edit_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict", "init_manifest",
-    "kind_of", "load_fallback",
+    "TrainPrecision", "View", "EncodingContext", "KindExample", "OutputSpec", "ViewOutput",
+    "as_manifest", "checked_fields", "edit_manifest", "entry_dict", "entry_field", "entry_keys", "identity_dict",
+    "init_manifest", "kind_of", "load_fallback",
     "load_manifest", "parse_dim_weights", "parse_entry", "parse_image", "parse_manifest", "parse_network",
     "parse_tower", "parse_weight", "path_text", "rebase_manifest_paths", "register_named_manifest", "resolve_manifest",
     "save_manifest", "tower_label", "write_manifest",
