@@ -99,13 +99,20 @@ def test_a_captioners_vector_is_minilm_of_its_own_generate(tmp_path, sample_dir,
     assert run.summary.fallbacks == []
 
 
-def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monkeypatch):
-    real = transformers_models.as_captions
+def _second_caption_empty(monkeypatch) -> list[int]:
+    """The captioner's second caption of every batch made empty; returns the batch sizes generated, as they come."""
+    real, generated = transformers_models.as_captions, []
 
     def one_empty(texts, images):
+        generated.append(len(texts))
         return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
 
     monkeypatch.setattr(transformers_models, "as_captions", one_empty)
+    return generated
+
+
+def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monkeypatch):
+    _second_caption_empty(monkeypatch)
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
                                     batch_size=4)
@@ -118,14 +125,7 @@ def test_an_empty_caption_is_the_fallback_and_listed(tmp_path, sample_dir, monke
 def test_an_empty_caption_is_no_caption_not_a_precision_problem(tmp_path, sample_dir, monkeypatch, caplog):
     """In bf16, a batch with an empty caption is generated once: its row has no value by design, which no precision
     gives it; the fallback says "no caption", and the batch is not recomputed in fp32 (it was, each batch twice)."""
-    real = transformers_models.as_captions
-    generated = []
-
-    def one_empty(texts, images):
-        generated.append(len(texts))
-        return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
-
-    monkeypatch.setattr(transformers_models, "as_captions", one_empty)
+    generated = _second_caption_empty(monkeypatch)
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     with caplog.at_level("WARNING", logger="kaggle_i2p"):
         run = kaggle_i2p.run_prediction(sample_dir / "images", path, device="cpu", num_workers=0, progress=False,
@@ -141,14 +141,7 @@ def test_a_views_record_is_one_cache_shard_record(tmp_path, sample_dir, monkeypa
     """Values, the rows present and the captions are stored together: a run resumed from the cache says "no
     caption" for the same rows, with the same bytes, without generating again; a shard stored before the rows
     present were kept reads them from its captions."""
-    real = transformers_models.as_captions
-    generated = []
-
-    def one_empty(texts, images):
-        generated.append(len(texts))
-        return real(["" if i == 1 else t for i, t in enumerate(texts)], images)
-
-    monkeypatch.setattr(transformers_models, "as_captions", one_empty)
+    generated = _second_caption_empty(monkeypatch)
     path = _manifest(tmp_path, "blip", resolutions=(64,), backbone={"generate": {"max_new_tokens": 4}})
     options = {"device": "cpu", "num_workers": 0, "progress": False, "batch_size": 4, "cache_dir": tmp_path / "c"}
     first = kaggle_i2p.run_prediction(sample_dir / "images", path, **options)
