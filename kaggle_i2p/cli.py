@@ -596,6 +596,9 @@ def _parser_export(sub: argparse._SubParsersAction) -> None:
                         help="TTA resolutions to serve at (default: the config's tower.image.resolutions)")
     export.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="add flipped views")
     export.add_argument("--raw-weights", action="store_true", help="export the raw weights instead of the EMA")
+    export.add_argument("--fallback", type=Path, default=None, metavar="NPY",
+                        help="the manifest's fallback vector (default: the package's 384-d mean prompt embedding; "
+                             "a tower of another width needs its own)")
     export.set_defaults(func=_cmd_export)
 
 
@@ -603,7 +606,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .train import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out, name=args.name, resolutions=args.resolutions,
-                               hflip=args.hflip, use_ema=not args.raw_weights)
+                               hflip=args.hflip, use_ema=not args.raw_weights, fallback=args.fallback)
     print(f"wrote {result.weights} ({'EMA' if result.used_ema else 'raw'} weights, fp16, sha256 {result.sha256})")
     print(f"manifest entry: {result.entry}; complete manifest: {result.manifest}")
     return 0

@@ -396,6 +396,35 @@ def test_cli_train_and_export(toy_work, tmp_path, capsys):
         read_checkpoint(tmp_path / "nowhere.pt")
 
 
+def test_a_tower_of_another_width_exports_with_its_own_fallback(toy_work, tmp_path, capsys, sample_images):
+    """Targets of another embedding model (16-d here): the export refuses the package's 384-d fallback before writing
+    anything and names the fix; with --fallback the manifest validates and predicts 16-d rows."""
+    import shutil
+
+    work = tmp_path / "work16"
+    shutil.copytree(toy_work, work)
+    rows = len(np.load(work / "targets.npy", mmap_mode="r"))
+    np.save(work / "targets.npy", np.random.default_rng(0).standard_normal((rows, 16)).astype(np.float16))
+    path = _config(tmp_path, work, stages=[{"name": "ft", "epochs": 1, "resolution": 32}])
+    assert main(["train", "--config", str(path)]) == 0
+    best = str(tmp_path / "run" / "best.pt")
+    assert main(["export", best, "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert "predicts 16-d targets and the package's fallback vector is 384-d" in err and "--fallback FILE" in err
+    assert not (tmp_path / "exp").exists()
+    np.save(tmp_path / "wrong.npy", np.ones(384, dtype=np.float32))
+    assert main(["export", best, "--out", str(tmp_path / "exp"), "--fallback", str(tmp_path / "wrong.npy")]) == 2
+    assert "--fallback" in capsys.readouterr().err and not (tmp_path / "exp").exists()
+    mean = np.load(work / "targets.npy").astype(np.float64).mean(axis=0)
+    np.save(tmp_path / "mean16.npy", mean)
+    assert main(["export", best, "--out", str(tmp_path / "exp"), "--fallback", str(tmp_path / "mean16.npy")]) == 0
+    manifest = load_manifest(tmp_path / "exp" / "weights_manifest.yaml")
+    assert manifest.embedding_dim == 16 and manifest.fallback_path.name == "mean16.npy"
+    np.testing.assert_allclose(manifest.fallback, mean / np.linalg.norm(mean), atol=1e-6)
+    run = run_prediction(sample_images, manifest, device="cpu", num_workers=0, progress=False)
+    assert run.embeddings.shape == (len(run.ids), 16) and np.isfinite(run.embeddings).all()
+
+
 def test_gradient_accumulation_equals_the_larger_batch(toy_work, tmp_path):
     """2 micro-batches of 4 per step = 1 batch of 8 (linear head, so no batch statistics)."""
     data = toy_training_config(toy_work, "x")["data"]

@@ -65,14 +65,35 @@ def check_export_destination(out_dir: Path, names: list[str]) -> None:
                           "replaced; choose another --out folder or --name")
 
 
-def check_export_entry(entry: dict, embedding_dim: int, checkpoint: Path) -> None:
+def export_fallback(embedding_dim: int, fallback: str | Path | None) -> Path:
+    """The fallback vector the export's manifest carries: `fallback` (a .npy of `embedding_dim` values, checked now),
+    else the package's mean prompt embedding, which is MiniLM's 384-d: a tower of another width needs its own."""
+    from ..manifest import load_fallback
+
+    if fallback is None:
+        if embedding_dim != 384:
+            raise ExportError(f"this tower predicts {embedding_dim}-d targets and the package's fallback vector is "
+                              "384-d (MiniLM); pass --fallback FILE, a .npy of "
+                              f"{embedding_dim} values (e.g. the mean of your training targets: python -c \"import "
+                              "numpy as np; t = np.load('WORK/targets.npy', mmap_mode='r'); "
+                              "np.save('fallback.npy', t[:100000].astype('float64').mean(0))\")")
+        return FALLBACK
+    path = Path(fallback)
+    try:
+        load_fallback(path, embedding_dim)
+    except (ValueError, OSError) as err:
+        raise ExportError(f"--fallback {path}: {err}") from err
+    return path
+
+
+def check_export_entry(entry: dict, embedding_dim: int, checkpoint: Path, fallback: Path = FALLBACK) -> None:
     """Before anything is written: the entry the export will carry (with --name, --resolutions, --hflip applied)
     parses and its architecture runs at every resolution on the meta device, so an export never writes a manifest
     that then fails validation (a resolution the patch size does not divide, a name a manifest refuses)."""
     from ..manifest import ManifestError, parse_manifest
     from ..models.towers import architecture_problems
 
-    data = {"embedding_dim": embedding_dim, "fallback": str(FALLBACK),
+    data = {"embedding_dim": embedding_dim, "fallback": str(Path(fallback).resolve()),
             "towers": [{"checkpoint": f"{entry.get('name')}.safetensors", **entry}]}  # the file it will write
     try:
         manifest = parse_manifest(data, checkpoint.parent / DEFAULT_MANIFEST, check_files=False)
@@ -88,10 +109,11 @@ def check_export_entry(entry: dict, embedding_dim: int, checkpoint: Path) -> Non
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None,
                       resolutions: list[int] | None = None, hflip: bool | None = None,
-                      use_ema: bool = True) -> ExportResult:
+                      use_ema: bool = True, fallback: str | Path | None = None) -> ExportResult:
     """Write OUT/<name>.safetensors (fp16; the EMA weights unless `use_ema` is False or there is no EMA),
-    OUT/<name>.yaml (its manifest entry, sha256 included) and OUT/weights_manifest.yaml; resolutions/hflip override
-    the TTA views the tower is served with.
+    OUT/<name>.yaml (its manifest entry, sha256 included) and OUT/weights_manifest.yaml with its fallback vector
+    beside it (`fallback`, else the package's 384-d one); resolutions/hflip override the TTA views the tower is
+    served with.
 
     Only into a new or empty folder, or one an export wrote. Every file is made in a staging folder beside it and
     validated there, then moved in (the manifest last): a failed export changes nothing."""
@@ -105,15 +127,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
         entry["image"]["resolutions"] = [int(r) for r in resolutions]
     if hflip is not None:
         entry["image"]["hflip"] = bool(hflip)
-    check_export_entry(entry, int(state.get("embedding_dim", 384)), Path(checkpoint))
+    embedding_dim = int(state.get("embedding_dim", 384))
+    fallback_path = export_fallback(embedding_dim, fallback)
+    check_export_entry(entry, embedding_dim, Path(checkpoint), fallback_path)
     # a model-config file (open_clip's .json) travels along: its library says whether `arch` is one
     config = Path(entry["arch"]) if library(entry["library"]).arch_is_path(entry["arch"]) else None
-    names = [f"{entry['name']}.safetensors", f"{entry['name']}.yaml", DEFAULT_MANIFEST, FALLBACK.name,
+    names = [f"{entry['name']}.safetensors", f"{entry['name']}.yaml", DEFAULT_MANIFEST, fallback_path.name,
              *([config.name] if config else [])]
     check_export_destination(out_dir, names)
     staging = staging_dir(out_dir)
     try:
-        result = _write_export(state, checkpoint, staging, entry, config, use_ema)
+        result = _write_export(state, checkpoint, staging, entry, config, use_ema, fallback_path)
         out_dir.mkdir(parents=True, exist_ok=True)
         for file_name in names:  # the manifest last: a folder with a manifest is a whole export
             if file_name != DEFAULT_MANIFEST:
@@ -126,7 +150,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | N
 
 
 def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict, config: Path | None,
-                  use_ema: bool) -> ExportResult:
+                  use_ema: bool, fallback: Path = FALLBACK) -> ExportResult:
     """Every file of an export written into `folder`, the manifest validated there."""
     if config is not None:
         shutil.copyfile(config, folder / config.name)
@@ -143,8 +167,8 @@ def _write_export(state: dict, checkpoint: str | Path, folder: Path, entry: dict
     digest = sha256_file(weights_path)
     entry = {"name": entry.pop("name"), "library": entry.pop("library"), "arch": entry.pop("arch"),
              "checkpoint": weights_path.name, "sha256": digest, **entry}
-    manifest = {"embedding_dim": int(state.get("embedding_dim", 384)), "fallback": FALLBACK.name, "towers": [entry]}
-    shutil.copyfile(FALLBACK, folder / FALLBACK.name)
+    manifest = {"embedding_dim": int(state.get("embedding_dim", 384)), "fallback": fallback.name, "towers": [entry]}
+    shutil.copyfile(fallback, folder / fallback.name)
     manifest_path = folder / DEFAULT_MANIFEST
     write_manifest(manifest, manifest_path, header=EXPORT_MARKER)  # validated first: fail here, not on Kaggle
     entry_path = folder / f"{entry['name']}.yaml"
