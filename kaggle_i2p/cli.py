@@ -251,6 +251,8 @@ def _parser_selfcheck(sub: argparse._SubParsersAction) -> None:
                        help="only this library, through the reference kind (repeatable)")
     check.add_argument("--kind", action="append", default=None, metavar="NAME",
                        help="only this kind, on the library its example names (repeatable)")
+    check.add_argument("--manifest", default=None, metavar="M",
+                       help="only the libraries and kinds this manifest's towers use")
     check.add_argument("--device", default="cpu", help="where to run them (default: %(default)s)")
     check.set_defaults(func=_cmd_selfcheck)
 
@@ -258,7 +260,8 @@ def _parser_selfcheck(sub: argparse._SubParsersAction) -> None:
 def _cmd_selfcheck(args: argparse.Namespace) -> int:
     from .inference.selfcheck import selfcheck
 
-    checks = selfcheck(args.library, args.kind, device=args.device, say=lambda line: print(line, flush=True))
+    checks = selfcheck(args.library, args.kind, device=args.device, say=lambda line: print(line, flush=True),
+                       manifest=args.manifest)
     failed = [c for c in checks if not c.ok]
     print(f"kaggle_i2p selfcheck: {len(checks) - len(failed)} of {len(checks)} passed or had no example"
           + (f"; failed: {', '.join(f'{c.library} x {c.kind}' for c in failed)}" if failed else ""))

@@ -38,7 +38,8 @@ def test_notebook_executes_and_writes_a_valid_submission(tmp_path, sample_dir, t
     out, printed = _execute(tmp_path, monkeypatch, str(toy_manifest), sample_dir / "images")
     assert check_format(out, sample_dir / "sample_submission.csv").ok
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4 + 2  # one chunk x (4 + 2) views, resumable
-    for expected in ["2 towers from", "plan for 16,000 images on cpu", "toy_open_clip_vit r80:",
+    for expected in ["2 towers from", "ok   timm x regressor: 7 images served as the tower's own forward",
+                     "ok   open_clip x regressor: 7 images", "plan for 16,000 images on cpu", "toy_open_clip_vit r80:",
                      "kaggle_i2p: 7 images, 2 towers", "7 images, 2688 rows"]:
         assert expected in printed  # the public sample: the run is planned first
     values = read_submission(out)["val"].to_numpy(np.float32).reshape(7, 384)

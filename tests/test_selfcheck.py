@@ -35,3 +35,13 @@ def test_selfcheck_refuses_an_unknown_name_and_checks_everything_by_default(caps
     assert pairs[:len(LIBRARIES.names())] == [(name, "regressor") for name in LIBRARIES.names()]
     assert ("transformers", "caption") in pairs and ("open_clip", "interrogator") in pairs
     assert home_library("fusion") == "timm" and len(pairs) == len(set(pairs))
+
+
+def test_selfcheck_of_a_manifest_checks_what_its_towers_use(capsys, demo_manifest):
+    from kaggle_i2p.inference.selfcheck import manifest_uses
+
+    assert manifest_uses(demo_manifest) == (["timm"], ["retrieval", "prior"])
+    assert main(["selfcheck", "--manifest", str(demo_manifest)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out[:-1]] == ["ok   timm x regressor", "ok   timm x retrieval",
+                                                          "ok   timm x prior"]

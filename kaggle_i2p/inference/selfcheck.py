@@ -27,7 +27,7 @@ from ..core.ensemble import combine_views
 from ..core.errors import I2PError, OptionError
 from ..core.registry import KINDS, LIBRARIES
 from ..core.resources import PRIOR_PATH
-from ..manifest import parse_manifest, write_manifest
+from ..manifest import as_manifest, parse_manifest, write_manifest
 from ..manifest.schema import KindExample, NetworkSpec
 from ..models.towers import build_tower, load_tower
 from .dryrun import bundled_sample_dir
@@ -186,9 +186,20 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.nan_to_num((a * b).sum(axis=1), nan=-1.0)
 
 
+def manifest_uses(manifest: object) -> tuple[list[str], list[str]]:
+    """The libraries and kinds a manifest's towers use, each once, in manifest order."""
+    towers = as_manifest(manifest).towers
+    libraries = [t.library for t in towers if isinstance(t, NetworkSpec)]
+    return list(dict.fromkeys(libraries)), list(dict.fromkeys(t.kind for t in towers))
+
+
 def selfcheck(libraries: list[str] | None = None, kinds: list[str] | None = None, images: str | Path | None = None,
-              device: str = "cpu", say=print) -> list[Check]:
-    """Every check of `check_pairs` on the bundled sample images (or `images`), one line each through `say`."""
+              device: str = "cpu", say=print, manifest: object = None) -> list[Check]:
+    """Every check of `check_pairs` on the bundled sample images (or `images`), one line each through `say`;
+    `manifest` (a path, a name or a Manifest): the libraries and kinds its towers use, besides any named."""
+    if manifest is not None:
+        used_libraries, used_kinds = manifest_uses(manifest)
+        libraries, kinds = [*(libraries or []), *used_libraries], [*(kinds or []), *used_kinds]
     for name in libraries or []:
         if name not in LIBRARIES:
             raise OptionError(f"--library {name}: {LIBRARIES.unknown(name)}")
