@@ -133,18 +133,16 @@ def checked_fields(cls: type, raw: Any, where: str, problems: Any, *, skip: Coll
                    only: Collection[str] | None = None, allowed: Collection[str] | None = None,
                    defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A section (or entry) of dataclass `cls` as {field: value}, each key checked as its annotation and marks say
-    (`field_problem`); an unknown key (outside `allowed`, by default the class's keys) or a non-mapping reported. A
+    (`field_problems`); an unknown key (outside `allowed`, by default the class's keys) or a non-mapping reported. A
     missing key takes `defaults[key]`, else the field's default, else is "required" (with the field's `required`
     words) and left out; a bad value is one problem naming `where.key`, and its default stands in (a required field
     is left out). `skip`/`only`: the fields the caller parses itself / the only ones checked here."""
-    from collections.abc import Mapping as MappingType
-
     hints = typing.get_type_hints(cls)
     keys = {m["key"] for _, m in written_fields(cls)}
     fields = [(f, m) for f, m in written_fields(cls) if f.name not in skip and (only is None or f.name in only)]
     if raw is None:
         raw = {}
-    if not isinstance(raw, MappingType):
+    if not isinstance(raw, Mapping):
         required = sorted(m["key"] for f, m in fields if _default(f) is dataclasses.MISSING)
         optional = sorted(m["key"] for f, m in fields if _default(f) is not dataclasses.MISSING)
         text = ", ".join(required) + (f" (and optionally {', '.join(optional)})" if required and optional else
