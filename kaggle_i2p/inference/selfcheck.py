@@ -161,7 +161,8 @@ def check_example(library: str, kind: str, images: Path, device: str = "cpu") ->
         with tempfile.TemporaryDirectory(prefix="kaggle_i2p-selfcheck-") as folder:
             with contextlib.redirect_stderr(io.StringIO()):  # the writers' own progress bars (build-bank's, HF's)
                 path = example_manifest(folder, library, kind)
-            run = run_prediction(images, path, device=device, num_workers=0, progress=False, batch_size=4)
+            run = run_prediction(images, path, device=device, num_workers=0, progress=False, batch_size=4,
+                                 precision="fp32")  # the library serves its own forward: compared in full precision
             spec = load_manifest(path).towers[0]
             pixels = [decode_image(p) for p in list_images(images).paths]
             what, want = reference_outputs(spec, run, pixels)
