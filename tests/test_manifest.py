@@ -300,3 +300,23 @@ def test_a_sections_validation_is_derived_from_its_annotations_and_marks():
     assert "size" not in bad  # a required field with a problem is left out; the others take their defaults
     assert bad == {"sizes": (), "mode": "exact", "rate": 0.5, "scale": 1.0, "rgb": (1.0, 1.0, 1.0), "names": None,
                    "rename": None, "flag": False, "code": None}
+
+
+@pytest.mark.parametrize("check_files", [True, False])
+def test_an_unset_variable_in_any_path_is_one_problem_never_a_traceback(tmp_path, monkeypatch, check_files):
+    """`${VAR}` paths go through one expansion that reports an unset variable (the interrogator's banks and CLIP
+    config raised KeyError); without the file check a checkpoint's variable may be set where the files are."""
+    monkeypatch.delenv("I2P_NOT_SET", raising=False)
+    np.save(tmp_path / "fb.npy", np.ones(384, dtype=np.float32))
+    image = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize": "squash", "resolutions": [64]}
+    data = {"fallback": "fb.npy", "towers": [{
+        "name": "i", "kind": "interrogator", "library": "open_clip", "arch": "x.json", "checkpoint": "c.safetensors",
+        "image": image, "weight": 1, "interrogator": {
+            "phrase_banks": "${I2P_NOT_SET}/p", "templates": ["{a}"], "clip_arch": "${I2P_NOT_SET}/c.json",
+            "clip_checkpoint": "${I2P_NOT_SET}/c.safetensors", "text_model": "t"}}]}
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(data, tmp_path / "m.yaml", check_files=check_files)
+    unset = [p for p in caught.value.problems if "environment variable I2P_NOT_SET is not set" in p]
+    fields = {p.split(": ")[0].rsplit(".", 1)[1] for p in unset}
+    assert fields == ({"phrase_banks", "clip_arch", "clip_checkpoint"} if check_files else {"phrase_banks",
+                                                                                          "clip_arch"})

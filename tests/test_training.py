@@ -172,3 +172,19 @@ def test_the_simple_sections_are_checked_from_their_annotations(tmp_path):
     config["data"], config["loss"], config["ema"] = {"max_val_images": None}, None, {"decay": None}
     loaded = parse_train_config(config, tmp_path / "train.yaml", check_files=False)
     assert loaded.data.max_val_images is None and loaded.ema_decay == 0.0 and loaded.loss.margin == 0.0
+
+
+@pytest.mark.parametrize("check_files", [True, False])
+def test_an_unset_variable_in_the_text_map_paths_is_a_problem_not_a_traceback(tmp_path, monkeypatch, check_files):
+    from kaggle_i2p.testing import build_toy_training_set, toy_training_config
+    from kaggle_i2p.train.config import TrainConfigError, parse_train_config
+
+    monkeypatch.delenv("I2P_NOT_SET", raising=False)
+    build_toy_training_set(tmp_path / "work", n_prompts=4)
+    config = toy_training_config(tmp_path / "work", tmp_path / "out", text_map={
+        "clip_arch": "${I2P_NOT_SET}/c.json", "clip_checkpoint": "${I2P_NOT_SET}/c.pt"})
+    config["tower"]["head"] = {"type": "linear", "init": "text_map"}
+    with pytest.raises(TrainConfigError) as caught:
+        parse_train_config(config, tmp_path / "config.yaml", check_files=check_files)
+    unset = sorted(p.split(":")[0] for p in caught.value.problems if "I2P_NOT_SET is not set" in p)
+    assert unset == ["text_map.clip_arch", *(["text_map.clip_checkpoint"] if check_files else [])]

@@ -107,16 +107,28 @@ def expand_path(raw: str, base_dir: Path) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))  # `a/../b` names b once
 
 
+def expanded_path(raw: str, base_dir: Path, where: str, problems: Problems, check_files: bool = True
+                  ) -> Path | None:
+    """`raw` expanded and resolved (`expand_path`), or None with the unset variable it names added as a problem
+    (without `check_files`, the path as written: the variable may be set where the files are). Every path a config
+    names goes through here, so an unset `${VAR}` is a message, never a KeyError."""
+    try:
+        return expand_path(raw, base_dir)
+    except KeyError as err:
+        if not check_files:
+            return Path(raw)
+        problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
+                            f"or write ${{{err.args[0]}:-default}}")
+        return None
+
+
 def resolve_file(raw: Any, base_dir: Path, where: str, problems: Problems, what: str) -> Path | None:
     """The existing file `raw` names, or None with the problem (not a string, unset variable, no such file) added."""
     if not isinstance(raw, str) or not raw.strip():
         problems.add(where, f"must be a path string to the {what}")
         return None
-    try:
-        path = expand_path(raw, base_dir)
-    except KeyError as err:
-        problems.add(where, f"environment variable {err.args[0]} is not set (in {raw!r}); export it, "
-                            f"or write ${{{err.args[0]}:-default}}")
+    path = expanded_path(raw, base_dir, where, problems)
+    if path is None:
         return None
     if path.exists() and not path.is_file():
         problems.add(where, f"{path} is not a regular file (a folder, FIFO or device); give the {what} itself")

@@ -31,6 +31,7 @@ from ..manifest import as_manifest, parse_manifest, write_manifest
 from ..manifest.schema import KindExample, NetworkSpec
 from ..models.towers import build_tower, load_tower
 from .dryrun import bundled_sample_dir
+from .expect import cosines
 from .images import decode_image, list_images, make_view
 from .runner import as_record
 
@@ -168,7 +169,8 @@ def check_example(library: str, kind: str, images: Path, device: str = "cpu") ->
             what, want = reference_outputs(spec, run, pixels)
             got = np.stack([run.view_outputs["tiny"][v.name] for v in spec.views]) if what == "views" \
                 else run.tower_embeddings["tiny"]
-            cosine = _cosines(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])).min()
+            cosine = np.nan_to_num(cosines(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])),
+                                   nan=-1.0).min()
             ok = bool(cosine >= 0.9999) and not run.summary.fallbacks
             status = "ok" if ok else "FAIL"
             detail = (f"{len(run.ids)} images served as the tower's own forward (lowest cosine {cosine:.6f})" if ok
@@ -179,12 +181,6 @@ def check_example(library: str, kind: str, images: Path, device: str = "cpu") ->
     except Exception as err:  # noqa: BLE001 - whatever breaks is what the check reports
         status, detail = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:300]
     return Check(library, kind, status, time.perf_counter() - started, detail)
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.nan_to_num((a * b).sum(axis=1), nan=-1.0)
 
 
 def manifest_uses(manifest: object) -> tuple[list[str], list[str]]:

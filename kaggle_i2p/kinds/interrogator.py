@@ -25,7 +25,7 @@ import torch
 
 from ..bank.folder import Bank, BankError
 from ..core.registry import register_kind
-from ..core.validate import Problems, expand_path, resolve_file
+from ..core.validate import Problems, expand_path, expanded_path, resolve_file
 from ..manifest.fields import checked_fields, entry_dict, entry_field, written_fields
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import DEFAULT_EMBEDDING_DIM, EncodingContext, KindExample, NetworkSpec, OutputSpec, TowerKind
@@ -226,14 +226,16 @@ class InterrogatorKind(TowerKind):
             problems.add(f"{where}.templates", "{base} needs base: the caption tower whose caption fills it")
         clip_arch = values.get("clip_arch", "")
         if clip_arch.endswith(".json") or (clip_arch and _is_folder(clip_arch, ctx.base_dir)):  # an HF folder
-            values["clip_arch"] = str(expand_path(clip_arch, ctx.base_dir))
+            values["clip_arch"] = str(expanded_path(clip_arch, ctx.base_dir, f"{where}.clip_arch", problems)
+                                      or clip_arch)
         paths: dict[str, Path | None] = {}
         for key, what in (("clip_checkpoint", "whole CLIP checkpoint (open_clip's file, or the HF model's weights)"),
                           ("text_model", "all-MiniLM-L6-v2 folder (its modules.json)")):
             value = section.get(key)
             target = f"{value}/modules.json" if key == "text_model" and isinstance(value, str) else value
             found = resolve_file(target, ctx.base_dir, f"{where}.{key}", problems, what) if ctx.check_files \
-                else (expand_path(value, ctx.base_dir) if isinstance(value, str) else None)
+                else (expanded_path(value, ctx.base_dir, f"{where}.{key}", problems, check_files=False)
+                      if isinstance(value, str) else None)
             paths[key] = (found.parent if key == "text_model" and ctx.check_files and found else found)
         folder, key_dim = _parse_banks(section.get("phrase_banks"), templates, where, ctx)
         if None in paths.values() or folder is None or not templates or len(values) < len(OWN_KEYS):
@@ -285,7 +287,9 @@ def _parse_banks(raw: Any, templates: list, where: str, ctx: ParseContext) -> tu
         problems.add(f"{where}.phrase_banks", "is required: a folder holding one bank per slot (medium/, artist/, "
                                               "...), each from `kaggle-i2p build-bank --keys clip`")
         return None, 0
-    folder = expand_path(raw, ctx.base_dir)
+    folder = expanded_path(raw, ctx.base_dir, f"{where}.phrase_banks", problems)
+    if folder is None:
+        return None, 0
     slots = InterrogatorOptions(folder, tuple(templates), "", folder, folder).slots if templates else ()
     widths = set()
     for slot in slots:

@@ -11,9 +11,8 @@ from typing import ClassVar
 import numpy as np
 
 from ..core.registry import register_kind
-from ..core.validate import resolve_file
 from ..manifest.fields import entry_field, entry_keys
-from ..manifest.parse import ParseContext, load_fallback, parse_dim_weights, parse_weight
+from ..manifest.parse import ParseContext, parse_dim_weights, parse_vector, parse_weight
 from ..manifest.schema import KindExample, TowerKind, TowerSpec
 
 
@@ -45,14 +44,8 @@ class PriorKind(TowerKind):
         for key in ("vector", "weight"):
             if key not in raw:
                 problems.add(f"{label}.{key}", "is required")
-        vector, path = None, None
-        if "vector" in raw:
-            path = resolve_file(raw["vector"], ctx.base_dir, f"{label}.vector", problems, "prior vector (.npy)")
-            if path is not None:
-                try:
-                    vector = load_fallback(path, ctx.embedding_dim)
-                except (ValueError, OSError) as err:
-                    problems.add(f"{label}.vector", f"{path} {err}")
+        path, vector = parse_vector(raw["vector"], ctx.base_dir, f"{label}.vector", problems, ctx.embedding_dim,
+                                    "prior vector (.npy)") if "vector" in raw else (None, None)
         weight = parse_weight(raw, label, problems)
         dim_weights, dim_weights_path = parse_dim_weights(raw, label, ctx)
         if problems.blocking_since(before):

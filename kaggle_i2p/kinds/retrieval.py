@@ -36,7 +36,7 @@ from ..bank.search import INDEX_FILE, index_content_problem, index_header_proble
 from ..core.errors import EntryFieldError, InputFileError
 from ..core.fileio import npy_header
 from ..core.registry import register_kind
-from ..core.validate import expand_path
+from ..core.validate import expanded_path
 from ..manifest.fields import checked_fields, entry_dict, entry_field
 from ..manifest.parse import ParseContext, parse_network
 from ..manifest.schema import EncodingContext, KindExample, NetworkSpec, OutputSpec, TowerKind
@@ -263,10 +263,8 @@ def _bank_shapes(raw_bank: Any, where: str, ctx: ParseContext) -> tuple[Path, in
     if not isinstance(raw_bank, str):
         problems.add(f"{where}.bank", "is required: the folder written by `kaggle-i2p build-bank`")
         return None
-    try:
-        bank = expand_path(raw_bank, ctx.base_dir)
-    except KeyError as err:
-        problems.add(f"{where}.bank", f"environment variable {err.args[0]} is not set (in {raw_bank!r})")
+    bank = expanded_path(raw_bank, ctx.base_dir, f"{where}.bank", problems)
+    if bank is None:
         return None
     if not (bank / "targets.npy").is_file():
         problems.add(f"{where}.bank", f"{bank} is not a bank folder (no targets.npy); build it with "

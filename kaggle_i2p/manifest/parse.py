@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.registry import KINDS, LIBRARIES
 from ..core.resources import NAMED_MANIFESTS
-from ..core.validate import Problems, expand_path, is_int, is_number, read_yaml, resolve_file
+from ..core.validate import Problems, expand_path, expanded_path, is_int, is_number, read_yaml, resolve_file
 from .fields import checked_fields, entry_keys
 from .schema import (
     CHECKPOINT_SUFFIXES,
@@ -61,9 +61,9 @@ def _parse_norms(raw: Mapping, where: str, problems: Problems) -> tuple | None:
 def parse_image(raw: Any, where: str, problems: Problems) -> ImageSpec | None:
     """An entry's `image:` section, checked from ImageSpec's marks, then its `norms` and `view_weights`; None when
     it has a problem."""
-    before = problems.mark()
-    norms = _parse_norms(raw, where, problems) if isinstance(raw, Mapping) and "norms" in raw else None
-    own = ("norms", "view_weights", *(("mean", "std") if isinstance(raw, Mapping) and "norms" in raw else ()))
+    before, has_norms = problems.mark(), isinstance(raw, Mapping) and "norms" in raw
+    norms = _parse_norms(raw, where, problems) if has_norms else None
+    own = ("norms", "view_weights", *(("mean", "std") if has_norms else ()))
     values = checked_fields(ImageSpec, raw, where, problems, skip=own)
     if problems.blocking_since(before):
         return None
@@ -221,14 +221,9 @@ def _checkpoint_part(raw_ckpt: Any, where: str, ctx: ParseContext) -> Path | Non
         ctx.problems.add(where, "must be a path string to the tower weights (a file, a save_pretrained folder, or a "
                                 "list of them)")
         return None
-    try:
-        path = expand_path(raw_ckpt, ctx.base_dir)
-    except KeyError as err:
-        if ctx.check_files:
-            ctx.problems.add(where, f"environment variable {err.args[0]} is not set (in {raw_ckpt!r}); export it, "
-                                    f"or write ${{{err.args[0]}:-default}}")
-            return None
-        return Path(raw_ckpt)  # not checked here: the variable may be set where the files are
+    path = expanded_path(raw_ckpt, ctx.base_dir, where, ctx.problems, ctx.check_files)
+    if path is None:
+        return None
     if path.is_dir():
         return path
     if not raw_ckpt.lower().endswith(CHECKPOINT_SUFFIXES):
@@ -326,14 +321,21 @@ def _parse_fallback(data: Mapping, base_dir: Path, embedding_dim: int, problems:
         problems.add("fallback", "is required: a .npy unit vector (e.g. the mean prompt embedding) written for "
                                  "images that cannot be read")
         return None, None
-    fallback_path = resolve_file(data["fallback"], base_dir, "fallback", problems, "fallback vector (.npy)")
-    if fallback_path is None:
+    return parse_vector(data["fallback"], base_dir, "fallback", problems, embedding_dim, "fallback vector (.npy)")
+
+
+def parse_vector(raw: Any, base_dir: Path, where: str, problems: Problems, embedding_dim: int, what: str
+                 ) -> tuple[Path | None, np.ndarray | None]:
+    """A .npy unit vector a manifest names (the fallback, a prior tower's): its resolved path and the vector
+    (`load_fallback`), or None for what cannot be used, its problem added."""
+    path = resolve_file(raw, base_dir, where, problems, what)
+    if path is None:
         return None, None
     try:
-        return fallback_path, load_fallback(fallback_path, embedding_dim)
+        return path, load_fallback(path, embedding_dim)
     except (ValueError, OSError) as err:
-        problems.add("fallback", f"{fallback_path} {err}")
-        return fallback_path, None
+        problems.add(where, f"{path} {err}")
+        return path, None
 
 
 def _check_names_and_weights(towers_raw: list, problems: Problems) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from ..core.registry import LIBRARIES
 from ..core.validate import (
     Problems,
-    expand_path,
+    expanded_path,
     is_number,
     number_problem,
     read_yaml,
@@ -218,10 +218,8 @@ def _dataset_folder(value: Any, where: str, base_dir: Path, check_files: bool, p
     if not isinstance(value, str):
         problems.add(where, f"is required: {what}" if value is None else f"{value!r} must be a path: {what}")
         return None
-    try:
-        path = expand_path(value, base_dir)
-    except KeyError as err:
-        problems.add(where, f"environment variable {err.args[0]} is not set; export it")
+    path = expanded_path(value, base_dir, where, problems)
+    if path is None:
         return None
     missing = [name for name in (INDEX, TARGETS) if check_files and not (path / name).is_file()]
     if missing:
@@ -337,7 +335,7 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
     values = checked_fields(TextMapConfig, section, "text_map", problems, skip=("clip_checkpoint",))
     arch = values.get("clip_arch", "")
     if arch.endswith(".json") or (arch and (base_dir / arch).is_dir()):  # a config, or an HF model's folder
-        arch = values["clip_arch"] = str(expand_path(arch, base_dir))
+        arch = values["clip_arch"] = str(expanded_path(arch, base_dir, "text_map.clip_arch", problems) or arch)
     checkpoint = section.get("clip_checkpoint")
     if check_files:
         checkpoint = resolve_file(checkpoint, base_dir, "text_map.clip_checkpoint", problems,
@@ -349,7 +347,7 @@ def _parse_text_map(data: Mapping, base_dir: Path, check_files: bool, problems: 
             if (problem := clip_checkpoint_problem(arch, checkpoint)) is not None:
                 problems.add("text_map.clip_checkpoint", problem)
     elif isinstance(checkpoint, str):
-        checkpoint = expand_path(checkpoint, base_dir)
+        checkpoint = expanded_path(checkpoint, base_dir, "text_map.clip_checkpoint", problems, check_files=False)
     else:
         problems.add("text_map.clip_checkpoint", "is required: the whole open_clip CLIP checkpoint")
     return TextMapConfig(**{"clip_arch": "", **values}, clip_checkpoint=Path(checkpoint or "."))
@@ -412,11 +410,7 @@ def _output_folder(value: Any, base_dir: Path, problems: Problems) -> Path | Non
     if not isinstance(value, str):
         problems.add("output", "is required: the folder for checkpoints and metrics")
         return None
-    try:
-        return expand_path(value, base_dir)
-    except KeyError as err:
-        problems.add("output", f"environment variable {err.args[0]} is not set; export it")
-        return None
+    return expanded_path(value, base_dir, "output", problems)
 
 
 def _parse_stages(raw: Any, optim: dict, data: DataConfig, problems: Problems, base_dir: Path, check_files: bool
