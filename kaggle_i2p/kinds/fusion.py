@@ -201,11 +201,12 @@ def example_entry(folder: Path, name: str, inputs: list, in_dim: int, embedding_
     module saves it."""
     from safetensors.torch import save_file
 
+    head = HeadSpec(type="mlp", hidden=24, norm="layernorm", activation="gelu")
     torch.manual_seed(11)
-    module = build_head(in_dim, HeadSpec(type="mlp", hidden=24, norm="layernorm", activation="gelu"), embedding_dim)
+    module = build_head(in_dim, head, embedding_dim)
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(Path(folder) / f"{name}.safetensors"))
     return {"name": name, "kind": "fusion", "inputs": inputs, "checkpoint": f"{name}.safetensors", "weight": 1.0,
-            "head": {"type": "mlp", "hidden": 24, "norm": "layernorm", "activation": "gelu"}}
+            "head": head.to_dict()}
 
 
 FUSION = register_kind(FusionKind())

@@ -110,10 +110,9 @@ class BackboneLibrary:
     def example(self, folder: Path, features: str | None = None) -> str | None:
         """The library's smallest model, written into `folder` as its users' files hold it (random weights), giving
         `features` (one of `feature_choices`; None: its default): the `arch` an entry names (a file in `folder`, or
-        a model name the library builds); None: it has none. It is
-        how the library proves itself: `kaggle-i2p selfcheck` serves it through the reference kind on the bundled
-        sample images (does this environment, Kaggle's image say, serve the library?), and the registry tests take
-        it through every step. A library's example lives with the library, its test beside it."""
+        a model name the library builds); None: it has none. It is how the library proves itself: `kaggle-i2p
+        selfcheck` serves it through the reference kind on the bundled sample images (does this environment, Kaggle's
+        image say, serve the library?), and the registry tests take it through every step."""
         return None
 
     def build(self, arch: str, native_resolution: int | None, classes: int, **choices: Any) -> Backbone:
